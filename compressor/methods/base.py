@@ -1,0 +1,115 @@
+"""What every compression method provides, and the layer facts it is given.
+
+A method is one module: a class registered with `@register_method`, offering
+- a *parametrization* (`torch.nn.utils.parametrize`): an `nn.Module` whose `forward(*theta)`
+  returns the full weight W and whose `right_inverse(W)` returns the initial θ (a tuple, so the
+  tensors are stored as `original0`, `original1`, ...). At full size `forward(right_inverse(W))`
+  equals W;
+- a *compact module* for `export.form = "factorized"`: computes the layer's output from its
+  input with θ directly (two matmuls, a Gather over a codebook, ...), never materializing W;
+- its size arithmetic, so one global `ratio` budget can be turned into per-layer sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Protocol
+
+import torch
+from torch import nn
+
+LayerKind = Literal["linear", "conv2d"]
+GradReduction = Literal["sum", "mean"]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One compressible layer of the program: a Linear or Conv2d weight and how it is used."""
+
+    name: str  # dotted module name, e.g. "encoder.0.dense"; the weight is f"{name}.weight"
+    kind: LayerKind
+    weight_shape: tuple[int, ...]  # (out, in) or (out, in, kh, kw)
+    has_bias: bool
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+    @property
+    def out_features(self) -> int:
+        """Rows of W: output features, or output channels of a conv."""
+        return self.weight_shape[0]
+
+    @property
+    def in_features(self) -> int:
+        """Columns of W seen as a matrix: `in`, or `in * kh * kw` for a conv."""
+        return math.prod(self.weight_shape[1:])
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        """(kh, kw) of a conv; (1, 1) for a Linear."""
+        return tuple(self.weight_shape[2:]) if self.kind == "conv2d" else (1, 1)  # type: ignore[return-value]
+
+    @property
+    def numel(self) -> int:
+        """Numbers in the dense weight."""
+        return math.prod(self.weight_shape)
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of a layer's input, for activation-aware initialization.
+
+    `gram` is the sum over calibration rows x (in_features each; unfolded patches for a conv)
+    of x xᵀ, in float64; `rows` is how many rows were summed.
+    """
+
+    gram: torch.Tensor
+    rows: int = 0
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Method(Protocol):
+    """The contract of a compression method (see the module docstring)."""
+
+    name: ClassVar[str]
+    layer_kinds: ClassVar[frozenset[str]]
+    # The override field that sets this method's size ("rank", "groups", "values"), or None
+    # when the method has a fixed size (tie_inputs).
+    size_field: ClassVar[str | None]
+
+    def compact_numel(self, layer: LayerInfo, size: int) -> float:
+        """Return the storage of θ at `size`, counted in float32 numbers (index bits included)."""
+        ...
+
+    def size_for_budget(self, layer: LayerInfo, budget: float) -> int | None:
+        """Return the largest size whose `compact_numel` fits in `budget` numbers.
+
+        None when no size fits or the method would save nothing on this layer.
+        """
+        ...
+
+    def parametrization(
+        self,
+        layer: LayerInfo,
+        weight: torch.Tensor,
+        size: int,
+        stats: LayerStats | None,
+        grad_reduction: GradReduction,
+    ) -> nn.Module:
+        """Return the parametrization W = f(θ) for this layer (structure chosen from `weight`)."""
+        ...
+
+    def compact_module(self, layer: LayerInfo, parametrization: nn.Module,
+                       bias: torch.Tensor | None) -> nn.Module:
+        """Return a module computing the layer's output from its input with θ directly."""
+        ...
+
+
+def int_bits(count: int) -> int:
+    """Return the bits of the smallest unsigned integer dtype (8, 16, 32) that indexes `count`."""
+    for bits in (8, 16, 32):
+        if count <= 2**bits:
+            return bits
+    return 64
