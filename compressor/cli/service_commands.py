@@ -1,0 +1,3 @@
+"""Commands of the `compressor` CLI (filled in by its owner)."""
+
+COMMANDS: list = []
