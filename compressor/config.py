@@ -117,6 +117,9 @@ class CompressionConfig(_Strict):
         default="activation_aware",
         description="lowrank initialization; the tying methods always start from k-means",
     )
+    per_output_scale: bool = Field(
+        default=True, description="tie_inputs: give each output row a learned scale"
+    )
     min_layer_params: int = Field(
         default=1024, ge=0, description="layers with fewer weights than this stay dense"
     )

@@ -102,8 +102,11 @@ class Method(Protocol):
         ...
 
     def compact_module(self, layer: LayerInfo, parametrization: nn.Module,
-                       bias: torch.Tensor | None) -> nn.Module:
-        """Return a module computing the layer's output from its input with θ directly."""
+                       theta: tuple[torch.Tensor, ...], bias: torch.Tensor | None) -> nn.Module:
+        """Return a module computing the layer's output from its input with θ directly.
+
+        `theta` holds the trained tensors in `right_inverse` order (original0, original1, ...).
+        """
         ...
 
 
