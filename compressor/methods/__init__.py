@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from compressor.errors import ConfigError
-from compressor.methods.base import GradReduction, LayerInfo, LayerKind, LayerStats, Method
+from compressor.methods.base import (
+    GradReduction,
+    LayerInfo,
+    LayerKind,
+    LayerStats,
+    Method,
+    MethodSettings,
+)
 
 _REGISTRY: dict[str, Method] = {}
 
@@ -32,9 +39,9 @@ def get_method(name: str) -> Method:
 
 
 # One line per method module; each registers itself on import.
-from compressor.methods import lowrank  # noqa: E402,F401
+from compressor.methods import lowrank  # noqa: F401
 
 __all__ = [
-    "GradReduction", "LayerInfo", "LayerKind", "LayerStats", "Method",
+    "GradReduction", "LayerInfo", "LayerKind", "LayerStats", "Method", "MethodSettings",
     "available_methods", "get_method", "register_method",
 ]

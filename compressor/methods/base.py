@@ -70,6 +70,14 @@ class LayerStats:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class MethodSettings:
+    """Job-wide settings a method may need besides the layer and its size."""
+
+    grad_reduction: GradReduction = "sum"  # a tied parameter's gradient: sum or mean of copies
+    per_output_scale: bool = True  # tie_inputs: a learned scale per output row
+
+
 class Method(Protocol):
     """The contract of a compression method (see the module docstring)."""
 
@@ -79,11 +87,12 @@ class Method(Protocol):
     # when the method has a fixed size (tie_inputs).
     size_field: ClassVar[str | None]
 
-    def compact_numel(self, layer: LayerInfo, size: int) -> float:
+    def compact_numel(self, layer: LayerInfo, size: int, settings: MethodSettings) -> float:
         """Return the storage of θ at `size`, counted in float32 numbers (index bits included)."""
         ...
 
-    def size_for_budget(self, layer: LayerInfo, budget: float) -> int | None:
+    def size_for_budget(self, layer: LayerInfo, budget: float,
+                        settings: MethodSettings) -> int | None:
         """Return the largest size whose `compact_numel` fits in `budget` numbers.
 
         None when no size fits or the method would save nothing on this layer.
@@ -96,7 +105,7 @@ class Method(Protocol):
         weight: torch.Tensor,
         size: int,
         stats: LayerStats | None,
-        grad_reduction: GradReduction,
+        settings: MethodSettings,
     ) -> nn.Module:
         """Return the parametrization W = f(θ) for this layer (structure chosen from `weight`)."""
         ...

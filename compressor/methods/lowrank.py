@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from compressor.methods import register_method
-from compressor.methods.base import GradReduction, LayerInfo, LayerStats
+from compressor.methods.base import LayerInfo, LayerStats, MethodSettings
 
 # Relative damping added to the Gram diagonal so its Cholesky factor exists and is well-conditioned.
 _GRAM_DAMPING = 1e-4
@@ -111,18 +111,19 @@ class LowRank:
     layer_kinds = frozenset({"linear", "conv2d"})
     size_field = "rank"
 
-    def compact_numel(self, layer: LayerInfo, size: int) -> float:
+    def compact_numel(self, layer: LayerInfo, size: int, settings: MethodSettings) -> float:
         return float(size * (layer.out_features + layer.in_features))
 
-    def size_for_budget(self, layer: LayerInfo, budget: float) -> int | None:
+    def size_for_budget(self, layer: LayerInfo, budget: float,
+                        settings: MethodSettings) -> int | None:
         rank = min(math.floor(budget / (layer.out_features + layer.in_features)),
                    min(layer.out_features, layer.in_features))
-        if rank < 1 or self.compact_numel(layer, rank) >= layer.numel:
+        if rank < 1 or self.compact_numel(layer, rank, settings) >= layer.numel:
             return None
         return rank
 
     def parametrization(self, layer: LayerInfo, weight: torch.Tensor, size: int,
-                        stats: LayerStats | None, grad_reduction: GradReduction) -> nn.Module:
+                        stats: LayerStats | None, settings: MethodSettings) -> nn.Module:
         # A and B are not copies of one another: grad_reduction has nothing to reduce here.
         gram = None if stats is None else stats.gram
         return LowRankWeight(layer.weight_shape, size, input_gram=gram)
