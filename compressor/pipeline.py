@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import os
+import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import fx
+from torch.export import ExportedProgram
+from torch.export.passes import move_to_device_pass
+
+from compressor import report as figures
 from compressor.config import CompressionConfig
-from compressor.progress import ProgressCallback, StopCheck
+from compressor.data import Dataset, InputSpec, input_specs, load_data, synthesize_data
+from compressor.errors import CompressorError
+from compressor.export import export_onnx, verify_onnx
+from compressor.finetune import FinetuneSummary, device_copy, finetune_, resolve_device
+from compressor.graph import collect_layer_stats, find_layers
+from compressor.joblog import JobLog
+from compressor.loading import load_program
+from compressor.outputs import FidelityMeter, run_outputs
+from compressor.planning import Plan, method_settings, plan_layers
+from compressor.progress import JobControl, ProgressCallback, StopCheck
+from compressor.rewrite import factorized_copy, materialize_, parametrize_
 
 ARTIFACT_NAMES = ("model.onnx", "report.json", "job.log")
+_CALIBRATION_SAMPLES = 512
+_LATENCY_BATCHES = (1, 32)
 
 
 @dataclass(frozen=True)
@@ -21,6 +42,14 @@ class Result:
     report_path: Path  # out_dir / "report.json"
     log_path: Path  # out_dir / "job.log"
     report: dict[str, Any]
+
+
+@dataclass
+class _Inputs:
+    program: ExportedProgram
+    specs: list[InputSpec]
+    train: Dataset
+    held_out: Dataset
 
 
 def compress(
@@ -38,6 +67,196 @@ def compress(
     .safetensors / .npz file of inputs named after the program's inputs. `progress` receives a
     `ProgressEvent` per update; `should_stop` is polled at every step and a True answer raises
     `CancelledError`. Every failure raises a `CompressorError` subclass with a stable `code`;
-    artifacts are written atomically, so `out_dir` never holds a half-written file.
+    artifacts are written atomically, so `out_dir` never holds a half-written file, and
+    model.onnx / report.json exist only when the job succeeded. job.log is written either way.
     """
-    raise NotImplementedError("being built")  # replaced by the pipeline in this same change
+    config = CompressionConfig.parse(config)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = JobLog(out_dir / "job.log")
+    control = JobControl(progress, should_stop, config.timeout_s)
+    try:
+        return _run(Path(model), config, out_dir, None if data is None else Path(data), control, log)
+    except CompressorError as exc:
+        log.info(f"failed ({exc.code}): {exc.message}")
+        raise
+    except Exception as exc:
+        log.info(f"failed with an internal error: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        log.close()
+
+
+def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | None,
+         control: JobControl, log: JobLog) -> Result:
+    torch.manual_seed(config.finetune.seed)
+    log.info(f"config: {config.to_json()}")
+    with log.stage("loading"):
+        control.report("loading", 0.0, f"loading {model.name}")
+        inputs = load_inputs(model, data, config)
+        log.info(f"inputs: {[(s.name, s.shape, str(s.dtype)) for s in inputs.specs]}; "
+                 f"data: {inputs.train.source} ({len(inputs.train)} train, "
+                 f"{len(inputs.held_out)} held-out)")
+    teacher = copy.deepcopy(inputs.program.module()).eval()
+    with log.stage("planning"):
+        control.report("planning", 0.0)
+        plan = plan_layers(*find_layers(teacher), config)
+        log.info(f"plan: {len(plan.compressed)} layers compressed, kept "
+                 f"{plan.kept_numel / max(1, plan.targeted_numel):.3f} of targeted weights")
+    with log.stage("rewriting"):
+        control.report("rewriting", 0.0, f"initializing {len(plan.compressed)} layers")
+        student = rewrite(teacher, plan, inputs.train, config)
+    with log.stage("finetuning"):
+        control.report("finetuning", 0.0)
+        initial = fidelity(student, teacher, inputs.held_out)
+        summary = finetune(inputs.program, student, teacher, plan, inputs, config, control)
+        log.info(f"fine-tuning on {summary.device}: held-out rel. L2 {summary.initial_score:.4f} "
+                 f"-> {summary.best_score:.4f} (best step {summary.best_step})")
+    final = fidelity(student, teacher, inputs.held_out)
+    layer_errors = figures.layer_errors(teacher, student, plan, inputs.held_out.take(
+        torch.arange(min(len(inputs.held_out), 64))))
+    staging = out_dir / ".model.onnx.staging"
+    try:
+        with log.stage("exporting"):
+            control.report("exporting", 0.0, f"exporting the {config.export.form} form")
+            artifact_module = materialized(student, plan, config.export.form)
+            sample = inputs.held_out.take(torch.arange(min(2, len(inputs.held_out))))
+            export_onnx(artifact_module, sample, inputs.specs, staging, config.export.opset,
+                        optimize=config.export.form == "dense")
+        with log.stage("verifying"):
+            control.report("verifying", 0.0, "comparing onnxruntime with PyTorch")
+            parity = verify_onnx(staging, artifact_module, inputs.held_out,
+                                 config.export.atol, config.export.rtol)
+            log.info(f"onnxruntime parity: {parity['max_abs_diff']}")
+            measured = measure(teacher, student, artifact_module, plan, inputs, staging, config)
+        os.replace(staging, out_dir / "model.onnx")
+    finally:
+        staging.unlink(missing_ok=True)
+    control.report("verifying", 1.0, "done")
+    log.info("succeeded")
+    log.close()
+    report = {
+        "status": "succeeded",
+        "config": config.to_dict(),
+        "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype)}
+                   for s in inputs.specs],
+        "data": {"source": inputs.train.source, "synthetic": inputs.train.synthetic,
+                 "train_samples": len(inputs.train), "held_out_samples": len(inputs.held_out),
+                 **({"note": "no data file was given: inputs were sampled to match the "
+                             "program's example inputs, so fidelity is measured on "
+                             "synthetic inputs"} if inputs.train.synthetic else {})},
+        "plan": _plan_with_errors(plan, layer_errors),
+        **measured,
+        "fidelity": {"initialization": figures.fidelity_dict(initial),
+                     "final": figures.fidelity_dict(final)},
+        "finetune": asdict(summary),
+        "onnx_parity": parity,
+        "stage_seconds": log.stage_seconds,
+        "versions": figures.versions(),
+        "artifacts": {name: {"size": (out_dir / name).stat().st_size,
+                             "sha256": figures.sha256_of(out_dir / name)}
+                      for name in ("model.onnx", "job.log")},
+    }
+    figures.write_json_atomic(out_dir / "report.json", report)
+    return Result(out_dir, out_dir / "model.onnx", out_dir / "report.json",
+                  out_dir / "job.log", report)
+
+
+def load_inputs(model: Path, data: Path | None, config: CompressionConfig) -> _Inputs:
+    """Load the program safely and the job's data (or sample it), split train / held-out."""
+    program = load_program(model)
+    specs = input_specs(program)
+    if data is None:
+        dataset = synthesize_data(specs, config.data.synthetic_samples, config.finetune.seed)
+    else:
+        dataset = load_data(data, specs, config.data.max_samples)
+    train, held_out = dataset.split(config.data.holdout_fraction, config.finetune.seed)
+    return _Inputs(program, specs, train, held_out)
+
+
+def rewrite(teacher: fx.GraphModule, plan: Plan, train: Dataset,
+            config: CompressionConfig) -> fx.GraphModule:
+    """Return a copy of `teacher` with the plan's parametrizations, θ initialized."""
+    stats = {}
+    if config.init == "activation_aware":
+        calibration = train.take(torch.arange(min(len(train), _CALIBRATION_SAMPLES)))
+        batches = [calibration] if len(train) <= 64 else list(
+            Dataset(calibration, train.synthetic, train.source).batches(64))
+        stats = collect_layer_stats(teacher, [p.layer for p in plan.compressed], batches)
+    student = copy.deepcopy(teacher)
+    parametrize_(student, plan, stats, method_settings(config))
+    return student
+
+
+def finetune(program: ExportedProgram, student: fx.GraphModule, teacher: fx.GraphModule,
+             plan: Plan, inputs: _Inputs, config: CompressionConfig,
+             control: JobControl) -> FinetuneSummary:
+    """Fine-tune `student` in place, on CUDA when there is one (copies there and back)."""
+    device = resolve_device(config.finetune.device)
+    if device.type == "cpu":
+        return finetune_(student, teacher, plan, inputs.train, inputs.held_out, config.finetune,
+                         control, device)
+    on_device = device_copy(program, student, plan, device)
+    teacher_on_device = move_to_device_pass(copy.deepcopy(program), device).module().eval()
+    summary = finetune_(on_device, teacher_on_device, plan, inputs.train, inputs.held_out,
+                        config.finetune, control, device)
+    student.load_state_dict({k: v.cpu() for k, v in on_device.state_dict().items()})
+    return summary
+
+
+def fidelity(student: fx.GraphModule, teacher: fx.GraphModule, held_out: Dataset):
+    """Return per-output fidelity of `student` against `teacher` on the held-out split."""
+    meter = FidelityMeter()
+    with torch.no_grad():
+        for batch in held_out.batches(64):
+            meter.add(run_outputs(student, batch), run_outputs(teacher, batch))
+    return meter.result()
+
+
+def materialized(student: fx.GraphModule, plan: Plan, form: str) -> fx.GraphModule:
+    """Return the module to export: plain dense weights, or the compact form."""
+    if form == "factorized":
+        return factorized_copy(student, plan).eval()
+    dense = copy.deepcopy(student)
+    materialize_(dense, plan)
+    return dense.eval()
+
+
+def measure(teacher: fx.GraphModule, student: fx.GraphModule, artifact: fx.GraphModule,
+            plan: Plan, inputs: _Inputs, artifact_path: Path,
+            config: CompressionConfig) -> dict[str, Any]:
+    """Return parameter counts, FLOPs, file sizes and onnxruntime latency, before and after."""
+    one = inputs.held_out.take(torch.arange(1))
+    factorized = artifact if config.export.form == "factorized" else factorized_copy(student, plan)
+    latency: dict[str, dict[str, float]] = {"original": {}, "compressed": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        original_path = Path(tmp) / "original.onnx"
+        sample = inputs.held_out.take(torch.arange(min(2, len(inputs.held_out))))
+        export_onnx(teacher, sample, inputs.specs, original_path, config.export.opset)
+        for batch_size in _LATENCY_BATCHES:
+            rows = torch.arange(batch_size) % len(inputs.held_out)
+            batch = inputs.held_out.take(rows)
+            key = f"batch_{batch_size}_ms"
+            latency["original"][key] = figures.onnx_latency_ms(original_path, batch)
+            latency["compressed"][key] = figures.onnx_latency_ms(artifact_path, batch)
+        original_bytes = original_path.stat().st_size
+    return {
+        "parameters": {"before": figures.count_parameters(teacher),
+                       "after": figures.count_parameters(artifact),
+                       "factorized_form": figures.count_parameters(factorized),
+                       "targeted_weights_before": plan.targeted_numel,
+                       "targeted_weights_after": round(plan.kept_numel)},
+        "flops": {"before": figures.count_flops(teacher, one),
+                  "after": figures.count_flops(artifact, one),
+                  "factorized_form": figures.count_flops(factorized, one),
+                  "per": "one sample"},
+        "onnx_bytes": {"original": original_bytes, "artifact": artifact_path.stat().st_size},
+        "latency": {**latency, "runtime": "onnxruntime CPUExecutionProvider, median"},
+    }
+
+
+def _plan_with_errors(plan: Plan, errors: dict[str, dict[str, float]]) -> dict[str, Any]:
+    planned = plan.to_dict()
+    for entry in planned["layers"]:
+        entry.update(errors.get(entry["name"], {}))
+    return planned

@@ -1,3 +1,100 @@
-"""Commands of the `compressor` CLI (filled in by its owner)."""
+"""`compressor compress`: run one job on this machine, no server."""
 
-COMMANDS: list = []
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+
+def _summary_table(report: dict):
+    from rich.table import Table
+
+    table = Table(title="compression summary", show_header=True)
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    params, flops = report["parameters"], report["flops"]
+    table.add_row("targeted weights", f"{params['targeted_weights_before']:,}",
+                  f"{params['targeted_weights_after']:,}")
+    table.add_row("model parameters (artifact)", f"{params['before']:,}", f"{params['after']:,}")
+    table.add_row("FLOPs / sample (artifact)", f"{flops['before']:,}", f"{flops['after']:,}")
+    table.add_row("FLOPs / sample (factorized form)", f"{flops['before']:,}",
+                  f"{flops['factorized_form']:,}")
+    table.add_row("ONNX bytes", f"{report['onnx_bytes']['original']:,}",
+                  f"{report['onnx_bytes']['artifact']:,}")
+    for key in report["latency"]["original"]:
+        table.add_row(f"onnxruntime {key.replace('_', ' ')}",
+                      f"{report['latency']['original'][key]:.3f}",
+                      f"{report['latency']['compressed'][key]:.3f}")
+    for name, fid in report["fidelity"]["final"].items():
+        init = report["fidelity"]["initialization"][name]
+        cells = [f"cos {fid['cosine']:.4f}", f"relL2 {fid['relative_l2']:.4f}"]
+        before = [f"cos {init['cosine']:.4f}", f"relL2 {init['relative_l2']:.4f}"]
+        if "top1_agreement" in fid:
+            cells.append(f"top1 {fid['top1_agreement']:.3f}")
+            before.append(f"top1 {init['top1_agreement']:.3f}")
+        table.add_row(f"{name} vs original (init → tuned)", " ".join(before), " ".join(cells))
+    return table
+
+
+@click.command("compress")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="job configuration (JSON); defaults for everything not given")
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path),
+              help=".safetensors / .npz inputs named after the program's inputs")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="folder for model.onnx, report.json and job.log")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="override one config field, e.g. --set ratio=0.25 --set finetune.steps=50")
+def compress_cmd(model: Path, config_path: Path | None, data: Path | None, out_dir: Path,
+                 settings: tuple[str, ...]) -> None:
+    """Compress MODEL (a torch.export .pt2) and write a verified ONNX file to --out."""
+    from rich.console import Console
+
+    from compressor import CompressorError, compress
+    from compressor.cli.progress_display import StageProgress
+
+    console = Console(stderr=True)
+    for path, what in ((model, "model"), (config_path, "config"), (data, "data")):
+        if path is not None and not path.is_file():
+            raise click.BadParameter(f"{path} does not exist or is not a file", param_hint=what)
+    try:
+        config = json.loads(config_path.read_text()) if config_path else {}
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"{config_path} is not valid JSON: {exc}",
+                                 param_hint="--config") from None
+    for item in settings:
+        _apply_setting(config, item)
+    try:
+        with StageProgress(console) as display:
+            result = compress(model, config, out_dir=out_dir, data=data, progress=display.update)
+    except CompressorError as exc:
+        console.print(f"[bold red]error[/] ({exc.code}): {exc.message}")
+        console.print(f"see {out_dir / 'job.log'}")
+        sys.exit(1)
+    console.print(_summary_table(result.report))
+    console.print(f"wrote {result.model_path} and {result.report_path}")
+
+
+def _apply_setting(config: dict, item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise click.BadParameter(f"{key}: {part} is not a section", param_hint="--set")
+    node[leaf] = value
+
+
+COMMANDS = [compress_cmd]

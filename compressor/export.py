@@ -1,0 +1,131 @@
+"""Export a model to ONNX (dynamic batch, the program's input names) and verify it.
+
+Verification runs onnxruntime and the PyTorch model on the same held-out inputs, at batch 1 and
+at a larger batch, and fails loudly when any output differs by more than `atol + rtol·|torch|`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+from torch.export import Dim
+
+from compressor.data import Dataset, InputSpec
+from compressor.errors import ExportError, VerificationError
+from compressor.outputs import run_outputs
+
+# onnx's protobuf limit: past this the weights must live in an external data file.
+_PROTOBUF_LIMIT = 2 * 1024**3 - 1024**2
+
+
+def dynamic_shapes(specs: list[InputSpec]) -> dict[str, dict[int, object]]:
+    """Return torch.export dynamic shapes: a shared `batch` dim 0, other dynamic dims left AUTO."""
+    batch = Dim("batch", min=1, max=2**20)
+    return {spec.name: {i: (batch if i == 0 else Dim.AUTO)
+                        for i, size in enumerate(spec.shape) if size is None or i == 0}
+            for spec in specs}
+
+
+def output_names(count: int) -> list[str]:
+    """Return the ONNX names of a model's outputs: output_0, output_1, ..."""
+    return [f"output_{i}" for i in range(count)]
+
+
+def export_onnx(module: nn.Module, sample: dict[str, torch.Tensor], specs: list[InputSpec],
+                path: Path, opset: int, optimize: bool = True) -> None:
+    """Export `module` to ONNX at `path`, atomically (a failed export leaves no file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    module.eval()
+    quiet = io.StringIO()
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(quiet), _exporter_logs_quiet():
+            program = torch.onnx.export(
+                module, (), kwargs=sample, dynamo=True, opset_version=opset,
+                dynamic_shapes=dynamic_shapes(specs),
+                output_names=output_names(len(run_outputs(module, sample))),
+                optimize=optimize, verbose=False, report=False)
+        size = sum(int(t.numel() * t.element_size()) for t in module.state_dict().values())
+        program.save(tmp, external_data=size > _PROTOBUF_LIMIT)
+        os.replace(tmp, path)
+    except Exception as exc:  # the exporter raises many types; all mean the same to the user
+        tmp.unlink(missing_ok=True)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(
+            f"the model could not be exported to ONNX (opset {opset}): {reason}. Try "
+            "export.form='dense', another export.opset, or check that the program runs with "
+            "torch.onnx.export on its own") from exc
+
+
+@contextlib.contextmanager
+def _exporter_logs_quiet():
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def onnx_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
+    """Return an onnxruntime CPU session for the model at `path`."""
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session: ort.InferenceSession, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    """Run the session on a batch of named torch inputs."""
+    wanted = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: v.cpu().numpy() for k, v in batch.items() if k in wanted})
+
+
+def verify_onnx(path: Path, module: nn.Module, held_out: Dataset, atol: float, rtol: float,
+                max_samples: int = 64) -> dict:
+    """Check onnxruntime against `module` on held-out inputs; return the parity figures.
+
+    Raises `VerificationError` naming the output and the worst difference on a mismatch.
+    """
+    session = onnx_session(path)
+    rows = torch.arange(min(len(held_out), max_samples))
+    batches = [held_out.take(rows[:1])]
+    if len(rows) > 1:
+        batches.append(held_out.take(rows[1:]))
+    worst_abs, worst_excess, compared = [], [], 0
+    with torch.no_grad():
+        for batch in batches:
+            expected = [t.numpy() for t in run_outputs(module, batch)]
+            actual = run_onnx(session, batch)
+            for i, (want, got) in enumerate(zip(expected, actual, strict=True)):
+                if want.shape != got.shape:
+                    raise VerificationError(
+                        f"onnxruntime output_{i} has shape {got.shape}, PyTorch {want.shape} "
+                        f"(batch {len(batch[next(iter(batch))])})")
+                diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+                excess = diff - (atol + rtol * np.abs(want.astype(np.float64)))
+                while len(worst_abs) <= i:
+                    worst_abs.append(0.0)
+                    worst_excess.append(-np.inf)
+                worst_abs[i] = max(worst_abs[i], float(diff.max(initial=0.0)))
+                worst_excess[i] = max(worst_excess[i], float(excess.max(initial=-np.inf)))
+            compared += len(batch[next(iter(batch))])
+    for i, excess in enumerate(worst_excess):
+        if excess > 0 or not np.isfinite(worst_abs[i]):
+            raise VerificationError(
+                f"onnxruntime and PyTorch disagree on output_{i}: max |difference| "
+                f"{worst_abs[i]:.3g} exceeds atol={atol:g} + rtol={rtol:g}·|value|. The artifact "
+                "was not kept; raise export.atol / export.rtol if this precision is acceptable, "
+                "or try export.form='dense'")
+    return {"passed": True, "samples": compared, "atol": atol, "rtol": rtol,
+            "max_abs_diff": dict(zip(output_names(len(worst_abs)), worst_abs, strict=True))}

@@ -1,0 +1,174 @@
+"""Find the compressible layers of a program's graph, record their inputs, swap in compact forms.
+
+The program runs as the `GraphModule` that `ExportedProgram.module()` returns: its Linear and
+Conv2d layers are `aten.linear` / `aten.conv2d` calls whose weight is a `get_attr` of a parameter
+owned by a submodule named like the original layer (`encoder.0.dense.weight`). Parametrizing that
+submodule's `weight` changes what every `get_attr` reads, so the graph itself stays untouched
+until the factorized export replaces each call with a compact module.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+from torch.nn.utils import parametrize
+
+from compressor.methods import LayerInfo, LayerStats
+
+_LINEAR = torch.ops.aten.linear.default
+_CONV2D = torch.ops.aten.conv2d.default
+# Activation-aware init keeps an (in × in) float64 Gram per layer; past this it falls back to SVD.
+MAX_GRAM_FEATURES = 8192
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    """A weight-bearing layer that cannot be compressed, and why."""
+
+    name: str
+    reason: str
+
+
+def _as_pair(value: object, default: int) -> tuple[int, int]:
+    if value is None:
+        return (default, default)
+    if isinstance(value, int):
+        return (value, value)
+    items = [int(v) for v in value]  # type: ignore[union-attr]
+    return (items[0], items[0]) if len(items) == 1 else (items[0], items[1])
+
+
+def _layer_nodes(graph: fx.Graph) -> list[fx.Node]:
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in (_LINEAR, _CONV2D)]
+
+
+def _weight_target(node: fx.Node) -> str | None:
+    weight = node.args[1] if len(node.args) > 1 else None
+    if isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target.endswith("weight"):
+        return weight.target
+    return None
+
+
+def find_layers(module: fx.GraphModule) -> tuple[list[LayerInfo], list[SkippedLayer]]:
+    """Return the compressible Linear / Conv2d layers of `module`, and those that are not."""
+    attr_uses = Counter(n.target for n in module.graph.nodes if n.op == "get_attr"
+                        for _ in n.users)
+    layers: list[LayerInfo] = []
+    skipped: list[SkippedLayer] = []
+    for node in _layer_nodes(module.graph):
+        target = _weight_target(node)
+        if target is None:
+            skipped.append(SkippedLayer(node.name, "its weight is computed in the graph, not a parameter"))
+            continue
+        name = target.rsplit(".", 1)[0] if "." in target else ""
+        if not name or target.rsplit(".", 1)[1] != "weight":
+            skipped.append(SkippedLayer(target, "its weight is not a submodule's `weight`"))
+            continue
+        if attr_uses[target] != 1:
+            skipped.append(SkippedLayer(name, "its weight is shared with other operations"))
+            continue
+        weight = module.get_parameter(target)
+        bias = node.args[2] if len(node.args) > 2 else None
+        if node.target is _LINEAR:
+            layers.append(LayerInfo(name, "linear", tuple(weight.shape), bias is not None))
+            continue
+        args = list(node.args) + [None] * (7 - len(node.args))
+        groups = int(args[6] or 1)
+        if groups != 1:
+            skipped.append(SkippedLayer(name, f"grouped convolution (groups={groups})"))
+            continue
+        layers.append(LayerInfo(
+            name, "conv2d", tuple(weight.shape), bias is not None,
+            stride=_as_pair(args[3], 1), padding=_as_pair(args[4], 0),
+            dilation=_as_pair(args[5], 1), groups=groups,
+        ))
+    return layers, skipped
+
+
+def layer_rows(layer: LayerInfo, x: torch.Tensor) -> torch.Tensor:
+    """Return the layer's input as rows of `in_features` (unfolded patches for a conv)."""
+    if layer.kind == "conv2d":
+        patches = F.unfold(x, layer.kernel_size, dilation=layer.dilation,
+                           padding=layer.padding, stride=layer.stride)
+        return patches.transpose(1, 2).reshape(-1, layer.in_features)
+    return x.reshape(-1, layer.in_features)
+
+
+class _InputRecorder(fx.Interpreter):
+    """Run the graph and hand each target layer's input to `record(layer, x)`."""
+
+    def __init__(self, module: fx.GraphModule, layers: dict[str, LayerInfo], record) -> None:
+        super().__init__(module)
+        self._by_node = {}
+        for node in _layer_nodes(module.graph):
+            target = _weight_target(node)
+            if target is not None and target.rsplit(".", 1)[0] in layers:
+                self._by_node[node] = layers[target.rsplit(".", 1)[0]]
+        self._record = record
+
+    def run_node(self, n: fx.Node):
+        layer = self._by_node.get(n)
+        if layer is not None:
+            self._record(layer, self.env[n.args[0]].detach())
+        return super().run_node(n)
+
+
+def run_recording(module: fx.GraphModule, layers: list[LayerInfo],
+                  batch: dict[str, torch.Tensor], record) -> None:
+    """Run `module` on `batch`, calling `record(layer, input)` for each layer in `layers`."""
+    recorder = _InputRecorder(module, {layer.name: layer for layer in layers}, record)
+    placeholders = [n.target for n in module.graph.nodes if n.op == "placeholder"]
+    with torch.no_grad():
+        recorder.run(*[batch[name] for name in placeholders])
+
+
+def collect_layer_stats(module: fx.GraphModule, layers: list[LayerInfo],
+                        batches: list[dict[str, torch.Tensor]]) -> dict[str, LayerStats]:
+    """Return each layer's input Gram matrix summed over `batches` (for activation-aware init)."""
+    wanted = [layer for layer in layers if layer.in_features <= MAX_GRAM_FEATURES]
+    stats = {layer.name: LayerStats(torch.zeros(layer.in_features, layer.in_features,
+                                                dtype=torch.float64)) for layer in wanted}
+
+    def record(layer: LayerInfo, x: torch.Tensor) -> None:
+        rows = layer_rows(layer, x.to(torch.float64))
+        entry = stats[layer.name]
+        entry.gram += rows.T @ rows
+        entry.rows += rows.shape[0]
+
+    for batch in batches:
+        run_recording(module, wanted, batch, record)
+    return stats
+
+
+def replace_layers_(module: fx.GraphModule, compact: dict[str, nn.Module]) -> None:
+    """Replace each named layer's linear/conv call with a call to its compact module, in place.
+
+    The layer's dense weight and bias leave the module, so the export holds only θ.
+    """
+    for node in _layer_nodes(module.graph):
+        target = _weight_target(node)
+        name = target.rsplit(".", 1)[0] if target else None
+        if name not in compact:
+            continue
+        slot = "compact__" + name.replace(".", "__")
+        module.add_submodule(slot, compact[name])
+        with module.graph.inserting_before(node):
+            call = module.graph.call_module(slot, (node.args[0],))
+        node.replace_all_uses_with(call)
+        attrs = [a for a in node.args[1:3] if isinstance(a, fx.Node)]
+        module.graph.erase_node(node)
+        for attr in attrs:
+            if not attr.users:
+                module.graph.erase_node(attr)
+    for name in compact:
+        owner = module.get_submodule(name)
+        if parametrize.is_parametrized(owner, "weight"):
+            parametrize.remove_parametrizations(owner, "weight", leave_parametrized=True)
+        for attr in ("weight", "bias"):
+            if attr in owner._parameters:
+                delattr(owner, attr)
+    module.recompile()

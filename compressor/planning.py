@@ -1,0 +1,207 @@
+"""Turn the config into a plan: which layers to compress, with which method and size.
+
+One global budget: `ratio` × (weights of the targeted layers) numbers remain. Overrides fix a
+layer's method, size or ratio; the remaining layers share one per-layer ratio, found by bisection,
+so that the whole plan fits the budget. A layer whose method saves nothing even at its smallest
+size stays dense and its weights count against the budget.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass
+
+from compressor.config import CompressionConfig, LayerOverride
+from compressor.errors import ConfigError
+from compressor.graph import SkippedLayer
+from compressor.methods import LayerInfo, MethodSettings, get_method
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One targeted layer: its method and size, or `size=None` when it stays dense."""
+
+    layer: LayerInfo
+    method: str
+    size: int | None
+    compact_numel: float
+    reason: str = ""
+
+    @property
+    def compressed(self) -> bool:
+        """Whether this layer is rewritten (False: it stays dense)."""
+        return self.size is not None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The layers to rewrite, the ones left alone, and the budget they were fitted to."""
+
+    layers: tuple[LayerPlan, ...]
+    skipped: tuple[SkippedLayer, ...]
+    budget: float
+    layer_ratio: float
+
+    @property
+    def compressed(self) -> tuple[LayerPlan, ...]:
+        """The layers that are rewritten."""
+        return tuple(p for p in self.layers if p.compressed)
+
+    @property
+    def targeted_numel(self) -> int:
+        """Weights of the targeted layers before compression."""
+        return sum(p.layer.numel for p in self.layers)
+
+    @property
+    def kept_numel(self) -> float:
+        """Weights (float32-number units) of the targeted layers after compression."""
+        return sum(p.compact_numel for p in self.layers)
+
+    def to_dict(self) -> dict:
+        """Return the plan as plain data for the report."""
+        return {
+            "targeted_weights": self.targeted_numel,
+            "kept_weights": round(self.kept_numel),
+            "kept_fraction": self.kept_numel / max(1, self.targeted_numel),
+            "layer_ratio": self.layer_ratio,
+            "layers": [
+                {"name": p.layer.name, "kind": p.layer.kind, "shape": list(p.layer.weight_shape),
+                 "method": p.method if p.compressed else "dense", "size": p.size,
+                 "size_field": get_method(p.method).size_field,
+                 "weights_before": p.layer.numel, "weights_after": round(p.compact_numel),
+                 **({"reason": p.reason} if p.reason else {})}
+                for p in self.layers
+            ],
+            "skipped": [asdict(s) for s in self.skipped],
+        }
+
+
+def method_settings(config: CompressionConfig) -> MethodSettings:
+    """Return the job-wide settings every method receives."""
+    return MethodSettings(grad_reduction=config.finetune.grad_reduction,
+                          per_output_scale=config.per_output_scale)
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _override_for(name: str, overrides: list[LayerOverride]) -> LayerOverride | None:
+    return next((o for o in overrides if fnmatch.fnmatchcase(name, o.match)), None)
+
+
+def _fixed_size(layer: LayerInfo, method_name: str, override: LayerOverride) -> int | None:
+    """Return the size an override sets explicitly, checked against the method's size field."""
+    method = get_method(method_name)
+    for field in ("rank", "groups", "values"):
+        size = getattr(override, field)
+        if size is None:
+            continue
+        if field != method.size_field:
+            expected = method.size_field or "no size (its size is fixed)"
+            raise ConfigError(
+                f"override {override.match!r} sets `{field}` but layer {layer.name!r} uses "
+                f"method {method_name!r}, which takes {expected}; fix the override"
+            )
+        return size
+    return None
+
+
+class _Planner:
+    def __init__(self, config: CompressionConfig) -> None:
+        self.config = config
+        self.settings = method_settings(config)
+
+    def layer_plan(self, layer: LayerInfo, method_name: str, budget: float,
+                   size: int | None = None) -> LayerPlan:
+        method = get_method(method_name)
+        if size is None:
+            floor = method.compact_numel(layer, 1, self.settings)
+            size = method.size_for_budget(layer, max(budget, floor), self.settings)
+        if size is None:
+            return LayerPlan(layer, method_name, None, float(layer.numel),
+                             f"{method_name} saves nothing on this layer")
+        return LayerPlan(layer, method_name, size, method.compact_numel(layer, size, self.settings))
+
+
+def plan_layers(layers: list[LayerInfo], skipped: list[SkippedLayer],
+                config: CompressionConfig) -> Plan:
+    """Return the plan for `layers` under `config`; a `ConfigError` if nothing can be targeted."""
+    planner = _Planner(config)
+    skipped = list(skipped)
+    fixed: list[LayerPlan] = []
+    free: list[tuple[LayerInfo, str]] = []
+    for override in config.overrides:
+        if not any(fnmatch.fnmatchcase(layer.name, override.match) for layer in layers):
+            names = ", ".join(layer.name for layer in layers) or "none"
+            raise ConfigError(f"override {override.match!r} matches no compressible layer; "
+                              f"the compressible layers are: {names}")
+    for layer in layers:
+        override = _override_for(layer.name, config.overrides)
+        method_name = (override.method if override and override.method else config.method)
+        reason = _exclusion(layer, method_name, override, config)
+        if reason:
+            skipped.append(SkippedLayer(layer.name, reason))
+            continue
+        size = _fixed_size(layer, method_name, override) if override else None
+        if size is not None:
+            fixed.append(planner.layer_plan(layer, method_name, 0, size))
+        elif override and override.ratio is not None:
+            fixed.append(planner.layer_plan(layer, method_name, override.ratio * layer.numel))
+        else:
+            free.append((layer, method_name))
+    if not fixed and not free:
+        raise ConfigError(_nothing_targeted(layers, skipped))
+    budget = config.ratio * sum(layer.numel for layer, _ in free) + sum(
+        p.compact_numel for p in fixed)
+    ratio, planned = _fit_ratio(planner, free, budget - sum(p.compact_numel for p in fixed))
+    by_name = {p.layer.name: p for p in fixed + planned}
+    ordered = tuple(by_name[layer.name] for layer in layers if layer.name in by_name)
+    return Plan(ordered, tuple(skipped), budget, ratio)
+
+
+def _exclusion(layer: LayerInfo, method_name: str, override: LayerOverride | None,
+               config: CompressionConfig) -> str:
+    if override is not None and override.skip:
+        return f"skipped by override {override.match!r}"
+    if not _matches(layer.name, config.layers.include) or _matches(layer.name, config.layers.exclude):
+        return "not selected by layers.include / layers.exclude"
+    if layer.kind not in get_method(method_name).layer_kinds:
+        return f"method {method_name!r} does not apply to {layer.kind} layers"
+    if layer.numel < config.min_layer_params and override is None:
+        return f"{layer.numel} weights < min_layer_params={config.min_layer_params}"
+    return ""
+
+
+def _fit_ratio(planner: _Planner, free: list[tuple[LayerInfo, str]],
+               budget: float) -> tuple[float, list[LayerPlan]]:
+    """Return the largest per-layer ratio whose plan for `free` fits `budget`, and that plan."""
+    def plan_at(ratio: float) -> list[LayerPlan]:
+        return [planner.layer_plan(layer, name, ratio * layer.numel) for layer, name in free]
+
+    def kept(plans: list[LayerPlan]) -> float:
+        return sum(p.compact_numel for p in plans)
+
+    if not free:
+        return planner.config.ratio, []
+    low, high = 0.0, 1.0
+    best = plan_at(low)
+    if kept(plan_at(high)) <= budget:
+        return high, plan_at(high)
+    for _ in range(40):
+        mid = (low + high) / 2
+        plans = plan_at(mid)
+        if kept(plans) <= budget:
+            low, best = mid, plans
+        else:
+            high = mid
+    return low, best
+
+
+def _nothing_targeted(layers: list[LayerInfo], skipped: list[SkippedLayer]) -> str:
+    if not layers and not skipped:
+        return ("the model has no Linear or Conv2d layer to compress; this service compresses "
+                "models built from nn.Linear / nn.Conv2d")
+    reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped)
+    return ("no layer is targeted by this config: " + reasons +
+            ". Widen layers.include, lower min_layer_params, or pick a method that fits these layers")

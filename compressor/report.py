@@ -1,0 +1,117 @@
+"""The figures of report.json: sizes, FLOPs, per-layer errors, latency, versions, hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import torch
+from torch import fx, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from compressor.export import onnx_session, run_onnx
+from compressor.graph import layer_rows, run_recording
+from compressor.outputs import OutputFidelity
+from compressor.planning import Plan
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Return the number of parameter and buffer elements `module` stores."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() for t in tensors)
+
+
+def count_flops(module: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """Return the FLOPs of one forward pass of `module` on `batch`."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        module(**batch)
+    return int(counter.get_total_flops())
+
+
+def sha256_of(path: Path) -> str:
+    """Return the hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def layer_errors(original: fx.GraphModule, compressed: nn.Module, plan: Plan,
+                 batch: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Return each compressed layer's relative weight error and relative output error.
+
+    The output error is measured on the inputs the ORIGINAL model feeds that layer on `batch`.
+    """
+    layers = [entry.layer for entry in plan.compressed]
+    errors: dict[str, dict[str, float]] = {}
+
+    def record(layer, x: torch.Tensor) -> None:
+        dense = original.get_submodule(layer.name).weight.detach().double()
+        approx = compressed.get_submodule(layer.name).weight.detach().double()
+        rows = layer_rows(layer, x.double())
+        ref = rows @ dense.reshape(dense.shape[0], -1).T
+        out = rows @ approx.reshape(approx.shape[0], -1).T
+        errors[layer.name] = {
+            "relative_weight_error": float((approx - dense).norm() / dense.norm().clamp(min=1e-30)),
+            "relative_output_error": float((out - ref).norm() / ref.norm().clamp(min=1e-30)),
+        }
+
+    with torch.no_grad():
+        run_recording(original, layers, batch, record)
+    return errors
+
+
+def fidelity_dict(fidelity: list[OutputFidelity]) -> dict[str, dict]:
+    """Return per-output fidelity as plain data, keyed by ONNX output name."""
+    return {f"output_{i}": {k: v for k, v in vars(f).items() if v is not None}
+            for i, f in enumerate(fidelity)}
+
+
+def onnx_latency_ms(path: Path, batch: dict[str, torch.Tensor], budget_s: float = 1.0,
+                    min_runs: int = 5) -> float:
+    """Return the median onnxruntime CPU latency (ms) of one run on `batch`."""
+    session = onnx_session(path)
+    run_onnx(session, batch)  # warm-up
+    timings, deadline = [], time.perf_counter() + budget_s
+    while len(timings) < min_runs or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        run_onnx(session, batch)
+        timings.append((time.perf_counter() - start) * 1000)
+        if len(timings) >= 1000:
+            break
+    return statistics.median(timings)
+
+
+def onnx_initializer_numel(path: Path) -> int:
+    """Return the number of elements stored as initializers in the ONNX model at `path`."""
+    model = onnx.load(str(path), load_external_data=False)
+    total = 0
+    for init in model.graph.initializer:
+        count = 1
+        for dim in init.dims:
+            count *= dim
+        total += count
+    return total
+
+
+def versions() -> dict[str, str]:
+    """Return the versions of the libraries that shaped the artifact."""
+    from compressor import __version__
+
+    return {"compressor": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__}
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write `payload` as JSON to `path` via a temp file and a rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str))
+    os.replace(tmp, path)

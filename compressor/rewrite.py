@@ -1,0 +1,78 @@
+"""Register each planned layer's parametrization, so its weight is computed from θ."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+from torch.nn.utils import parametrize
+
+from compressor.graph import replace_layers_
+from compressor.methods import LayerStats, MethodSettings, get_method
+from compressor.planning import Plan
+
+
+def parametrize_(module: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats],
+                 settings: MethodSettings) -> None:
+    """Rewrite every compressed layer of `plan` in `module` to W = f(θ), θ initialized from W.
+
+    Every parameter of `module` is frozen afterwards except θ (see `trainable_parameters`).
+    """
+    for param in module.parameters():
+        param.requires_grad_(False)
+    for entry in plan.compressed:
+        owner = module.get_submodule(entry.layer.name)
+        weight = owner.weight.detach()
+        method = get_method(entry.method)
+        parametrization = method.parametrization(
+            entry.layer, weight, entry.size, stats.get(entry.layer.name), settings)
+        parametrize.register_parametrization(owner, "weight", parametrization)
+        if hasattr(parametrization, "input_gram"):
+            parametrization.input_gram = None  # only needed to initialize θ
+        for theta in owner.parametrizations.weight.parameters():
+            theta.requires_grad_(True)
+
+
+def theta_of(module: nn.Module, name: str) -> tuple[torch.Tensor, ...]:
+    """Return the θ tensors of the parametrized layer `name`, in right_inverse order."""
+    plist = module.get_submodule(name).parametrizations.weight
+    count = sum(1 for key in plist._parameters if key.startswith("original"))
+    if count == 1 and "original" in plist._parameters:
+        return (plist.original,)
+    return tuple(getattr(plist, f"original{i}") for i in range(count))
+
+
+def trainable_parameters(module: nn.Module, plan: Plan, train_biases: bool) -> list[nn.Parameter]:
+    """Return θ of every compressed layer, plus their biases when `train_biases`."""
+    params: list[nn.Parameter] = []
+    for entry in plan.compressed:
+        owner = module.get_submodule(entry.layer.name)
+        params.extend(owner.parametrizations.weight.parameters())
+        if train_biases and getattr(owner, "bias", None) is not None:
+            owner.bias.requires_grad_(True)
+            params.append(owner.bias)
+    return params
+
+
+def materialize_(module: nn.Module, plan: Plan) -> None:
+    """Turn every parametrized weight back into a plain dense parameter, in place."""
+    for entry in plan.compressed:
+        owner = module.get_submodule(entry.layer.name)
+        if parametrize.is_parametrized(owner, "weight"):
+            parametrize.remove_parametrizations(owner, "weight", leave_parametrized=True)
+
+
+def factorized_copy(module: fx.GraphModule, plan: Plan) -> fx.GraphModule:
+    """Return a copy of `module` whose compressed layers run in compact form (θ only)."""
+    compact = {}
+    for entry in plan.compressed:
+        owner = module.get_submodule(entry.layer.name)
+        parametrization = owner.parametrizations.weight[0]
+        bias = getattr(owner, "bias", None)
+        compact[entry.layer.name] = get_method(entry.method).compact_module(
+            entry.layer, parametrization, tuple(t.detach() for t in theta_of(module, entry.layer.name)),
+            None if bias is None else bias.detach())
+    clone = copy.deepcopy(module)
+    replace_layers_(clone, compact)
+    return clone
