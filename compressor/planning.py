@@ -129,7 +129,8 @@ def plan_layers(layers: list[LayerInfo], skipped: list[SkippedLayer],
     """Return the plan for `layers` under `config`; a `ConfigError` if nothing can be targeted."""
     planner = _Planner(config)
     skipped = list(skipped)
-    fixed: list[LayerPlan] = []
+    fixed: list[LayerPlan] = []  # sizes set by an override: they spend the global budget
+    own_ratio: list[LayerPlan] = []  # ratios set by an override: their own budget
     free: list[tuple[LayerInfo, str]] = []
     for override in config.overrides:
         if not any(fnmatch.fnmatchcase(layer.name, override.match) for layer in layers):
@@ -147,15 +148,16 @@ def plan_layers(layers: list[LayerInfo], skipped: list[SkippedLayer],
         if size is not None:
             fixed.append(planner.layer_plan(layer, method_name, 0, size))
         elif override and override.ratio is not None:
-            fixed.append(planner.layer_plan(layer, method_name, override.ratio * layer.numel))
+            own_ratio.append(planner.layer_plan(layer, method_name, override.ratio * layer.numel))
         else:
             free.append((layer, method_name))
-    if not fixed and not free:
+    if not fixed and not own_ratio and not free:
         raise ConfigError(_nothing_targeted(layers, skipped))
-    budget = config.ratio * sum(layer.numel for layer, _ in free) + sum(
-        p.compact_numel for p in fixed)
-    ratio, planned = _fit_ratio(planner, free, budget - sum(p.compact_numel for p in fixed))
-    by_name = {p.layer.name: p for p in fixed + planned}
+    shared = config.ratio * (sum(layer.numel for layer, _ in free)
+                             + sum(p.layer.numel for p in fixed))
+    ratio, planned = _fit_ratio(planner, free, shared - sum(p.compact_numel for p in fixed))
+    budget = shared + sum(p.compact_numel for p in own_ratio)
+    by_name = {p.layer.name: p for p in fixed + own_ratio + planned}
     ordered = tuple(by_name[layer.name] for layer in layers if layer.name in by_name)
     return Plan(ordered, tuple(skipped), budget, ratio)
 
