@@ -1,0 +1,91 @@
+"""Route dependencies, as `Annotated` aliases: what a handler needs reads in its signature."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+
+from api.errors import ApiError, not_found, unavailable
+from api.services import Services
+from api.settings import ANONYMOUS_TENANT, Settings
+from api.store import JobRecord, JobStore
+
+
+def get_services(request: Request) -> Services:
+    """Return the process's services, opened at application start."""
+    return request.app.state.services
+
+
+def get_settings_dep(request: Request) -> Settings:
+    """Return the settings the application was created with."""
+    return request.app.state.settings
+
+
+def get_store(services: Annotated[Services, Depends(get_services)]) -> JobStore:
+    """Return the job store."""
+    return services.store
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+StoreDep = Annotated[JobStore, Depends(get_store)]
+
+_BEARER = "bearer "
+
+
+def get_tenant(request: Request, settings: SettingsDep) -> str:
+    """Return the caller's tenant id, from `Authorization: Bearer <key>`; 401 otherwise.
+
+    With no keys configured every caller is the one anonymous tenant (the server then listens on
+    loopback only). A key is compared by its sha256, and the tenant id is a hash of it.
+    """
+    if not settings.api_keys:
+        return ANONYMOUS_TENANT
+    challenge = {"WWW-Authenticate": "Bearer"}
+    header = request.headers.get("authorization", "")
+    if not header:
+        raise ApiError(
+            401, "unauthorized",
+            "missing API key: send it as `Authorization: Bearer <key>` (the CLI reads "
+            "--api-key or COMPRESSOR_API_KEY)",
+            headers=challenge,
+        )
+    if not header.lower().startswith(_BEARER) or not header[len(_BEARER):].strip():
+        raise ApiError(
+            401, "unauthorized",
+            "malformed Authorization header: expected `Authorization: Bearer <key>`",
+            headers=challenge,
+        )
+    digest = hashlib.sha256(header[len(_BEARER):].strip().encode()).hexdigest()
+    tenant = settings.tenants_by_key_hash.get(digest)
+    if tenant is None:
+        raise ApiError(
+            401, "unauthorized",
+            "the API key is not valid for this server; check it against COMPRESSOR_API_KEYS "
+            "on the server",
+            headers=challenge,
+        )
+    return tenant
+
+
+TenantDep = Annotated[str, Depends(get_tenant)]
+
+
+def get_owned_job(
+    job_id: Annotated[str, Path(description="the job's id", max_length=64)],
+    store: StoreDep,
+    tenant: TenantDep,
+) -> JobRecord:
+    """Return the caller's job `job_id`; 404 when it does not exist or is another tenant's."""
+    try:
+        job = store.get(job_id, owner=tenant)
+    except Exception as exc:
+        raise unavailable("job store", exc) from exc
+    if job is None:
+        raise not_found(job_id)
+    return job
+
+
+JobDep = Annotated[JobRecord, Depends(get_owned_job)]

@@ -1,0 +1,1 @@
+"""One router per resource: `jobs` (with its artifacts and events) and `health`."""

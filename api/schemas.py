@@ -1,0 +1,145 @@
+"""What the API answers with: JobPublic, JobsPublic, ArtifactPublic, ErrorBody (shown in /docs)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.store import JobRecord
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobStage = Literal["loading", "planning", "rewriting", "finetuning", "exporting", "verifying"]
+
+_JOB_ID = "3f2b9c0e5d1a4e7f8a6b2c4d9e0f1a2b"
+
+
+class JobError(BaseModel):
+    """Why a job failed (or was cancelled): a stable code and a message a user can act on."""
+
+    code: str = Field(examples=["unsafe_model"])
+    message: str = Field(
+        examples=["the model file holds a pickled nn.Module; export it with torch.export"]
+    )
+
+
+class ArtifactPublic(BaseModel):
+    """One file a finished job produced."""
+
+    name: str = Field(examples=["model.onnx"])
+    size: int = Field(description="bytes", examples=[1843201])
+    sha256: str = Field(description="hex digest; also the download's ETag")
+    url: str = Field(examples=[f"/v1/jobs/{_JOB_ID}/artifacts/model.onnx"])
+
+
+class JobPublic(BaseModel):
+    """One compression job."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": _JOB_ID, "status": "running", "stage": "finetuning", "progress": 0.42,
+                    "created_at": "2025-01-01T12:00:00Z", "started_at": "2025-01-01T12:00:01Z",
+                    "finished_at": None, "config": {"method": "lowrank", "ratio": 0.5},
+                    "error": None, "report": None, "artifacts": [], "attempts": 1,
+                    "retry_reason": None,
+                }
+            ]
+        }
+    )
+
+    id: str
+    status: JobStatus
+    stage: JobStage | None = Field(description="the pipeline stage running now, or last run")
+    progress: float = Field(ge=0, le=1, description="the whole job's progress")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    config: dict[str, Any] = Field(description="the job's configuration, every default filled")
+    error: JobError | None = Field(description="set when the job failed or was cancelled")
+    report: dict[str, Any] | None = Field(description="report.json, once the job succeeded")
+    artifacts: list[ArtifactPublic]
+    attempts: int = Field(description="runs started; above 1 when a worker died mid-job")
+    retry_reason: str | None = Field(description="why the job was re-queued, if it was")
+
+    @classmethod
+    def from_record(cls, job: JobRecord) -> JobPublic:
+        """Return the public view of a stored job."""
+        return cls(
+            id=job.id,
+            status=job.status,  # type: ignore[arg-type]
+            stage=job.stage,  # type: ignore[arg-type]
+            progress=job.progress,
+            created_at=_utc(job.created_at),
+            started_at=_utc(job.started_at),
+            finished_at=_utc(job.finished_at),
+            config=job.config,
+            error=JobError(**job.error) if job.error else None,
+            report=job.report,
+            artifacts=[
+                ArtifactPublic(**a, url=f"/v1/jobs/{job.id}/artifacts/{a['name']}")
+                for a in job.artifacts
+            ],
+            attempts=job.attempts,
+            retry_reason=job.retry_reason,
+        )
+
+
+class JobsPublic(BaseModel):
+    """A page of the caller's jobs, newest first."""
+
+    data: list[JobPublic]
+    next_cursor: str | None = Field(
+        description="pass as ?cursor= for the next page; null on the last page"
+    )
+
+
+class ErrorDetail(BaseModel):
+    """One field that failed validation."""
+
+    field: str = Field(examples=["finetune.steps"])
+    message: str = Field(examples=["Input should be greater than or equal to 0"])
+
+
+class ErrorInfo(BaseModel):
+    """What went wrong."""
+
+    code: str = Field(examples=["invalid_config"])
+    message: str = Field(
+        examples=["invalid config: finetune.steps: Input should be greater than or equal to 0"]
+    )
+    details: list[ErrorDetail] | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: `{"error": {"code", "message"}}`."""
+
+    error: ErrorInfo
+
+
+class ReadyStatus(BaseModel):
+    """Readiness: each dependency and whether it answered."""
+
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, str] = Field(examples=[{"store": "ok", "queue": "ok", "files": "ok"}])
+
+
+def _utc(timestamp: float | None) -> datetime | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """Return the OpenAPI `responses` entry documenting these error statuses with ErrorBody."""
+    descriptions = {
+        401: "missing or wrong API key",
+        404: "no such job for this caller",
+        409: "the job already finished",
+        413: "the upload is larger than the server's limit",
+        415: "the file is not a .pt2 program (or a .safetensors/.npz data file)",
+        422: "invalid config or form; the message names the field",
+        429: "too many of the caller's jobs are queued or running",
+        503: "the store or the queue is unreachable",
+    }
+    return {s: {"model": ErrorBody, "description": descriptions.get(s, "error")} for s in statuses}

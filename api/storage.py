@@ -1,0 +1,132 @@
+"""Job files on a local (or shared, e.g. NFS) directory: `<root>/jobs/<id>/{inputs,out}/`.
+
+Uploads stream in chunks into a hidden temporary file that is renamed into place only when
+complete, so a reader never sees half a file; the core writes artifacts to `out/` the same way.
+Deleting a job deletes its directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from compressor.pipeline import ARTIFACT_NAMES
+
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_INPUT_NAMES = ("model.pt2", "data.safetensors", "data.npz")
+
+
+class UploadSink:
+    """Write one uploaded file in chunks; `commit()` renames it into place, `abort()` removes it."""
+
+    def __init__(self, final_path: Path) -> None:
+        self.final_path = final_path
+        final_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=".part",
+                                    dir=final_path.parent)
+        self._temp_path = Path(temp)
+        self._file = os.fdopen(fd, "wb")
+        self.size = 0
+
+    def write(self, chunk: bytes | bytearray) -> None:
+        """Append `chunk` to the temporary file."""
+        self._file.write(chunk)
+        self.size += len(chunk)
+
+    def commit(self) -> Path:
+        """Flush to disk and rename the file into place; return its final path."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._temp_path, self.final_path)
+        return self.final_path
+
+    def abort(self) -> None:
+        """Close and delete the temporary file (safe to call twice, or after commit)."""
+        if not self._file.closed:
+            self._file.close()
+        self._temp_path.unlink(missing_ok=True)
+
+
+class JobFiles:
+    """Place, find and delete the files of each job under one root directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        self.jobs_root = self.root / "jobs"
+        self.jobs_root.mkdir(parents=True, exist_ok=True)
+
+    def job_dir(self, job_id: str) -> Path:
+        """Return the job's directory (not created); refuse anything but a job id."""
+        if not _JOB_ID.match(job_id):
+            raise ValueError(f"not a job id: {job_id!r}")
+        return self.jobs_root / job_id
+
+    def input_path(self, job_id: str, name: str) -> Path:
+        """Return where the input `name` (model.pt2, data.safetensors, data.npz) is kept."""
+        if name not in _INPUT_NAMES:
+            raise ValueError(f"unknown input {name!r}; expected one of {_INPUT_NAMES}")
+        return self.job_dir(job_id) / "inputs" / name
+
+    def out_dir(self, job_id: str) -> Path:
+        """Return the directory the job's artifacts are written to (created)."""
+        path = self.job_dir(job_id) / "out"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def fresh_out_dir(self, job_id: str) -> Path:
+        """Return an empty artifact directory for a new attempt (a retry starts clean)."""
+        path = self.job_dir(job_id) / "out"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+    def open_upload(self, job_id: str, name: str) -> UploadSink:
+        """Start receiving the input `name` of a job."""
+        return UploadSink(self.input_path(job_id, name))
+
+    def artifact_path(self, job_id: str, name: str) -> Path | None:
+        """Return the artifact's path if the job has one by that name."""
+        if name not in ARTIFACT_NAMES:
+            return None
+        path = self.job_dir(job_id) / "out" / name
+        return path if path.is_file() else None
+
+    def describe_artifacts(self, job_id: str) -> list[dict[str, object]]:
+        """Return name, size and sha256 of every artifact the job has, in ARTIFACT_NAMES order."""
+        found = []
+        for name in ARTIFACT_NAMES:
+            path = self.artifact_path(job_id, name)
+            if path is not None:
+                found.append({"name": name, "size": path.stat().st_size, "sha256": sha256_of(path)})
+        return found
+
+    def delete_inputs(self, job_id: str) -> None:
+        """Delete the job's uploads (kept only while the job may still run)."""
+        shutil.rmtree(self.job_dir(job_id) / "inputs", ignore_errors=True)
+
+    def delete_job(self, job_id: str) -> None:
+        """Delete every file of the job."""
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+
+    def job_ids(self) -> list[str]:
+        """Return the ids of the jobs that have a directory."""
+        return sorted(p.name for p in self.jobs_root.iterdir() if _JOB_ID.match(p.name))
+
+    def ping(self) -> None:
+        """Raise if the directory cannot be written."""
+        with tempfile.NamedTemporaryFile(dir=self.root, prefix=".ready."):
+            pass
+
+
+def sha256_of(path: Path, chunk_size: int = 1 << 20) -> str:
+    """Return the hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()

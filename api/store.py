@@ -1,0 +1,358 @@
+"""The job store: one row per job, in SQLite (default) or PostgreSQL (by URL), via SQLAlchemy 2.
+
+Invariant: every change of a job's status is one conditional UPDATE (`WHERE status = ...`), so
+two workers, a worker and the reaper, or a worker and a cancel never both win. A worker owns a
+running job only while `worker_id` is its id; every write it makes checks that.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from api.migrate import upgrade_to_head
+from api.tables import jobs
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+    "queued", "running", "succeeded", "failed", "cancelled"
+)
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+FINISHED = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One job as the store holds it."""
+
+    seq: int
+    id: str
+    owner: str
+    status: str
+    stage: str | None
+    progress: float
+    config: dict[str, Any]
+    data_format: str | None
+    error: dict[str, str] | None
+    report: dict[str, Any] | None
+    artifacts: list[dict[str, Any]]
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float
+    attempts: int
+    worker_id: str | None
+    lease_expires_at: float | None
+    cancel_requested: bool
+    retry_reason: str | None
+
+    @property
+    def is_finished(self) -> bool:
+        """Return True once the job reached succeeded, failed or cancelled."""
+        return self.status in FINISHED
+
+
+@dataclass(frozen=True)
+class ReapedJob:
+    """A running job whose lease expired, and what the reaper made of it."""
+
+    id: str
+    status: str  # queued (retried), failed (out of attempts) or cancelled (cancel requested)
+    reason: str
+
+
+def _record(row: sa.Row) -> JobRecord:
+    values = dict(row._mapping)
+    values["artifacts"] = values["artifacts"] or []
+    values["cancel_requested"] = bool(values["cancel_requested"])
+    return JobRecord(**values)
+
+
+def create_store_engine(url: str) -> tuple[sa.Engine, sa.Engine]:
+    """Return (reader, writer) engines sharing one pool; the writer starts write transactions.
+
+    SQLite runs in WAL mode with a busy timeout, in driver autocommit, and the writer begins
+    with BEGIN IMMEDIATE, so a transaction never fails midway upgrading a read lock.
+    """
+    if not url.startswith("sqlite"):
+        engine = sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        return engine, engine
+    engine = sa.create_engine(url, connect_args={"timeout": 30})
+
+    @sa.event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA busy_timeout = 30000")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(connection: sa.Connection) -> None:
+        connection.exec_driver_sql(connection.get_execution_options().get("sqlite_begin", "BEGIN"))
+
+    return engine, engine.execution_options(sqlite_begin="BEGIN IMMEDIATE")
+
+
+class JobStore:
+    """Create, read, claim, update and finish jobs; shared by the API and every worker."""
+
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        self.url = url
+        self._reader, self._writer = create_store_engine(url)
+        if migrate:
+            upgrade_to_head(self._writer)
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self._reader.dispose()
+
+    def ping(self) -> None:
+        """Raise if the database cannot be reached."""
+        with self._reader.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    # -- the API's side ----------------------------------------------------------------------
+
+    def create(
+        self, job_id: str, owner: str, config: dict[str, Any], data_format: str | None
+    ) -> JobRecord:
+        """Insert a new `queued` job and return it."""
+        now = time.time()
+        values = {
+            "id": job_id, "owner": owner, "status": QUEUED, "stage": None, "progress": 0.0,
+            "config": config, "data_format": data_format, "created_at": now, "updated_at": now,
+            "attempts": 0, "cancel_requested": False,
+        }
+        with self._writer.begin() as conn:
+            conn.execute(jobs.insert().values(**values))
+        job = self.get(job_id)
+        assert job is not None
+        return job
+
+    def get(self, job_id: str, owner: str | None = None) -> JobRecord | None:
+        """Return the job, or None if it does not exist or `owner` is given and differs."""
+        query = sa.select(jobs).where(jobs.c.id == job_id)
+        if owner is not None:
+            query = query.where(jobs.c.owner == owner)
+        with self._reader.connect() as conn:
+            row = conn.execute(query).first()
+        return _record(row) if row is not None else None
+
+    def list_jobs(
+        self, owner: str, *, status: str | None = None, limit: int = 50, before_seq: int | None = None
+    ) -> list[JobRecord]:
+        """Return up to `limit` of `owner`'s jobs, newest first, submitted before `before_seq`."""
+        query = sa.select(jobs).where(jobs.c.owner == owner)
+        if status is not None:
+            query = query.where(jobs.c.status == status)
+        if before_seq is not None:
+            query = query.where(jobs.c.seq < before_seq)
+        query = query.order_by(jobs.c.seq.desc()).limit(limit)
+        with self._reader.connect() as conn:
+            return [_record(row) for row in conn.execute(query)]
+
+    def count_in_flight(self, owner: str) -> int:
+        """Return how many of `owner`'s jobs are queued or running."""
+        query = sa.select(sa.func.count()).where(
+            jobs.c.owner == owner, jobs.c.status.in_((QUEUED, RUNNING))
+        )
+        with self._reader.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def count_by_status(self) -> dict[str, int]:
+        """Return the number of jobs in each status (every status present, zeros included)."""
+        query = sa.select(jobs.c.status, sa.func.count()).group_by(jobs.c.status)
+        counts = dict.fromkeys(STATUSES, 0)
+        with self._reader.connect() as conn:
+            counts.update({status: int(n) for status, n in conn.execute(query)})
+        return counts
+
+    def request_cancel(self, job_id: str) -> JobRecord | None:
+        """Cancel a queued job now, flag a running one; return the job as it is afterwards.
+
+        A finished job is returned unchanged (the caller answers 409); None if it is gone.
+        """
+        now = time.time()
+        with self._writer.begin() as conn:
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.status == QUEUED)
+                .values(
+                    status=CANCELLED, finished_at=now, updated_at=now, cancel_requested=True,
+                    error={"code": "cancelled", "message": "cancelled by its owner before it ran"},
+                )
+            )
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.status == RUNNING)
+                .values(cancel_requested=True, updated_at=now)
+            )
+        return self.get(job_id)
+
+    def delete(self, job_id: str) -> bool:
+        """Delete the job's row; return False if there was none."""
+        with self._writer.begin() as conn:
+            return conn.execute(jobs.delete().where(jobs.c.id == job_id)).rowcount == 1
+
+    # -- a worker's side ---------------------------------------------------------------------
+
+    def claim(self, job_id: str, worker_id: str, lease_s: float) -> JobRecord | None:
+        """Move a queued job to running for `worker_id`; None if it is not queued any more."""
+        now = time.time()
+        with self._writer.begin() as conn:
+            claimed = conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.status == QUEUED)
+                .values(
+                    status=RUNNING, worker_id=worker_id, started_at=now, updated_at=now,
+                    lease_expires_at=now + lease_s, attempts=jobs.c.attempts + 1,
+                    stage=None, progress=0.0,
+                )
+            ).rowcount
+        return self.get(job_id) if claimed == 1 else None
+
+    def _update_own(self, job_id: str, worker_id: str, **values: Any) -> bool:
+        values.setdefault("updated_at", time.time())
+        with self._writer.begin() as conn:
+            return (
+                conn.execute(
+                    jobs.update()
+                    .where(
+                        jobs.c.id == job_id, jobs.c.status == RUNNING, jobs.c.worker_id == worker_id
+                    )
+                    .values(**values)
+                ).rowcount
+                == 1
+            )
+
+    def heartbeat(self, job_id: str, worker_id: str, lease_s: float) -> bool:
+        """Extend the running job's lease; False if `worker_id` no longer owns it."""
+        return self._update_own(job_id, worker_id, lease_expires_at=time.time() + lease_s)
+
+    def update_progress(self, job_id: str, worker_id: str, stage: str, progress: float) -> bool:
+        """Record the running job's stage and overall progress; False if it is not ours."""
+        return self._update_own(job_id, worker_id, stage=stage, progress=progress)
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        """Return True if the job's owner asked to cancel it, or the job was deleted."""
+        with self._reader.connect() as conn:
+            flag = conn.execute(
+                sa.select(jobs.c.cancel_requested).where(jobs.c.id == job_id)
+            ).scalar_one_or_none()
+        return flag is None or bool(flag)
+
+    def finish(
+        self,
+        job_id: str,
+        worker_id: str,
+        status: str,
+        *,
+        error: dict[str, str] | None = None,
+        report: dict[str, Any] | None = None,
+        artifacts: list[dict[str, Any]] | None = None,
+    ) -> bool:
+        """Move our running job to a finished status; False if it is not ours any more."""
+        assert status in FINISHED, status
+        now = time.time()
+        values: dict[str, Any] = {
+            "status": status, "error": error, "report": report, "artifacts": artifacts or [],
+            "finished_at": now, "lease_expires_at": None,
+        }
+        if status == SUCCEEDED:
+            values["progress"] = 1.0
+        return self._update_own(job_id, worker_id, **values)
+
+    def release(
+        self, job_id: str, worker_id: str, reason: str, requeue: Callable[[str], None]
+    ) -> bool:
+        """Give our running job back to the queue (this worker is shutting down).
+
+        The attempt is not counted: the job did not fail, its worker was asked to stop.
+        `requeue(job_id)` runs before the change commits, as in `reap_expired`.
+        """
+        now = time.time()
+        with self._writer.begin() as conn:
+            released = conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.status == RUNNING, jobs.c.worker_id == worker_id)
+                .values(
+                    status=QUEUED, worker_id=None, lease_expires_at=None, stage=None,
+                    progress=0.0, attempts=jobs.c.attempts - 1, retry_reason=reason,
+                    updated_at=now,
+                )
+            ).rowcount
+            if released == 1:
+                requeue(job_id)
+        return released == 1
+
+    def reap_expired(
+        self, max_attempts: int, requeue: Callable[[str], None], now: float | None = None
+    ) -> list[ReapedJob]:
+        """Settle running jobs whose lease expired (their worker died or hung).
+
+        Each is re-queued while it has attempts left (`requeue(job_id)` is called before the
+        change commits, so a failing queue leaves the job to the next round), failed with code
+        `worker_lost` after `max_attempts`, or cancelled if its owner asked for that.
+        """
+        now = time.time() if now is None else now
+        expired = sa.and_(jobs.c.status == RUNNING, jobs.c.lease_expires_at < now)
+        with self._reader.connect() as conn:
+            candidates = conn.execute(
+                sa.select(jobs.c.id, jobs.c.attempts, jobs.c.cancel_requested).where(expired)
+            ).all()
+        reaped = []
+        for job_id, attempts, cancel_requested in candidates:
+            outcome = self._settle_expired(
+                job_id, attempts, bool(cancel_requested), max_attempts, requeue, expired, now
+            )
+            if outcome is not None:
+                reaped.append(outcome)
+        return reaped
+
+    def _settle_expired(
+        self,
+        job_id: str,
+        attempts: int,
+        cancel_requested: bool,
+        max_attempts: int,
+        requeue: Callable[[str], None],
+        expired: sa.ColumnElement[bool],
+        now: float,
+    ) -> ReapedJob | None:
+        lost = (
+            f"the worker running attempt {attempts} of {max_attempts} stopped renewing its lease "
+            "(it crashed, was killed, or lost the store)"
+        )
+        if cancel_requested:
+            status, reason = CANCELLED, f"{lost}; the job was being cancelled, so it stays cancelled"
+            values = {"error": {"code": "cancelled", "message": reason}, "finished_at": now}
+        elif attempts < max_attempts:
+            status, reason = QUEUED, f"{lost}; re-queued for attempt {attempts + 1}"
+            values = {"retry_reason": reason, "stage": None, "progress": 0.0}
+        else:
+            status = FAILED
+            reason = (
+                f"{lost}; no attempts left. Check the workers' logs (a crash or out-of-memory "
+                "kill is likely), then submit the job again"
+            )
+            values = {"error": {"code": "worker_lost", "message": reason}, "finished_at": now}
+        values.update(status=status, worker_id=None, lease_expires_at=None, updated_at=now)
+        with self._writer.begin() as conn:
+            changed = conn.execute(
+                jobs.update().where(jobs.c.id == job_id, expired).values(**values)
+            ).rowcount
+            if changed != 1:
+                return None
+            if status == QUEUED:
+                requeue(job_id)  # inside the transaction: a queue error rolls the change back
+        return ReapedJob(job_id, status, reason)
+
+    def job_ids(self) -> Iterable[str]:
+        """Return every job id (for maintenance and tests)."""
+        with self._reader.connect() as conn:
+            return [row[0] for row in conn.execute(sa.select(jobs.c.id))]

@@ -1,0 +1,272 @@
+"""Receive the multipart body of `POST /v1/jobs` as a stream, writing files to disk in chunks.
+
+Starlette's form parser is not used: it would spool whole files. Here the body is fed to
+python-multipart's streaming parser chunk by chunk; file bytes are buffered up to 1 MiB, then
+written by a worker thread. The sizes are checked as they grow (413 the moment the limit is
+passed), the config is validated as soon as its part ends, and file types are checked by their
+first bytes. On any failure everything written for the job is deleted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from pydantic import ValidationError
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from api.errors import ApiError, field_errors
+from api.storage import JobFiles, UploadSink
+from compressor.config import CompressionConfig, describe_validation_error
+
+FORM_OVERHEAD = 1 << 20  # boundaries, part headers and the config field, on top of the files
+MAX_CONFIG_BYTES = 256 << 10
+_FLUSH_BYTES = 1 << 20
+_MAGIC_BYTES = 9  # enough to tell a zip (PK\3\4) and a safetensors header (u64 length, "{")
+
+HOW_TO_EXPORT = (
+    "Upload a torch.export program saved as .pt2: `program = torch.export.export(model, args, "
+    "dynamic_shapes=...)` then `torch.export.save(program, 'model.pt2')`. A pickled nn.Module or "
+    "a state_dict saved with torch.save is not accepted"
+)
+HOW_TO_SEND = (
+    "send multipart/form-data with a `model` file, an optional `config` JSON field and an optional "
+    "`data` file, e.g. `curl -F model=@model.pt2 -F 'config={\"ratio\": 0.5}' .../v1/jobs`"
+)
+
+
+@dataclass
+class ReceivedJob:
+    """The validated parts of a job submission; the files are on disk under the job's inputs."""
+
+    config: dict[str, Any]
+    data_format: str | None  # "safetensors", "npz" or None (no data file)
+
+
+def too_large(limit: int) -> ApiError:
+    """Return the 413 for an upload over `limit` bytes."""
+    return ApiError(
+        413, "payload_too_large",
+        f"the upload is larger than this server's limit of {limit} bytes "
+        f"({limit / 2**30:.2f} GiB); shrink the model or data file, or raise "
+        "COMPRESSOR_MAX_UPLOAD_BYTES on the server",
+    )
+
+
+def check_content_length(request: Request, limit: int) -> None:
+    """Answer 413 before reading anything when the declared body is over the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit + FORM_OVERHEAD:
+        raise too_large(limit)
+
+
+def _boundary(request: Request) -> bytes:
+    content_type, params = parse_options_header(request.headers.get("content-type"))
+    if content_type != b"multipart/form-data":
+        raise ApiError(415, "unsupported_media_type", f"expected multipart/form-data: {HOW_TO_SEND}")
+    if not params.get(b"boundary"):
+        raise ApiError(422, "invalid_request", f"multipart body without a boundary: {HOW_TO_SEND}")
+    return params[b"boundary"]
+
+
+@dataclass
+class _Part:
+    """One part of the form as it streams in."""
+
+    name: str
+    buffer: bytearray = field(default_factory=bytearray)
+    head: bytes = b""
+    size: int = 0
+    complete: bool = False
+    checked: bool = False
+    sink: UploadSink | None = None
+
+
+class _FormReceiver:
+    """Feed body chunks to the parser; keep parts, sizes and sinks; write and check parts."""
+
+    FILE_PARTS = ("model", "data")
+
+    def __init__(self, files: JobFiles, job_id: str, limit: int, boundary: bytes) -> None:
+        self.files = files
+        self.job_id = job_id
+        self.limit = limit
+        self.file_bytes = 0
+        self.body_bytes = 0
+        self.parts: dict[str, _Part] = {}
+        self.pending: list[_Part] = []
+        self.config: dict[str, Any] | None = None
+        self.data_format: str | None = None
+        self._header_field = bytearray()
+        self._header_value = bytearray()
+        self._headers: dict[str, bytes] = {}
+        self.parser = MultipartParser(boundary, {
+            "on_part_begin": self._on_part_begin,
+            "on_header_field": lambda d, s, e: self._header_field.extend(d[s:e]),
+            "on_header_value": lambda d, s, e: self._header_value.extend(d[s:e]),
+            "on_header_end": self._on_header_end,
+            "on_headers_finished": self._on_headers_finished,
+            "on_part_data": self._on_part_data,
+            "on_part_end": self._on_part_end,
+        })
+
+    # -- parser callbacks: bookkeeping only, no disk I/O ---------------------------------------
+
+    def _on_part_begin(self) -> None:
+        self._headers = {}
+
+    def _on_header_end(self) -> None:
+        self._headers[self._header_field.decode("latin-1").lower()] = bytes(self._header_value)
+        self._header_field.clear()
+        self._header_value.clear()
+
+    def _on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get("content-disposition"))
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        if name not in ("model", "config", "data"):
+            raise ApiError(422, "invalid_request", f"unknown form field {name!r}: {HOW_TO_SEND}")
+        if name in self.parts:
+            raise ApiError(422, "invalid_request", f"the form field {name!r} was sent twice")
+        part = _Part(name)
+        self.parts[name] = part
+        self.pending.append(part)
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self.pending[-1]
+        size = end - start
+        part.size += size
+        if len(part.head) < _MAGIC_BYTES:
+            part.head += data[start:min(end, start + _MAGIC_BYTES)]
+        if part.name in self.FILE_PARTS:
+            self.file_bytes += size
+            if self.file_bytes > self.limit:
+                raise too_large(self.limit)
+        elif part.size > MAX_CONFIG_BYTES:
+            raise ApiError(
+                413, "payload_too_large",
+                f"the config field is over {MAX_CONFIG_BYTES} bytes; a job config is a few lines",
+            )
+        part.buffer += data[start:end]
+
+    def _on_part_end(self) -> None:
+        self.pending[-1].complete = True
+
+    # -- the async side: feed, check, write -----------------------------------------------------
+
+    async def feed(self, chunk: bytes) -> None:
+        """Parse one body chunk, then check and write whatever it completed."""
+        self.body_bytes += len(chunk)
+        if self.body_bytes > self.limit + FORM_OVERHEAD:
+            raise too_large(self.limit)
+        try:
+            self.parser.write(chunk)
+        except FormParserError as exc:
+            raise ApiError(
+                422, "invalid_request", f"malformed multipart body ({exc}): {HOW_TO_SEND}"
+            ) from None
+        for part in list(self.pending):
+            await self._advance(part)
+            if part.complete:
+                self.pending.remove(part)
+
+    async def _advance(self, part: _Part) -> None:
+        if part.name == "config":
+            if part.complete:
+                self.config = validate_config(bytes(part.buffer))
+            return
+        if not part.checked and (len(part.head) >= _MAGIC_BYTES or part.complete):
+            self._check_file_type(part)
+            part.checked = True
+        if part.checked and (len(part.buffer) >= _FLUSH_BYTES or part.complete):
+            chunk, part.buffer = part.buffer, bytearray()
+            await anyio.to_thread.run_sync(self._write, part, chunk)
+        if part.complete and part.sink is not None:
+            await anyio.to_thread.run_sync(part.sink.commit)
+
+    def _write(self, part: _Part, chunk: bytearray) -> None:
+        if part.sink is None:
+            name = "model.pt2" if part.name == "model" else f"data.{self.data_format}"
+            part.sink = self.files.open_upload(self.job_id, name)
+        part.sink.write(chunk)
+
+    def _check_file_type(self, part: _Part) -> None:
+        is_zip = part.head.startswith(b"PK\x03\x04")
+        if part.name == "model":
+            if part.size == 0:
+                raise ApiError(422, "invalid_request", f"the model file is empty. {HOW_TO_EXPORT}")
+            if not is_zip:
+                raise ApiError(
+                    415, "unsupported_media_type",
+                    f"the model file is not a .pt2 program (a .pt2 is a zip archive; this file "
+                    f"starts with {part.head[:4]!r}). {HOW_TO_EXPORT}",
+                )
+            return
+        if is_zip:
+            self.data_format = "npz"
+        elif len(part.head) >= _MAGIC_BYTES and part.head[8:9] == b"{":
+            self.data_format = "safetensors"
+        else:
+            raise ApiError(
+                415, "unsupported_media_type",
+                "the data file is neither .safetensors nor .npz: save a dict of tensors named "
+                "after the model's inputs with `safetensors.torch.save_file(...)` or "
+                "`numpy.savez(...)`",
+            )
+
+    def finish(self) -> ReceivedJob:
+        """Return the submission once the body ended; 422 if the model is missing or cut off."""
+        self.parser.finalize()
+        if any(not part.complete for part in self.parts.values()):
+            raise ApiError(
+                422, "invalid_request", "the upload ended before its last part was complete"
+            )
+        if "model" not in self.parts:
+            raise ApiError(
+                422, "invalid_request", f"the form has no `model` file: {HOW_TO_SEND}",
+                details=[{"field": "model", "message": "field required"}],
+            )
+        config = self.config if self.config is not None else CompressionConfig().to_dict()
+        return ReceivedJob(config=config, data_format=self.data_format)
+
+    def abort(self) -> None:
+        """Delete every file written for this job."""
+        for part in self.parts.values():
+            if part.sink is not None:
+                part.sink.abort()
+        self.files.delete_job(self.job_id)
+
+
+def validate_config(raw: bytes) -> dict[str, Any]:
+    """Return the config with defaults filled; 422 naming every offending field otherwise."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(422, "invalid_config", "the config field is not UTF-8 text") from None
+    try:
+        config = CompressionConfig.model_validate_json(text.strip() or "{}")
+    except ValidationError as exc:
+        raise ApiError(
+            422, "invalid_config", describe_validation_error(exc),
+            details=field_errors(list(exc.errors())),
+        ) from None
+    return config.to_dict()
+
+
+async def receive_job(request: Request, files: JobFiles, job_id: str, limit: int) -> ReceivedJob:
+    """Stream the form of `request` into the job's inputs and return its validated parts."""
+    check_content_length(request, limit)
+    receiver = _FormReceiver(files, job_id, limit, _boundary(request))
+    try:
+        async for chunk in request.stream():
+            if chunk:
+                await receiver.feed(chunk)
+        return receiver.finish()
+    except ClientDisconnect:
+        receiver.abort()
+        raise ApiError(400, "client_disconnected", "the client went away mid-upload") from None
+    except BaseException:
+        receiver.abort()  # synchronous: it must run even when the request is being cancelled
+        raise

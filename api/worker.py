@@ -1,0 +1,225 @@
+"""Run one job: claim it, call the core with progress and cancellation, store the outcome.
+
+Invariant: a job this worker claimed leaves `running` through `finish` (succeeded, failed,
+cancelled) or `release` (back to queued, when this worker shuts down); if the process dies
+first, its lease expires and the reaper settles the job. A heartbeat thread renews the lease
+for as long as the job runs, whether or not the core reports progress.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from api.metrics import Metrics
+from api.settings import Settings
+from api.storage import JobFiles
+from api.store import CANCELLED, FAILED, SUCCEEDED, JobRecord, JobStore
+from compressor.errors import CompressorError
+from compressor.progress import ProgressEvent
+
+log = logging.getLogger("api.worker")
+
+RunJob = Callable[..., Any]  # the signature of compressor.compress
+
+
+def default_run_job() -> RunJob:
+    """Return `compressor.compress` (imported on first use: it brings in torch)."""
+    import compressor
+
+    return compressor.compress
+
+
+def new_worker_id() -> str:
+    """Return an id naming this worker process: host, pid and a random suffix."""
+    return f"{socket.gethostname()[:32]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class _RunningJob:
+    """The mutable state of one run: the lease heartbeat, the stop checks, progress writes."""
+
+    def __init__(
+        self, runner: JobRunner, job: JobRecord, worker_id: str
+    ) -> None:
+        self.runner = runner
+        self.job = job
+        self.worker_id = worker_id
+        self.lost = False  # the store no longer lists this worker as the job's owner
+        self.cancelled = False
+        self.stage: str | None = None
+        self.stage_started = time.monotonic()
+        self._last_write = 0.0
+        self._last_cancel_check = 0.0
+        self._done = threading.Event()
+        self._beat = threading.Thread(
+            target=self._heartbeat, name=f"heartbeat-{job.id[:8]}", daemon=True
+        )
+
+    def __enter__(self) -> _RunningJob:
+        self._beat.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._beat.join()
+        self._close_stage()
+
+    def _heartbeat(self) -> None:
+        settings = self.runner.settings
+        while not self._done.wait(settings.heartbeat_s):
+            try:
+                if not self.runner.store.heartbeat(self.job.id, self.worker_id, settings.lease_s):
+                    log.warning("job %s: lost its lease; stopping it", self.job.id)
+                    self.lost = True
+                    return
+            except Exception:  # the store may be briefly unreachable; the lease covers that
+                log.exception("job %s: heartbeat failed", self.job.id)
+
+    def should_stop(self) -> bool:
+        """Return True when the job must stop: cancelled, lost, or the worker shuts down."""
+        if self.lost or self.runner.shutting_down.is_set():
+            return True
+        now = time.monotonic()
+        if now - self._last_cancel_check >= self.runner.settings.cancel_poll_s:
+            self._last_cancel_check = now
+            try:
+                self.cancelled = self.runner.store.is_cancel_requested(self.job.id)
+            except Exception:
+                log.exception("job %s: could not read the cancel flag", self.job.id)
+        return self.cancelled
+
+    def on_progress(self, event: ProgressEvent) -> None:
+        """Store the stage and overall progress: at every stage change, else at most so often."""
+        now = time.monotonic()
+        new_stage = event.stage != self.stage
+        if new_stage:
+            self._close_stage()
+            self.stage, self.stage_started = event.stage, now
+        if not new_stage and now - self._last_write < self.runner.settings.progress_interval_s:
+            return
+        self._last_write = now
+        try:
+            if not self.runner.store.update_progress(
+                self.job.id, self.worker_id, event.stage, round(event.overall, 4)
+            ):
+                self.lost = True
+        except Exception:
+            log.exception("job %s: could not store progress", self.job.id)
+
+    def _close_stage(self) -> None:
+        if self.stage is not None:
+            self.runner.metrics.observe_stage(self.stage, time.monotonic() - self.stage_started)
+            self.stage = None
+
+
+class JobRunner:
+    """Run jobs handed over by the queue, one call of `run(job_id)` per job."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        files: JobFiles,
+        metrics: Metrics,
+        requeue: Callable[[str], None],
+        run_job: RunJob | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.files = files
+        self.metrics = metrics
+        self.requeue = requeue
+        self.run_job = run_job
+        self.worker_id = new_worker_id()
+        self.shutting_down = threading.Event()
+
+    def run(self, job_id: str) -> None:
+        """Claim the job and run it to a finished status (or release it at shutdown)."""
+        if self.shutting_down.is_set():
+            self.requeue(job_id)  # taken off the queue just as we stopped: put it back
+            return
+        worker_id = f"{self.worker_id}-{threading.get_ident() % 10000}"
+        job = self.store.claim(job_id, worker_id, self.settings.lease_s)
+        if job is None:
+            log.info("job %s: not queued any more (cancelled, or claimed elsewhere)", job_id)
+            return
+        log.info("job %s: attempt %d started by %s", job_id, job.attempts, worker_id)
+        with _RunningJob(self, job, worker_id) as running:
+            outcome = self._execute(running)
+        self._settle(running, *outcome)
+
+    def _execute(
+        self, running: _RunningJob
+    ) -> tuple[str, dict[str, str] | None, dict[str, Any] | None]:
+        job = running.job
+        model_path = self.files.input_path(job.id, "model.pt2")
+        data_path = (
+            self.files.input_path(job.id, f"data.{job.data_format}") if job.data_format else None
+        )
+        for path in (model_path, data_path):
+            if path is not None and not path.is_file():
+                return FAILED, _missing_input(path, running.worker_id), None
+        run_job = self.run_job or default_run_job()
+        try:
+            result = run_job(
+                model_path,
+                job.config,
+                out_dir=self.files.fresh_out_dir(job.id),
+                data=data_path,
+                progress=running.on_progress,
+                should_stop=running.should_stop,
+            )
+        except CompressorError as exc:
+            status = CANCELLED if exc.code == "cancelled" else FAILED
+            return status, {"code": exc.code, "message": exc.message}, None
+        except Exception as exc:
+            log.exception("job %s crashed", job.id)
+            message = (
+                f"the job crashed with {type(exc).__name__}: {exc}. This is a bug in the service, "
+                "not in your input; report it with the job id"
+            )
+            return FAILED, {"code": "internal_error", "message": message}, None
+        return SUCCEEDED, None, json.loads(json.dumps(result.report, default=str))
+
+    def _settle(
+        self,
+        running: _RunningJob,
+        status: str,
+        error: dict[str, str] | None,
+        report: dict[str, Any] | None,
+    ) -> None:
+        job = running.job
+        if running.lost:
+            log.warning("job %s: lost its lease while running; its outcome is discarded", job.id)
+            return
+        if status == CANCELLED and self.shutting_down.is_set() and not running.cancelled:
+            reason = "its worker shut down while running it; re-queued to run again"
+            self.store.release(job.id, running.worker_id, reason, self.requeue)
+            return
+        if status == CANCELLED and error is not None:
+            error = {"code": "cancelled", "message": "cancelled by its owner while running"}
+        artifacts = self.files.describe_artifacts(job.id)
+        if self.store.finish(
+            job.id, running.worker_id, status, error=error, report=report, artifacts=artifacts
+        ):
+            self.files.delete_inputs(job.id)
+            self.metrics.count_finished(status)
+            log.info("job %s: %s%s", job.id, status, f" ({error['code']})" if error else "")
+        elif self.store.get(job.id) is None:
+            self.files.delete_job(job.id)  # deleted while it ran: leave no files behind
+
+
+def _missing_input(path: Path, worker_id: str) -> dict[str, str]:
+    return {
+        "code": "input_missing",
+        "message": f"the job's upload is not at {path} on worker {worker_id}: every worker must "
+        "share the API's data directory (COMPRESSOR_DATA_DIR); fix the mount and submit again",
+    }
