@@ -18,6 +18,7 @@ So loading is defense in depth:
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import operator
@@ -122,8 +123,8 @@ def _not_a_zip(path: Path, head: bytes, exc: Exception) -> ModelFormatError:
             f"is refused. {HOW_TO_EXPORT}"
         )
     if b"\0" not in head:
-        try:
-            text = head.decode("utf-8")
+        try:  # the incremental decoder accepts a character cut at the end of `head`
+            text = codecs.getincrementaldecoder("utf-8")().decode(head)
         except UnicodeDecodeError:
             pass
         else:
@@ -217,7 +218,7 @@ def _refuse_other_zip(path: Path, archive: zipfile.ZipFile, root: str) -> None:
 
 
 def _check_pt2_layout(path: Path, archive: zipfile.ZipFile, root: str) -> None:
-    fmt = archive.read(f"{root}/archive_format").decode("utf-8", "replace").strip()
+    fmt = _read(path, archive, f"{root}/archive_format").decode("utf-8", "replace").strip()
     if fmt != "pt2":
         raise ModelFormatError(
             f"{path.name}: archive_format is {fmt!r}, expected 'pt2'. {HOW_TO_EXPORT}"
@@ -274,7 +275,7 @@ def _check_pickled_members(path: Path, archive: zipfile.ZipFile, root: str) -> N
                 _check_restricted_pickle(path, member, _read(path, archive, member))
     sample_inputs = f"{root}/data/sample_inputs/{MODEL_NAME}.pt"
     if _has(archive, sample_inputs):
-        payload = archive.read(sample_inputs)
+        payload = _read(path, archive, sample_inputs)
         if payload:
             _check_restricted_pickle(path, sample_inputs, payload)
 
