@@ -1,3 +1,315 @@
-"""Commands of the `compressor` CLI (filled in by its owner)."""
+"""`compressor submit`, `jobs`, `status`, `cancel`, `download`: talk to a running service.
 
-COMMANDS: list = []
+The server comes from `--server` or `COMPRESSOR_SERVER`, the key from `--api-key` or
+`COMPRESSOR_API_KEY`. Job ids go to stdout (so `JOB=$(compressor submit m.pt2)` works);
+progress bars and messages go to stderr. Every expected failure exits 1 with the server's
+message, never a traceback. httpx and rich are imported inside the commands, so that
+`import compressor.cli` stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from compressor.client import Client, Job
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"  # the same as compressor.client.DEFAULT_SERVER
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+server_option = click.option(
+    "--server", envvar="COMPRESSOR_SERVER", default=DEFAULT_SERVER, show_default=True,
+    show_envvar=True, help="Base URL of the compressor service.",
+)
+api_key_option = click.option(
+    "--api-key", envvar="COMPRESSOR_API_KEY", default=None, show_envvar=True,
+    help="API key, sent as 'Authorization: Bearer KEY'.",
+)
+
+
+@click.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--config", "config_source", metavar="FILE_OR_JSON",
+    help="Job config: a JSON file, or inline JSON such as '{\"ratio\": 0.3}'. Default: {}.",
+)
+@click.option(
+    "--data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Inputs for calibration and fine-tuning (.safetensors or .npz).",
+)
+@server_option
+@api_key_option
+@click.option("--wait", is_flag=True, help="Follow the job until it finishes.")
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path),
+    help="Save the compressed model.onnx here (a file or a folder); implies --wait.",
+)
+def submit(
+    model: Path, config_source: str | None, data: Path | None, server: str,
+    api_key: str | None, wait: bool, output: Path | None,
+) -> None:
+    """Upload MODEL (a torch.export .pt2 program) as a compression job; print the job id."""
+    config = _read_config(config_source)
+    console = _stderr_console()
+    with _client_errors(), _connect(server, api_key) as client:
+        job = _upload(client, console, model, config, data)
+        click.echo(job.id)
+        console.print(f"Submitted job [bold]{job.id}[/] ({job.status}).")
+        if not (wait or output):
+            console.print(f"Follow it with: compressor status {job.id}")
+            return
+        job = _follow(client, console, job.id)
+        _print_outcome(console, job)
+        if output is not None:
+            saved = _fetch(client, console, job.id, "model.onnx", output)
+            console.print(f"Saved {saved}.")
+
+
+@click.command("jobs")
+@click.option("--status", type=click.Choice(JOB_STATUSES), help="Only jobs in this state.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Show at most this many jobs (newest first).")
+@click.option("--json", "as_json", is_flag=True, help="Print one job JSON per line instead.")
+@server_option
+@api_key_option
+def list_jobs(
+    status: str | None, limit: int, as_json: bool, server: str, api_key: str | None
+) -> None:
+    """List your jobs, newest first."""
+    with _client_errors(), _connect(server, api_key) as client:
+        jobs = list(client.list(status=status, limit=limit))
+    if as_json:
+        for job in jobs:
+            click.echo(json.dumps(job.raw))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("ID", "STATUS", "STAGE", "PROGRESS", "CREATED", "ERROR", box=None)
+    table.columns[0].no_wrap = True
+    for job in jobs:
+        table.add_row(
+            job.id, job.status, job.stage or "", f"{job.progress:.0%}", _when(job.created_at),
+            job.error.code if job.error else "",
+        )
+    Console(width=max(120, Console().width)).print(table if jobs else "No jobs.")
+
+
+@click.command()
+@click.argument("job_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print the job's JSON instead.")
+@server_option
+@api_key_option
+def status(job_id: str, as_json: bool, server: str, api_key: str | None) -> None:
+    """Show a job's state, progress, error and a summary of its report."""
+    with _client_errors(), _connect(server, api_key) as client:
+        job = client.get(job_id)
+    if as_json:
+        click.echo(json.dumps(job.raw, indent=2))
+        return
+    rows = [
+        ("id", job.id), ("status", job.status), ("stage", job.stage or "-"),
+        ("progress", f"{job.progress:.0%}"), ("created", _when(job.created_at)),
+        ("started", _when(job.started_at)), ("finished", _when(job.finished_at)),
+    ]
+    if job.error:
+        rows.append(("error", f"{job.error.code}: {job.error.message}"))
+    rows += [(f"artifact {a.name}", _size(a.size)) for a in job.artifacts]
+    rows += [(f"report {key}", value) for key, value in report_summary(job.report)]
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+
+
+@click.command()
+@click.argument("job_id", metavar="ID")
+@server_option
+@api_key_option
+def cancel(job_id: str, server: str, api_key: str | None) -> None:
+    """Cancel a queued or running job."""
+    with _client_errors(), _connect(server, api_key) as client:
+        job = client.cancel(job_id)
+    click.echo(f"Cancel requested for job {job.id}; it is now {job.status}.")
+
+
+@click.command()
+@click.argument("job_id", metavar="ID")
+@click.argument("name", default="model.onnx")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("."),
+              show_default=True, help="A file, or a folder to save NAME in.")
+@server_option
+@api_key_option
+def download(job_id: str, name: str, output: Path, server: str, api_key: str | None) -> None:
+    """Download a job's artifact NAME (model.onnx, report.json or job.log), sha256-checked."""
+    console = _stderr_console()
+    with _client_errors(), _connect(server, api_key) as client:
+        saved = _fetch(client, console, job_id, name, output)
+    console.print(f"Saved {saved}.")
+
+
+COMMANDS: list[click.Command] = [submit, list_jobs, status, cancel, download]
+
+
+def report_summary(report: dict[str, Any] | None, limit: int = 12) -> list[tuple[str, str]]:
+    """Return the report's first `limit` numbers and words as (dotted key, value), two deep."""
+    def walk(value: Any, prefix: str, depth: int) -> Iterator[tuple[str, str]]:
+        if isinstance(value, dict) and depth < 2:
+            for key, item in value.items():
+                yield from walk(item, f"{prefix}{key}.", depth + 1)
+        elif isinstance(value, float):
+            yield prefix[:-1], f"{value:.6g}"
+        elif isinstance(value, int | str | bool):
+            yield prefix[:-1], str(value)
+
+    return list(walk(report or {}, "", 0))[:limit]
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def _client_errors() -> Iterator[None]:
+    """Turn the client's errors into `Error: <message>` and exit status 1."""
+    from compressor.client import AuthError, ClientError, RateLimitedError
+
+    try:
+        yield
+    except AuthError as exc:
+        raise click.ClickException(
+            f"{exc.message} (HTTP {exc.status_code}; pass --api-key or set COMPRESSOR_API_KEY "
+            "to a key the server knows)"
+        ) from None
+    except RateLimitedError as exc:
+        after = f" in {exc.retry_after:g} s" if exc.retry_after else " once one finishes"
+        raise click.ClickException(f"{exc.message} (too many jobs in flight: retry{after})") \
+            from None
+    except ClientError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+def _connect(server: str, api_key: str | None) -> Client:
+    from compressor.client import Client
+
+    return Client(server, api_key=api_key)
+
+
+def _read_config(source: str | None) -> str | None:
+    """Return the config as JSON text from a file or inline JSON; exit 2 if it is not JSON."""
+    if source is None:
+        return None
+    inline = source.lstrip().startswith("{")
+    if inline:
+        text = source
+    else:
+        try:
+            text = Path(source).read_text()
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {source}: {exc.strerror}",
+                                     param_hint="--config") from None
+    try:
+        json.loads(text)
+    except ValueError as exc:
+        where = "the inline JSON" if inline else source
+        raise click.BadParameter(f"{where} is not valid JSON: {exc}",
+                                 param_hint="--config") from None
+    return text
+
+
+def _stderr_console() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _transfer_bar(console: Console) -> Any:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeRemainingColumn(), console=console,
+    )
+
+
+def _upload(client: Client, console: Console, model: Path, config: str | None,
+            data: Path | None) -> Job:
+    with _transfer_bar(console) as bar:
+        task = bar.add_task(f"Uploading {model.name}", total=None)
+        return client.submit(
+            model, config, data,
+            on_upload=lambda sent, total: bar.update(task, completed=sent, total=total),
+        )
+
+
+def _follow(client: Client, console: Console, job_id: str) -> Job:
+    """Show the job's stage and progress until it finishes; Ctrl-C stops watching only."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description:<22}"), BarColumn(), TaskProgressColumn(),
+               TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task("queued", total=1.0)
+
+            def show(job: Job) -> None:
+                label = job.status if job.status != "running" else (job.stage or "running")
+                bar.update(task, description=label, completed=job.progress)
+
+            return client.wait(job_id, on_update=show)
+    except KeyboardInterrupt:
+        console.print(
+            f"Stopped watching; job {job_id} goes on on the server. "
+            f"See it with: compressor status {job_id}, stop it with: compressor cancel {job_id}"
+        )
+        raise click.exceptions.Exit(130) from None
+
+
+def _print_outcome(console: Console, job: Job) -> None:
+    if job.status == "cancelled":
+        raise click.ClickException(f"job {job.id} was cancelled")
+    seconds = ""
+    if job.started_at and job.finished_at:
+        seconds = f" in {(job.finished_at - job.started_at).total_seconds():.1f} s"
+    console.print(f"Job {job.id} succeeded{seconds}.")
+    for key, value in report_summary(job.report, limit=6):
+        console.print(f"  {key}: {value}")
+
+
+def _fetch(client: Client, console: Console, job_id: str, name: str, dest: Path) -> Path:
+    with _transfer_bar(console) as bar:
+        task = bar.add_task(f"Downloading {name}", total=None)
+        return client.download(
+            job_id, name, dest,
+            on_progress=lambda got, total: bar.update(task, completed=got, total=total or None),
+        )
+
+
+def _when(moment: Any) -> str:
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+
+
+def _size(size: int | None) -> str:
+    if size is None:
+        return "size unknown"
+    if size < 1024:
+        return f"{size} B"
+    scaled = float(size)
+    for unit in ("KiB", "MiB", "GiB"):
+        scaled /= 1024
+        if scaled < 1024 or unit == "GiB":
+            return f"{scaled:.1f} {unit}"
+    raise AssertionError("unreachable: the loop returns at GiB")
