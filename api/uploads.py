@@ -257,8 +257,11 @@ def validate_config(raw: bytes) -> dict[str, Any]:
 
 async def receive_job(request: Request, files: JobFiles, job_id: str, limit: int) -> ReceivedJob:
     """Stream the form of `request` into the job's inputs and return its validated parts."""
-    check_content_length(request, limit)
-    receiver = _FormReceiver(files, job_id, limit, _boundary(request))
+    try:
+        check_content_length(request, limit)
+        receiver = _FormReceiver(files, job_id, limit, _boundary(request))
+    except ApiError as exc:
+        raise close_connection(exc) from None
     try:
         async for chunk in request.stream():
             if chunk:
@@ -267,6 +270,15 @@ async def receive_job(request: Request, files: JobFiles, job_id: str, limit: int
     except ClientDisconnect:
         receiver.abort()
         raise ApiError(400, "client_disconnected", "the client went away mid-upload") from None
+    except ApiError as exc:
+        receiver.abort()
+        raise close_connection(exc) from None
     except BaseException:
         receiver.abort()  # synchronous: it must run even when the request is being cancelled
         raise
+
+
+def close_connection(error: ApiError) -> ApiError:
+    """Make `error` close the connection: the rest of the unread body is then not received."""
+    error.headers = {**(error.headers or {}), "Connection": "close"}
+    return error

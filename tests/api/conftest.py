@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -22,8 +25,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from api_backends import Backend, distributed_backend, embedded_backend  # noqa: E402
 from api_fakes import make_fake_pt2  # noqa: E402
-
-from api.settings import Settings  # noqa: E402
+from api_helpers import make_settings, serve_in_thread  # noqa: E402
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -43,23 +45,6 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("COMPRESSOR_") and not name.startswith("COMPRESSOR_TEST_"):
             monkeypatch.delenv(name)
-
-
-FAST = {
-    "heartbeat_s": 0.2,
-    "lease_s": 1.5,
-    "reap_interval_s": 0.2,
-    "cancel_poll_s": 0.05,
-    "events_poll_s": 0.05,
-    "progress_interval_s": 0.05,
-    "queue_poll_s": 0.05,
-    "shutdown_timeout_s": 10,
-}
-
-
-def make_settings(data_dir: Path, **overrides: object) -> Settings:
-    """Return settings under `data_dir` with short leases and polls, for quick tests."""
-    return Settings(data_dir=data_dir, **{**FAST, **overrides})
 
 
 @pytest.fixture
@@ -96,3 +81,17 @@ def backend(request: pytest.FixtureRequest, data_dir: Path) -> Iterator[Backend]
     factory = embedded_backend if request.param == "embedded" else distributed_backend
     with factory(data_dir) as made:
         yield made
+
+
+@pytest.fixture
+def make_client(data_dir: Path) -> Iterator[Callable[..., httpx.Client]]:
+    """Return a factory of apps served on loopback: `make_client(run_job=None, **settings)`."""
+    from api.main import create_app
+
+    with ExitStack() as stack:
+
+        def make(run_job: Callable[..., Any] | None = None, **overrides: Any) -> httpx.Client:
+            app = create_app(make_settings(data_dir, **overrides), run_job=run_job)
+            return stack.enter_context(serve_in_thread(app))
+
+        yield make

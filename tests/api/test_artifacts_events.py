@@ -1,0 +1,115 @@
+"""Artifact downloads (Content-Length, ETag = sha256, Range) and the server-sent event stream."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+
+import pytest
+from api_fakes import FakeJob
+from api_helpers import wait_for_job
+
+
+@pytest.fixture
+def finished(make_client, fake_pt2):
+    """Return (client, job) for a job that succeeded."""
+    client = make_client(FakeJob(0.0))
+    job_id = client.post("/v1/jobs", files={"model": ("m.pt2", fake_pt2.read_bytes())}).json()["id"]
+    return client, wait_for_job(client, job_id)
+
+
+def parse_events(text: str) -> list[tuple[str, dict]]:
+    """Return (event name, JSON data) for each event of a text/event-stream body."""
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(
+            line.split(": ", 1) for line in block.splitlines() if line and not line.startswith(":")
+        )
+        if "event" in fields:
+            events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+def test_download_has_length_etag_and_the_stored_digest(finished) -> None:
+    client, job = finished
+    for artifact in job["artifacts"]:
+        response = client.get(artifact["url"])
+        assert response.status_code == 200
+        assert int(response.headers["content-length"]) == artifact["size"] == len(response.content)
+        assert response.headers["etag"] == f'"{artifact["sha256"]}"'
+        assert hashlib.sha256(response.content).hexdigest() == artifact["sha256"]
+    assert client.get(job["artifacts"][1]["url"]).headers["content-type"] == "application/json"
+
+
+def test_range_requests_answer_206_with_the_slice(finished) -> None:
+    client, job = finished
+    url, whole = job["artifacts"][0]["url"], client.get(job["artifacts"][0]["url"]).content
+    part = client.get(url, headers={"Range": "bytes=100-199"})
+    assert part.status_code == 206
+    assert part.content == whole[100:200]
+    assert part.headers["content-range"] == f"bytes 100-199/{len(whole)}"
+    assert part.headers["content-length"] == "100"
+    tail = client.get(url, headers={"Range": "bytes=-10"})
+    assert (tail.status_code, tail.content) == (206, whole[-10:])
+    assert client.get(url, headers={"Range": f"bytes={len(whole) + 5}-"}).status_code == 416
+
+
+def test_if_none_match_with_the_etag_is_304(finished) -> None:
+    client, job = finished
+    artifact = job["artifacts"][0]
+    response = client.get(artifact["url"], headers={"If-None-Match": f'"{artifact["sha256"]}"'})
+    assert response.status_code == 304 and response.content == b""
+    assert client.get(artifact["url"], headers={"If-None-Match": '"other"'}).status_code == 200
+
+
+def test_unknown_artifact_is_404_listing_what_exists(finished) -> None:
+    client, job = finished
+    response = client.get(f"/v1/jobs/{job['id']}/artifacts/weights.bin")
+    assert response.status_code == 404
+    assert "model.onnx, report.json, job.log" in response.json()["error"]["message"]
+
+
+def test_artifacts_of_an_unfinished_job_are_404_saying_so(make_client, fake_pt2) -> None:
+    client = make_client(embedded_worker=False)
+    job_id = client.post("/v1/jobs", files={"model": ("m.pt2", fake_pt2.read_bytes())}).json()["id"]
+    response = client.get(f"/v1/jobs/{job_id}/artifacts/model.onnx")
+    assert response.status_code == 404
+    assert "the job is queued" in response.json()["error"]["message"]
+
+
+def test_events_follow_a_job_to_its_end(make_client, fake_pt2) -> None:
+    client = make_client(FakeJob(1.0))
+    job_id = client.post("/v1/jobs", files={"model": ("m.pt2", fake_pt2.read_bytes())}).json()["id"]
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = parse_events(response.read().decode())
+    assert {name for name, _ in events} == {"job"}
+    statuses = [data["status"] for _, data in events]
+    assert statuses[-1] == "succeeded" and "running" in statuses
+    progress = [data["progress"] for _, data in events]
+    assert progress == sorted(progress) and len(set(progress)) > 3
+    stages = [data["stage"] for _, data in events if data["stage"]]
+    assert stages[0] == "loading" and "finetuning" in stages
+    assert events[-1][1]["artifacts"]
+
+
+def test_events_end_with_deleted_when_the_job_is_deleted(make_client, fake_pt2) -> None:
+    client = make_client(embedded_worker=False)
+    job_id = client.post("/v1/jobs", files={"model": ("m.pt2", fake_pt2.read_bytes())}).json()["id"]
+    threading.Timer(0.5, lambda: client.delete(f"/v1/jobs/{job_id}")).start()
+    started = time.monotonic()
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        events = parse_events(response.read().decode())
+    assert [name for name, _ in events] == ["job", "deleted"]
+    assert events[0][1]["status"] == "queued"
+    assert time.monotonic() - started < 5
+
+
+def test_events_of_a_finished_job_send_it_once_and_end(finished) -> None:
+    client, job = finished
+    response = client.get(f"/v1/jobs/{job['id']}/events")
+    events = parse_events(response.text)
+    assert [(name, data["status"]) for name, data in events] == [("job", "succeeded")]

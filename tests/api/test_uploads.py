@@ -1,0 +1,235 @@
+"""Every bad submission gets a fitting 4xx naming the problem, and leaves nothing on disk."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from api_fakes import FakeJob
+from api_helpers import wait_for_job
+
+MIB = 1 << 20
+
+
+def jobs_on_disk(data_dir: Path) -> list[Path]:
+    """Return every file under the data directory's jobs folder."""
+    return [p for p in (data_dir / "jobs").rglob("*") if p.is_file()]
+
+
+def zip_bytes(size: int) -> bytes:
+    """Return a zip archive of about `size` bytes (stored, not compressed)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data/0", b"\0" * size)
+    return buffer.getvalue()
+
+
+def safetensors_bytes() -> bytes:
+    """Return a minimal .safetensors file with one float32 tensor `x` of shape (2, 32)."""
+    header = json.dumps({"x": {"dtype": "F32", "shape": [2, 32], "data_offsets": [0, 256]}})
+    return struct.pack("<Q", len(header)) + header.encode() + b"\0" * 256
+
+
+@pytest.fixture
+def client(make_client):
+    """An app with a 1 MiB upload limit whose jobs never run."""
+    return make_client(embedded_worker=False, max_upload_bytes=MIB)
+
+
+@pytest.mark.parametrize(
+    ("config", "fields"),
+    [
+        ('{"ratio": 2}', ["ratio"]),
+        ('{"finetune": {"steps": -1, "lr": 0}}', ["finetune.steps", "finetune.lr"]),
+        ('{"method": "prune"}', ["method"]),
+        ('{"export": {"form": "sparse"}}', ["export.form"]),
+        ('{"rank": 3}', ["rank"]),
+        ('{"timeout_s": "soon"}', ["timeout_s"]),
+    ],
+)
+def test_bad_config_values_are_422_naming_each_field(
+    client, fake_pt2, data_dir, config, fields
+) -> None:
+    response = client.post(
+        "/v1/jobs", data={"config": config}, files={"model": ("m.pt2", fake_pt2.read_bytes())}
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_config"
+    assert [d["field"] for d in error["details"]] == fields
+    for field in fields:
+        assert f"{field}:" in error["message"]
+    assert jobs_on_disk(data_dir) == []
+
+
+def test_config_that_is_not_json_is_422(client, fake_pt2, data_dir) -> None:
+    response = client.post(
+        "/v1/jobs", data={"config": "{ratio: 0.5"}, files={"model": ("m.pt2", fake_pt2.read_bytes())}
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_config"
+    assert "not valid JSON" in response.json()["error"]["message"]
+    assert jobs_on_disk(data_dir) == []
+
+
+def test_config_after_the_model_is_checked_and_the_model_deleted(
+    client, fake_pt2, data_dir
+) -> None:
+    boundary = "b0undary"
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"; filename=\"m.pt2\"\r\n"
+        f"Content-Type: application/octet-stream\r\n\r\n"
+    ).encode() + fake_pt2.read_bytes() + (
+        f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"config\"\r\n\r\n"
+        f'{{"ratio": -1}}\r\n--{boundary}--\r\n'
+    ).encode()
+    response = client.post(
+        "/v1/jobs", content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"}
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["details"][0]["field"] == "ratio"
+    assert jobs_on_disk(data_dir) == []
+
+
+def test_config_may_be_sent_as_a_file(make_client, fake_pt2) -> None:
+    client = make_client(embedded_worker=False)
+    response = client.post(
+        "/v1/jobs",
+        files={
+            "config": ("config.json", b'{"ratio": 0.3}', "application/json"),
+            "model": ("m.pt2", fake_pt2.read_bytes()),
+        },
+    )
+    assert response.status_code == 202
+    assert response.json()["config"]["ratio"] == 0.3
+
+
+def test_missing_model_is_422_naming_it(client, data_dir) -> None:
+    response = client.post("/v1/jobs", files={"config": (None, "{}")})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert "no `model` file" in error["message"]
+    assert error["details"] == [{"field": "model", "message": "field required"}]
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "phrase"),
+    [
+        (b"\x80\x02}q\x00.", 415, "torch.export.save"),  # a legacy pickle
+        (b"ONNX-ish bytes that are no zip", 415, "not a .pt2 program"),
+        (b"", 422, "the model file is empty"),
+        (b"PK", 415, "not a .pt2 program"),
+    ],
+)
+def test_wrong_model_type_says_how_to_export(client, data_dir, content, status, phrase) -> None:
+    response = client.post("/v1/jobs", files={"model": ("model.pt", content)})
+    assert response.status_code == status, response.text
+    assert phrase in response.json()["error"]["message"]
+    assert jobs_on_disk(data_dir) == []
+
+
+def test_data_file_must_be_safetensors_or_npz(client, fake_pt2, data_dir) -> None:
+    response = client.post(
+        "/v1/jobs",
+        files={"model": ("m.pt2", fake_pt2.read_bytes()), "data": ("d.csv", b"x,y\n1,2\n")},
+    )
+    assert response.status_code == 415
+    assert "neither .safetensors nor .npz" in response.json()["error"]["message"]
+    assert jobs_on_disk(data_dir) == []
+
+
+@pytest.mark.parametrize(("data", "suffix"), [(safetensors_bytes(), ".safetensors"),
+                                               (zip_bytes(10), ".npz")])
+def test_data_file_reaches_the_job_by_its_format(make_client, fake_pt2, data, suffix) -> None:
+    fake = FakeJob(0.0)
+    client = make_client(fake)
+    response = client.post(
+        "/v1/jobs", files={"model": ("m.pt2", fake_pt2.read_bytes()), "data": ("d.bin", data)}
+    )
+    assert response.status_code == 202
+    wait_for_job(client, response.json()["id"])
+    assert fake.calls[0]["data"].name == f"data{suffix}"
+
+
+def test_not_multipart_is_415(client) -> None:
+    response = client.post("/v1/jobs", json={"model": "base64?"})
+    assert response.status_code == 415
+    assert "multipart/form-data" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("files", "phrase"),
+    [
+        ({"weights": ("w.pt2", b"PK\x03\x04")}, "unknown form field 'weights'"),
+        ([("model", ("a.pt2", b"PK\x03\x04xxxxx")), ("model", ("b.pt2", b"PK\x03\x04xxxxx"))],
+         "sent twice"),
+    ],
+)
+def test_unexpected_form_fields_are_422(client, data_dir, files, phrase) -> None:
+    response = client.post("/v1/jobs", files=files)
+    assert response.status_code == 422
+    assert phrase in response.json()["error"]["message"]
+    assert jobs_on_disk(data_dir) == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"--x\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nPK\x03\x04abcdefgh",
+        b"garbage without any boundary",
+        b"--x\r\nno-colon-header\r\n\r\nPK\x03\x04\r\n--x--\r\n",
+    ],
+)
+def test_malformed_multipart_is_a_4xx_never_a_500(client, data_dir, body) -> None:
+    response = client.post(
+        "/v1/jobs", content=body, headers={"content-type": "multipart/form-data; boundary=x"}
+    )
+    assert 400 <= response.status_code < 500, response.text
+    assert response.json()["error"]["message"]
+    assert jobs_on_disk(data_dir) == []
+
+
+def test_oversized_upload_is_413_before_reading_and_leaves_nothing(client, data_dir) -> None:
+    response = client.post("/v1/jobs", files={"model": ("m.pt2", zip_bytes(3 * MIB))})
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert error["code"] == "payload_too_large"
+    assert "COMPRESSOR_MAX_UPLOAD_BYTES" in error["message"]
+    assert jobs_on_disk(data_dir) == []
+
+
+def test_oversized_stream_without_length_is_cut_off_early(client, data_dir) -> None:
+    sent = 0
+    total = 256 * MIB
+
+    def body() -> Iterator[bytes]:
+        nonlocal sent
+        boundary_head = (
+            b"--x\r\nContent-Disposition: form-data; name=\"model\"; filename=\"m.pt2\"\r\n\r\n"
+            b"PK\x03\x04"
+        )
+        yield boundary_head
+        chunk = b"\0" * (256 << 10)
+        while sent < total:
+            sent += len(chunk)
+            yield chunk
+        yield b"\r\n--x--\r\n"
+
+    response = client.post(
+        "/v1/jobs", content=body(), headers={"content-type": "multipart/form-data; boundary=x"}
+    )
+    assert response.status_code == 413
+    assert sent < total / 4, f"the server read {sent} bytes before answering"
+    assert jobs_on_disk(data_dir) == []
+
+
+def test_an_upload_just_under_the_limit_is_accepted(client, data_dir) -> None:
+    response = client.post("/v1/jobs", files={"model": ("m.pt2", zip_bytes(MIB - 4096))})
+    assert response.status_code == 202
+    [stored] = jobs_on_disk(data_dir)
+    assert stored.name == "model.pt2" and stored.stat().st_size > MIB - 4096

@@ -1,0 +1,226 @@
+"""JobRunner: claims a job, runs the job function, stores every outcome; leases and shutdown."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from api_fakes import FakeJob
+from api_helpers import make_settings
+
+from api.services import Services
+from api.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord
+from api.worker import JobRunner
+from compressor.errors import UnsafeModelError
+
+
+@pytest.fixture
+def services(data_dir: Path) -> Iterator[Services]:
+    """Open the embedded services with fast leases."""
+    opened = Services.open(make_settings(data_dir, progress_interval_s=0.3))
+    yield opened
+    opened.close()
+
+
+def submit(services: Services, model: Path) -> str:
+    """Store `model` as a new job's upload and create the queued job; return its id."""
+    job_id = uuid.uuid4().hex
+    target = services.files.input_path(job_id, "model.pt2")
+    target.parent.mkdir(parents=True)
+    shutil.copy(model, target)
+    services.store.create(job_id, "alice", {"finetune": {"steps": 5}}, None)
+    return job_id
+
+
+def make_runner(services: Services, job: Callable[..., Any], requeued: list[str] | None = None) -> JobRunner:
+    """Return a runner that sends re-queued ids to `requeued`."""
+    sink = requeued if requeued is not None else []
+    return JobRunner(
+        services.settings, services.store, services.files, services.metrics,
+        requeue=sink.append, run_job=job,
+    )
+
+
+def stored(services: Services, job_id: str) -> JobRecord:
+    """Return the job as stored now."""
+    job = services.store.get(job_id)
+    assert job is not None
+    return job
+
+
+def run_in_thread(runner: JobRunner, job_id: str) -> threading.Thread:
+    """Start `runner.run(job_id)` in a thread and return it."""
+    thread = threading.Thread(target=runner.run, args=(job_id,))
+    thread.start()
+    return thread
+
+
+def test_success_stores_report_artifacts_and_drops_the_upload(
+    services: Services, fake_pt2: Path
+) -> None:
+    job_id = submit(services, fake_pt2)
+    fake = FakeJob(0.1)
+    make_runner(services, fake).run(job_id)
+    job = stored(services, job_id)
+    assert (job.status, job.progress, job.stage, job.attempts) == (SUCCEEDED, 1.0, "verifying", 1)
+    assert job.report == {"fake": True, "config": {"finetune": {"steps": 5}}}
+    assert [a["name"] for a in job.artifacts] == ["model.onnx", "report.json", "job.log"]
+    assert fake.calls[0]["model"] == services.files.input_path(job_id, "model.pt2")
+    assert not services.files.input_path(job_id, "model.pt2").exists()
+    metrics = services.metrics.render().decode()
+    assert 'compressor_job_stage_duration_seconds_count{stage="finetuning"} 1.0' in metrics
+    assert 'compressor_jobs_finished_total{status="succeeded"} 1.0' in metrics
+
+
+def test_core_error_fails_the_job_with_its_code_and_message(
+    services: Services, fake_pt2: Path
+) -> None:
+    job_id = submit(services, fake_pt2)
+    error = UnsafeModelError("the archive holds a pickle that imports os.system; refused")
+    make_runner(services, FakeJob(0.0, error)).run(job_id)
+    job = stored(services, job_id)
+    assert job.status == FAILED
+    assert job.error == {"code": "unsafe_model", "message": error.message}
+
+
+def test_a_crash_fails_the_job_as_internal_error(services: Services, fake_pt2: Path) -> None:
+    job_id = submit(services, fake_pt2)
+    make_runner(services, FakeJob(0.0, ZeroDivisionError("boom"))).run(job_id)
+    job = stored(services, job_id)
+    assert job.status == FAILED and job.error is not None
+    assert job.error["code"] == "internal_error"
+    assert "ZeroDivisionError: boom" in job.error["message"]
+
+
+def test_cancel_flag_stops_a_running_job_within_the_poll(
+    services: Services, fake_pt2: Path
+) -> None:
+    job_id = submit(services, fake_pt2)
+    fake = FakeJob(30.0)
+    thread = run_in_thread(make_runner(services, fake), job_id)
+    assert fake.started.wait(5)
+    asked = time.monotonic()
+    services.store.request_cancel(job_id)
+    thread.join(5)
+    assert not thread.is_alive()
+    assert time.monotonic() - asked < 2
+    job = stored(services, job_id)
+    assert job.status == CANCELLED and job.error is not None
+    assert job.error["code"] == "cancelled"
+
+
+def test_shutdown_releases_the_running_job_to_the_queue(
+    services: Services, fake_pt2: Path
+) -> None:
+    job_id = submit(services, fake_pt2)
+    fake, requeued = FakeJob(30.0), []
+    runner = make_runner(services, fake, requeued)
+    thread = run_in_thread(runner, job_id)
+    assert fake.started.wait(5)
+    runner.shutting_down.set()
+    thread.join(5)
+    job = stored(services, job_id)
+    assert (job.status, job.attempts, requeued) == (QUEUED, 0, [job_id])
+    assert "shut down" in (job.retry_reason or "")
+
+
+def test_a_job_taken_away_by_the_reaper_is_not_finished_by_its_old_worker(
+    services: Services, fake_pt2: Path
+) -> None:
+    job_id = submit(services, fake_pt2)
+    fake = FakeJob(30.0)
+    thread = run_in_thread(make_runner(services, fake), job_id)
+    assert fake.started.wait(5)
+    reaped = services.store.reap_expired(3, lambda _: None, now=time.time() + 3600)
+    assert [r.status for r in reaped] == [QUEUED]
+    thread.join(5)  # the heartbeat notices, should_stop answers True, the outcome is dropped
+    assert not thread.is_alive()
+    job = stored(services, job_id)
+    assert (job.status, job.attempts, job.error) == (QUEUED, 1, None)
+
+
+def test_heartbeat_keeps_a_silent_job_alive_past_its_lease(
+    services: Services, fake_pt2: Path
+) -> None:
+    job_id = submit(services, fake_pt2)
+    silent_seconds = 3 * services.settings.lease_s
+
+    def silent_job(model, config, *, out_dir, **_):  # no progress, never polls should_stop
+        time.sleep(silent_seconds)
+        return FakeJob(0.0)(model, config, out_dir=out_dir)
+
+    started = time.monotonic()
+    thread = run_in_thread(make_runner(services, silent_job), job_id)
+    while stored(services, job_id).status != RUNNING:
+        time.sleep(0.01)
+    deadline = started + silent_seconds - 0.5
+    while time.monotonic() < deadline:
+        assert services.store.reap_expired(3, lambda _: None) == []
+        assert stored(services, job_id).status == RUNNING
+        time.sleep(0.2)
+    thread.join(10)
+    assert (stored(services, job_id).status, stored(services, job_id).attempts) == (SUCCEEDED, 1)
+
+
+def test_progress_writes_are_throttled_but_every_stage_is_stored(
+    services: Services, fake_pt2: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = submit(services, fake_pt2)
+    writes: list[tuple[str, float]] = []
+    original = services.store.update_progress
+
+    def counting(job: str, worker: str, stage: str, progress: float) -> bool:
+        writes.append((stage, progress))
+        return original(job, worker, stage, progress)
+
+    monkeypatch.setattr(services.store, "update_progress", counting)
+    fake = FakeJob(1.2)  # about 60 progress events over 1.2 s
+    make_runner(services, fake).run(job_id)
+    stages = [stage for stage, _ in writes]
+    assert sorted(set(stages), key=stages.index) == [
+        "loading", "planning", "rewriting", "finetuning", "exporting", "verifying"
+    ]
+    assert len(writes) <= 6 + 1.2 / 0.3 + 2
+    assert [p for _, p in writes] == sorted(p for _, p in writes)
+
+
+def test_a_duplicate_message_does_not_run_the_job_twice(
+    services: Services, fake_pt2: Path
+) -> None:
+    job_id = submit(services, fake_pt2)
+    fake = FakeJob(0.0)
+    runner = make_runner(services, fake)
+    runner.run(job_id)
+    runner.run(job_id)
+    assert len(fake.calls) == 1
+    assert stored(services, job_id).attempts == 1
+
+
+def test_a_missing_upload_fails_with_a_message_about_shared_storage(
+    services: Services, fake_pt2: Path
+) -> None:
+    job_id = submit(services, fake_pt2)
+    services.files.delete_inputs(job_id)
+    fake = FakeJob(0.0)
+    make_runner(services, fake).run(job_id)
+    job = stored(services, job_id)
+    assert fake.calls == []
+    assert job.error is not None and job.error["code"] == "input_missing"
+    assert "COMPRESSOR_DATA_DIR" in job.error["message"]
+
+
+def test_a_job_deleted_while_running_leaves_no_files(services: Services, fake_pt2: Path) -> None:
+    job_id = submit(services, fake_pt2)
+    fake = FakeJob(30.0)
+    thread = run_in_thread(make_runner(services, fake), job_id)
+    assert fake.started.wait(5)
+    services.store.delete(job_id)
+    thread.join(5)
+    assert not thread.is_alive()
+    assert job_id not in services.files.job_ids()
