@@ -91,6 +91,11 @@ class ExportConfig(_Strict):
     opset: int = Field(default=18, ge=18, le=23)
     atol: float = Field(default=1e-4, gt=0)
     rtol: float = Field(default=1e-3, ge=0)
+    latency_seconds: float = Field(
+        default=1.0, ge=0, le=60,
+        description="onnxruntime time spent on each latency figure of the report; 0 skips the "
+        "baseline (the original model's ONNX export, size and latency)",
+    )
 
 
 class DataConfig(_Strict):

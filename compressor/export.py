@@ -20,7 +20,7 @@ from torch.export import Dim
 
 from compressor.data import Dataset, InputSpec
 from compressor.errors import ExportError, VerificationError
-from compressor.outputs import run_outputs
+from compressor.outputs import call_arguments, run_outputs
 
 # onnx's protobuf limit: past this the weights must live in an external data file.
 _PROTOBUF_LIMIT = 2 * 1024**3 - 1024**2
@@ -48,11 +48,13 @@ def export_onnx(module: nn.Module, sample: dict[str, torch.Tensor], specs: list[
     quiet = io.StringIO()
     try:
         with torch.no_grad(), contextlib.redirect_stdout(quiet), _exporter_logs_quiet():
+            args, kwargs = call_arguments(module, sample)
             program = torch.onnx.export(
-                module, (), kwargs=sample, dynamo=True, opset_version=opset,
+                module, args, kwargs=kwargs, dynamo=True, opset_version=opset,
                 dynamic_shapes=dynamic_shapes(specs),
                 output_names=output_names(len(run_outputs(module, sample))),
                 optimize=optimize, verbose=False, report=False)
+        _strip_debug_metadata(program.model)
         size = sum(int(t.numel() * t.element_size()) for t in module.state_dict().values())
         program.save(tmp, external_data=size > _PROTOBUF_LIMIT)
         os.replace(tmp, path)
@@ -63,6 +65,16 @@ def export_onnx(module: nn.Module, sample: dict[str, torch.Tensor], specs: list[
             f"the model could not be exported to ONNX (opset {opset}): {reason}. Try "
             "export.form='dense', another export.opset, or check that the program runs with "
             "torch.onnx.export on its own") from exc
+
+
+def _strip_debug_metadata(model) -> None:
+    """Drop the exporter's per-node stack traces and FX dumps: they bloat the file and leak
+    the server's source paths into an artifact users download."""
+    for function in (model.graph, *model.functions.values()):
+        for node in function.all_nodes():
+            node.metadata_props.clear()
+    for value in model.graph.inputs:
+        value.metadata_props.clear()
 
 
 @contextlib.contextmanager

@@ -134,7 +134,7 @@ def finetune_(student: nn.Module, teacher: nn.Module, plan: Plan, train: Dataset
         loss.backward()
         optimizer.step()
         scheduler.step()
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             summary.history.append({"step": step, "loss": loss_value, "note": "diverged"})
             break

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 from torch.nn import functional as F
-from torch.nn.utils import parametrize
 
 from compressor.methods import LayerInfo, LayerStats
 
@@ -166,8 +165,6 @@ def replace_layers_(module: fx.GraphModule, compact: dict[str, nn.Module]) -> No
                 module.graph.erase_node(attr)
     for name in compact:
         owner = module.get_submodule(name)
-        if parametrize.is_parametrized(owner, "weight"):
-            parametrize.remove_parametrizations(owner, "weight", leave_parametrized=True)
         for attr in ("weight", "bias"):
             if attr in owner._parameters:
                 delattr(owner, attr)

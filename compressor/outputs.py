@@ -9,9 +9,32 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 
+def call_arguments(module: nn.Module, batch: dict[str, torch.Tensor],
+                   ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    """Split named inputs into the (args, kwargs) the program's module was exported to take.
+
+    The inputs of `ExportedProgram.module()` are its placeholders, in the flattened order of the
+    (args, kwargs) it was exported with, which its `_in_spec` records.
+    """
+    spec = getattr(module, "_in_spec", None)
+    if spec is None:
+        return (), dict(batch)
+    names = [n.target for n in module.graph.nodes if n.op == "placeholder"]
+    positional = spec.child(0).num_children
+    keys = spec.child(1).context
+    args = tuple(batch[name] for name in names[:positional])
+    return args, {key: batch[name] for key, name in zip(keys, names[positional:], strict=True)}
+
+
+def call(module: nn.Module, batch: dict[str, torch.Tensor]):
+    """Run `module` on a batch of named inputs, whichever way it takes them."""
+    args, kwargs = call_arguments(module, batch)
+    return module(*args, **kwargs)
+
+
 def run_outputs(module: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """Return the module's outputs on `batch`, flattened to a list of tensors."""
-    leaves, _ = tree_flatten(module(**batch))
+    leaves, _ = tree_flatten(call(module, batch))
     return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
 

@@ -26,7 +26,7 @@ from compressor.loading import load_program
 from compressor.outputs import FidelityMeter, run_outputs
 from compressor.planning import Plan, method_settings, plan_layers
 from compressor.progress import JobControl, ProgressCallback, StopCheck
-from compressor.rewrite import factorized_copy, materialize_, parametrize_
+from compressor.rewrite import factorize, materialize, parametrize_
 
 ARTIFACT_NAMES = ("model.onnx", "report.json", "job.log")
 _CALIBRATION_SAMPLES = 512
@@ -119,10 +119,9 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
     try:
         with log.stage("exporting"):
             control.report("exporting", 0.0, f"exporting the {config.export.form} form")
-            artifact_module = materialized(student, plan, config.export.form)
+            artifact_module = materialized(student, teacher, plan, config.export.form)
             sample = inputs.held_out.take(torch.arange(min(2, len(inputs.held_out))))
-            export_onnx(artifact_module, sample, inputs.specs, staging, config.export.opset,
-                        optimize=config.export.form == "dense")
+            export_onnx(artifact_module, sample, inputs.specs, staging, config.export.opset)
         with log.stage("verifying"):
             control.report("verifying", 0.0, "comparing onnxruntime with PyTorch")
             parity = verify_onnx(staging, artifact_module, inputs.held_out,
@@ -213,13 +212,11 @@ def fidelity(student: fx.GraphModule, teacher: fx.GraphModule, held_out: Dataset
     return meter.result()
 
 
-def materialized(student: fx.GraphModule, plan: Plan, form: str) -> fx.GraphModule:
+def materialized(student: fx.GraphModule, teacher: fx.GraphModule, plan: Plan,
+                 form: str) -> fx.GraphModule:
     """Return the module to export: plain dense weights, or the compact form."""
-    if form == "factorized":
-        return factorized_copy(student, plan).eval()
-    dense = copy.deepcopy(student)
-    materialize_(dense, plan)
-    return dense.eval()
+    build = factorize if form == "factorized" else materialize
+    return build(student, teacher, plan).eval()
 
 
 def measure(teacher: fx.GraphModule, student: fx.GraphModule, artifact: fx.GraphModule,
@@ -227,19 +224,26 @@ def measure(teacher: fx.GraphModule, student: fx.GraphModule, artifact: fx.Graph
             config: CompressionConfig) -> dict[str, Any]:
     """Return parameter counts, FLOPs, file sizes and onnxruntime latency, before and after."""
     one = inputs.held_out.take(torch.arange(1))
-    factorized = artifact if config.export.form == "factorized" else factorized_copy(student, plan)
-    latency: dict[str, dict[str, float]] = {"original": {}, "compressed": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        original_path = Path(tmp) / "original.onnx"
-        sample = inputs.held_out.take(torch.arange(min(2, len(inputs.held_out))))
-        export_onnx(teacher, sample, inputs.specs, original_path, config.export.opset)
-        for batch_size in _LATENCY_BATCHES:
-            rows = torch.arange(batch_size) % len(inputs.held_out)
-            batch = inputs.held_out.take(rows)
-            key = f"batch_{batch_size}_ms"
-            latency["original"][key] = figures.onnx_latency_ms(original_path, batch)
-            latency["compressed"][key] = figures.onnx_latency_ms(artifact_path, batch)
-        original_bytes = original_path.stat().st_size
+    factorized = (artifact if config.export.form == "factorized"
+                  else factorize(student, teacher, plan))
+    seconds = config.export.latency_seconds
+    latency: dict[str, Any] = {"original": {}, "compressed": {}, "seconds_per_figure": seconds,
+                               "runtime": "onnxruntime CPUExecutionProvider, median"}
+    onnx_bytes: dict[str, int | None] = {"original": None,
+                                          "artifact": artifact_path.stat().st_size}
+    if seconds > 0:  # the baseline needs the original exported too
+        with tempfile.TemporaryDirectory() as tmp:
+            original_path = Path(tmp) / "original.onnx"
+            sample = inputs.held_out.take(torch.arange(min(2, len(inputs.held_out))))
+            export_onnx(teacher, sample, inputs.specs, original_path, config.export.opset)
+            onnx_bytes["original"] = original_path.stat().st_size
+            for batch_size in _LATENCY_BATCHES:
+                rows = torch.arange(batch_size) % len(inputs.held_out)
+                batch = inputs.held_out.take(rows)
+                key = f"batch_{batch_size}_ms"
+                latency["original"][key] = figures.onnx_latency_ms(original_path, batch, seconds)
+                latency["compressed"][key] = figures.onnx_latency_ms(artifact_path, batch,
+                                                                     seconds)
     return {
         "parameters": {"before": figures.count_parameters(teacher),
                        "after": figures.count_parameters(artifact),
@@ -250,8 +254,8 @@ def measure(teacher: fx.GraphModule, student: fx.GraphModule, artifact: fx.Graph
                   "after": figures.count_flops(artifact, one),
                   "factorized_form": figures.count_flops(factorized, one),
                   "per": "one sample"},
-        "onnx_bytes": {"original": original_bytes, "artifact": artifact_path.stat().st_size},
-        "latency": {**latency, "runtime": "onnxruntime CPUExecutionProvider, median"},
+        "onnx_bytes": onnx_bytes,
+        "latency": latency,
     }
 
 

@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from compressor.export import onnx_session, run_onnx
 from compressor.graph import layer_rows, run_recording
-from compressor.outputs import OutputFidelity
+from compressor.outputs import OutputFidelity, call
 from compressor.planning import Plan
 
 
@@ -31,7 +31,7 @@ def count_flops(module: nn.Module, batch: dict[str, torch.Tensor]) -> int:
     """Return the FLOPs of one forward pass of `module` on `batch`."""
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        module(**batch)
+        call(module, batch)
     return int(counter.get_total_flops())
 
 

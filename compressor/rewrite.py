@@ -55,24 +55,41 @@ def trainable_parameters(module: nn.Module, plan: Plan, train_biases: bool) -> l
     return params
 
 
-def materialize_(module: nn.Module, plan: Plan) -> None:
-    """Turn every parametrized weight back into a plain dense parameter, in place."""
-    for entry in plan.compressed:
-        owner = module.get_submodule(entry.layer.name)
-        if parametrize.is_parametrized(owner, "weight"):
-            parametrize.remove_parametrizations(owner, "weight", leave_parametrized=True)
+def _with_student_state(student: nn.Module, base: fx.GraphModule) -> fx.GraphModule:
+    """Return a copy of the unparametrized `base` holding every plain tensor of `student`.
+
+    Copies start from `base`, never from the parametrized student: a deep copy of a parametrized
+    module shares torch's injected class with it, and un-parametrizing one would break the other.
+    """
+    clone = copy.deepcopy(base)
+    state = student.state_dict()
+    with torch.no_grad():
+        for name, tensor in clone.state_dict(keep_vars=True).items():
+            if name in state:
+                tensor.copy_(state[name])
+    return clone
 
 
-def factorized_copy(module: fx.GraphModule, plan: Plan) -> fx.GraphModule:
-    """Return a copy of `module` whose compressed layers run in compact form (θ only)."""
+def materialize(student: nn.Module, base: fx.GraphModule, plan: Plan) -> fx.GraphModule:
+    """Return the student as a plain dense model: the original graph, W = f(θ) computed once."""
+    dense = _with_student_state(student, base)
+    with torch.no_grad():
+        for entry in plan.compressed:
+            weight = dense.get_submodule(entry.layer.name).weight
+            weight.copy_(student.get_submodule(entry.layer.name).weight)
+    return dense
+
+
+def factorize(student: nn.Module, base: fx.GraphModule, plan: Plan) -> fx.GraphModule:
+    """Return the student with its compressed layers in compact form (θ only, no dense W)."""
     compact = {}
     for entry in plan.compressed:
-        owner = module.get_submodule(entry.layer.name)
-        parametrization = owner.parametrizations.weight[0]
+        owner = student.get_submodule(entry.layer.name)
         bias = getattr(owner, "bias", None)
+        theta = tuple(t.detach() for t in theta_of(student, entry.layer.name))
         compact[entry.layer.name] = get_method(entry.method).compact_module(
-            entry.layer, parametrization, tuple(t.detach() for t in theta_of(module, entry.layer.name)),
+            entry.layer, owner.parametrizations.weight[0], theta,
             None if bias is None else bias.detach())
-    clone = copy.deepcopy(module)
+    clone = _with_student_state(student, base)
     replace_layers_(clone, compact)
     return clone

@@ -89,8 +89,11 @@ def export_pt2(model: nn.Module, inputs: dict[str, torch.Tensor], path: str | Pa
     return Path(path)
 
 
+MODEL_CLASSES = {"mlp": TinyMLP, "conv": TinyConvNet, "text": TinyTextEncoder}
+
+
 def make_pt2(kind: str, path: str | Path, seed: int = 0) -> Path:
     """Build the tiny model named `kind` ('mlp', 'conv', 'text') with `seed` and export it."""
     torch.manual_seed(seed)
-    model = {"mlp": TinyMLP, "conv": TinyConvNet, "text": TinyTextEncoder}[kind]()
+    model = MODEL_CLASSES[kind]()
     return export_pt2(model, example_inputs(model), path)

@@ -1,0 +1,148 @@
+"""The whole job through `compressor.compress`, on tiny models, with exact checks."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from tiny_models import MODEL_CLASSES, TinyMLP, example_inputs, make_pt2
+
+import compressor
+from compressor.errors import CancelledError, JobTimeoutError, ModelFormatError, VerificationError
+from compressor.report import sha256_of
+
+FAST = {"finetune": {"steps": 4, "eval_every": 2}, "export": {"latency_seconds": 0}}
+
+
+def fast(**overrides):
+    config = json.loads(json.dumps(FAST))
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            config.setdefault(key, {}).update(value)
+        else:
+            config[key] = value
+    return config
+
+
+def run_onnx(path, inputs):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {k: v.numpy() for k, v in inputs.items()})
+
+
+@pytest.fixture(scope="module")
+def programs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("programs")
+    return {kind: make_pt2(kind, folder / f"{kind}.pt2") for kind in ("mlp", "conv", "text")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,form", [("mlp", "dense"), ("conv", "dense"), ("conv", "factorized"),
+                                       ("text", "dense"), ("text", "factorized")])
+def test_compress_writes_a_verified_onnx_with_the_programs_input_names(programs, tmp_path,
+                                                                       kind, form):
+    result = compressor.compress(programs[kind], fast(export={"form": form}), out_dir=tmp_path)
+    model = onnx.load(str(result.model_path))
+    program = torch.export.load(str(programs[kind]))
+    assert [i.name for i in model.graph.input] == list(program.graph_signature.user_inputs)
+    assert all(i.type.tensor_type.shape.dim[0].dim_param for i in model.graph.input)
+    # Dynamic batch: the same file runs at batch 1 and batch 7 and matches the original closely.
+    inputs = example_inputs(MODEL_CLASSES[kind](), batch=7, seed=5)
+    outputs = run_onnx(result.model_path, inputs)
+    reference = program.module()(**inputs)
+    reference = reference if isinstance(reference, tuple) else (reference,)
+    assert len(outputs) == len(reference)
+    assert run_onnx(result.model_path, {k: v[:1] for k, v in inputs.items()})[0].shape[0] == 1
+    report = result.report
+    assert report["onnx_parity"]["passed"] and report["onnx_parity"]["samples"] > 1
+    assert report["plan"]["layers"] and all(
+        {"method", "size", "relative_weight_error", "relative_output_error"} <= set(layer)
+        for layer in report["plan"]["layers"] if layer["method"] != "dense")
+    if form == "factorized":
+        assert report["parameters"]["after"] < report["parameters"]["before"]
+        assert report["flops"]["after"] < report["flops"]["before"]
+    else:
+        assert report["flops"]["after"] == report["flops"]["before"]
+    assert report["artifacts"]["model.onnx"]["sha256"] == sha256_of(result.model_path)
+    assert json.loads(result.report_path.read_text()) == json.loads(json.dumps(report))
+
+
+@pytest.mark.slow
+def test_the_report_has_every_figure_the_spec_lists(programs, tmp_path):
+    result = compressor.compress(programs["mlp"], fast(export={"latency_seconds": 0.05}),
+                                 out_dir=tmp_path)
+    report = result.report
+    assert report["parameters"]["targeted_weights_after"] < report["parameters"]["targeted_weights_before"]
+    assert report["flops"]["factorized_form"] < report["flops"]["before"]
+    assert report["onnx_bytes"]["artifact"] <= report["onnx_bytes"]["original"]
+    for side in ("original", "compressed"):
+        assert set(report["latency"][side]) == {"batch_1_ms", "batch_32_ms"}
+        assert all(v > 0 for v in report["latency"][side].values())
+    final = report["fidelity"]["final"]["output_0"]
+    assert {"cosine", "relative_l2", "top1_agreement"} <= set(final)  # logits: top-1 reported
+    assert set(report["stage_seconds"]) == {"loading", "planning", "rewriting", "finetuning",
+                                            "exporting", "verifying"}
+    assert set(report["versions"]) >= {"torch", "onnx", "onnxruntime"}
+    assert report["data"]["synthetic"] and "sampled" in report["data"]["note"]
+    assert report["artifacts"]["job.log"]["sha256"] == sha256_of(result.log_path)
+    assert "succeeded" in result.log_path.read_text()
+
+
+@pytest.mark.slow
+def test_fine_tuning_improves_fidelity_and_never_returns_a_worse_model(programs, tmp_path):
+    tuned = compressor.compress(programs["mlp"], fast(ratio=0.25, finetune={
+        "steps": 60, "lr": 3e-3, "eval_every": 10}), out_dir=tmp_path / "tuned")
+    summary = tuned.report["finetune"]
+    assert summary["best_score"] < summary["initial_score"]
+    wrecked = compressor.compress(programs["mlp"], fast(ratio=0.25, finetune={
+        "steps": 20, "lr": 1.0, "eval_every": 5}), out_dir=tmp_path / "wrecked")
+    summary = wrecked.report["finetune"]
+    assert summary["best_score"] <= summary["initial_score"]
+    final = wrecked.report["fidelity"]["final"]["output_0"]["relative_l2"]
+    initial = wrecked.report["fidelity"]["initialization"]["output_0"]["relative_l2"]
+    assert final <= initial + 1e-9
+
+
+@pytest.mark.slow
+def test_the_same_seed_gives_the_same_model(programs, tmp_path):
+    config = fast(finetune={"steps": 6, "eval_every": 3, "seed": 7})
+    first = compressor.compress(programs["mlp"], config, out_dir=tmp_path / "a")
+    second = compressor.compress(programs["mlp"], config, out_dir=tmp_path / "b")
+    inputs = example_inputs(TinyMLP(), batch=5)
+    np.testing.assert_array_equal(run_onnx(first.model_path, inputs)[0],
+                                  run_onnx(second.model_path, inputs)[0])
+    assert first.report["fidelity"] == second.report["fidelity"]
+
+
+def test_cancelling_stops_during_fine_tuning_and_leaves_no_artifact(programs, tmp_path):
+    events = []
+    with pytest.raises(CancelledError):
+        compressor.compress(programs["mlp"], fast(finetune={"steps": 500}), out_dir=tmp_path,
+                            progress=events.append,
+                            should_stop=lambda: sum(e.stage == "finetuning" for e in events) > 3)
+    assert events[-1].stage == "finetuning" and events[-1].fraction < 0.05
+    assert not (tmp_path / "model.onnx").exists() and not (tmp_path / "report.json").exists()
+    assert "cancelled" in (tmp_path / "job.log").read_text()
+
+
+def test_timeout_fails_with_code_timeout(programs, tmp_path):
+    with pytest.raises(JobTimeoutError) as raised:
+        compressor.compress(programs["mlp"], fast(timeout_s=0.001), out_dir=tmp_path)
+    assert raised.value.code == "timeout" and "timeout_s" in raised.value.message
+
+
+@pytest.mark.slow
+def test_a_verification_mismatch_fails_loudly_and_keeps_no_artifact(programs, tmp_path):
+    with pytest.raises(VerificationError, match="output_0"):
+        compressor.compress(programs["mlp"], fast(export={"atol": 1e-30, "rtol": 0}),
+                            out_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.log"]
+
+
+def test_a_bad_model_file_fails_with_the_loaders_message(tmp_path):
+    bad = tmp_path / "model.pt2"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ModelFormatError):
+        compressor.compress(bad, fast(), out_dir=tmp_path / "out")
+    assert (tmp_path / "out" / "job.log").exists()
