@@ -42,9 +42,12 @@ def _print_settings(title: str, settings: Any) -> None:
 
 
 def _configure_logging(level: str) -> None:
+    """Log the service's own messages at `level`; other libraries only from WARNING up."""
     logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for name in ("api", "compressor", "huey"):
+        logging.getLogger(name).setLevel(level.upper())
 
 
 @click.command()
