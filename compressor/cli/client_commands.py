@@ -123,7 +123,7 @@ def status(job_id: str, as_json: bool, server: str, api_key: str | None) -> None
     if job.error:
         rows.append(("error", f"{job.error.code}: {job.error.message}"))
     rows += [(f"artifact {a.name}", _size(a.size)) for a in job.artifacts]
-    rows += [(f"report {key}", value) for key, value in report_summary(job.report)]
+    rows += report_summary(job.report)
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
@@ -158,18 +158,40 @@ def download(job_id: str, name: str, output: Path, server: str, api_key: str | N
 COMMANDS: list[click.Command] = [submit, list_jobs, status, cancel, download]
 
 
-def report_summary(report: dict[str, Any] | None, limit: int = 12) -> list[tuple[str, str]]:
-    """Return the report's first `limit` numbers and words as (dotted key, value), two deep."""
-    def walk(value: Any, prefix: str, depth: int) -> Iterator[tuple[str, str]]:
-        if isinstance(value, dict) and depth < 2:
-            for key, item in value.items():
-                yield from walk(item, f"{prefix}{key}.", depth + 1)
-        elif isinstance(value, float):
-            yield prefix[:-1], f"{value:.6g}"
-        elif isinstance(value, int | str | bool):
-            yield prefix[:-1], str(value)
+def report_summary(report: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """Return the report's headline figures as (label, value): size, fidelity, parity, speed.
 
-    return list(walk(report or {}, "", 0))[:limit]
+    Figures the report lacks are left out, so an older or newer report still summarizes.
+    """
+    report = report or {}
+    rows = []
+    weights = report.get("parameters") or {}
+    before, after = weights.get("targeted_weights_before"), weights.get("targeted_weights_after")
+    if before and after is not None:
+        rows.append(("weights kept", f"{after:,} of {before:,} in the compressed layers "
+                                     f"({after / before:.0%})"))
+    onnx_bytes = report.get("onnx_bytes") or {}
+    if "artifact" in onnx_bytes:
+        original = onnx_bytes.get("original")
+        rows.append(("onnx size", _size(onnx_bytes["artifact"])
+                     + (f" (original {_size(original)})" if original else "")))
+    for output, figures in ((report.get("fidelity") or {}).get("final") or {}).items():
+        parts = [f"{name} {figures[key]:.4g}" for key, name in
+                 (("cosine", "cosine"), ("relative_l2", "rel. L2"), ("top1_agreement", "top-1"))
+                 if isinstance(figures.get(key), int | float)]
+        rows.append((f"fidelity {output}", ", ".join(parts)))
+    parity = report.get("onnx_parity") or {}
+    if "passed" in parity:
+        worst = max((parity.get("max_abs_diff") or {}).values(), default=None)
+        rows.append(("onnx parity", ("passed" if parity["passed"] else "FAILED")
+                     + (f", max abs diff {worst:.2g}" if worst is not None else "")))
+    latency = report.get("latency") or {}
+    original, compressed = (latency.get(k, {}).get("batch_1_ms") for k in ("original", "compressed"))
+    if original and compressed:
+        rows.append(("latency batch 1", f"{compressed:.3g} ms (original {original:.3g} ms)"))
+    if (report.get("data") or {}).get("synthetic"):
+        rows.append(("data", "synthetic inputs (no data file was given)"))
+    return rows
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -285,8 +307,8 @@ def _print_outcome(console: Console, job: Job) -> None:
     if job.started_at and job.finished_at:
         seconds = f" in {(job.finished_at - job.started_at).total_seconds():.1f} s"
     console.print(f"Job {job.id} succeeded{seconds}.")
-    for key, value in report_summary(job.report, limit=6):
-        console.print(f"  {key}: {value}")
+    for label, value in report_summary(job.report):
+        console.print(f"  {label}: {value}")
 
 
 def _fetch(client: Client, console: Console, job_id: str, name: str, dest: Path) -> Path:

@@ -51,6 +51,16 @@ KEY_A, KEY_B = "tenant-a-key", "tenant-b-key"
 
 # The scripted runner picks its behaviour from the job's `finetune.seed`.
 SUCCEED, FAIL, RUN_UNTIL_CANCELLED = 0, 1, 2
+# A report shaped like the pipeline's (a few of its sections).
+REPORT = {
+    "parameters": {"targeted_weights_before": 76288, "targeted_weights_after": 37864},
+    "onnx_bytes": {"original": 309914, "artifact": 160000},
+    "fidelity": {"final": {"logits": {"cosine": 0.9991, "relative_l2": 0.04,
+                                      "top1_agreement": 0.98}}},
+    "onnx_parity": {"passed": True, "max_abs_diff": {"logits": 8.9e-08}},
+    "latency": {"original": {"batch_1_ms": 0.034}, "compressed": {"batch_1_ms": 0.021}},
+    "data": {"synthetic": True},
+}
 
 
 def scripted_compress(model: Path, config: dict[str, Any], *, out_dir: Path,
@@ -68,7 +78,7 @@ def scripted_compress(model: Path, config: dict[str, Any], *, out_dir: Path,
     if scenario == FAIL:
         raise DataError("data: tensor 'x' has 3 columns, the model takes 32; fix the data file")
     out_dir = Path(out_dir)
-    report = {"parameters": {"before": 1000, "after": 400}, "fidelity": {"cosine": 0.999}}
+    report = REPORT
     (out_dir / "model.onnx").write_bytes(hashlib.sha512(model.read_bytes()).digest() * 4096)
     (out_dir / "report.json").write_text(json.dumps(report))
     (out_dir / "job.log").write_text("scripted run\n")
@@ -143,8 +153,7 @@ def test_submit_wait_and_download_a_verified_artifact(
     seen: list[Job] = []
     done = client.wait(job.id, on_update=seen.append, timeout=60)
     assert done.status == "succeeded" and done.finished_at is not None
-    assert done.report == {"parameters": {"before": 1000, "after": 400},
-                           "fidelity": {"cosine": 0.999}}
+    assert done.report == REPORT
     progress = [j.progress for j in seen]
     assert progress == sorted(progress) and seen[-1].status == "succeeded"
 
@@ -320,6 +329,7 @@ def test_cli_submit_wait_and_save_the_model(server: str, model_file: Path, tmp_p
     saved = (tmp_path / "out.onnx").read_bytes()
     assert hashlib.sha256(saved).hexdigest() == job.artifact("model.onnx").sha256
     assert f"Job {job_id} succeeded" in result.stderr
+    assert "fidelity logits: cosine 0.9991" in result.stderr
 
 
 def test_cli_submit_without_wait_prints_only_the_id(server: str, model_file: Path) -> None:
@@ -350,7 +360,14 @@ def test_cli_jobs_status_and_cancel(server: str, model_file: Path) -> None:
     status = run_cli(server, "status", done.id)
     assert status.exit_code == 0
     assert "succeeded" in status.stdout and "artifact model.onnx" in status.stdout
-    assert re.search(r"^report fidelity\.cosine +0\.999$", status.stdout, re.M), status.stdout
+    for label, value in [
+        ("weights kept", "37,864 of 76,288 in the compressed layers (50%)"),
+        ("onnx size", "156.2 KiB (original 302.7 KiB)"),
+        ("fidelity logits", "cosine 0.9991, rel. L2 0.04, top-1 0.98"),
+        ("onnx parity", "passed, max abs diff 8.9e-08"),
+        ("latency batch 1", "0.021 ms (original 0.034 ms)"),
+    ]:
+        assert re.search(rf"^{label} +{re.escape(value)}$", status.stdout, re.M), status.stdout
 
     cancelled = run_cli(server, "cancel", running.id)
     assert cancelled.exit_code == 0 and running.id in cancelled.stdout
