@@ -39,7 +39,7 @@ def get_method(name: str) -> Method:
 
 
 # One line per method module; each registers itself on import.
-from compressor.methods import lowrank  # noqa: E402,F401
+from compressor.methods import lowrank, share_values, tie_inputs, tie_rows  # noqa: E402,F401
 
 __all__ = [
     "GradReduction", "LayerInfo", "LayerKind", "LayerStats", "Method", "MethodSettings",

@@ -1,0 +1,132 @@
+"""`share_values`: every weight is one of K shared values (Deep Compression weight sharing).
+
+W = c[idx] with c (K,) the codebook (θ) and idx (the weight's shape) the fixed entry of each
+weight, a buffer of the smallest integer dtype (uint8 for K <= 256, else uint16). The clusters
+come from 1-D k-means over the weights (linear init over [min, max], sort-based Lloyd steps);
+the calibration statistics are not used. The best codebook for fixed clusters is the cluster
+means. Storage: K numbers plus numel · bits / 32 for the indices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from compressor.errors import ConfigError
+from compressor.methods import register_method
+from compressor.methods._tying import (
+    copy_counts,
+    frozen,
+    group_means,
+    index_dtype,
+    kmeans_values,
+    reduce_grad,
+)
+from compressor.methods.base import GradReduction, LayerInfo, LayerStats, MethodSettings, int_bits
+
+# The largest codebook: indices then fit in 16 bits.
+MAX_VALUES = 65536
+
+
+def _gather(codebook: torch.Tensor, idx: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    # A plain Gather on the flat indices (codebook[idx] would export as GatherND).
+    return codebook.index_select(0, idx.reshape(-1).to(torch.int32)).reshape(shape)
+
+
+class SharedValuesWeight(nn.Module):
+    """Parametrize a weight as c[idx]: every weight is one entry of the codebook c."""
+
+    def __init__(self, idx: torch.Tensor, values: int,
+                 grad_reduction: GradReduction = "sum") -> None:
+        super().__init__()
+        self.values = values
+        self.grad_reduction = grad_reduction
+        self.register_buffer("idx", idx.to(index_dtype(values)))
+
+    def forward(self, codebook: torch.Tensor) -> torch.Tensor:
+        codebook = reduce_grad(codebook, self.grad_reduction,
+                               lambda: copy_counts(self.idx, self.values))
+        return _gather(codebook, self.idx, tuple(self.idx.shape))
+
+    def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor]:
+        """Return c = the mean of the weights sharing each entry (the least-squares codebook)."""
+        return (group_means(weight.detach().reshape(-1), self.idx, self.values)
+                .to(weight.dtype),)
+
+
+class SharedValuesLinear(nn.Module):
+    """Compute a Linear whose weight is gathered from a codebook by small-integer indices."""
+
+    def __init__(self, codebook: torch.Tensor, idx: torch.Tensor,
+                 bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.codebook = frozen(codebook)
+        self.register_buffer("idx", idx.detach().clone())
+        self.bias = None if bias is None else frozen(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, _gather(self.codebook, self.idx, tuple(self.idx.shape)), self.bias)
+
+
+class SharedValuesConv2d(nn.Module):
+    """Compute a Conv2d whose kernel is gathered from a codebook by small-integer indices."""
+
+    def __init__(self, layer: LayerInfo, codebook: torch.Tensor, idx: torch.Tensor,
+                 bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.codebook = frozen(codebook)
+        self.register_buffer("idx", idx.detach().clone())
+        self.bias = None if bias is None else frozen(bias)
+        self.stride, self.padding = layer.stride, layer.padding
+        self.dilation, self.groups = layer.dilation, layer.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = _gather(self.codebook, self.idx, tuple(self.idx.shape))
+        return F.conv2d(x, kernel, self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+
+@register_method
+class ShareValues:
+    """K shared values and one index per weight: K + numel·bits/32 numbers."""
+
+    name = "share_values"
+    layer_kinds = frozenset({"linear", "conv2d"})
+    size_field = "values"
+
+    def compact_numel(self, layer: LayerInfo, size: int, settings: MethodSettings) -> float:
+        return size + layer.numel * int_bits(size) / 32
+
+    def size_for_budget(self, layer: LayerInfo, budget: float,
+                        settings: MethodSettings) -> int | None:
+        best = None
+        for bits in (8, 16):
+            values = min(math.floor(budget - layer.numel * bits / 32), 2**bits, MAX_VALUES)
+            while values >= 2 and self.compact_numel(layer, values, settings) > budget:
+                values -= 1
+            if values >= 2 and (best is None or values > best):
+                best = values
+        if best is None or self.compact_numel(layer, best, settings) >= layer.numel:
+            return None
+        return best
+
+    def parametrization(self, layer: LayerInfo, weight: torch.Tensor, size: int,
+                        stats: LayerStats | None, settings: MethodSettings) -> nn.Module:
+        if not 2 <= size <= MAX_VALUES:
+            raise ConfigError(
+                f"share_values needs 2 <= values <= {MAX_VALUES} for layer {layer.name!r}; "
+                f"got values={size}"
+            )
+        idx = kmeans_values(weight, size)
+        return SharedValuesWeight(idx, size, settings.grad_reduction)
+
+    def compact_module(self, layer: LayerInfo, parametrization: nn.Module,
+                       theta: tuple[torch.Tensor, ...], bias: torch.Tensor | None) -> nn.Module:
+        (codebook,) = theta
+        idx = parametrization.idx
+        if layer.kind == "conv2d":
+            return SharedValuesConv2d(layer, codebook, idx, bias)
+        return SharedValuesLinear(codebook, idx, bias)
