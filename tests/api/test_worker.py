@@ -149,7 +149,7 @@ def test_heartbeat_keeps_a_silent_job_alive_past_its_lease(
     services: Services, fake_pt2: Path
 ) -> None:
     job_id = submit(services, fake_pt2)
-    silent_seconds = 3 * services.settings.lease_s
+    silent_seconds = 2 * services.settings.lease_s
 
     def silent_job(model, config, *, out_dir, **_):  # no progress, never polls should_stop
         time.sleep(silent_seconds)
