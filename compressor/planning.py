@@ -59,7 +59,11 @@ class Plan:
 
     def to_dict(self) -> dict:
         """Return the plan as plain data for the report."""
+        over = self.kept_numel > self.budget * (1 + 1e-9)
         return {
+            **({"note": "the budget cannot be met: even the smallest sizes keep more weights "
+                        "than `ratio` allows, so every layer uses its smallest size"}
+               if over else {}),
             "targeted_weights": self.targeted_numel,
             "kept_weights": round(self.kept_numel),
             "kept_fraction": self.kept_numel / max(1, self.targeted_numel),
@@ -116,7 +120,7 @@ class _Planner:
                    size: int | None = None) -> LayerPlan:
         method = get_method(method_name)
         if size is None:
-            floor = method.compact_numel(layer, 1, self.settings)
+            floor = method.compact_numel(layer, method.min_size, self.settings)
             size = method.size_for_budget(layer, max(budget, floor), self.settings)
         if size is None:
             return LayerPlan(layer, method_name, None, float(layer.numel),

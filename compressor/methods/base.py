@@ -86,6 +86,8 @@ class Method(Protocol):
     # The override field that sets this method's size ("rank", "groups", "values"), or None
     # when the method has a fixed size (tie_inputs).
     size_field: ClassVar[str | None]
+    # The smallest valid size (what the planner falls back to when a budget is too tight).
+    min_size: ClassVar[int]
 
     def compact_numel(self, layer: LayerInfo, size: int, settings: MethodSettings) -> float:
         """Return the storage of θ at `size`, counted in float32 numbers (index bits included)."""

@@ -110,6 +110,7 @@ class LowRank:
     name = "lowrank"
     layer_kinds = frozenset({"linear", "conv2d"})
     size_field = "rank"
+    min_size = 1
 
     def compact_numel(self, layer: LayerInfo, size: int, settings: MethodSettings) -> float:
         return float(size * (layer.out_features + layer.in_features))

@@ -96,6 +96,7 @@ class ShareValues:
     name = "share_values"
     layer_kinds = frozenset({"linear", "conv2d"})
     size_field = "values"
+    min_size = 2
 
     def compact_numel(self, layer: LayerInfo, size: int, settings: MethodSettings) -> float:
         return size + layer.numel * int_bits(size) / 32

@@ -77,6 +77,7 @@ class TieInputs:
     name = "tie_inputs"
     layer_kinds = frozenset({"linear"})
     size_field = None
+    min_size = 1
 
     def compact_numel(self, layer: LayerInfo, size: int, settings: MethodSettings) -> float:
         scales = layer.out_features if settings.per_output_scale else 0
