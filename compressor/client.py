@@ -404,17 +404,17 @@ class Client:
         on_progress: TransferCallback | None = None,
         verify: bool = True,
     ) -> Path:
-        """Save the job's artifact `name` at `dest` (a file, or a folder to put `name` in).
+        """Save the job's artifact `name` at `dest`, checked against its sha256; return the path.
 
-        The bytes stream into a temporary file beside `dest` and are checked against the sha256
+        `dest` is a file, or a folder (one that exists, or a path ending in `/`) to put `name`
+        in. The bytes stream into a temporary file beside `dest` and are checked against the sha256
         the server announces (the `ETag`, and the job's artifact list); only then is the file
         renamed to `dest`. A mismatch raises `ChecksumMismatch` and leaves no file behind.
         `verify=False` accepts an artifact the server gave no sha256 for (a mismatch still
         raises). `on_progress(bytes_received, total)` follows the transfer (total 0: unknown).
         """
-        dest = Path(dest)
-        if dest.is_dir():
-            dest = dest / name
+        folder = str(dest).endswith(("/", os.sep)) or Path(dest).is_dir()
+        dest = Path(dest) / name if folder else Path(dest)
         listed = self.get(job_id).artifact(name)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, part = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")

@@ -190,7 +190,10 @@ def test_build_context_leaves_out_secrets_and_local_state(tmp_path: Path) -> Non
     for keyword, args in instructions(DOCKERFILE.read_text()):
         if keyword == "COPY" and "--from" not in args:
             for source in args.split()[:-1]:
-                assert any(p == source or p.startswith(source + "/") for p in sent), source
+                assert any(p == source or p.startswith(source + "/") for p in sent), (
+                    f"the Dockerfile copies {source}, but the build context has no such file "
+                    "(missing from the checkout, or left out by .dockerignore)"
+                )
 
 
 @pytest.mark.slow

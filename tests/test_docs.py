@@ -1,5 +1,4 @@
-"""The README draft (docs/README-sections.md): its commands run as written, its references are
-current.
+"""Check the README draft (docs/README-sections.md): commands run as written, references current.
 
 Each fenced block carries a note: `<!-- test: tour -->` blocks run here verbatim, in order, in
 an empty folder (python blocks are saved under the file name of their first line);

@@ -49,12 +49,13 @@ api_key_option = click.option(
 @api_key_option
 @click.option("--wait", is_flag=True, help="Follow the job until it finishes.")
 @click.option(
-    "-o", "--output", type=click.Path(path_type=Path),
-    help="Save the compressed model.onnx here (a file or a folder); implies --wait.",
+    "-o", "--output", type=click.Path(),
+    help="Save the compressed model.onnx here (a file, or a folder: existing or ending in /); "
+    "implies --wait.",
 )
 def submit(
     model: Path, config_source: str | None, data: Path | None, server: str,
-    api_key: str | None, wait: bool, output: Path | None,
+    api_key: str | None, wait: bool, output: str | None,
 ) -> None:
     """Upload MODEL (a torch.export .pt2 program) as a compression job; print the job id."""
     config = _read_config(config_source)
@@ -143,11 +144,11 @@ def cancel(job_id: str, server: str, api_key: str | None) -> None:
 @click.command()
 @click.argument("job_id", metavar="ID")
 @click.argument("name", default="model.onnx")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("."),
-              show_default=True, help="A file, or a folder to save NAME in.")
+@click.option("-o", "--output", type=click.Path(), default=".", show_default=True,
+              help="A file, or a folder (existing or ending in /) to save NAME in.")
 @server_option
 @api_key_option
-def download(job_id: str, name: str, output: Path, server: str, api_key: str | None) -> None:
+def download(job_id: str, name: str, output: str, server: str, api_key: str | None) -> None:
     """Download a job's artifact NAME (model.onnx, report.json or job.log), sha256-checked."""
     console = _stderr_console()
     with _client_errors(), _connect(server, api_key) as client:
@@ -311,7 +312,7 @@ def _print_outcome(console: Console, job: Job) -> None:
         console.print(f"  {label}: {value}")
 
 
-def _fetch(client: Client, console: Console, job_id: str, name: str, dest: Path) -> Path:
+def _fetch(client: Client, console: Console, job_id: str, name: str, dest: str) -> Path:
     with _transfer_bar(console) as bar:
         task = bar.add_task(f"Downloading {name}", total=None)
         return client.download(

@@ -378,9 +378,9 @@ def test_cli_jobs_status_and_cancel(server: str, model_file: Path) -> None:
 def test_cli_download_saves_an_artifact(server: str, model_file: Path, tmp_path: Path) -> None:
     with Client(server, api_key=KEY_A) as client:
         job = client.wait(client.submit(model_file, scenario(SUCCEED)).id, timeout=30)
-    result = run_cli(server, "download", job.id, "report.json", "-o", str(tmp_path))
+    result = run_cli(server, "download", job.id, "report.json", "-o", f"{tmp_path}/new/")
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "report.json").read_text()) == job.report
+    assert json.loads((tmp_path / "new" / "report.json").read_text()) == job.report
 
 
 @pytest.mark.parametrize(
@@ -547,6 +547,12 @@ def test_download_mismatch_raises_and_leaves_nothing(
             pytest.raises(ChecksumMismatch, match="nothing was saved"):
         client.download(JOB_ID, "model.onnx", tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_download_into_a_new_folder_named_with_a_trailing_slash(tmp_path: Path) -> None:
+    with mock_client(artifact_server(BODY, f'"{GOOD}"', None)) as client:
+        saved = client.download(JOB_ID, "model.onnx", f"{tmp_path}/new/")
+    assert saved == tmp_path / "new" / "model.onnx" and saved.read_bytes() == BODY
 
 
 def test_download_without_any_sha256_needs_verify_false(tmp_path: Path) -> None:
