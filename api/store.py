@@ -64,6 +64,11 @@ class ReapedJob:
     reason: str
 
 
+# Built once: `get` is the hottest query (every poll of a job).
+_SELECT_BY_ID = sa.select(jobs).where(jobs.c.id == sa.bindparam("id"))
+_SELECT_OWNED = _SELECT_BY_ID.where(jobs.c.owner == sa.bindparam("owner"))
+
+
 def _record(row: sa.Row) -> JobRecord:
     values = dict(row._mapping)
     values["artifacts"] = values["artifacts"] or []
@@ -93,7 +98,10 @@ def create_store_engine(url: str) -> tuple[sa.Engine, sa.Engine]:
 
     @sa.event.listens_for(engine, "begin")
     def _begin(connection: sa.Connection) -> None:
-        connection.exec_driver_sql(connection.get_execution_options().get("sqlite_begin", "BEGIN"))
+        # Reads run in driver autocommit: one SELECT is atomic, and skipping BEGIN saves a trip.
+        begin = connection.get_execution_options().get("sqlite_begin")
+        if begin:
+            connection.exec_driver_sql(begin)
 
     return engine, engine.execution_options(sqlite_begin="BEGIN IMMEDIATE")
 
@@ -136,11 +144,11 @@ class JobStore:
 
     def get(self, job_id: str, owner: str | None = None) -> JobRecord | None:
         """Return the job, or None if it does not exist or `owner` is given and differs."""
-        query = sa.select(jobs).where(jobs.c.id == job_id)
-        if owner is not None:
-            query = query.where(jobs.c.owner == owner)
         with self._reader.connect() as conn:
-            row = conn.execute(query).first()
+            if owner is None:
+                row = conn.execute(_SELECT_BY_ID, {"id": job_id}).first()
+            else:
+                row = conn.execute(_SELECT_OWNED, {"id": job_id, "owner": owner}).first()
         return _record(row) if row is not None else None
 
     def list_jobs(

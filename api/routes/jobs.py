@@ -142,7 +142,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=error_responses(404), summary="Get a job")
-def read_job(job: JobDep) -> JobPublic:
+async def read_job(job: JobDep) -> JobPublic:
     """Return one of the caller's jobs."""
     return JobPublic.from_record(job)
 
