@@ -85,19 +85,22 @@ def run(model: Path, config: dict, data: Path | None, out: Path) -> dict:
     return result.report
 
 
-def fidelity_rows(examples, quick: bool) -> list[list[str]]:
-    """Return table rows: accuracy of every method × ratio on both example models."""
-    rows = []
+def fidelity_rows(examples, quick: bool) -> tuple[list[list[str]], list[list[str]]]:
+    """Return table rows: accuracy of every method × ratio on both example models, and the
+    winner (best accuracy after fine-tuning) of each model × ratio."""
+    rows, winners = [], []
     finetune = {**FINETUNE, "steps": 30} if quick else FINETUNE
     for artifacts in examples:
-        rows.append([artifacts.name, "—", "original (dense, uncompressed)", "—",
-                     f"{artifacts.accuracy:.4f}", "1.000", "—"])
+        rows.append([artifacts.name, "—", "original (dense, uncompressed)", "1.000",
+                     f"{artifacts.accuracy:.4f}", "1.000", "—", "—", "—"])
+        best: dict[str, tuple[float, str]] = {}
         plans = [(ratio, label, config) for ratio in RATIOS for label, config in VARIANTS]
         plans.append((None, "tie_inputs + fine-tuning", {"method": "tie_inputs"}))
         for ratio, label, variant in plans:
             config = json.loads(json.dumps(variant))
             config["finetune"] = {**finetune, **config.get("finetune", {})}
-            config["export"] = {"form": "factorized", "latency_seconds": 0}
+            tuned = config["finetune"]["steps"] > 0
+            config["export"] = {"form": "factorized", "latency_seconds": 0.5 if tuned else 0}
             if ratio is not None:
                 config["ratio"] = ratio
             with tempfile.TemporaryDirectory() as tmp:
@@ -106,11 +109,21 @@ def fidelity_rows(examples, quick: bool) -> list[list[str]]:
                                                   artifacts.labels)
             final = report["fidelity"]["final"]["output_0"]
             kept = report["plan"]["kept_fraction"]
-            rows.append([artifacts.name, "—" if ratio is None else f"{ratio}", label,
-                         f"{kept:.3f}", f"{accuracy:.4f}", f"{final.get('top1_agreement', 0):.3f}",
-                         f"{report['onnx_bytes']['artifact'] / 1024:.0f} KiB"])
+            latency = report["latency"]["compressed"].get("batch_32_ms")
+            original = report["latency"]["original"].get("batch_32_ms")
+            rows.append([
+                artifacts.name, "—" if ratio is None else f"{ratio}", label, f"{kept:.3f}",
+                f"{accuracy:.4f}", f"{final.get('top1_agreement', 0):.3f}",
+                f"{report['onnx_bytes']['artifact'] / 1024:.0f} KiB",
+                "—" if not report["onnx_bytes"]["original"] else
+                f"{report['onnx_bytes']['original'] / 1024:.0f} KiB",
+                "—" if latency is None else f"{original:.3f} → {latency:.3f}"])
             print(" | ".join(rows[-1]), flush=True)
-    return rows
+            if tuned and ratio is not None and accuracy > best.get(str(ratio), (-1.0, ""))[0]:
+                best[str(ratio)] = (accuracy, label.split(",")[0].split(" +")[0])
+        winners += [[artifacts.name, ratio, method, f"{acc:.4f}",
+                     f"{acc - artifacts.accuracy:+.4f}"] for ratio, (acc, method) in best.items()]
+    return rows, winners
 
 
 def speed_rows(models: list[tuple[str, Path, Path | None]], quick: bool) -> list[list[str]]:
@@ -170,10 +183,14 @@ def main() -> None:
     examples = [build_digits(CACHE, quick=args.quick), build_text(CACHE, quick=args.quick)]
     stamp = f"_{time.strftime('%Y-%m-%d')}, {machine()}{', --quick' if args.quick else ''}_"
     if args.only in (None, "fidelity"):
-        rows = fidelity_rows(examples, args.quick)
+        rows, winners = fidelity_rows(examples, args.quick)
         header = ["model", "ratio", "method", "weights kept", "accuracy (ONNX)",
-                  "top-1 agreement", "ONNX size (factorized)"]
-        write_section("fidelity", stamp + "\n\n" + markdown(header, rows))
+                  "top-1 agreement", "ONNX size factorized", "ONNX size dense",
+                  "ORT b32 ms original → factorized"]
+        winner_header = ["model", "ratio", "best method after fine-tuning", "accuracy",
+                         "vs original"]
+        write_section("fidelity", stamp + "\n\n" + markdown(header, rows) + "\n\n" +
+                      markdown(winner_header, winners))
     if args.only in (None, "speed"):
         models = [(a.name, a.program, a.data) for a in examples]
         models.append(("random transformer 4×512, seq 128", build_random_transformer(CACHE), None))

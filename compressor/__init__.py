@@ -19,10 +19,19 @@ from compressor.errors import (
     UnsafeModelError,
     VerificationError,
 )
-from compressor.pipeline import Result, compress
 from compressor.progress import ProgressEvent
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The pipeline pulls in torch and onnx: load it on first use, so `compressor.client` and
+    # the CLI's client commands start fast.
+    if name in ("compress", "Result"):
+        from compressor import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'compressor' has no attribute {name!r}")
 
 __all__ = [
     "CancelledError", "CompressionConfig", "CompressorError", "ConfigError", "DataError",

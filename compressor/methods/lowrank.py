@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from compressor.errors import ConfigError
 from compressor.methods import register_method
 from compressor.methods.base import LayerInfo, LayerStats, MethodSettings
 
@@ -125,6 +126,12 @@ class LowRank:
 
     def parametrization(self, layer: LayerInfo, weight: torch.Tensor, size: int,
                         stats: LayerStats | None, settings: MethodSettings) -> nn.Module:
+        full_rank = min(layer.out_features, layer.in_features)
+        if not 1 <= size <= full_rank:
+            raise ConfigError(
+                f"rank {size} is out of range for layer {layer.name!r}: its weight is "
+                f"{layer.out_features}×{layer.in_features}, so the rank must be 1..{full_rank}; "
+                "fix the override")
         # A and B are not copies of one another: grad_reduction has nothing to reduce here.
         gram = None if stats is None else stats.gram
         return LowRankWeight(layer.weight_shape, size, input_gram=gram)

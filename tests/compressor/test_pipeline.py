@@ -146,3 +146,24 @@ def test_a_bad_model_file_fails_with_the_loaders_message(tmp_path):
     with pytest.raises(ModelFormatError):
         compressor.compress(bad, fast(), out_dir=tmp_path / "out")
     assert (tmp_path / "out" / "job.log").exists()
+
+
+@pytest.mark.slow
+def test_keeping_everything_reproduces_the_original_through_a_data_file(programs, tmp_path):
+    # safetensors returns names sorted (attention_mask before input_ids): the job must still feed
+    # every input by name, never by position, in training, export and verification.
+    from safetensors.torch import save_file
+
+    inputs = example_inputs(MODEL_CLASSES["text"](), batch=40, seed=3)
+    save_file(inputs, tmp_path / "data.safetensors")
+    # Full rank everywhere is lossless: the job must change nothing.
+    full_rank = [{"match": "classifier", "rank": 4}, {"match": "*", "rank": 32}]
+    result = compressor.compress(programs["text"], fast(overrides=full_rank),
+                                 data=tmp_path / "data.safetensors", out_dir=tmp_path / "out")
+    assert all(p["relative_weight_error"] < 1e-5 for p in result.report["plan"]["layers"])
+    assert result.report["data"]["source"] == "data.safetensors"
+    probe = example_inputs(MODEL_CLASSES["text"](), batch=6, seed=11)
+    expected = torch.export.load(str(programs["text"])).module()(**probe)
+    got = run_onnx(result.model_path, dict(sorted(probe.items())))
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e.detach().numpy(), rtol=1e-4, atol=1e-5)
