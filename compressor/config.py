@@ -34,8 +34,10 @@ def _check_method(name: str) -> str:
 class LayerSelection(_Strict):
     """Which layers to compress, by glob on the module's dotted name (e.g. `encoder.*.dense`)."""
 
-    include: list[str] = Field(default_factory=lambda: ["*"], examples=[["*"]])
-    exclude: list[str] = Field(default_factory=list, examples=[["classifier"]])
+    include: list[str] = Field(default_factory=lambda: ["*"], examples=[["*"]],
+                               description="globs of layers to compress")
+    exclude: list[str] = Field(default_factory=list, examples=[["classifier"]],
+                               description="globs of layers to leave dense")
 
 
 class LayerOverride(_Strict):
@@ -45,13 +47,17 @@ class LayerOverride(_Strict):
     `values` (share_values) or `ratio`; or `skip: true` to leave the layer dense.
     """
 
-    match: str = Field(min_length=1, examples=["encoder.*.dense"])
-    method: str | None = Field(default=None, examples=["share_values"])
-    ratio: float | None = Field(default=None, gt=0, le=1)
-    rank: int | None = Field(default=None, ge=1)
-    groups: int | None = Field(default=None, ge=1)
-    values: int | None = Field(default=None, ge=2, le=65536)
-    skip: bool = False
+    match: str = Field(min_length=1, examples=["encoder.*.dense"],
+                       description="glob on the layer's dotted module name")
+    method: str | None = Field(default=None, examples=["share_values"],
+                               description="method for these layers (default: the job's)")
+    ratio: float | None = Field(default=None, gt=0, le=1,
+                                description="these layers' own kept fraction")
+    rank: int | None = Field(default=None, ge=1, description="lowrank: the rank")
+    groups: int | None = Field(default=None, ge=1, description="tie_rows: the number of rows kept")
+    values: int | None = Field(default=None, ge=2, le=65536,
+                               description="share_values: the codebook size K")
+    skip: bool = Field(default=False, description="leave these layers dense")
 
     _check = field_validator("method")(lambda cls, v: v if v is None else _check_method(v))
 
@@ -68,17 +74,19 @@ class FinetuneConfig(_Strict):
 
     steps: int = Field(default=200, ge=0, le=1_000_000, description="optimizer steps; 0 skips")
     lr: float = Field(default=2e-4, gt=0, le=1.0, description="peak AdamW learning rate")
-    batch_size: int = Field(default=32, ge=1, le=65536)
-    weight_decay: float = Field(default=0.0, ge=0, le=1.0)
-    warmup_steps: int = Field(default=10, ge=0)
+    batch_size: int = Field(default=32, ge=1, le=65536, description="samples per step")
+    weight_decay: float = Field(default=0.0, ge=0, le=1.0, description="AdamW weight decay")
+    warmup_steps: int = Field(default=10, ge=0, description="linear warm-up, then cosine decay")
     eval_every: int = Field(default=25, ge=1, description="steps between held-out evaluations")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto: CUDA (bf16 autocast) when present, else the CPU")
     grad_reduction: Literal["sum", "mean"] = Field(
         default="sum",
         description="a tied parameter's gradient: the sum of its copies' gradients, or their mean",
     )
-    train_biases: bool = False
-    seed: int = Field(default=0, ge=0)
+    train_biases: bool = Field(default=False,
+                               description="also train the biases of the compressed layers")
+    seed: int = Field(default=0, ge=0, description="seeds data splits, sampling and batches")
 
 
 class ExportConfig(_Strict):
@@ -88,9 +96,11 @@ class ExportConfig(_Strict):
         default="dense",
         description="dense: plain weights in the original graph; factorized: the compact form",
     )
-    opset: int = Field(default=18, ge=18, le=23)
-    atol: float = Field(default=1e-4, gt=0)
-    rtol: float = Field(default=1e-3, ge=0)
+    opset: int = Field(default=18, ge=18, le=23, description="ONNX opset version")
+    atol: float = Field(default=1e-4, gt=0,
+                        description="onnxruntime vs PyTorch: absolute tolerance")
+    rtol: float = Field(default=1e-3, ge=0,
+                        description="onnxruntime vs PyTorch: relative tolerance")
     latency_seconds: float = Field(
         default=1.0, ge=0, le=60,
         description="onnxruntime time spent on each latency figure of the report; 0 skips the "
@@ -101,7 +111,8 @@ class ExportConfig(_Strict):
 class DataConfig(_Strict):
     """How the job's inputs are split, or sampled when no data file is given."""
 
-    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=1,
+                                    description="share of samples held out for evaluation")
     synthetic_samples: int = Field(
         default=256, ge=8, le=100_000, description="samples drawn when no data file is given"
     )
@@ -111,8 +122,9 @@ class DataConfig(_Strict):
 class CompressionConfig(_Strict):
     """One compression job."""
 
-    version: Literal[1] = CONFIG_VERSION
-    method: str = Field(default="lowrank", examples=["lowrank"])
+    version: Literal[1] = Field(default=CONFIG_VERSION, description="config format version")
+    method: str = Field(default="lowrank", examples=["lowrank"],
+                        description="compression method for every targeted layer")
     ratio: float = Field(
         default=0.5, gt=0, le=1, description="fraction of the targeted layers' weights kept"
     )
@@ -131,7 +143,8 @@ class CompressionConfig(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    timeout_s: float = Field(default=3600, gt=0, le=7 * 24 * 3600)
+    timeout_s: float = Field(default=3600, gt=0, le=7 * 24 * 3600,
+                             description="the job fails with code `timeout` past this")
 
     _check = field_validator("method")(lambda cls, v: _check_method(v))
 

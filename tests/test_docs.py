@@ -1,4 +1,4 @@
-"""Check the README draft (docs/README-sections.md): commands run as written, references current.
+"""Check the README: its commands run as written and its references are current.
 
 Each fenced block carries a note: `<!-- test: tour -->` blocks run here verbatim, in order, in
 an empty folder (python blocks are saved under the file name of their first line);
@@ -20,7 +20,6 @@ import pytest
 from service_process import free_port, running_service, serve_available, service_env
 
 REPO = Path(__file__).resolve().parent.parent
-DRAFT = REPO / "docs" / "README-sections.md"
 README = REPO / "README.md"
 GENERATOR = REPO / "scripts" / "gen_config_reference.py"
 _BLOCK = re.compile(r"(?:<!-- (?P<note>[^\n]*?) -->\n)?```(?P<lang>\w*)\n(?P<code>.*?)```", re.S)
@@ -35,7 +34,7 @@ class Block:
     code: str
 
 
-def blocks(path: Path = DRAFT) -> list[Block]:
+def blocks(path: Path = README) -> list[Block]:
     """Return the fenced blocks of `path`, in order."""
     return [Block(m["note"] or "", m["lang"], m["code"]) for m in _BLOCK.finditer(path.read_text())]
 
@@ -45,8 +44,13 @@ def test_every_block_says_which_test_runs_it() -> None:
     assert found, "no code blocks found"
     for block in found:
         note = block.note
-        assert note.startswith(("test: tour", "covered-by: tests/")), f"no note on:\n{block.code}"
-        if note.startswith("covered-by: "):
+        assert note.startswith(("test: tour", "covered-by: tests/", "covered-by: .ci/run")), (
+            f"no note on:\n{block.code}")
+        if note.startswith("covered-by: .ci/run"):
+            ci = (REPO / ".ci" / "run").read_text()
+            for command in block.code.splitlines():
+                assert command.split("#")[0].strip() in ci, f"{command}: not run by .ci/run"
+        elif note.startswith("covered-by: "):
             test_file, _, test_name = note.removeprefix("covered-by: ").split()[0].partition("::")
             source = (REPO / test_file).read_text()
             assert f"def {test_name}(" in source, f"{note}: no such test"
@@ -119,10 +123,7 @@ def generator() -> ModuleType:
 def test_config_and_settings_references_are_current(
     generator: ModuleType, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    files = [str(DRAFT)]
-    if README.exists() and "<!-- config-reference:start -->" in README.read_text():
-        files.append(str(README))
-    assert generator.main(["--check", *files]) == 0, capsys.readouterr().err
+    assert generator.main(["--check", str(README)]) == 0, capsys.readouterr().err
 
 
 def test_reference_check_fails_on_a_stale_file_and_a_rewrite_fixes_it(
@@ -165,6 +166,6 @@ def test_a_file_without_markers_is_an_error_that_says_what_to_add(
 
 
 def test_the_script_runs_from_the_command_line(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, str(GENERATOR), "--check", str(DRAFT)],
+    result = subprocess.run([sys.executable, str(GENERATOR), "--check", str(README)],
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
