@@ -101,9 +101,21 @@ def describe_fields(details: list[dict[str, str]]) -> str:
     return "; ".join(f"{d['field']}: {d['message']}" for d in details)
 
 
+def _closing(request: Request, headers: dict[str, str] | None) -> dict[str, str] | None:
+    """Add `Connection: close` when the request carries a body the handler may not have read.
+
+    Otherwise the server would go on receiving (and discarding) a rejected upload to its end.
+    """
+    declared = request.headers.get("content-length", "0")
+    if declared == "0" and "transfer-encoding" not in request.headers:
+        return headers
+    return {**(headers or {}), "Connection": "close"}
+
+
 async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+    headers = _closing(request, exc.headers)
+    return error_response(exc.status, exc.code, exc.message, exc.details, headers)
 
 
 async def _on_core_error(request: Request, exc: Exception) -> JSONResponse:
@@ -118,7 +130,7 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
     assert isinstance(exc, RequestValidationError)
     details = field_errors(list(exc.errors()), skip_prefix=("query", "path", "header", "body"))
     message = "invalid request: " + describe_fields(details)
-    return error_response(422, "invalid_request", message, details)
+    return error_response(422, "invalid_request", message, details, _closing(request, None))
 
 
 async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -127,7 +139,7 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code == 404 and message == "Not Found":
         message = f"no such route: {request.method} {request.url.path}; see /docs for the API"
-    return error_response(exc.status_code, code, message, headers=exc.headers)
+    return error_response(exc.status_code, code, message, headers=_closing(request, exc.headers))
 
 
 async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:

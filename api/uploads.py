@@ -4,7 +4,8 @@ Starlette's form parser is not used: it would spool whole files. Here the body i
 python-multipart's streaming parser chunk by chunk; file bytes are buffered up to 1 MiB, then
 written by a worker thread. The sizes are checked as they grow (413 the moment the limit is
 passed), the config is validated as soon as its part ends, and file types are checked by their
-first bytes. On any failure everything written for the job is deleted.
+first bytes. On any failure everything written for the job is deleted (and the error answer
+closes the connection, see `api.errors`, so the rest of the body is not received).
 """
 
 from __future__ import annotations
@@ -257,11 +258,8 @@ def validate_config(raw: bytes) -> dict[str, Any]:
 
 async def receive_job(request: Request, files: JobFiles, job_id: str, limit: int) -> ReceivedJob:
     """Stream the form of `request` into the job's inputs and return its validated parts."""
-    try:
-        check_content_length(request, limit)
-        receiver = _FormReceiver(files, job_id, limit, _boundary(request))
-    except ApiError as exc:
-        raise close_connection(exc) from None
+    check_content_length(request, limit)
+    receiver = _FormReceiver(files, job_id, limit, _boundary(request))
     try:
         async for chunk in request.stream():
             if chunk:
@@ -270,15 +268,7 @@ async def receive_job(request: Request, files: JobFiles, job_id: str, limit: int
     except ClientDisconnect:
         receiver.abort()
         raise ApiError(400, "client_disconnected", "the client went away mid-upload") from None
-    except ApiError as exc:
-        receiver.abort()
-        raise close_connection(exc) from None
     except BaseException:
         receiver.abort()  # synchronous: it must run even when the request is being cancelled
         raise
 
-
-def close_connection(error: ApiError) -> ApiError:
-    """Make `error` close the connection: the rest of the unread body is then not received."""
-    error.headers = {**(error.headers or {}), "Connection": "close"}
-    return error

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import OperationalError
+
 from api.metrics import Metrics
 from api.settings import Settings
 from api.storage import JobFiles
@@ -29,6 +31,7 @@ from compressor.progress import ProgressEvent
 log = logging.getLogger("api.worker")
 
 RunJob = Callable[..., Any]  # the signature of compressor.compress
+_SETTLE_TRIES = 4
 
 
 def default_run_job() -> RunJob:
@@ -146,7 +149,7 @@ class JobRunner:
         if self.shutting_down.is_set():
             self.requeue(job_id)  # taken off the queue just as we stopped: put it back
             return
-        worker_id = f"{self.worker_id}-{threading.get_ident() % 10000}"
+        worker_id = f"{self.worker_id}-{threading.get_native_id()}"
         job = self.store.claim(job_id, worker_id, self.settings.lease_s)
         if job is None:
             log.info("job %s: not queued any more (cancelled, or claimed elsewhere)", job_id)
@@ -154,7 +157,13 @@ class JobRunner:
         log.info("job %s: attempt %d started by %s", job_id, job.attempts, worker_id)
         with _RunningJob(self, job, worker_id) as running:
             outcome = self._execute(running)
-        self._settle(running, *outcome)
+        for attempt in range(_SETTLE_TRIES):
+            try:
+                self._settle(running, *outcome)
+                return
+            except OperationalError:  # the store blinked; past the last try the reaper takes over
+                log.exception("job %s: could not store the outcome (try %d)", job_id, attempt + 1)
+                time.sleep(2**attempt)
 
     def _execute(
         self, running: _RunningJob

@@ -16,7 +16,7 @@ from api.deps import JobDep, ServicesDep, StoreDep, TenantDep
 from api.errors import ApiError, not_found, unavailable
 from api.schemas import JobPublic, JobsPublic, JobStatus, error_responses
 from api.store import CANCELLED, RUNNING, JobRecord
-from api.uploads import close_connection, receive_job
+from api.uploads import receive_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401))
 
@@ -77,7 +77,7 @@ async def create_job(
     """Store the uploaded program (and data), queue the job, answer 202 with its URL."""
     store, files, limit = services.store, services.files, services.settings.max_jobs_in_flight
     if await run_in_threadpool(store.count_in_flight, tenant) >= limit:
-        raise close_connection(_too_many_jobs(limit))
+        raise _too_many_jobs(limit)
     job_id = uuid.uuid4().hex
     received = await receive_job(request, files, job_id, services.settings.max_upload_bytes)
     try:

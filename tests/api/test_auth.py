@@ -104,3 +104,23 @@ def test_without_keys_everyone_is_the_one_anonymous_tenant(make_client, fake_pt2
     assert response.status_code == 202
     job_id = response.json()["id"]
     assert client.get(f"/v1/jobs/{job_id}", headers=bearer("anything")).status_code == 200
+
+
+def test_an_upload_with_a_wrong_key_is_refused_without_receiving_it(client) -> None:
+    sent, total = 0, 256 << 20
+
+    def body():
+        nonlocal sent
+        yield b'--x\r\nContent-Disposition: form-data; name="model"; filename="m.pt2"\r\n\r\nPK'
+        while sent < total:
+            sent += 256 << 10
+            yield b"\0" * (256 << 10)
+        yield b"\r\n--x--\r\n"
+
+    response = client.post(
+        "/v1/jobs", content=body(),
+        headers={**bearer("wrong-key"), "content-type": "multipart/form-data; boundary=x"},
+    )
+    assert response.status_code == 401
+    assert response.headers["connection"] == "close"
+    assert sent < total / 4
