@@ -61,8 +61,7 @@ def device_copy(program: ExportedProgram, student: fx.GraphModule, plan: Plan,
         clone = copy.deepcopy(owner.parametrizations.weight[0]).to(device)
         parametrize.register_parametrization(moved.get_submodule(entry.layer.name), "weight", clone)
     moved.load_state_dict(student.state_dict())
-    for param in moved.parameters():
-        param.requires_grad_(False)
+    trainable_parameters(moved, plan, train_biases=False)  # finetune_ widens it if asked
     return moved
 
 

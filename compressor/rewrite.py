@@ -44,14 +44,18 @@ def theta_of(module: nn.Module, name: str) -> tuple[torch.Tensor, ...]:
 
 
 def trainable_parameters(module: nn.Module, plan: Plan, train_biases: bool) -> list[nn.Parameter]:
-    """Return θ of every compressed layer, plus their biases when `train_biases`."""
+    """Return θ of every compressed layer (plus their biases when `train_biases`), and make
+    exactly these the parameters of `module` that require a gradient."""
+    for param in module.parameters():
+        param.requires_grad_(False)
     params: list[nn.Parameter] = []
     for entry in plan.compressed:
         owner = module.get_submodule(entry.layer.name)
         params.extend(owner.parametrizations.weight.parameters())
         if train_biases and getattr(owner, "bias", None) is not None:
-            owner.bias.requires_grad_(True)
             params.append(owner.bias)
+    for param in params:
+        param.requires_grad_(True)
     return params
 
 

@@ -1,0 +1,85 @@
+"""Fine-tuning pieces: the loss, the device, and the copy the CUDA path trains."""
+
+import copy
+
+import pytest
+import torch
+from tiny_models import MODEL_CLASSES, example_inputs, make_pt2
+
+from compressor.config import CompressionConfig
+from compressor.errors import ConfigError
+from compressor.finetune import device_copy, distillation_loss, resolve_device
+from compressor.graph import find_layers
+from compressor.outputs import run_outputs
+from compressor.planning import method_settings, plan_layers
+from compressor.rewrite import parametrize_
+
+
+def test_the_loss_is_zero_only_when_the_outputs_match():
+    logits, hidden = torch.randn(8, 5), torch.randn(8, 3, 4)
+    assert float(distillation_loss([logits, hidden], [logits, hidden])) == pytest.approx(0, abs=1e-6)
+    assert float(distillation_loss([logits + 0.1, hidden], [logits, hidden])) > 0
+    # Integer outputs (e.g. argmax ids) carry no gradient and are left out.
+    ids = torch.arange(8)
+    assert float(distillation_loss([logits, ids], [logits, ids + 1])) == pytest.approx(0, abs=1e-6)
+
+
+def test_the_loss_does_not_depend_on_the_outputs_scale():
+    target, noise = torch.randn(16, 3, 4), torch.randn(16, 3, 4)
+    small = distillation_loss([target + 0.1 * noise], [target])
+    large = distillation_loss([1000 * (target + 0.1 * noise)], [1000 * target])
+    torch.testing.assert_close(small, large, rtol=1e-4, atol=0)
+
+
+def test_asking_for_cuda_without_one_says_what_to_do():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="use 'auto' or 'cpu'"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.parametrize("method", ["lowrank", "tie_rows", "share_values"])
+def test_the_device_copy_computes_the_same_and_trains_its_own_theta(tmp_path, method):
+    program = torch.export.load(str(make_pt2("conv", tmp_path / "conv.pt2")))
+    teacher = program.module()
+    config = CompressionConfig(method=method, ratio=0.4)
+    plan = plan_layers(*find_layers(teacher), config)
+    student = copy.deepcopy(teacher)
+    parametrize_(student, plan, {}, method_settings(config))
+    moved = device_copy(program, student, plan, torch.device("cpu"))
+    batch = example_inputs(MODEL_CLASSES["conv"](), batch=3)
+    with torch.no_grad():
+        for got, want in zip(run_outputs(moved, batch), run_outputs(student, batch), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    trainable = [n for n, p in moved.named_parameters() if p.requires_grad]
+    assert trainable and trainable == [n for n, p in student.named_parameters() if p.requires_grad]
+    assert all(".parametrizations.weight.original" in n for n in trainable)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    run_outputs(moved, batch)[0].sum().backward()
+    with torch.no_grad():
+        for param in moved.parameters():
+            if param.grad is not None:
+                param -= 0.1 * param.grad
+    for key, value in student.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)  # the student is untouched
+    student.load_state_dict(moved.state_dict())  # what the pipeline does after training
+    with torch.no_grad():
+        for got, want in zip(run_outputs(moved, batch), run_outputs(student, batch), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_train_biases_adds_the_compressed_layers_biases_and_nothing_else(tmp_path):
+    from compressor.rewrite import trainable_parameters
+
+    program = torch.export.load(str(make_pt2("mlp", tmp_path / "mlp.pt2")))
+    student = copy.deepcopy(program.module())
+    config = CompressionConfig(ratio=0.3)
+    plan = plan_layers(*find_layers(student), config)
+    parametrize_(student, plan, {}, method_settings(config))
+    trainable_parameters(student, plan, train_biases=True)
+    names = {n for n, p in student.named_parameters() if p.requires_grad}
+    compressed = {p.layer.name for p in plan.compressed}
+    assert names == {f"{name}.{suffix}" for name in compressed
+                     for suffix in ("bias", "parametrizations.weight.original0",
+                                    "parametrizations.weight.original1")}
