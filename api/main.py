@@ -1,8 +1,8 @@
 """The FastAPI application: `create_app(settings)` wires routes, errors, metrics and background work.
 
 At start the app opens its services (migrating the store's schema), starts the lease reaper and,
-unless `embedded_worker` is off, a job consumer in `worker_concurrency` threads of this process.
-At shutdown running jobs are asked to stop and go back to the queue.
+unless `embedded_worker` is off, `worker_concurrency` job worker processes. At shutdown running
+jobs are asked to stop and go back to the queue.
 """
 
 from __future__ import annotations
@@ -21,26 +21,39 @@ from api.routes import artifacts, events, health, jobs
 from api.services import BackgroundWork, Services
 from api.settings import Settings, get_settings
 from api.worker import RunJob
+from api.worker_pool import WorkerPool
 
 log = logging.getLogger("api")
 
 
 def create_app(settings: Settings | None = None, *, run_job: RunJob | None = None) -> FastAPI:
-    """Return the service's ASGI app; `run_job` replaces `compressor.compress` (tests only)."""
+    """Return the service's ASGI app.
+
+    The embedded worker runs `worker_concurrency` job worker processes (see `api.worker_pool`).
+    `run_job` replaces `compressor.compress` (tests only): a function cannot cross a process
+    boundary, so the jobs then run in threads of this process instead.
+    """
     settings = settings or get_settings()
-    metrics = Metrics()
+    workers = settings.worker_concurrency if settings.embedded_worker else 0
+    in_process = workers if run_job is not None else 0
+    metrics = Metrics(runs_jobs=in_process > 0)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = await run_in_threadpool(Services.open, settings, metrics)
-        concurrency = settings.worker_concurrency if settings.embedded_worker else 0
-        background = BackgroundWork(services, concurrency=concurrency, run_job=run_job)
+        background = BackgroundWork(services, concurrency=in_process, run_job=run_job)
+        pool = WorkerPool(settings, workers, _log_level()) if workers and not in_process else None
         background.start()
+        if pool is not None:
+            metrics.read_worker_metrics(pool.metrics_dir)
+            pool.start()
         app.state.services = services
-        log.info("service ready; embedded worker: %s job(s) at once", concurrency or "off")
+        log.info("service ready; %s", f"{workers} job worker(s)" if workers else "no job worker")
         try:
             yield
         finally:
+            if pool is not None:
+                await run_in_threadpool(pool.stop)
             await run_in_threadpool(background.stop)
             services.close()
 
@@ -56,3 +69,7 @@ def create_app(settings: Settings | None = None, *, run_job: RunJob | None = Non
     for router in (jobs.router, artifacts.router, events.router, health.router):
         app.include_router(router)
     return app
+
+
+def _log_level() -> str:
+    return logging.getLevelName(logging.getLogger("api").getEffectiveLevel()).lower()

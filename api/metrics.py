@@ -2,8 +2,9 @@
 
 Jobs by status and queue depth are read from the store and the queue at scrape time, so every
 API replica reports the same numbers whichever process ran the jobs. Stage durations and
-finished-job counts are observed by the process that runs the job (the API with its embedded
-worker, or `compressor worker --metrics-port`). Each `Metrics` has its own registry.
+finished-job counts are observed by the process that runs the job; the API reports those of its
+embedded worker processes, and `compressor worker --metrics-port` those of its own. Each
+`Metrics` has its own registry.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -46,9 +48,14 @@ class _BacklogCollector(Collector):
 
 
 class Metrics:
-    """The service's metrics, in a registry of their own."""
+    """The service's metrics, in a registry of their own.
 
-    def __init__(self) -> None:
+    `runs_jobs`: this process runs jobs itself (stage durations and finished jobs are observed
+    here); otherwise its job workers are child processes whose metrics `read_worker_metrics`
+    adds.
+    """
+
+    def __init__(self, *, runs_jobs: bool = True) -> None:
         self.registry = CollectorRegistry()
         self.request_latency = Histogram(
             "compressor_http_request_duration_seconds",
@@ -57,19 +64,26 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.stage_duration = Histogram(
-            "compressor_job_stage_duration_seconds",
-            "Time a job spent in each pipeline stage (observed by the process running it)",
-            ["stage"],
-            buckets=_STAGE_BUCKETS,
-            registry=self.registry,
-        )
-        self.jobs_finished = Counter(
-            "compressor_jobs_finished",
-            "Jobs this process finished, by final status",
-            ["status"],
-            registry=self.registry,
-        )
+        self.stage_duration: Histogram | None = None
+        self.jobs_finished: Counter | None = None
+        if runs_jobs:
+            self.stage_duration = Histogram(
+                "compressor_job_stage_duration_seconds",
+                "Time a job spent in each pipeline stage (observed by the process running it)",
+                ["stage"],
+                buckets=_STAGE_BUCKETS,
+                registry=self.registry,
+            )
+            self.jobs_finished = Counter(
+                "compressor_jobs_finished",
+                "Jobs this process finished, by final status",
+                ["status"],
+                registry=self.registry,
+            )
+
+    def read_worker_metrics(self, directory: str) -> None:
+        """Report the metrics the job worker processes write to `directory` (multiprocess mode)."""
+        MultiProcessCollector(self.registry, path=directory)
 
     def watch_backlog(
         self, count_by_status: Callable[[], dict[str, int]], queue_depth: Callable[[], int]
@@ -79,11 +93,13 @@ class Metrics:
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         """Record that a job spent `seconds` in `stage`."""
-        self.stage_duration.labels(stage).observe(seconds)
+        if self.stage_duration is not None:
+            self.stage_duration.labels(stage).observe(seconds)
 
     def count_finished(self, status: str) -> None:
         """Count a job this process finished."""
-        self.jobs_finished.labels(status).inc()
+        if self.jobs_finished is not None:
+            self.jobs_finished.labels(status).inc()
 
     def render(self) -> bytes:
         """Return the metrics in Prometheus' text format."""

@@ -77,9 +77,11 @@ class Settings(BaseSettings):
         default=8, ge=1, description="queued + running jobs per tenant before 429"
     )
     embedded_worker: bool = Field(
-        default=True, description="run a job consumer inside the API process (`serve`)"
+        default=True, description="`serve` also runs job worker processes"
     )
-    worker_concurrency: int = Field(default=1, ge=0, le=64, description="jobs run at once")
+    worker_concurrency: int = Field(
+        default=1, ge=0, le=64, description="job worker processes (one job each) per machine"
+    )
     heartbeat_s: float = Field(default=5.0, gt=0, description="how often a worker renews a lease")
     lease_s: float = Field(
         default=30.0, gt=0, description="a running job whose lease is this old is re-queued"
@@ -147,7 +149,9 @@ class Settings(BaseSettings):
             "max_upload": f"{self.max_upload_bytes / GIB:.2f} GiB",
             "max_jobs_in_flight": f"{self.max_jobs_in_flight} per tenant",
             "embedded_worker": (
-                f"{self.worker_concurrency} job(s) at once" if self.embedded_worker else "off"
+                f"{self.worker_concurrency} worker process(es), one job each"
+                if self.embedded_worker and self.worker_concurrency
+                else "off"
             ),
             "lease": f"{self.lease_s:g} s (heartbeat {self.heartbeat_s:g} s, "
             f"{self.max_attempts} attempt(s))",

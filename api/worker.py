@@ -26,7 +26,7 @@ from api.settings import Settings
 from api.storage import JobFiles
 from api.store import CANCELLED, FAILED, SUCCEEDED, JobRecord, JobStore
 from compressor.errors import CompressorError
-from compressor.progress import ProgressEvent
+from compressor.progress import STAGES, ProgressEvent
 
 log = logging.getLogger("api.worker")
 
@@ -101,6 +101,9 @@ class _RunningJob:
 
     def on_progress(self, event: ProgressEvent) -> None:
         """Store the stage and overall progress: at every stage change, else at most so often."""
+        if event.stage not in STAGES:  # the store (and the API's schema) hold known stages only
+            log.warning("job %s: ignoring progress of unknown stage %r", self.job.id, event.stage)
+            return
         now = time.monotonic()
         new_stage = event.stage != self.stage
         if new_stage:

@@ -7,7 +7,6 @@ package (`api`, FastAPI, SQLAlchemy, Huey) is imported inside the commands, so t
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 from pathlib import Path
@@ -41,21 +40,12 @@ def _print_settings(title: str, settings: Any) -> None:
         click.echo(f"  {name:<19} {value}", err=True)
 
 
-def _configure_logging(level: str) -> None:
-    """Log the service's own messages at `level`; other libraries only from WARNING up."""
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for name in ("api", "compressor", "huey"):
-        logging.getLogger(name).setLevel(level.upper())
-
-
 @click.command()
 @click.option("--host", default=None, help="Interface to bind. [default: 127.0.0.1]")
 @click.option("--port", type=int, default=None, help="Port to listen on. [default: 8000]")
 @click.option(
     "--workers", type=click.IntRange(0, 64), default=None,
-    help="Jobs the embedded worker runs at once; 0 serves the API only. [default: 1]",
+    help="Job worker processes (one job each); 0 serves the API only. [default: 1]",
 )
 @click.option(
     "--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -66,12 +56,14 @@ def _configure_logging(level: str) -> None:
 def serve(
     host: str | None, port: int | None, workers: int | None, data_dir: Path | None, log_level: str
 ) -> None:
-    """Run the REST API and an embedded job worker: everything on one machine."""
+    """Run the REST API and its job worker processes: everything on one machine."""
     settings = _load_settings(
         host=host, port=port, data_dir=data_dir, worker_concurrency=workers,
         embedded_worker=None if workers is None else workers > 0,
     )
-    _configure_logging(log_level)
+    from api.worker_process import configure_logging
+
+    configure_logging(log_level)
     _print_settings(f"compressor serve on http://{settings.host}:{settings.port}", settings)
     if not settings.api_keys:
         click.echo(
@@ -92,7 +84,8 @@ def serve(
 @click.command()
 @click.option(
     "--concurrency", type=click.IntRange(1, 64), default=None,
-    help="Jobs this worker runs at once. [env COMPRESSOR_WORKER_CONCURRENCY; default 1]",
+    help="Jobs run at once, each in its own process. [env COMPRESSOR_WORKER_CONCURRENCY; "
+    "default 1]",
 )
 @click.option(
     "--metrics-port", type=int, default=None,
@@ -104,30 +97,40 @@ def worker(concurrency: int | None, metrics_port: int | None, log_level: str) ->
     """Run jobs from the shared queue (Redis) and store (PostgreSQL), e.g. on a GPU machine.
 
     Every worker and API process must share COMPRESSOR_QUEUE_URL, COMPRESSOR_STORE_URL and the
-    data directory (COMPRESSOR_DATA_DIR, e.g. a network volume).
+    data directory (COMPRESSOR_DATA_DIR, e.g. a network volume). Each job runs in a process of
+    its own: with --concurrency N above 1 this process supervises N worker processes.
     """
     settings = _load_settings(worker_concurrency=concurrency)
-    _configure_logging(log_level)
+    from api.worker_process import configure_logging, run_worker
+
+    configure_logging(log_level)
     _print_settings("compressor worker", settings)
+    if settings.worker_concurrency <= 1:
+        run_worker(settings, metrics_port=metrics_port, announce=lambda m: click.echo(m, err=True))
+        return
+    _run_pool(settings, metrics_port, log_level)
 
-    from api.services import BackgroundWork, Services
 
-    services = Services.open(settings)
+def _run_pool(settings: Any, metrics_port: int | None, log_level: str) -> None:
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from api.worker_pool import WorkerPool
+
+    pool = WorkerPool(settings, settings.worker_concurrency, log_level)
     if metrics_port is not None:
-        from prometheus_client import start_http_server
-
-        start_http_server(metrics_port, registry=services.metrics.registry)
-    background = BackgroundWork(services, concurrency=max(1, settings.worker_concurrency))
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=pool.metrics_dir)
+        start_http_server(metrics_port, registry=registry)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    background.start()
-    click.echo(f"worker {background.runner.worker_id} waiting for jobs", err=True)
+    pool.start()
+    click.echo(f"supervising {pool.processes} worker processes: {pool.pids()}", err=True)
     while not stop.wait(1.0):
         pass
     click.echo("stopping: running jobs go back to the queue", err=True)
-    background.stop()
-    services.close()
+    pool.stop()
 
 
 COMMANDS.extend([serve, worker])

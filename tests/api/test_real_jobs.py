@@ -10,13 +10,15 @@ import torch
 from api_helpers import wait_for_job
 from tiny_models import TinyMLP
 
+import compressor
+
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def client(make_client):
-    """An app whose embedded worker runs the real core."""
-    return make_client()
+    """An app that runs the real core in a thread of its own (serve uses worker processes)."""
+    return make_client(compressor.compress)
 
 
 def submit(client, model: Path, config: str = "{}") -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -132,6 +133,10 @@ def test_happy_path_to_a_verified_onnx_download(
     report = server.client.get(artifacts["report.json"]["url"]).json()
     assert report == job["report"]
 
+    metrics = server.client.get("/metrics").text  # observed by the worker process, reported here
+    assert 'compressor_job_stage_duration_seconds_count{stage="finetuning"} 1.0' in metrics
+    assert 'compressor_jobs_finished_total{status="succeeded"} 1.0' in metrics
+
     onnx_path = tmp_path / "model.onnx"
     onnx_path.write_bytes(download.content)
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -180,3 +185,23 @@ def test_a_server_killed_mid_job_has_the_job_retried_after_its_lease(
     assert second.client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
     assert wait_for_job(second.client, job_id, timeout=30)["status"] == "cancelled"
     assert_clean_stop(second)
+
+
+def test_a_worker_process_killed_mid_job_is_replaced_and_the_job_retried(
+    servers, data_dir: Path, mlp_pt2: Path
+) -> None:
+    server = start_server(servers, data_dir)
+    job_id = submit(server, mlp_pt2, ENDLESS)
+    wait_for_stage(server, job_id, None)
+    worker_id = read_store(data_dir, job_id).worker_id or ""
+    worker_pid = int(worker_id.rsplit("-", 3)[1])  # host-pid-random-thread
+    os.kill(worker_pid, signal.SIGKILL)
+
+    job = wait_for_stage(server, job_id, None, attempts=2)
+    assert "attempt 1 of 3 stopped renewing its lease" in job["retry_reason"]
+    assert f"job worker pid {worker_pid} exited with -9; starting a new one" in server.log()
+    new_worker = read_store(data_dir, job_id).worker_id or ""
+    assert int(new_worker.rsplit("-", 3)[1]) != worker_pid
+    assert server.client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+    assert wait_for_job(server.client, job_id, timeout=30)["status"] == "cancelled"
+    assert_clean_stop(server)

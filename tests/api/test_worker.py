@@ -18,6 +18,7 @@ from api.services import Services
 from api.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord
 from api.worker import JobRunner
 from compressor.errors import UnsafeModelError
+from compressor.progress import ProgressEvent
 
 
 @pytest.fixture
@@ -224,3 +225,18 @@ def test_a_job_deleted_while_running_leaves_no_files(services: Services, fake_pt
     thread.join(5)
     assert not thread.is_alive()
     assert job_id not in services.files.job_ids()
+
+
+def test_progress_of_an_unknown_stage_is_not_stored(services: Services, fake_pt2: Path) -> None:
+    job_id = submit(services, fake_pt2)
+    seen: list[str | None] = []
+
+    def odd_stages(model, config, *, out_dir, progress, **_):
+        progress(ProgressEvent("planning", 1.0, 0.1))
+        progress(ProgressEvent("materializing", 0.5, 0.6))
+        seen.append(stored(services, job_id).stage)
+        return FakeJob(0.0)(model, config, out_dir=out_dir)
+
+    make_runner(services, odd_stages).run(job_id)
+    assert seen == ["planning"]
+    assert stored(services, job_id).status == SUCCEEDED

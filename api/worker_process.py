@@ -1,0 +1,77 @@
+"""A job worker process: run jobs from the queue until SIGTERM or SIGINT, then hand back its job.
+
+`compressor worker` runs `run_worker` in its own process; a `WorkerPool` starts children with
+`python -m api.worker_process`, passing the settings as COMPRESSOR_* variables and its own pid
+as COMPRESSOR_PARENT_PID: a child whose parent died kills itself like its parent was killed, so
+its job is settled by the lease reaper, as for any lost worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+
+from api.services import BackgroundWork, Services
+from api.settings import Settings
+
+log = logging.getLogger("api.worker")
+
+PARENT_PID_VARIABLE = "COMPRESSOR_PARENT_PID"
+LOG_LEVEL_VARIABLE = "COMPRESSOR_LOG_LEVEL"
+
+
+def configure_logging(level: str) -> None:
+    """Log the service's own messages at `level`; other libraries only from WARNING up."""
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for name in ("api", "compressor", "huey"):
+        logging.getLogger(name).setLevel(level.upper())
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    while True:
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGKILL)  # as if killed with the parent: no clean-up
+        threading.Event().wait(0.5)
+
+
+def run_worker(
+    settings: Settings,
+    *,
+    metrics_port: int | None = None,
+    announce: Callable[[str], None] = log.info,
+) -> None:
+    """Run one job at a time from the queue (plus the lease reaper) until SIGTERM or SIGINT."""
+    services = Services.open(settings)
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, registry=services.metrics.registry)
+    background = BackgroundWork(services, concurrency=1)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    parent = os.environ.get(PARENT_PID_VARIABLE)
+    if parent:
+        threading.Thread(target=_die_with_parent, args=(int(parent),), daemon=True).start()
+    background.start()
+    announce(f"worker {background.runner.worker_id} (pid {os.getpid()}) waiting for jobs")
+    while not stop.wait(1.0):
+        pass
+    announce(f"worker pid {os.getpid()} stopping: a running job goes back to the queue")
+    background.stop()
+    services.close()
+
+
+def main() -> None:
+    """Run a worker configured by the environment (how a WorkerPool starts its children)."""
+    configure_logging(os.environ.get(LOG_LEVEL_VARIABLE, "info"))
+    run_worker(Settings())
+
+
+if __name__ == "__main__":
+    main()
