@@ -57,6 +57,9 @@ class WorkerPool:
             PARENT_PID_VARIABLE: str(os.getpid()),
             LOG_LEVEL_VARIABLE: log_level,
         }
+        if processes > 1 and "OMP_NUM_THREADS" not in os.environ:
+            # Share the cores: N processes each using every core only fight over them.
+            self._env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
         self._children: list[subprocess.Popen[bytes]] = []
         self._stopping = threading.Event()
         self._supervisor = threading.Thread(target=self._supervise, name="worker-pool", daemon=True)

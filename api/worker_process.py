@@ -13,9 +13,10 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from api.services import BackgroundWork, Services
-from api.settings import Settings
+if TYPE_CHECKING:
+    from api.settings import Settings
 
 log = logging.getLogger("api.worker")
 
@@ -39,25 +40,39 @@ def _die_with_parent(parent_pid: int) -> None:
         threading.Event().wait(0.5)
 
 
+def stop_on_signals() -> threading.Event:
+    """Return an event set by SIGTERM or SIGINT (installed before anything slow happens)."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
 def run_worker(
     settings: Settings,
     *,
+    stop: threading.Event | None = None,
     metrics_port: int | None = None,
     announce: Callable[[str], None] = log.info,
 ) -> None:
-    """Run one job at a time from the queue (plus the lease reaper) until SIGTERM or SIGINT."""
+    """Run one job at a time from the queue (plus the lease reaper) until `stop` is set.
+
+    `stop` defaults to an event set by SIGTERM or SIGINT.
+    """
+    from api.services import BackgroundWork, Services  # brings in torch: seconds
+
+    stop = stop or stop_on_signals()
+    parent = os.environ.get(PARENT_PID_VARIABLE)
+    if parent:
+        threading.Thread(target=_die_with_parent, args=(int(parent),), daemon=True).start()
+    if stop.is_set():
+        return
     services = Services.open(settings)
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
         start_http_server(metrics_port, registry=services.metrics.registry)
     background = BackgroundWork(services, concurrency=1)
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    parent = os.environ.get(PARENT_PID_VARIABLE)
-    if parent:
-        threading.Thread(target=_die_with_parent, args=(int(parent),), daemon=True).start()
     background.start()
     announce(f"worker {background.runner.worker_id} (pid {os.getpid()}) waiting for jobs")
     while not stop.wait(1.0):
@@ -69,8 +84,11 @@ def run_worker(
 
 def main() -> None:
     """Run a worker configured by the environment (how a WorkerPool starts its children)."""
+    stop = stop_on_signals()  # first: a pool may stop this process while it is still starting
+    from api.settings import Settings
+
     configure_logging(os.environ.get(LOG_LEVEL_VARIABLE, "info"))
-    run_worker(Settings())
+    run_worker(Settings(), stop=stop)
 
 
 if __name__ == "__main__":
