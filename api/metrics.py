@@ -35,6 +35,7 @@ class _BacklogCollector(Collector):
         self._queue_depth = queue_depth
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Yield the job counts by status and the queue depth, read now."""
         jobs = GaugeMetricFamily("compressor_jobs", "Jobs in the store by status", labels=["status"])
         depth = GaugeMetricFamily("compressor_queue_depth", "Messages waiting in the queue")
         try:
