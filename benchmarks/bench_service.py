@@ -128,6 +128,7 @@ def bench_submit_to_running(work: Path, models: dict[str, Path], runs: int = 10)
     """Time POST to started_at with an idle worker, over `runs` jobs that fail fast."""
     server = Server(1, work / "submit-data")
     try:
+        wait_finished(server.client, submit(server.client, models["state_dict"], "{}"))  # worker up
         waits = []
         for _ in range(runs):
             time.sleep(1.0)  # the worker is idle, waiting on the queue
