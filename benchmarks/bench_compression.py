@@ -41,7 +41,7 @@ VARIANTS = [
     ("tie_rows + fine-tuning", {"method": "tie_rows"}),
     ("share_values + fine-tuning", {"method": "share_values"}),
 ]
-FINETUNE = {"steps": 300, "lr": 1e-3, "batch_size": 64, "eval_every": 25}
+FINETUNE = {"steps": 400, "lr": 2e-3, "batch_size": 64, "eval_every": 25}
 
 
 class RandomTransformer(nn.Module):

@@ -72,8 +72,8 @@ class LayerOverride(_Strict):
 class FinetuneConfig(_Strict):
     """Distillation fine-tuning of the compact parameters θ (optionally also the biases)."""
 
-    steps: int = Field(default=200, ge=0, le=1_000_000, description="optimizer steps; 0 skips")
-    lr: float = Field(default=2e-4, gt=0, le=1.0, description="peak AdamW learning rate")
+    steps: int = Field(default=300, ge=0, le=1_000_000, description="optimizer steps; 0 skips")
+    lr: float = Field(default=1e-3, gt=0, le=1.0, description="peak AdamW learning rate")
     batch_size: int = Field(default=32, ge=1, le=65536, description="samples per step")
     weight_decay: float = Field(default=0.0, ge=0, le=1.0, description="AdamW weight decay")
     warmup_steps: int = Field(default=10, ge=0, description="linear warm-up, then cosine decay")

@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 from compressor.config import FinetuneConfig
 from compressor.data import Dataset
 from compressor.errors import ConfigError
-from compressor.outputs import FidelityMeter, looks_like_logits, run_outputs, score
+from compressor.outputs import looks_like_logits, run_outputs
 from compressor.planning import Plan
 from compressor.progress import JobControl
 from compressor.rewrite import trainable_parameters
@@ -32,7 +32,7 @@ _KL_TEMPERATURE = 2.0
 
 @dataclass
 class FinetuneSummary:
-    """What fine-tuning did: steps, device, and the held-out score (mean relative L2) over time."""
+    """What fine-tuning did: steps, device, and the held-out distillation loss over time."""
 
     steps: int
     device: str
@@ -83,12 +83,18 @@ def distillation_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor]) 
 
 def held_out_score(student: nn.Module, teacher_outputs: list[list[torch.Tensor]],
                    batches: list[dict[str, torch.Tensor]]) -> float:
-    """Return the mean relative L2 error of `student` against the cached teacher outputs."""
-    meter = FidelityMeter()
+    """Return the distillation loss of `student` on the held-out batches (sample-weighted).
+
+    The same objective training minimizes: scoring with another one (say, relative L2 of the
+    logits while training also fits their softmax) can reject every improvement.
+    """
+    total, rows = 0.0, 0
     with torch.no_grad():
         for batch, reference in zip(batches, teacher_outputs, strict=True):
-            meter.add(run_outputs(student, batch), reference)
-    return score(meter.result())
+            count = reference[0].shape[0]
+            total += float(distillation_loss(run_outputs(student, batch), reference)) * count
+            rows += count
+    return total / max(1, rows)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -88,7 +88,3 @@ class FidelityMeter:
             for i in range(len(self._err))
         ]
 
-
-def score(fidelity: list[OutputFidelity]) -> float:
-    """Return one number to minimize: the mean relative L2 error over the float outputs."""
-    return sum(f.relative_l2 for f in fidelity) / max(1, len(fidelity))

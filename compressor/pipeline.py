@@ -110,7 +110,7 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
         control.report("finetuning", 0.0)
         initial = fidelity(student, teacher, inputs.held_out)
         summary = finetune(inputs.program, student, teacher, plan, inputs, config, control)
-        log.info(f"fine-tuning on {summary.device}: held-out rel. L2 {summary.initial_score:.4f} "
+        log.info(f"fine-tuning on {summary.device}: held-out loss {summary.initial_score:.4f} "
                  f"-> {summary.best_score:.4f} (best step {summary.best_step})")
     final = fidelity(student, teacher, inputs.held_out)
     layer_errors = figures.layer_errors(teacher, student, plan, inputs.held_out.take(

@@ -138,7 +138,7 @@ def test_reference_check_fails_on_a_stale_file_and_a_rewrite_fixes_it(
     assert generator.main([str(stale)]) == 0
     text = stale.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text
-    assert "| `finetune.steps` | integer | `200` | ≥ 0, ≤ 1000000 |" in text
+    assert "| `finetune.steps` | integer | `300` | ≥ 0, ≤ 1000000 |" in text
     assert generator.main(["--check", str(stale)]) == 0
 
 
