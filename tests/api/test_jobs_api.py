@@ -8,6 +8,8 @@ from pathlib import Path
 from api_fakes import FakeJob
 from api_helpers import wait_for_job
 
+from compressor.config import FinetuneConfig
+
 
 def submit(client, model: Path, config: str | None = None, headers=None):
     """POST a job with `model` (and `config`); return the response."""
@@ -25,7 +27,7 @@ def test_submit_answers_202_with_location_and_the_filled_config(make_client, fak
     assert job["status"] in ("queued", "running")
     assert job["config"]["ratio"] == 0.25
     assert job["config"]["finetune"]["steps"] == 5
-    assert job["config"]["finetune"]["lr"] == 2e-4  # defaults filled
+    assert job["config"]["finetune"]["lr"] == FinetuneConfig().lr  # defaults filled
     assert job["config"]["export"]["form"] == "dense"
     done = wait_for_job(client, job["id"])
     assert done["status"] == "succeeded"

@@ -119,7 +119,11 @@ def test_happy_path_to_a_verified_onnx_download(
     snapshots = follow_events(server, job_id)
     assert snapshots[-1]["status"] == "succeeded", snapshots[-1]
     assert [s["progress"] for s in snapshots] == sorted(s["progress"] for s in snapshots)
-    assert {"loading", "finetuning", "verifying"} <= {s["stage"] for s in snapshots}
+    # Stages arrive in pipeline order (a fast stage may fall between two polls of the store).
+    seen = [s["stage"] for s in snapshots if s["stage"]]
+    order = ["loading", "planning", "rewriting", "finetuning", "exporting", "verifying"]
+    assert seen == sorted(seen, key=order.index) and seen[-1] == "verifying", seen
+    assert len(set(seen)) >= 3, seen
 
     job = server.client.get(f"/v1/jobs/{job_id}").json()
     artifacts = {a["name"]: a for a in job["artifacts"]}
