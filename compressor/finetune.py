@@ -28,6 +28,8 @@ from compressor.progress import JobControl
 from compressor.rewrite import trainable_parameters
 
 _KL_TEMPERATURE = 2.0
+# An evaluation this much worse than the best so far rolls θ back to the best and halves the lr.
+_BACKOFF_MARGIN = 0.05
 
 
 @dataclass
@@ -113,7 +115,11 @@ def _schedule(config: FinetuneConfig):
 def finetune_(student: nn.Module, teacher: nn.Module, plan: Plan, train: Dataset,
               held_out: Dataset, config: FinetuneConfig, control: JobControl,
               device: torch.device) -> FinetuneSummary:
-    """Distill `teacher` into the parametrized `student` in place; keep the best θ seen."""
+    """Distill `teacher` into the parametrized `student` in place; keep the best θ seen.
+
+    When a held-out evaluation comes out clearly worse than the best so far (the learning rate
+    is too high for this model), θ goes back to the best state and the learning rate is halved.
+    """
     params = trainable_parameters(student, plan, config.train_biases)
     eval_batches = [_to(b, device) for b in held_out.batches(max(64, config.batch_size))]
     with torch.no_grad():
@@ -124,7 +130,9 @@ def finetune_(student: nn.Module, teacher: nn.Module, plan: Plan, train: Dataset
         return summary
     best_state = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    lr_scale = 1.0
+    schedule = _schedule(config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_scale * schedule(s))
     generator = torch.Generator().manual_seed(config.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for step in range(1, config.steps + 1):
@@ -145,14 +153,24 @@ def finetune_(student: nn.Module, teacher: nn.Module, plan: Plan, train: Dataset
             break
         if step % config.eval_every == 0 or step == config.steps:
             current = held_out_score(student, teacher_eval, eval_batches)
-            summary.history.append({"step": step, "loss": loss_value, "held_out": current})
+            entry = {"step": step, "loss": loss_value, "held_out": current}
             if current < best:
                 best, summary.best_step = current, step
                 best_state = [p.detach().clone() for p in params]
+            elif current > best * (1 + _BACKOFF_MARGIN):
+                _restore(params, best_state)
+                optimizer.state.clear()
+                lr_scale /= 2
+                entry["backoff"] = f"rolled back to step {summary.best_step}, lr × {lr_scale:g}"
+            summary.history.append(entry)
         control.report("finetuning", step / config.steps, f"step {step}/{config.steps}",
                        loss_value)
-    with torch.no_grad():
-        for param, saved in zip(params, best_state, strict=True):
-            param.copy_(saved)
+    _restore(params, best_state)
     summary.best_score = best
     return summary
+
+
+def _restore(params: list[nn.Parameter], state: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for param, saved in zip(params, state, strict=True):
+            param.copy_(saved)

@@ -99,6 +99,9 @@ def test_fine_tuning_improves_fidelity_and_never_returns_a_worse_model(programs,
         "steps": 20, "lr": 1.0, "eval_every": 5}), out_dir=tmp_path / "wrecked")
     summary = wrecked.report["finetune"]
     assert summary["best_score"] <= summary["initial_score"]
+    # A learning rate this high makes an evaluation worse: θ rolls back and the lr halves.
+    backoffs = [h["backoff"] for h in summary["history"] if "backoff" in h]
+    assert backoffs and backoffs[0].endswith("lr × 0.5")
     final = wrecked.report["fidelity"]["final"]["output_0"]["relative_l2"]
     initial = wrecked.report["fidelity"]["initialization"]["output_0"]["relative_l2"]
     assert final <= initial + 1e-9
