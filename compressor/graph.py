@@ -72,8 +72,10 @@ def find_layers(module: fx.GraphModule) -> tuple[list[LayerInfo], list[SkippedLa
             continue
         weight = module.get_parameter(target)
         bias = node.args[2] if len(node.args) > 2 else None
+        is_output = any(user.op == "output" for user in node.users)
         if node.target is _LINEAR:
-            layers.append(LayerInfo(name, "linear", tuple(weight.shape), bias is not None))
+            layers.append(LayerInfo(name, "linear", tuple(weight.shape), bias is not None,
+                                    produces_output=is_output))
             continue
         args = list(node.args) + [None] * (7 - len(node.args))
         groups = int(args[6] or 1)
@@ -83,7 +85,7 @@ def find_layers(module: fx.GraphModule) -> tuple[list[LayerInfo], list[SkippedLa
         layers.append(LayerInfo(
             name, "conv2d", tuple(weight.shape), bias is not None,
             stride=_as_pair(args[3], 1), padding=_as_pair(args[4], 0),
-            dilation=_as_pair(args[5], 1), groups=groups,
+            dilation=_as_pair(args[5], 1), groups=groups, produces_output=is_output,
         ))
     return layers, skipped
 

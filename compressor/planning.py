@@ -172,8 +172,12 @@ def _exclusion(layer: LayerInfo, method_name: str, override: LayerOverride | Non
         return f"skipped by override {override.match!r}"
     if not _matches(layer.name, config.layers.include) or _matches(layer.name, config.layers.exclude):
         return "not selected by layers.include / layers.exclude"
-    if layer.kind not in get_method(method_name).layer_kinds:
+    method = get_method(method_name)
+    if layer.kind not in method.layer_kinds:
         return f"method {method_name!r} does not apply to {layer.kind} layers"
+    if layer.produces_output and method.ties_output_rows and not (override and override.method):
+        return (f"{method_name} would make some of the model's outputs identical (this layer "
+                "produces an output); name the method in an override to force it")
     if layer.numel < config.min_layer_params and override is None:
         return f"{layer.numel} weights < min_layer_params={config.min_layer_params}"
     return ""

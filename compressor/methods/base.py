@@ -35,6 +35,7 @@ class LayerInfo:
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
+    produces_output: bool = False  # its result is one of the model's outputs, as is
 
     @property
     def out_features(self) -> int:
@@ -88,6 +89,9 @@ class Method(Protocol):
     size_field: ClassVar[str | None]
     # The smallest valid size (what the planner falls back to when a budget is too tight).
     min_size: ClassVar[int]
+    # Whether it makes whole output rows equal (or proportional): on a layer that produces a
+    # model output, such as a classifier head, that would make some outputs identical.
+    ties_output_rows: ClassVar[bool]
 
     def compact_numel(self, layer: LayerInfo, size: int, settings: MethodSettings) -> float:
         """Return the storage of θ at `size`, counted in float32 numbers (index bits included)."""

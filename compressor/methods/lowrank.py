@@ -112,6 +112,7 @@ class LowRank:
     layer_kinds = frozenset({"linear", "conv2d"})
     size_field = "rank"
     min_size = 1
+    ties_output_rows = False
 
     def compact_numel(self, layer: LayerInfo, size: int, settings: MethodSettings) -> float:
         return float(size * (layer.out_features + layer.in_features))

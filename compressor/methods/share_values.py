@@ -97,6 +97,7 @@ class ShareValues:
     layer_kinds = frozenset({"linear", "conv2d"})
     size_field = "values"
     min_size = 2
+    ties_output_rows = False
 
     def compact_numel(self, layer: LayerInfo, size: int, settings: MethodSettings) -> float:
         return size + layer.numel * int_bits(size) / 32

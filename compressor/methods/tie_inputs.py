@@ -78,6 +78,7 @@ class TieInputs:
     layer_kinds = frozenset({"linear"})
     size_field = None
     min_size = 1
+    ties_output_rows = True
 
     def compact_numel(self, layer: LayerInfo, size: int, settings: MethodSettings) -> float:
         scales = layer.out_features if settings.per_output_scale else 0

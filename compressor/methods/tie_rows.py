@@ -92,6 +92,7 @@ class TieRows:
     layer_kinds = frozenset({"linear", "conv2d"})
     size_field = "groups"
     min_size = 1
+    ties_output_rows = True
 
     def compact_numel(self, layer: LayerInfo, size: int, settings: MethodSettings) -> float:
         return size * layer.in_features + layer.out_features * int_bits(size) / 32

@@ -118,3 +118,28 @@ def test_config_errors_name_the_field(config, field):
 def test_an_empty_config_is_valid_and_round_trips():
     config = CompressionConfig.parse("{}")
     assert CompressionConfig.parse(config.to_json()) == config
+
+
+@pytest.mark.parametrize("method", ["tie_rows", "tie_inputs"])
+def test_tying_methods_leave_a_layer_that_produces_an_output_dense(method):
+    head = LayerInfo("classifier", "linear", (10, 256), True, produces_output=True)
+    layers = [LayerInfo("body", "linear", (256, 256), True), head]
+    result = plan_layers(layers, [], CompressionConfig(method=method))
+    assert "classifier" not in sizes(result)
+    assert any(s.name == "classifier" and "outputs identical" in s.reason for s in result.skipped)
+    forced = plan_layers(layers, [], CompressionConfig(
+        method=method, overrides=[{"match": "classifier", "method": method}]))
+    assert sizes(forced)["classifier"] is not None
+    # Methods that keep every output row distinct still compress it.
+    assert sizes(plan_layers(layers, [], CompressionConfig(method="lowrank")))["classifier"]
+
+
+def test_find_layers_marks_the_layers_that_produce_an_output(tmp_path):
+    import torch
+    from tiny_models import make_pt2
+
+    from compressor.graph import find_layers
+
+    program = torch.export.load(str(make_pt2("text", tmp_path / "text.pt2")))
+    layers, _ = find_layers(program.module())
+    assert [layer.name for layer in layers if layer.produces_output] == ["classifier"]
