@@ -52,6 +52,12 @@ def _weight_target(node: fx.Node) -> str | None:
     return None
 
 
+def _owner_name(target: str) -> str | None:
+    """Return the dotted name of the module whose `weight` `target` is; None otherwise."""
+    owner, _, attr = target.rpartition(".")
+    return owner if owner and attr == "weight" else None
+
+
 def find_layers(module: fx.GraphModule) -> tuple[list[LayerInfo], list[SkippedLayer]]:
     """Return the compressible Linear / Conv2d layers of `module`, and those that are not."""
     attr_uses = Counter(n.target for n in module.graph.nodes if n.op == "get_attr"
@@ -63,8 +69,8 @@ def find_layers(module: fx.GraphModule) -> tuple[list[LayerInfo], list[SkippedLa
         if target is None:
             skipped.append(SkippedLayer(node.name, "its weight is computed in the graph, not a parameter"))
             continue
-        name = target.rsplit(".", 1)[0] if "." in target else ""
-        if not name or target.rsplit(".", 1)[1] != "weight":
+        name = _owner_name(target)
+        if name is None:
             skipped.append(SkippedLayer(target, "its weight is not a submodule's `weight`"))
             continue
         if attr_uses[target] != 1:
@@ -107,8 +113,9 @@ class _InputRecorder(fx.Interpreter):
         self._by_node = {}
         for node in _layer_nodes(module.graph):
             target = _weight_target(node)
-            if target is not None and target.rsplit(".", 1)[0] in layers:
-                self._by_node[node] = layers[target.rsplit(".", 1)[0]]
+            name = _owner_name(target) if target else None
+            if name in layers:
+                self._by_node[node] = layers[name]
         self._record = record
 
     def run_node(self, n: fx.Node):
@@ -152,7 +159,7 @@ def replace_layers_(module: fx.GraphModule, compact: dict[str, nn.Module]) -> No
     """
     for node in _layer_nodes(module.graph):
         target = _weight_target(node)
-        name = target.rsplit(".", 1)[0] if target else None
+        name = _owner_name(target) if target else None
         if name not in compact:
             continue
         slot = "compact__" + name.replace(".", "__")

@@ -108,11 +108,13 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
         student = rewrite(teacher, plan, inputs.train, config)
     with log.stage("finetuning"):
         control.report("finetuning", 0.0)
-        initial = fidelity(student, teacher, inputs.held_out)
+        with torch.no_grad():  # the original's held-out outputs, computed once
+            reference = [run_outputs(teacher, b) for b in inputs.held_out.batches(64)]
+        initial = fidelity(student, reference, inputs.held_out)
         summary = finetune(inputs.program, student, teacher, plan, inputs, config, control)
         log.info(f"fine-tuning on {summary.device}: held-out loss {summary.initial_score:.4f} "
                  f"-> {summary.best_score:.4f} (best step {summary.best_step})")
-    final = fidelity(student, teacher, inputs.held_out)
+    final = fidelity(student, reference, inputs.held_out)
     layer_errors = figures.layer_errors(teacher, student, plan, inputs.held_out.take(
         torch.arange(min(len(inputs.held_out), 64))))
     staging = out_dir / ".model.onnx.staging"
@@ -179,8 +181,7 @@ def rewrite(teacher: fx.GraphModule, plan: Plan, train: Dataset,
     stats = {}
     if config.init == "activation_aware":
         calibration = train.take(torch.arange(min(len(train), _CALIBRATION_SAMPLES)))
-        batches = [calibration] if len(train) <= 64 else list(
-            Dataset(calibration, train.synthetic, train.source).batches(64))
+        batches = list(Dataset(calibration, train.synthetic, train.source).batches(64))
         stats = collect_layer_stats(teacher, [p.layer for p in plan.compressed], batches)
     student = copy.deepcopy(teacher)
     parametrize_(student, plan, stats, method_settings(config))
@@ -203,12 +204,13 @@ def finetune(program: ExportedProgram, student: fx.GraphModule, teacher: fx.Grap
     return summary
 
 
-def fidelity(student: fx.GraphModule, teacher: fx.GraphModule, held_out: Dataset):
-    """Return per-output fidelity of `student` against `teacher` on the held-out split."""
+def fidelity(student: fx.GraphModule, reference: list[list[torch.Tensor]], held_out: Dataset):
+    """Return per-output fidelity of `student` against the original's outputs `reference`
+    (one list per batch of 64 of the held-out split)."""
     meter = FidelityMeter()
     with torch.no_grad():
-        for batch in held_out.batches(64):
-            meter.add(run_outputs(student, batch), run_outputs(teacher, batch))
+        for batch, expected in zip(held_out.batches(64), reference, strict=True):
+            meter.add(run_outputs(student, batch), expected)
     return meter.result()
 
 
