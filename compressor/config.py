@@ -69,11 +69,25 @@ class LayerOverride(_Strict):
         return self
 
 
+OutputKindSetting = Literal["auto", "logits", "embedding", "regression"]
+
+
 class FinetuneConfig(_Strict):
     """Distillation fine-tuning of the compact parameters θ (optionally also the biases)."""
 
     steps: int = Field(default=300, ge=0, le=1_000_000, description="optimizer steps; 0 skips")
-    lr: float = Field(default=1e-3, gt=0, le=1.0, description="peak AdamW learning rate")
+    lr: float | None = Field(
+        default=None, gt=0, le=1.0,
+        description="peak AdamW learning rate for every tensor; null: `relative_lr` instead")
+    relative_lr: float = Field(
+        default=0.01, gt=0, le=1.0,
+        description="when `lr` is null, each tensor's peak learning rate is this × the RMS of its "
+        "values, so pretrained weights of any scale move by the same fraction")
+    loss: OutputKindSetting | dict[str, OutputKindSetting] = Field(
+        default="auto", examples=["auto", {"output_0": "embedding"}],
+        description="how outputs are matched: auto (from the output's name and the graph), "
+        "logits (KL + MSE), embedding (cosine + MSE), regression (MSE); one kind for all "
+        "outputs or a map from ONNX output name to kind")
     batch_size: int = Field(default=32, ge=1, le=65536, description="samples per step")
     weight_decay: float = Field(default=0.0, ge=0, le=1.0, description="AdamW weight decay")
     warmup_steps: int = Field(default=10, ge=0, description="linear warm-up, then cosine decay")
@@ -134,6 +148,10 @@ class CompressionConfig(_Strict):
         default="activation_aware",
         description="lowrank initialization; the tying methods always start from k-means",
     )
+    allocation: Literal["sensitivity", "uniform"] = Field(
+        default="sensitivity",
+        description="lowrank: spread the budget across layers by each layer's measured "
+        "sensitivity (ranks in multiples of 8), or give every layer the same kept fraction")
     per_output_scale: bool = Field(
         default=True, description="tie_inputs: give each output row a learned scale"
     )

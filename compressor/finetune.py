@@ -16,20 +16,21 @@ import torch
 from torch import fx, nn
 from torch.export import ExportedProgram
 from torch.export.passes import move_to_device_pass
-from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from compressor.config import FinetuneConfig
 from compressor.data import Dataset
 from compressor.errors import ConfigError
-from compressor.outputs import looks_like_logits, run_outputs
+from compressor.objectives import distillation_loss
+from compressor.outputs import run_outputs
 from compressor.planning import Plan
 from compressor.progress import JobControl
 from compressor.rewrite import trainable_parameters
 
-_KL_TEMPERATURE = 2.0
 # An evaluation this much worse than the best so far rolls θ back to the best and halves the lr.
 _BACKOFF_MARGIN = 0.05
+# The original's outputs on the whole training split are computed once when they fit in this.
+_TEACHER_CACHE_BYTES = 512 * 1024**2
 
 
 @dataclass
@@ -67,24 +68,8 @@ def device_copy(program: ExportedProgram, student: fx.GraphModule, plan: Plan,
     return moved
 
 
-def distillation_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
-    """Return Σ over float outputs of MSE / Var(target), plus a KL term on logits-like outputs."""
-    total = outputs[0].new_zeros((), dtype=torch.float32)
-    for out, target in zip(outputs, targets, strict=True):
-        if not target.is_floating_point():
-            continue
-        out, target = out.float(), target.float()
-        total = total + F.mse_loss(out, target) / (target.var() + 1e-8)
-        if looks_like_logits(target):
-            total = total + F.kl_div(
-                F.log_softmax(out / _KL_TEMPERATURE, dim=1),
-                F.log_softmax(target / _KL_TEMPERATURE, dim=1),
-                log_target=True, reduction="batchmean") * _KL_TEMPERATURE**2
-    return total
-
-
 def held_out_score(student: nn.Module, teacher_outputs: list[list[torch.Tensor]],
-                   batches: list[dict[str, torch.Tensor]]) -> float:
+                   batches: list[dict[str, torch.Tensor]], kinds: list[str]) -> float:
     """Return the distillation loss of `student` on the held-out batches (sample-weighted).
 
     The same objective training minimizes: scoring with another one (say, relative L2 of the
@@ -94,7 +79,7 @@ def held_out_score(student: nn.Module, teacher_outputs: list[list[torch.Tensor]]
     with torch.no_grad():
         for batch, reference in zip(batches, teacher_outputs, strict=True):
             count = reference[0].shape[0]
-            total += float(distillation_loss(run_outputs(student, batch), reference)) * count
+            total += float(distillation_loss(run_outputs(student, batch), reference, kinds)) * count
             rows += count
     return total / max(1, rows)
 
@@ -112,24 +97,58 @@ def _schedule(config: FinetuneConfig):
     return factor
 
 
+def parameter_groups(params: list[nn.Parameter], config: FinetuneConfig) -> list[dict]:
+    """Return AdamW parameter groups: one learning rate for all (`lr` set), or by default a
+    learning rate per tensor proportional to its scale (`relative_lr` × RMS of its values).
+
+    Adam moves every number by about the learning rate per step, whatever its gradient: a
+    relative rate moves each θ tensor by a fixed fraction of its own size, which suits
+    pretrained weights of any scale (an absolute 1e-3 is a 5 % step on weights of RMS 0.02).
+    """
+    if config.lr is not None:
+        return [{"params": params, "lr": config.lr}]
+    groups = []
+    for param in params:
+        rms = float(param.detach().float().pow(2).mean().sqrt()) if param.numel() else 0.0
+        groups.append({"params": [param], "lr": config.relative_lr * max(rms, 1e-6)})
+    return groups
+
+
+def _teacher_targets(teacher: nn.Module, train: Dataset, device: torch.device):
+    """Return the original's outputs on every training sample when they fit in memory, else None.
+
+    Fine-tuning then runs the original once per sample instead of once per step.
+    """
+    probe = run_outputs(teacher, _to(train.take(torch.arange(1)), device))
+    per_sample = sum(t.numel() * t.element_size() for t in probe)
+    if per_sample * len(train) > _TEACHER_CACHE_BYTES:
+        return None
+    chunks = [run_outputs(teacher, _to(b, device)) for b in train.batches(64)]
+    return [torch.cat(parts) for parts in zip(*chunks, strict=True)]
+
+
 def finetune_(student: nn.Module, teacher: nn.Module, plan: Plan, train: Dataset,
               held_out: Dataset, config: FinetuneConfig, control: JobControl,
-              device: torch.device) -> FinetuneSummary:
+              device: torch.device, kinds: list[str]) -> FinetuneSummary:
     """Distill `teacher` into the parametrized `student` in place; keep the best θ seen.
 
-    When a held-out evaluation comes out clearly worse than the best so far (the learning rate
-    is too high for this model), θ goes back to the best state and the learning rate is halved.
+    `kinds` gives each output's kind, hence its loss (`compressor.objectives`). When a held-out
+    evaluation comes out clearly worse than the best so far (the learning rate is too high for
+    this model), θ goes back to the best state and the learning rate is halved.
     """
     params = trainable_parameters(student, plan, config.train_biases)
     eval_batches = [_to(b, device) for b in held_out.batches(max(64, config.batch_size))]
     with torch.no_grad():
         teacher_eval = [run_outputs(teacher, b) for b in eval_batches]
-    best = held_out_score(student, teacher_eval, eval_batches)
+    best = held_out_score(student, teacher_eval, eval_batches, kinds)
     summary = FinetuneSummary(config.steps, str(device), best, best, 0)
     if config.steps == 0 or not params:
         return summary
+    with torch.no_grad():
+        cached = _teacher_targets(teacher, train, device)
     best_state = [p.detach().clone() for p in params]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(params, config),
+                                  weight_decay=config.weight_decay)
     lr_scale = 1.0
     schedule = _schedule(config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_scale * schedule(s))
@@ -140,9 +159,12 @@ def finetune_(student: nn.Module, teacher: nn.Module, plan: Plan, train: Dataset
                               generator=generator)
         batch = _to(train.take(index), device)
         with autocast:
-            with torch.no_grad():
-                targets = run_outputs(teacher, batch)
-            loss = distillation_loss(run_outputs(student, batch), targets)
+            if cached is None:
+                with torch.no_grad():
+                    targets = run_outputs(teacher, batch)
+            else:
+                targets = [t[index.to(t.device)] for t in cached]
+            loss = distillation_loss(run_outputs(student, batch), targets, kinds)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -152,7 +174,7 @@ def finetune_(student: nn.Module, teacher: nn.Module, plan: Plan, train: Dataset
             summary.history.append({"step": step, "loss": loss_value, "note": "diverged"})
             break
         if step % config.eval_every == 0 or step == config.steps:
-            current = held_out_score(student, teacher_eval, eval_batches)
+            current = held_out_score(student, teacher_eval, eval_batches, kinds)
             entry = {"step": step, "loss": loss_value, "held_out": current}
             if current < best:
                 best, summary.best_step = current, step

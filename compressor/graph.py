@@ -1,8 +1,9 @@
 """Find the compressible layers of a program's graph, record their inputs, swap in compact forms.
 
-The program runs as the `GraphModule` that `ExportedProgram.module()` returns: its Linear and
-Conv2d layers are `aten.linear` / `aten.conv2d` calls whose weight is a `get_attr` of a parameter
-owned by a submodule named like the original layer (`encoder.0.dense.weight`). Parametrizing that
+The program runs as the `GraphModule` that `ExportedProgram.module()` returns: its Linear,
+Conv2d and Embedding layers are `aten.linear` / `aten.conv2d` / `aten.embedding` calls whose
+weight is a `get_attr` of a parameter owned by a submodule named like the original layer
+(`encoder.0.dense.weight`). Parametrizing that
 submodule's `weight` changes what every `get_attr` reads, so the graph itself stays untouched
 until the factorized export replaces each call with a compact module.
 """
@@ -20,6 +21,10 @@ from compressor.methods import LayerInfo, LayerStats
 
 _LINEAR = torch.ops.aten.linear.default
 _CONV2D = torch.ops.aten.conv2d.default
+_EMBEDDING = torch.ops.aten.embedding.default
+# Where each layer call keeps its input and its weight among its arguments.
+_INPUT_ARG = {_LINEAR: 0, _CONV2D: 0, _EMBEDDING: 1}
+_WEIGHT_ARG = {_LINEAR: 1, _CONV2D: 1, _EMBEDDING: 0}
 # Activation-aware init keeps an (in × in) float64 Gram per layer; past this it falls back to SVD.
 MAX_GRAM_FEATURES = 8192
 
@@ -42,11 +47,17 @@ def _as_pair(value: object, default: int) -> tuple[int, int]:
 
 
 def _layer_nodes(graph: fx.Graph) -> list[fx.Node]:
-    return [n for n in graph.nodes if n.op == "call_function" and n.target in (_LINEAR, _CONV2D)]
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in _INPUT_ARG]
+
+
+def layer_input(node: fx.Node) -> fx.Node:
+    """Return the node that feeds a layer call its input (the ids of an embedding)."""
+    return node.args[_INPUT_ARG[node.target]]
 
 
 def _weight_target(node: fx.Node) -> str | None:
-    weight = node.args[1] if len(node.args) > 1 else None
+    index = _WEIGHT_ARG[node.target]
+    weight = node.args[index] if len(node.args) > index else None
     if isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target.endswith("weight"):
         return weight.target
     return None
@@ -59,7 +70,7 @@ def _owner_name(target: str) -> str | None:
 
 
 def find_layers(module: fx.GraphModule) -> tuple[list[LayerInfo], list[SkippedLayer]]:
-    """Return the compressible Linear / Conv2d layers of `module`, and those that are not."""
+    """Return the compressible Linear / Conv2d / Embedding layers of `module`, and the others."""
     attr_uses = Counter(n.target for n in module.graph.nodes if n.op == "get_attr"
                         for _ in n.users)
     layers: list[LayerInfo] = []
@@ -77,8 +88,12 @@ def find_layers(module: fx.GraphModule) -> tuple[list[LayerInfo], list[SkippedLa
             skipped.append(SkippedLayer(name, "its weight is shared with other operations"))
             continue
         weight = module.get_parameter(target)
-        bias = node.args[2] if len(node.args) > 2 else None
         is_output = any(user.op == "output" for user in node.users)
+        if node.target is _EMBEDDING:
+            layers.append(LayerInfo(name, "embedding", tuple(weight.shape), False,
+                                    produces_output=is_output))
+            continue
+        bias = node.args[2] if len(node.args) > 2 else None
         if node.target is _LINEAR:
             layers.append(LayerInfo(name, "linear", tuple(weight.shape), bias is not None,
                                     produces_output=is_output))
@@ -121,7 +136,7 @@ class _InputRecorder(fx.Interpreter):
     def run_node(self, n: fx.Node):
         layer = self._by_node.get(n)
         if layer is not None:
-            self._record(layer, self.env[n.args[0]].detach())
+            self._record(layer, self.env[layer_input(n)].detach())
         return super().run_node(n)
 
 
@@ -136,20 +151,33 @@ def run_recording(module: fx.GraphModule, layers: list[LayerInfo],
 
 def collect_layer_stats(module: fx.GraphModule, layers: list[LayerInfo],
                         batches: list[dict[str, torch.Tensor]]) -> dict[str, LayerStats]:
-    """Return each layer's input Gram matrix summed over `batches` (for activation-aware init)."""
-    wanted = [layer for layer in layers if layer.in_features <= MAX_GRAM_FEATURES]
-    stats = {layer.name: LayerStats(torch.zeros(layer.in_features, layer.in_features,
-                                                dtype=torch.float64)) for layer in wanted}
+    """Return each layer's input statistics summed over `batches` (for activation-aware init):
+    the Gram matrix of a Linear's or Conv2d's inputs, how often an embedding reads each row."""
+    wanted = [layer for layer in layers
+              if layer.kind == "embedding" or layer.in_features <= MAX_GRAM_FEATURES]
+    stats = {layer.name: _empty_stats(layer) for layer in wanted}
 
     def record(layer: LayerInfo, x: torch.Tensor) -> None:
-        rows = layer_rows(layer, x.to(torch.float64))
         entry = stats[layer.name]
+        if layer.kind == "embedding":
+            ids = x.reshape(-1).to(torch.int64)
+            entry.row_counts += torch.bincount(ids, minlength=layer.out_features)[
+                :layer.out_features].to(torch.float64)
+            entry.rows += ids.numel()
+            return
+        rows = layer_rows(layer, x.to(torch.float64))
         entry.gram += rows.T @ rows
         entry.rows += rows.shape[0]
 
     for batch in batches:
         run_recording(module, wanted, batch, record)
     return stats
+
+
+def _empty_stats(layer: LayerInfo) -> LayerStats:
+    if layer.kind == "embedding":
+        return LayerStats(None, row_counts=torch.zeros(layer.out_features, dtype=torch.float64))
+    return LayerStats(torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64))
 
 
 def replace_layers_(module: fx.GraphModule, compact: dict[str, nn.Module]) -> None:
@@ -165,9 +193,9 @@ def replace_layers_(module: fx.GraphModule, compact: dict[str, nn.Module]) -> No
         slot = "compact__" + name.replace(".", "__")
         module.add_submodule(slot, compact[name])
         with module.graph.inserting_before(node):
-            call = module.graph.call_module(slot, (node.args[0],))
+            call = module.graph.call_module(slot, (layer_input(node),))
         node.replace_all_uses_with(call)
-        attrs = [a for a in node.args[1:3] if isinstance(a, fx.Node)]
+        attrs = [a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
         module.graph.erase_node(node)
         for attr in attrs:
             if not attr.users:

@@ -38,41 +38,46 @@ def run_outputs(module: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch
     return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
 
-def looks_like_logits(output: torch.Tensor) -> bool:
-    """Whether an output is (batch, classes) floats, so top-1 agreement means something."""
-    return output.is_floating_point() and output.dim() == 2 and output.shape[1] >= 2
-
-
 @dataclass
 class OutputFidelity:
-    """How close one output of a model is to the reference model's, over a data set."""
+    """How close one output of a model is to the reference model's, over a data set.
 
+    `cosine` is per sample (per position for outputs of 3+ dimensions), averaged; top-1
+    agreement is given for logits only, where it means something.
+    """
+
+    kind: str
     cosine: float
     relative_l2: float
     top1_agreement: float | None
 
 
 class FidelityMeter:
-    """Accumulate, batch by batch, how close outputs are to the reference outputs."""
+    """Accumulate, batch by batch, how close outputs are to the reference outputs.
 
-    def __init__(self) -> None:
-        self._err = self._ref = self._cos = self._agree = None
+    `kinds` holds each output's kind (see `compressor.objectives`).
+    """
+
+    def __init__(self, kinds: list[str]) -> None:
+        self._kinds = list(kinds)
+        n = len(kinds)
+        self._err, self._ref, self._cos, self._agree = [0.0] * n, [0.0] * n, [0.0] * n, [0] * n
+        self._vectors = [0] * n
         self._rows = 0
+        self._logits = [kind == "logits" for kind in kinds]
 
     def add(self, outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> None:
         """Add one batch of outputs and their reference outputs."""
-        if self._err is None:
-            n = len(reference)
-            self._err, self._ref, self._cos, self._agree = [0.0] * n, [0.0] * n, [0.0] * n, [0] * n
-            self._logits = [looks_like_logits(r) for r in reference]
         rows = reference[0].shape[0]
         for i, (out, ref) in enumerate(zip(outputs, reference, strict=True)):
             out, ref = out.detach().double(), ref.detach().double()
             self._err[i] += float((out - ref).pow(2).sum())
             self._ref[i] += float(ref.pow(2).sum())
-            flat_out, flat_ref = out.reshape(out.shape[0], -1), ref.reshape(ref.shape[0], -1)
+            width = out.shape[-1] if out.dim() >= 2 else 1
+            flat_out, flat_ref = out.reshape(-1, width), ref.reshape(-1, width)
             self._cos[i] += float(torch.nn.functional.cosine_similarity(
                 flat_out, flat_ref, dim=1, eps=1e-12).sum())
+            self._vectors[i] += flat_ref.shape[0]
             if self._logits[i]:
                 self._agree[i] += int((out.argmax(1) == ref.argmax(1)).sum())
         self._rows += rows
@@ -81,7 +86,8 @@ class FidelityMeter:
         """Return the fidelity of every output."""
         return [
             OutputFidelity(
-                cosine=self._cos[i] / self._rows,
+                kind=self._kinds[i],
+                cosine=self._cos[i] / max(1, self._vectors[i]),
                 relative_l2=(self._err[i] / max(self._ref[i], 1e-30)) ** 0.5,
                 top1_agreement=self._agree[i] / self._rows if self._logits[i] else None,
             )

@@ -15,21 +15,26 @@ from torch.export import ExportedProgram
 from torch.export.passes import move_to_device_pass
 
 from compressor import report as figures
+from compressor.allocation import allocate_by_sensitivity, measure_sensitivities
 from compressor.config import CompressionConfig
 from compressor.data import Dataset, InputSpec, input_specs, load_data, synthesize_data
 from compressor.errors import CompressorError
 from compressor.export import export_onnx, verify_onnx
+from compressor.export import output_names as export_output_names
 from compressor.finetune import FinetuneSummary, device_copy, finetune_, resolve_device
 from compressor.graph import collect_layer_stats, find_layers
 from compressor.joblog import JobLog
 from compressor.loading import load_program
-from compressor.outputs import FidelityMeter, run_outputs
+from compressor.methods import LayerStats, get_method
+from compressor.objectives import detect_output_kinds
+from compressor.outputs import FidelityMeter, call, run_outputs
 from compressor.planning import Plan, method_settings, plan_layers
 from compressor.progress import JobControl, ProgressCallback, StopCheck
 from compressor.rewrite import factorize, materialize, parametrize_
 
 ARTIFACT_NAMES = ("model.onnx", "report.json", "job.log")
 _CALIBRATION_SAMPLES = 512
+_SENSITIVITY_SAMPLES = 32
 _LATENCY_BATCHES = (1, 32)
 
 
@@ -98,23 +103,29 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
                  f"data: {inputs.train.source} ({len(inputs.train)} train, "
                  f"{len(inputs.held_out)} held-out)")
     teacher = copy.deepcopy(inputs.program.module()).eval()
+    kinds = output_kinds(teacher, inputs, config)
+    log.info(f"outputs: {dict(zip(export_output_names(len(kinds)), kinds, strict=True))}")
     with log.stage("planning"):
         control.report("planning", 0.0)
         plan = plan_layers(*find_layers(teacher), config)
-        log.info(f"plan: {len(plan.compressed)} layers compressed, kept "
+        stats = calibrate(teacher, plan, inputs.train, config)
+        if config.allocation == "sensitivity":
+            control.report("planning", 0.5, "measuring each layer's sensitivity")
+            plan = allocate(teacher, plan, stats, inputs.train, kinds)
+        log.info(f"plan ({plan.allocation}): {len(plan.compressed)} layers compressed, kept "
                  f"{plan.kept_numel / max(1, plan.targeted_numel):.3f} of targeted weights")
     with log.stage("rewriting"):
         control.report("rewriting", 0.0, f"initializing {len(plan.compressed)} layers")
-        student = rewrite(teacher, plan, inputs.train, config)
+        student = rewrite(teacher, plan, stats, config)
     with log.stage("finetuning"):
         control.report("finetuning", 0.0)
         with torch.no_grad():  # the original's held-out outputs, computed once
             reference = [run_outputs(teacher, b) for b in inputs.held_out.batches(64)]
-        initial = fidelity(student, reference, inputs.held_out)
-        summary = finetune(inputs.program, student, teacher, plan, inputs, config, control)
+        initial = fidelity(student, reference, inputs.held_out, kinds)
+        summary = finetune(inputs.program, student, teacher, plan, inputs, config, control, kinds)
         log.info(f"fine-tuning on {summary.device}: held-out loss {summary.initial_score:.4f} "
                  f"-> {summary.best_score:.4f} (best step {summary.best_step})")
-    final = fidelity(student, reference, inputs.held_out)
+    final = fidelity(student, reference, inputs.held_out, kinds)
     layer_errors = figures.layer_errors(teacher, student, plan, inputs.held_out.take(
         torch.arange(min(len(inputs.held_out), 64))))
     staging = out_dir / ".model.onnx.staging"
@@ -175,39 +186,82 @@ def load_inputs(model: Path, data: Path | None, config: CompressionConfig) -> _I
     return _Inputs(program, specs, train, held_out)
 
 
-def rewrite(teacher: fx.GraphModule, plan: Plan, train: Dataset,
-            config: CompressionConfig) -> fx.GraphModule:
-    """Return a copy of `teacher` with the plan's parametrizations, θ initialized."""
-    stats = {}
-    if config.init == "activation_aware":
+def calibrate(teacher: fx.GraphModule, plan: Plan, train: Dataset,
+              config: CompressionConfig) -> dict[str, LayerStats]:
+    """Return the statistics the planned layers' initialization uses, by layer name.
+
+    With `init: activation_aware`: the inputs each layer sees on calibration samples (a Gram
+    matrix, an embedding's row reads). Lowrank layers also get their full decomposition
+    (`stats[name].extras["lowrank"]`), which both the allocation and the initialization read.
+    """
+    stats: dict[str, LayerStats] = {}
+    if config.init == "activation_aware" and plan.compressed:
         calibration = train.take(torch.arange(min(len(train), _CALIBRATION_SAMPLES)))
         batches = list(Dataset(calibration, train.synthetic, train.source).batches(64))
         stats = collect_layer_stats(teacher, [p.layer for p in plan.compressed], batches)
+    lowrank = get_method("lowrank")
+    for entry in plan.compressed:
+        if entry.method != "lowrank":
+            continue
+        entry_stats = stats.setdefault(entry.layer.name, LayerStats(None))
+        weight = teacher.get_submodule(entry.layer.name).weight.detach()
+        entry_stats.extras["lowrank"] = lowrank.factorize(
+            entry.layer, weight, entry_stats if config.init == "activation_aware" else None)
+    return stats
+
+
+def allocate(teacher: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats], train: Dataset,
+             kinds: list[str]) -> Plan:
+    """Return `plan` with its lowrank ranks spread by measured sensitivity."""
+    factors = {name: s.extras["lowrank"] for name, s in stats.items() if "lowrank" in s.extras}
+    if not factors:
+        return plan
+    batch = train.take(torch.arange(min(len(train), _SENSITIVITY_SAMPLES)))
+    sensitivities = measure_sensitivities(teacher, plan, factors, batch, kinds)
+    lowrank = get_method("lowrank")
+    break_even = {p.layer.name: lowrank.break_even_rank(p.layer) for p in plan.layers}
+    return allocate_by_sensitivity(plan, factors, sensitivities, break_even)
+
+
+def rewrite(teacher: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats],
+            config: CompressionConfig) -> fx.GraphModule:
+    """Return a copy of `teacher` with the plan's parametrizations, θ initialized."""
     student = copy.deepcopy(teacher)
     parametrize_(student, plan, stats, method_settings(config))
     return student
 
 
+def output_kinds(teacher: fx.GraphModule, inputs: _Inputs, config: CompressionConfig,
+                 ) -> list[str]:
+    """Return each output's kind (logits, embedding, regression, ignored): its loss and scores."""
+    sample = inputs.held_out.take(torch.arange(min(2, len(inputs.held_out))))
+    with torch.no_grad():
+        raw = call(teacher, sample)
+        outputs = run_outputs(teacher, sample)
+    return detect_output_kinds(teacher, raw, outputs, config.finetune.loss)
+
+
 def finetune(program: ExportedProgram, student: fx.GraphModule, teacher: fx.GraphModule,
              plan: Plan, inputs: _Inputs, config: CompressionConfig,
-             control: JobControl) -> FinetuneSummary:
+             control: JobControl, kinds: list[str]) -> FinetuneSummary:
     """Fine-tune `student` in place, on CUDA when there is one (copies there and back)."""
     device = resolve_device(config.finetune.device)
     if device.type == "cpu":
         return finetune_(student, teacher, plan, inputs.train, inputs.held_out, config.finetune,
-                         control, device)
+                         control, device, kinds)
     on_device = device_copy(program, student, plan, device)
     teacher_on_device = move_to_device_pass(copy.deepcopy(program), device).module().eval()
     summary = finetune_(on_device, teacher_on_device, plan, inputs.train, inputs.held_out,
-                        config.finetune, control, device)
+                        config.finetune, control, device, kinds)
     student.load_state_dict({k: v.cpu() for k, v in on_device.state_dict().items()})
     return summary
 
 
-def fidelity(student: fx.GraphModule, reference: list[list[torch.Tensor]], held_out: Dataset):
+def fidelity(student: fx.GraphModule, reference: list[list[torch.Tensor]], held_out: Dataset,
+             kinds: list[str]):
     """Return per-output fidelity of `student` against the original's outputs `reference`
     (one list per batch of 64 of the held-out split)."""
-    meter = FidelityMeter()
+    meter = FidelityMeter(kinds)
     with torch.no_grad():
         for batch, expected in zip(held_out.batches(64), reference, strict=True):
             meter.add(run_outputs(student, batch), expected)

@@ -9,7 +9,7 @@ size stays dense and its weights count against the budget.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from compressor.config import CompressionConfig, LayerOverride
 from compressor.errors import ConfigError
@@ -26,6 +26,8 @@ class LayerPlan:
     size: int | None
     compact_numel: float
     reason: str = ""
+    adjustable: bool = False  # sized from the global ratio, so allocation may move its size
+    sensitivity: float | None = None  # measured loss per unit of output error (allocation)
 
     @property
     def compressed(self) -> bool:
@@ -41,6 +43,7 @@ class Plan:
     skipped: tuple[SkippedLayer, ...]
     budget: float
     layer_ratio: float
+    allocation: str = "uniform"  # how the global budget was spread: uniform or sensitivity
 
     @property
     def compressed(self) -> tuple[LayerPlan, ...]:
@@ -68,11 +71,14 @@ class Plan:
             "kept_weights": round(self.kept_numel),
             "kept_fraction": self.kept_numel / max(1, self.targeted_numel),
             "layer_ratio": self.layer_ratio,
+            "allocation": self.allocation,
             "layers": [
                 {"name": p.layer.name, "kind": p.layer.kind, "shape": list(p.layer.weight_shape),
                  "method": p.method if p.compressed else "dense", "size": p.size,
                  "size_field": get_method(p.method).size_field,
                  "weights_before": p.layer.numel, "weights_after": round(p.compact_numel),
+                 "share": p.compact_numel / max(1, p.layer.numel),
+                 **({"sensitivity": p.sensitivity} if p.sensitivity is not None else {}),
                  **({"reason": p.reason} if p.reason else {})}
                 for p in self.layers
             ],
@@ -187,7 +193,8 @@ def _fit_ratio(planner: _Planner, free: list[tuple[LayerInfo, str]],
                budget: float) -> tuple[float, list[LayerPlan]]:
     """Return the largest per-layer ratio whose plan for `free` fits `budget`, and that plan."""
     def plan_at(ratio: float) -> list[LayerPlan]:
-        return [planner.layer_plan(layer, name, ratio * layer.numel) for layer, name in free]
+        return [replace(planner.layer_plan(layer, name, ratio * layer.numel), adjustable=True)
+                for layer, name in free]
 
     def kept(plans: list[LayerPlan]) -> float:
         return sum(p.compact_numel for p in plans)

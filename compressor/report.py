@@ -56,9 +56,13 @@ def layer_errors(original: fx.GraphModule, compressed: nn.Module, plan: Plan,
     def record(layer, x: torch.Tensor) -> None:
         dense = original.get_submodule(layer.name).weight.detach().double()
         approx = compressed.get_submodule(layer.name).weight.detach().double()
-        rows = layer_rows(layer, x.double())
-        ref = rows @ dense.reshape(dense.shape[0], -1).T
-        out = rows @ approx.reshape(approx.shape[0], -1).T
+        if layer.kind == "embedding":
+            ids = x.reshape(-1).to(torch.int64)
+            ref, out = dense[ids], approx[ids]
+        else:
+            rows = layer_rows(layer, x.double())
+            ref = rows @ dense.reshape(dense.shape[0], -1).T
+            out = rows @ approx.reshape(approx.shape[0], -1).T
         errors[layer.name] = {
             "relative_weight_error": float((approx - dense).norm() / dense.norm().clamp(min=1e-30)),
             "relative_output_error": float((out - ref).norm() / ref.norm().clamp(min=1e-30)),

@@ -28,8 +28,8 @@ def parametrize_(module: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats
         parametrization = method.parametrization(
             entry.layer, weight, entry.size, stats.get(entry.layer.name), settings)
         parametrize.register_parametrization(owner, "weight", parametrization)
-        if hasattr(parametrization, "input_gram"):
-            parametrization.input_gram = None  # only needed to initialize θ
+        if hasattr(parametrization, "factors"):
+            parametrization.factors = None  # only needed to initialize θ
         for theta in owner.parametrizations.weight.parameters():
             theta.requires_grad_(True)
 

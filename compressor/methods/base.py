@@ -19,17 +19,21 @@ from typing import ClassVar, Literal, Protocol
 import torch
 from torch import nn
 
-LayerKind = Literal["linear", "conv2d"]
+LayerKind = Literal["linear", "conv2d", "embedding"]
 GradReduction = Literal["sum", "mean"]
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """One compressible layer of the program: a Linear or Conv2d weight and how it is used."""
+    """One compressible layer of the program: a Linear, Conv2d or Embedding weight and its use.
+
+    An embedding table (rows, dim) is seen as a matrix of `rows` outputs by `dim` inputs, so
+    `A @ B` is a narrow table A (rows × r) times a projection B (r × dim).
+    """
 
     name: str  # dotted module name, e.g. "encoder.0.dense"; the weight is f"{name}.weight"
     kind: LayerKind
-    weight_shape: tuple[int, ...]  # (out, in) or (out, in, kh, kw)
+    weight_shape: tuple[int, ...]  # (out, in), (out, in, kh, kw) or (rows, dim)
     has_bias: bool
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
@@ -63,11 +67,13 @@ class LayerStats:
     """Calibration statistics of a layer's input, for activation-aware initialization.
 
     `gram` is the sum over calibration rows x (in_features each; unfolded patches for a conv)
-    of x xᵀ, in float64; `rows` is how many rows were summed.
+    of x xᵀ, in float64; `rows` is how many rows were summed. An embedding has no Gram but
+    `row_counts`: how many times each of its rows was read.
     """
 
-    gram: torch.Tensor
+    gram: torch.Tensor | None
     rows: int = 0
+    row_counts: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 

@@ -2,13 +2,18 @@
 
 Initialization is a truncated SVD of W, or, given the layer's input statistics, the
 activation-aware solution (SVD-LLM style): with the input Gram matrix G = X Xᵀ = L Lᵀ, the rank-r
-product minimizing ‖(W − A B) X‖ is the truncated SVD of W L mapped back through L⁻¹. A Conv2d
-factorizes into a kh×kw conv with r filters followed by a 1×1 conv.
+product minimizing ‖(W − A B) X‖ is the truncated SVD of W L mapped back through L⁻¹. An
+embedding table weighs each row by how often the calibration data reads it (rows never read
+keep a floor weight, so unseen tokens stay usable). One decomposition serves every rank: its
+squared singular values are the output error each dropped direction costs, which is what the
+planner's sensitivity allocation reads. A Conv2d factorizes into a kh×kw conv with r filters
+followed by a 1×1 conv; an embedding into a narrow table followed by a projection.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,55 +25,97 @@ from compressor.methods.base import LayerInfo, LayerStats, MethodSettings
 
 # Relative damping added to the Gram diagonal so its Cholesky factor exists and is well-conditioned.
 _GRAM_DAMPING = 1e-4
+# An embedding row read n times weighs n / (mean reads per row) + this: rows never read count too.
+_UNSEEN_ROW_WEIGHT = 1.0
+# Ranks are rounded down to a multiple of this (fast matmul tiles) when that gives up at most
+# _ROUNDING_COST of the layer's budget.
+RANK_MULTIPLE = 8
+_ROUNDING_COST = 0.02
+
+
+@dataclass
+class LowRankFactors:
+    """A full decomposition W = A @ B, directions sorted by the output error they carry.
+
+    `A[:, :r] @ B[:r]` is the best rank-r product (in the metric of the inputs it was given),
+    and `energy[r:].sum()` its squared output error on the calibration inputs (on W itself
+    without them).
+    """
+
+    A: torch.Tensor  # (out, k)
+    B: torch.Tensor  # (k, in)
+    energy: torch.Tensor  # (k,) float64, decreasing
+
+    def error(self, rank: int) -> float:
+        """Return the squared output error of the rank-`rank` truncation."""
+        return float(self.energy[rank:].sum())
 
 
 class LowRankWeight(nn.Module):
     """Parametrize a weight as (A @ B) reshaped to the layer's weight shape."""
 
     def __init__(self, weight_shape: tuple[int, ...], rank: int,
-                 input_gram: torch.Tensor | None = None) -> None:
+                 factors: LowRankFactors | None = None) -> None:
         super().__init__()
         self.weight_shape = tuple(weight_shape)
         self.rank = rank
         # Used once by right_inverse to initialize θ; not part of the state.
-        self.input_gram = input_gram
+        self.factors = factors
 
     def forward(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return (A @ B).reshape(self.weight_shape)
 
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (A, B) of rank `rank` closest to `weight` (on the inputs, when a Gram is set)."""
-        matrix = weight.detach().reshape(weight.shape[0], -1).to(torch.float64)
-        if self.input_gram is None:
-            A, B = _truncated_svd(matrix, self.rank)
-        else:
-            A, B = _activation_aware_svd(matrix, self.input_gram, self.rank)
+        """Return (A, B) of rank `rank` closest to `weight` (on the inputs, when factors from
+        calibration statistics are set)."""
+        factors = self.factors
+        if factors is None:
+            factors = decompose(weight.detach().reshape(weight.shape[0], -1), None, None)
+        A, B = factors.A[:, :self.rank], factors.B[:self.rank]
         return A.to(weight.dtype).contiguous(), B.to(weight.dtype).contiguous()
 
 
-def _truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _svd_factors(matrix: torch.Tensor) -> LowRankFactors:
     U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
-    root = S[:rank].sqrt()
-    return U[:, :rank] * root, root[:, None] * Vh[:rank]
+    root = S.sqrt()
+    return LowRankFactors(U * root, root[:, None] * Vh, S.pow(2))
 
 
-def _activation_aware_svd(
-    matrix: torch.Tensor, gram: torch.Tensor, rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _cholesky(gram: torch.Tensor) -> torch.Tensor | None:
     gram = gram.to(torch.float64)
     eye = torch.eye(gram.shape[0], dtype=torch.float64)
     damping = _GRAM_DAMPING * gram.diagonal().mean().clamp(min=1e-12)
     for _ in range(6):
         chol, info = torch.linalg.cholesky_ex(gram + damping * eye)
         if int(info) == 0:
-            break
+            return chol
         damping *= 10
+    return None
+
+
+def decompose(matrix: torch.Tensor, gram: torch.Tensor | None,
+              row_counts: torch.Tensor | None) -> LowRankFactors:
+    """Return the full decomposition of `matrix` (out × in) that truncates best on the inputs.
+
+    With an input Gram G = L Lᵀ: the SVD of W L, mapped back through L⁻¹. With row read counts
+    (an embedding): the SVD of D W with D the row weights, mapped back through D⁻¹. Neither:
+    the plain SVD. Factors come back in float32, the energies in float64.
+    """
+    matrix = matrix.detach().to(torch.float64)
+    chol = None if gram is None else _cholesky(gram)
+    if chol is not None:
+        whitened = _svd_factors(matrix @ chol)
+        # B = (B L) L⁻¹, solved rather than inverted: Lᵀ Bᵀ = (B L)ᵀ.
+        B = torch.linalg.solve_triangular(chol.T, whitened.B.T, upper=True).T
+        factors = LowRankFactors(whitened.A, B, whitened.energy)
+    elif row_counts is not None:
+        counts = row_counts.to(torch.float64)
+        weight = (counts / counts.mean().clamp(min=1e-12) + _UNSEEN_ROW_WEIGHT).sqrt()
+        weighted = _svd_factors(matrix * weight[:, None])
+        factors = LowRankFactors(weighted.A / weight[:, None], weighted.B, weighted.energy)
     else:
-        return _truncated_svd(matrix, rank)
-    A, BL = _truncated_svd(matrix @ chol, rank)
-    # B = (BL) L⁻¹, solved rather than inverted: Lᵀ Bᵀ = BLᵀ.
-    B = torch.linalg.solve_triangular(chol.T, BL.T, upper=True).T
-    return A, B
+        factors = _svd_factors(matrix)
+    return LowRankFactors(factors.A.float(), factors.B.float(), factors.energy)
 
 
 class LowRankLinear(nn.Module):
@@ -82,6 +129,18 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.B), self.A, self.bias)
+
+
+class LowRankEmbedding(nn.Module):
+    """Look up rows of a narrow table A (rows × r), then project them: A[ids] @ B."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        super().__init__()
+        self.A = nn.Parameter(A.detach().clone(), requires_grad=False)
+        self.B = nn.Parameter(B.detach().clone(), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.A) @ self.B
 
 
 class LowRankConv2d(nn.Module):
@@ -109,7 +168,7 @@ class LowRank:
     """W = A @ B: `rank` numbers per output plus `rank` per input."""
 
     name = "lowrank"
-    layer_kinds = frozenset({"linear", "conv2d"})
+    layer_kinds = frozenset({"linear", "conv2d", "embedding"})
     size_field = "rank"
     min_size = 1
     ties_output_rows = False
@@ -121,9 +180,24 @@ class LowRank:
                         settings: MethodSettings) -> int | None:
         rank = min(math.floor(budget / (layer.out_features + layer.in_features)),
                    min(layer.out_features, layer.in_features))
+        rounded = rank - rank % RANK_MULTIPLE
+        if rounded >= RANK_MULTIPLE and (rank - rounded) / rank <= _ROUNDING_COST:
+            rank = rounded
         if rank < 1 or self.compact_numel(layer, rank, settings) >= layer.numel:
             return None
         return rank
+
+    def break_even_rank(self, layer: LayerInfo) -> int:
+        """Return the largest rank that stores fewer numbers than the dense weight."""
+        return min(math.ceil(layer.numel / (layer.out_features + layer.in_features)) - 1,
+                   min(layer.out_features, layer.in_features))
+
+    def factorize(self, layer: LayerInfo, weight: torch.Tensor,
+                  stats: LayerStats | None) -> LowRankFactors:
+        """Return the layer's full decomposition (activation-aware when `stats` are given)."""
+        gram = None if stats is None else stats.gram
+        counts = None if stats is None else stats.row_counts
+        return decompose(weight.reshape(weight.shape[0], -1), gram, counts)
 
     def parametrization(self, layer: LayerInfo, weight: torch.Tensor, size: int,
                         stats: LayerStats | None, settings: MethodSettings) -> nn.Module:
@@ -134,12 +208,16 @@ class LowRank:
                 f"{layer.out_features}×{layer.in_features}, so the rank must be 1..{full_rank}; "
                 "fix the override")
         # A and B are not copies of one another: grad_reduction has nothing to reduce here.
-        gram = None if stats is None else stats.gram
-        return LowRankWeight(layer.weight_shape, size, input_gram=gram)
+        factors = None if stats is None else stats.extras.get("lowrank")
+        if factors is None and stats is not None:
+            factors = self.factorize(layer, weight, stats)
+        return LowRankWeight(layer.weight_shape, size, factors)
 
     def compact_module(self, layer: LayerInfo, parametrization: nn.Module,
                        theta: tuple[torch.Tensor, ...], bias: torch.Tensor | None) -> nn.Module:
         A, B = theta
         if layer.kind == "conv2d":
             return LowRankConv2d(layer, A, B, bias)
+        if layer.kind == "embedding":
+            return LowRankEmbedding(A, B)
         return LowRankLinear(A, B, bias)

@@ -89,12 +89,25 @@ class SharedValuesConv2d(nn.Module):
                         self.groups)
 
 
+class SharedValuesEmbedding(nn.Module):
+    """Look up the small-integer index rows of the tokens, then their values in the codebook."""
+
+    def __init__(self, codebook: torch.Tensor, idx: torch.Tensor) -> None:
+        super().__init__()
+        self.codebook = frozen(codebook)
+        self.register_buffer("idx", idx.detach().clone())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.idx)
+        return self.codebook.index_select(0, rows.reshape(-1).to(torch.int32)).reshape(rows.shape)
+
+
 @register_method
 class ShareValues:
     """K shared values and one index per weight: K + numel·bits/32 numbers."""
 
     name = "share_values"
-    layer_kinds = frozenset({"linear", "conv2d"})
+    layer_kinds = frozenset({"linear", "conv2d", "embedding"})
     size_field = "values"
     min_size = 2
     ties_output_rows = False
@@ -129,6 +142,8 @@ class ShareValues:
                        theta: tuple[torch.Tensor, ...], bias: torch.Tensor | None) -> nn.Module:
         (codebook,) = theta
         idx = parametrization.idx
+        if layer.kind == "embedding":
+            return SharedValuesEmbedding(codebook, idx)
         if layer.kind == "conv2d":
             return SharedValuesConv2d(layer, codebook, idx, bias)
         return SharedValuesLinear(codebook, idx, bias)

@@ -1,4 +1,4 @@
-"""Fine-tuning pieces: the loss, the device, and the copy the CUDA path trains."""
+"""Fine-tuning pieces: learning rates, the device, and the copy the CUDA path trains."""
 
 import copy
 
@@ -8,27 +8,11 @@ from tiny_models import MODEL_CLASSES, example_inputs, make_pt2
 
 from compressor.config import CompressionConfig
 from compressor.errors import ConfigError
-from compressor.finetune import device_copy, distillation_loss, resolve_device
+from compressor.finetune import device_copy, parameter_groups, resolve_device
 from compressor.graph import find_layers
 from compressor.outputs import run_outputs
 from compressor.planning import method_settings, plan_layers
 from compressor.rewrite import parametrize_
-
-
-def test_the_loss_is_zero_only_when_the_outputs_match():
-    logits, hidden = torch.randn(8, 5), torch.randn(8, 3, 4)
-    assert float(distillation_loss([logits, hidden], [logits, hidden])) == pytest.approx(0, abs=1e-6)
-    assert float(distillation_loss([logits + 0.1, hidden], [logits, hidden])) > 0
-    # Integer outputs (e.g. argmax ids) carry no gradient and are left out.
-    ids = torch.arange(8)
-    assert float(distillation_loss([logits, ids], [logits, ids + 1])) == pytest.approx(0, abs=1e-6)
-
-
-def test_the_loss_does_not_depend_on_the_outputs_scale():
-    target, noise = torch.randn(16, 3, 4), torch.randn(16, 3, 4)
-    small = distillation_loss([target + 0.1 * noise], [target])
-    large = distillation_loss([1000 * (target + 0.1 * noise)], [1000 * target])
-    torch.testing.assert_close(small, large, rtol=1e-4, atol=0)
 
 
 def test_asking_for_cuda_without_one_says_what_to_do():
@@ -83,3 +67,11 @@ def test_train_biases_adds_the_compressed_layers_biases_and_nothing_else(tmp_pat
     assert names == {f"{name}.{suffix}" for name in compressed
                      for suffix in ("bias", "parametrizations.weight.original0",
                                     "parametrizations.weight.original1")}
+
+
+def test_default_learning_rates_follow_each_tensors_scale():
+    small, large = torch.nn.Parameter(torch.full((4, 4), 0.02)), torch.nn.Parameter(torch.full((3,), 2.0))
+    groups = parameter_groups([small, large], CompressionConfig().finetune)
+    assert [g["lr"] for g in groups] == pytest.approx([0.01 * 0.02, 0.01 * 2.0])
+    fixed = parameter_groups([small, large], CompressionConfig.parse({"finetune": {"lr": 1e-3}}).finetune)
+    assert len(fixed) == 1 and fixed[0]["lr"] == 1e-3

@@ -1,0 +1,150 @@
+"""What each model output is, and the distillation loss that fits it.
+
+An output is one of
+- `logits`: (batch, classes) scores read through a softmax; matched by a tempered KL divergence
+  plus a normalized MSE, scored by top-1 agreement;
+- `embedding`: a feature vector per sample (a sentence embedding, hidden states); matched by
+  cosine distance plus a normalized MSE, scored by cosine;
+- `regression`: anything else that is a float (a scalar per sample, a loss); normalized MSE;
+- `ignored`: integer and boolean outputs, which carry no gradient.
+
+`finetune.loss: "auto"` detects the kind from the output's name where the program gives one
+(`logits`, `sentence_embedding`, `last_hidden_state`, ...) and otherwise from the graph: a 2-D
+output computed by a Linear layer is logits; a pooled, normalized or otherwise post-processed
+vector is an embedding. A single kind, or a map from ONNX output name (`output_0`, ...) to kind,
+overrides the detection.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+from torch.utils._pytree import keystr, tree_flatten_with_path
+
+from compressor.errors import ConfigError
+
+OutputKind = Literal["logits", "embedding", "regression"]
+OUTPUT_KINDS: tuple[str, ...] = ("logits", "embedding", "regression")
+IGNORED = "ignored"
+_KL_TEMPERATURE = 2.0
+_LOGIT_NAMES = ("logit", "scores", "prediction")
+_EMBEDDING_NAMES = ("embed", "hidden", "pool", "feature", "state", "vector")
+# Ops that only rearrange a tensor: an output behind them was still computed by what fed them.
+_VIEW_OPS = {"view", "reshape", "squeeze", "unsqueeze", "flatten", "clone", "contiguous",
+             "_to_copy", "to", "alias", "detach", "permute", "transpose", "select", "slice"}
+_LINEAR_OPS = {"linear", "addmm", "mm", "matmul", "conv2d", "convolution"}
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    name = getattr(target, "__name__", str(target))  # e.g. "linear.default"
+    return name.split(".")[0]
+
+
+def _computed_by_linear(node: object) -> bool:
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        op = _op_name(node)
+        if op in _LINEAR_OPS:
+            return True
+        if op not in _VIEW_OPS or not node.args:
+            return False
+        node = node.args[0]
+    return False
+
+
+def _output_nodes(module: nn.Module) -> list[object] | None:
+    graph = getattr(module, "graph", None)
+    if not isinstance(graph, fx.Graph):
+        return None
+    output = next((n for n in graph.nodes if n.op == "output"), None)
+    if output is None:
+        return None
+    leaves, _ = tree_flatten_with_path(output.args[0])
+    return [leaf for _, leaf in leaves]
+
+
+def output_names(outputs: object) -> list[str]:
+    """Return the pytree path of each tensor leaf of a model's raw outputs ("" for a bare one)."""
+    leaves, _ = tree_flatten_with_path(outputs)
+    return [keystr(path) for path, leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+def _by_name(name: str) -> str | None:
+    lowered = name.lower()
+    if any(word in lowered for word in _LOGIT_NAMES):
+        return "logits"
+    if any(word in lowered for word in _EMBEDDING_NAMES):
+        return "embedding"
+    return None
+
+
+def _by_shape(output: torch.Tensor, from_linear: bool) -> str:
+    if not output.is_floating_point():
+        return IGNORED
+    if output.dim() == 2 and output.shape[1] >= 2:
+        return "logits" if from_linear else "embedding"
+    if output.dim() >= 3:
+        return "embedding"
+    return "regression"
+
+
+def detect_output_kinds(module: nn.Module, raw_outputs: object, outputs: list[torch.Tensor],
+                        setting: str | dict[str, str] = "auto") -> list[str]:
+    """Return the kind of each flattened output (see the module docstring).
+
+    `raw_outputs` is what the module returned (for the names in a dict or dataclass output),
+    `outputs` its flattened tensors, `setting` the job's `finetune.loss`.
+    """
+    if isinstance(setting, dict):
+        known = {f"output_{i}" for i in range(len(outputs))}
+        unknown = sorted(set(setting) - known)
+        if unknown:
+            raise ConfigError(f"finetune.loss names outputs {unknown} that the model does not "
+                              f"have; its outputs are {sorted(known)}")
+    names = output_names(raw_outputs)
+    nodes = _output_nodes(module)
+    kinds = []
+    for i, output in enumerate(outputs):
+        if not output.is_floating_point():
+            kinds.append(IGNORED)
+            continue
+        chosen = setting.get(f"output_{i}", "auto") if isinstance(setting, dict) else setting
+        if chosen != "auto":
+            kinds.append(chosen)
+            continue
+        name = names[i] if i < len(names) else ""
+        node = nodes[i] if nodes is not None and i < len(nodes) else None
+        kinds.append(_by_name(name) or _by_shape(output, _computed_by_linear(node)))
+    return kinds
+
+
+def _normalized_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(out, target) / (target.var(unbiased=False) + 1e-8)
+
+
+def output_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Return the distillation loss of one output against the original's, for its kind."""
+    out, target = out.float(), target.float()
+    loss = _normalized_mse(out, target)
+    if kind == "logits":
+        loss = loss + F.kl_div(
+            F.log_softmax(out / _KL_TEMPERATURE, dim=1),
+            F.log_softmax(target / _KL_TEMPERATURE, dim=1),
+            log_target=True, reduction="batchmean") * _KL_TEMPERATURE**2
+    elif kind == "embedding":
+        flat_out, flat_target = out.reshape(-1, out.shape[-1]), target.reshape(-1, target.shape[-1])
+        loss = loss + (1 - F.cosine_similarity(flat_out, flat_target, dim=1, eps=1e-8)).mean()
+    return loss
+
+
+def distillation_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor],
+                      kinds: list[str]) -> torch.Tensor:
+    """Return the sum over outputs of the loss that fits each one's kind (ignored ones skipped)."""
+    total = outputs[0].new_zeros((), dtype=torch.float32)
+    for out, target, kind in zip(outputs, targets, kinds, strict=True):
+        if kind != IGNORED:
+            total = total + output_loss(out, target, kind)
+    return total

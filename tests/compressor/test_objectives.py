@@ -1,0 +1,99 @@
+"""Output kinds and the loss that fits each: logits, embeddings, other floats, ignored outputs."""
+
+import pytest
+import torch
+from torch import nn
+
+from compressor.errors import ConfigError
+from compressor.objectives import detect_output_kinds, distillation_loss, output_loss
+from compressor.outputs import FidelityMeter, call, run_outputs
+
+
+class _Heads(nn.Module):
+    """A classifier's logits, a pooled embedding, a per-sample score and an id output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 5)
+        self.score = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor):
+        hidden = torch.relu(self.body(x))
+        logits = self.head(hidden)
+        return logits, hidden / hidden.norm(dim=1, keepdim=True).clamp(min=1e-6), \
+            self.score(hidden).squeeze(1), logits.argmax(1)
+
+
+class _Named(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor):
+        return {"sentence_embedding": self.proj(x), "logits": self.proj(x) * 2}
+
+
+def _program_module(model: nn.Module):
+    x = torch.randn(4, 6)
+    batch = torch.export.Dim("batch")
+    return torch.export.export(model.eval(), (x,), dynamic_shapes=({0: batch},)).module(), {"x": x}
+
+
+@pytest.mark.parametrize(("model", "setting", "expected"), [
+    (_Heads, "auto", ["logits", "embedding", "regression", "ignored"]),
+    # A name says more than a shape: this "embedding" comes straight from a Linear.
+    (_Named, "auto", ["embedding", "logits"]),
+    (_Heads, "embedding", ["embedding", "embedding", "embedding", "ignored"]),
+    (_Heads, {"output_0": "regression"}, ["regression", "embedding", "regression", "ignored"]),
+])
+def test_output_kinds_come_from_names_and_the_graph_unless_the_job_says(model, setting, expected):
+    module, batch = _program_module(model())
+    kinds = detect_output_kinds(module, call(module, {"x": batch["x"]}),
+                                run_outputs(module, batch), setting)
+    assert kinds == expected
+
+
+def test_a_loss_setting_for_an_output_that_does_not_exist_is_refused():
+    module, batch = _program_module(_Heads())
+    with pytest.raises(ConfigError, match=r"output_7.*outputs are"):
+        detect_output_kinds(module, call(module, batch), run_outputs(module, batch),
+                            {"output_7": "logits"})
+
+
+@pytest.mark.parametrize("kind", ["logits", "embedding", "regression"])
+def test_each_loss_is_zero_on_a_match_positive_otherwise_and_scale_free(kind):
+    target, noise = torch.randn(16, 5), torch.randn(16, 5)
+    assert float(output_loss(target, target, kind)) == pytest.approx(0, abs=1e-5)
+    assert float(output_loss(target + 0.1 * noise, target, kind)) > 1e-4
+    if kind != "logits":  # a softmax is not scale-free, and should not be
+        small = output_loss(target + 0.1 * noise, target, kind)
+        large = output_loss(1000 * (target + 0.1 * noise), 1000 * target, kind)
+        torch.testing.assert_close(small, large, rtol=1e-4, atol=0)
+
+
+def test_an_embedding_loss_sees_direction_and_a_logits_loss_sees_the_softmax():
+    target = torch.randn(16, 5)
+    # Same direction, other length: only the MSE part of the embedding loss sees it.
+    longer = output_loss(target * 1.1, target, "embedding")
+    assert float(longer) == pytest.approx(float(output_loss(target * 1.1, target, "regression")),
+                                          rel=1e-4)
+    # A constant shift leaves the softmax alone: the logits loss is only its MSE part.
+    shifted = output_loss(target + 1.0, target, "logits")
+    assert float(shifted) == pytest.approx(float(output_loss(target + 1.0, target, "regression")),
+                                           rel=1e-4)
+
+
+def test_ignored_outputs_add_nothing():
+    logits, ids = torch.randn(8, 5), torch.arange(8)
+    loss = distillation_loss([logits, ids], [logits, ids + 1], ["logits", "ignored"])
+    assert float(loss) == pytest.approx(0, abs=1e-6)
+
+
+def test_fidelity_reports_top1_for_logits_only():
+    meter = FidelityMeter(["logits", "embedding"])
+    logits, embedding = torch.randn(10, 4), torch.randn(10, 3)
+    meter.add([logits, embedding * 2], [logits, embedding])
+    result = meter.result()
+    assert result[0].top1_agreement == 1.0 and result[1].top1_agreement is None
+    assert result[1].cosine == pytest.approx(1.0) and result[1].kind == "embedding"
