@@ -110,6 +110,14 @@ class ExportConfig(_Strict):
         default="dense",
         description="dense: plain weights in the original graph; factorized: the compact form",
     )
+    quantize: Literal["int8"] | None = Field(
+        default=None,
+        description="int8: quantize the exported weights to int8 (onnxruntime dynamic "
+        "quantization, per channel), on either form")
+    quantized_tolerance: float = Field(
+        default=0.3, gt=0, le=1,
+        description="with quantize: the largest relative L2 difference accepted between the "
+        "int8 model and the compressed PyTorch model, per output")
     opset: int = Field(default=18, ge=18, le=23, description="ONNX opset version")
     atol: float = Field(default=1e-4, gt=0,
                         description="onnxruntime vs PyTorch: absolute tolerance")

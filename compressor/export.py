@@ -140,3 +140,64 @@ def verify_onnx(path: Path, module: nn.Module, held_out: Dataset, atol: float, r
     return {"passed": True, "samples": len(rows), "atol": atol, "rtol": rtol,
             "max_abs_diff": dict(zip(output_names(len(worst_abs)), worst_abs.values(),
                                      strict=True))}
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """Write `source` with int8 weights (onnxruntime dynamic quantization, per channel) to
+    `target`, atomically. MatMul, Conv and Gather weights become int8; activations are
+    quantized on the fly at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # its advice to pre-process is for static quantization
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantize_dynamic(source, tmp, weight_type=QuantType.QInt8, per_channel=True)
+        finally:
+            root.setLevel(level)
+        os.replace(tmp, target)
+    except Exception as exc:  # onnxruntime's quantizer raises many types
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"int8 quantization of the ONNX model failed: {exc}. Export without "
+                          "export.quantize, or try export.form='dense'") from exc
+
+
+def onnx_outputs(path: Path, dataset: Dataset, batch_size: int = 64) -> list[list[np.ndarray]]:
+    """Return onnxruntime's outputs on every batch of `dataset` (batches of `batch_size`)."""
+    session = onnx_session(path)
+    return [run_onnx(session, batch) for batch in dataset.batches(batch_size)]
+
+
+def verify_quantized(path: Path, module: nn.Module, held_out: Dataset, tolerance: float,
+                     max_samples: int = 64) -> dict:
+    """Check an int8 ONNX model against the float PyTorch `module` it was made from.
+
+    int8 cannot match to float tolerances; what it must do is stay close: each float output's
+    relative L2 difference (‖onnx − torch‖ / ‖torch‖ over the samples) at most `tolerance`.
+    Raises `VerificationError` otherwise.
+    """
+    rows = torch.arange(min(len(held_out), max_samples))
+    subset = Dataset(held_out.take(rows), held_out.synthetic, held_out.source)
+    errors: dict[str, float] = {}
+    with torch.no_grad():
+        for batch, actual in zip(subset.batches(64), onnx_outputs(path, subset), strict=True):
+            expected = [t.numpy() for t in run_outputs(module, batch)]
+            for i, (want, got) in enumerate(zip(expected, actual, strict=True)):
+                if not np.issubdtype(want.dtype, np.floating):
+                    continue
+                diff = float(np.linalg.norm((got - want).astype(np.float64)))
+                norm = float(np.linalg.norm(want.astype(np.float64)))
+                errors[f"output_{i}"] = max(errors.get(f"output_{i}", 0.0), diff / max(norm, 1e-30))
+    for name, error in errors.items():
+        if not error <= tolerance:
+            raise VerificationError(
+                f"the int8 model differs from the compressed PyTorch model on {name} by a "
+                f"relative L2 of {error:.3g}, over export.quantized_tolerance={tolerance:g}. The "
+                "artifact was not kept; export without export.quantize, or raise the tolerance "
+                "if this precision is acceptable")
+    return {"passed": True, "samples": len(rows), "quantized_tolerance": tolerance,
+            "relative_l2": errors}

@@ -19,7 +19,13 @@ from compressor.allocation import allocate_by_sensitivity, measure_sensitivities
 from compressor.config import CompressionConfig
 from compressor.data import Dataset, InputSpec, input_specs, load_data, synthesize_data
 from compressor.errors import CompressorError
-from compressor.export import export_onnx, verify_onnx
+from compressor.export import (
+    export_onnx,
+    onnx_outputs,
+    quantize_int8,
+    verify_onnx,
+    verify_quantized,
+)
 from compressor.export import output_names as export_output_names
 from compressor.finetune import FinetuneSummary, device_copy, finetune_, resolve_device
 from compressor.graph import collect_layer_stats, find_layers
@@ -129,6 +135,8 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
     layer_errors = figures.layer_errors(teacher, student, plan, inputs.held_out.take(
         torch.arange(min(len(inputs.held_out), 64))))
     staging = out_dir / ".model.onnx.staging"
+    quantized = out_dir / ".model.int8.onnx.staging"
+    artifact_fidelity = None  # differs from `final` only when the artifact is quantized
     try:
         with log.stage("exporting"):
             control.report("exporting", 0.0, f"exporting the {config.export.form} form")
@@ -140,10 +148,19 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
             parity = verify_onnx(staging, artifact_module, inputs.held_out,
                                  config.export.atol, config.export.rtol)
             log.info(f"onnxruntime parity: {parity['max_abs_diff']}")
+            if config.export.quantize == "int8":
+                control.report("verifying", 0.5, "quantizing to int8")
+                quantize_int8(staging, quantized)
+                parity["quantized"] = verify_quantized(quantized, artifact_module, inputs.held_out,
+                                                       config.export.quantized_tolerance)
+                log.info(f"int8 against the compressed model: {parity['quantized']['relative_l2']}")
+                os.replace(quantized, staging)
+                artifact_fidelity = onnx_fidelity(staging, reference, inputs.held_out, kinds)
             measured = measure(teacher, student, artifact_module, plan, inputs, staging, config)
         os.replace(staging, out_dir / "model.onnx")
     finally:
         staging.unlink(missing_ok=True)
+        quantized.unlink(missing_ok=True)
     control.report("verifying", 1.0, "done")
     log.info("succeeded")
     log.close()
@@ -160,7 +177,9 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
         "plan": _plan_with_errors(plan, layer_errors),
         **measured,
         "fidelity": {"initialization": figures.fidelity_dict(initial),
-                     "final": figures.fidelity_dict(final)},
+                     "final": figures.fidelity_dict(final),
+                     **({"artifact": figures.fidelity_dict(artifact_fidelity)}
+                        if artifact_fidelity is not None else {})},
         "finetune": asdict(summary),
         "onnx_parity": parity,
         "stage_seconds": log.stage_seconds,
@@ -265,6 +284,15 @@ def fidelity(student: fx.GraphModule, reference: list[list[torch.Tensor]], held_
     with torch.no_grad():
         for batch, expected in zip(held_out.batches(64), reference, strict=True):
             meter.add(run_outputs(student, batch), expected)
+    return meter.result()
+
+
+def onnx_fidelity(path: Path, reference: list[list[torch.Tensor]], held_out: Dataset,
+                  kinds: list[str]):
+    """Return per-output fidelity of the ONNX model at `path` against the original's outputs."""
+    meter = FidelityMeter(kinds)
+    for actual, expected in zip(onnx_outputs(path, held_out), reference, strict=True):
+        meter.add([torch.from_numpy(a) for a in actual], expected)
     return meter.result()
 
 
