@@ -127,3 +127,67 @@ def test_size_for_budget(shape, budget, expected):
     assert LOWRANK.size_for_budget(info, budget, SETTINGS) == expected
     if expected is not None:
         assert LOWRANK.compact_numel(info, expected, SETTINGS) <= budget
+
+
+def test_decomposition_energies_are_the_truncation_errors():
+    torch.manual_seed(5)
+    weight = torch.randn(20, 16, dtype=torch.float64)
+    info = LayerInfo("layer", "linear", (20, 16), False)
+    factors = LOWRANK.factorize(info, weight, None)
+    for rank in (0, 3, 16):
+        approx = factors.A[:, :rank].double() @ factors.B[:rank].double()
+        assert factors.error(rank) == pytest.approx(float((weight - approx).pow(2).sum()),
+                                                    rel=1e-4, abs=1e-6)
+
+
+def test_activation_aware_energies_are_the_output_errors_on_the_calibration_inputs():
+    torch.manual_seed(6)
+    x = torch.randn(200, 16, dtype=torch.float64) * torch.linspace(0.1, 3, 16, dtype=torch.float64)
+    weight = torch.randn(12, 16, dtype=torch.float64)
+    info = LayerInfo("layer", "linear", (12, 16), False)
+    factors = LOWRANK.factorize(info, weight, LayerStats(x.T @ x, 200))
+    approx = factors.A[:, :4].double() @ factors.B[:4].double()
+    output_error = float((x @ (weight - approx).T).pow(2).sum())
+    assert factors.error(4) == pytest.approx(output_error, rel=1e-3)
+
+
+def test_embedding_rows_read_often_are_kept_better():
+    torch.manual_seed(7)
+    table = torch.randn(50, 16)
+    info = LayerInfo("embed", "embedding", (50, 16), False)
+    counts = torch.zeros(50, dtype=torch.float64)
+    counts[:10] = 100.0  # ten frequent tokens; the rest never read in calibration
+    weighted = LOWRANK.factorize(info, table, LayerStats(None, 1000, row_counts=counts))
+    plain = LOWRANK.factorize(info, table, None)
+
+    def frequent_error(factors):
+        return float((table[:10] - (factors.A[:10, :6] @ factors.B[:6])).pow(2).sum())
+
+    assert frequent_error(weighted) < 0.5 * frequent_error(plain)
+
+
+@pytest.mark.parametrize("method", ["lowrank", "share_values"])
+def test_compact_embedding_equals_the_parametrized_table(method):
+    torch.manual_seed(8)
+    embed = nn.Embedding(40, 12)
+    embed.weight.requires_grad_(False)
+    info = LayerInfo("embed", "embedding", (40, 12), False)
+    chosen = get_method(method)
+    size = 4 if method == "lowrank" else 16
+    parametrize.register_parametrization(
+        embed, "weight", chosen.parametrization(info, embed.weight, size, None, SETTINGS))
+    plist = embed.parametrizations.weight
+    theta = tuple(getattr(plist, f"original{i}") for i in range(2) if hasattr(plist, f"original{i}"))
+    theta = theta or (plist.original,)
+    compact = chosen.compact_module(info, plist[0], theta, None)
+    ids = torch.randint(0, 40, (3, 7))
+    torch.testing.assert_close(compact(ids), embed(ids), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("shape", "budget", "expected"), [
+    ((512, 512), 130 * 1024, 128),   # 130 would fit: 128 costs 1.5 % of the budget
+    ((512, 512), 12 * 1024, 12),     # 8 would cost a third: 12 stays
+])
+def test_ranks_round_down_to_multiples_of_8_when_that_is_cheap(shape, budget, expected):
+    info = LayerInfo("layer", "linear", shape, False)
+    assert LOWRANK.size_for_budget(info, budget, SETTINGS) == expected

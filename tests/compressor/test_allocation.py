@@ -1,0 +1,97 @@
+"""Sensitivity allocation: ranks spread by measured sensitivity within the uniform plan's budget."""
+
+import copy
+
+import pytest
+import torch
+from tiny_models import MODEL_CLASSES, example_inputs, make_pt2
+
+from compressor.allocation import allocate_by_sensitivity, measure_sensitivities
+from compressor.config import CompressionConfig
+from compressor.graph import find_layers
+from compressor.methods import get_method
+from compressor.methods.lowrank import RANK_MULTIPLE
+from compressor.objectives import distillation_loss
+from compressor.outputs import run_outputs
+from compressor.planning import plan_layers
+
+LOWRANK = get_method("lowrank")
+
+
+def _setup(tmp_path, ratio=0.5):
+    program = torch.export.load(str(make_pt2("text", tmp_path / "text.pt2")))
+    teacher = program.module()
+    config = CompressionConfig.parse({"ratio": ratio, "min_layer_params": 0,
+                                      "allocation": "uniform"})
+    plan = plan_layers(*find_layers(teacher), config)
+    factors = {p.layer.name: LOWRANK.factorize(p.layer, teacher.get_submodule(p.layer.name)
+                                               .weight.detach(), None)
+               for p in plan.compressed}
+    batch = example_inputs(MODEL_CLASSES["text"](), batch=16, seed=3)
+    kinds = ["logits", "embedding"]
+    return teacher, plan, factors, batch, kinds
+
+
+def _predicted_loss(plan, factors, sensitivities):
+    return sum(sensitivities[p.layer.name] * (factors[p.layer.name].error(p.size)
+                                              if p.compressed else 0.0)
+               for p in plan.layers if p.layer.name in sensitivities)
+
+
+def test_sensitivity_is_the_loss_one_truncated_layer_causes_per_unit_of_its_error(tmp_path):
+    teacher, plan, factors, batch, kinds = _setup(tmp_path)
+    before = copy.deepcopy(teacher.state_dict())
+    sensitivities = measure_sensitivities(teacher, plan, factors, batch, kinds)
+    # The teacher is left as it was.
+    for name, tensor in teacher.state_dict().items():
+        torch.testing.assert_close(tensor, before[name], rtol=0, atol=0)
+    entry = plan.compressed[1]
+    weight = teacher.get_submodule(entry.layer.name).weight
+    layer_factors = factors[entry.layer.name]
+    with torch.no_grad():
+        reference = run_outputs(teacher, batch)
+        weight.copy_(layer_factors.A[:, :entry.size] @ layer_factors.B[:entry.size])
+        loss = float(distillation_loss(run_outputs(teacher, batch), reference, kinds))
+        weight.copy_(before[f"{entry.layer.name}.weight"])
+    assert sensitivities[entry.layer.name] == pytest.approx(
+        loss / layer_factors.error(entry.size), rel=1e-5)
+
+
+def test_allocation_keeps_the_budget_uses_multiples_of_8_and_predicts_a_lower_loss(tmp_path):
+    teacher, plan, factors, batch, kinds = _setup(tmp_path, ratio=0.5)
+    sensitivities = measure_sensitivities(teacher, plan, factors, batch, kinds)
+    break_even = {p.layer.name: LOWRANK.break_even_rank(p.layer) for p in plan.layers}
+    allocated = allocate_by_sensitivity(plan, factors, sensitivities, break_even)
+    assert allocated.allocation == "sensitivity"
+    spent = sum(p.compact_numel for p in allocated.layers if p.adjustable)
+    assert spent <= sum(p.compact_numel for p in plan.layers if p.adjustable)
+    for entry in allocated.layers:
+        if entry.compressed:
+            assert entry.size % RANK_MULTIPLE == 0 or entry.size == break_even[entry.layer.name]
+        else:
+            assert "sensitivity" in entry.reason
+    assert (_predicted_loss(allocated, factors, sensitivities)
+            < _predicted_loss(plan, factors, sensitivities))
+
+
+def test_layers_sized_by_an_override_keep_their_size(tmp_path):
+    program = torch.export.load(str(make_pt2("text", tmp_path / "text.pt2")))
+    teacher = program.module()
+    config = CompressionConfig.parse({"ratio": 0.5, "min_layer_params": 0,
+                                      "overrides": [{"match": "mlp_in", "rank": 3}]})
+    plan = plan_layers(*find_layers(teacher), config)
+    factors = {p.layer.name: LOWRANK.factorize(p.layer, teacher.get_submodule(p.layer.name)
+                                               .weight.detach(), None) for p in plan.compressed}
+    batch = example_inputs(MODEL_CLASSES["text"](), batch=8)
+    sensitivities = measure_sensitivities(teacher, plan, factors, batch, ["logits", "embedding"])
+    break_even = {p.layer.name: LOWRANK.break_even_rank(p.layer) for p in plan.layers}
+    allocated = allocate_by_sensitivity(plan, factors, sensitivities, break_even)
+    assert {p.layer.name: p.size for p in allocated.layers}["mlp_in"] == 3
+
+
+def test_break_even_rank_is_the_last_rank_that_saves_numbers():
+    from compressor.methods import LayerInfo
+
+    info = LayerInfo("l", "linear", (100, 10), False)
+    rank = LOWRANK.break_even_rank(info)
+    assert rank * 110 < 1000 <= (rank + 1) * 110
