@@ -80,7 +80,7 @@ class FinetuneConfig(_Strict):
         default=None, gt=0, le=1.0,
         description="peak AdamW learning rate for every tensor; null: `relative_lr` instead")
     relative_lr: float = Field(
-        default=0.01, gt=0, le=1.0,
+        default=0.005, gt=0, le=1.0,
         description="when `lr` is null, each tensor's peak learning rate is this × the RMS of its "
         "values, so pretrained weights of any scale move by the same fraction")
     loss: OutputKindSetting | dict[str, OutputKindSetting] = Field(

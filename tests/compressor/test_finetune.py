@@ -72,6 +72,6 @@ def test_train_biases_adds_the_compressed_layers_biases_and_nothing_else(tmp_pat
 def test_default_learning_rates_follow_each_tensors_scale():
     small, large = torch.nn.Parameter(torch.full((4, 4), 0.02)), torch.nn.Parameter(torch.full((3,), 2.0))
     groups = parameter_groups([small, large], CompressionConfig().finetune)
-    assert [g["lr"] for g in groups] == pytest.approx([0.01 * 0.02, 0.01 * 2.0])
+    assert [g["lr"] for g in groups] == pytest.approx([0.005 * 0.02, 0.005 * 2.0])
     fixed = parameter_groups([small, large], CompressionConfig.parse({"finetune": {"lr": 1e-3}}).finetune)
     assert len(fixed) == 1 and fixed[0]["lr"] == 1e-3

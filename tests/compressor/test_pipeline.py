@@ -170,3 +170,32 @@ def test_keeping_everything_reproduces_the_original_through_a_data_file(programs
     got = run_onnx(result.model_path, dict(sorted(probe.items())))
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(g, e.detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["dense", "factorized"])
+def test_int8_stacks_on_either_form_verified_against_the_compressed_model(programs, tmp_path, form):
+    config = fast(ratio=0.5, export={"form": form})
+    plain = compressor.compress(programs["text"], config, out_dir=tmp_path / "float")
+    config["export"]["quantize"] = "int8"
+    quantized = compressor.compress(programs["text"], config, out_dir=tmp_path / "int8")
+    assert quantized.model_path.stat().st_size < 0.6 * plain.model_path.stat().st_size
+    parity = quantized.report["onnx_parity"]["quantized"]
+    assert parity["passed"] and set(parity["relative_l2"]) == {"output_0", "output_1"}
+    assert all(0 < error <= 0.3 for error in parity["relative_l2"].values())
+    # The report scores the int8 file itself against the original, next to the float model.
+    artifact = quantized.report["fidelity"]["artifact"]["output_1"]
+    assert artifact["kind"] == "embedding" and 0.9 < artifact["cosine"] <= 1.0
+    assert "artifact" not in plain.report["fidelity"]
+    inputs = example_inputs(MODEL_CLASSES["text"](), batch=5, seed=2)
+    want, got = run_onnx(plain.model_path, inputs), run_onnx(quantized.model_path, inputs)
+    for w, g in zip(want, got, strict=True):
+        assert np.linalg.norm(g - w) / np.linalg.norm(w) < 0.3
+
+
+@pytest.mark.slow
+def test_an_int8_model_too_far_from_the_compressed_one_is_refused(programs, tmp_path):
+    config = fast(export={"quantize": "int8", "quantized_tolerance": 1e-9})
+    with pytest.raises(VerificationError, match="int8 model differs"):
+        compressor.compress(programs["text"], config, out_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.log"]
