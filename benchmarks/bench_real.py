@@ -10,8 +10,9 @@ candidate is an ONNX file scored on the same held-out inputs that no job saw:
 - the original, exported as is;
 - onnxruntime int8 dynamic quantization of the original, the one call a user would make
   (`quantize_dynamic(original, out)`, its defaults);
-- this project at each ratio in each form (`dense`, `factorized`), default config but for
-  `finetune.steps`, and each of those with int8 stacked (`compressor.export.quantize_int8`, the
+- this project at each ratio in each form asked for (`--forms`; `factorized` by default: a
+  `dense` artifact is the original graph with new weights, so it has the original's size and
+  speed), default config but for `finetune.steps`, and each of those with int8 stacked (`compressor.export.quantize_int8`, the
   function `export.quantize: "int8"` runs).
 Fidelity is against the original PyTorch model: cosine for embeddings, top-1 agreement for
 classifiers. Latency is onnxruntime on the CPU, median, at batch 1 and 32. `--rescore` reuses
@@ -29,12 +30,11 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from benchmarks.real_models import RealModel, build
-from compressor.data import Dataset, input_specs
+from compressor.data import input_specs
 from compressor.export import export_onnx, onnx_session, quantize_int8, run_onnx
 from compressor.report import onnx_latency_ms
 
@@ -114,7 +114,8 @@ def _compressed(model: RealModel, folder: Path, ratio: float, form: str,
             f"ratio {ratio}, {form} + int8": (int8, wall + quantize_wall)}
 
 
-def run(models: list[str], ratios: list[float], steps: int, rescore: bool) -> dict:
+def run(models: list[str], ratios: list[float], forms: list[str], steps: int,
+        rescore: bool) -> dict:
     """Build, compress and score; return {model: {candidate: figures}}."""
     built = build(CACHE, models) if not rescore else {
         name: RealModel(name, CACHE / f"{name}.pt2", CACHE / f"{name}-data.safetensors",
@@ -134,7 +135,7 @@ def run(models: list[str], ratios: list[float], steps: int, rescore: bool) -> di
         else:
             candidates = _baselines(model, folder)
             for ratio in ratios:
-                for form in ("dense", "factorized"):
+                for form in forms:
                     candidates.update(_compressed(model, folder, ratio, form, steps))
         results[name] = {}
         for label, (path, wall) in candidates.items():
@@ -176,12 +177,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="minilm,efficientnet")
     parser.add_argument("--ratios", default="0.75,0.5")
+    parser.add_argument("--forms", default="factorized",
+                        help="comma-separated export forms to compress to: dense,factorized (a "
+                        "dense artifact is the original graph: the original's size and speed)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--rescore", action="store_true",
                         help="measure the last run's artifacts again, without compressing")
     args = parser.parse_args()
     results = run(args.models.split(","), [float(r) for r in args.ratios.split(",")],
-                  args.steps, args.rescore)
+                  args.forms.split(","), args.steps, args.rescore)
     write_readme(results)
     print(_table(results))
 

@@ -152,9 +152,12 @@ class CompressionConfig(_Strict):
     )
     layers: LayerSelection = Field(default_factory=LayerSelection)
     overrides: list[LayerOverride] = Field(default_factory=list)
-    init: Literal["svd", "activation_aware"] = Field(
+    init: Literal["svd", "activation_aware", "sequential"] = Field(
         default="activation_aware",
-        description="lowrank initialization; the tying methods always start from k-means",
+        description="lowrank initialization: truncated SVD; activation_aware (whitened by each "
+        "layer's calibration inputs); sequential (activation_aware, then each layer's second "
+        "factor re-solved on the inputs the compressed model gives it). The tying methods "
+        "start from k-means",
     )
     allocation: Literal["sensitivity", "uniform"] = Field(
         default="sensitivity",

@@ -111,6 +111,17 @@ def find_layers(module: fx.GraphModule) -> tuple[list[LayerInfo], list[SkippedLa
     return layers, skipped
 
 
+def layer_calls(module: fx.GraphModule) -> dict[fx.Node, str]:
+    """Return each layer call of the graph with the dotted name of the module owning its weight."""
+    calls = {}
+    for node in _layer_nodes(module.graph):
+        target = _weight_target(node)
+        name = _owner_name(target) if target else None
+        if name is not None:
+            calls[node] = name
+    return calls
+
+
 def layer_rows(layer: LayerInfo, x: torch.Tensor) -> torch.Tensor:
     """Return the layer's input as rows of `in_features` (unfolded patches for a conv)."""
     if layer.kind == "conv2d":

@@ -37,10 +37,12 @@ from compressor.outputs import FidelityMeter, call, run_outputs
 from compressor.planning import Plan, method_settings, plan_layers
 from compressor.progress import JobControl, ProgressCallback, StopCheck
 from compressor.rewrite import factorize, materialize, parametrize_
+from compressor.sequential import correct_sequentially_
 
 ARTIFACT_NAMES = ("model.onnx", "report.json", "job.log")
 _CALIBRATION_SAMPLES = 512
 _SENSITIVITY_SAMPLES = 32
+_SEQUENTIAL_SAMPLES = 128
 _LATENCY_BATCHES = (1, 32)
 
 
@@ -122,7 +124,8 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
                  f"{plan.kept_numel / max(1, plan.targeted_numel):.3f} of targeted weights")
     with log.stage("rewriting"):
         control.report("rewriting", 0.0, f"initializing {len(plan.compressed)} layers")
-        student = rewrite(teacher, plan, stats, config)
+        student = rewrite(teacher, plan, stats, inputs.train, config)
+        del stats  # the decompositions are only needed to initialize θ
     with log.stage("finetuning"):
         control.report("finetuning", 0.0)
         with torch.no_grad():  # the original's held-out outputs, computed once
@@ -214,7 +217,8 @@ def calibrate(teacher: fx.GraphModule, plan: Plan, train: Dataset,
     (`stats[name].extras["lowrank"]`), which both the allocation and the initialization read.
     """
     stats: dict[str, LayerStats] = {}
-    if config.init == "activation_aware" and plan.compressed:
+    aware = config.init in ("activation_aware", "sequential")
+    if aware and plan.compressed:
         calibration = train.take(torch.arange(min(len(train), _CALIBRATION_SAMPLES)))
         batches = list(Dataset(calibration, train.synthetic, train.source).batches(64))
         stats = collect_layer_stats(teacher, [p.layer for p in plan.compressed], batches)
@@ -225,7 +229,7 @@ def calibrate(teacher: fx.GraphModule, plan: Plan, train: Dataset,
         entry_stats = stats.setdefault(entry.layer.name, LayerStats(None))
         weight = teacher.get_submodule(entry.layer.name).weight.detach()
         entry_stats.extras["lowrank"] = lowrank.factorize(
-            entry.layer, weight, entry_stats if config.init == "activation_aware" else None)
+            entry.layer, weight, entry_stats if aware else None)
     return stats
 
 
@@ -242,11 +246,14 @@ def allocate(teacher: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats], 
     return allocate_by_sensitivity(plan, factors, sensitivities, break_even)
 
 
-def rewrite(teacher: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats],
+def rewrite(teacher: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats], train: Dataset,
             config: CompressionConfig) -> fx.GraphModule:
     """Return a copy of `teacher` with the plan's parametrizations, θ initialized."""
     student = copy.deepcopy(teacher)
     parametrize_(student, plan, stats, method_settings(config))
+    if config.init == "sequential":
+        batch = train.take(torch.arange(min(len(train), _SEQUENTIAL_SAMPLES)))
+        correct_sequentially_(student, teacher, plan, batch)
     return student
 
 

@@ -23,7 +23,8 @@ def _summary_table(report: dict):
     table.add_row("FLOPs / sample (artifact)", f"{flops['before']:,}", f"{flops['after']:,}")
     table.add_row("FLOPs / sample (factorized form)", f"{flops['before']:,}",
                   f"{flops['factorized_form']:,}")
-    table.add_row("ONNX bytes", f"{report['onnx_bytes']['original']:,}",
+    original_bytes = report["onnx_bytes"]["original"]  # None when the baseline was skipped
+    table.add_row("ONNX bytes", "—" if original_bytes is None else f"{original_bytes:,}",
                   f"{report['onnx_bytes']['artifact']:,}")
     for key in report["latency"]["original"]:
         table.add_row(f"onnxruntime {key.replace('_', ' ')}",
@@ -37,6 +38,11 @@ def _summary_table(report: dict):
             cells.append(f"top1 {fid['top1_agreement']:.3f}")
             before.append(f"top1 {init['top1_agreement']:.3f}")
         table.add_row(f"{name} vs original (init → tuned)", " ".join(before), " ".join(cells))
+    for name, fid in report["fidelity"].get("artifact", {}).items():
+        cells = [f"cos {fid['cosine']:.4f}", f"relL2 {fid['relative_l2']:.4f}"]
+        if "top1_agreement" in fid:
+            cells.append(f"top1 {fid['top1_agreement']:.3f}")
+        table.add_row(f"{name} of the int8 artifact vs original", "", " ".join(cells))
     return table
 
 

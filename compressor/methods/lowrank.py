@@ -71,8 +71,10 @@ class LowRankWeight(nn.Module):
         factors = self.factors
         if factors is None:
             factors = decompose(weight.detach().reshape(weight.shape[0], -1), None, None)
+        # Copies: θ must not share storage with the decomposition, which other copies reuse.
         A, B = factors.A[:, :self.rank], factors.B[:self.rank]
-        return A.to(weight.dtype).contiguous(), B.to(weight.dtype).contiguous()
+        return (A.to(weight.dtype, copy=True).contiguous(),
+                B.to(weight.dtype, copy=True).contiguous())
 
 
 def _svd_factors(matrix: torch.Tensor) -> LowRankFactors:

@@ -31,6 +31,15 @@ def test_compress_command_writes_the_artifacts_and_a_summary(program, tmp_path):
     assert "compression summary" in result.output and "FLOPs" in result.output
 
 
+@pytest.mark.slow
+def test_the_summary_works_without_the_baseline_and_shows_the_int8_fidelity(program, tmp_path):
+    result = CliRunner().invoke(main, [
+        "compress", str(program), "--out", str(tmp_path / "out"), "--set", "finetune.steps=2",
+        "--set", "export.latency_seconds=0", "--set", "export.quantize=int8"])
+    assert result.exit_code == 0, result.output
+    assert "int8 artifact vs original" in result.output
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
