@@ -153,7 +153,7 @@ class CompressionConfig(_Strict):
     layers: LayerSelection = Field(default_factory=LayerSelection)
     overrides: list[LayerOverride] = Field(default_factory=list)
     init: Literal["svd", "activation_aware", "sequential"] = Field(
-        default="activation_aware",
+        default="sequential",
         description="lowrank initialization: truncated SVD; activation_aware (whitened by each "
         "layer's calibration inputs); sequential (activation_aware, then each layer's second "
         "factor re-solved on the inputs the compressed model gives it). The tying methods "
