@@ -42,7 +42,7 @@ def _summary_table(report: dict):
         cells = [f"cos {fid['cosine']:.4f}", f"relL2 {fid['relative_l2']:.4f}"]
         if "top1_agreement" in fid:
             cells.append(f"top1 {fid['top1_agreement']:.3f}")
-        table.add_row(f"{name} of the int8 artifact vs original", "", " ".join(cells))
+        table.add_row(f"{name}, int8 file vs original", "", " ".join(cells))
     return table
 
 

@@ -37,7 +37,7 @@ def test_the_summary_works_without_the_baseline_and_shows_the_int8_fidelity(prog
         "compress", str(program), "--out", str(tmp_path / "out"), "--set", "finetune.steps=2",
         "--set", "export.latency_seconds=0", "--set", "export.quantize=int8"])
     assert result.exit_code == 0, result.output
-    assert "int8 artifact vs original" in result.output
+    assert "int8 file" in result.output
 
 
 @pytest.mark.parametrize(
