@@ -139,6 +139,10 @@ class DataConfig(_Strict):
         default=256, ge=8, le=100_000, description="samples drawn when no data file is given"
     )
     max_samples: int = Field(default=100_000, ge=8, description="rows of a data file used")
+    max_length: int = Field(
+        default=128, ge=2, le=8192,
+        description="Hugging Face checkpoints: tokens per sample; text is truncated to this and "
+        "padded to its longest sample, sampled token ids are this long")
 
 
 class CompressionConfig(_Strict):

@@ -17,10 +17,11 @@ import onnxruntime as ort
 import torch
 from torch import nn
 from torch.export import Dim
+from torch.utils._pytree import MappingKey, tree_flatten_with_path
 
 from compressor.data import Dataset, InputSpec
 from compressor.errors import ExportError, VerificationError
-from compressor.outputs import call_arguments, run_outputs
+from compressor.outputs import call, call_arguments, run_outputs
 
 # onnx's protobuf limit: past this the weights must live in an external data file.
 _PROTOBUF_LIMIT = 2 * 1024**3 - 1024**2
@@ -39,6 +40,17 @@ def output_names(count: int) -> list[str]:
     return [f"output_{i}" for i in range(count)]
 
 
+def named_outputs(module: nn.Module, sample: dict[str, torch.Tensor]) -> list[str]:
+    """Return the ONNX names of the module's outputs: a dict's keys, else `output_names`."""
+    leaves, _ = tree_flatten_with_path(call(module, sample))
+    paths = [path for path, leaf in leaves if isinstance(leaf, torch.Tensor)]
+    keys = [path[0].key if len(path) == 1 and isinstance(path[0], MappingKey) else None
+            for path in paths]
+    if all(isinstance(k, str) and k for k in keys) and len(set(keys)) == len(keys):
+        return keys
+    return output_names(len(paths))
+
+
 def export_onnx(module: nn.Module, sample: dict[str, torch.Tensor], specs: list[InputSpec],
                 path: Path, opset: int, optimize: bool = True) -> None:
     """Export `module` to ONNX at `path`, atomically (a failed export leaves no file)."""
@@ -52,7 +64,7 @@ def export_onnx(module: nn.Module, sample: dict[str, torch.Tensor], specs: list[
             program = torch.onnx.export(
                 module, args, kwargs=kwargs, dynamo=True, opset_version=opset,
                 dynamic_shapes=dynamic_shapes(specs),
-                output_names=output_names(len(run_outputs(module, sample))),
+                output_names=named_outputs(module, sample),
                 optimize=optimize, verbose=False, report=False)
         _strip_debug_metadata(program.model)
         size = sum(int(t.numel() * t.element_size()) for t in module.state_dict().values())

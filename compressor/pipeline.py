@@ -14,6 +14,7 @@ from torch import fx
 from torch.export import ExportedProgram
 from torch.export.passes import move_to_device_pass
 
+from compressor import huggingface
 from compressor import report as figures
 from compressor.allocation import allocate_by_sensitivity, measure_sensitivities
 from compressor.config import CompressionConfig
@@ -29,6 +30,7 @@ from compressor.export import (
 from compressor.export import output_names as export_output_names
 from compressor.finetune import FinetuneSummary, device_copy, finetune_, resolve_device
 from compressor.graph import collect_layer_stats, find_layers
+from compressor.huggingface import HF_ARTIFACT, LoadedCheckpoint
 from compressor.joblog import JobLog
 from compressor.loading import load_program
 from compressor.methods import LayerStats, get_method
@@ -39,7 +41,7 @@ from compressor.progress import JobControl, ProgressCallback, StopCheck
 from compressor.rewrite import factorize, materialize, parametrize_
 from compressor.sequential import correct_sequentially_
 
-ARTIFACT_NAMES = ("model.onnx", "report.json", "job.log")
+ARTIFACT_NAMES = ("model.onnx", "report.json", "job.log", HF_ARTIFACT)
 _CALIBRATION_SAMPLES = 512
 _SENSITIVITY_SAMPLES = 32
 _SEQUENTIAL_SAMPLES = 128
@@ -63,6 +65,7 @@ class _Inputs:
     specs: list[InputSpec]
     train: Dataset
     held_out: Dataset
+    checkpoint: LoadedCheckpoint | None = None  # set when the model is a Hugging Face folder
 
 
 def compress(
@@ -106,7 +109,7 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
     log.info(f"config: {config.to_json()}")
     with log.stage("loading"):
         control.report("loading", 0.0, f"loading {model.name}")
-        inputs = load_inputs(model, data, config)
+        inputs = load_inputs(model, data, config, workdir=out_dir)
         log.info(f"inputs: {[(s.name, s.shape, str(s.dtype)) for s in inputs.specs]}; "
                  f"data: {inputs.train.source} ({len(inputs.train)} train, "
                  f"{len(inputs.held_out)} held-out)")
@@ -140,6 +143,7 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
     staging = out_dir / ".model.onnx.staging"
     quantized = out_dir / ".model.int8.onnx.staging"
     artifact_fidelity = None  # differs from `final` only when the artifact is quantized
+    hf_staging = out_dir / f".{HF_ARTIFACT}.staging"
     try:
         with log.stage("exporting"):
             control.report("exporting", 0.0, f"exporting the {config.export.form} form")
@@ -151,6 +155,11 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
             parity = verify_onnx(staging, artifact_module, inputs.held_out,
                                  config.export.atol, config.export.rtol)
             log.info(f"onnxruntime parity: {parity['max_abs_diff']}")
+            if inputs.checkpoint is not None and config.export.form == "dense":
+                control.report("verifying", 0.25, "checking the Hugging Face folder")
+                parity["huggingface"] = huggingface.save_checkpoint(
+                    inputs.checkpoint, artifact_module, staging, inputs.held_out,
+                    hf_staging, config.export.atol, config.export.rtol)
             if config.export.quantize == "int8":
                 control.report("verifying", 0.5, "quantizing to int8")
                 quantize_int8(staging, quantized)
@@ -160,10 +169,13 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
                 os.replace(quantized, staging)
                 artifact_fidelity = onnx_fidelity(staging, reference, inputs.held_out, kinds)
             measured = measure(teacher, student, artifact_module, plan, inputs, staging, config)
+        if hf_staging.exists():
+            os.replace(hf_staging, out_dir / HF_ARTIFACT)
         os.replace(staging, out_dir / "model.onnx")
     finally:
         staging.unlink(missing_ok=True)
         quantized.unlink(missing_ok=True)
+        hf_staging.unlink(missing_ok=True)
     control.report("verifying", 1.0, "done")
     log.info("succeeded")
     log.close()
@@ -189,15 +201,25 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
         "versions": figures.versions(),
         "artifacts": {name: {"size": (out_dir / name).stat().st_size,
                              "sha256": figures.sha256_of(out_dir / name)}
-                      for name in ("model.onnx", "job.log")},
+                      for name in ("model.onnx", HF_ARTIFACT, "job.log")
+                      if (out_dir / name).is_file()},
     }
     figures.write_json_atomic(out_dir / "report.json", report)
     return Result(out_dir, out_dir / "model.onnx", out_dir / "report.json",
                   out_dir / "job.log", report)
 
 
-def load_inputs(model: Path, data: Path | None, config: CompressionConfig) -> _Inputs:
-    """Load the program safely and the job's data (or sample it), split train / held-out."""
+def load_inputs(model: Path, data: Path | None, config: CompressionConfig,
+                workdir: Path) -> _Inputs:
+    """Load the program safely and the job's data (or sample it), split train / held-out.
+
+    A Hugging Face folder or archive (unpacked inside `workdir`) becomes a program first.
+    """
+    if huggingface.is_checkpoint(model):
+        loaded = huggingface.load_checkpoint(model, workdir, config.data.max_length)
+        dataset = huggingface.checkpoint_data(loaded, data, config.data, config.finetune.seed)
+        train, held_out = dataset.split(config.data.holdout_fraction, config.finetune.seed)
+        return _Inputs(loaded.program, loaded.specs, train, held_out, loaded)
     program = load_program(model)
     specs = input_specs(program)
     if data is None:

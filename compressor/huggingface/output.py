@@ -1,0 +1,150 @@
+"""Hand the compressed dense model back as a Hugging Face folder, packed as one zip.
+
+The folder has the uploaded `config.json` (weights now float32; word embeddings untied when
+compression made the tied copies differ), the weights as `model.safetensors`, and the tokenizer
+and sentence-transformers files as uploaded. Before it is kept, it is loaded back with
+`from_pretrained` and its outputs must match the verified ONNX model within the job's tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from compressor.data import Dataset
+from compressor.errors import ExportError, VerificationError
+from compressor.export import onnx_session, run_onnx
+from compressor.huggingface.checkpoint import Checkpoint, TextModel, read_checkpoint
+
+__all__ = ["save_checkpoint"]
+
+_PREFIX = "model."  # TextModel keeps the transformers model as `self.model`
+_VERIFY_SAMPLES = 32
+
+
+def save_checkpoint(checkpoint: Checkpoint, module: nn.Module, onnx_path: Path,
+                    held_out: Dataset, out_path: Path, atol: float, rtol: float) -> dict:
+    """Write `module`'s weights with the checkpoint's files as a zip at `out_path`, verified."""
+    with tempfile.TemporaryDirectory(prefix=".hf-", dir=out_path.parent) as tmp:
+        folder = Path(tmp) / "model"
+        folder.mkdir()
+        _write_folder(checkpoint, module, folder)
+        parity = _verify(folder, onnx_path, held_out, atol, rtol)
+        _pack(folder, out_path)
+    return parity
+
+
+def compressed_state(checkpoint: Checkpoint, module: nn.Module) -> dict[str, torch.Tensor]:
+    """Return the compressed weights under the transformers model's own names."""
+    found = {name.removeprefix(_PREFIX): tensor for name, tensor in module.state_dict().items()
+             if name.startswith(_PREFIX)}
+    expected = checkpoint.hf_model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for name, original in expected.items():
+        tensor = found.get(name)
+        if tensor is None:
+            tensor = _tied_source(checkpoint, name, found)
+        if tensor is None:
+            raise ExportError(
+                f"the compressed program has no weight for {name!r}; the Hugging Face folder "
+                "cannot be written (model.onnx is unaffected). Use export.form='dense'")
+        if tensor.shape != original.shape:
+            raise ExportError(f"the compressed weight {name!r} has shape {tuple(tensor.shape)}, "
+                              f"the model expects {tuple(original.shape)}")
+        state[name] = tensor.detach().to(original.dtype).contiguous()
+    return state
+
+
+def _tied_source(checkpoint: Checkpoint, name: str,
+                 found: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Return the weight a tied name shares storage with in the original model, if any."""
+    params = dict(checkpoint.hf_model.named_parameters(remove_duplicate=False))
+    target = params.get(name)
+    if target is None:
+        return None
+    for other, tensor in params.items():
+        if other != name and tensor is target and other in found:
+            return found[other]
+    return None
+
+
+def _write_folder(checkpoint: Checkpoint, module: nn.Module, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = compressed_state(checkpoint, module)
+    config = dict(checkpoint.config)
+    config.pop("torch_dtype", None)
+    config["dtype"] = "float32"
+    if _tied_groups_differ(checkpoint, state):
+        config["tie_word_embeddings"] = False
+    shared: dict[int, str] = {}
+    unique = {}
+    for name, tensor in state.items():  # safetensors stores each tensor once
+        key = tensor.data_ptr()
+        if key in shared:
+            tensor = tensor.clone()
+        shared.setdefault(key, name)
+        unique[name] = tensor
+    save_file(unique, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name, content in checkpoint.files.items():
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+
+
+def _tied_groups_differ(checkpoint: Checkpoint, state: dict[str, torch.Tensor]) -> bool:
+    params = list(checkpoint.hf_model.named_parameters(remove_duplicate=False))
+    for i, (name, tensor) in enumerate(params):
+        for other, other_tensor in params[i + 1:]:
+            if tensor is other_tensor and not torch.equal(state[name], state[other]):
+                return True
+    return False
+
+
+def _verify(folder: Path, onnx_path: Path, held_out: Dataset, atol: float, rtol: float) -> dict:
+    """Load the folder back with from_pretrained; its outputs must match the ONNX model's."""
+    reloaded = read_checkpoint(folder)
+    model: TextModel = reloaded.wrapper
+    session = onnx_session(onnx_path)
+    rows = torch.arange(min(len(held_out), _VERIFY_SAMPLES))
+    batch = {name: tensor for name, tensor in held_out.take(rows).items()
+             if name in reloaded.input_names}
+    with torch.no_grad():
+        (expected,) = model(**batch).values()
+    (actual,) = run_onnx(session, batch)
+    want = expected.double().numpy()
+    diff = np.abs(actual.astype(np.float64) - want)
+    worst = float(diff.max(initial=0.0))
+    if want.shape != actual.shape or not np.all(diff <= atol + rtol * np.abs(want)):
+        raise VerificationError(
+            f"the Hugging Face folder loaded with from_pretrained disagrees with model.onnx on "
+            f"{reloaded.output_name}: max |difference| {worst:.3g} (shapes {want.shape} and "
+            f"{actual.shape}) exceeds atol={atol:g} + rtol={rtol:g}·|value|. Nothing was kept; "
+            "raise export.atol / export.rtol if this precision is acceptable")
+    return {"passed": True, "samples": len(rows), "loaded_with": "from_pretrained",
+            "output": reloaded.output_name, "max_abs_diff": worst}
+
+
+def _pack(folder: Path, out_path: Path) -> None:
+    """Zip the folder's files (at the zip's top level) into `out_path`, atomically."""
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    try:
+        with zipfile.ZipFile(tmp, "w") as archive:
+            for path in sorted(folder.rglob("*")):
+                if path.is_file():
+                    method = (zipfile.ZIP_STORED if path.suffix == ".safetensors"
+                              else zipfile.ZIP_DEFLATED)
+                    archive.write(path, path.relative_to(folder).as_posix(), compress_type=method)
+        os.replace(tmp, out_path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
