@@ -17,7 +17,9 @@ from pathlib import Path
 from compressor.pipeline import ARTIFACT_NAMES
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-_INPUT_NAMES = ("model.pt2", "data.safetensors", "data.npz")
+# model.pt2 holds the model upload: a .pt2 program, or a Hugging Face checkpoint archive
+# (.zip / .tar / .tar.gz), which the core tells apart by its content.
+_INPUT_NAMES = ("model.pt2", "data.safetensors", "data.npz", "data.txt", "data.jsonl")
 
 
 class UploadSink:

@@ -26,12 +26,17 @@ from compressor.config import CompressionConfig, describe_validation_error
 FORM_OVERHEAD = 1 << 20  # boundaries, part headers and the config field, on top of the files
 MAX_CONFIG_BYTES = 256 << 10
 _FLUSH_BYTES = 1 << 20
-_MAGIC_BYTES = 9  # enough to tell a zip (PK\3\4) and a safetensors header (u64 length, "{")
+_MAGIC_BYTES = 262  # a zip (PK\3\4), gzip, safetensors (u64 length, "{"), tar ("ustar" at 257)
+_TEXT_SUFFIXES = ("txt", "jsonl")
 
 HOW_TO_EXPORT = (
     "Upload a torch.export program saved as .pt2: `program = torch.export.export(model, args, "
     "dynamic_shapes=...)` then `torch.export.save(program, 'model.pt2')`. A pickled nn.Module or "
     "a state_dict saved with torch.save is not accepted"
+)
+HOW_TO_UPLOAD_CHECKPOINT = (
+    "or a Hugging Face model folder (config.json + model.safetensors, tokenizer files) packed "
+    "as .zip or .tar.gz (`compressor submit model-dir/` packs it for you)"
 )
 HOW_TO_SEND = (
     "send multipart/form-data with a `model` file, an optional `config` JSON field and an optional "
@@ -44,7 +49,7 @@ class ReceivedJob:
     """The validated parts of a job submission; the files are on disk under the job's inputs."""
 
     config: dict[str, Any]
-    data_format: str | None  # "safetensors", "npz" or None (no data file)
+    data_format: str | None  # "safetensors", "npz", "txt", "jsonl" or None (no data file)
 
 
 def too_large(limit: int) -> ApiError:
@@ -78,6 +83,7 @@ class _Part:
     """One part of the form as it streams in."""
 
     name: str
+    filename: str = ""
     buffer: bytearray = field(default_factory=bytearray)
     head: bytes = b""
     size: int = 0
@@ -131,7 +137,7 @@ class _FormReceiver:
             raise ApiError(422, "invalid_request", f"unknown form field {name!r}: {HOW_TO_SEND}")
         if name in self.parts:
             raise ApiError(422, "invalid_request", f"the form field {name!r} was sent twice")
-        part = _Part(name)
+        part = _Part(name, options.get(b"filename", b"").decode("utf-8", "replace"))
         self.parts[name] = part
         self.pending.append(part)
 
@@ -198,23 +204,33 @@ class _FormReceiver:
         if part.name == "model":
             if part.size == 0:
                 raise ApiError(422, "invalid_request", f"the model file is empty. {HOW_TO_EXPORT}")
-            if not is_zip:
+            is_tar = part.head.startswith(b"\x1f\x8b") or part.head[257:262] == b"ustar"
+            if not (is_zip or is_tar):
                 raise ApiError(
                     415, "unsupported_media_type",
                     f"the model file is not a .pt2 program (a .pt2 is a zip archive; this file "
-                    f"starts with {part.head[:4]!r}). {HOW_TO_EXPORT}",
+                    f"starts with {part.head[:4]!r}) nor a checkpoint archive. {HOW_TO_EXPORT}; "
+                    f"{HOW_TO_UPLOAD_CHECKPOINT}",
                 )
             return
-        if is_zip:
+        suffix = part.filename.rsplit(".", 1)[-1].lower() if "." in part.filename else ""
+        if suffix in _TEXT_SUFFIXES:
+            if b"\x00" in part.head:
+                raise ApiError(415, "unsupported_media_type",
+                               f"the data file {part.filename!r} is not text; a .{suffix} file "
+                               "holds UTF-8 text, one sample a line")
+            self.data_format = suffix
+        elif is_zip:
             self.data_format = "npz"
-        elif len(part.head) >= _MAGIC_BYTES and part.head[8:9] == b"{":
+        elif len(part.head) >= 9 and part.head[8:9] == b"{":
             self.data_format = "safetensors"
         else:
             raise ApiError(
                 415, "unsupported_media_type",
                 "the data file is neither .safetensors nor .npz: save a dict of tensors named "
                 "after the model's inputs with `safetensors.torch.save_file(...)` or "
-                "`numpy.savez(...)`",
+                "`numpy.savez(...)`; for a Hugging Face checkpoint, text also works: a .txt "
+                "file (one sample a line) or .jsonl (a \"text\" field a line)",
             )
 
     def finish(self) -> ReceivedJob:

@@ -20,6 +20,7 @@ import os
 import re
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
@@ -245,6 +246,23 @@ def _parse_time(value: Any) -> datetime | None:
 # --- the client -----------------------------------------------------------------------------
 
 
+@contextmanager
+def pack_folder(folder: Path) -> Iterator[Path]:
+    """Zip a model folder's files (not hidden ones) into a temporary file; yield its path."""
+    files = sorted(p for p in folder.rglob("*")
+                   if p.is_file() and not any(part.startswith(".")
+                                              for part in p.relative_to(folder).parts))
+    if not files:
+        raise ValueError(f"{folder} holds no files to upload")
+    with tempfile.TemporaryDirectory(prefix="compressor-upload-") as tmp:
+        packed = Path(tmp) / f"{folder.resolve().name or 'model'}.zip"
+        with zipfile.ZipFile(packed, "w") as archive:
+            for path in files:
+                method = zipfile.ZIP_STORED if path.suffix == ".safetensors" else zipfile.ZIP_DEFLATED
+                archive.write(path, path.relative_to(folder).as_posix(), compress_type=method)
+        yield packed
+
+
 class Client:
     """A connection to one compression service; use it as a context manager to close it.
 
@@ -290,8 +308,10 @@ class Client:
     ) -> Job:
         """Upload a `.pt2` program (and optional data file) as a new job; return it queued.
 
-        `config` is a dict or a JSON string (None: the server's defaults). The files stream from
-        disk; `on_upload(bytes_sent, total)` follows the upload.
+        `model_path` may also be a Hugging Face model folder: it is packed into a temporary
+        .zip first (links followed, hidden files left out). `config` is a dict or a JSON string
+        (None: the server's defaults). The files stream from disk; `on_upload(bytes_sent,
+        total)` follows the upload.
         """
         paths = {"model": Path(model_path)}
         if data_path is not None:
@@ -300,6 +320,8 @@ class Client:
             "config": config if isinstance(config, str) else json.dumps(config)
         }
         with ExitStack() as stack:
+            if paths["model"].is_dir():
+                paths["model"] = stack.enter_context(pack_folder(paths["model"]))
             readers = {
                 name: _ProgressReader(stack.enter_context(path.open("rb")))
                 for name, path in paths.items()

@@ -1,4 +1,5 @@
-"""`/v1/jobs/{id}/artifacts/{name}`: download model.onnx, report.json or job.log."""
+"""`/v1/jobs/{id}/artifacts/{name}`: download model.onnx, report.json, job.log or
+model-hf.zip."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ _MEDIA_TYPES = {
     "model.onnx": "application/octet-stream",
     "report.json": "application/json",
     "job.log": "text/plain; charset=utf-8",
+    "model-hf.zip": "application/zip",  # the dense result as a Hugging Face folder
 }
 
 
@@ -48,4 +50,4 @@ def download_artifact(job: JobDep, name: str, request: Request, services: Servic
     headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
     if request.headers.get("if-none-match") in (etag, "*"):
         return Response(status_code=304, headers=headers)
-    return FileResponse(path, media_type=_MEDIA_TYPES[name], filename=name, headers=headers)
+    return FileResponse(path, media_type=_MEDIA_TYPES.get(name, "application/octet-stream"), filename=name, headers=headers)

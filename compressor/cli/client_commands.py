@@ -36,14 +36,15 @@ api_key_option = click.option(
 
 
 @click.command()
-@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--config", "config_source", metavar="FILE_OR_JSON",
     help="Job config: a JSON file, or inline JSON such as '{\"ratio\": 0.3}'. Default: {}.",
 )
 @click.option(
     "--data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Inputs for calibration and fine-tuning (.safetensors or .npz).",
+    help="Inputs for calibration and fine-tuning (.safetensors or .npz; .txt or .jsonl text "
+    "for a Hugging Face checkpoint).",
 )
 @server_option
 @api_key_option
@@ -57,7 +58,8 @@ def submit(
     model: Path, config_source: str | None, data: Path | None, server: str,
     api_key: str | None, wait: bool, output: str | None,
 ) -> None:
-    """Upload MODEL (a torch.export .pt2 program) as a compression job; print the job id."""
+    """Upload MODEL (a torch.export .pt2, or a Hugging Face model folder or its .zip /
+    .tar.gz) as a compression job; print the job id."""
     config = _read_config(config_source)
     console = _stderr_console()
     with _client_errors(), _connect(server, api_key) as client:
@@ -149,7 +151,8 @@ def cancel(job_id: str, server: str, api_key: str | None) -> None:
 @server_option
 @api_key_option
 def download(job_id: str, name: str, output: str, server: str, api_key: str | None) -> None:
-    """Download a job's artifact NAME (model.onnx, report.json or job.log), sha256-checked."""
+    """Download a job's artifact NAME (model.onnx, report.json, job.log or model-hf.zip),
+    sha256-checked."""
     console = _stderr_console()
     with _client_errors(), _connect(server, api_key) as client:
         saved = _fetch(client, console, job_id, name, output)

@@ -47,25 +47,30 @@ def _summary_table(report: dict):
 
 
 @click.command("compress")
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path))
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help="job configuration (JSON); defaults for everything not given")
 @click.option("--data", type=click.Path(dir_okay=False, path_type=Path),
-              help=".safetensors / .npz inputs named after the program's inputs")
+              help=".safetensors / .npz inputs named after the program's inputs; for a Hugging "
+              "Face checkpoint also .txt (a sample a line) or .jsonl (a \"text\" field a line)")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="folder for model.onnx, report.json and job.log")
+              help="folder for model.onnx, report.json and job.log (and model-hf.zip for a "
+              "Hugging Face checkpoint)")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="override one config field, e.g. --set ratio=0.25 --set finetune.steps=50")
 def compress_cmd(model: Path, config_path: Path | None, data: Path | None, out_dir: Path,
                  settings: tuple[str, ...]) -> None:
-    """Compress MODEL (a torch.export .pt2) and write a verified ONNX file to --out."""
+    """Compress MODEL (a torch.export .pt2, or a Hugging Face model folder or its .zip /
+    .tar.gz) and write a verified ONNX file to --out."""
     from rich.console import Console
 
     from compressor import CompressorError, compress
     from compressor.cli.progress_display import StageProgress
 
     console = Console(stderr=True)
-    for path, what in ((model, "model"), (config_path, "config"), (data, "data")):
+    if not model.exists():
+        raise click.BadParameter(f"{model} does not exist", param_hint="model")
+    for path, what in ((config_path, "config"), (data, "data")):
         if path is not None and not path.is_file():
             raise click.BadParameter(f"{path} does not exist or is not a file", param_hint=what)
     try:

@@ -15,6 +15,7 @@ import os
 import stat
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from compressor.errors import UnsafeModelError
@@ -95,7 +96,7 @@ def _extract_zip(path: Path, dest: Path) -> None:
         for info in members:
             name = _safe_name(path, info.filename)
             mode = info.external_attr >> 16
-            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):  # 0: no Unix type given
                 raise UnsafeModelError(
                     f"{path.name}: member {info.filename!r} is a {_kind(mode)}, not a file; "
                     f"links and special files are refused. {_HOW}")
@@ -109,12 +110,15 @@ def _extract_zip(path: Path, dest: Path) -> None:
                     "refused. Pack the model folder without such files.")
             if name is not None:
                 plan.append((name, None if info.is_dir() else info))
-        for name, info in plan:
-            if info is None:
-                _make_dir(dest, name)
-            else:
-                with archive.open(info) as source:
-                    _write_file(path, dest, name, source, info.file_size)
+        try:
+            for name, info in plan:
+                if info is None:
+                    _make_dir(dest, name)
+                else:
+                    with archive.open(info) as source:
+                        _write_file(path, dest, name, source, info.file_size)
+        except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as exc:
+            raise UnsafeModelError(f"{path.name} is a damaged zip archive ({exc}); {_HOW}") from None
 
 
 def _extract_tar(path: Path, dest: Path) -> None:
@@ -149,15 +153,18 @@ def _extract_tar(path: Path, dest: Path) -> None:
                     f"special files are refused. {_HOW}")
             if name is not None:
                 plan.append((name, member))
-        for name, member in plan:
-            if member.isdir():
-                _make_dir(dest, name)
-                continue
-            source = archive.extractfile(member)
-            if source is None:
-                raise UnsafeModelError(f"{path.name}: member {member.name!r} cannot be read")
-            with source:
-                _write_file(path, dest, name, source, member.size)
+        try:
+            for name, member in plan:
+                if member.isdir():
+                    _make_dir(dest, name)
+                    continue
+                source = archive.extractfile(member)
+                if source is None:
+                    raise UnsafeModelError(f"{path.name}: member {member.name!r} cannot be read")
+                with source:
+                    _write_file(path, dest, name, source, member.size)
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            raise UnsafeModelError(f"{path.name} is a damaged tar archive ({exc}); {_HOW}") from None
 
 
 def _kind(mode: int) -> str:
@@ -172,7 +179,11 @@ def _make_dir(dest: Path, name: PurePosixPath) -> Path:
         folder = dest / parent
         if folder.is_symlink():  # cannot happen with the checks above; never follow one
             raise UnsafeModelError(f"refusing to write through the link {parent}")
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UnsafeModelError(f"the archive holds {str(name)!r} both as a file and as a "
+                               f"folder; {_HOW}") from None
     return target
 
 

@@ -321,16 +321,13 @@ def _load_model(root: Path, model_class: type) -> nn.Module:
 
     hf_logging.disable_progress_bar()  # the job log and progress events say what happens
     hf_logging.set_verbosity_error()
-    try:
-        model, info = model_class.from_pretrained(
-            str(root), local_files_only=True, use_safetensors=True, trust_remote_code=False,
-            dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
-        raise ModelFormatError(
-            f"the checkpoint could not be loaded as {model_class.__name__}: "
-            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}. "
-            f"{HOW_TO_SAVE}") from None
+    model, info = _from_pretrained(root, model_class)
     missing = sorted(info.get("missing_keys") or [])
+    if missing and all(k.startswith("pooler.") for k in missing) and \
+            "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
+        # saved without the pooler, which the base model's last_hidden_state does not use
+        model, info = _from_pretrained(root, model_class, add_pooling_layer=False)
+        missing = sorted(info.get("missing_keys") or [])
     mismatched = info.get("mismatched_keys") or []
     if missing or mismatched:
         shown = missing[:5] or [str(m) for m in mismatched[:5]]
@@ -357,3 +354,15 @@ def _pad_id(config: dict[str, Any], files: dict[str, bytes]) -> int:
                 return int(found)
     value = config.get("pad_token_id")
     return int(value) if isinstance(value, int) and value >= 0 else 0
+
+
+def _from_pretrained(root: Path, model_class: type, **extra: Any) -> tuple[nn.Module, dict]:
+    try:
+        return model_class.from_pretrained(
+            str(root), local_files_only=True, use_safetensors=True, trust_remote_code=False,
+            dtype=torch.float32, attn_implementation="eager", output_loading_info=True, **extra)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise ModelFormatError(
+            f"the checkpoint could not be loaded as {model_class.__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}. "
+            f"{HOW_TO_SAVE}") from None

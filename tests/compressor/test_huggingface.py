@@ -1,0 +1,264 @@
+"""Hugging Face checkpoints: folder or archive in, verified ONNX and a loadable folder out."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from tiny_checkpoints import (
+    VOCAB_SIZE,
+    save_checkpoint,
+    tar_folder,
+    write_text,
+    zip_folder,
+)
+
+import compressor
+from compressor.config import CompressionConfig
+from compressor.errors import DataError, ModelFormatError, UnsafeModelError
+from compressor.huggingface import checkpoint_data, is_checkpoint, load_checkpoint
+
+FAST = {"finetune": {"steps": 4, "eval_every": 2}, "export": {"latency_seconds": 0},
+        "min_layer_params": 0, "data": {"max_length": 16, "synthetic_samples": 32}}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {kind: save_checkpoint(kind, root / kind) for kind in ("sentence", "classifier", "llama")}
+
+
+def copy_of(folders: dict[str, Path], kind: str, tmp_path: Path) -> Path:
+    target = tmp_path / kind
+    shutil.copytree(folders[kind], target)
+    return target
+
+
+def unzip(archive: Path, dest: Path) -> Path:
+    with zipfile.ZipFile(archive) as files:
+        files.extractall(dest)
+    return dest
+
+
+def onnx_run(path: Path, ids: torch.Tensor, mask: torch.Tensor,
+             with_types: bool = True) -> tuple[list[str], list[str], np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    if "token_type_ids" in names:
+        feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
+    (out,) = session.run(None, feed)
+    return names, [o.name for o in session.get_outputs()], out
+
+
+def some_tokens(batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(4, VOCAB_SIZE, (batch, length), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(batch, length, dtype=torch.int64)
+    mask[0, length // 2:] = 0  # one padded row
+    return ids, mask
+
+
+@pytest.mark.slow
+def test_a_sentence_transformers_folder_with_text_gives_a_pooled_onnx_and_a_loadable_folder(
+    folders, tmp_path
+) -> None:
+    from transformers import BertModel
+
+    data = write_text(tmp_path / "lines.txt")
+    result = compressor.compress(folders["sentence"], FAST, data=data, out_dir=tmp_path / "out")
+    report = result.report
+    assert report["data"]["source"] == "lines.txt" and not report["data"]["synthetic"]
+    assert report["onnx_parity"]["huggingface"]["passed"]
+    assert set(report["artifacts"]) == {"model.onnx", "model-hf.zip", "job.log"}
+    for batch, length in ((1, 5), (3, 11)):  # dynamic batch and sequence length
+        ids, mask = some_tokens(batch, length)
+        inputs, outputs, embedding = onnx_run(result.model_path, ids, mask)
+        assert inputs == ["input_ids", "attention_mask", "token_type_ids"]
+        assert outputs == ["sentence_embedding"]
+        assert embedding.shape == (batch, 32)
+        np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-5)
+    folder = unzip(tmp_path / "out" / "model-hf.zip", tmp_path / "small")
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "modules.json",
+                 "1_Pooling/config.json"):
+        assert (folder / name).is_file(), name
+    model = BertModel.from_pretrained(folder).eval()
+    ids, mask = some_tokens(3, 9)
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    weights = mask.unsqueeze(-1).float()
+    pooled = torch.nn.functional.normalize((hidden * weights).sum(1) / weights.sum(1), dim=1)
+    _, _, embedding = onnx_run(result.model_path, ids, mask)
+    np.testing.assert_allclose(embedding, pooled.numpy(), atol=1e-4, rtol=1e-3)
+    original = BertModel.from_pretrained(folders["sentence"])
+    assert not torch.equal(model.encoder.layer[0].intermediate.dense.weight,
+                           original.encoder.layer[0].intermediate.dense.weight)
+    assert not any(p.name.startswith(".") for p in (tmp_path / "out").iterdir())
+
+
+@pytest.mark.slow
+def test_a_zipped_classifier_without_data_keeps_its_head_and_says_inputs_were_sampled(
+    folders, tmp_path
+) -> None:
+    from transformers import BertForSequenceClassification
+
+    archive = zip_folder(folders["classifier"], tmp_path / "upload.zip", top="my-model")
+    assert is_checkpoint(archive)
+    result = compressor.compress(archive, FAST, out_dir=tmp_path / "out")
+    assert result.report["data"]["synthetic"] and "sampled" in result.report["data"]["note"]
+    ids, mask = some_tokens(2, 7)
+    _, outputs, logits = onnx_run(result.model_path, ids, mask)
+    assert outputs == ["logits"] and logits.shape == (2, 3)
+    folder = unzip(tmp_path / "out" / "model-hf.zip", tmp_path / "small")
+    model = BertForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_a_decoder_as_tar_gz_with_jsonl_text_round_trips(folders, tmp_path) -> None:
+    from transformers import LlamaForCausalLM
+
+    archive = tar_folder(folders["llama"], tmp_path / "llama.tar.gz")
+    data = write_text(tmp_path / "lines.jsonl", jsonl=True)
+    result = compressor.compress(archive, FAST, data=data, out_dir=tmp_path / "out")
+    ids, mask = some_tokens(2, 6)
+    inputs, outputs, logits = onnx_run(result.model_path, ids, mask)
+    assert inputs == ["input_ids", "attention_mask"] and outputs == ["logits"]
+    assert logits.shape == (2, 6, VOCAB_SIZE)
+    folder = unzip(tmp_path / "out" / "model-hf.zip", tmp_path / "small")
+    model = LlamaForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4, rtol=1e-3)
+
+
+def test_the_factorized_form_gives_no_hugging_face_folder(folders, tmp_path) -> None:
+    config = {**FAST, "export": {"form": "factorized", "latency_seconds": 0}}
+    result = compressor.compress(folders["classifier"], config, out_dir=tmp_path / "out")
+    assert (tmp_path / "out" / "model.onnx").is_file()
+    assert not (tmp_path / "out" / "model-hf.zip").exists()
+    assert "huggingface" not in result.report["onnx_parity"]
+
+
+def test_sampled_ids_stay_below_the_vocabulary_and_masks_are_ones(folders, tmp_path) -> None:
+    config = CompressionConfig.parse(FAST)
+    loaded = load_checkpoint(folders["sentence"], tmp_path, config.data.max_length)
+    data = checkpoint_data(loaded, None, config.data, seed=0)
+    assert data.synthetic and len(data) == 32
+    ids = data.inputs["input_ids"]
+    assert ids.shape == (32, 16) and int(ids.min()) >= 0 and int(ids.max()) < VOCAB_SIZE
+    assert int(ids.max()) > VOCAB_SIZE // 2  # the whole vocabulary is sampled
+    assert torch.equal(data.inputs["attention_mask"], torch.ones(32, 16, dtype=torch.int64))
+    assert int(data.inputs["token_type_ids"].abs().sum()) == 0
+
+
+def test_text_is_tokenized_truncated_and_padded_with_valid_masks(folders, tmp_path) -> None:
+    config = CompressionConfig.parse({**FAST, "data": {"max_length": 6}})
+    loaded = load_checkpoint(folders["sentence"], tmp_path, config.data.max_length)
+    lines = ["the a", "", "return value list string number file path module object"]
+    data = checkpoint_data(loaded, write_text(tmp_path / "t.txt", lines), config.data, seed=0)
+    ids, mask = data.inputs["input_ids"], data.inputs["attention_mask"]
+    assert ids.shape == (2, 6)  # the blank line is skipped; truncated at max_length
+    assert mask.tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]
+    assert ids[0].tolist()[:4] == [2, 4, 5, 3] and ids[0, 4:].tolist() == [0, 0]  # [CLS] .. [SEP] pad
+    assert ids[1, -1].item() == 3  # [SEP] kept at the truncation
+
+
+@pytest.mark.parametrize(("lines", "phrase"), [
+    (['{"txt": "x"}', '{"text": "y"}'], 'no string field "text"'),
+    (["not json", "{}"], "is not JSON"),
+    (['{"text": "only one"}'], "at least 2 are needed"),
+])
+def test_bad_jsonl_is_refused_naming_the_line(folders, tmp_path, lines, phrase) -> None:
+    config = CompressionConfig.parse(FAST)
+    loaded = load_checkpoint(folders["sentence"], tmp_path, 16)
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=phrase):
+        checkpoint_data(loaded, path, config.data, seed=0)
+
+
+def test_text_data_needs_the_checkpoints_tokenizer(folders, tmp_path) -> None:
+    folder = copy_of(folders, "sentence", tmp_path)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(DataError, match="tokenizer.json") as caught:
+        compressor.compress(folder, FAST, data=write_text(tmp_path / "t.txt"),
+                            out_dir=tmp_path / "out")
+    assert "tokenizer.save_pretrained" in caught.value.message
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+REFUSALS = {
+    "remote code": (lambda f: _edit_config(f, auto_map={"AutoModel": "modeling_evil.EvilModel"}),
+                    UnsafeModelError, "auto_map"),
+    "unknown architecture": (lambda f: _edit_config(f, architectures=["EvilModel"]),
+                             ModelFormatError, "does not have"),
+    "no architecture": (lambda f: _edit_config(f, architectures=None), ModelFormatError,
+                        "exactly one"),
+    "planted pickle": (lambda f: (f / "pytorch_model.bin").write_bytes(
+        b"\x80\x04\x95" + b"cos\nsystem\n(S'echo pwned'\ntR."), UnsafeModelError,
+        "safe_serialization=True"),
+    "pickle under another name": (lambda f: (f / "extra.dat").write_bytes(
+        b"\x80\x05\x95\x00"), UnsafeModelError, "a pickle"),
+    "no safetensors": (lambda f: (f / "model.safetensors").unlink(), ModelFormatError,
+                       "save_pretrained"),
+    "weights of another class": (
+        lambda f: _edit_config(f, architectures=["BertForMaskedLM"]), ModelFormatError,
+        "missing"),
+    "shard outside the folder": (lambda f: (f / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "../model.safetensors"}})), UnsafeModelError,
+        "shards must be"),
+    "no config": (lambda f: (f / "config.json").unlink(), ModelFormatError, "no config.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_a_bad_checkpoint_is_refused_saying_what_to_do(folders, tmp_path, case) -> None:
+    spoil, error, phrase = REFUSALS[case]
+    folder = copy_of(folders, "sentence", tmp_path)
+    spoil(folder)
+    with pytest.raises(error, match=phrase):
+        compressor.compress(folder, FAST, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_a_torch_save_pickle_alone_is_refused_with_the_safetensors_recipe(
+    folders, tmp_path
+) -> None:
+    folder = copy_of(folders, "classifier", tmp_path)
+    (folder / "model.safetensors").unlink()
+    torch.save({"w": torch.zeros(2)}, folder / "pytorch_model.bin")
+    with pytest.raises(UnsafeModelError) as caught:
+        compressor.compress(folder, FAST, out_dir=tmp_path / "out")
+    assert "pytorch_model.bin" in caught.value.message
+    assert "model.save_pretrained(folder, safe_serialization=True)" in caught.value.message
+
+
+def test_a_zip_slip_archive_is_refused_and_writes_nothing_outside(folders, tmp_path) -> None:
+    archive = zip_folder(folders["sentence"], tmp_path / "upload.zip")
+    with zipfile.ZipFile(archive, "a") as files:
+        files.writestr("../../escaped.txt", "gotcha")
+    out = tmp_path / "jobs" / "out"
+    with pytest.raises(UnsafeModelError, match="zip-slip"):
+        compressor.compress(archive, FAST, out_dir=out)
+    assert not list(tmp_path.rglob("escaped.txt"))
+    assert not any(p.name.startswith(".checkpoint-") for p in out.iterdir())
+
+
+def test_a_pt2_zip_is_not_taken_for_a_checkpoint(tmp_path) -> None:
+    from tiny_models import make_pt2
+
+    assert not is_checkpoint(make_pt2("mlp", tmp_path / "mlp.pt2"))
+    assert is_checkpoint(tmp_path)  # a folder is
