@@ -103,6 +103,7 @@ def test_tour_runs_as_written(tmp_path: Path) -> None:
     etag = re.search(r'(?im)^etag: "([0-9a-f]{64})"', everything)
     assert etag and f"{etag[1]}  model.onnx" in everything  # the ETag is the sha256
     assert (tmp_path / "model-small.onnx").stat().st_size > 0
+    assert "['last_hidden_state'] True" in everything  # load_back.py: from_pretrained == ONNX
     refused = next(out for code, out in outputs.items() if "pickled.pt2" in code)
     assert "torch.export" in refused, refused
 

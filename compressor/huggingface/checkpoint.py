@@ -143,7 +143,7 @@ def read_checkpoint(folder: Path) -> Checkpoint:
                 "input_ids and attention_mask are supported")
     input_names = ["input_ids", "attention_mask"]
     type_vocab = int(getattr(hf_model.config, "type_vocab_size", 0) or 0)
-    if "token_type_ids" in parameters and type_vocab > 0:
+    if "token_type_ids" in parameters and type_vocab > 0 and _tokenizer_gives_types(files):
         input_names.append("token_type_ids")
     wrapper = TextModel(hf_model, output_name, pooling, normalize).eval()
     return Checkpoint(model_class=model_class.__name__, hf_model=hf_model, wrapper=wrapper,
@@ -366,3 +366,12 @@ def _from_pretrained(root: Path, model_class: type, **extra: Any) -> tuple[nn.Mo
             f"the checkpoint could not be loaded as {model_class.__name__}: "
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}. "
             f"{HOW_TO_SAVE}") from None
+
+
+def _tokenizer_gives_types(files: dict[str, bytes]) -> bool:
+    """Whether the tokenizer returns token_type_ids: yes unless its model_input_names omit them."""
+    try:
+        names = json.loads(files.get("tokenizer_config.json", b"{}")).get("model_input_names")
+    except (json.JSONDecodeError, AttributeError):
+        return True
+    return not isinstance(names, list) or "token_type_ids" in names

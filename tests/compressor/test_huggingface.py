@@ -262,3 +262,15 @@ def test_a_pt2_zip_is_not_taken_for_a_checkpoint(tmp_path) -> None:
 
     assert not is_checkpoint(make_pt2("mlp", tmp_path / "mlp.pt2"))
     assert is_checkpoint(tmp_path)  # a folder is
+
+
+def test_token_type_ids_are_left_out_when_the_tokenizer_does_not_give_them(
+    folders, tmp_path
+) -> None:
+    folder = copy_of(folders, "classifier", tmp_path)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["model_input_names"] = ["input_ids", "attention_mask"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    loaded = load_checkpoint(folder, tmp_path, 8)
+    assert [s.name for s in loaded.specs] == ["input_ids", "attention_mask"]
+    assert list(loaded.program.graph_signature.user_inputs) == ["input_ids", "attention_mask"]
