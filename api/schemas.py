@@ -137,7 +137,8 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         404: "no such job for this caller",
         409: "the job already finished",
         413: "the upload is larger than the server's limit",
-        415: "the file is not a .pt2 program (or a .safetensors/.npz data file)",
+        415: "the file is not a .pt2 program or checkpoint archive (or a .safetensors, .npz, "
+        ".txt or .jsonl data file)",
         422: "invalid config or form; the message names the field",
         429: "too many of the caller's jobs are queued or running",
         503: "the store or the queue is unreachable",

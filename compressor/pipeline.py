@@ -79,8 +79,11 @@ def compress(
 ) -> Result:
     """Compress the `.pt2` program at `model` and write model.onnx, report.json, job.log.
 
-    `config` is a `CompressionConfig`, a dict or JSON (None: all defaults). `data` is an optional
-    .safetensors / .npz file of inputs named after the program's inputs. `progress` receives a
+    `model` may also be a Hugging Face model folder or a .zip / .tar(.gz) of one; then the dense
+    result is also written as model-hf.zip (see `compressor.huggingface`). `config` is a
+    `CompressionConfig`, a dict or JSON (None: all defaults). `data` is an optional
+    .safetensors / .npz file of inputs named after the program's inputs (for a checkpoint, also
+    .txt / .jsonl text). `progress` receives a
     `ProgressEvent` per update; `should_stop` is polled at every step and a True answer raises
     `CancelledError`. Every failure raises a `CompressorError` subclass with a stable `code`;
     artifacts are written atomically, so `out_dir` never holds a half-written file, and

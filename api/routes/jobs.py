@@ -33,7 +33,9 @@ _UPLOAD_BODY = {
                     "properties": {
                         "model": {
                             "type": "string", "format": "binary",
-                            "description": "a torch.export program saved with torch.export.save",
+                            "description": "a torch.export program saved with torch.export.save, "
+                            "or a Hugging Face model folder (config.json, *.safetensors, tokenizer) "
+                            "packed as .zip, .tar or .tar.gz",
                         },
                         "config": {
                             "type": "string",
@@ -44,7 +46,8 @@ _UPLOAD_BODY = {
                         "data": {
                             "type": "string", "format": "binary",
                             "description": "optional .safetensors or .npz of inputs named after "
-                            "the program's inputs",
+                            "the program's inputs; for a Hugging Face checkpoint also .txt (a "
+                            "sample a line) or .jsonl (a \"text\" field a line)",
                         },
                     },
                 }
