@@ -126,7 +126,8 @@ def read_checkpoint(folder: Path) -> Checkpoint:
              if (root / name).is_file()}
     pooling, normalize = _sentence_layout(root, files)
     if pooling is not None:
-        files["1_Pooling/config.json"] = _read_small(root / _pooling_dir(files) / "config.json")
+        pooling_config = f"{_pooling_dir(files)}/config.json"
+        files[pooling_config] = _read_small(root / pooling_config)
     hf_model = _load_model(root, model_class)
     if pooling is not None:
         output_name = "sentence_embedding"
@@ -185,8 +186,10 @@ def export_program(checkpoint: Checkpoint, length: int) -> ExportedProgram:
 
 
 def _read_small(path: Path) -> bytes:
-    if path.is_symlink() or not path.is_file():
-        raise UnsafeModelError(f"{path.name} in the checkpoint is not a regular file")
+    if path.is_symlink():
+        raise UnsafeModelError(f"{path.name} in the checkpoint is a link; links are refused")
+    if not path.is_file():
+        raise ModelFormatError(f"{path.parent.name}/{path.name} is missing from the checkpoint")
     if path.stat().st_size > MAX_SMALL_FILE:
         raise ModelFormatError(f"{path.name} in the checkpoint is over {MAX_SMALL_FILE} bytes")
     return path.read_bytes()

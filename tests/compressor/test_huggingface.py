@@ -221,6 +221,10 @@ REFUSALS = {
         json.dumps({"weight_map": {"a": "../model.safetensors"}})), UnsafeModelError,
         "shards must be"),
     "no config": (lambda f: (f / "config.json").unlink(), ModelFormatError, "no config.json"),
+    "no pooling settings": (lambda f: (f / "1_Pooling" / "config.json").unlink(),
+                            ModelFormatError, "1_Pooling/config.json is missing"),
+    "a link": (lambda f: (f / "vocab.txt").symlink_to("/etc/passwd"), UnsafeModelError,
+               "links are refused"),
 }
 
 
