@@ -100,14 +100,14 @@ def peak_rss(folder: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run(steps: int, max_length: int) -> dict:
+def run(steps: int, max_length: int, max_lines: int) -> dict:
     import compressor
 
     with tempfile.TemporaryDirectory() as tmp:
         folder, safetensors_bytes = unpack_checkpoint(Path(tmp) / "all-MiniLM-L6-v2")
         memory = peak_rss(folder)
         text = Path(tmp) / "docstrings.txt"
-        lines = docstring_lines()
+        lines = docstring_lines(max_lines)
         text.write_text("\n".join(lines) + "\n")
         config = {"ratio": 0.5, "finetune": {"steps": steps},
                   "data": {"max_length": max_length}, "export": {"latency_seconds": 0.5}}
@@ -185,9 +185,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--lines", type=int, default=MAX_LINES, help="text samples used")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
-    block = render(run(args.steps, args.max_length))
+    block = render(run(args.steps, args.max_length, args.lines))
     print(block)
     if not args.no_write:
         write_readme(block)
