@@ -142,9 +142,9 @@ def render(found: dict) -> str:
         ("sentence_embedding vs original, held out",
          f"cosine {init['cosine']:.4f} → {final['cosine']:.4f}, relative L2 "
          f"{init['relative_l2']:.4f} → {final['relative_l2']:.4f} (initialization → tuned)"),
-        ("onnxruntime vs PyTorch", f"max |diff| {max(report['onnx_parity']['max_abs_diff'].values()):.2e}"),
+        ("onnxruntime vs PyTorch", f"max abs difference {max(report['onnx_parity']['max_abs_diff'].values()):.2e}"),
         ("model-hf.zip (from_pretrained) vs ONNX",
-         f"max |diff| {report['onnx_parity']['huggingface']['max_abs_diff']:.2e}"),
+         f"max abs difference {report['onnx_parity']['huggingface']['max_abs_diff']:.2e}"),
         ("parameters", f"{params['before']:,} → {params['after']:,} dense, "
                        f"{params['factorized_form']:,} in the factorized form "
                        f"(targeted weights {params['targeted_weights_before']:,} → "
