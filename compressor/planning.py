@@ -3,7 +3,8 @@
 One global budget: `ratio` × (weights of the targeted layers) numbers remain. Overrides fix a
 layer's method, size or ratio; the remaining layers share one per-layer ratio, found by bisection,
 so that the whole plan fits the budget. A layer whose method saves nothing even at its smallest
-size stays dense and its weights count against the budget.
+size stays dense and its weights count against the budget. That uniform plan is where
+`compressor.allocation` starts when it re-spreads the lowrank layers' share by sensitivity.
 """
 
 from __future__ import annotations
