@@ -92,18 +92,22 @@ def _by_shape(output: torch.Tensor, from_linear: bool) -> str:
 
 
 def detect_output_kinds(module: nn.Module, raw_outputs: object, outputs: list[torch.Tensor],
-                        setting: str | dict[str, str] = "auto") -> list[str]:
+                        setting: str | dict[str, str] = "auto",
+                        onnx_names: list[str] | None = None) -> list[str]:
     """Return the kind of each flattened output (see the module docstring).
 
     `raw_outputs` is what the module returned (for the names in a dict or dataclass output),
-    `outputs` its flattened tensors, `setting` the job's `finetune.loss`.
+    `outputs` its flattened tensors, `setting` the job's `finetune.loss`, whose map may name an
+    output `output_<i>` or by its ONNX name (`onnx_names`, e.g. `sentence_embedding`).
     """
     if isinstance(setting, dict):
-        known = {f"output_{i}" for i in range(len(outputs))}
-        unknown = sorted(set(setting) - known)
+        aliases = {f"output_{i}": i for i in range(len(outputs))}
+        aliases.update({name: i for i, name in enumerate(onnx_names or [])})
+        unknown = sorted(set(setting) - set(aliases))
         if unknown:
             raise ConfigError(f"finetune.loss names outputs {unknown} that the model does not "
-                              f"have; its outputs are {sorted(known)}")
+                              f"have; its outputs are {sorted(set(onnx_names or aliases))}")
+        setting = {f"output_{aliases[name]}": kind for name, kind in setting.items()}
     names = output_names(raw_outputs)
     nodes = _output_nodes(module)
     kinds = []

@@ -22,12 +22,12 @@ from compressor.data import Dataset, InputSpec, input_specs, load_data, synthesi
 from compressor.errors import CompressorError
 from compressor.export import (
     export_onnx,
+    named_outputs,
     onnx_outputs,
     quantize_int8,
     verify_onnx,
     verify_quantized,
 )
-from compressor.export import output_names as export_output_names
 from compressor.finetune import FinetuneSummary, device_copy, finetune_, resolve_device
 from compressor.graph import collect_layer_stats, find_layers
 from compressor.huggingface import HF_ARTIFACT, LoadedCheckpoint
@@ -118,7 +118,8 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
                  f"{len(inputs.held_out)} held-out)")
     teacher = copy.deepcopy(inputs.program.module()).eval()
     kinds = output_kinds(teacher, inputs, config)
-    log.info(f"outputs: {dict(zip(export_output_names(len(kinds)), kinds, strict=True))}")
+    names = named_outputs(teacher, inputs.held_out.take(torch.arange(1)))
+    log.info(f"outputs: {dict(zip(names, kinds, strict=True))}")
     with log.stage("planning"):
         control.report("planning", 0.0)
         plan = plan_layers(*find_layers(teacher), config)
@@ -289,7 +290,8 @@ def output_kinds(teacher: fx.GraphModule, inputs: _Inputs, config: CompressionCo
     with torch.no_grad():
         raw = call(teacher, sample)
         outputs = run_outputs(teacher, sample)
-    return detect_output_kinds(teacher, raw, outputs, config.finetune.loss)
+    return detect_output_kinds(teacher, raw, outputs, config.finetune.loss,
+                               named_outputs(teacher, sample))
 
 
 def finetune(program: ExportedProgram, student: fx.GraphModule, teacher: fx.GraphModule,

@@ -97,3 +97,10 @@ def test_fidelity_reports_top1_for_logits_only():
     result = meter.result()
     assert result[0].top1_agreement == 1.0 and result[1].top1_agreement is None
     assert result[1].cosine == pytest.approx(1.0) and result[1].kind == "embedding"
+
+
+def test_a_loss_map_may_name_outputs_by_their_onnx_names():
+    module, batch = _program_module(_Named())
+    kinds = detect_output_kinds(module, call(module, batch), run_outputs(module, batch),
+                                {"logits": "regression"}, ["sentence_embedding", "logits"])
+    assert kinds == ["embedding", "regression"]
