@@ -42,7 +42,9 @@ def create_app(settings: Settings | None = None, *, run_job: RunJob | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = await run_in_threadpool(Services.open, settings, metrics)
         background = BackgroundWork(services, concurrency=in_process, run_job=run_job)
-        pool = WorkerPool(settings, workers, _log_level()) if workers and not in_process else None
+        pool = None
+        if workers and not in_process:
+            pool = WorkerPool(settings, workers, _log_level(), embedded=True)
         background.start()
         if pool is not None:
             metrics.read_worker_metrics(pool.metrics_dir)

@@ -1,7 +1,9 @@
-"""Prometheus metrics: jobs by status, queue depth, stage durations, request latency.
+"""Prometheus metrics: jobs by status, queue depth, live workers, re-queued jobs, stage durations,
+request latency.
 
-Jobs by status and queue depth are read from the store and the queue at scrape time, so every
-API replica reports the same numbers whichever process ran the jobs. Stage durations and
+Jobs by status, queue depth and live workers are read from the store and the queue at scrape
+time, so every API replica reports the same numbers whichever process ran the jobs. Re-queued
+jobs are counted by the process whose reaper or sweeper re-queued them. Stage durations and
 finished-job counts are observed by the process that runs the job; the API reports those of its
 embedded worker processes, and `compressor worker --metrics-port` those of its own. Each
 `Metrics` has its own registry.
@@ -29,23 +31,32 @@ class _BacklogCollector(Collector):
     """Report jobs by status and queue depth, read when scraped."""
 
     def __init__(
-        self, count_by_status: Callable[[], dict[str, int]], queue_depth: Callable[[], int]
+        self,
+        count_by_status: Callable[[], dict[str, int]],
+        queue_depth: Callable[[], int],
+        live_workers: Callable[[], int],
     ) -> None:
         self._count_by_status = count_by_status
         self._queue_depth = queue_depth
+        self._live_workers = live_workers
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        """Yield the job counts by status and the queue depth, read now."""
+        """Yield the job counts by status, the queue depth and the live workers, read now."""
         jobs = GaugeMetricFamily("compressor_jobs", "Jobs in the store by status", labels=["status"])
         depth = GaugeMetricFamily("compressor_queue_depth", "Messages waiting in the queue")
+        live = GaugeMetricFamily(
+            "compressor_workers_live", "Job worker processes that sent a heartbeat within a lease"
+        )
         try:
             for status, count in self._count_by_status().items():
                 jobs.add_metric([status], count)
             depth.add_metric([], self._queue_depth())
+            live.add_metric([], self._live_workers())
         except Exception:  # a scrape must not fail because the store blinked; /readyz says so
             log.exception("could not read the job counts for /metrics")
         yield jobs
         yield depth
+        yield live
 
 
 class Metrics:
@@ -63,6 +74,15 @@ class Metrics:
             "Time to answer an HTTP request, by route template",
             ["method", "route", "status"],
             buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        # Counted only by processes that run the reaper and sweeper (never pooled children), so
+        # the multiprocess collector never reports a second family of this name.
+        self.jobs_requeued = Counter(
+            "compressor_jobs_requeued",
+            "Jobs put back on the queue: lease_expired (the reaper, a worker died mid-job) or "
+            "lost_message (the sweeper, queued with no message)",
+            ["reason"],
             registry=self.registry,
         )
         self.stage_duration: Histogram | None = None
@@ -87,10 +107,17 @@ class Metrics:
         MultiProcessCollector(self.registry, path=directory)
 
     def watch_backlog(
-        self, count_by_status: Callable[[], dict[str, int]], queue_depth: Callable[[], int]
+        self,
+        count_by_status: Callable[[], dict[str, int]],
+        queue_depth: Callable[[], int],
+        live_workers: Callable[[], int],
     ) -> None:
-        """Report jobs by status and queue depth from these readers at every scrape."""
-        self.registry.register(_BacklogCollector(count_by_status, queue_depth))
+        """Report jobs by status, queue depth and live workers from these readers at scrapes."""
+        self.registry.register(_BacklogCollector(count_by_status, queue_depth, live_workers))
+
+    def count_requeued(self, reason: str) -> None:
+        """Count a job put back on the queue by the reaper or the sweeper."""
+        self.jobs_requeued.labels(reason).inc()
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         """Record that a job spent `seconds` in `stage`."""

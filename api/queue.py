@@ -66,6 +66,14 @@ class JobQueue:
         """Return the number of messages waiting."""
         return int(self.huey.pending_count())
 
+    def pending_ids(self) -> set[str]:
+        """Return the job ids of the messages waiting in the queue (read now)."""
+        ids = set()
+        for task in self.huey.pending():
+            if task.name == TASK_NAME and task.args:
+                ids.add(str(task.args[0]))
+        return ids
+
     def ping(self) -> None:
         """Raise if the queue cannot be reached."""
         self.huey.pending_count()

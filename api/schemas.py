@@ -44,7 +44,7 @@ class JobPublic(BaseModel):
                     "created_at": "2025-01-01T12:00:00Z", "started_at": "2025-01-01T12:00:01Z",
                     "finished_at": None, "config": {"method": "lowrank", "ratio": 0.5},
                     "error": None, "report": None, "artifacts": [], "attempts": 1,
-                    "retry_reason": None,
+                    "retry_reason": None, "loss_curve": [[25, 0.41], [50, 0.22], [75, 0.17]],
                 }
             ]
         }
@@ -63,6 +63,12 @@ class JobPublic(BaseModel):
     artifacts: list[ArtifactPublic]
     attempts: int = Field(description="runs started; above 1 when a worker died mid-job")
     retry_reason: str | None = Field(description="why the job was re-queued, if it was")
+    loss_curve: list[tuple[int, float]] = Field(
+        default_factory=list,
+        description="fine-tuning's training loss as [step, loss] points, evenly spaced over the "
+        "steps run so far (at most 100; live while the job fine-tunes); the held-out losses are "
+        "in report.finetune.history once the job succeeded",
+    )
 
     @classmethod
     def from_record(cls, job: JobRecord) -> JobPublic:
@@ -84,6 +90,7 @@ class JobPublic(BaseModel):
             ],
             attempts=job.attempts,
             retry_reason=job.retry_reason,
+            loss_curve=[(int(step), float(loss)) for step, loss in job.loss_curve],
         )
 
 
@@ -123,7 +130,14 @@ class ReadyStatus(BaseModel):
     """Readiness: each dependency and whether it answered."""
 
     status: Literal["ready", "unavailable"]
-    checks: dict[str, str] = Field(examples=[{"store": "ok", "queue": "ok", "files": "ok"}])
+    checks: dict[str, str] = Field(
+        examples=[{"store": "ok", "queue": "ok", "files": "ok", "workers": "ok"}]
+    )
+    live_workers: int | None = Field(
+        default=None,
+        description="job worker processes that sent a heartbeat within a lease (null when the "
+        "store could not be read)",
+    )
 
 
 def _utc(timestamp: float | None) -> datetime | None:

@@ -87,7 +87,29 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="a running job whose lease is this old is re-queued"
     )
     max_attempts: int = Field(default=3, ge=1, description="runs of a job whose workers died")
-    reap_interval_s: float = Field(default=5.0, gt=0, description="how often leases are checked")
+    reap_interval_s: float = Field(
+        default=5.0, gt=0, description="how often leases and lost queue messages are checked"
+    )
+    requeue_after_s: float = Field(
+        default=60.0, gt=0,
+        description="a job queued this long with no message in the queue (its worker died "
+        "between taking and starting it) is re-enqueued",
+    )
+    ready_requires_worker: bool = Field(
+        default=True,
+        description="`/readyz` answers 503 while no job worker sent a heartbeat within "
+        "`lease_s`; turn off for API replicas that should serve reads without workers",
+    )
+    worker_nice: int = Field(
+        default=10, ge=0, le=19,
+        description="embedded job workers lower their CPU priority by this much (`os.nice`), "
+        "so the API stays responsive while jobs train",
+    )
+    worker_threads: int = Field(
+        default=0, ge=0, le=256,
+        description="torch threads per embedded job worker; 0: the cores less one for the API, "
+        "shared among the workers",
+    )
     progress_interval_s: float = Field(default=0.5, ge=0, description="store progress this often")
     cancel_poll_s: float = Field(default=0.5, gt=0, description="check the cancel flag this often")
     events_poll_s: float = Field(default=0.5, gt=0, description="SSE: read the job this often")

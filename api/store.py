@@ -3,11 +3,17 @@
 Invariant: every change of a job's status is one conditional UPDATE (`WHERE status = ...`), so
 two workers, a worker and the reaper, or a worker and a cancel never both win. A worker owns a
 running job only while `worker_id` is its id; every write it makes checks that.
+
+Every time the store writes or compares (created, started, lease expiry, finished, worker
+heartbeats) is the database server's clock (`store_now`), never the calling machine's: a worker
+whose clock runs behind cannot hand out leases that are already expired, and a reaper whose
+clock runs ahead cannot take live jobs away.
 """
 
 from __future__ import annotations
 
-import time
+import os
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -15,13 +21,25 @@ from typing import Any
 import sqlalchemy as sa
 
 from api.migrate import upgrade_to_head
-from api.tables import jobs
+from api.tables import jobs, workers
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued", "running", "succeeded", "failed", "cancelled"
 )
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 FINISHED = frozenset({SUCCEEDED, FAILED, CANCELLED})
+LOSS_POINTS = 100  # at most this many [step, loss] points are kept per job
+
+
+def store_now(dialect: str) -> sa.ColumnElement[float]:
+    """Return a SQL expression for the database server's time now, in Unix seconds."""
+    if dialect == "sqlite":
+        return sa.literal_column("((julianday('now') - 2440587.5) * 86400.0)", sa.Float)
+    if dialect == "postgresql":
+        return sa.literal_column(
+            "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)", sa.Float
+        )
+    raise ValueError(f"unsupported job store database {dialect!r}: use SQLite or PostgreSQL")
 
 
 @dataclass(frozen=True)
@@ -48,6 +66,7 @@ class JobRecord:
     lease_expires_at: float | None
     cancel_requested: bool
     retry_reason: str | None
+    loss_curve: list[list[float]]
 
     @property
     def is_finished(self) -> bool:
@@ -64,6 +83,17 @@ class ReapedJob:
     reason: str
 
 
+@dataclass(frozen=True)
+class WorkerRecord:
+    """A job worker process, as its heartbeats left it."""
+
+    id: str
+    host: str
+    pid: int
+    started_at: float
+    last_seen_at: float
+
+
 # Built once: `get` is the hottest query (every poll of a job).
 _SELECT_BY_ID = sa.select(jobs).where(jobs.c.id == sa.bindparam("id"))
 _SELECT_OWNED = _SELECT_BY_ID.where(jobs.c.owner == sa.bindparam("owner"))
@@ -73,6 +103,7 @@ def _record(row: sa.Row) -> JobRecord:
     values = dict(row._mapping)
     values["artifacts"] = values["artifacts"] or []
     values["cancel_requested"] = bool(values["cancel_requested"])
+    values["loss_curve"] = values["loss_curve"] or []
     return JobRecord(**values)
 
 
@@ -112,6 +143,7 @@ class JobStore:
     def __init__(self, url: str, *, migrate: bool = True) -> None:
         self.url = url
         self._reader, self._writer = create_store_engine(url)
+        self._now = store_now(self._writer.dialect.name)
         if migrate:
             upgrade_to_head(self._writer)
 
@@ -124,13 +156,18 @@ class JobStore:
         with self._reader.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
 
+    def now(self) -> float:
+        """Return the database server's time (Unix seconds): the clock every lease is read on."""
+        with self._reader.connect() as conn:
+            return float(conn.execute(sa.select(self._now)).scalar_one())
+
     # -- the API's side ----------------------------------------------------------------------
 
     def create(
         self, job_id: str, owner: str, config: dict[str, Any], data_format: str | None
     ) -> JobRecord:
         """Insert a new `queued` job and return it."""
-        now = time.time()
+        now = self._now
         values = {
             "id": job_id, "owner": owner, "status": QUEUED, "stage": None, "progress": 0.0,
             "config": config, "data_format": data_format, "created_at": now, "updated_at": now,
@@ -185,7 +222,7 @@ class JobStore:
 
         A finished job is returned unchanged (the caller answers 409); None if it is gone.
         """
-        now = time.time()
+        now = self._now
         with self._writer.begin() as conn:
             conn.execute(
                 jobs.update()
@@ -211,7 +248,7 @@ class JobStore:
 
     def claim(self, job_id: str, worker_id: str, lease_s: float) -> JobRecord | None:
         """Move a queued job to running for `worker_id`; None if it is not queued any more."""
-        now = time.time()
+        now = self._now
         with self._writer.begin() as conn:
             claimed = conn.execute(
                 jobs.update()
@@ -219,13 +256,13 @@ class JobStore:
                 .values(
                     status=RUNNING, worker_id=worker_id, started_at=now, updated_at=now,
                     lease_expires_at=now + lease_s, attempts=jobs.c.attempts + 1,
-                    stage=None, progress=0.0,
+                    stage=None, progress=0.0, loss_curve=None,
                 )
             ).rowcount
         return self.get(job_id) if claimed == 1 else None
 
     def _update_own(self, job_id: str, worker_id: str, **values: Any) -> bool:
-        values.setdefault("updated_at", time.time())
+        values.setdefault("updated_at", self._now)
         with self._writer.begin() as conn:
             return (
                 conn.execute(
@@ -240,11 +277,27 @@ class JobStore:
 
     def heartbeat(self, job_id: str, worker_id: str, lease_s: float) -> bool:
         """Extend the running job's lease; False if `worker_id` no longer owns it."""
-        return self._update_own(job_id, worker_id, lease_expires_at=time.time() + lease_s)
+        return self._update_own(job_id, worker_id, lease_expires_at=self._now + lease_s)
 
-    def update_progress(self, job_id: str, worker_id: str, stage: str, progress: float) -> bool:
-        """Record the running job's stage and overall progress; False if it is not ours."""
-        return self._update_own(job_id, worker_id, stage=stage, progress=progress)
+    def update_progress(
+        self,
+        job_id: str,
+        worker_id: str,
+        stage: str,
+        progress: float,
+        loss_curve: list[list[float]] | None = None,
+    ) -> bool:
+        """Record the running job's stage, overall progress and (if given) its recent loss points.
+
+        `loss_curve` replaces the stored points: [[step, loss], ...], at most LOSS_POINTS.
+        False if the job is not ours.
+        """
+        values: dict[str, Any] = {"stage": stage, "progress": progress}
+        if loss_curve is not None:
+            if len(loss_curve) > LOSS_POINTS:
+                raise ValueError(f"at most {LOSS_POINTS} loss points, got {len(loss_curve)}")
+            values["loss_curve"] = loss_curve
+        return self._update_own(job_id, worker_id, **values)
 
     def is_cancel_requested(self, job_id: str) -> bool:
         """Return True if the job's owner asked to cancel it, or the job was deleted."""
@@ -266,7 +319,7 @@ class JobStore:
     ) -> bool:
         """Move our running job to a finished status; False if it is not ours any more."""
         assert status in FINISHED, status
-        now = time.time()
+        now = self._now
         values: dict[str, Any] = {
             "status": status, "error": error, "report": report, "artifacts": artifacts or [],
             "finished_at": now, "lease_expires_at": None,
@@ -283,7 +336,7 @@ class JobStore:
         The attempt is not counted: the job did not fail, its worker was asked to stop.
         `requeue(job_id)` runs before the change commits, as in `reap_expired`.
         """
-        now = time.time()
+        now = self._now
         with self._writer.begin() as conn:
             released = conn.execute(
                 jobs.update()
@@ -298,16 +351,15 @@ class JobStore:
                 requeue(job_id)
         return released == 1
 
-    def reap_expired(
-        self, max_attempts: int, requeue: Callable[[str], None], now: float | None = None
-    ) -> list[ReapedJob]:
+    def reap_expired(self, max_attempts: int, requeue: Callable[[str], None]) -> list[ReapedJob]:
         """Settle running jobs whose lease expired (their worker died or hung).
 
         Each is re-queued while it has attempts left (`requeue(job_id)` is called before the
         change commits, so a failing queue leaves the job to the next round), failed with code
-        `worker_lost` after `max_attempts`, or cancelled if its owner asked for that.
+        `worker_lost` after `max_attempts`, or cancelled if its owner asked for that. Expiry is
+        judged on the store's clock.
         """
-        now = time.time() if now is None else now
+        now = self._now
         expired = sa.and_(jobs.c.status == RUNNING, jobs.c.lease_expires_at < now)
         with self._reader.connect() as conn:
             candidates = conn.execute(
@@ -330,7 +382,7 @@ class JobStore:
         max_attempts: int,
         requeue: Callable[[str], None],
         expired: sa.ColumnElement[bool],
-        now: float,
+        now: sa.ColumnElement[float],
     ) -> ReapedJob | None:
         lost = (
             f"the worker running attempt {attempts} of {max_attempts} stopped renewing its lease "
@@ -359,6 +411,86 @@ class JobStore:
             if status == QUEUED:
                 requeue(job_id)  # inside the transaction: a queue error rolls the change back
         return ReapedJob(job_id, status, reason)
+
+    def requeue_lost(
+        self,
+        older_than_s: float,
+        pending: Callable[[], set[str]],
+        requeue: Callable[[str], None],
+    ) -> list[str]:
+        """Re-enqueue queued jobs that have no message in the queue; return their ids.
+
+        A worker killed between taking a job's message and claiming it leaves the job `queued`
+        with no message: nothing would ever run it. A job queued (or last re-enqueued) more than
+        `older_than_s` ago whose id is not among `pending()` (the ids waiting in the queue) gets
+        a new message; `requeue(job_id)` runs before the change commits. A message taken at the
+        very moment of the check may yield a duplicate, which is harmless: the second claim of a
+        job finds it no longer queued and drops the message.
+        """
+        now = self._now
+        stale = sa.and_(jobs.c.status == QUEUED, jobs.c.updated_at < now - older_than_s)
+        with self._reader.connect() as conn:
+            candidates = [row[0] for row in conn.execute(sa.select(jobs.c.id).where(stale))]
+        if not candidates:
+            return []
+        waiting = pending()
+        requeued = []
+        reason = (
+            f"re-enqueued: queued for over {older_than_s:g} s with no message in the queue (a "
+            "worker probably died between taking it and starting it)"
+        )
+        for job_id in candidates:
+            if job_id in waiting:
+                continue
+            with self._writer.begin() as conn:
+                changed = conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == job_id, stale)
+                    .values(updated_at=now, retry_reason=reason)
+                ).rowcount
+                if changed == 1:
+                    requeue(job_id)  # inside the transaction: a queue error rolls it back
+                    requeued.append(job_id)
+        return requeued
+
+    # -- worker heartbeats -------------------------------------------------------------------
+
+    def beat_worker(self, worker_id: str) -> None:
+        """Record that the worker process `worker_id` (this process) is alive, now."""
+        now = self._now
+        with self._writer.begin() as conn:
+            renewed = conn.execute(
+                workers.update().where(workers.c.id == worker_id).values(last_seen_at=now)
+            ).rowcount
+            if renewed == 0:
+                conn.execute(
+                    workers.insert().values(
+                        id=worker_id, host=socket.gethostname()[:255], pid=os.getpid(),
+                        started_at=now, last_seen_at=now,
+                    )
+                )
+
+    def remove_worker(self, worker_id: str) -> None:
+        """Forget the worker `worker_id` (it stopped cleanly)."""
+        with self._writer.begin() as conn:
+            conn.execute(workers.delete().where(workers.c.id == worker_id))
+
+    def live_workers(self, within_s: float) -> list[WorkerRecord]:
+        """Return the workers that sent a heartbeat in the last `within_s` seconds."""
+        query = (
+            sa.select(workers)
+            .where(workers.c.last_seen_at >= self._now - within_s)
+            .order_by(workers.c.started_at)
+        )
+        with self._reader.connect() as conn:
+            return [WorkerRecord(**row._mapping) for row in conn.execute(query)]
+
+    def prune_workers(self, older_than_s: float) -> int:
+        """Delete the rows of workers silent for `older_than_s` seconds; return how many."""
+        with self._writer.begin() as conn:
+            return conn.execute(
+                workers.delete().where(workers.c.last_seen_at < self._now - older_than_s)
+            ).rowcount
 
     def job_ids(self) -> Iterable[str]:
         """Return every job id (for maintenance and tests)."""

@@ -1,6 +1,8 @@
 """The job store's table, as SQLAlchemy Core metadata (the schema itself is made by migrations).
 
-Times are Unix seconds (float) so SQLite and PostgreSQL compare them the same way. `seq` orders
+Times are Unix seconds (float) so SQLite and PostgreSQL compare them the same way; they are read
+from the database server's clock (`store_now`), never from the caller's, so machines with skewed
+clocks agree on leases. `seq` orders
 jobs by submission (newest first in listings, the opaque cursor encodes it); `id` is public.
 """
 
@@ -33,7 +35,22 @@ jobs = sa.Table(
     sa.Column("lease_expires_at", sa.Float, nullable=True),
     sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("retry_reason", sa.Text, nullable=True),
+    # Recent fine-tuning loss points [[step, loss], ...], thinned to at most LOSS_POINTS.
+    sa.Column("loss_curve", sa.JSON, nullable=True),
     sa.Index("ix_jobs_owner_seq", "owner", "seq"),
     sa.Index("ix_jobs_status_lease", "status", "lease_expires_at"),
     sqlite_autoincrement=True,
+)
+
+# One row per live job worker process: it renews `last_seen_at` every heartbeat and deletes its
+# row when it stops cleanly. A row not renewed within a lease is a dead (or hung) worker.
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("last_seen_at", sa.Float, nullable=False),
+    sa.Index("ix_workers_last_seen", "last_seen_at"),
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -24,7 +25,7 @@ from sqlalchemy.exc import OperationalError
 from api.metrics import Metrics
 from api.settings import Settings
 from api.storage import JobFiles
-from api.store import CANCELLED, FAILED, SUCCEEDED, JobRecord, JobStore
+from api.store import CANCELLED, FAILED, LOSS_POINTS, SUCCEEDED, JobRecord, JobStore
 from compressor.errors import CompressorError
 from compressor.progress import STAGES, ProgressEvent
 
@@ -46,6 +47,30 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()[:32]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+class LossCurve:
+    """Keep evenly spaced [step, loss] points of a fine-tuning run, at most LOSS_POINTS.
+
+    A point is kept every `stride` steps; when the points fill up, every other one is dropped and
+    the stride doubles, so the curve always spans the whole run so far.
+    """
+
+    def __init__(self, limit: int = LOSS_POINTS) -> None:
+        self.limit = limit
+        self.points: list[list[float]] = []
+        self.stride = 1
+        self.changed = False
+
+    def add(self, step: int, loss: float) -> None:
+        """Record the loss at `step` if the step falls on the stride (non-finite losses skipped)."""
+        if not math.isfinite(loss) or step % self.stride:
+            return
+        self.points.append([step, round(loss, 6)])
+        self.changed = True
+        if len(self.points) > self.limit:
+            self.stride *= 2
+            self.points = [p for p in self.points if int(p[0]) % self.stride == 0]
+
+
 class _RunningJob:
     """The mutable state of one run: the lease heartbeat, the stop checks, progress writes."""
 
@@ -61,6 +86,8 @@ class _RunningJob:
         self.stage_started = time.monotonic()
         self._last_write = 0.0
         self._last_cancel_check = 0.0
+        self.losses = LossCurve()
+        self._steps = int((job.config.get("finetune") or {}).get("steps") or 0)
         self._done = threading.Event()
         self._beat = threading.Thread(
             target=self._heartbeat, name=f"heartbeat-{job.id[:8]}", daemon=True
@@ -105,6 +132,8 @@ class _RunningJob:
             log.warning("job %s: ignoring progress of unknown stage %r", self.job.id, event.stage)
             return
         now = time.monotonic()
+        if event.loss is not None and event.stage == "finetuning" and self._steps:
+            self.losses.add(round(event.fraction * self._steps), event.loss)
         new_stage = event.stage != self.stage
         if new_stage:
             self._close_stage()
@@ -112,11 +141,13 @@ class _RunningJob:
         if not new_stage and now - self._last_write < self.runner.settings.progress_interval_s:
             return
         self._last_write = now
+        curve = self.losses.points if self.losses.changed else None
         try:
             if not self.runner.store.update_progress(
-                self.job.id, self.worker_id, event.stage, round(event.overall, 4)
+                self.job.id, self.worker_id, event.stage, round(event.overall, 4), curve
             ):
                 self.lost = True
+            self.losses.changed = False
         except Exception:
             log.exception("job %s: could not store progress", self.job.id)
 

@@ -22,7 +22,7 @@ import threading
 import time
 
 from api.settings import Settings
-from api.worker_process import LOG_LEVEL_VARIABLE, PARENT_PID_VARIABLE
+from api.worker_process import EMBEDDED_VARIABLE, LOG_LEVEL_VARIABLE, PARENT_PID_VARIABLE
 
 log = logging.getLogger("api.worker")
 
@@ -42,10 +42,30 @@ def settings_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
-class WorkerPool:
-    """Keep `processes` worker processes running until `stop()`."""
+def worker_threads(settings: Settings, processes: int, embedded: bool) -> int | None:
+    """Return the torch (OpenMP) threads each worker process gets, or None to leave the default.
 
-    def __init__(self, settings: Settings, processes: int, log_level: str = "info") -> None:
+    Beside the API (`embedded`) the workers leave it one core; otherwise N processes split the
+    cores (N processes each using every core only fight over them).
+    """
+    if settings.worker_threads:
+        return settings.worker_threads
+    cores = os.cpu_count() or 1
+    if embedded:
+        return max(1, (cores - 1) // max(1, processes))
+    return max(1, cores // processes) if processes > 1 else None
+
+
+class WorkerPool:
+    """Keep `processes` worker processes running until `stop()`.
+
+    `embedded`: the pool runs beside the API (`compressor serve`), so its workers yield the CPU
+    to it: they lower their priority by `worker_nice` and leave the API a core.
+    """
+
+    def __init__(
+        self, settings: Settings, processes: int, log_level: str = "info", *, embedded: bool = False
+    ) -> None:
         self.settings = settings
         self.processes = processes
         self.metrics_dir = tempfile.mkdtemp(prefix="compressor-worker-metrics-")
@@ -57,9 +77,11 @@ class WorkerPool:
             PARENT_PID_VARIABLE: str(os.getpid()),
             LOG_LEVEL_VARIABLE: log_level,
         }
-        if processes > 1 and "OMP_NUM_THREADS" not in os.environ:
-            # Share the cores: N processes each using every core only fight over them.
-            self._env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+        threads = worker_threads(settings, processes, embedded)
+        if threads is not None and ("OMP_NUM_THREADS" not in os.environ or settings.worker_threads):
+            self._env["OMP_NUM_THREADS"] = str(threads)
+        if embedded:
+            self._env[EMBEDDED_VARIABLE] = "1"
         self._children: list[subprocess.Popen[bytes]] = []
         self._stopping = threading.Event()
         self._supervisor = threading.Thread(target=self._supervise, name="worker-pool", daemon=True)

@@ -3,7 +3,9 @@
 `compressor worker` runs `run_worker` in its own process; a `WorkerPool` starts children with
 `python -m api.worker_process`, passing the settings as COMPRESSOR_* variables and its own pid
 as COMPRESSOR_PARENT_PID: a child whose parent died kills itself like its parent was killed, so
-its job is settled by the lease reaper, as for any lost worker.
+its job is settled by the lease reaper, as for any lost worker. Pooled children leave the lease
+reaper and the sweeper to their parent's side (the API runs them); children of `serve` (marked
+COMPRESSOR_EMBEDDED_WORKER_PROCESS) lower their CPU priority so the API answers while jobs train.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ log = logging.getLogger("api.worker")
 
 PARENT_PID_VARIABLE = "COMPRESSOR_PARENT_PID"
 LOG_LEVEL_VARIABLE = "COMPRESSOR_LOG_LEVEL"
+EMBEDDED_VARIABLE = "COMPRESSOR_EMBEDDED_WORKER_PROCESS"
 
 
 def configure_logging(level: str) -> None:
@@ -72,7 +75,7 @@ def run_worker(
         from prometheus_client import start_http_server
 
         start_http_server(metrics_port, registry=services.metrics.registry)
-    background = BackgroundWork(services, concurrency=1)
+    background = BackgroundWork(services, concurrency=1, maintenance=not parent)
     background.start()
     announce(f"worker {background.runner.worker_id} (pid {os.getpid()}) waiting for jobs")
     while not stop.wait(1.0):
@@ -88,7 +91,10 @@ def main() -> None:
     from api.settings import Settings
 
     configure_logging(os.environ.get(LOG_LEVEL_VARIABLE, "info"))
-    run_worker(Settings(), stop=stop)
+    settings = Settings()
+    if os.environ.get(EMBEDDED_VARIABLE) and settings.worker_nice:
+        os.nice(settings.worker_nice)  # before torch starts its threads: they inherit it
+    run_worker(settings, stop=stop)
 
 
 if __name__ == "__main__":

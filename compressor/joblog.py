@@ -1,10 +1,9 @@
-"""job.log: a human-readable account of one job, written next to its artifacts."""
+"""job.log: a human-readable account of one job, written next to its artifacts as it runs."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,19 +12,26 @@ _logger = logging.getLogger("compressor")
 
 
 class JobLog:
-    """Collect timestamped lines and stage timings; `close()` writes job.log atomically."""
+    """Write timestamped lines to `path` as they come (flushed per line) and time stages.
+
+    The file is started empty when the log is made and grows a whole line at a time, so a
+    running job's log can be read (by the service, by `tail -f`) while the job works; `close()`
+    ends it. Lines logged after `close()` go to the `compressor` logger only.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.stage_seconds: dict[str, float] = {}
-        self._lines: list[str] = []
         self._started = time.monotonic()
-        self._closed = False
+        self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
     def info(self, message: str) -> None:
         """Add a line to the log (and to the `compressor` logger)."""
-        self._lines.append(f"[{time.monotonic() - self._started:8.2f}s] {message}")
         _logger.info(message)
+        if self._file.closed:
+            return
+        self._file.write(f"[{time.monotonic() - self._started:8.2f}s] {message}\n")
+        self._file.flush()
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -40,10 +46,5 @@ class JobLog:
             self.info(f"stage {name}: {elapsed:.2f}s")
 
     def close(self) -> None:
-        """Write the collected lines to `path` via a temp file and a rename (once)."""
-        if self._closed:
-            return
-        self._closed = True
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text("\n".join(self._lines) + "\n")
-        os.replace(tmp, self.path)
+        """Finish the file (safe to call twice)."""
+        self._file.close()

@@ -1,16 +1,27 @@
-"""`/v1/jobs/{id}/artifacts/{name}`: download model.onnx, report.json, job.log or
-model-hf.zip."""
+"""`/v1/jobs/{id}/artifacts/{name}`: download model.onnx, report.json, job.log or model-hf.zip.
+
+A finished job's artifacts are served from its record (size, sha256 as the ETag). While a job
+runs, its job.log grows a line at a time; it is served as it is at the moment of the request,
+without an ETag (it is still changing), so a page or `curl` can follow a running job.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import JobDep, ServicesDep
 from api.errors import ApiError
 from api.schemas import error_responses
+from api.services import Services
+from api.store import JobRecord
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"], responses=error_responses(401, 404))
+
+_RUNNING_LOG_LIMIT = 4 << 20  # a running job's log is served up to its newest 4 MiB
 
 _MEDIA_TYPES = {
     "model.onnx": "application/octet-stream",
@@ -30,12 +41,46 @@ _MEDIA_TYPES = {
     },
     summary="Download an artifact",
 )
-def download_artifact(job: JobDep, name: str, request: Request, services: ServicesDep) -> Response:
-    """Stream one of the job's files, with Content-Length, ETag = sha256 and Range support."""
+async def download_artifact(
+    job: JobDep, name: str, request: Request, services: ServicesDep
+) -> Response:
+    """Stream one of the job's files, with Content-Length, ETag = sha256 and Range support.
+
+    While the job is queued or running, job.log is answered with what it holds so far (no ETag,
+    `X-Job-Status` names the job's status).
+    """
+    if name == "job.log" and not job.is_finished:
+        path = services.files.artifact_path(job.id, name)
+        if path is not None:
+            return await run_in_threadpool(_running_log, path, job.status)
+    return await run_in_threadpool(_finished_artifact, job, name, request, services)
+
+
+def _running_log(path: Path, status: str) -> Response:
+    # Read once: the file keeps growing, and a streamed answer would outgrow its Content-Length.
+    with open(path, "rb") as file:
+        file.seek(0, 2)
+        size = file.tell()
+        start = max(0, size - _RUNNING_LOG_LIMIT)
+        file.seek(start)
+        content = file.read(size - start)
+    headers = {"Cache-Control": "no-store", "X-Job-Status": status}
+    if start > 0:  # keep the newest whole lines of a huge log
+        content = content[content.find(b"\n") + 1:]
+        headers["X-Log-Truncated"] = "true"
+    return Response(content, media_type=_MEDIA_TYPES["job.log"], headers=headers)
+
+
+def _finished_artifact(
+    job: JobRecord, name: str, request: Request, services: Services
+) -> Response:
     artifact = next((a for a in job.artifacts if a["name"] == name), None)
     if artifact is None:
         have = ", ".join(a["name"] for a in job.artifacts) or "none yet"
-        hint = "" if job.is_finished else f" (the job is {job.status}; files appear when it ends)"
+        hint = "" if job.is_finished else (
+            f" (the job is {job.status}; job.log appears once it starts, the other files when it "
+            "succeeds)"
+        )
         raise ApiError(
             404, "not_found", f"job {job.id} has no artifact {name!r}; it has: {have}{hint}"
         )
@@ -50,4 +95,5 @@ def download_artifact(job: JobDep, name: str, request: Request, services: Servic
     headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
     if request.headers.get("if-none-match") in (etag, "*"):
         return Response(status_code=304, headers=headers)
-    return FileResponse(path, media_type=_MEDIA_TYPES.get(name, "application/octet-stream"), filename=name, headers=headers)
+    media_type = _MEDIA_TYPES.get(name, "application/octet-stream")
+    return FileResponse(path, media_type=media_type, filename=name, headers=headers)

@@ -34,7 +34,10 @@ async def stream_job_events(job: JobDep, services: ServicesDep) -> AsyncIterator
     version = 0
     current = job
     while True:
-        state = (current.status, current.stage, current.progress, current.error, current.attempts)
+        state = (
+            current.status, current.stage, current.progress, current.error, current.attempts,
+            current.loss_curve[-1:],
+        )
         if state != last:
             last, version = state, version + 1
             public = JobPublic.from_record(current)

@@ -1,4 +1,4 @@
-"""`/healthz` (the process answers), `/readyz` (store, queue and files reachable), `/metrics`."""
+"""`/healthz` (the process answers), `/readyz` (store, queue, files, a live worker), `/metrics`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ from api.deps import ServicesDep
 from api.schemas import ReadyStatus
 
 router = APIRouter(tags=["health"])
+
+_NO_WORKER = (
+    "no live job worker: none sent a heartbeat in the last {lease:g} s, so jobs would wait "
+    "forever. Start `compressor worker` processes (or `compressor serve` with its embedded "
+    "worker), or set COMPRESSOR_READY_REQUIRES_WORKER=false on an API-only replica"
+)
 
 
 @router.get("/healthz", summary="Liveness")
@@ -25,7 +31,8 @@ def read_health() -> dict[str, str]:
     summary="Readiness",
 )
 def read_readiness(services: ServicesDep) -> Response:
-    """Answer 200 when the store, the queue and the data directory answer; 503 otherwise."""
+    """Answer 200 when the store, the queue and the data directory answer and a job worker is
+    alive (it sent a heartbeat within a lease); 503 otherwise, naming what is wrong."""
     checks = {}
     for name, ping in (
         ("store", services.store.ping),
@@ -37,8 +44,19 @@ def read_readiness(services: ServicesDep) -> Response:
             checks[name] = "ok"
         except Exception as exc:  # noqa: BLE001 (any failure means not ready; it is reported)
             checks[name] = f"{type(exc).__name__}: {exc}"
+    settings = services.settings
+    live: int | None = None
+    if checks["store"] == "ok":
+        try:
+            live = len(services.store.live_workers(settings.lease_s))
+        except Exception as exc:  # noqa: BLE001
+            checks["store"] = f"{type(exc).__name__}: {exc}"
+    if settings.ready_requires_worker:
+        checks["workers"] = "ok" if live else _NO_WORKER.format(lease=settings.lease_s)
     ready = all(v == "ok" for v in checks.values())
-    body = ReadyStatus(status="ready" if ready else "unavailable", checks=checks)
+    body = ReadyStatus(
+        status="ready" if ready else "unavailable", checks=checks, live_workers=live
+    )
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 

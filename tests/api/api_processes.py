@@ -83,15 +83,16 @@ class ServerProcess(ServiceProcess):
             base_url=f"http://127.0.0.1:{self.port}", headers=headers, timeout=30
         )
 
-    def wait_ready(self, timeout: float = 90) -> None:
-        """Wait until /readyz answers 200; fail with the log if the process dies or hangs."""
+    def wait_ready(self, timeout: float = 90, path: str = "/readyz") -> None:
+        """Wait until `path` answers 200 (/readyz: a worker is alive too; /healthz: the API
+        answers); fail with the log if the process dies or hangs."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"the server exited with {self.process.returncode}:\n"
                                      f"{self.log()}")
             try:
-                if self.client.get("/readyz").status_code == 200:
+                if self.client.get(path).status_code == 200:
                     return
             except httpx.TransportError:
                 pass

@@ -6,6 +6,7 @@ Every test gets `backend`: the embedded one (SQLite store and queue) and the dis
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -214,7 +215,7 @@ def test_migrations_run_once_and_reopen_cleanly(backend: Backend, store: JobStor
         assert again.get(job_id) is not None
         with again._reader.connect() as conn:  # noqa: SLF001 (checking the schema itself)
             version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one()
-        assert version == "0001"
+        assert version == "0002"
     finally:
         again.close()
 
@@ -312,3 +313,184 @@ def test_files_refuse_paths_that_are_not_job_ids(backend: Backend) -> None:
             files.job_dir(bad)
     with pytest.raises(ValueError, match="unknown input"):
         files.input_path("0" * 32, "evil.sh")
+
+
+# -- the store's clock, the sweeper, worker heartbeats, loss points ----------------------------
+
+
+def queue_and_store(backend: Backend) -> dict[str, object]:
+    """Return the Settings fields that put an app's store and queue on `backend`."""
+    fields = backend.settings_fields()
+    del fields["data_dir"]  # the same folder as the app's own `data_dir` fixture
+    return fields
+
+
+def skew_clock(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Make this process's clock (time.time) run `seconds` ahead of the real one."""
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + seconds)
+
+
+def test_leases_use_the_stores_clock_not_the_callers(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db_now = store.now()
+    assert abs(db_now - time.time()) < 5
+    job_id = new_job(store)
+    skew_clock(monkeypatch, -3600)  # a worker whose clock is an hour behind
+    claimed = store.claim(job_id, "w1", 30)
+    assert claimed is not None and claimed.lease_expires_at is not None
+    assert abs(claimed.lease_expires_at - (db_now + 30)) < 5  # not already expired
+    assert abs((claimed.started_at or 0) - db_now) < 5
+    skew_clock(monkeypatch, +3600)  # a reaper whose clock is an hour ahead
+    assert store.reap_expired(3, lambda _: None) == []  # cannot steal the live job
+    assert store.heartbeat(job_id, "w1", 30)
+    assert store.finish(job_id, "w1", SUCCEEDED)
+    job = store.get(job_id)
+    assert job is not None and abs((job.finished_at or 0) - db_now) < 5
+
+
+def test_a_lease_expires_on_the_stores_clock_whatever_the_reapers(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = new_job(store)
+    skew_clock(monkeypatch, +3600)  # the worker's clock is ahead: its lease must not outlive it
+    store.claim(job_id, "w1", 0.05)
+    skew_clock(monkeypatch, -3600)  # and a reaper behind still sees it expire
+    time.sleep(0.2)
+    assert [r.id for r in store.reap_expired(3, lambda _: None)] == [job_id]
+
+
+def test_sweeper_requeues_a_job_whose_message_was_taken_but_never_run(
+    store: JobStore, queue: JobQueue
+) -> None:
+    bound = 1.0  # seconds a queued job may wait for its message; margins for a loaded machine
+    lost, waiting = new_job(store), new_job(store)
+    queue.enqueue(lost)
+    queue.huey.dequeue()  # a worker took the message, then died before claiming the job
+    queue.enqueue(waiting)  # still in the queue: left alone
+    time.sleep(bound + 0.2)
+    fresh = new_job(store)  # queued too recently to judge (its message may be on its way)
+    assert queue.pending_ids() == {waiting}
+    assert store.requeue_lost(bound, queue.pending_ids, queue.enqueue) == [lost]
+    assert queue.pending_ids() == {waiting, lost}
+    job = store.get(lost)
+    assert job is not None and job.status == QUEUED
+    assert "no message in the queue" in (job.retry_reason or "")
+    assert store.requeue_lost(bound, queue.pending_ids, queue.enqueue) == []  # it has one now
+    assert fresh not in queue.pending_ids()
+    assert store.claim(lost, "w1", 30) is not None  # a running job is never swept
+    time.sleep(bound + 0.2)
+    queue.purge()
+    requeued = store.requeue_lost(bound, queue.pending_ids, queue.enqueue)
+    assert sorted(requeued) == sorted([waiting, fresh])
+
+
+def test_sweeper_leaves_the_job_for_the_next_round_when_the_queue_fails(
+    store: JobStore, queue: JobQueue
+) -> None:
+    job_id = new_job(store)
+    time.sleep(0.2)
+
+    def broken_queue(_: str) -> None:
+        raise ConnectionError("queue down")
+
+    with pytest.raises(ConnectionError):
+        store.requeue_lost(0.1, queue.pending_ids, broken_queue)
+    job = store.get(job_id)
+    assert job is not None and job.retry_reason is None  # rolled back: judged again next round
+    assert store.requeue_lost(0.1, queue.pending_ids, queue.enqueue) == [job_id]
+
+
+def test_background_sweep_counts_and_logs_what_it_requeued(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    from api_helpers import make_settings
+
+    from api.services import BackgroundWork, Services
+
+    services = Services.open(
+        make_settings(backend.data_dir, requeue_after_s=0.1, **queue_and_store(backend))
+    )
+    try:
+        job_id = new_job(services.store)
+        time.sleep(0.3)
+        with caplog.at_level("WARNING", logger="api"):
+            BackgroundWork(services, concurrency=0).sweep_once()
+        assert services.queue.pending_ids() == {job_id}
+        assert f"job {job_id}: queued for over 0.1 s with no message" in caplog.text
+        text = services.metrics.render().decode()
+        assert 'compressor_jobs_requeued_total{reason="lost_message"} 1.0' in text
+    finally:
+        services.queue.purge()
+        services.close()
+
+
+def test_worker_heartbeats_on_the_stores_clock(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert store.live_workers(30) == []
+    skew_clock(monkeypatch, -3600)  # a worker whose clock is behind is still live
+    store.beat_worker("w-a")
+    store.beat_worker("w-b")
+    store.beat_worker("w-a")  # a second beat renews the row
+    live = store.live_workers(30)
+    assert [w.id for w in live] == ["w-a", "w-b"]
+    assert live[0].pid == os.getpid() and live[0].last_seen_at >= live[0].started_at
+    store.remove_worker("w-b")
+    assert [w.id for w in store.live_workers(30)] == ["w-a"]
+    time.sleep(0.3)
+    assert store.live_workers(0.2) == []  # silent longer than the window: dead
+    assert store.prune_workers(0.2) == 1
+    assert store.live_workers(3600) == []
+
+
+def test_progress_stores_the_recent_loss_points(store: JobStore) -> None:
+    job_id = new_job(store)
+    store.claim(job_id, "w1", 30)
+    assert store.get(job_id).loss_curve == []  # type: ignore[union-attr]
+    points = [[1, 2.5], [2, 1.25]]
+    assert store.update_progress(job_id, "w1", "finetuning", 0.3, points)
+    assert store.update_progress(job_id, "w1", "finetuning", 0.4)  # no points: kept as they were
+    assert store.get(job_id).loss_curve == points  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="at most 100 loss points"):
+        store.update_progress(job_id, "w1", "finetuning", 0.5, [[i, 1.0] for i in range(101)])
+    store.release(job_id, "w1", "stop", lambda _: None)
+    assert store.claim(job_id, "w2", 30).loss_curve == []  # type: ignore[union-attr]  # a new run
+
+
+def test_a_running_jobs_log_is_served_line_by_line(backend: Backend, make_client, fake_pt2) -> None:
+    from compressor.joblog import JobLog
+
+    release = threading.Event()
+
+    def logging_job(model, config, *, out_dir, progress=None, should_stop=None, **_):
+        log = JobLog(out_dir / "job.log")
+        log.info("loaded the model")
+        from api_fakes import FakeJob
+
+        while not release.wait(0.05):
+            if should_stop():
+                break
+        log.info("done")
+        log.close()
+        return FakeJob(0.0)(model, config, out_dir=out_dir)
+
+    client = make_client(logging_job, **queue_and_store(backend))
+    job_id = client.post("/v1/jobs", files={"model": ("m.pt2", fake_pt2.read_bytes())}).json()["id"]
+    deadline = time.monotonic() + 20
+    while True:
+        response = client.get(f"/v1/jobs/{job_id}/artifacts/job.log")
+        if response.status_code == 200:
+            break
+        assert response.status_code == 404 and time.monotonic() < deadline, response.text
+        time.sleep(0.05)
+    assert response.headers["x-job-status"] == "running"
+    assert "etag" not in response.headers
+    assert response.text.endswith("] loaded the model\n")
+    release.set()
+    from api_helpers import wait_for_job
+
+    assert wait_for_job(client, job_id)["status"] == "succeeded"
+    final = client.get(f"/v1/jobs/{job_id}/artifacts/job.log")
+    assert final.status_code == 200 and final.text == "fake job\n" and "etag" in final.headers

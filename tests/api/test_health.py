@@ -7,6 +7,8 @@ import re
 from api_fakes import FakeJob
 from api_helpers import wait_for_job
 
+from api.store import JobStore
+
 
 def metric(text: str, name: str, **labels: str) -> float:
     """Return the value of one sample from Prometheus text."""
@@ -17,12 +19,46 @@ def metric(text: str, name: str, **labels: str) -> float:
     return float(found.group(1))
 
 
-def test_healthz_and_readyz_answer_ok(make_client) -> None:
-    client = make_client(embedded_worker=False)
+def test_healthz_and_readyz_answer_ok_with_a_live_worker(make_client) -> None:
+    client = make_client(FakeJob(0.0))  # jobs run in this process: it is the live worker
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "checks": {"store": "ok", "queue": "ok", "files": "ok"}}
+    assert ready.json() == {
+        "status": "ready", "live_workers": 1,
+        "checks": {"store": "ok", "queue": "ok", "files": "ok", "workers": "ok"},
+    }
+    assert metric(client.get("/metrics").text, "compressor_workers_live") == 1
+
+
+def test_readyz_is_503_without_a_live_worker_until_one_heartbeats(make_client, data_dir) -> None:
+    client = make_client(embedded_worker=False)
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["live_workers"] == 0 and body["checks"]["store"] == "ok"
+    assert "no live job worker" in body["checks"]["workers"]
+    assert "compressor worker" in body["checks"]["workers"]
+    assert metric(client.get("/metrics").text, "compressor_workers_live") == 0
+
+    store = JobStore(f"sqlite:///{data_dir / 'jobs.db'}")  # a worker elsewhere, same store
+    try:
+        store.beat_worker("remote-worker-1")
+        ready = client.get("/readyz")
+        assert ready.status_code == 200, ready.json()
+        assert ready.json()["live_workers"] == 1
+        store.remove_worker("remote-worker-1")  # it stopped cleanly
+        assert client.get("/readyz").status_code == 503
+    finally:
+        store.close()
+
+
+def test_readyz_can_leave_workers_out_for_api_only_replicas(make_client) -> None:
+    client = make_client(embedded_worker=False, ready_requires_worker=False)
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"store": "ok", "queue": "ok", "files": "ok"}
+    assert ready.json()["live_workers"] == 0
 
 
 def test_readyz_is_503_naming_the_broken_dependency(make_client, data_dir) -> None:

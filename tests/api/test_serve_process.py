@@ -41,14 +41,17 @@ def servers(data_dir: Path, tmp_path: Path) -> Iterator[list[ServerProcess]]:
 def start_server(
     servers: list[ServerProcess], data_dir: Path, *extra: str, **env: str
 ) -> ServerProcess:
-    """Start `compressor serve` on `data_dir` with API key KEY; wait until it is ready."""
+    """Start `compressor serve` on `data_dir` with API key KEY; wait until it is ready.
+
+    Without workers (`--workers 0`) it is never ready (no live worker): wait for /healthz.
+    """
     log = data_dir.parent / f"serve-{len(servers)}.log"
     server = ServerProcess(
         {"COMPRESSOR_DATA_DIR": str(data_dir), "COMPRESSOR_API_KEYS": KEY, **env},
         log, *extra, api_key=KEY,
     )
     servers.append(server)
-    server.wait_ready()
+    server.wait_ready(path="/healthz" if "--workers" in extra else "/readyz")
     return server
 
 
@@ -85,6 +88,20 @@ def wait_for_stage(
         time.sleep(0.1)
 
 
+def nice_of(pid: int) -> int:
+    """Return a process's nice value (field 19 of /proc/PID/stat)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def live_worker_pids(data_dir: Path) -> set[int]:
+    """Return the pids of the workers that sent a heartbeat in the last 3 s (the lease)."""
+    store = JobStore(f"sqlite:///{data_dir / 'jobs.db'}")
+    try:
+        return {worker.pid for worker in store.live_workers(3)}
+    finally:
+        store.close()
+
+
 def read_store(data_dir: Path, job_id: str) -> JobRecord:
     """Read the job straight from the SQLite store (no server running)."""
     store = JobStore(f"sqlite:///{data_dir / 'jobs.db'}")
@@ -111,6 +128,11 @@ def test_happy_path_to_a_verified_onnx_download(
     servers, data_dir: Path, tmp_path: Path, mlp_pt2: Path
 ) -> None:
     server = start_server(servers, data_dir)
+    ready = server.client.get("/readyz").json()
+    assert (ready["status"], ready["live_workers"]) == ("ready", 1)
+    [worker_pid] = live_worker_pids(data_dir)
+    # The embedded worker yields the CPU to the API: its nice value is the server's + 10.
+    assert nice_of(worker_pid) == min(19, nice_of(server.process.pid) + 10)
     assert "compressor serve on http://127.0.0.1" in server.log()
     assert "configured" in server.log() and KEY not in server.log()  # keys are never printed
     data = tmp_path / "data.safetensors"
@@ -205,7 +227,10 @@ def test_a_worker_process_killed_mid_job_is_replaced_and_the_job_retried(
     assert "attempt 1 of 3 stopped renewing its lease" in job["retry_reason"]
     assert f"job worker pid {worker_pid} exited with -9; starting a new one" in server.log()
     new_worker = read_store(data_dir, job_id).worker_id or ""
-    assert int(new_worker.rsplit("-", 3)[1]) != worker_pid
+    new_pid = int(new_worker.rsplit("-", 3)[1])
+    assert new_pid != worker_pid
+    assert new_pid in live_worker_pids(data_dir)  # the replacement heartbeats
+    assert server.client.get("/readyz").json()["status"] == "ready"
     assert server.client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
     assert wait_for_job(server.client, job_id, timeout=30)["status"] == "cancelled"
     assert_clean_stop(server)

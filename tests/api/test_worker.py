@@ -16,7 +16,8 @@ from api_helpers import make_settings
 
 from api.services import Services
 from api.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord
-from api.worker import JobRunner
+from api.tables import jobs
+from api.worker import JobRunner, LossCurve
 from compressor.errors import UnsafeModelError
 from compressor.progress import ProgressEvent
 
@@ -138,7 +139,13 @@ def test_a_job_taken_away_by_the_reaper_is_not_finished_by_its_old_worker(
     fake = FakeJob(30.0)
     thread = run_in_thread(make_runner(services, fake), job_id)
     assert fake.started.wait(5)
-    reaped = services.store.reap_expired(3, lambda _: None, now=time.time() + 3600)
+    reaped = []
+    for _ in range(20):  # expire the lease (the store's clock decides), racing the heartbeat
+        with services.store._writer.begin() as conn:  # noqa: SLF001
+            conn.execute(jobs.update().where(jobs.c.id == job_id).values(lease_expires_at=0.0))
+        reaped = services.store.reap_expired(3, lambda _: None)
+        if reaped:
+            break
     assert [r.status for r in reaped] == [QUEUED]
     thread.join(5)  # the heartbeat notices, should_stop answers True, the outcome is dropped
     assert not thread.is_alive()
@@ -176,9 +183,9 @@ def test_progress_writes_are_throttled_but_every_stage_is_stored(
     writes: list[tuple[str, float]] = []
     original = services.store.update_progress
 
-    def counting(job: str, worker: str, stage: str, progress: float) -> bool:
+    def counting(job: str, worker: str, stage: str, progress: float, curve=None) -> bool:
         writes.append((stage, progress))
-        return original(job, worker, stage, progress)
+        return original(job, worker, stage, progress, curve)
 
     monkeypatch.setattr(services.store, "update_progress", counting)
     fake = FakeJob(1.2)  # about 60 progress events over 1.2 s
@@ -240,3 +247,36 @@ def test_progress_of_an_unknown_stage_is_not_stored(services: Services, fake_pt2
     make_runner(services, odd_stages).run(job_id)
     assert seen == ["planning"]
     assert stored(services, job_id).status == SUCCEEDED
+
+
+def test_loss_curve_keeps_at_most_100_evenly_spaced_points() -> None:
+    curve = LossCurve()
+    for step in range(1, 1001):
+        curve.add(step, 1.0 / step)
+    steps = [int(step) for step, _ in curve.points]
+    assert 50 <= len(steps) <= 100
+    gaps = {b - a for a, b in zip(steps, steps[1:], strict=False)}
+    assert gaps == {curve.stride} and steps[-1] > 900  # the whole run, evenly
+    curve.add(curve.stride * 1000, float("nan"))  # a diverged step is left out
+    assert all(loss == loss for _, loss in curve.points)
+
+
+def test_fine_tuning_losses_reach_the_job_while_it_runs(
+    services: Services, fake_pt2: Path
+) -> None:
+    job_id = submit(services, fake_pt2)  # config: finetune.steps 5
+    seen: list[list[list[float]]] = []
+
+    def finetuning_job(model, config, *, out_dir, progress, should_stop, **_):
+        for step in range(1, 6):
+            progress(ProgressEvent("finetuning", step / 5, 0.5, f"step {step}/5", 1.0 / step))
+            time.sleep(0.35)  # past progress_interval_s: every point is written
+            seen.append(stored(services, job_id).loss_curve)
+        progress(ProgressEvent("exporting", 0.0, 0.8))
+        return FakeJob(0.0)(model, config, out_dir=out_dir)
+
+    make_runner(services, finetuning_job).run(job_id)
+    assert [len(points) for points in seen] == [1, 2, 3, 4, 5]
+    job = stored(services, job_id)
+    assert job.status == SUCCEEDED
+    assert job.loss_curve == [[step, round(1.0 / step, 6)] for step in range(1, 6)]
