@@ -12,12 +12,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 import compressor
 from api.errors import install_error_handlers
 from api.metrics import Metrics, RequestLatencyMiddleware
-from api.routes import artifacts, events, health, jobs
+from api.routes import artifacts, console, events, health, jobs
 from api.services import BackgroundWork, Services
 from api.settings import Settings, get_settings
 from api.worker import RunJob
@@ -68,9 +69,19 @@ def create_app(settings: Settings | None = None, *, run_job: RunJob | None = Non
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(RequestLatencyMiddleware, metrics=metrics)
-    for router in (jobs.router, artifacts.router, events.router, health.router):
+    for router in (jobs.router, artifacts.router, events.router, health.router, console.router):
         app.include_router(router)
+    app.mount("/console", _ConsoleFiles(directory=console.CONSOLE_DIR), name="console")
     return app
+
+
+class _ConsoleFiles(StaticFiles):
+    """The console's scripts and styles, with the page's security headers."""
+
+    async def get_response(self, path: str, scope):  # type: ignore[no-untyped-def]
+        response = await super().get_response(path, scope)
+        response.headers.update(console.SECURITY_HEADERS)
+        return response
 
 
 def _log_level() -> str:

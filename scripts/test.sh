@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Set up and run the whole test suite (slow and service tests included), plus the linters.
+# Set up and run the whole test suite (slow, service and browser tests included), plus the linters.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The console's browser tests drive Debian's headless Chromium (never a downloaded browser).
+command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 .venv/bin/ruff check .
 .venv/bin/hadolint Dockerfile
 .venv/bin/pytest "$@"

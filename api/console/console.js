@@ -1,0 +1,687 @@
+// The compressor web console: jobs, submit, a job's live progress, plots and downloads.
+// Plain browser JavaScript, no build step; it uses only the public REST API (/v1/...).
+"use strict";
+
+const STAGES = ["loading", "planning", "rewriting", "finetuning", "exporting", "verifying"];
+const STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"];
+const FINISHED = new Set(["succeeded", "failed", "cancelled"]);
+const KEY_STORAGE = "compressor.apiKey";
+
+// -- small helpers ------------------------------------------------------------------------
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs || {})) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else if (name === "class") node.className = value;
+    else if (name === "style") node.setAttribute("style", value);
+    else node.setAttribute(name, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child === undefined || child === null || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+function bytes(n) {
+  if (n === undefined || n === null) return "—";
+  const units = ["B", "KiB", "MiB", "GiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+
+function num(x, digits = 4) {
+  if (typeof x !== "number" || !isFinite(x)) return "—";
+  if (x !== 0 && (Math.abs(x) >= 1e5 || Math.abs(x) < 1e-3)) return x.toExponential(2);
+  return Number(x.toFixed(digits)).toString();
+}
+
+function when(iso) {
+  return iso ? new Date(iso).toLocaleString() : "—";
+}
+
+function seconds(s) {
+  if (typeof s !== "number") return "";
+  return s < 60 ? `${s.toFixed(s < 10 ? 2 : 1)} s` : `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+}
+
+function progressBar(fraction) {
+  const pct = Math.round(Math.max(0, Math.min(1, fraction || 0)) * 100);
+  return el("div", { class: "bar", role: "progressbar", "aria-valuenow": pct,
+                     "aria-valuemin": 0, "aria-valuemax": 100, title: `${pct}%` },
+            el("span", { style: `width: ${pct}%` }));
+}
+
+function setBar(bar, fraction) {
+  const pct = Math.round(Math.max(0, Math.min(1, fraction || 0)) * 100);
+  bar.setAttribute("aria-valuenow", pct);
+  bar.title = `${pct}%`;
+  bar.firstChild.style.width = `${pct}%`;
+}
+
+function statusBadge(status) {
+  return el("span", { class: `status ${status}`, "data-status": status }, status);
+}
+
+function errorBox(text, attrs) {
+  return el("div", { class: "error-box", role: "alert", ...(attrs || {}) }, text);
+}
+
+// -- the API ------------------------------------------------------------------------------
+
+function apiKey() { return sessionStorage.getItem(KEY_STORAGE) || ""; }
+
+function authHeaders() {
+  const key = apiKey();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+class ApiError extends Error {
+  constructor(status, body) {
+    const error = (body && body.error) || {};
+    super(error.message || `the server answered ${status}`);
+    this.status = status;
+    this.code = error.code || "http_" + status;
+    this.details = error.details || [];
+  }
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, {
+    ...options, headers: { Accept: "application/json", ...authHeaders(), ...(options.headers || {}) },
+  });
+  if (response.status === 204) return null;
+  let body = null;
+  try { body = await response.json(); } catch (_) { body = null; }
+  if (!response.ok) throw new ApiError(response.status, body);
+  return body;
+}
+
+function describe(error) {
+  if (error instanceof ApiError) return `${error.status} ${error.code}: ${error.message}`;
+  return String(error && error.message ? error.message : error);
+}
+
+// Follow GET /v1/jobs/{id}/events (server-sent events) with fetch, which, unlike EventSource,
+// can send the Authorization header. Calls onJob(job) per `job` event until the stream ends.
+async function followJob(jobId, onJob, signal, onDeleted) {
+  const response = await fetch(`/v1/jobs/${jobId}/events`, {
+    headers: { Accept: "text/event-stream", ...authHeaders() }, signal,
+  });
+  if (!response.ok) throw new ApiError(response.status, await response.json().catch(() => null));
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true }).replace(/\r\n/g, "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let event = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) event = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+      }
+      if (!data.length) continue;
+      if (event === "job") onJob(JSON.parse(data.join("\n")));
+      else if (event === "deleted" && onDeleted) onDeleted();
+    }
+  }
+}
+
+// -- page state and routing ------------------------------------------------------------------
+
+let page = new AbortController();  // aborted when the view changes: stops streams and timers
+
+function onAbort(fn) { page.signal.addEventListener("abort", fn); }
+
+function every(ms, fn) {
+  const timer = setInterval(fn, ms);
+  onAbort(() => clearInterval(timer));
+}
+
+function route() {
+  page.abort();
+  page = new AbortController();
+  const hash = location.hash || "#/jobs";
+  const view = document.getElementById("view");
+  view.replaceChildren();
+  const match = hash.match(/^#\/jobs\/([0-9a-zA-Z]+)$/);
+  const name = match ? "job" : hash === "#/submit" ? "submit" : "jobs";
+  for (const link of document.querySelectorAll("nav a")) {
+    link.classList.toggle("active", link.dataset.nav === (name === "job" ? "jobs" : name));
+  }
+  if (match) return jobView(view, match[1]);
+  if (name === "submit") return submitView(view);
+  return jobsView(view);
+}
+
+// -- the API key ------------------------------------------------------------------------------
+
+function setupKeyForm() {
+  const form = document.getElementById("key-form");
+  const input = document.getElementById("api-key");
+  const state = document.getElementById("key-state");
+  const show = () => { state.textContent = apiKey() ? "key set for this tab" : "no key"; };
+  input.value = apiKey();
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (input.value.trim()) sessionStorage.setItem(KEY_STORAGE, input.value.trim());
+    else sessionStorage.removeItem(KEY_STORAGE);
+    show();
+    route();
+  });
+  document.getElementById("key-forget").addEventListener("click", () => {
+    sessionStorage.removeItem(KEY_STORAGE);
+    input.value = "";
+    show();
+    route();
+  });
+  show();
+}
+
+// -- jobs list --------------------------------------------------------------------------------
+
+async function cancelJob(job, after) {
+  if (!confirm(`Cancel job ${job.id}? A running job stops within seconds.`)) return;
+  try { await api(`/v1/jobs/${job.id}/cancel`, { method: "POST" }); after(); }
+  catch (error) { alert(describe(error)); }
+}
+
+async function deleteJob(job, after) {
+  if (!confirm(`Delete job ${job.id} and all its files? This cannot be undone.`)) return;
+  try { await api(`/v1/jobs/${job.id}`, { method: "DELETE" }); after(); }
+  catch (error) { alert(describe(error)); }
+}
+
+function jobsView(view) {
+  const filter = el("select", { id: "status-filter", "aria-label": "status" },
+    el("option", { value: "" }, "every status"),
+    STATUSES.map((s) => el("option", { value: s }, s)));
+  filter.value = new URLSearchParams(location.search).get("status") || sessionStorage.getItem("compressor.filter") || "";
+  const body = el("tbody");
+  const more = el("button", { type: "button", hidden: true }, "Older jobs");
+  const message = el("div");
+  const table = el("table", { id: "jobs" },
+    el("thead", {}, el("tr", {}, ["submitted", "job", "status", "stage", "progress", "attempts", ""]
+      .map((h) => el("th", {}, h)))), body);
+  view.append(
+    el("h1", {}, "Jobs"),
+    el("div", { class: "toolbar" }, el("label", { for: "status-filter" }, "Show"), filter,
+      el("button", { type: "button", onclick: () => load(null) }, "Refresh"),
+      el("a", { href: "#/submit" }, el("button", { type: "button", class: "primary" }, "Submit a job"))),
+    message, el("div", { class: "card" }, table, more));
+  let cursor = null;
+  const streams = new Map();  // job id -> AbortController of its event stream
+
+  function row(job) {
+    const actions = el("td", {});
+    if (!FINISHED.has(job.status)) {
+      actions.append(el("button", { type: "button", class: "cancel",
+        onclick: () => cancelJob(job, () => load(null)) }, "Cancel"), " ");
+    }
+    actions.append(el("button", { type: "button", class: "danger delete",
+      onclick: () => deleteJob(job, () => load(null)) }, "Delete"));
+    return el("tr", { "data-job": job.id },
+      el("td", {}, when(job.created_at)),
+      el("td", {}, el("a", { href: `#/jobs/${job.id}`, class: "mono" }, job.id.slice(0, 12))),
+      el("td", {}, statusBadge(job.status)),
+      el("td", {}, job.stage || "—"),
+      el("td", {}, progressBar(job.progress)),
+      el("td", {}, job.attempts),
+      actions);
+  }
+
+  function follow(job) {
+    if (FINISHED.has(job.status) || streams.has(job.id) || streams.size >= 20) return;
+    const controller = new AbortController();
+    streams.set(job.id, controller);
+    onAbort(() => controller.abort());
+    followJob(job.id, (update) => {
+      const old = body.querySelector(`tr[data-job="${update.id}"]`);
+      if (!old) return;
+      if (filter.value && update.status !== filter.value) old.remove();
+      else old.replaceWith(row(update));
+    }, controller.signal).catch(() => {}).finally(() => streams.delete(job.id));
+  }
+
+  let generation = 0;  // a newer load (filter change, refresh) makes older answers stale
+  async function load(from) {
+    const mine = ++generation;
+    message.replaceChildren();
+    if (!from) {
+      for (const controller of streams.values()) controller.abort();
+      streams.clear();
+      body.replaceChildren();
+    }
+    const params = new URLSearchParams({ limit: "25" });
+    if (filter.value) params.set("status", filter.value);
+    if (from) params.set("cursor", from);
+    try {
+      const pageOfJobs = await api(`/v1/jobs?${params}`);
+      if (mine !== generation || page.signal.aborted) return;
+      for (const job of pageOfJobs.data) { body.append(row(job)); follow(job); }
+      if (!body.children.length) {
+        body.append(el("tr", {}, el("td", { colspan: 7, class: "muted" },
+          filter.value ? `No ${filter.value} jobs.` : "No jobs yet: submit one.")));
+      }
+      cursor = pageOfJobs.next_cursor;
+      more.hidden = !cursor;
+    } catch (error) {
+      if (mine === generation) message.append(errorBox(describe(error)));
+    }
+  }
+  filter.addEventListener("change", () => {
+    sessionStorage.setItem("compressor.filter", filter.value);
+    load(null);
+  });
+  more.addEventListener("click", () => load(cursor));
+  load(null);
+}
+
+// -- submit -----------------------------------------------------------------------------------
+
+function schemaNode(schema, node) {
+  while (node && node.$ref) node = schema.$defs[node.$ref.split("/").pop()];
+  if (node && node.anyOf) {
+    const concrete = node.anyOf.find((n) => n.$ref || (n.type && n.type !== "null"));
+    return { ...schemaNode(schema, concrete), description: node.description || (concrete || {}).description, nullable: true };
+  }
+  return node || {};
+}
+
+function fieldSchema(schema, path) {
+  let node = schema;
+  for (const key of path) {
+    node = schemaNode(schema, node);
+    node = (node.properties || {})[key];
+  }
+  return schemaNode(schema, node);
+}
+
+function leafFields(value, path = []) {
+  if (value && typeof value === "object" && !Array.isArray(value)) {
+    return Object.entries(value).flatMap(([k, v]) => leafFields(v, [...path, k]));
+  }
+  return [{ path, value }];
+}
+
+function fieldInput(id, spec, value) {
+  const choices = spec.enum || (spec.const !== undefined ? [spec.const] : null);
+  if (typeof value === "boolean") {
+    const select = el("select", { id }, el("option", { value: "true" }, "true"), el("option", { value: "false" }, "false"));
+    select.value = String(value);
+    return select;
+  }
+  if (choices && choices.length > 1) {
+    const select = el("select", { id }, choices.map((c) => el("option", { value: String(c) }, String(c))));
+    select.value = String(value);
+    return select;
+  }
+  if (Array.isArray(value) || (value && typeof value === "object")) {
+    return el("textarea", { id, rows: 2, cols: 40, spellcheck: "false" }, JSON.stringify(value));
+  }
+  return el("input", { id, type: "text", value: value === null ? "" : String(value), spellcheck: "false" });
+}
+
+function readField(input, original) {
+  const text = input.value.trim();
+  if (typeof original === "boolean") return input.value === "true";
+  if (Array.isArray(original) || (original && typeof original === "object")) {
+    try { return JSON.parse(text); } catch (_) { throw new Error("not valid JSON"); }
+  }
+  if (typeof original === "number" || original === null) {
+    if (text === "") return null;
+    const n = Number(text);
+    return Number.isNaN(n) ? text : n;  // let the server name what is wrong with the text
+  }
+  return input.value;
+}
+
+function setPath(target, path, value) {
+  let node = target;
+  for (const key of path.slice(0, -1)) node = node[key] = node[key] || {};
+  node[path[path.length - 1]] = value;
+}
+
+async function submitView(view) {
+  const general = el("div", { id: "submit-error" });
+  const fieldsBox = el("div", { id: "config-fields" }, el("p", { class: "muted" }, "Loading the defaults…"));
+  const model = el("input", { id: "model-file", type: "file", accept: ".pt2", required: true });
+  const data = el("input", { id: "data-file", type: "file", accept: ".safetensors,.npz" });
+  const bar = progressBar(0);
+  bar.id = "upload-progress";
+  const uploadState = el("span", { id: "upload-state", class: "muted" });
+  const send = el("button", { type: "submit", class: "primary", id: "submit-job" }, "Upload and submit");
+  const form = el("form", { id: "submit-form" },
+    el("div", { class: "card" }, el("h2", {}, "Files"),
+      el("div", { class: "field", "data-field": "model" }, el("label", { for: "model-file" }, "model (.pt2)"), model,
+        el("div", { class: "hint" }, "a torch.export program saved with torch.export.save")),
+      el("div", { class: "field", "data-field": "data" }, el("label", { for: "data-file" }, "data (optional)"), data,
+        el("div", { class: "hint" }, ".safetensors or .npz, tensors named after the program's inputs"))),
+    el("div", { class: "card" }, el("h2", {}, "Configuration"),
+      el("p", { class: "muted" }, "Every field shows its default; only the fields you change are sent."), fieldsBox),
+    general,
+    el("div", { class: "toolbar" }, send, el("div", { style: "width: 260px" }, bar), uploadState));
+  view.append(el("h1", {}, "Submit a job"), form);
+
+  let described;
+  try { described = await api("/v1/config"); }
+  catch (error) { fieldsBox.replaceChildren(errorBox(describe(error))); return; }
+  const leaves = leafFields(described.defaults);
+  const inputs = new Map();
+  fieldsBox.replaceChildren(...leaves.map(({ path, value }) => {
+    const name = path.join(".");
+    const spec = fieldSchema(described.schema, path);
+    const input = fieldInput(`cfg-${name}`, spec, value);
+    const box = el("div", { class: "field", "data-field": name },
+      el("label", { for: input.id }, name), input,
+      el("div", { class: "hint" }, `default ${JSON.stringify(value)}${spec.description ? " · " + spec.description : ""}`));
+    input.addEventListener("input", () => box.classList.toggle("changed", true));
+    inputs.set(name, { input, path, value, box });
+    return box;
+  }));
+
+  function clearErrors() {
+    general.replaceChildren();
+    for (const box of form.querySelectorAll(".field")) {
+      box.classList.remove("invalid");
+      box.querySelectorAll(".field-error").forEach((n) => n.remove());
+    }
+  }
+
+  function markField(field, message) {
+    const name = field.replace(/^config\./, "");
+    const box = form.querySelector(`.field[data-field="${CSS.escape(name)}"]`)
+      || [...form.querySelectorAll(".field[data-field]")].find((b) => name.startsWith(b.dataset.field + "."));
+    if (!box) return false;
+    box.classList.add("invalid");
+    box.append(el("div", { class: "field-error", role: "alert" }, message));
+    return true;
+  }
+
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    clearErrors();
+    const config = {};
+    let bad = false;
+    for (const [name, { input, path, value }] of inputs) {
+      let parsed;
+      try { parsed = readField(input, value); }
+      catch (error) { markField(name, error.message); bad = true; continue; }
+      if (JSON.stringify(parsed) !== JSON.stringify(value)) setPath(config, path, parsed);
+    }
+    if (!model.files.length) { markField("model", "choose the model file (.pt2)"); bad = true; }
+    if (bad) { general.append(errorBox("Fix the marked fields.")); return; }
+    const formData = new FormData();
+    formData.append("config", JSON.stringify(config));
+    formData.append("model", model.files[0]);
+    if (data.files.length) formData.append("data", data.files[0]);
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", "/v1/jobs");
+    for (const [k, v] of Object.entries(authHeaders())) xhr.setRequestHeader(k, v);
+    xhr.setRequestHeader("Accept", "application/json");
+    xhr.upload.addEventListener("progress", (e) => {
+      if (!e.lengthComputable) return;
+      setBar(bar, e.loaded / e.total);
+      uploadState.textContent = `uploading ${bytes(e.loaded)} of ${bytes(e.total)}`;
+    });
+    xhr.addEventListener("load", () => {
+      send.disabled = false;
+      let body = null;
+      try { body = JSON.parse(xhr.responseText); } catch (_) { body = null; }
+      if (xhr.status === 202 && body) {
+        uploadState.textContent = "submitted";
+        location.hash = `#/jobs/${body.id}`;
+        return;
+      }
+      const error = new ApiError(xhr.status, body);
+      uploadState.textContent = "refused";
+      for (const detail of error.details) markField(detail.field, detail.message);
+      general.append(errorBox(describe(error), { id: "submit-refused" }));
+    });
+    xhr.addEventListener("error", () => {
+      send.disabled = false;
+      uploadState.textContent = "";
+      general.append(errorBox("The upload failed: the server could not be reached."));
+    });
+    send.disabled = true;
+    uploadState.textContent = "uploading…";
+    xhr.send(formData);
+  });
+}
+
+// -- one job ----------------------------------------------------------------------------------
+
+function timeline(job, seen) {
+  const times = (job.report && job.report.stage_seconds) || {};
+  const current = STAGES.indexOf(job.stage);
+  return el("div", { class: "timeline", id: "timeline" }, STAGES.map((stage, i) => {
+    let state = "";
+    let detail = "";
+    if (typeof times[stage] === "number") { state = "done"; detail = seconds(times[stage]); }
+    else if (job.status === "running" && i === current) {
+      state = "current";
+      detail = seen[stage] ? `running for ${seconds((Date.now() - seen[stage]) / 1000)}` : "running";
+    } else if (i < current || (job.status === "succeeded")) { state = "done"; detail = "done"; }
+    else if (job.status !== "running" && i === current) { state = "current"; detail = job.status; }
+    if (seen[stage] && !detail.startsWith("running")) detail += ` · from ${new Date(seen[stage]).toLocaleTimeString()}`;
+    return el("div", { class: state, "data-stage": stage }, el("b", {}, stage), detail || "—");
+  }));
+}
+
+function lossSeries(job) {
+  const train = new Map((job.loss_curve || []).map(([step, loss]) => [step, loss]));
+  const held = new Map();
+  const history = (job.report && job.report.finetune && job.report.finetune.history) || [];
+  for (const entry of history) {
+    if (typeof entry.held_out === "number") held.set(entry.step, entry.held_out);
+    if (!train.size || !train.has(entry.step)) {
+      if (typeof entry.loss === "number" && isFinite(entry.loss) && !(job.loss_curve || []).length) train.set(entry.step, entry.loss);
+    }
+  }
+  const steps = [...new Set([...train.keys(), ...held.keys()])].sort((a, b) => a - b);
+  return [steps, steps.map((s) => train.has(s) ? train.get(s) : null), steps.map((s) => held.has(s) ? held.get(s) : null)];
+}
+
+function lossChart(box) {
+  let plot = null;
+  return (job) => {
+    const data = lossSeries(job);
+    if (!data[0].length) {
+      if (!plot) box.replaceChildren(el("p", { class: "muted", id: "loss-empty" },
+        job.status === "queued" || (job.status === "running" && STAGES.indexOf(job.stage) < 3)
+          ? "The loss curve appears when fine-tuning starts." : "No fine-tuning loss recorded."));
+      return;
+    }
+    box.dataset.points = String(data[0].length);
+    if (plot) { plot.setData(data); return; }
+    box.replaceChildren();
+    plot = new uPlot({
+      width: Math.max(320, box.clientWidth || 600), height: 260,
+      scales: { x: { time: false } },
+      axes: [{ label: "step" }, { label: "distillation loss", size: 60 }],
+      series: [{ label: "step" },
+        { label: "train", stroke: "#3056d3", width: 2, spanGaps: true },
+        { label: "held-out", stroke: "#d9480f", width: 2, spanGaps: true, points: { show: true, size: 6 } }],
+    }, data, box);
+  };
+}
+
+function hbars(rows, format, legend) {
+  const max = Math.max(1e-12, ...rows.flatMap((r) => r.values.filter((v) => typeof v === "number")));
+  return el("div", {},
+    legend ? el("div", { class: "legend" }, legend.map(([name, cls]) =>
+      el("span", {}, el("i", { class: cls, style: `background: ${cls === "a" ? "#98a2b3" : "#3056d3"}` }), name))) : null,
+    el("div", { class: "hbars" }, rows.flatMap((r) => [
+      el("span", { class: "mono", title: r.label }, r.label),
+      el("div", { class: "pair" }, r.values.map((v, i) => el("div", { class: "track", style: r.values.length > 1 ? "height: 8px; margin: 1px 0" : "" },
+        el("span", { class: r.values.length > 1 ? (i ? "b" : "a") : "b", style: `width: ${typeof v === "number" ? Math.max(0.5, 100 * v / max) : 0}%` })))),
+      el("span", { class: "mono" }, r.values.map(format).join(" → ")),
+    ])));
+}
+
+function resultCards(report) {
+  const cards = [];
+  const layers = (report.plan && report.plan.layers) || [];
+  if (layers.length) {
+    cards.push(el("div", { class: "card", id: "plot-layers" }, el("h2", {}, "Kept size per layer"),
+      el("p", { class: "muted" }, "Fraction of each compressed layer's weights that remains."),
+      hbars(layers.map((l) => ({ label: `${l.name} (${l.method}${l.size_field ? " " + l.size_field + " " + l.size : ""})`,
+        values: [l.weights_before ? l.weights_after / l.weights_before : null] })), (v) => num(v, 3))));
+    cards.push(el("div", { class: "card", id: "plot-errors" }, el("h2", {}, "Output error per layer"),
+      el("p", { class: "muted" }, "Relative error of each layer's output against the original's, on held-out inputs."),
+      hbars(layers.map((l) => ({ label: l.name, values: [l.relative_output_error] })), (v) => num(v, 4))));
+  }
+  const fidelity = report.fidelity || {};
+  if (fidelity.initialization && fidelity.final) {
+    const rows = [];
+    for (const [output, metrics] of Object.entries(fidelity.final)) {
+      for (const [metric, value] of Object.entries(metrics)) {
+        const before = (fidelity.initialization[output] || {})[metric];
+        rows.push({ label: `${output} ${metric}`, values: [before, value] });
+      }
+    }
+    cards.push(el("div", { class: "card", id: "plot-fidelity" }, el("h2", {}, "Fidelity: initialization → after fine-tuning"),
+      el("p", { class: "muted" }, "Against the original on the held-out split (cosine and top-1 agreement: higher is better; relative L2: lower)."),
+      hbars(rows, (v) => num(v, 4), [["at initialization", "a"], ["final", "b"]])));
+  }
+  const size = [];
+  if (report.onnx_bytes) size.push({ label: "ONNX file", values: [report.onnx_bytes.original, report.onnx_bytes.artifact], fmt: bytes });
+  if (report.parameters) size.push({ label: "parameters", values: [report.parameters.before, report.parameters.factorized_form ?? report.parameters.after], fmt: (v) => num(v, 0) });
+  const latency = report.latency || {};
+  if (latency.original && latency.compressed) {
+    for (const key of Object.keys(latency.compressed)) {
+      size.push({ label: `latency ${key.replace(/_ms$/, "").replace("_", " ")}`,
+        values: [latency.original[key], latency.compressed[key]], fmt: (v) => typeof v === "number" ? `${num(v, 3)} ms` : "—" });
+    }
+  }
+  if (size.length) {
+    cards.push(el("div", { class: "card", id: "plot-size" }, el("h2", {}, "Size and speed: original → compressed"),
+      el("p", { class: "muted" }, `${latency.runtime || "onnxruntime"}; parameters after: the compact (factorized) form.`),
+      size.map((r) => hbars([r], r.fmt, null)),
+      el("div", { class: "legend", style: "margin-top: 8px" }, el("span", {}, el("i", { style: "background:#98a2b3" }), "original"),
+        el("span", {}, el("i", { style: "background:#3056d3" }), "compressed"))));
+  }
+  return cards;
+}
+
+async function sha256Hex(blob) {
+  if (!(window.crypto && crypto.subtle)) return null;
+  const digest = await crypto.subtle.digest("SHA-256", await blob.arrayBuffer());
+  return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function downloadButtons(job) {
+  return el("div", { class: "downloads", id: "downloads" }, job.artifacts.map((artifact) => {
+    const state = el("span", { class: "verify" });
+    const button = el("button", { type: "button", "data-artifact": artifact.name, onclick: async () => {
+      state.textContent = " downloading…";
+      state.className = "verify";
+      try {
+        const response = await fetch(artifact.url, { headers: authHeaders() });
+        if (!response.ok) throw new ApiError(response.status, await response.json().catch(() => null));
+        const blob = await response.blob();
+        const digest = await sha256Hex(blob);
+        if (digest === null) state.textContent = " saved (this browser cannot check sha256 here)";
+        else if (digest === artifact.sha256) { state.textContent = " saved, sha256 verified"; state.className = "verify ok"; }
+        else { state.textContent = ` sha256 mismatch: got ${digest}`; state.className = "verify bad"; }
+        const url = URL.createObjectURL(blob);
+        const link = el("a", { href: url, download: artifact.name, style: "display:none" });
+        document.body.append(link);
+        link.click();
+        link.remove();
+        setTimeout(() => URL.revokeObjectURL(url), 60000);
+      } catch (error) {
+        state.textContent = " " + describe(error);
+        state.className = "verify bad";
+      }
+    } }, `Download ${artifact.name} (${bytes(artifact.size)})`);
+    return el("div", {}, button, state, el("div", { class: "mono muted" }, `sha256 ${artifact.sha256}`));
+  }));
+}
+
+async function jobView(view, jobId) {
+  let job;
+  try { job = await api(`/v1/jobs/${jobId}`); }
+  catch (error) {
+    view.append(el("h1", {}, "Job ", el("span", { class: "mono" }, jobId)),
+      errorBox(describe(error), { id: "job-error" }), el("a", { href: "#/jobs" }, "Back to the jobs"));
+    return;
+  }
+  const seen = {};
+  const head = el("div", { class: "card", id: "job-head" });
+  const timelineBox = el("div", { class: "card" }, el("h2", {}, "Stages"), el("div"));
+  const lossBox = el("div", { id: "loss-chart" });
+  const drawLoss = lossChart(lossBox);
+  const failure = el("div", { id: "job-failure" });
+  const results = el("div", { class: "grid", id: "results" });
+  const files = el("div", { class: "card" }, el("h2", {}, "Downloads"), el("div"));
+  const logText = el("pre", { class: "log", id: "job-log" }, "");
+  view.append(el("h1", {}, "Job ", el("span", { class: "mono" }, jobId)), head, failure, timelineBox,
+    el("div", { class: "card" }, el("h2", {}, "Fine-tuning loss"), lossBox), results, files,
+    el("div", { class: "card" }, el("h2", {}, "job.log"), logText));
+
+  let shownResults = false;
+  function render(current) {
+    job = current;
+    if (job.stage && !seen[job.stage]) seen[job.stage] = Date.now();
+    const actions = [];
+    if (!FINISHED.has(job.status)) actions.push(el("button", { type: "button", class: "cancel", onclick: () => cancelJob(job, () => {}) }, "Cancel"));
+    actions.push(el("button", { type: "button", class: "danger delete", onclick: () => deleteJob(job, () => { location.hash = "#/jobs"; }) }, "Delete"));
+    head.replaceChildren(...[
+      el("div", { class: "toolbar" }, statusBadge(job.status),
+        el("span", {}, job.stage ? `stage ${job.stage}` : ""), el("div", { style: "width: 280px" }, progressBar(job.progress)),
+        el("span", { class: "muted" }, `${Math.round(job.progress * 100)}%`), ...actions),
+      el("div", { class: "muted" }, `submitted ${when(job.created_at)} · started ${when(job.started_at)} · finished ${when(job.finished_at)} · attempt ${job.attempts}`),
+      job.retry_reason ? el("div", { class: "muted" }, `re-queued: ${job.retry_reason}`) : null,
+      el("div", { class: "muted mono" }, `method ${job.config.method}, ratio ${job.config.ratio}, ${((job.config.finetune || {}).steps)} fine-tuning steps, export ${(job.config.export || {}).form}`),
+    ].filter(Boolean));
+    timelineBox.lastChild.replaceWith(timeline(job, seen));
+    drawLoss(job);
+    failure.replaceChildren(job.error && job.status !== "succeeded"
+      ? errorBox(`${job.status === "cancelled" ? "Cancelled" : "Failed"} (${job.error.code}): ${job.error.message}`, { id: "failure-message" }) : "");
+    if (job.report && !shownResults) { results.replaceChildren(...resultCards(job.report)); shownResults = true; }
+    files.lastChild.replaceWith(job.artifacts.length ? downloadButtons(job)
+      : el("p", { class: "muted" }, FINISHED.has(job.status) ? "This job left no files." : "The files appear when the job succeeds."));
+  }
+
+  async function readLog() {
+    try {
+      const response = await fetch(`/v1/jobs/${jobId}/artifacts/job.log`, { headers: authHeaders(), signal: page.signal });
+      if (response.ok) {
+        const text = await response.text();
+        const atBottom = logText.scrollTop + logText.clientHeight >= logText.scrollHeight - 4;
+        logText.textContent = text || "(empty)";
+        if (atBottom) logText.scrollTop = logText.scrollHeight;
+      } else if (response.status === 404) {
+        logText.textContent = job.status === "queued" ? "(the log starts when the job does)" : "(no log)";
+      }
+    } catch (_) { /* the page changed, or the server blinked: the next round tries again */ }
+  }
+
+  render(job);
+  readLog();
+  if (FINISHED.has(job.status)) return;
+  every(2000, () => { if (!FINISHED.has(job.status)) readLog(); timelineBox.lastChild.replaceWith(timeline(job, seen)); });
+  followJob(jobId, (update) => {
+    const wasFinished = FINISHED.has(job.status);
+    render(update);
+    if (FINISHED.has(update.status) && !wasFinished) readLog();
+  }, page.signal, () => { head.replaceChildren(errorBox("This job was deleted.")); }).catch((error) => {
+    if (error.name !== "AbortError") failure.replaceChildren(errorBox(`Lost the event stream: ${describe(error)}`));
+  });
+}
+
+// -- start ------------------------------------------------------------------------------------
+
+window.addEventListener("hashchange", route);
+setupKeyForm();
+route();

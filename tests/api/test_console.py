@@ -1,0 +1,171 @@
+"""The web console in a real browser (headless Chromium driven by Playwright) against a real
+`compressor serve`: submit through the form, follow the job, plots, downloads, refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from api_processes import ServerProcess
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+ALICE, BOB = "alice-console-key-0123456789", "bob-console-key-9876543210"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+ENDLESS = json.dumps({"finetune": {"steps": 1_000_000, "eval_every": 1000}})
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    """Launch Debian's Chromium (scripts/test.sh installs it); never a downloaded browser."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: run `bash scripts/test.sh` (it installs chromium) or "
+                    "`apt-get install chromium`")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def server(data_dir: Path) -> Iterator[ServerProcess]:
+    """A `compressor serve` with two tenants and its embedded worker."""
+    started = ServerProcess(
+        {"COMPRESSOR_DATA_DIR": str(data_dir), "COMPRESSOR_API_KEYS": f"{ALICE},{BOB}"},
+        data_dir.parent / "serve.log", api_key=ALICE,
+    )
+    try:
+        started.wait_ready()
+        yield started
+    finally:
+        if started.process.poll() is None:
+            started.stop()
+
+
+def use_key(page, key: str) -> None:  # noqa: ANN001 (a Playwright page)
+    """Enter the API key in the console's header form."""
+    page.fill("#api-key", key)
+    page.click("#key-form button[type=submit]")
+
+
+def screenshot(page, name: str, tmp_path: Path) -> None:  # noqa: ANN001
+    """Save a screenshot; into docs/ too when COMPRESSOR_TEST_UPDATE_SCREENSHOTS is set."""
+    target = tmp_path / name
+    page.screenshot(path=str(target), full_page=True)
+    assert target.stat().st_size > 10_000
+    if os.environ.get("COMPRESSOR_TEST_UPDATE_SCREENSHOTS"):
+        shutil.copy(target, DOCS / name)
+
+
+def test_console_submits_follows_plots_downloads_and_refuses(
+    browser, server: ServerProcess, mlp_pt2: Path, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.on("dialog", lambda dialog: dialog.accept())  # the cancel and delete confirmations
+    response = page.goto(server.client.base_url.join("/").__str__())
+    assert response is not None and response.status == 200
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    use_key(page, ALICE)
+
+    # A refused config: the server's message appears next to the field.
+    page.goto(f"{server.client.base_url}/#/submit")
+    steps = page.locator('[id="cfg-finetune.steps"]')
+    expect(steps).to_have_value("300")  # the defaults are shown
+    steps.fill("-1")
+    page.set_input_files("#model-file", str(mlp_pt2))
+    page.click("#submit-job")
+    field_error = page.locator('.field[data-field="finetune.steps"] .field-error')
+    expect(field_error).to_contain_text("greater than or equal to 0")
+    expect(page.locator("#submit-refused")).to_contain_text("422 invalid_config")
+
+    # A tiny job through the form, followed to the end.
+    steps.fill("30")
+    page.locator('[id="cfg-finetune.eval_every"]').fill("5")
+    page.locator('[id="cfg-export.latency_seconds"]').fill("0.05")
+    page.evaluate(  # the page moves on once the upload is done: record the bar as it fills
+        """() => { const bar = document.querySelector('#upload-progress'); window.uploaded = [];
+        new MutationObserver(() => window.uploaded.push(Number(bar.getAttribute('aria-valuenow'))))
+            .observe(bar, {attributes: true, attributeFilter: ['aria-valuenow']}); }"""
+    )
+    page.click("#submit-job")
+    page.wait_for_url(re.compile(r"#/jobs/[0-9a-f]{32}$"))
+    assert page.evaluate("window.uploaded")[-1] == 100
+    job_id = page.url.rsplit("/", 1)[1]
+    expect(page.locator('#job-head [data-status="succeeded"]')).to_be_visible(timeout=120_000)
+    job = server.client.get(f"/v1/jobs/{job_id}").json()
+    assert job["config"]["finetune"]["steps"] == 30  # the form sent what was typed
+
+    expect(page.locator("#timeline .done")).to_have_count(6)
+    expect(page.locator("#loss-chart canvas")).to_have_count(1)
+    held_out_points = len(job["report"]["finetune"]["history"])
+    assert int(page.locator("#loss-chart").get_attribute("data-points") or 0) >= held_out_points
+    layers = [layer["name"] for layer in job["report"]["plan"]["layers"]]
+    for layer in layers:
+        expect(page.locator("#plot-layers")).to_contain_text(layer)
+        expect(page.locator("#plot-errors")).to_contain_text(layer)
+    expect(page.locator("#plot-fidelity")).to_contain_text("cosine")
+    expect(page.locator("#plot-size")).to_contain_text("ONNX file")
+    expect(page.locator("#plot-size")).to_contain_text("latency batch 1")
+    expect(page.locator("#job-log")).to_contain_text("succeeded")
+
+    onnx = next(a for a in job["artifacts"] if a["name"] == "model.onnx")
+    expect(page.locator("#downloads")).to_contain_text(onnx["sha256"])
+    with page.expect_download() as download_info:
+        page.click('button[data-artifact="model.onnx"]')
+    saved = tmp_path / "downloaded.onnx"
+    download_info.value.save_as(saved)
+    assert hashlib.sha256(saved.read_bytes()).hexdigest() == onnx["sha256"]
+    expect(page.locator("#downloads .verify.ok")).to_contain_text("sha256 verified")
+    screenshot(page, "console-job.png", tmp_path)
+
+    # A long job: the loss curve grows while it fine-tunes; cancelled from its page.
+    endless = server.client.post(
+        "/v1/jobs", files={"model": ("m.pt2", mlp_pt2.read_bytes())}, data={"config": ENDLESS}
+    ).json()["id"]
+    page.goto(f"{server.client.base_url}/#/jobs/{endless}")
+    expect(page.locator('#timeline [data-stage="finetuning"].current')).to_be_visible(
+        timeout=60_000
+    )
+    page.wait_for_function(
+        "() => Number(document.querySelector('#loss-chart').dataset.points || 0) >= 3",
+        timeout=30_000,
+    )
+    page.goto(f"{server.client.base_url}/#/jobs")
+    row = page.locator(f'tr[data-job="{endless}"]')
+    expect(row.locator('[data-status="running"]')).to_be_visible()
+    screenshot(page, "console-jobs.png", tmp_path)
+    row.locator("button.cancel").click()
+    expect(row.locator('[data-status="cancelled"]')).to_be_visible(timeout=30_000)
+    page.select_option("#status-filter", "succeeded")
+    expect(page.locator("#jobs tbody tr")).to_have_count(1)
+    expect(page.locator(f'tr[data-job="{job_id}"]')).to_be_visible()
+
+    # Another tenant's job answers 404, in the console as in the API.
+    use_key(page, BOB)
+    page.goto(f"{server.client.base_url}/#/jobs/{job_id}")
+    expect(page.locator("#job-error")).to_contain_text("404 not_found")
+
+    # Delete, after the confirmation.
+    use_key(page, ALICE)
+    page.goto(f"{server.client.base_url}/#/jobs")
+    page.select_option("#status-filter", "")
+    page.locator(f'tr[data-job="{job_id}"] button.delete').click()
+    expect(page.locator(f'tr[data-job="{job_id}"]')).to_have_count(0)
+    assert server.client.get(f"/v1/jobs/{job_id}").status_code == 404
+    context.close()
