@@ -7,11 +7,14 @@ Each figure comes from a real `compressor serve` process on a free loopback port
 - `GET /v1/jobs/{id}` latency with 100 concurrent keep-alive clients, each polling once per
   second (a realistic load), and saturated (each sends its next request at once) (target p99 <
   50 ms on 2 cores);
+- the same two loads while the embedded worker fine-tunes a job on the same cores, with the
+  worker's defaults (nice 10, torch threads = cores - 1) and with the old behaviour (nice 0,
+  every core) for comparison (target p99 < 100 ms);
 - server RSS growth while it receives a 1 GiB upload, generated as a stream (target < 100 MiB);
 - jobs per minute for the tiny MLP (`finetune.steps` 5) with 1 and 2 embedded workers, after a
   warm-up job (the first job of a process also pays for torch's lazy initialization).
 
-    .venv/bin/python benchmarks/bench_service.py [--only submit,poll,upload,throughput]
+    .venv/bin/python benchmarks/bench_service.py [--only submit,poll,training,upload,throughput]
 """
 
 from __future__ import annotations
@@ -52,11 +55,12 @@ def free_port() -> int:
 class Server:
     """A `compressor serve` subprocess with its own data directory."""
 
-    def __init__(self, workers: int, data_dir: Path) -> None:
+    def __init__(self, workers: int, data_dir: Path, **settings: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("COMPRESSOR_")}
         env.update({"PYTHONPATH": str(REPO_ROOT), "COMPRESSOR_DATA_DIR": str(data_dir)})
+        env.update({f"COMPRESSOR_{name.upper()}": value for name, value in settings.items()})
         script = Path(sys.executable).with_name("compressor")
         self.log_path = data_dir.parent / f"serve-{self.port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
@@ -213,6 +217,44 @@ def bench_poll_latency(work: Path, models: dict[str, Path]) -> list[str]:
     return rows
 
 
+# -- GET /v1/jobs/{id} while a job fine-tunes on the same cores ---------------------------------
+
+TRAINING_CONFIG = json.dumps({"finetune": {"steps": 1_000_000, "batch_size": 256}})
+
+
+def bench_poll_while_training(work: Path, models: dict[str, Path]) -> list[str]:
+    """Measure GET /v1/jobs/{id} under 100 clients while the embedded worker fine-tunes."""
+    cores = os.cpu_count() or 1
+    rows = []
+    for label, settings in (
+        (f"worker at nice 0, {cores} torch threads (before)",
+         {"worker_nice": "0", "worker_threads": str(cores)}),
+        ("worker defaults: nice 10, torch threads = cores − 1", {}),
+    ):
+        server = Server(1, work / f"training-{len(rows)}-data", **settings)
+        try:
+            job_id = submit(server.client, models["mlp"], TRAINING_CONFIG)
+            deadline = time.monotonic() + 120
+            while server.client.get(f"/v1/jobs/{job_id}").json()["stage"] != "finetuning":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the job never reached fine-tuning")
+                time.sleep(0.2)
+            path = f"/v1/jobs/{job_id}"
+            for load, interval, seconds in (("each polling 1/s", 1.0, 20),
+                                            ("saturated, no pause", 0.0, 10)):
+                latencies = _load_in_subprocess(server.port, path, interval, seconds)
+                rows.append(
+                    f"| `GET /v1/jobs/{{id}}` while a job fine-tunes, {label}, 100 clients {load}"
+                    f" | p50 {percentile(latencies, 0.5) * 1000:.1f} ms, p99 "
+                    f"{percentile(latencies, 0.99) * 1000:.1f} ms "
+                    f"({len(latencies) / seconds:.0f} req/s) | p99 < 100 ms |"
+                )
+            server.client.post(f"/v1/jobs/{job_id}/cancel")
+        finally:
+            server.stop()
+    return rows
+
+
 # -- RSS during a 1 GiB upload ----------------------------------------------------------------
 
 
@@ -305,7 +347,7 @@ def make_models(folder: Path) -> dict[str, Path]:
 def main() -> None:
     """Run the chosen measurements and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="submit,poll,upload,throughput")
+    parser.add_argument("--only", default="submit,poll,training,upload,throughput")
     parser.add_argument("--jobs", type=int, default=6, help="jobs per throughput run")
     parser.add_argument("--upload-gib", type=float, default=1.0)
     args = parser.parse_args()
@@ -318,6 +360,8 @@ def main() -> None:
             rows += bench_submit_to_running(work, models)
         if "poll" in chosen:
             rows += bench_poll_latency(work, models)
+        if "training" in chosen:
+            rows += bench_poll_while_training(work, models)
         if "upload" in chosen:
             rows += bench_upload_rss(work, int(args.upload_gib * (1 << 30)))
         if "throughput" in chosen:
