@@ -480,7 +480,7 @@ class JobStore:
         query = (
             sa.select(workers)
             .where(workers.c.last_seen_at >= self._now - within_s)
-            .order_by(workers.c.started_at)
+            .order_by(workers.c.started_at, workers.c.id)
         )
         with self._reader.connect() as conn:
             return [WorkerRecord(**row._mapping) for row in conn.execute(query)]
