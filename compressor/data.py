@@ -8,10 +8,11 @@ for programs exported with positional arguments) and the ONNX model alike.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import sympy
 import torch
 from torch.export import ExportedProgram
 
@@ -37,6 +38,7 @@ class InputSpec:
     mean: float | None = None  # floats: mean and std; bools: the rate of True
     std: float | None = None
     example_shape: tuple[int, ...] | None = None  # the example's sizes, for dynamic dims
+    batch_max: int | None = None  # the largest batch the program accepts; None: no limit
 
     def describe_shape(self) -> str:
         """Return the shape for messages, e.g. `(batch, 8)`; other dynamic dims show `*`."""
@@ -58,11 +60,22 @@ def input_specs(program: ExportedProgram) -> list[InputSpec]:
         shape = tuple(None if isinstance(d, torch.SymInt) else int(d) for d in value.shape)
         example = examples.get(name)
         if example is not None and example.dim() == len(shape):
-            specs.append(_spec_from_example(name, shape, value.dtype, example))
+            spec = _spec_from_example(name, shape, value.dtype, example)
         else:
             hints = tuple(_hint(d) for d in value.shape)
-            specs.append(InputSpec(name, shape, value.dtype, example_shape=hints))
+            spec = InputSpec(name, shape, value.dtype, example_shape=hints)
+        specs.append(replace(spec, batch_max=_batch_max(program, value)))
     return specs
+
+
+def _batch_max(program: ExportedProgram, value: torch.Tensor) -> int | None:
+    """Return the upper bound the program puts on the input's dim 0 (None: unbounded)."""
+    size = value.shape[0] if value.dim() else None
+    if not isinstance(size, torch.SymInt):
+        return None
+    bounds = program.range_constraints.get(size.node.expr)
+    upper = getattr(bounds, "upper", None)  # int_oo when unbounded, and that is no Integer
+    return int(upper) if isinstance(upper, int | sympy.Integer) else None
 
 
 def _example_tensors(program: ExportedProgram, names: list[str]) -> dict[str, torch.Tensor]:

@@ -28,8 +28,10 @@ _PROTOBUF_LIMIT = 2 * 1024**3 - 1024**2
 
 
 def dynamic_shapes(specs: list[InputSpec]) -> dict[str, dict[int, object]]:
-    """Return torch.export dynamic shapes: a shared `batch` dim 0, other dynamic dims left AUTO."""
-    batch = Dim("batch", min=1, max=2**20)
+    """Return torch.export dynamic shapes: a shared `batch` dim 0 within the program's bound,
+    other dynamic dims left AUTO."""
+    largest = min((spec.batch_max for spec in specs if spec.batch_max), default=2**20)
+    batch = Dim("batch", min=1, max=min(2**20, largest))
     return {spec.name: {i: (batch if i == 0 else Dim.AUTO)
                         for i, size in enumerate(spec.shape) if size is None or i == 0}
             for spec in specs}

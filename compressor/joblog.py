@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ class JobLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.stage_seconds: dict[str, float] = {}
+        self.failed_stage: str | None = None  # the stage an exception left, if any
         self._lines: list[str] = []
         self._started = time.monotonic()
         self._closed = False
@@ -27,6 +29,13 @@ class JobLog:
         self._lines.append(f"[{time.monotonic() - self._started:8.2f}s] {message}")
         _logger.info(message)
 
+    def traceback(self, exc: BaseException, error_id: str) -> None:
+        """Add the full traceback of `exc` to the log, marked with `error_id`."""
+        self.info(f"traceback of internal error {error_id}:")
+        self._lines.extend(line.rstrip("\n") for line in traceback.format_exception(exc))
+        self._lines.append(f"end of traceback {error_id}")
+        _logger.error("internal error %s", error_id, exc_info=exc)
+
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Time the enclosed block as stage `name` and log its start and end."""
@@ -34,6 +43,9 @@ class JobLog:
         start = time.monotonic()
         try:
             yield
+        except BaseException:
+            self.failed_stage = self.failed_stage or name
+            raise
         finally:
             elapsed = time.monotonic() - start
             self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + elapsed
