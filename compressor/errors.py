@@ -92,16 +92,22 @@ class InternalError(CompressorError):
         super().__init__(message)
         self.error_id = error_id
 
+    @staticmethod
+    def new_id() -> str:
+        """Return a fresh short id for an internal error."""
+        return uuid.uuid4().hex[:8]
+
     @classmethod
-    def wrapping(cls, exc: BaseException, stage: str | None = None) -> InternalError:
-        """Return the internal error that reports `exc`, with a fresh id."""
-        error_id = uuid.uuid4().hex[:8]
+    def wrapping(cls, exc: BaseException, stage: str | None = None, *,
+                 log_name: str = "job.log", error_id: str | None = None) -> InternalError:
+        """Return the internal error that reports `exc`; its traceback goes to `log_name`."""
+        error_id = error_id or cls.new_id()
         where = f" in stage {stage}" if stage else ""
         summary = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         return cls(
             f"internal error {error_id}{where}: {type(exc).__name__}"
             f"{': ' + summary if summary else ''}. This is a bug in the compressor, not in your "
-            f"input; the full traceback is in job.log under id {error_id}. Report it with job.log "
-            "attached.",
+            f"input; the full traceback is in {log_name} under id {error_id}. Report it with "
+            "that log attached.",
             error_id,
         )

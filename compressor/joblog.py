@@ -34,7 +34,7 @@ class JobLog:
         self.info(f"traceback of internal error {error_id}:")
         self._lines.extend(line.rstrip("\n") for line in traceback.format_exception(exc))
         self._lines.append(f"end of traceback {error_id}")
-        _logger.error("internal error %s", error_id, exc_info=exc)
+        _logger.info("internal error %s: traceback in %s", error_id, self.path)
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
