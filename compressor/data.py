@@ -137,16 +137,21 @@ class Dataset:
     def __len__(self) -> int:
         return next(iter(self.inputs.values())).shape[0]
 
+    # Batches are fresh, contiguous tensors, never views of the data set: a program's guards may
+    # be about how its inputs are stored, and a fresh tensor is what a caller normally passes.
+
     def take(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Return the rows at `index` of every input."""
-        return {name: tensor[index] for name, tensor in self.inputs.items()}
+        """Return the rows at `index` of every input (fresh, contiguous tensors)."""
+        return {name: tensor[index].contiguous() for name, tensor in self.inputs.items()}
 
     def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Yield consecutive batches in order; the last one may be smaller."""
+        """Yield consecutive batches in order (fresh, contiguous tensors); the last one may be
+        smaller."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         for start in range(0, len(self), batch_size):
-            yield {name: t[start : start + batch_size] for name, t in self.inputs.items()}
+            yield {name: t[start : start + batch_size].clone(memory_format=torch.contiguous_format)
+                   for name, t in self.inputs.items()}
 
     def split(self, holdout_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
         """Shuffle the rows under `seed` and return (train, holdout); both are non-empty."""

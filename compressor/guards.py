@@ -24,7 +24,7 @@ __all__ = ["check_guards", "drop_aliasing_guards_", "guard_failure"]
 
 _ALIASING = re.compile(r"\._base\b")
 _FAILED = "Guard failed: "
-_INPUT = re.compile(r"^\W*(?:L\[')?([A-Za-z_][A-Za-z0-9_]*)")
+_INPUT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:\[[^\]]*\])*\.(?:size|stride|storage_offset|_base)\b")
 _SIZE = re.compile(r"\.size\(\)\[(\d+)\]")
 
 
@@ -65,8 +65,8 @@ def guard_failure(exc: BaseException, context: str = "the job's inputs") -> Guar
     if not isinstance(exc, AssertionError) or _FAILED not in text:
         return None
     guard = text.split(_FAILED, 1)[1].strip().splitlines()[0]
-    found = _INPUT.match(guard)
-    name = found.group(1) if found else "an input"
+    found = _INPUT.search(guard)
+    subject = f"input {found.group(1)!r}" if found else "an input"
     dims = {int(d) for d in _SIZE.findall(guard)}
     if dims == {0}:
         advice = (
@@ -81,6 +81,6 @@ def guard_failure(exc: BaseException, context: str = "the job's inputs") -> Guar
             "file whose shapes meet the guard"
         )
     return GuardError(
-        f"input {name!r} does not meet the guard `{guard}` that the program was exported with "
+        f"{subject} does not meet the guard `{guard}` that the program was exported with "
         f"(checked on {context}); {advice}."
     )
