@@ -52,8 +52,11 @@ def save(case: Case, path: Path) -> Path:
     """Export the case's model as its example says and save the program at `path`."""
     torch.manual_seed(0)
     spec = case.build()
-    program = torch.export.export(spec.model.eval(), spec.args, kwargs=spec.kwargs,
-                                  dynamic_shapes=spec.dynamic_shapes)
+    if spec.args and isinstance(spec.args[0], torch.export.ExportedProgram):
+        program = spec.args[0]  # exported by the library's own recipe
+    else:
+        program = torch.export.export(spec.model.eval(), spec.args, kwargs=spec.kwargs,
+                                      dynamic_shapes=spec.dynamic_shapes)
     torch.export.save(program, str(path))
     return path
 
@@ -472,6 +475,49 @@ def _batch_min_two() -> Export:
                   dynamic_shapes=({0: Dim("batch", min=2, max=4096)},))
 
 
+# Hugging Face models, built from tiny configs (nothing downloaded), exported as their users do.
+
+
+def _hf_llama() -> Export:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, use_cache=False, tie_word_embeddings=True)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    dims = {0: Dim("batch"), 1: Dim.AUTO}
+    return Export(LlamaForCausalLM(config), kwargs={"input_ids": ids,
+                                                   "attention_mask": torch.ones_like(ids)},
+                  dynamic_shapes={"input_ids": dims, "attention_mask": dims})
+
+
+def _hf_bert_classifier() -> Export:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=64,
+                        num_labels=3)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    return Export(BertForSequenceClassification(config), (ids,),
+                  dynamic_shapes=({0: Dim("batch"), 1: Dim("seq", max=64)},))
+
+
+def _hf_executorch_recipe() -> Export:
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, use_cache=True)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(
+        use_cache=True, cache_implementation="static",
+        cache_config={"batch_size": 1, "max_cache_len": 32})
+    program = TorchExportableModuleForDecoderOnlyLM(model).export(
+        input_ids=torch.randint(0, 128, (1, 4)), cache_position=torch.arange(4))
+    return Export(model, args=(program,))
+
+
 CASES: list[Case] = [
     Case("positional input", _positional),
     Case("keyword input", _keyword),
@@ -513,4 +559,10 @@ CASES: list[Case] = [
     Case("batch dimension capped at 8", _small_max_batch, refuses="guard_failed",
          says=("input 'x'", "`x.size()[0] <= 8`", "Dim('batch')")),
     Case("batch dimension of at least 2", _batch_min_two),
+    Case("Hugging Face Llama causal LM, tied head, keyword inputs", _hf_llama,
+         skipped=("lm_head",)),
+    Case("Hugging Face BERT classifier, ModelOutput out", _hf_bert_classifier),
+    Case("Hugging Face Llama through transformers' executorch export recipe",
+         _hf_executorch_recipe, refuses="invalid_model",
+         says=("input 'input_ids' has a static batch dimension", "Dim(\"batch\")")),
 ]
