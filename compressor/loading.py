@@ -55,6 +55,8 @@ HOW_TO_EXPORT = (
 )
 
 _DESERIALIZE_LOCK = threading.Lock()
+# torch's words when a program calls an operator that is not registered in this process.
+_UNKNOWN_OPERATOR = re.compile(r"failed to resolve (torch\.ops\.[\w.]+) to an operator")
 
 # Python callables (besides operators) that a well-formed program may call: symbolic-shape
 # arithmetic and grad / autocast switches. torch's own verifier allows the same.
@@ -345,6 +347,20 @@ def _deserialize(path: Path) -> ExportedProgram:
             raise UnsafeModelError(
                 f"{path.name} contains serialized Python objects that would need code execution"
                 f" to load ({_unpickling_reason(cause)}); it was refused."
+            ) from None
+        operator = _UNKNOWN_OPERATOR.search(str(cause))
+        if operator and operator.group(1).startswith(("torch.ops.aten.", "torch.ops.prims.")):
+            raise ModelFormatError(
+                f"{path.name} calls the operator {operator.group(1)}, which torch "
+                f"{torch.__version__} (the service's) does not have; export the model with that "
+                "torch version and save the program again."
+            ) from None
+        if operator:
+            raise UnsupportedModelError(
+                f"{path.name} calls the custom operator {operator.group(1)}, which this service "
+                "does not have (it loads only the operators that ship with torch, and never "
+                "code from the upload). Write that operation in plain torch code, export the "
+                "model again and save the program."
             ) from None
         raise ModelFormatError(
             f"{path.name} could not be deserialized as a torch.export program ({_reason(exc)})."

@@ -28,9 +28,10 @@ from compressor.export import (
     verify_onnx,
     verify_quantized,
 )
+from compressor.failures import known_failure
 from compressor.finetune import FinetuneSummary, device_copy, finetune_, resolve_device
 from compressor.graph import collect_layer_stats, find_layers
-from compressor.guards import check_guards, guard_failure
+from compressor.guards import check_guards
 from compressor.huggingface import HF_ARTIFACT, LoadedCheckpoint
 from compressor.joblog import JobLog
 from compressor.loading import load_program
@@ -102,7 +103,7 @@ def compress(
         log.info(f"failed ({exc.code}): {exc.message}")
         raise
     except Exception as exc:
-        error = guard_failure(exc)
+        error = known_failure(exc)
         if error is None:
             error = InternalError.wrapping(exc, log.failed_stage)
             log.traceback(exc, error.error_id)

@@ -311,6 +311,29 @@ class CountsCalls(nn.Module):
         return self.mlp(x)
 
 
+@torch.library.custom_op("corpus::clipped_gelu", mutates_args=())
+def clipped_gelu(x: torch.Tensor) -> torch.Tensor:
+    """A custom operator with no autograd formula and no ONNX translation."""
+    return F.gelu(x).clamp(-3, 3)
+
+
+@clipped_gelu.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class CustomOperator(nn.Module):
+    """Calls `op` between two Linear layers."""
+
+    def __init__(self, op: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.op = op
+        self.mlp = MLP()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp.fc2(self.op(self.mlp.fc1(x)))
+
+
 class WithLoss(nn.Module):
     """Returns only the scalar loss of its logits against targets."""
 
@@ -451,6 +474,26 @@ def _simple(model: Callable[[], nn.Module]) -> Callable[[], Export]:
     return lambda: Export(model(), (torch.randn(4, 32),), dynamic_shapes=({0: _batch()},))
 
 
+def _custom_operator() -> Export:
+    return _simple(lambda: CustomOperator(clipped_gelu))()
+
+
+def _unregistered_operator() -> Export:
+    # Registered while exporting only: where the program is loaded, the operator is unknown (as
+    # in the service, which never imports a user's operator code).
+    library = torch.library.Library("corpus_gone", "DEF")
+    library.define("clipped_gelu(Tensor x) -> Tensor")
+    library.impl("clipped_gelu", lambda x: F.gelu(x).clamp(-3, 3), "CompositeExplicitAutograd")
+    torch.library.register_fake("corpus_gone::clipped_gelu", torch.empty_like, lib=library)
+    try:
+        model = CustomOperator(torch.ops.corpus_gone.clipped_gelu).eval()
+        program = torch.export.export(model, (torch.randn(4, 32),),
+                                      dynamic_shapes=({0: _batch()},))
+    finally:
+        library._destroy()
+    return Export(model, args=(program,))
+
+
 def _loss_output() -> Export:
     batch = _batch()
     return Export(WithLoss(), (torch.randn(4, 32), torch.randint(0, 10, (4,))),
@@ -552,6 +595,12 @@ CASES: list[Case] = [
     Case("weight computed in forward", _computed_weight, skipped=("linear",)),
     Case("scalar loss output", _loss_output, refuses="unsupported_model",
          says=("output 0 is a scalar", "without the loss")),
+    Case("custom operator without autograd or ONNX translation", _custom_operator,
+         refuses="unsupported_model",
+         says=("custom operator corpus.clipped_gelu", "no autograd formula", "plain torch code")),
+    Case("custom operator the loading process does not have", _unregistered_operator,
+         refuses="unsupported_model",
+         says=("custom operator torch.ops.corpus_gone.clipped_gelu", "plain torch code")),
     Case("static batch dimension", _static_batch, refuses="invalid_model",
          says=("static batch dimension", "Dim(\"batch\")")),
     Case("dict of tensors as input", _nested_input, refuses="invalid_model",
