@@ -87,6 +87,7 @@ class Metrics:
         )
         self.stage_duration: Histogram | None = None
         self.jobs_finished: Counter | None = None
+        self.internal_errors: Counter | None = None
         if runs_jobs:
             self.stage_duration = Histogram(
                 "compressor_job_stage_duration_seconds",
@@ -99,6 +100,11 @@ class Metrics:
                 "compressor_jobs_finished",
                 "Jobs this process finished, by final status",
                 ["status"],
+                registry=self.registry,
+            )
+            self.internal_errors = Counter(
+                "compressor_job_internal_errors",
+                "Jobs this process failed with an internal error (a bug; details in job.log)",
                 registry=self.registry,
             )
 
@@ -128,6 +134,11 @@ class Metrics:
         """Count a job this process finished."""
         if self.jobs_finished is not None:
             self.jobs_finished.labels(status).inc()
+
+    def count_internal_error(self) -> None:
+        """Count a job this process failed with an internal error."""
+        if self.internal_errors is not None:
+            self.internal_errors.inc()
 
     def render(self) -> bytes:
         """Return the metrics in Prometheus' text format."""

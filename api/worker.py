@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,7 @@ from api.metrics import Metrics
 from api.settings import Settings
 from api.storage import JobFiles
 from api.store import CANCELLED, FAILED, LOSS_POINTS, SUCCEEDED, JobRecord, JobStore
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, InternalError
 from compressor.progress import STAGES, ProgressEvent
 
 log = logging.getLogger("api.worker")
@@ -222,14 +223,17 @@ class JobRunner:
             )
         except CompressorError as exc:
             status = CANCELLED if exc.code == "cancelled" else FAILED
+            if isinstance(exc, InternalError):
+                log.error("job %s: internal error %s; traceback in its job.log", job.id,
+                          exc.error_id)
+                self.metrics.count_internal_error()
             return status, {"code": exc.code, "message": exc.message}, None
-        except Exception as exc:
-            log.exception("job %s crashed", job.id)
-            message = (
-                f"the job crashed with {type(exc).__name__}: {exc}. This is a bug in the service, "
-                "not in your input; report it with the job id"
-            )
-            return FAILED, {"code": "internal_error", "message": message}, None
+        except Exception as exc:  # the core turns its own failures into errors; not this one
+            error = InternalError.wrapping(exc)
+            log.exception("job %s: internal error %s", job.id, error.error_id)
+            _append_traceback(self.files.job_dir(job.id) / "out" / "job.log", exc, error.error_id)
+            self.metrics.count_internal_error()
+            return FAILED, {"code": error.code, "message": error.message}, None
         return SUCCEEDED, None, json.loads(json.dumps(result.report, default=str))
 
     def _settle(
@@ -258,6 +262,19 @@ class JobRunner:
             log.info("job %s: %s%s", job.id, status, f" ({error['code']})" if error else "")
         elif self.store.get(job.id) is None:
             self.files.delete_job(job.id)  # deleted while it ran: leave no files behind
+
+
+def _append_traceback(path: Path, exc: BaseException, error_id: str) -> None:
+    """Add the traceback of `exc`, marked with `error_id`, to the job's log (atomically)."""
+    try:
+        before = path.read_text() if path.is_file() else ""
+        lines = "".join(traceback.format_exception(exc))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(f"{before}traceback of internal error {error_id}:\n{lines}"
+                       f"end of traceback {error_id}\n")
+        os.replace(tmp, path)
+    except OSError:
+        log.exception("could not write the traceback of internal error %s to %s", error_id, path)
 
 
 def _missing_input(path: Path, worker_id: str) -> dict[str, str]:

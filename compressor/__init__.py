@@ -14,9 +14,12 @@ from compressor.errors import (
     ConfigError,
     DataError,
     ExportError,
+    GuardError,
+    InternalError,
     JobTimeoutError,
     ModelFormatError,
     UnsafeModelError,
+    UnsupportedModelError,
     VerificationError,
 )
 from compressor.progress import ProgressEvent
@@ -35,6 +38,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "CancelledError", "CompressionConfig", "CompressorError", "ConfigError", "DataError",
-    "ExportError", "JobTimeoutError", "ModelFormatError", "ProgressEvent", "Result",
-    "UnsafeModelError", "VerificationError", "compress",
+    "ExportError", "GuardError", "InternalError", "JobTimeoutError", "ModelFormatError",
+    "ProgressEvent", "Result", "UnsafeModelError", "UnsupportedModelError", "VerificationError",
+    "compress",
 ]

@@ -8,10 +8,11 @@ for programs exported with positional arguments) and the ONNX model alike.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import sympy
 import torch
 from torch.export import ExportedProgram
 
@@ -37,6 +38,7 @@ class InputSpec:
     mean: float | None = None  # floats: mean and std; bools: the rate of True
     std: float | None = None
     example_shape: tuple[int, ...] | None = None  # the example's sizes, for dynamic dims
+    batch_max: int | None = None  # the largest batch the program accepts; None: no limit
 
     def describe_shape(self) -> str:
         """Return the shape for messages, e.g. `(batch, 8)`; other dynamic dims show `*`."""
@@ -58,11 +60,22 @@ def input_specs(program: ExportedProgram) -> list[InputSpec]:
         shape = tuple(None if isinstance(d, torch.SymInt) else int(d) for d in value.shape)
         example = examples.get(name)
         if example is not None and example.dim() == len(shape):
-            specs.append(_spec_from_example(name, shape, value.dtype, example))
+            spec = _spec_from_example(name, shape, value.dtype, example)
         else:
             hints = tuple(_hint(d) for d in value.shape)
-            specs.append(InputSpec(name, shape, value.dtype, example_shape=hints))
+            spec = InputSpec(name, shape, value.dtype, example_shape=hints)
+        specs.append(replace(spec, batch_max=_batch_max(program, value)))
     return specs
+
+
+def _batch_max(program: ExportedProgram, value: torch.Tensor) -> int | None:
+    """Return the upper bound the program puts on the input's dim 0 (None: unbounded)."""
+    size = value.shape[0] if value.dim() else None
+    if not isinstance(size, torch.SymInt):
+        return None
+    bounds = program.range_constraints.get(size.node.expr)
+    upper = getattr(bounds, "upper", None)  # int_oo when unbounded, and that is no Integer
+    return int(upper) if isinstance(upper, int | sympy.Integer) else None
 
 
 def _example_tensors(program: ExportedProgram, names: list[str]) -> dict[str, torch.Tensor]:
@@ -124,16 +137,21 @@ class Dataset:
     def __len__(self) -> int:
         return next(iter(self.inputs.values())).shape[0]
 
+    # Batches are fresh, contiguous tensors, never views of the data set: a program's guards may
+    # be about how its inputs are stored, and a fresh tensor is what a caller normally passes.
+
     def take(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Return the rows at `index` of every input."""
-        return {name: tensor[index] for name, tensor in self.inputs.items()}
+        """Return the rows at `index` of every input (fresh, contiguous tensors)."""
+        return {name: tensor[index].contiguous() for name, tensor in self.inputs.items()}
 
     def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Yield consecutive batches in order; the last one may be smaller."""
+        """Yield consecutive batches in order (fresh, contiguous tensors); the last one may be
+        smaller."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         for start in range(0, len(self), batch_size):
-            yield {name: t[start : start + batch_size] for name, t in self.inputs.items()}
+            yield {name: t[start : start + batch_size].clone(memory_format=torch.contiguous_format)
+                   for name, t in self.inputs.items()}
 
     def split(self, holdout_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
         """Shuffle the rows under `seed` and return (train, holdout); both are non-empty."""

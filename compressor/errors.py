@@ -7,6 +7,8 @@ where there is one, and what to do.
 
 from __future__ import annotations
 
+import uuid
+
 
 class CompressorError(Exception):
     """Base of every error the core raises on purpose."""
@@ -34,6 +36,18 @@ class UnsafeModelError(ModelFormatError):
     """The model file would need code execution (an unsafe pickle) to load; it was refused."""
 
     code = "unsafe_model"
+
+
+class UnsupportedModelError(ModelFormatError):
+    """The program loads, but holds something the pipeline cannot compress or verify."""
+
+    code = "unsupported_model"
+
+
+class GuardError(CompressorError):
+    """The job's inputs do not meet a guard the program was exported with."""
+
+    code = "guard_failed"
 
 
 class DataError(CompressorError):
@@ -64,3 +78,36 @@ class JobTimeoutError(CompressorError):
     """The job ran past its `timeout_s`."""
 
     code = "timeout"
+
+
+class InternalError(CompressorError):
+    """An unexpected failure: a bug in the compressor, not in the user's input.
+
+    `error_id` is a short id that marks the full traceback in job.log.
+    """
+
+    code = "internal_error"
+
+    def __init__(self, message: str, error_id: str) -> None:
+        super().__init__(message)
+        self.error_id = error_id
+
+    @staticmethod
+    def new_id() -> str:
+        """Return a fresh short id for an internal error."""
+        return uuid.uuid4().hex[:8]
+
+    @classmethod
+    def wrapping(cls, exc: BaseException, stage: str | None = None, *,
+                 log_name: str = "job.log", error_id: str | None = None) -> InternalError:
+        """Return the internal error that reports `exc`; its traceback goes to `log_name`."""
+        error_id = error_id or cls.new_id()
+        where = f" in stage {stage}" if stage else ""
+        summary = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return cls(
+            f"internal error {error_id}{where}: {type(exc).__name__}"
+            f"{': ' + summary if summary else ''}. This is a bug in the compressor, not in your "
+            f"input; the full traceback is in {log_name} under id {error_id}. Report it with "
+            "that log attached.",
+            error_id,
+        )

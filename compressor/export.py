@@ -10,6 +10,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,10 @@ _PROTOBUF_LIMIT = 2 * 1024**3 - 1024**2
 
 
 def dynamic_shapes(specs: list[InputSpec]) -> dict[str, dict[int, object]]:
-    """Return torch.export dynamic shapes: a shared `batch` dim 0, other dynamic dims left AUTO."""
-    batch = Dim("batch", min=1, max=2**20)
+    """Return torch.export dynamic shapes: a shared `batch` dim 0 within the program's bound,
+    other dynamic dims left AUTO."""
+    largest = min((spec.batch_max for spec in specs if spec.batch_max), default=2**20)
+    batch = Dim("batch", min=1, max=min(2**20, largest))
     return {spec.name: {i: (batch if i == 0 else Dim.AUTO)
                         for i, size in enumerate(spec.shape) if size is None or i == 0}
             for spec in specs}
@@ -72,11 +75,23 @@ def export_onnx(module: nn.Module, sample: dict[str, torch.Tensor], specs: list[
         os.replace(tmp, path)
     except Exception as exc:  # the exporter raises many types; all mean the same to the user
         tmp.unlink(missing_ok=True)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = _exporter_reason(exc)
         raise ExportError(
             f"the model could not be exported to ONNX (opset {opset}): {reason}. Try "
             "export.form='dense', another export.opset, or check that the program runs with "
             "torch.onnx.export on its own") from exc
+
+
+def _exporter_reason(exc: BaseException) -> str:
+    """Return the first line of the innermost exception that says something, without colors."""
+    chain = [exc]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    for cause in reversed(chain):
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip()
+        if text:
+            return f"{type(cause).__name__}: {text.splitlines()[0][:300]}"
+    return type(exc).__name__
 
 
 def _strip_debug_metadata(model) -> None:

@@ -25,6 +25,17 @@ _EMBEDDING = torch.ops.aten.embedding.default
 # Where each layer call keeps its input and its weight among its arguments.
 _INPUT_ARG = {_LINEAR: 0, _CONV2D: 0, _EMBEDDING: 1}
 _WEIGHT_ARG = {_LINEAR: 1, _CONV2D: 1, _EMBEDDING: 0}
+# Weight-bearing calls no method rewrites: find_layers lists them as skipped, with the reason.
+_UNSUPPORTED = {
+    torch.ops.aten.conv1d.default: "1-D convolution (only Linear and Conv2d layers are rewritten)",
+    torch.ops.aten.conv1d.padding: "1-D convolution (only Linear and Conv2d layers are rewritten)",
+    torch.ops.aten.conv2d.padding: "Conv2d with padding given as a string ('same' / 'valid'); "
+                                   "export it with numeric padding to compress it",
+    torch.ops.aten.conv3d.default: "3-D convolution (only Linear and Conv2d layers are rewritten)",
+    torch.ops.aten.conv_transpose1d.default: "transposed convolution (not supported)",
+    torch.ops.aten.conv_transpose2d.input: "transposed convolution (not supported)",
+    torch.ops.aten.conv_transpose3d.input: "transposed convolution (not supported)",
+}
 # Activation-aware init keeps an (in × in) float64 Gram per layer; past this it falls back to SVD.
 MAX_GRAM_FEATURES = 8192
 
@@ -108,7 +119,23 @@ def find_layers(module: fx.GraphModule) -> tuple[list[LayerInfo], list[SkippedLa
             stride=_as_pair(args[3], 1), padding=_as_pair(args[4], 0),
             dilation=_as_pair(args[5], 1), groups=groups, produces_output=is_output,
         ))
-    return layers, skipped
+    return layers, _unique(skipped + _unsupported_layers(module.graph))
+
+
+def _unsupported_layers(graph: fx.Graph) -> list[SkippedLayer]:
+    found = []
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in _UNSUPPORTED:
+            weight = node.args[1] if len(node.args) > 1 else None  # (input, weight, ...)
+            target = weight.target if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+            name = (_owner_name(target) if target else None) or target or node.name
+            found.append(SkippedLayer(name, _UNSUPPORTED[node.target]))
+    return found
+
+
+def _unique(skipped: list[SkippedLayer]) -> list[SkippedLayer]:
+    """Return `skipped` without repeats (a layer called twice is found twice)."""
+    return list(dict.fromkeys(skipped))
 
 
 def layer_calls(module: fx.GraphModule) -> dict[fx.Node, str]:

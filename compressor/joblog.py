@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ class JobLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.stage_seconds: dict[str, float] = {}
+        self.failed_stage: str | None = None  # the stage an exception left, if any
         self._started = time.monotonic()
         self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
@@ -33,6 +35,15 @@ class JobLog:
         self._file.write(f"[{time.monotonic() - self._started:8.2f}s] {message}\n")
         self._file.flush()
 
+    def traceback(self, exc: BaseException, error_id: str) -> None:
+        """Add the full traceback of `exc` to the log, marked with `error_id`."""
+        self.info(f"traceback of internal error {error_id}:")
+        if not self._file.closed:
+            self._file.writelines(traceback.format_exception(exc))
+            self._file.write(f"end of traceback {error_id}\n")
+            self._file.flush()
+        _logger.info("internal error %s: traceback in %s", error_id, self.path)
+
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Time the enclosed block as stage `name` and log its start and end."""
@@ -40,6 +51,9 @@ class JobLog:
         start = time.monotonic()
         try:
             yield
+        except BaseException:
+            self.failed_stage = self.failed_stage or name
+            raise
         finally:
             elapsed = time.monotonic() - start
             self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + elapsed

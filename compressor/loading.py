@@ -13,7 +13,10 @@ So loading is defense in depth:
    `weights_only=True` and the other unpicklers it calls refuse, so even a gap in step 2
    executes nothing;
 4. the program may call only operators (no arbitrary Python callables), and every input must be
-   a tensor with a dynamic batch dimension.
+   a tensor with a dynamic batch dimension;
+5. what the pipeline cannot compress or verify is refused with what to do (scalar outputs such
+   as a loss, bfloat16 tensors onnxruntime cannot run), and guards that only describe how the
+   example inputs were stored are dropped (see `compressor.guards`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from pathlib import Path
 import torch
 from torch.export import ExportedProgram
 
-from compressor.errors import ModelFormatError, UnsafeModelError
+from compressor.errors import ModelFormatError, UnsafeModelError, UnsupportedModelError
+from compressor.guards import drop_aliasing_guards_
 
 __all__ = ["load_program"]
 
@@ -51,6 +55,8 @@ HOW_TO_EXPORT = (
 )
 
 _DESERIALIZE_LOCK = threading.Lock()
+# torch's words when a program calls an operator that is not registered in this process.
+_UNKNOWN_OPERATOR = re.compile(r"failed to resolve (torch\.ops\.[\w.]+) to an operator")
 
 # Python callables (besides operators) that a well-formed program may call: symbolic-shape
 # arithmetic and grad / autocast switches. torch's own verifier allows the same.
@@ -82,6 +88,9 @@ def load_program(path: str | Path) -> ExportedProgram:
     program = _deserialize(path)
     _check_operators(path, program)
     _check_inputs(path, program)
+    _check_outputs(path, program)
+    _check_dtypes(path, program)
+    drop_aliasing_guards_(program)
     return program
 
 
@@ -339,6 +348,20 @@ def _deserialize(path: Path) -> ExportedProgram:
                 f"{path.name} contains serialized Python objects that would need code execution"
                 f" to load ({_unpickling_reason(cause)}); it was refused."
             ) from None
+        operator = _UNKNOWN_OPERATOR.search(str(cause))
+        if operator and operator.group(1).startswith(("torch.ops.aten.", "torch.ops.prims.")):
+            raise ModelFormatError(
+                f"{path.name} calls the operator {operator.group(1)}, which torch "
+                f"{torch.__version__} (the service's) does not have; export the model with that "
+                "torch version and save the program again."
+            ) from None
+        if operator:
+            raise UnsupportedModelError(
+                f"{path.name} calls the custom operator {operator.group(1)}, which this service "
+                "does not have (it loads only the operators that ship with torch, and never "
+                "code from the upload). Write that operation in plain torch code, export the "
+                "model again and save the program."
+            ) from None
         raise ModelFormatError(
             f"{path.name} could not be deserialized as a torch.export program ({_reason(exc)})."
             f" Export it with the same torch version as "
@@ -446,6 +469,39 @@ def _check_inputs(path: Path, program: ExportedProgram) -> None:
                 f"dynamic_shapes={{{name!r}: {{0: torch.export.Dim(\"batch\")}}}} (one entry "
                 "per input) and save the program again."
             )
+
+
+def _check_outputs(path: Path, program: ExportedProgram) -> None:
+    user_outputs = set(program.graph_signature.user_outputs)
+    output = next(n for n in program.graph.nodes if n.op == "output")
+    values = [n for n in output.args[0] if isinstance(n, torch.fx.Node) and n.name in user_outputs]
+    for index, node in enumerate(values):
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and value.dim() == 0:
+            raise UnsupportedModelError(
+                f"{path.name}: output {index} is a scalar (shape ()), such as a loss; compression "
+                "compares the compressed model's outputs with the original's sample by sample, "
+                "so every output needs the batch as its first dimension. Export the model "
+                "without the loss (return the logits or embeddings) and save the program again."
+            )
+
+
+def _check_dtypes(path: Path, program: ExportedProgram) -> None:
+    tensors = {**dict(program.named_parameters()), **dict(program.named_buffers()),
+               **{name: t for name, t in program.constants.items()
+                  if isinstance(t, torch.Tensor)}}
+    inputs = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"
+              and n.name in set(program.graph_signature.user_inputs)}
+    found = [name for name, t in {**tensors, **inputs}.items()
+             if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16]
+    if found:
+        shown = ", ".join(repr(n) for n in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise UnsupportedModelError(
+            f"{path.name}: the program holds bfloat16 tensors ({shown}); onnxruntime's CPU "
+            "provider, which verifies every artifact, cannot run bfloat16 matrix products. "
+            "Convert the model and its example inputs to float32 (model.float()) or float16 "
+            "(model.half()) before exporting, and save the program again."
+        )
 
 
 def _first_line(exc: BaseException) -> str:

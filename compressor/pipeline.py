@@ -19,7 +19,7 @@ from compressor import report as figures
 from compressor.allocation import allocate_by_sensitivity, measure_sensitivities
 from compressor.config import CompressionConfig
 from compressor.data import Dataset, InputSpec, input_specs, load_data, synthesize_data
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, InternalError
 from compressor.export import (
     export_onnx,
     named_outputs,
@@ -28,8 +28,10 @@ from compressor.export import (
     verify_onnx,
     verify_quantized,
 )
+from compressor.failures import known_failure
 from compressor.finetune import FinetuneSummary, device_copy, finetune_, resolve_device
 from compressor.graph import collect_layer_stats, find_layers
+from compressor.guards import check_guards
 from compressor.huggingface import HF_ARTIFACT, LoadedCheckpoint
 from compressor.joblog import JobLog
 from compressor.loading import load_program
@@ -85,7 +87,8 @@ def compress(
     .safetensors / .npz file of inputs named after the program's inputs (for a checkpoint, also
     .txt / .jsonl text). `progress` receives a
     `ProgressEvent` per update; `should_stop` is polled at every step and a True answer raises
-    `CancelledError`. Every failure raises a `CompressorError` subclass with a stable `code`;
+    `CancelledError`. Every failure raises a `CompressorError` subclass with a stable `code`
+    (an unexpected one is an `InternalError` whose traceback job.log holds under its id);
     artifacts are written atomically, so `out_dir` never holds a half-written file, and
     model.onnx / report.json exist only when the job succeeded. job.log is written either way.
     """
@@ -100,8 +103,12 @@ def compress(
         log.info(f"failed ({exc.code}): {exc.message}")
         raise
     except Exception as exc:
-        log.info(f"failed with an internal error: {type(exc).__name__}: {exc}")
-        raise
+        error = known_failure(exc)
+        if error is None:
+            error = InternalError.wrapping(exc, log.failed_stage)
+            log.traceback(exc, error.error_id)
+        log.info(f"failed ({error.code}): {error.message}")
+        raise error from exc
     finally:
         log.close()
 
@@ -231,6 +238,8 @@ def load_inputs(model: Path, data: Path | None, config: CompressionConfig,
     else:
         dataset = load_data(data, specs, config.data.max_samples)
     train, held_out = dataset.split(config.data.holdout_fraction, config.finetune.seed)
+    largest = min(max(64, config.finetune.batch_size), len(dataset))
+    check_guards(program, dataset, (1, largest))
     return _Inputs(program, specs, train, held_out)
 
 

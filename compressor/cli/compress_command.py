@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -64,7 +67,7 @@ def compress_cmd(model: Path, config_path: Path | None, data: Path | None, out_d
     .tar.gz) and write a verified ONNX file to --out."""
     from rich.console import Console
 
-    from compressor import CompressorError, compress
+    from compressor import CompressorError, InternalError, compress
     from compressor.cli.progress_display import StageProgress
 
     console = Console(stderr=True)
@@ -84,11 +87,30 @@ def compress_cmd(model: Path, config_path: Path | None, data: Path | None, out_d
         with StageProgress(console) as display:
             result = compress(model, config, out_dir=out_dir, data=data, progress=display.update)
     except CompressorError as exc:
-        console.print(f"[bold red]error[/] ({exc.code}): {exc.message}")
-        console.print(f"see {out_dir / 'job.log'}")
-        sys.exit(1)
+        _fail(console, exc.code, exc.message, out_dir / "job.log")
+    except Exception as exc:  # noqa: BLE001 - outside the job itself, e.g. --out is unwritable
+        error_id = InternalError.new_id()
+        log_path = _write_traceback(exc, error_id)
+        error = InternalError.wrapping(exc, log_name=str(log_path), error_id=error_id)
+        _fail(console, error.code, error.message, log_path)
     console.print(_summary_table(result.report))
     console.print(f"wrote {result.model_path} and {result.report_path}")
+
+
+def _fail(console, code: str, message: str, log_path: Path) -> NoReturn:
+    """Print the error's code and message and where the details are; exit 1."""
+    from rich.markup import escape
+
+    console.print(f"[bold red]error[/] ({code}): {escape(message)}")
+    console.print(f"details: {escape(str(log_path))}")
+    sys.exit(1)
+
+
+def _write_traceback(exc: BaseException, error_id: str) -> Path:
+    """Write the traceback of `exc` to a file named after `error_id`; return its path."""
+    path = Path(tempfile.gettempdir()) / f"compressor-error-{error_id}.log"
+    path.write_text("".join(traceback.format_exception(exc)))
+    return path
 
 
 def _apply_setting(config: dict, item: str) -> None:

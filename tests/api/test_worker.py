@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 import time
@@ -18,7 +19,7 @@ from api.services import Services
 from api.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord
 from api.tables import jobs
 from api.worker import JobRunner, LossCurve
-from compressor.errors import UnsafeModelError
+from compressor.errors import InternalError, UnsafeModelError
 from compressor.progress import ProgressEvent
 
 
@@ -98,6 +99,30 @@ def test_a_crash_fails_the_job_as_internal_error(services: Services, fake_pt2: P
     assert job.status == FAILED and job.error is not None
     assert job.error["code"] == "internal_error"
     assert "ZeroDivisionError: boom" in job.error["message"]
+    # The message names an id; job.log (an artifact of the failed job) holds the traceback
+    # under it, and /metrics counts the internal error.
+    error_id = re.search(r"internal error ([0-9a-f]{8})", job.error["message"]).group(1)
+    assert "Traceback" not in job.error["message"]
+    log_text = services.files.artifact_path(job_id, "job.log").read_text()
+    assert f"traceback of internal error {error_id}:" in log_text
+    assert "ZeroDivisionError: boom" in log_text and f"end of traceback {error_id}" in log_text
+    assert "job.log" in [a["name"] for a in job.artifacts]
+    assert "compressor_job_internal_errors_total 1.0" in services.metrics.render().decode()
+
+
+def test_an_internal_error_from_the_core_keeps_its_id_and_is_counted(
+    services: Services, fake_pt2: Path
+) -> None:
+    job_id = submit(services, fake_pt2)
+    error = InternalError.wrapping(KeyError("theta"), "rewriting")
+    make_runner(services, FakeJob(0.0, error)).run(job_id)
+    job = stored(services, job_id)
+    assert job.error == {"code": "internal_error", "message": error.message}
+    assert f"internal error {error.error_id} in stage rewriting: KeyError" in error.message
+    assert "compressor_job_internal_errors_total 1.0" in services.metrics.render().decode()
+    core_refusal = submit(services, fake_pt2)
+    make_runner(services, FakeJob(0.0, UnsafeModelError("refused"))).run(core_refusal)
+    assert "compressor_job_internal_errors_total 1.0" in services.metrics.render().decode()
 
 
 def test_cancel_flag_stops_a_running_job_within_the_poll(

@@ -1,6 +1,8 @@
 """`compressor compress`: artifacts, a summary, and clear non-zero exits on bad input."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -71,3 +73,69 @@ def test_an_unloadable_model_exits_1_with_the_loaders_message(tmp_path):
     result = CliRunner().invoke(main, ["compress", str(bad), "--out", str(tmp_path / "out")])
     assert result.exit_code == 1
     assert "invalid_model" in result.output and "torch.export" in result.output
+
+
+def _said(result) -> str:
+    """The command's output with rich's line wrapping undone."""
+    return " ".join(result.output.split())
+
+
+def _corpus_program(name: str, path):
+    from corpus_programs import CASES, save
+
+    return save(next(case for case in CASES if case.name == name), path)
+
+
+@pytest.mark.slow
+def test_the_program_of_issue_13_compresses_from_the_command_line(tmp_path):
+    # A Llama-style decoder exported from ids[:2, :64] with the sequence left to Dim.AUTO: its
+    # program carries a guard about the slice's base tensor that no fresh batch can meet.
+    model = _corpus_program("decoder exported from a slice ids[:2, :64] (issue 13)",
+                            tmp_path / "decoder.pt2")
+    result = CliRunner().invoke(main, [
+        "compress", str(model), "--out", str(tmp_path / "out"), "--set", "finetune.steps=2",
+        "--set", "export.latency_seconds=0", "--set", "data.synthetic_samples=16"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "model.onnx").is_file()
+
+
+def test_a_refusal_prints_the_code_the_message_and_where_the_log_is(tmp_path):
+    model = _corpus_program("batch dimension capped at 8", tmp_path / "capped.pt2")
+    result = CliRunner().invoke(main, ["compress", str(model), "--out", str(tmp_path / "out")])
+    said = _said(result)
+    assert result.exit_code == 1
+    assert "error (guard_failed): input 'x' does not meet the guard `x.size()[0] <= 8`" in said
+    assert f"details: {tmp_path / 'out' / 'job.log'}" in said
+    assert "Traceback" not in result.output
+
+
+def test_an_internal_error_prints_its_id_and_job_log_holds_the_traceback(program, tmp_path,
+                                                                        monkeypatch):
+    def broken_planner(*args, **kwargs):
+        raise RuntimeError("the planner fell over")
+
+    monkeypatch.setattr("compressor.pipeline.plan_layers", broken_planner)
+    result = CliRunner().invoke(main, ["compress", str(program), "--out", str(tmp_path)])
+    said = _said(result)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    found = re.search(r"error \(internal_error\): internal error ([0-9a-f]{8}) in stage "
+                      r"planning: RuntimeError: the planner fell over", said)
+    assert found, said
+    log_text = (tmp_path / "job.log").read_text()
+    assert f"details: {tmp_path / 'job.log'}" in said
+    assert f"traceback of internal error {found.group(1)}:" in log_text
+    assert "Traceback (most recent call last)" in log_text and "broken_planner" in log_text
+
+
+def test_a_failure_outside_the_job_is_reported_with_a_log_not_a_traceback(program, tmp_path,
+                                                                         monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr("compressor.pipeline.JobLog", broken)
+    result = CliRunner().invoke(main, ["compress", str(program), "--out", str(tmp_path)])
+    said = _said(result)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    found = re.search(r"details: (\S+compressor-error-[0-9a-f]{8}\.log)", said)
+    assert found and "internal_error" in said and "OSError: disk on fire" in said
+    assert "disk on fire" in Path(found.group(1)).read_text()

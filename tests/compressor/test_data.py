@@ -325,6 +325,16 @@ def test_batches_are_in_order_and_the_last_is_partial():
         next(data.batches(0))
 
 
+def test_batches_and_rows_are_fresh_contiguous_tensors_not_views():
+    # A program exported from a slice may carry guards about its input's base tensor.
+    data = Dataset({"x": torch.randn(8, 6).t().contiguous().t()[:, :3].contiguous()},
+                   synthetic=True, source="synthetic")
+    for batch in [*data.batches(3), data.take(torch.arange(4))]:
+        assert batch["x"]._base is None and batch["x"].is_contiguous()
+        assert batch["x"].untyped_storage().data_ptr() != data.inputs["x"].untyped_storage(
+        ).data_ptr()
+
+
 def test_take_selects_rows_by_index():
     rows = _rows(6).take(torch.tensor([5, 0, 5]))
     assert rows["ids"].tolist() == [5, 0, 5]
