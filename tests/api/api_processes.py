@@ -15,7 +15,8 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FAST_ENV = {
     "COMPRESSOR_HEARTBEAT_S": "0.5",
-    "COMPRESSOR_LEASE_S": "3",
+    # Twelve heartbeats: a loaded CI machine (the worker runs niced) must not lose a lease.
+    "COMPRESSOR_LEASE_S": "6",
     "COMPRESSOR_REAP_INTERVAL_S": "0.5",
     "COMPRESSOR_CANCEL_POLL_S": "0.1",
     "COMPRESSOR_EVENTS_POLL_S": "0.1",
