@@ -45,7 +45,12 @@ def output_names(count: int) -> list[str]:
 
 def named_outputs(module: nn.Module, sample: dict[str, torch.Tensor]) -> list[str]:
     """Return the ONNX names of the module's outputs: a dict's keys, else `output_names`."""
-    leaves, _ = tree_flatten_with_path(call(module, sample))
+    return onnx_output_names(call(module, sample))
+
+
+def onnx_output_names(raw_outputs: object) -> list[str]:
+    """Return the ONNX names of a module's raw outputs: a dict's keys, else `output_names`."""
+    leaves, _ = tree_flatten_with_path(raw_outputs)
     paths = [path for path, leaf in leaves if isinstance(leaf, torch.Tensor)]
     keys = [path[0].key if len(path) == 1 and isinstance(path[0], MappingKey) else None
             for path in paths]

@@ -13,6 +13,7 @@ import torch
 from torch import fx
 from torch.export import ExportedProgram
 from torch.export.passes import move_to_device_pass
+from torch.utils._pytree import tree_leaves
 
 from compressor import huggingface
 from compressor import report as figures
@@ -22,7 +23,7 @@ from compressor.data import Dataset, InputSpec, input_specs, load_data, synthesi
 from compressor.errors import CompressorError, InternalError
 from compressor.export import (
     export_onnx,
-    named_outputs,
+    onnx_output_names,
     onnx_outputs,
     quantize_int8,
     verify_onnx,
@@ -124,8 +125,7 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
                  f"data: {inputs.train.source} ({len(inputs.train)} train, "
                  f"{len(inputs.held_out)} held-out)")
     teacher = copy.deepcopy(inputs.program.module()).eval()
-    kinds = output_kinds(teacher, inputs, config)
-    names = named_outputs(teacher, inputs.held_out.take(torch.arange(1)))
+    names, kinds = output_kinds(teacher, inputs, config)
     log.info(f"outputs: {dict(zip(names, kinds, strict=True))}")
     with log.stage("planning"):
         control.report("planning", 0.0)
@@ -293,14 +293,15 @@ def rewrite(teacher: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats], t
 
 
 def output_kinds(teacher: fx.GraphModule, inputs: _Inputs, config: CompressionConfig,
-                 ) -> list[str]:
-    """Return each output's kind (logits, embedding, regression, ignored): its loss and scores."""
+                 ) -> tuple[list[str], list[str]]:
+    """Return each output's ONNX name and kind (logits, embedding, regression, ignored): the
+    kind decides its loss and how it is scored. One run of the original on two samples."""
     sample = inputs.held_out.take(torch.arange(min(2, len(inputs.held_out))))
     with torch.no_grad():
         raw = call(teacher, sample)
-        outputs = run_outputs(teacher, sample)
-    return detect_output_kinds(teacher, raw, outputs, config.finetune.loss,
-                               named_outputs(teacher, sample))
+    outputs = [leaf for leaf in tree_leaves(raw) if isinstance(leaf, torch.Tensor)]
+    names = onnx_output_names(raw)
+    return names, detect_output_kinds(teacher, raw, outputs, config.finetune.loss, names)
 
 
 def finetune(program: ExportedProgram, student: fx.GraphModule, teacher: fx.GraphModule,
