@@ -87,7 +87,7 @@ def allocate_by_sensitivity(plan: Plan, factors: dict[str, LowRankFactors],
     (overrides, other methods) keep their plan. Each layer keeps at least RANK_MULTIPLE ranks.
     """
     chosen = [i for i, p in enumerate(plan.layers)
-              if p.adjustable and p.method == "lowrank" and p.layer.name in sensitivities]
+              if p.adjustable and p.method.name == "lowrank" and p.layer.name in sensitivities]
     if not chosen:
         return plan
     budget = sum(plan.layers[i].compact_numel for i in chosen)

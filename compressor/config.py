@@ -3,32 +3,62 @@
 `{}` is a valid config. Unknown fields, wrong types and out-of-range values are rejected by
 pydantic with a message naming the field; `CompressionConfig.parse` turns that into a
 `ConfigError` for callers that do not speak pydantic.
+
+The method is the unit of configuration: `method` (and an override's `method`) is one of the
+registered methods' options models, told apart by `name` (`"lowrank"` alone means its
+defaults), e.g. `{"name": "lowrank", "rank": 64, "init": "svd"}`. Version-1 configs (a top-level
+`init` and `per_output_scale`, sizes as override fields) are read and upgraded to version 2.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from compressor.errors import ConfigError
+from compressor.methods import (
+    MethodOptions,
+    available_methods,
+    method_class,
+    options_types,
+    unknown_method_message,
+)
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _check_method(name: str) -> str:
-    from compressor.methods import available_methods
+def _named_method(value: Any) -> Any:
+    """Accept a method's bare name as its default options; check the name against the registry."""
+    if isinstance(value, MethodOptions):
+        return value
+    if isinstance(value, str):
+        value = {"name": value}
+    if isinstance(value, dict):
+        if "name" not in value:
+            raise ValueError("give the method's `name`, e.g. {\"name\": \"lowrank\", \"rank\": 64}")
+        if value["name"] not in available_methods():
+            raise ValueError(unknown_method_message(value["name"]))
+    return value
 
-    if name not in available_methods():
-        raise ValueError(
-            f"unknown method {name!r}; choose one of: {', '.join(sorted(available_methods()))}"
-        )
-    return name
+
+# One of the registered methods' options, chosen by `name`; a bare name means its defaults.
+MethodChoice = Annotated[
+    Annotated[Union[options_types()], Field(discriminator="name")],  # noqa: UP007
+    BeforeValidator(_named_method),
+]
 
 
 class LayerSelection(_Strict):
@@ -43,29 +73,26 @@ class LayerSelection(_Strict):
 class LayerOverride(_Strict):
     """Per-layer settings for the layers whose dotted name matches `match` (a glob).
 
-    The first matching override wins. Give at most one of `rank` (lowrank), `groups` (tie_rows),
-    `values` (share_values) or `ratio`; or `skip: true` to leave the layer dense.
+    The first matching override wins. `method` configures these layers' method, its size
+    included (`{"name": "lowrank", "rank": 64}`); `ratio` gives them their own kept fraction
+    instead of a size; `skip: true` leaves them dense.
     """
 
     match: str = Field(min_length=1, examples=["encoder.*.dense"],
                        description="glob on the layer's dotted module name")
-    method: str | None = Field(default=None, examples=["share_values"],
-                               description="method for these layers (default: the job's)")
+    method: MethodChoice | None = Field(
+        default=None, examples=["share_values", {"name": "lowrank", "rank": 64}],
+        description="method (and its options) for these layers; null: the job's")
     ratio: float | None = Field(default=None, gt=0, le=1,
                                 description="these layers' own kept fraction")
-    rank: int | None = Field(default=None, ge=1, description="lowrank: the rank")
-    groups: int | None = Field(default=None, ge=1, description="tie_rows: the number of rows kept")
-    values: int | None = Field(default=None, ge=2, le=65536,
-                               description="share_values: the codebook size K")
     skip: bool = Field(default=False, description="leave these layers dense")
-
-    _check = field_validator("method")(lambda cls, v: v if v is None else _check_method(v))
 
     @model_validator(mode="after")
     def _one_size(self) -> LayerOverride:
-        given = [n for n in ("ratio", "rank", "groups", "values") if getattr(self, n) is not None]
-        if len(given) > 1:
-            raise ValueError(f"give at most one of ratio, rank, groups, values; got {given}")
+        if self.ratio is not None and self.method is not None:
+            size_field = method_class(self.method.name).size_field
+            if size_field is not None and getattr(self.method, size_field) is not None:
+                raise ValueError(f"give at most one of ratio and method.{size_field}")
         return self
 
 
@@ -148,28 +175,22 @@ class DataConfig(_Strict):
 class CompressionConfig(_Strict):
     """One compression job."""
 
-    version: Literal[1] = Field(default=CONFIG_VERSION, description="config format version")
-    method: str = Field(default="lowrank", examples=["lowrank"],
-                        description="compression method for every targeted layer")
+    version: Literal[2] = Field(
+        default=CONFIG_VERSION,
+        description="config format version; version-1 configs are read and upgraded")
+    method: MethodChoice = Field(
+        default_factory=lambda: method_class("lowrank").Options(),
+        examples=["lowrank", {"name": "tie_rows", "init": "kmeans"}],
+        description="compression method (and its options) for every targeted layer")
     ratio: float = Field(
         default=0.5, gt=0, le=1, description="fraction of the targeted layers' weights kept"
     )
     layers: LayerSelection = Field(default_factory=LayerSelection)
     overrides: list[LayerOverride] = Field(default_factory=list)
-    init: Literal["svd", "activation_aware", "sequential"] = Field(
-        default="sequential",
-        description="lowrank initialization: truncated SVD; activation_aware (whitened by each "
-        "layer's calibration inputs); sequential (activation_aware, then each layer's second "
-        "factor re-solved on the inputs the compressed model gives it). The tying methods "
-        "start from k-means",
-    )
     allocation: Literal["sensitivity", "uniform"] = Field(
         default="sensitivity",
         description="lowrank: spread the budget across layers by each layer's measured "
         "sensitivity (ranks in multiples of 8), or give every layer the same kept fraction")
-    per_output_scale: bool = Field(
-        default=True, description="tie_inputs: give each output row a learned scale"
-    )
     min_layer_params: int = Field(
         default=1024, ge=0, description="layers with fewer weights than this stay dense"
     )
@@ -179,7 +200,10 @@ class CompressionConfig(_Strict):
     timeout_s: float = Field(default=3600, gt=0, le=7 * 24 * 3600,
                              description="the job fails with code `timeout` past this")
 
-    _check = field_validator("method")(lambda cls, v: _check_method(v))
+    @model_validator(mode="before")
+    @classmethod
+    def _read_version_1(cls, data: Any) -> Any:
+        return upgrade_version_1(data)
 
     @classmethod
     def parse(cls, value: CompressionConfig | dict[str, Any] | str | None) -> CompressionConfig:
@@ -205,6 +229,74 @@ class CompressionConfig(_Strict):
     def to_dict(self) -> dict[str, Any]:
         """Return the config with every default filled, as plain data."""
         return json.loads(self.to_json())
+
+
+# Top-level fields of version 1 that became method options in version 2.
+_V1_FIELDS = ("init", "per_output_scale")
+_V1_SIZES = ("rank", "groups", "values")
+
+
+def upgrade_version_1(data: Any) -> Any:
+    """Return a version-1 config (plain data) as version 2; anything else unchanged.
+
+    Version 1 had a job-wide `init` (lowrank's initialization; tie_rows whitened unless it was
+    `svd`) and `per_output_scale` (tie_inputs), and overrides set `rank` / `groups` / `values`
+    themselves. A config without `version` is version 1 when it uses any of these.
+    """
+    if not isinstance(data, dict):
+        return data
+    overrides = data.get("overrides")
+    overrides = overrides if isinstance(overrides, list) else []
+    uses_v1 = (any(f in data for f in _V1_FIELDS)
+               or any(isinstance(o, dict) and any(s in o for s in _V1_SIZES) for o in overrides))
+    if data.get("version", 1 if uses_v1 else CONFIG_VERSION) != 1:
+        return data
+    data = dict(data)
+    legacy = {f: data.pop(f) for f in _V1_FIELDS if f in data}
+    job_method = data.get("method", "lowrank")
+    if isinstance(job_method, str):
+        data["method"] = _v1_method_options(job_method, legacy)
+    data["overrides"] = [_v1_override(i, o, job_method, legacy) for i, o in enumerate(overrides)]
+    data["version"] = CONFIG_VERSION
+    return data
+
+
+def _v1_method_options(name: str, legacy: dict[str, Any], **size: Any) -> dict[str, Any] | str:
+    if name not in available_methods():
+        return name  # validation names it as unknown
+    options: dict[str, Any] = {"name": name, **size}
+    if name == "lowrank" and "init" in legacy:
+        options["init"] = legacy["init"]
+    elif name == "tie_rows" and "init" in legacy:
+        options["init"] = "kmeans" if legacy["init"] == "svd" else "activation_aware"
+    elif name == "tie_inputs" and "per_output_scale" in legacy:
+        options["per_output_scale"] = legacy["per_output_scale"]
+    return options
+
+
+def _v1_override(index: int, override: Any, job_method: Any, legacy: dict[str, Any]) -> Any:
+    if not isinstance(override, dict):
+        return override
+    override = dict(override)
+    size = {f: override.pop(f) for f in _V1_SIZES if override.get(f) is not None}
+    for field in _V1_SIZES:
+        override.pop(field, None)
+    given = [*size, *(["ratio"] if override.get("ratio") is not None else [])]
+    if len(given) > 1:
+        raise ValueError(f"overrides.{index}: give at most one of ratio, rank, groups, values; "
+                         f"got {given}")
+    name = override.get("method") or (job_method if size else None)
+    if isinstance(name, str) and name in available_methods():
+        expected = method_class(name).size_field
+        wrong = [f for f in size if f != expected]
+        if wrong:
+            raise ValueError(
+                f"overrides.{index}: override {override.get('match')!r} sets `{wrong[0]}` but its "
+                f"method {name!r} "
+                f"takes {expected or 'no size (its size is fixed)'}; fix the override")
+    if isinstance(name, str):
+        override["method"] = _v1_method_options(name, legacy, **size)
+    return override
 
 
 def describe_validation_error(exc: ValidationError) -> str:

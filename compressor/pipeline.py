@@ -36,10 +36,11 @@ from compressor.guards import check_guards
 from compressor.huggingface import HF_ARTIFACT, LoadedCheckpoint
 from compressor.joblog import JobLog
 from compressor.loading import load_program
-from compressor.methods import LayerStats, get_method
+from compressor.methods import LayerStats
+from compressor.methods.lowrank import LowRank
 from compressor.objectives import detect_output_kinds
 from compressor.outputs import FidelityMeter, call, run_outputs
-from compressor.planning import Plan, method_settings, plan_layers
+from compressor.planning import Plan, plan_layers
 from compressor.progress import JobControl, ProgressCallback, StopCheck
 from compressor.rewrite import factorize, materialize, parametrize_
 from compressor.sequential import correct_sequentially_
@@ -130,7 +131,7 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
     with log.stage("planning"):
         control.report("planning", 0.0)
         plan = plan_layers(*find_layers(teacher), config)
-        stats = calibrate(teacher, plan, inputs.train, config)
+        stats = calibrate(teacher, plan, inputs.train)
         if config.allocation == "sensitivity":
             control.report("planning", 0.5, "measuring each layer's sensitivity")
             plan = allocate(teacher, plan, stats, inputs.train, kinds)
@@ -243,28 +244,26 @@ def load_inputs(model: Path, data: Path | None, config: CompressionConfig,
     return _Inputs(program, specs, train, held_out)
 
 
-def calibrate(teacher: fx.GraphModule, plan: Plan, train: Dataset,
-              config: CompressionConfig) -> dict[str, LayerStats]:
+def calibrate(teacher: fx.GraphModule, plan: Plan, train: Dataset) -> dict[str, LayerStats]:
     """Return the statistics the planned layers' initialization uses, by layer name.
 
-    With `init: activation_aware`: the inputs each layer sees on calibration samples (a Gram
-    matrix, an embedding's row reads). Lowrank layers also get their full decomposition
+    For the layers whose method needs them: the inputs each layer sees on calibration samples
+    (a Gram matrix, an embedding's row reads). Lowrank layers also get their full decomposition
     (`stats[name].extras["lowrank"]`), which both the allocation and the initialization read.
     """
     stats: dict[str, LayerStats] = {}
-    aware = config.init in ("activation_aware", "sequential")
-    if aware and plan.compressed:
+    needing = [p.layer for p in plan.compressed if p.method.needs_input_stats]
+    if needing:
         calibration = train.take(torch.arange(min(len(train), _CALIBRATION_SAMPLES)))
         batches = list(Dataset(calibration, train.synthetic, train.source).batches(64))
-        stats = collect_layer_stats(teacher, [p.layer for p in plan.compressed], batches)
-    lowrank = get_method("lowrank")
+        stats = collect_layer_stats(teacher, needing, batches)
     for entry in plan.compressed:
-        if entry.method != "lowrank":
+        if not isinstance(entry.method, LowRank):
             continue
         entry_stats = stats.setdefault(entry.layer.name, LayerStats(None))
         weight = teacher.get_submodule(entry.layer.name).weight.detach()
-        entry_stats.extras["lowrank"] = lowrank.factorize(
-            entry.layer, weight, entry_stats if aware else None)
+        entry_stats.extras["lowrank"] = entry.method.factorize(
+            entry.layer, weight, entry_stats if entry.method.needs_input_stats else None)
     return stats
 
 
@@ -276,8 +275,7 @@ def allocate(teacher: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats], 
         return plan
     batch = train.take(torch.arange(min(len(train), _SENSITIVITY_SAMPLES)))
     sensitivities = measure_sensitivities(teacher, plan, factors, batch, kinds)
-    lowrank = get_method("lowrank")
-    break_even = {p.layer.name: lowrank.break_even_rank(p.layer) for p in plan.layers}
+    break_even = {p.layer.name: LowRank.break_even_rank(p.layer) for p in plan.layers}
     return allocate_by_sensitivity(plan, factors, sensitivities, break_even)
 
 
@@ -285,8 +283,8 @@ def rewrite(teacher: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats], t
             config: CompressionConfig) -> fx.GraphModule:
     """Return a copy of `teacher` with the plan's parametrizations, θ initialized."""
     student = copy.deepcopy(teacher)
-    parametrize_(student, plan, stats, method_settings(config))
-    if config.init == "sequential":
+    parametrize_(student, plan, stats, config.finetune.grad_reduction)
+    if any(p.method.corrects_sequentially for p in plan.compressed):
         batch = train.take(torch.arange(min(len(train), _SEQUENTIAL_SAMPLES)))
         correct_sequentially_(student, teacher, plan, batch)
     return student

@@ -15,15 +15,15 @@ from dataclasses import asdict, dataclass, replace
 from compressor.config import CompressionConfig, LayerOverride
 from compressor.errors import ConfigError
 from compressor.graph import SkippedLayer
-from compressor.methods import LayerInfo, MethodSettings, get_method
+from compressor.methods import LayerInfo, Method, MethodOptions, configured
 
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One targeted layer: its method and size, or `size=None` when it stays dense."""
+    """One targeted layer: its configured method and size, or `size=None` when it stays dense."""
 
     layer: LayerInfo
-    method: str
+    method: Method
     size: int | None
     compact_numel: float
     reason: str = ""
@@ -75,8 +75,8 @@ class Plan:
             "allocation": self.allocation,
             "layers": [
                 {"name": p.layer.name, "kind": p.layer.kind, "shape": list(p.layer.weight_shape),
-                 "method": p.method if p.compressed else "dense", "size": p.size,
-                 "size_field": get_method(p.method).size_field,
+                 "method": p.method.name if p.compressed else "dense", "size": p.size,
+                 "size_field": p.method.size_field,
                  "weights_before": p.layer.numel, "weights_after": round(p.compact_numel),
                  "share": p.compact_numel / max(1, p.layer.numel),
                  **({"sensitivity": p.sensitivity} if p.sensitivity is not None else {}),
@@ -87,12 +87,6 @@ class Plan:
         }
 
 
-def method_settings(config: CompressionConfig) -> MethodSettings:
-    """Return the job-wide settings every method receives."""
-    return MethodSettings(grad_reduction=config.finetune.grad_reduction,
-                          per_output_scale=config.per_output_scale)
-
-
 def _matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -101,38 +95,28 @@ def _override_for(name: str, overrides: list[LayerOverride]) -> LayerOverride | 
     return next((o for o in overrides if fnmatch.fnmatchcase(name, o.match)), None)
 
 
-def _fixed_size(layer: LayerInfo, method_name: str, override: LayerOverride) -> int | None:
-    """Return the size an override sets explicitly, checked against the method's size field."""
-    method = get_method(method_name)
-    for field in ("rank", "groups", "values"):
-        size = getattr(override, field)
-        if size is None:
-            continue
-        if field != method.size_field:
-            expected = method.size_field or "no size (its size is fixed)"
-            raise ConfigError(
-                f"override {override.match!r} sets `{field}` but layer {layer.name!r} uses "
-                f"method {method_name!r}, which takes {expected}; fix the override"
-            )
-        return size
-    return None
-
-
 class _Planner:
     def __init__(self, config: CompressionConfig) -> None:
         self.config = config
-        self.settings = method_settings(config)
+        self._methods: dict[int, Method] = {}  # one configured method per options object
 
-    def layer_plan(self, layer: LayerInfo, method_name: str, budget: float,
+    def method_for(self, override: LayerOverride | None) -> Method:
+        """Return the configured method of a layer: its override's, else the job's."""
+        options: MethodOptions = (override.method if override and override.method
+                                  else self.config.method)
+        if id(options) not in self._methods:
+            self._methods[id(options)] = configured(options)
+        return self._methods[id(options)]
+
+    def layer_plan(self, layer: LayerInfo, method: Method, budget: float,
                    size: int | None = None) -> LayerPlan:
-        method = get_method(method_name)
         if size is None:
-            floor = method.compact_numel(layer, method.min_size, self.settings)
-            size = method.size_for_budget(layer, max(budget, floor), self.settings)
+            floor = method.compact_numel(layer, method.min_size)
+            size = method.size_for_budget(layer, max(budget, floor))
         if size is None:
-            return LayerPlan(layer, method_name, None, float(layer.numel),
-                             f"{method_name} saves nothing on this layer")
-        return LayerPlan(layer, method_name, size, method.compact_numel(layer, size, self.settings))
+            return LayerPlan(layer, method, None, float(layer.numel),
+                             f"{method.name} saves nothing on this layer")
+        return LayerPlan(layer, method, size, method.compact_numel(layer, size))
 
 
 def plan_layers(layers: list[LayerInfo], skipped: list[SkippedLayer],
@@ -142,7 +126,7 @@ def plan_layers(layers: list[LayerInfo], skipped: list[SkippedLayer],
     skipped = list(skipped)
     fixed: list[LayerPlan] = []  # sizes set by an override: they spend the global budget
     own_ratio: list[LayerPlan] = []  # ratios set by an override: their own budget
-    free: list[tuple[LayerInfo, str]] = []
+    free: list[tuple[LayerInfo, Method]] = []
     for override in config.overrides:
         if not any(fnmatch.fnmatchcase(layer.name, override.match) for layer in layers):
             names = ", ".join(layer.name for layer in layers) or "none"
@@ -150,18 +134,17 @@ def plan_layers(layers: list[LayerInfo], skipped: list[SkippedLayer],
                               f"the compressible layers are: {names}")
     for layer in layers:
         override = _override_for(layer.name, config.overrides)
-        method_name = (override.method if override and override.method else config.method)
-        reason = _exclusion(layer, method_name, override, config)
+        method = planner.method_for(override)
+        reason = _exclusion(layer, method, override, config)
         if reason:
             skipped.append(SkippedLayer(layer.name, reason))
             continue
-        size = _fixed_size(layer, method_name, override) if override else None
-        if size is not None:
-            fixed.append(planner.layer_plan(layer, method_name, 0, size))
+        if method.fixed_size is not None:
+            fixed.append(planner.layer_plan(layer, method, 0, method.fixed_size))
         elif override and override.ratio is not None:
-            own_ratio.append(planner.layer_plan(layer, method_name, override.ratio * layer.numel))
+            own_ratio.append(planner.layer_plan(layer, method, override.ratio * layer.numel))
         else:
-            free.append((layer, method_name))
+            free.append((layer, method))
     if not fixed and not own_ratio and not free:
         raise ConfigError(_nothing_targeted(layers, skipped))
     shared = config.ratio * (sum(layer.numel for layer, _ in free)
@@ -173,29 +156,28 @@ def plan_layers(layers: list[LayerInfo], skipped: list[SkippedLayer],
     return Plan(ordered, tuple(skipped), budget, ratio)
 
 
-def _exclusion(layer: LayerInfo, method_name: str, override: LayerOverride | None,
+def _exclusion(layer: LayerInfo, method: Method, override: LayerOverride | None,
                config: CompressionConfig) -> str:
     if override is not None and override.skip:
         return f"skipped by override {override.match!r}"
     if not _matches(layer.name, config.layers.include) or _matches(layer.name, config.layers.exclude):
         return "not selected by layers.include / layers.exclude"
-    method = get_method(method_name)
     if layer.kind not in method.layer_kinds:
-        return f"method {method_name!r} does not apply to {layer.kind} layers"
+        return f"method {method.name!r} does not apply to {layer.kind} layers"
     if layer.produces_output and method.ties_output_rows and not (override and override.method):
-        return (f"{method_name} would make some of the model's outputs identical (this layer "
+        return (f"{method.name} would make some of the model's outputs identical (this layer "
                 "produces an output); name the method in an override to force it")
     if layer.numel < config.min_layer_params and override is None:
         return f"{layer.numel} weights < min_layer_params={config.min_layer_params}"
     return ""
 
 
-def _fit_ratio(planner: _Planner, free: list[tuple[LayerInfo, str]],
+def _fit_ratio(planner: _Planner, free: list[tuple[LayerInfo, Method]],
                budget: float) -> tuple[float, list[LayerPlan]]:
     """Return the largest per-layer ratio whose plan for `free` fits `budget`, and that plan."""
     def plan_at(ratio: float) -> list[LayerPlan]:
-        return [replace(planner.layer_plan(layer, name, ratio * layer.numel), adjustable=True)
-                for layer, name in free]
+        return [replace(planner.layer_plan(layer, method, ratio * layer.numel), adjustable=True)
+                for layer, method in free]
 
     def kept(plans: list[LayerPlan]) -> float:
         return sum(p.compact_numel for p in plans)

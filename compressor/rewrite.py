@@ -9,14 +9,16 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from compressor.graph import replace_layers_
-from compressor.methods import LayerStats, MethodSettings, get_method
+from compressor.methods import GradReduction, LayerStats
 from compressor.planning import Plan
 
 
 def parametrize_(module: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats],
-                 settings: MethodSettings) -> None:
+                 grad_reduction: GradReduction = "sum") -> None:
     """Rewrite every compressed layer of `plan` in `module` to W = f(θ), θ initialized from W.
 
+    `stats` holds the calibration statistics of the layers whose method uses them;
+    `grad_reduction` is how tied θ entries reduce their copies' gradients (sum or mean).
     Every parameter of `module` is frozen afterwards except θ (see `trainable_parameters`).
     """
     for param in module.parameters():
@@ -24,12 +26,9 @@ def parametrize_(module: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats
     for entry in plan.compressed:
         owner = module.get_submodule(entry.layer.name)
         weight = owner.weight.detach()
-        method = get_method(entry.method)
-        parametrization = method.parametrization(
-            entry.layer, weight, entry.size, stats.get(entry.layer.name), settings)
+        parametrization = entry.method.parametrization(
+            entry.layer, weight, entry.size, stats.get(entry.layer.name), grad_reduction)
         parametrize.register_parametrization(owner, "weight", parametrization)
-        if hasattr(parametrization, "factors"):
-            parametrization.factors = None  # only needed to initialize θ
         for theta in owner.parametrizations.weight.parameters():
             theta.requires_grad_(True)
 
@@ -91,7 +90,7 @@ def factorize(student: nn.Module, base: fx.GraphModule, plan: Plan) -> fx.GraphM
         owner = student.get_submodule(entry.layer.name)
         bias = getattr(owner, "bias", None)
         theta = tuple(t.detach() for t in theta_of(student, entry.layer.name))
-        compact[entry.layer.name] = get_method(entry.method).compact_module(
+        compact[entry.layer.name] = entry.method.compact_module(
             entry.layer, owner.parametrizations.weight[0], theta,
             None if bias is None else bias.detach())
     clone = _with_student_state(student, base)

@@ -76,7 +76,7 @@ def correct_sequentially_(student: fx.GraphModule, teacher: fx.GraphModule, plan
     batch before and after the correction (`{name: after / before}`).
     """
     targets = {p.layer.name: p.layer for p in plan.compressed
-               if p.method == "lowrank" and p.layer.kind != "embedding"}
+               if p.method.corrects_sequentially and p.layer.kind != "embedding"}
     if not targets:
         return {}
     names = [n.target for n in student.graph.nodes if n.op == "placeholder"]

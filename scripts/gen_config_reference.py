@@ -54,7 +54,28 @@ def render_config_reference() -> str:
         for name, info in model.model_fields.items():
             dotted = f"{path}.{name}" if path else name
             lines.append(_row(f"`{dotted}`", info, dotted))
+    lines += ["", "#### Methods", "",
+              "`method` (and an override's `method`) is a method's name, for its defaults, or an "
+              "object with its `name` and any of its options, e.g. "
+              '`{"name": "lowrank", "rank": 64, "init": "svd"}`.']
+    for options in _method_options():
+        lines += ["", f"##### `{options.model_fields['name'].default}`", "",
+                  inspect.cleandoc(options.__doc__ or ""), "", _HEADER.format("option")]
+        lines += [_row(f"`{name}`", info, name) for name, info in options.model_fields.items()
+                  if name != "name"]
     return "\n".join(lines) + "\n"
+
+
+def _method_options() -> tuple[type[BaseModel], ...]:
+    from compressor.methods import options_types
+
+    return options_types()
+
+
+def _is_method_options(annotation: Any) -> bool:
+    from compressor.methods import MethodOptions
+
+    return isinstance(annotation, type) and issubclass(annotation, MethodOptions)
 
 
 def render_settings_reference() -> str:
@@ -87,9 +108,11 @@ def undocumented_fields() -> list[str]:
 
     return [
         f"{path}.{name}" if path else name
-        for path, model in _models(CompressionConfig, "")
+        for path, model in [*_models(CompressionConfig, ""),
+                            *((f"method({m.model_fields['name'].default})", m)
+                              for m in _method_options())]
         for name, info in model.model_fields.items()
-        if not _description(info)
+        if not _description(info) and name != "name"
     ]
 
 
@@ -162,6 +185,10 @@ def _models(model: type[BaseModel], path: str) -> Iterator[tuple[str, type[BaseM
 
 
 def _nested_models(annotation: Any) -> Iterator[tuple[type[BaseModel], str]]:
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if _is_method_options(annotation):
+        return  # documented once each, under Methods
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         yield annotation, ""
     elif typing.get_origin(annotation) is list:
@@ -179,10 +206,15 @@ def _type_name(info: FieldInfo) -> str:
 
 
 def _annotation_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _annotation_name(typing.get_args(annotation)[0])
     if typing.get_origin(annotation) is Literal:
         return " or ".join(f"`{json.dumps(v)}`" for v in typing.get_args(annotation))
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return " or ".join(_annotation_name(a) for a in typing.get_args(annotation))
+        names = dict.fromkeys(_annotation_name(a) for a in typing.get_args(annotation))
+        return " or ".join(names)
+    if _is_method_options(annotation):
+        return "method name or object (see Methods)"
     if annotation is type(None):
         return "null"
     if typing.get_origin(annotation) is list:
@@ -195,6 +227,8 @@ def _annotation_name(annotation: Any) -> str:
 def _default(info: FieldInfo, dotted: str) -> str:
     if info.default_factory is not None:
         value = info.default_factory()  # type: ignore[call-arg]
+        if _is_method_options(type(value)):
+            return f"`{json.dumps(value.name)}`"
         if isinstance(value, BaseModel):
             return f"see `{dotted}`"
         return f"`{json.dumps(value, default=str)}`"

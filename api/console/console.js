@@ -642,7 +642,7 @@ async function jobView(view, jobId) {
         el("span", { class: "muted" }, `${Math.round(job.progress * 100)}%`), ...actions),
       el("div", { class: "muted" }, `submitted ${when(job.created_at)} · started ${when(job.started_at)} · finished ${when(job.finished_at)} · attempt ${job.attempts}`),
       job.retry_reason ? el("div", { class: "muted" }, `re-queued: ${job.retry_reason}`) : null,
-      el("div", { class: "muted mono" }, `method ${job.config.method}, ratio ${job.config.ratio}, ${((job.config.finetune || {}).steps)} fine-tuning steps, export ${(job.config.export || {}).form}`),
+      el("div", { class: "muted mono" }, `method ${(job.config.method && job.config.method.name) || job.config.method}, ratio ${job.config.ratio}, ${((job.config.finetune || {}).steps)} fine-tuning steps, export ${(job.config.export || {}).form}`),
     ].filter(Boolean));
     timelineBox.lastChild.replaceWith(timeline(job, seen));
     drawLoss(job);

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from compressor.methods.base import GradReduction, int_bits
+from compressor.methods.base import GradReduction, damped_cholesky, int_bits
 
 _KMEANS_SEED = 0
 _LLOYD_ITERATIONS = 20
@@ -43,8 +43,8 @@ def index_dtype(count: int) -> torch.dtype:
 
 
 def frozen(tensor: torch.Tensor) -> nn.Parameter:
-    """Return a detached, non-trainable copy of `tensor` as a parameter."""
-    return nn.Parameter(tensor.detach().clone(), requires_grad=False)
+    """Return `tensor` as a non-trainable parameter, sharing its storage (θ is final by now)."""
+    return nn.Parameter(tensor.detach(), requires_grad=False)
 
 
 def copy_counts(idx: torch.Tensor, groups: int) -> torch.Tensor:
@@ -100,15 +100,8 @@ def whiten(rows: torch.Tensor, gram: torch.Tensor) -> torch.Tensor | None:
 
     None when the Gram matrix has no Cholesky factor even after damping.
     """
-    gram = gram.to(device=rows.device, dtype=torch.float64)
-    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
-    damping = _GRAM_DAMPING * gram.diagonal().mean().clamp(min=1e-12)
-    for _ in range(6):
-        chol, info = torch.linalg.cholesky_ex(gram + damping * eye)
-        if int(info) == 0:
-            return rows.to(torch.float64) @ chol
-        damping *= 10
-    return None
+    chol = damped_cholesky(gram.to(rows.device), _GRAM_DAMPING)
+    return None if chol is None else rows.to(torch.float64) @ chol
 
 
 def kmeans_rows(points: torch.Tensor, groups: int, *, seed: int = _KMEANS_SEED,

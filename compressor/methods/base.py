@@ -1,6 +1,8 @@
 """What every compression method provides, and the layer facts it is given.
 
-A method is one module: a class registered with `@register_method`, offering
+A method is one module: a `Method` subclass registered with `@register_method`, declaring its
+options model (`Options`: its name, its size field, its own settings), the layer kinds it applies
+to, whether it needs input statistics, and offering
 - a *parametrization* (`torch.nn.utils.parametrize`): an `nn.Module` whose `forward(*theta)`
   returns the full weight W and whose `right_inverse(W)` returns the initial θ (a tuple, so the
   tensors are stored as `original0`, `original1`, ...). At full size `forward(right_inverse(W))`
@@ -14,9 +16,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Protocol
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 LayerKind = Literal["linear", "conv2d", "embedding"]
@@ -77,20 +80,30 @@ class LayerStats:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class MethodSettings:
-    """Job-wide settings a method may need besides the layer and its size."""
+class MethodOptions(BaseModel):
+    """A method's own options: what the config's `method` (or an override's) holds.
 
-    grad_reduction: GradReduction = "sum"  # a tied parameter's gradient: sum or mean of copies
-    per_output_scale: bool = True  # tie_inputs: a learned scale per output row
+    Each method subclasses this with `name: Literal["<its name>"]`, its size field (None: sized
+    from the budget) and its own settings; the config's method choice is the union of every
+    registered method's options, told apart by `name`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
 
 
-class Method(Protocol):
-    """The contract of a compression method (see the module docstring)."""
+class Method:
+    """The contract of a compression method (see the module docstring).
+
+    An instance is the method configured by its options: `method.options` holds them, and the
+    plan keeps one instance per configured method.
+    """
 
     name: ClassVar[str]
+    Options: ClassVar[type[MethodOptions]]
     layer_kinds: ClassVar[frozenset[str]]
-    # The override field that sets this method's size ("rank", "groups", "values"), or None
+    # The options field that sets this method's size ("rank", "groups", "values"), or None
     # when the method has a fixed size (tie_inputs).
     size_field: ClassVar[str | None]
     # The smallest valid size (what the planner falls back to when a budget is too tight).
@@ -99,28 +112,49 @@ class Method(Protocol):
     # model output, such as a classifier head, that would make some outputs identical.
     ties_output_rows: ClassVar[bool]
 
-    def compact_numel(self, layer: LayerInfo, size: int, settings: MethodSettings) -> float:
-        """Return the storage of θ at `size`, counted in float32 numbers (index bits included)."""
-        ...
+    def __init__(self, options: MethodOptions | None = None) -> None:
+        self.options = self.Options() if options is None else options
+        if self.options.name != self.name:
+            raise ValueError(f"{type(self).__name__} got options of method {self.options.name!r}")
 
-    def size_for_budget(self, layer: LayerInfo, budget: float,
-                        settings: MethodSettings) -> int | None:
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options!r})"
+
+    @property
+    def fixed_size(self) -> int | None:
+        """The size the options set explicitly (every layer gets it), or None: from the budget."""
+        return None if self.size_field is None else getattr(self.options, self.size_field)
+
+    @property
+    def needs_input_stats(self) -> bool:
+        """Whether `parametrization` uses the layer's calibration statistics (`LayerStats`)."""
+        return False
+
+    @property
+    def corrects_sequentially(self) -> bool:
+        """Whether the layer's θ is re-solved on the compressed model's own inputs after
+        initialization (see `compressor.sequential`)."""
+        return False
+
+    def compact_numel(self, layer: LayerInfo, size: int) -> float:
+        """Return the storage of θ at `size`, counted in float32 numbers (index bits included)."""
+        raise NotImplementedError
+
+    def size_for_budget(self, layer: LayerInfo, budget: float) -> int | None:
         """Return the largest size whose `compact_numel` fits in `budget` numbers.
 
         None when no size fits or the method would save nothing on this layer.
         """
-        ...
+        raise NotImplementedError
 
-    def parametrization(
-        self,
-        layer: LayerInfo,
-        weight: torch.Tensor,
-        size: int,
-        stats: LayerStats | None,
-        settings: MethodSettings,
-    ) -> nn.Module:
-        """Return the parametrization W = f(θ) for this layer (structure chosen from `weight`)."""
-        ...
+    def parametrization(self, layer: LayerInfo, weight: torch.Tensor, size: int,
+                        stats: LayerStats | None, grad_reduction: GradReduction = "sum",
+                        ) -> nn.Module:
+        """Return the parametrization W = f(θ) for this layer (structure chosen from `weight`).
+
+        `grad_reduction`: a tied θ entry's gradient is the sum ("sum") or the mean of its copies'.
+        """
+        raise NotImplementedError
 
     def compact_module(self, layer: LayerInfo, parametrization: nn.Module,
                        theta: tuple[torch.Tensor, ...], bias: torch.Tensor | None) -> nn.Module:
@@ -128,7 +162,24 @@ class Method(Protocol):
 
         `theta` holds the trained tensors in `right_inverse` order (original0, original1, ...).
         """
-        ...
+        raise NotImplementedError
+
+
+def damped_cholesky(gram: torch.Tensor, damping: float) -> torch.Tensor | None:
+    """Return the Cholesky factor L of G + δI (float64, on G's device), G = L Lᵀ.
+
+    δ starts at `damping` × the mean of G's diagonal and grows tenfold until the factor exists
+    (at most six tries); None when it never does.
+    """
+    gram = gram.to(torch.float64)
+    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+    delta = damping * gram.diagonal().mean().clamp(min=1e-12)
+    for _ in range(6):
+        chol, info = torch.linalg.cholesky_ex(gram + delta * eye)
+        if int(info) == 0:
+            return chol
+        delta *= 10
+    return None
 
 
 def int_bits(count: int) -> int:

@@ -14,14 +14,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
 from compressor.errors import ConfigError
 from compressor.methods import register_method
-from compressor.methods.base import LayerInfo, LayerStats, MethodSettings
+from compressor.methods.base import (
+    GradReduction,
+    LayerInfo,
+    LayerStats,
+    Method,
+    MethodOptions,
+    damped_cholesky,
+)
 
 # Relative damping added to the Gram diagonal so its Cholesky factor exists and is well-conditioned.
 _GRAM_DAMPING = 1e-4
@@ -68,7 +77,7 @@ class LowRankWeight(nn.Module):
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (A, B) of rank `rank` closest to `weight` (on the inputs, when factors from
         calibration statistics are set)."""
-        factors = self.factors
+        factors, self.factors = self.factors, None  # only needed once: not kept alive
         if factors is None:
             factors = decompose(weight.detach().reshape(weight.shape[0], -1), None, None)
         # Copies: θ must not share storage with the decomposition, which other copies reuse.
@@ -83,18 +92,6 @@ def _svd_factors(matrix: torch.Tensor) -> LowRankFactors:
     return LowRankFactors(U * root, root[:, None] * Vh, S.pow(2))
 
 
-def _cholesky(gram: torch.Tensor) -> torch.Tensor | None:
-    gram = gram.to(torch.float64)
-    eye = torch.eye(gram.shape[0], dtype=torch.float64)
-    damping = _GRAM_DAMPING * gram.diagonal().mean().clamp(min=1e-12)
-    for _ in range(6):
-        chol, info = torch.linalg.cholesky_ex(gram + damping * eye)
-        if int(info) == 0:
-            return chol
-        damping *= 10
-    return None
-
-
 def decompose(matrix: torch.Tensor, gram: torch.Tensor | None,
               row_counts: torch.Tensor | None) -> LowRankFactors:
     """Return the full decomposition of `matrix` (out × in) that truncates best on the inputs.
@@ -104,7 +101,7 @@ def decompose(matrix: torch.Tensor, gram: torch.Tensor | None,
     the plain SVD. Factors come back in float32, the energies in float64.
     """
     matrix = matrix.detach().to(torch.float64)
-    chol = None if gram is None else _cholesky(gram)
+    chol = None if gram is None else damped_cholesky(gram, _GRAM_DAMPING)
     if chol is not None:
         whitened = _svd_factors(matrix @ chol)
         # B = (B L) L⁻¹, solved rather than inverted: Lᵀ Bᵀ = (B L)ᵀ.
@@ -125,9 +122,9 @@ class LowRankLinear(nn.Module):
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.A = nn.Parameter(A.detach().clone(), requires_grad=False)
-        self.B = nn.Parameter(B.detach().clone(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.A = nn.Parameter(A.detach(), requires_grad=False)
+        self.B = nn.Parameter(B.detach(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.B), self.A, self.bias)
@@ -138,8 +135,8 @@ class LowRankEmbedding(nn.Module):
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor) -> None:
         super().__init__()
-        self.A = nn.Parameter(A.detach().clone(), requires_grad=False)
-        self.B = nn.Parameter(B.detach().clone(), requires_grad=False)
+        self.A = nn.Parameter(A.detach(), requires_grad=False)
+        self.B = nn.Parameter(B.detach(), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.A) @ self.B
@@ -157,7 +154,7 @@ class LowRankConv2d(nn.Module):
                                     requires_grad=False)
         self.pointwise = nn.Parameter(A.detach().reshape(out_channels, rank, 1, 1).clone(),
                                       requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,31 +162,53 @@ class LowRankConv2d(nn.Module):
         return F.conv2d(h, self.pointwise, self.bias)
 
 
+class LowRankOptions(MethodOptions):
+    """`lowrank`: W = A @ B."""
+
+    name: Literal["lowrank"] = "lowrank"
+    rank: int | None = Field(default=None, ge=1,
+                             description="the rank of every layer; null: from the budget")
+    init: Literal["svd", "activation_aware", "sequential"] = Field(
+        default="sequential",
+        description="truncated SVD of W; activation_aware (whitened by each layer's calibration "
+        "inputs); sequential (activation_aware, then each layer's second factor re-solved on "
+        "the inputs the compressed model gives it)")
+
+
 @register_method
-class LowRank:
+class LowRank(Method):
     """W = A @ B: `rank` numbers per output plus `rank` per input."""
 
     name = "lowrank"
+    Options = LowRankOptions
     layer_kinds = frozenset({"linear", "conv2d", "embedding"})
     size_field = "rank"
     min_size = 1
     ties_output_rows = False
 
-    def compact_numel(self, layer: LayerInfo, size: int, settings: MethodSettings) -> float:
+    @property
+    def needs_input_stats(self) -> bool:
+        return self.options.init != "svd"
+
+    @property
+    def corrects_sequentially(self) -> bool:
+        return self.options.init == "sequential"
+
+    def compact_numel(self, layer: LayerInfo, size: int) -> float:
         return float(size * (layer.out_features + layer.in_features))
 
-    def size_for_budget(self, layer: LayerInfo, budget: float,
-                        settings: MethodSettings) -> int | None:
+    def size_for_budget(self, layer: LayerInfo, budget: float) -> int | None:
         rank = min(math.floor(budget / (layer.out_features + layer.in_features)),
                    min(layer.out_features, layer.in_features))
         rounded = rank - rank % RANK_MULTIPLE
         if rounded >= RANK_MULTIPLE and (rank - rounded) / rank <= _ROUNDING_COST:
             rank = rounded
-        if rank < 1 or self.compact_numel(layer, rank, settings) >= layer.numel:
+        if rank < 1 or self.compact_numel(layer, rank) >= layer.numel:
             return None
         return rank
 
-    def break_even_rank(self, layer: LayerInfo) -> int:
+    @staticmethod
+    def break_even_rank(layer: LayerInfo) -> int:
         """Return the largest rank that stores fewer numbers than the dense weight."""
         return min(math.ceil(layer.numel / (layer.out_features + layer.in_features)) - 1,
                    min(layer.out_features, layer.in_features))
@@ -202,7 +221,8 @@ class LowRank:
         return decompose(weight.reshape(weight.shape[0], -1), gram, counts)
 
     def parametrization(self, layer: LayerInfo, weight: torch.Tensor, size: int,
-                        stats: LayerStats | None, settings: MethodSettings) -> nn.Module:
+                        stats: LayerStats | None, grad_reduction: GradReduction = "sum",
+                        ) -> nn.Module:
         full_rank = min(layer.out_features, layer.in_features)
         if not 1 <= size <= full_rank:
             raise ConfigError(

@@ -10,8 +10,10 @@ means. Storage: K numbers plus numel · bits / 32 for the indices.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
@@ -25,7 +27,14 @@ from compressor.methods._tying import (
     kmeans_values,
     reduce_grad,
 )
-from compressor.methods.base import GradReduction, LayerInfo, LayerStats, MethodSettings, int_bits
+from compressor.methods.base import (
+    GradReduction,
+    LayerInfo,
+    LayerStats,
+    Method,
+    MethodOptions,
+    int_bits,
+)
 
 # The largest codebook: indices then fit in 16 bits.
 MAX_VALUES = 65536
@@ -102,41 +111,51 @@ class SharedValuesEmbedding(nn.Module):
         return self.codebook.index_select(0, rows.reshape(-1).to(torch.int32)).reshape(rows.shape)
 
 
+class ShareValuesOptions(MethodOptions):
+    """`share_values`: every weight is one of `values` shared values."""
+
+    name: Literal["share_values"] = "share_values"
+    values: int | None = Field(default=None, ge=2, le=MAX_VALUES,
+                               description="the codebook size K of every layer; null: from the "
+                               "budget")
+
+
 @register_method
-class ShareValues:
+class ShareValues(Method):
     """K shared values and one index per weight: K + numel·bits/32 numbers."""
 
     name = "share_values"
+    Options = ShareValuesOptions
     layer_kinds = frozenset({"linear", "conv2d", "embedding"})
     size_field = "values"
     min_size = 2
     ties_output_rows = False
 
-    def compact_numel(self, layer: LayerInfo, size: int, settings: MethodSettings) -> float:
+    def compact_numel(self, layer: LayerInfo, size: int) -> float:
         return size + layer.numel * int_bits(size) / 32
 
-    def size_for_budget(self, layer: LayerInfo, budget: float,
-                        settings: MethodSettings) -> int | None:
+    def size_for_budget(self, layer: LayerInfo, budget: float) -> int | None:
         best = None
         for bits in (8, 16):
             values = min(math.floor(budget - layer.numel * bits / 32), 2**bits, MAX_VALUES)
-            while values >= 2 and self.compact_numel(layer, values, settings) > budget:
+            while values >= 2 and self.compact_numel(layer, values) > budget:
                 values -= 1
             if values >= 2 and (best is None or values > best):
                 best = values
-        if best is None or self.compact_numel(layer, best, settings) >= layer.numel:
+        if best is None or self.compact_numel(layer, best) >= layer.numel:
             return None
         return best
 
     def parametrization(self, layer: LayerInfo, weight: torch.Tensor, size: int,
-                        stats: LayerStats | None, settings: MethodSettings) -> nn.Module:
+                        stats: LayerStats | None, grad_reduction: GradReduction = "sum",
+                        ) -> nn.Module:
         if not 2 <= size <= MAX_VALUES:
             raise ConfigError(
                 f"share_values needs 2 <= values <= {MAX_VALUES} for layer {layer.name!r}; "
                 f"got values={size}"
             )
         idx = kmeans_values(weight, size)
-        return SharedValuesWeight(idx, size, settings.grad_reduction)
+        return SharedValuesWeight(idx, size, grad_reduction)
 
     def compact_module(self, layer: LayerInfo, parametrization: nn.Module,
                        theta: tuple[torch.Tensor, ...], bias: torch.Tensor | None) -> nn.Module:

@@ -8,14 +8,17 @@ their average). The scale s is a factor of a row, not a copy of a weight: it is 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
 from compressor.errors import ConfigError
 from compressor.methods import register_method
 from compressor.methods._tying import frozen, reduce_grad
-from compressor.methods.base import GradReduction, LayerInfo, LayerStats, MethodSettings
+from compressor.methods.base import GradReduction, LayerInfo, LayerStats, Method, MethodOptions
 
 
 class TiedInputsWeight(nn.Module):
@@ -70,37 +73,45 @@ class TiedInputsLinear(nn.Module):
         return h.expand(*h.shape[:-1], self.out_features).contiguous()
 
 
+class TieInputsOptions(MethodOptions):
+    """`tie_inputs`: every output row is one stored row (times a learned scale)."""
+
+    name: Literal["tie_inputs"] = "tie_inputs"
+    per_output_scale: bool = Field(default=True,
+                                   description="give each output row a learned scale")
+
+
 @register_method
-class TieInputs:
+class TieInputs(Method):
     """Every output row is one shared row w: `in` numbers (+ `out` scales)."""
 
     name = "tie_inputs"
+    Options = TieInputsOptions
     layer_kinds = frozenset({"linear"})
     size_field = None
     min_size = 1
     ties_output_rows = True
 
-    def compact_numel(self, layer: LayerInfo, size: int, settings: MethodSettings) -> float:
-        scales = layer.out_features if settings.per_output_scale else 0
+    def compact_numel(self, layer: LayerInfo, size: int) -> float:
+        scales = layer.out_features if self.options.per_output_scale else 0
         return float(layer.in_features + scales)
 
-    def size_for_budget(self, layer: LayerInfo, budget: float,
-                        settings: MethodSettings) -> int | None:
-        numel = self.compact_numel(layer, 1, settings)
+    def size_for_budget(self, layer: LayerInfo, budget: float) -> int | None:
+        numel = self.compact_numel(layer, 1)
         if numel > budget or numel >= layer.numel:
             return None
         return 1
 
     def parametrization(self, layer: LayerInfo, weight: torch.Tensor, size: int,
-                        stats: LayerStats | None, settings: MethodSettings) -> nn.Module:
+                        stats: LayerStats | None, grad_reduction: GradReduction = "sum",
+                        ) -> nn.Module:
         # The structure is fixed (one row), so the calibration statistics are not used.
         if size != 1:
             raise ConfigError(
                 f"tie_inputs has one size (1: a single shared row); got {size} for layer "
                 f"{layer.name!r}; remove the size override for this layer"
             )
-        return TiedInputsWeight(layer.weight_shape, settings.per_output_scale,
-                                settings.grad_reduction)
+        return TiedInputsWeight(layer.weight_shape, self.options.per_output_scale, grad_reduction)
 
     def compact_module(self, layer: LayerInfo, parametrization: nn.Module,
                        theta: tuple[torch.Tensor, ...], bias: torch.Tensor | None) -> nn.Module:

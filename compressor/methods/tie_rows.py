@@ -11,8 +11,10 @@ A Conv2d ties output channels (groups=1 convs only: a tied group may span conv g
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
@@ -27,7 +29,14 @@ from compressor.methods._tying import (
     reduce_grad,
     whiten,
 )
-from compressor.methods.base import GradReduction, LayerInfo, LayerStats, MethodSettings, int_bits
+from compressor.methods.base import (
+    GradReduction,
+    LayerInfo,
+    LayerStats,
+    Method,
+    MethodOptions,
+    int_bits,
+)
 
 
 class TiedRowsWeight(nn.Module):
@@ -84,21 +93,37 @@ class TiedRowsConv2d(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class TieRowsOptions(MethodOptions):
+    """`tie_rows`: output rows clustered into `groups` shared rows."""
+
+    name: Literal["tie_rows"] = "tie_rows"
+    groups: int | None = Field(default=None, ge=1,
+                               description="shared rows of every layer; null: from the budget")
+    init: Literal["kmeans", "activation_aware"] = Field(
+        default="activation_aware",
+        description="k-means on the rows (kmeans), or in the metric of the layer's calibration "
+        "inputs, so rows are tied where it costs the least on real inputs (activation_aware)")
+
+
 @register_method
-class TieRows:
+class TieRows(Method):
     """k shared rows and one group index per output row: k·in + out·bits/32 numbers."""
 
     name = "tie_rows"
+    Options = TieRowsOptions
     layer_kinds = frozenset({"linear", "conv2d"})
     size_field = "groups"
     min_size = 1
     ties_output_rows = True
 
-    def compact_numel(self, layer: LayerInfo, size: int, settings: MethodSettings) -> float:
+    @property
+    def needs_input_stats(self) -> bool:
+        return self.options.init == "activation_aware"
+
+    def compact_numel(self, layer: LayerInfo, size: int) -> float:
         return size * layer.in_features + layer.out_features * int_bits(size) / 32
 
-    def size_for_budget(self, layer: LayerInfo, budget: float,
-                        settings: MethodSettings) -> int | None:
+    def size_for_budget(self, layer: LayerInfo, budget: float) -> int | None:
         if layer.groups != 1:
             return None
         best = None
@@ -106,23 +131,24 @@ class TieRows:
             groups = math.floor((budget - layer.out_features * bits / 32) / layer.in_features)
             # k = out ties nothing: at most out - 1 groups.
             groups = min(groups, 2**bits, layer.out_features - 1)
-            while groups >= 1 and self.compact_numel(layer, groups, settings) > budget:
+            while groups >= 1 and self.compact_numel(layer, groups) > budget:
                 groups -= 1
             if groups >= 1 and (best is None or groups > best):
                 best = groups
-        if best is None or self.compact_numel(layer, best, settings) >= layer.numel:
+        if best is None or self.compact_numel(layer, best) >= layer.numel:
             return None
         return best
 
     def parametrization(self, layer: LayerInfo, weight: torch.Tensor, size: int,
-                        stats: LayerStats | None, settings: MethodSettings) -> nn.Module:
+                        stats: LayerStats | None, grad_reduction: GradReduction = "sum",
+                        ) -> nn.Module:
         if not 1 <= size <= layer.out_features:
             raise ConfigError(
                 f"tie_rows needs 1 <= groups <= out_features={layer.out_features} for layer "
                 f"{layer.name!r}; got groups={size}"
             )
         rows = weight.detach().reshape(weight.shape[0], -1)
-        if stats is not None:
+        if stats is not None and stats.gram is not None:
             if tuple(stats.gram.shape) != (layer.in_features,) * 2:
                 raise ValueError(
                     f"layer {layer.name!r}: input Gram matrix is {tuple(stats.gram.shape)}, "
@@ -131,7 +157,7 @@ class TieRows:
             whitened = whiten(rows, stats.gram)
             rows = rows if whitened is None else whitened
         idx = kmeans_rows(rows, size)
-        return TiedRowsWeight(layer.weight_shape, idx, size, settings.grad_reduction)
+        return TiedRowsWeight(layer.weight_shape, idx, size, grad_reduction)
 
     def compact_module(self, layer: LayerInfo, parametrization: nn.Module,
                        theta: tuple[torch.Tensor, ...], bias: torch.Tensor | None) -> nn.Module:

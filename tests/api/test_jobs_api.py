@@ -40,7 +40,7 @@ def test_submit_answers_202_with_location_and_the_filled_config(make_client, fak
 def test_submit_without_config_uses_every_default(make_client, fake_pt2) -> None:
     client = make_client(FakeJob(0.0), embedded_worker=False)
     job = submit(client, fake_pt2).json()
-    assert job["config"]["method"] == "lowrank" and job["config"]["ratio"] == 0.5
+    assert job["config"]["method"]["name"] == "lowrank" and job["config"]["ratio"] == 0.5
 
 
 def test_listing_is_newest_first_with_an_opaque_cursor(make_client, fake_pt2) -> None:

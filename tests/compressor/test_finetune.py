@@ -11,7 +11,7 @@ from compressor.errors import ConfigError
 from compressor.finetune import device_copy, parameter_groups, resolve_device
 from compressor.graph import find_layers
 from compressor.outputs import run_outputs
-from compressor.planning import method_settings, plan_layers
+from compressor.planning import plan_layers
 from compressor.rewrite import parametrize_
 
 
@@ -30,7 +30,7 @@ def test_the_device_copy_computes_the_same_and_trains_its_own_theta(tmp_path, me
     config = CompressionConfig(method=method, ratio=0.4)
     plan = plan_layers(*find_layers(teacher), config)
     student = copy.deepcopy(teacher)
-    parametrize_(student, plan, {}, method_settings(config))
+    parametrize_(student, plan, {}, config.finetune.grad_reduction)
     moved = device_copy(program, student, plan, torch.device("cpu"))
     batch = example_inputs(MODEL_CLASSES["conv"](), batch=3)
     with torch.no_grad():
@@ -60,7 +60,7 @@ def test_train_biases_adds_the_compressed_layers_biases_and_nothing_else(tmp_pat
     student = copy.deepcopy(program.module())
     config = CompressionConfig(ratio=0.3)
     plan = plan_layers(*find_layers(student), config)
-    parametrize_(student, plan, {}, method_settings(config))
+    parametrize_(student, plan, {}, config.finetune.grad_reduction)
     trainable_parameters(student, plan, train_biases=True)
     names = {n for n, p in student.named_parameters() if p.requires_grad}
     compressed = {p.layer.name for p in plan.compressed}

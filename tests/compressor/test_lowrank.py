@@ -7,10 +7,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from compressor.methods import LayerInfo, LayerStats, MethodSettings, get_method
+from compressor.methods import LayerInfo, LayerStats, get_method
 
 LOWRANK = get_method("lowrank")
-SETTINGS = MethodSettings()
 
 
 def linear_info(layer: nn.Linear) -> LayerInfo:
@@ -28,7 +27,7 @@ def parametrized_linear(out_features=12, in_features=10, rank=3, seed=0):
     info = linear_info(layer)
     dense = layer.weight
     parametrize.register_parametrization(
-        layer, "weight", LOWRANK.parametrization(info, layer.weight, rank, None, SETTINGS))
+        layer, "weight", LOWRANK.parametrization(info, layer.weight, rank, None))
     object.__setattr__(layer, "dense_before", dense)  # not a parameter: for the grad check
     return layer, info
 
@@ -57,7 +56,7 @@ def test_full_rank_right_inverse_reproduces_the_weight():
     torch.manual_seed(1)
     weight = torch.randn(7, 5)
     info = LayerInfo("layer", "linear", (7, 5), False)
-    param = LOWRANK.parametrization(info, weight, 5, None, SETTINGS)
+    param = LOWRANK.parametrization(info, weight, 5, None)
     torch.testing.assert_close(param(*param.right_inverse(weight)), weight, rtol=0, atol=1e-5)
 
 
@@ -65,7 +64,7 @@ def test_truncated_svd_is_the_best_rank_r_approximation():
     torch.manual_seed(2)
     weight = torch.randn(20, 16)
     info = LayerInfo("layer", "linear", (20, 16), False)
-    param = LOWRANK.parametrization(info, weight, 4, None, SETTINGS)
+    param = LOWRANK.parametrization(info, weight, 4, None)
     error = torch.linalg.matrix_norm(param(*param.right_inverse(weight)) - weight)
     singular = torch.linalg.svdvals(weight)
     torch.testing.assert_close(error, singular[4:].pow(2).sum().sqrt(), rtol=1e-4, atol=1e-5)
@@ -80,7 +79,7 @@ def test_activation_aware_beats_plain_svd_on_real_activations():
     stats = LayerStats(calibration.T @ calibration, calibration.shape[0])
     errors = {}
     for name, layer_stats in (("svd", None), ("activation_aware", stats)):
-        param = LOWRANK.parametrization(info, weight, 8, layer_stats, SETTINGS)
+        param = LOWRANK.parametrization(info, weight, 8, layer_stats)
         approx = param(*param.right_inverse(weight))
         errors[name] = float(torch.linalg.matrix_norm(held_out @ (approx - weight).T)
                              / torch.linalg.matrix_norm(held_out @ weight.T))
@@ -103,7 +102,7 @@ def test_conv_factorizes_into_kxk_then_1x1(stride, padding, dilation):
     info = conv_info(conv)
     conv.weight.requires_grad_(False)
     parametrize.register_parametrization(
-        conv, "weight", LOWRANK.parametrization(info, conv.weight, 4, None, SETTINGS))
+        conv, "weight", LOWRANK.parametrization(info, conv.weight, 4, None))
     plist = conv.parametrizations.weight
     compact = LOWRANK.compact_module(info, plist[0], (plist.original0, plist.original1), conv.bias)
     assert compact.spatial.shape == (4, 6, 3, 3) and compact.pointwise.shape == (10, 4, 1, 1)
@@ -124,9 +123,9 @@ def test_conv_factorizes_into_kxk_then_1x1(stride, padding, dilation):
 )
 def test_size_for_budget(shape, budget, expected):
     info = LayerInfo("layer", "linear", shape, False)
-    assert LOWRANK.size_for_budget(info, budget, SETTINGS) == expected
+    assert LOWRANK.size_for_budget(info, budget) == expected
     if expected is not None:
-        assert LOWRANK.compact_numel(info, expected, SETTINGS) <= budget
+        assert LOWRANK.compact_numel(info, expected) <= budget
 
 
 def test_decomposition_energies_are_the_truncation_errors():
@@ -175,7 +174,7 @@ def test_compact_embedding_equals_the_parametrized_table(method):
     chosen = get_method(method)
     size = 4 if method == "lowrank" else 16
     parametrize.register_parametrization(
-        embed, "weight", chosen.parametrization(info, embed.weight, size, None, SETTINGS))
+        embed, "weight", chosen.parametrization(info, embed.weight, size, None))
     plist = embed.parametrizations.weight
     theta = tuple(getattr(plist, f"original{i}") for i in range(2) if hasattr(plist, f"original{i}"))
     theta = theta or (plist.original,)
@@ -190,4 +189,4 @@ def test_compact_embedding_equals_the_parametrized_table(method):
 ])
 def test_ranks_round_down_to_multiples_of_8_when_that_is_cheap(shape, budget, expected):
     info = LayerInfo("layer", "linear", shape, False)
-    assert LOWRANK.size_for_budget(info, budget, SETTINGS) == expected
+    assert LOWRANK.size_for_budget(info, budget) == expected

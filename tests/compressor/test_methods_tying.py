@@ -22,7 +22,7 @@ from torch.export import Dim
 from torch.nn import functional as F
 
 from compressor.errors import ConfigError, ExportError
-from compressor.methods import LayerInfo, LayerStats, MethodSettings, get_method
+from compressor.methods import LayerInfo, LayerStats, Method, get_method
 from compressor.methods._tying import kmeans_rows, kmeans_values
 
 
@@ -66,15 +66,16 @@ def _input(kind: str, module: nn.Module, batch: int = 3) -> torch.Tensor:
     return torch.randn(batch, module.in_channels, 9, 9)
 
 
-def _settings(case: Case, reduction: str = "sum") -> MethodSettings:
-    return MethodSettings(grad_reduction=reduction, per_output_scale=case.scaled)
+def _method(name: str, scaled: bool = False) -> Method:
+    """The method `name` configured with its defaults (tie_inputs: `per_output_scale=scaled`)."""
+    return get_method(name, per_output_scale=scaled) if name == "tie_inputs" else get_method(name)
 
 
 def _parametrize(case: Case, reduction: str = "sum", *, big: bool = False):
     """Return (layer, info, parametrization) with the method registered on layer.weight."""
     module, info = _layer(case.kind, big=big)
-    method = get_method(case.method)
-    par = method.parametrization(info, module.weight, case.size, None, _settings(case, reduction))
+    method = _method(case.method, case.scaled)
+    par = method.parametrization(info, module.weight, case.size, None, reduction)
     parametrize.register_parametrization(module, "weight", par, unsafe=False)
     return module, info, par
 
@@ -166,18 +167,17 @@ def test_tie_inputs_stores_one_row_as_a_stride_zero_view() -> None:
     assert 0 in module.weight.stride()
     assert module.weight.data_ptr() == _theta(module)[0].data_ptr()
     for scaled in (False, True):
-        settings = MethodSettings(per_output_scale=scaled)
         stored = sum(t.numel() for t in _theta(_parametrize(Case("tie_inputs", "linear", 1,
                                                                  scaled=scaled))[0]))
         assert stored == info.in_features + (info.out_features if scaled else 0)
-        assert get_method("tie_inputs").compact_numel(info, 1, settings) == stored
+        assert _method("tie_inputs", scaled).compact_numel(info, 1) == stored
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_right_inverse_returns_group_means(case: Case) -> None:
     module, info = _layer(case.kind)
     weight = module.weight.detach()
-    par = get_method(case.method).parametrization(info, weight, case.size, None, _settings(case))
+    par = _method(case.method, case.scaled).parametrization(info, weight, case.size, None)
     theta = par.right_inverse(weight)
     if case.method == "tie_inputs" and not case.scaled:
         torch.testing.assert_close(theta[0], weight.mean(0))
@@ -204,24 +204,21 @@ def test_full_size_round_trip_is_exact() -> None:
     torch.manual_seed(1)
     linear = LayerInfo("fc", "linear", (12, 16), True)
     conv = LayerInfo("conv", "conv2d", (6, 4, 3, 3), True)
-    settings = MethodSettings(per_output_scale=False)
     # tie_rows with one group per (distinct) row: every row is its own group.
     for info in (linear, conv):
         weight = torch.randn(info.weight_shape)
-        par = get_method("tie_rows").parametrization(info, weight, info.out_features, None,
-                                                     settings)
+        par = get_method("tie_rows").parametrization(info, weight, info.out_features, None)
         assert sorted(par.idx.tolist()) == list(range(info.out_features))
         assert torch.equal(par(*par.right_inverse(weight)), weight)
     # share_values when W has at most K distinct values (here 5, K = 5 and K = 8).
     for info, values in ((linear, 5), (conv, 8)):
         weight = torch.randn(5)[torch.randint(5, info.weight_shape)]
-        par = get_method("share_values").parametrization(info, weight, values, None, settings)
+        par = get_method("share_values").parametrization(info, weight, values, None)
         assert torch.equal(par(*par.right_inverse(weight)), weight)
     # tie_inputs on identical rows; scaled, on a rank-1 weight.
     rank_one = torch.randn(12, 1).abs() * torch.randn(1, 16)
     for weight, scaled in ((torch.randn(16).expand(12, 16), False), (rank_one, True)):
-        par = get_method("tie_inputs").parametrization(
-            linear, weight, 1, None, MethodSettings(per_output_scale=scaled))
+        par = _method("tie_inputs", scaled).parametrization(linear, weight, 1, None)
         restored = par(*par.right_inverse(weight))
         assert torch.equal(restored, weight) if not scaled else torch.allclose(restored, weight,
                                                                                atol=1e-6)
@@ -304,8 +301,7 @@ WIDE = LayerInfo("wide", "linear", (1000, 64), True)
 )
 def test_compact_numel(method: str, layer: LayerInfo, scaled: bool, size: int,
                        numel: float) -> None:
-    settings = MethodSettings(per_output_scale=scaled)
-    assert get_method(method).compact_numel(layer, size, settings) == pytest.approx(numel)
+    assert _method(method, scaled).compact_numel(layer, size) == pytest.approx(numel)
 
 
 @pytest.mark.parametrize(
@@ -337,11 +333,10 @@ def test_compact_numel(method: str, layer: LayerInfo, scaled: bool, size: int,
 )
 def test_size_for_budget(method: str, layer: LayerInfo, scaled: bool, budget: float,
                          size: int | None) -> None:
-    settings = MethodSettings(per_output_scale=scaled)
-    chosen = get_method(method).size_for_budget(layer, budget, settings)
+    chosen = _method(method, scaled).size_for_budget(layer, budget)
     assert chosen == size
     if chosen is not None:
-        numel = get_method(method).compact_numel(layer, chosen, settings)
+        numel = _method(method, scaled).compact_numel(layer, chosen)
         assert numel <= budget and numel < layer.numel
 
 
@@ -350,14 +345,13 @@ def test_size_for_budget(method: str, layer: LayerInfo, scaled: bool, budget: fl
                           ("share_values", 1), ("share_values", 65537)])
 def test_sizes_out_of_range_are_config_errors(method: str, size: int) -> None:
     with pytest.raises(ConfigError, match="fc"):
-        get_method(method).parametrization(LINEAR, torch.randn(12, 16), size, None,
-                                           MethodSettings())
+        get_method(method).parametrization(LINEAR, torch.randn(12, 16), size, None)
 
 
 def test_tie_rows_has_no_factorized_grouped_conv() -> None:
     info = LayerInfo("depthwise", "conv2d", (8, 1, 3, 3), True, groups=8)
     weight = torch.randn(8, 1, 3, 3)
-    par = get_method("tie_rows").parametrization(info, weight, 4, None, MethodSettings())
+    par = get_method("tie_rows").parametrization(info, weight, 4, None)
     with pytest.raises(ExportError, match="depthwise"):
         get_method("tie_rows").compact_module(info, par, par.right_inverse(weight), None)
 
@@ -377,9 +371,9 @@ def test_tie_rows_uses_the_input_gram_as_its_metric() -> None:
     weight = torch.tensor([[0.0, 0.0], [0.0, 10.0], [1.0, 0.0], [1.0, 10.0]])
     info = LayerInfo("fc", "linear", (4, 2), False)
     method = get_method("tie_rows")
-    plain = method.parametrization(info, weight, 2, None, MethodSettings()).idx.tolist()
+    plain = method.parametrization(info, weight, 2, None).idx.tolist()
     stats = LayerStats(gram=torch.diag(torch.tensor([1.0, 1e-8], dtype=torch.float64)), rows=10)
-    aware = method.parametrization(info, weight, 2, stats, MethodSettings()).idx.tolist()
+    aware = method.parametrization(info, weight, 2, stats).idx.tolist()
     assert plain[0] == plain[2] and plain[1] == plain[3] and plain[0] != plain[1]
     assert aware[0] == aware[1] and aware[2] == aware[3] and aware[0] != aware[2]
 

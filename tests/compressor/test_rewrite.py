@@ -12,7 +12,7 @@ from compressor.data import input_specs
 from compressor.export import export_onnx
 from compressor.graph import collect_layer_stats, find_layers
 from compressor.outputs import run_outputs
-from compressor.planning import method_settings, plan_layers
+from compressor.planning import plan_layers
 from compressor.rewrite import factorize, materialize, parametrize_
 
 
@@ -22,7 +22,7 @@ def rewritten(kind, tmp_path, **config):
     config = CompressionConfig.parse(config)
     plan = plan_layers(*find_layers(teacher), config)
     student = copy.deepcopy(teacher)
-    parametrize_(student, plan, {}, method_settings(config))
+    parametrize_(student, plan, {}, config.finetune.grad_reduction)
     return program, teacher, student, plan
 
 

@@ -10,7 +10,7 @@ from compressor.graph import collect_layer_stats, find_layers
 from compressor.methods import LayerStats, get_method
 from compressor.objectives import distillation_loss
 from compressor.outputs import run_outputs
-from compressor.planning import method_settings, plan_layers
+from compressor.planning import plan_layers
 from compressor.rewrite import parametrize_
 from compressor.sequential import correct_sequentially_
 
@@ -28,7 +28,7 @@ def test_correction_brings_the_outputs_closer_and_leaves_the_original_alone(tmp_
         stats.setdefault(entry.layer.name, LayerStats(None)).extras["lowrank"] = lowrank.factorize(
             entry.layer, weight, stats[entry.layer.name])
     student = copy.deepcopy(teacher)
-    parametrize_(student, plan, stats, method_settings(config))
+    parametrize_(student, plan, stats, config.finetune.grad_reduction)
     original_state = copy.deepcopy(teacher.state_dict())
     kinds = ["logits", "embedding"]
     with torch.no_grad():
@@ -44,7 +44,7 @@ def test_correction_brings_the_outputs_closer_and_leaves_the_original_alone(tmp_
     # Held-out inputs gain too: the correction generalizes, it does not memorize the batch.
     probe = example_inputs(MODEL_CLASSES["text"](), batch=48, seed=9)
     uncorrected = copy.deepcopy(teacher)
-    parametrize_(uncorrected, plan, stats, method_settings(config))
+    parametrize_(uncorrected, plan, stats, config.finetune.grad_reduction)
     with torch.no_grad():
         want = run_outputs(teacher, probe)
         assert (float(distillation_loss(run_outputs(student, probe), want, kinds))

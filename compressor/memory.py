@@ -1,0 +1,112 @@
+"""How much memory the job uses and how much the machine has, read from the kernel.
+
+- `PeakMemory`: the peak resident set size (RSS) of this process between two points. On Linux
+  the kernel's high-water mark (VmHWM) is reset by writing 5 to /proc/self/clear_refs, so each
+  stage's peak is exact and costs nothing to track; elsewhere the lifetime peak
+  (`getrusage`) stands in, which only ever grows.
+- `available_memory_bytes`: what a job may still allocate: MemAvailable, capped by the cgroup's
+  limit when the process runs in a container.
+- `model_memory_estimate`: the peak a job on a model of a given size is expected to reach.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_MEMINFO = Path("/proc/meminfo")
+_CGROUP_FILES = (
+    (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")),  # cgroup v2
+    (Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+     Path("/sys/fs/cgroup/memory/memory.usage_in_bytes")),  # cgroup v1
+)
+
+# A job's peak is this many times the model's bytes (the pipeline keeps the original, θ and one
+# dense copy of the compressed weights at most; see benchmarks/README.md for measured figures).
+PEAK_PER_MODEL_BYTE = 2.5
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def current_rss_bytes() -> int:
+    """Return this process's resident set size now."""
+    kib = _status_kib("VmRSS")
+    return 0 if kib is None else kib * 1024
+
+
+class PeakMemory:
+    """The peak RSS of this process since the last `reset()` (or since it started)."""
+
+    def __init__(self) -> None:
+        self.exact = self._clear()
+
+    def _clear(self) -> bool:
+        try:
+            _CLEAR_REFS.write_text("5")
+        except OSError:
+            return False
+        return _status_kib("VmHWM") is not None
+
+    def reset(self) -> None:
+        """Start a new measurement period (a no-op where the kernel cannot reset the peak)."""
+        if self.exact:
+            self.exact = self._clear()
+
+    def peak_bytes(self) -> int:
+        """Return the peak RSS since `reset()` (the lifetime peak where it cannot be reset)."""
+        kib = _status_kib("VmHWM") if self.exact else None
+        if kib is not None:
+            return kib * 1024
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def available_memory_bytes() -> int | None:
+    """Return the memory this process may still use: MemAvailable, capped by a cgroup limit.
+
+    None when the machine does not say (not Linux).
+    """
+    available = None
+    try:
+        for line in _MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    for limit_file, usage_file in _CGROUP_FILES:
+        try:
+            limit_text = limit_file.read_text().strip()
+            if limit_text == "max":
+                break
+            room = int(limit_text) - int(usage_file.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if room >= 0 and room < (1 << 60):
+            available = room if available is None else min(available, room)
+        break
+    return available
+
+
+def model_memory_estimate(model_bytes: int) -> int:
+    """Return the peak RSS a job on a model of `model_bytes` (float32 weights) should reach."""
+    return int(PEAK_PER_MODEL_BYTE * model_bytes)
+
+
+def format_bytes(count: float) -> str:
+    """Return `count` bytes in the largest binary unit that keeps it ≥ 1 (e.g. '4.1 GiB')."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
