@@ -56,6 +56,12 @@ class DataError(CompressorError):
     code = "invalid_data"
 
 
+class ResourceError(CompressorError):
+    """The machine cannot run this job: too little memory or disk for the model's size."""
+
+    code = "insufficient_resources"
+
+
 class ExportError(CompressorError):
     """The compressed model could not be exported to ONNX."""
 

@@ -11,6 +11,8 @@ import io
 import logging
 import os
 import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,9 +63,17 @@ def onnx_output_names(raw_outputs: object) -> list[str]:
 
 def export_onnx(module: nn.Module, sample: dict[str, torch.Tensor], specs: list[InputSpec],
                 path: Path, opset: int, optimize: bool = True) -> None:
-    """Export `module` to ONNX at `path`, atomically (a failed export leaves no file)."""
+    """Export `module` to ONNX at `path`, atomically (a failed export leaves no file).
+
+    Past protobuf's 2 GiB the weights go to `<path>.data` beside it (ONNX external data, which
+    the model names by that file name): both are written in a scratch folder and moved into
+    place, the data file first.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    tmp = scratch / path.name
     module.eval()
     quiet = io.StringIO()
     try:
@@ -77,14 +87,48 @@ def export_onnx(module: nn.Module, sample: dict[str, torch.Tensor], specs: list[
         _strip_debug_metadata(program.model)
         size = sum(int(t.numel() * t.element_size()) for t in module.state_dict().values())
         program.save(tmp, external_data=size > _PROTOBUF_LIMIT)
-        os.replace(tmp, path)
+        del program
+        move_onnx(tmp, path)
     except Exception as exc:  # the exporter raises many types; all mean the same to the user
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)
         reason = _exporter_reason(exc)
         raise ExportError(
             f"the model could not be exported to ONNX (opset {opset}): {reason}. Try "
             "export.form='dense', another export.opset, or check that the program runs with "
             "torch.onnx.export on its own") from exc
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def data_file(path: Path) -> Path:
+    """Return where the external data of the ONNX model at `path` lives (if it has any)."""
+    return path.with_name(path.name + ".data")
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """Return the files of the ONNX model at `path`: itself, and its data file if it has one."""
+    return [path] + ([data_file(path)] if data_file(path).is_file() else [])
+
+
+def onnx_bytes(path: Path) -> int:
+    """Return the size of the ONNX model at `path`, its external data included."""
+    return sum(p.stat().st_size for p in onnx_files(path))
+
+
+def move_onnx(source: Path, target: Path) -> None:
+    """Move the ONNX model at `source` (with its data file) to `target`; both keep the same
+    file name, so the model still finds its data. The data file moves first."""
+    if source.name != target.name:
+        raise ValueError(f"an ONNX model with external data keeps its name: {source} -> {target}")
+    data_file(target).unlink(missing_ok=True)
+    if data_file(source).is_file():
+        os.replace(data_file(source), data_file(target))
+    os.replace(source, target)
+
+
+def remove_onnx(path: Path) -> None:
+    """Remove the ONNX model at `path` and its data file, if they exist."""
+    path.unlink(missing_ok=True)
+    data_file(path).unlink(missing_ok=True)
 
 
 def _exporter_reason(exc: BaseException) -> str:
@@ -135,33 +179,50 @@ def run_onnx(session: ort.InferenceSession, batch: dict[str, torch.Tensor]) -> l
     return session.run(None, {k: v.cpu().numpy() for k, v in batch.items() if k in wanted})
 
 
-def verify_onnx(path: Path, module: nn.Module, held_out: Dataset, atol: float, rtol: float,
-                max_samples: int = 64) -> dict:
-    """Check onnxruntime against `module` on held-out inputs; return the parity figures.
+@dataclass
+class TorchOutputs:
+    """The compressed PyTorch model's outputs on the verification samples, computed once, so
+    onnxruntime is checked after the PyTorch model has been freed: batch 1, then the rest."""
 
-    Raises `VerificationError` naming the output and the worst difference on a mismatch.
-    """
-    session = onnx_session(path)
+    batches: list[dict[str, torch.Tensor]]
+    outputs: list[list[np.ndarray]]
+
+    @property
+    def samples(self) -> int:
+        return sum(len(o[0]) if o and o[0].shape else 1 for o in self.outputs)
+
+
+def torch_outputs(module: nn.Module, held_out: Dataset, max_samples: int = 64) -> TorchOutputs:
+    """Run `module` on up to `max_samples` held-out rows, at batch 1 and at the rest."""
     rows = torch.arange(min(len(held_out), max_samples))
     batches = [held_out.take(rows[:1])]
     if len(rows) > 1:
         batches.append(held_out.take(rows[1:]))
+    with torch.no_grad():
+        outputs = [[t.numpy() for t in run_outputs(module, batch)] for batch in batches]
+    return TorchOutputs(batches, outputs)
+
+
+def verify_onnx(path: Path, reference: TorchOutputs, atol: float, rtol: float) -> dict:
+    """Check onnxruntime against the PyTorch outputs `reference`; return the parity figures.
+
+    Raises `VerificationError` naming the output and the worst difference on a mismatch.
+    """
+    session = onnx_session(path)
     worst_abs: dict[int, float] = {}  # output index -> max |onnx - torch|
     worst_excess: dict[int, float] = {}  # output index -> max of |diff| - (atol + rtol·|torch|)
-    with torch.no_grad():
-        for batch in batches:
-            expected = [t.numpy() for t in run_outputs(module, batch)]
-            actual = run_onnx(session, batch)
-            for i, (want, got) in enumerate(zip(expected, actual, strict=True)):
-                if want.shape != got.shape:
-                    raise VerificationError(
-                        f"onnxruntime output_{i} has shape {got.shape}, PyTorch {want.shape} "
-                        f"(batch {want.shape[0] if want.shape else 1})")
-                diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
-                excess = diff - (atol + rtol * np.abs(want.astype(np.float64)))
-                worst_abs[i] = max(worst_abs.get(i, 0.0), float(diff.max(initial=0.0)))
-                worst_excess[i] = max(worst_excess.get(i, -np.inf),
-                                      float(excess.max(initial=-np.inf)))
+    for batch, expected in zip(reference.batches, reference.outputs, strict=True):
+        actual = run_onnx(session, batch)
+        for i, (want, got) in enumerate(zip(expected, actual, strict=True)):
+            if want.shape != got.shape:
+                raise VerificationError(
+                    f"onnxruntime output_{i} has shape {got.shape}, PyTorch {want.shape} "
+                    f"(batch {want.shape[0] if want.shape else 1})")
+            diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+            excess = diff - (atol + rtol * np.abs(want.astype(np.float64)))
+            worst_abs[i] = max(worst_abs.get(i, 0.0), float(diff.max(initial=0.0)))
+            worst_excess[i] = max(worst_excess.get(i, -np.inf),
+                                  float(excess.max(initial=-np.inf)))
     for i, excess in worst_excess.items():
         if excess > 0 or not np.isfinite(worst_abs[i]):
             raise VerificationError(
@@ -169,7 +230,7 @@ def verify_onnx(path: Path, module: nn.Module, held_out: Dataset, atol: float, r
                 f"{worst_abs[i]:.3g} exceeds atol={atol:g} + rtol={rtol:g}·|value|. The artifact "
                 "was not kept; raise export.atol / export.rtol if this precision is acceptable, "
                 "or try export.form='dense'")
-    return {"passed": True, "samples": len(rows), "atol": atol, "rtol": rtol,
+    return {"passed": True, "samples": reference.samples, "atol": atol, "rtol": rtol,
             "max_abs_diff": dict(zip(output_names(len(worst_abs)), worst_abs.values(),
                                      strict=True))}
 
@@ -181,19 +242,24 @@ def quantize_int8(source: Path, target: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     target = Path(target)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    scratch = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    tmp = scratch / target.name
     try:
         root = logging.getLogger()
         level = root.level
         root.setLevel(logging.ERROR)  # its advice to pre-process is for static quantization
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                quantize_dynamic(source, tmp, weight_type=QuantType.QInt8, per_channel=True)
+                quantize_dynamic(source, tmp, weight_type=QuantType.QInt8, per_channel=True,
+                                 use_external_data_format=data_file(Path(source)).is_file())
         finally:
             root.setLevel(level)
-        os.replace(tmp, target)
+        move_onnx(tmp, target)
+        shutil.rmtree(scratch, ignore_errors=True)
     except Exception as exc:  # onnxruntime's quantizer raises many types
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)
         raise ExportError(f"int8 quantization of the ONNX model failed: {exc}. Export without "
                           "export.quantize, or try export.form='dense'") from exc
 
@@ -204,26 +270,24 @@ def onnx_outputs(path: Path, dataset: Dataset, batch_size: int = 64) -> list[lis
     return [run_onnx(session, batch) for batch in dataset.batches(batch_size)]
 
 
-def verify_quantized(path: Path, module: nn.Module, held_out: Dataset, tolerance: float,
-                     max_samples: int = 64) -> dict:
-    """Check an int8 ONNX model against the float PyTorch `module` it was made from.
+def verify_quantized(path: Path, reference: TorchOutputs, tolerance: float) -> dict:
+    """Check an int8 ONNX model against the outputs `reference` of the float PyTorch model it
+    was made from.
 
     int8 cannot match to float tolerances; what it must do is stay close: each float output's
     relative L2 difference (‖onnx − torch‖ / ‖torch‖ over the samples) at most `tolerance`.
     Raises `VerificationError` otherwise.
     """
-    rows = torch.arange(min(len(held_out), max_samples))
-    subset = Dataset(held_out.take(rows), held_out.synthetic, held_out.source)
-    errors: dict[str, float] = {}
-    with torch.no_grad():
-        for batch, actual in zip(subset.batches(64), onnx_outputs(path, subset), strict=True):
-            expected = [t.numpy() for t in run_outputs(module, batch)]
-            for i, (want, got) in enumerate(zip(expected, actual, strict=True)):
-                if not np.issubdtype(want.dtype, np.floating):
-                    continue
-                diff = float(np.linalg.norm((got - want).astype(np.float64)))
-                norm = float(np.linalg.norm(want.astype(np.float64)))
-                errors[f"output_{i}"] = max(errors.get(f"output_{i}", 0.0), diff / max(norm, 1e-30))
+    session = onnx_session(path)
+    squared: dict[str, list[float]] = {}  # output -> [‖onnx − torch‖², ‖torch‖²]
+    for batch, expected in zip(reference.batches, reference.outputs, strict=True):
+        for i, (want, got) in enumerate(zip(expected, run_onnx(session, batch), strict=True)):
+            if not np.issubdtype(want.dtype, np.floating):
+                continue
+            sums = squared.setdefault(f"output_{i}", [0.0, 0.0])
+            sums[0] += float(np.square((got - want).astype(np.float64)).sum())
+            sums[1] += float(np.square(want.astype(np.float64)).sum())
+    errors = {name: (diff / max(norm, 1e-60)) ** 0.5 for name, (diff, norm) in squared.items()}
     for name, error in errors.items():
         if not error <= tolerance:
             raise VerificationError(
@@ -231,5 +295,5 @@ def verify_quantized(path: Path, module: nn.Module, held_out: Dataset, tolerance
                 f"relative L2 of {error:.3g}, over export.quantized_tolerance={tolerance:g}. The "
                 "artifact was not kept; export without export.quantize, or raise the tolerance "
                 "if this precision is acceptable")
-    return {"passed": True, "samples": len(rows), "quantized_tolerance": tolerance,
+    return {"passed": True, "samples": reference.samples, "quantized_tolerance": tolerance,
             "relative_l2": errors}

@@ -38,6 +38,8 @@ _UNSUPPORTED = {
 }
 # Activation-aware init keeps an (in × in) float64 Gram per layer; past this it falls back to SVD.
 MAX_GRAM_FEATURES = 8192
+# All Gram matrices of one job together stay float64 up to this size, float32 beyond.
+GRAM_FLOAT64_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -190,32 +192,67 @@ def run_recording(module: fx.GraphModule, layers: list[LayerInfo],
 def collect_layer_stats(module: fx.GraphModule, layers: list[LayerInfo],
                         batches: list[dict[str, torch.Tensor]]) -> dict[str, LayerStats]:
     """Return each layer's input statistics summed over `batches` (for activation-aware init):
-    the Gram matrix of a Linear's or Conv2d's inputs, how often an embedding reads each row."""
+    the Gram matrix of a Linear's or Conv2d's inputs, how often an embedding reads each row.
+
+    Layers that read the same tensor the same way (the query, key and value projections of an
+    attention block) share one Gram matrix: it is computed once and stored once. Gram matrices
+    are float64 unless all of them together would pass `GRAM_FLOAT64_BYTES`; then float32
+    (accumulated per batch, so the rounding stays that of one batch's sum).
+    """
     wanted = [layer for layer in layers
               if layer.kind == "embedding" or layer.in_features <= MAX_GRAM_FEATURES]
-    stats = {layer.name: _empty_stats(layer) for layer in wanted}
+    by_name = {layer.name: layer for layer in wanted}
+    readers = _shared_inputs(module, by_name)
+    grams = {key: layers_[0] for key, layers_ in readers.items()}
+    gram_bytes = sum(8 * layer.in_features ** 2 for layer in grams.values()
+                     if layer.kind != "embedding")
+    dtype = torch.float64 if gram_bytes <= GRAM_FLOAT64_BYTES else torch.float32
+    shared = {key: _empty_stats(layer, dtype) for key, layer in grams.items()}
+    key_of = {layer.name: key for key, layers_ in readers.items() for layer in layers_}
+    first = set(grams.values())
 
     def record(layer: LayerInfo, x: torch.Tensor) -> None:
-        entry = stats[layer.name]
+        if layer not in first:
+            return  # another reader of the same input already counted it
+        entry = shared[key_of[layer.name]]
         if layer.kind == "embedding":
             ids = x.reshape(-1).to(torch.int64)
             entry.row_counts += torch.bincount(ids, minlength=layer.out_features)[
                 :layer.out_features].to(torch.float64)
             entry.rows += ids.numel()
             return
-        rows = layer_rows(layer, x.to(torch.float64))
+        rows = layer_rows(layer, x.to(dtype))
         entry.gram += rows.T @ rows
         entry.rows += rows.shape[0]
 
     for batch in batches:
-        run_recording(module, wanted, batch, record)
-    return stats
+        run_recording(module, list(first), batch, record)
+    return {name: LayerStats(shared[key].gram, shared[key].rows, shared[key].row_counts)
+            for name, key in key_of.items()}
 
 
-def _empty_stats(layer: LayerInfo) -> LayerStats:
+def _shared_inputs(module: fx.GraphModule,
+                   layers: dict[str, LayerInfo]) -> dict[tuple, list[LayerInfo]]:
+    """Group `layers` by what their statistics are computed from: the node feeding them and how
+    they read it (kind, kernel, stride, padding, dilation). A layer called more than once, or
+    not found in the graph, is a group of its own."""
+    calls: dict[str, list[fx.Node]] = {}
+    for node, name in layer_calls(module).items():
+        calls.setdefault(name, []).append(node)
+    groups: dict[tuple, list[LayerInfo]] = {}
+    for name, layer in layers.items():
+        nodes = calls.get(name, [])
+        source = layer_input(nodes[0]).name if len(nodes) == 1 else f"layer:{name}"
+        key = (source, layer.kind, layer.in_features, layer.kernel_size, layer.stride,
+               layer.padding, layer.dilation)
+        groups.setdefault(key, []).append(layer)
+    return groups
+
+
+def _empty_stats(layer: LayerInfo, dtype: torch.dtype = torch.float64) -> LayerStats:
     if layer.kind == "embedding":
         return LayerStats(None, row_counts=torch.zeros(layer.out_features, dtype=torch.float64))
-    return LayerStats(torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64))
+    return LayerStats(torch.zeros(layer.in_features, layer.in_features, dtype=dtype))
 
 
 def replace_layers_(module: fx.GraphModule, compact: dict[str, nn.Module]) -> None:

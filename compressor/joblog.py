@@ -9,11 +9,14 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
+from compressor.memory import PeakMemory, format_bytes
+
 _logger = logging.getLogger("compressor")
 
 
 class JobLog:
-    """Write timestamped lines to `path` as they come (flushed per line) and time stages.
+    """Write timestamped lines to `path` as they come (flushed per line); time stages and
+    measure each one's peak memory (resident set size of this process).
 
     The file is started empty when the log is made and grows a whole line at a time, so a
     running job's log can be read (by the service, by `tail -f`) while the job works; `close()`
@@ -23,6 +26,8 @@ class JobLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.stage_seconds: dict[str, float] = {}
+        self.stage_peak_rss_bytes: dict[str, int] = {}
+        self._memory = PeakMemory()
         self.failed_stage: str | None = None  # the stage an exception left, if any
         self._started = time.monotonic()
         self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
@@ -46,8 +51,10 @@ class JobLog:
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time the enclosed block as stage `name` and log its start and end."""
+        """Time the enclosed block as stage `name`, measure its peak memory, and log its start
+        and end."""
         self.info(f"stage {name}: started")
+        self._memory.reset()
         start = time.monotonic()
         try:
             yield
@@ -56,8 +63,10 @@ class JobLog:
             raise
         finally:
             elapsed = time.monotonic() - start
+            peak = self._memory.peak_bytes()
             self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + elapsed
-            self.info(f"stage {name}: {elapsed:.2f}s")
+            self.stage_peak_rss_bytes[name] = max(self.stage_peak_rss_bytes.get(name, 0), peak)
+            self.info(f"stage {name}: {elapsed:.2f}s, peak memory {format_bytes(peak)}")
 
     def close(self) -> None:
         """Finish the file (safe to call twice)."""

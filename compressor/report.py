@@ -35,6 +35,12 @@ def count_flops(module: nn.Module, batch: dict[str, torch.Tensor]) -> int:
     return int(counter.get_total_flops())
 
 
+def tensor_bytes(module: nn.Module) -> int:
+    """Return the bytes of `module`'s parameters and buffers (each tensor counted once)."""
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def sha256_of(path: Path) -> str:
     """Return the hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()

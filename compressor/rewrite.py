@@ -1,8 +1,14 @@
-"""Register each planned layer's parametrization, so its weight is computed from θ."""
+"""Register each planned layer's parametrization, so its weight is computed from θ.
+
+Memory: the student is a `shallow_copy` of the original, sharing every tensor it does not change
+(θ and the compressed layers' biases are its own), and the export forms share the student's
+tensors in turn, so a billion-parameter model is never held twice.
+"""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import fx, nn
@@ -14,23 +20,30 @@ from compressor.planning import Plan
 
 
 def parametrize_(module: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats],
-                 grad_reduction: GradReduction = "sum") -> None:
+                 grad_reduction: GradReduction = "sum",
+                 progress: Callable[[int, int, str], None] | None = None) -> None:
     """Rewrite every compressed layer of `plan` in `module` to W = f(θ), θ initialized from W.
 
-    `stats` holds the calibration statistics of the layers whose method uses them;
-    `grad_reduction` is how tied θ entries reduce their copies' gradients (sum or mean).
+    `stats` holds the calibration statistics of the layers whose method uses them (each entry
+    is removed as its layer is initialized, so its memory goes as θ comes);
+    `grad_reduction` is how tied θ entries reduce their copies' gradients (sum or mean);
+    `progress(done, total, layer name)` is called after each layer.
     Every parameter of `module` is frozen afterwards except θ (see `trainable_parameters`).
     """
     for param in module.parameters():
         param.requires_grad_(False)
-    for entry in plan.compressed:
+    for index, entry in enumerate(plan.compressed):
         owner = module.get_submodule(entry.layer.name)
         weight = owner.weight.detach()
+        if getattr(owner, "bias", None) is not None:  # its own: fine-tuning may train it
+            owner.bias = nn.Parameter(owner.bias.detach().clone(), requires_grad=False)
         parametrization = entry.method.parametrization(
-            entry.layer, weight, entry.size, stats.get(entry.layer.name), grad_reduction)
+            entry.layer, weight, entry.size, stats.pop(entry.layer.name, None), grad_reduction)
         parametrize.register_parametrization(owner, "weight", parametrization)
         for theta in owner.parametrizations.weight.parameters():
             theta.requires_grad_(True)
+        if progress is not None:
+            progress(index + 1, len(plan.compressed), entry.layer.name)
 
 
 def theta_of(module: nn.Module, name: str) -> tuple[torch.Tensor, ...]:
@@ -58,28 +71,58 @@ def trainable_parameters(module: nn.Module, plan: Plan, train_biases: bool) -> l
     return params
 
 
+def shallow_copy(module: nn.Module) -> nn.Module:
+    """Return a copy of `module`'s structure (submodules, graph) sharing its parameters and
+    buffers: nothing is copied that holds weights."""
+    shared: dict[int, object] = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return copy.deepcopy(module, shared)
+
+
+def _set_tensor(module: nn.Module, dotted: str, tensor: torch.Tensor) -> None:
+    prefix, _, name = dotted.rpartition(".")
+    owner = module.get_submodule(prefix)
+    if name in owner._parameters:
+        owner._parameters[name] = (tensor if isinstance(tensor, nn.Parameter)
+                                   else nn.Parameter(tensor, requires_grad=False))
+    else:
+        owner._buffers[name] = tensor
+
+
 def _with_student_state(student: nn.Module, base: fx.GraphModule) -> fx.GraphModule:
-    """Return a copy of the unparametrized `base` holding every plain tensor of `student`.
+    """Return a shallow copy of the unparametrized `base` holding every plain tensor of
+    `student` (shared, not copied).
 
     Copies start from `base`, never from the parametrized student: a deep copy of a parametrized
     module shares torch's injected class with it, and un-parametrizing one would break the other.
     """
-    clone = copy.deepcopy(base)
-    state = student.state_dict()
-    with torch.no_grad():
-        for name, tensor in clone.state_dict(keep_vars=True).items():
-            if name in state:
-                tensor.copy_(state[name])
+    clone = shallow_copy(base)
+    state = student.state_dict(keep_vars=True)
+    for name, tensor in clone.state_dict(keep_vars=True).items():
+        if name in state and state[name] is not tensor:
+            _set_tensor(clone, name, state[name].detach())
     return clone
 
 
-def materialize(student: nn.Module, base: fx.GraphModule, plan: Plan) -> fx.GraphModule:
-    """Return the student as a plain dense model: the original graph, W = f(θ) computed once."""
+def release_theta_(student: nn.Module, name: str) -> None:
+    """Free the θ storage of layer `name` of `student` (which cannot compute that layer after)."""
+    for theta in theta_of(student, name):
+        theta.data = torch.empty(0, dtype=theta.dtype, device=theta.device)
+
+
+def materialize(student: nn.Module, base: fx.GraphModule, plan: Plan,
+                consume: bool = False) -> fx.GraphModule:
+    """Return the student as a plain dense model: the original graph, W = f(θ) computed once.
+
+    With `consume`, each layer's θ is freed as soon as its W exists, so the dense weights never
+    sit beside all of θ (the student cannot run afterwards).
+    """
     dense = _with_student_state(student, base)
     with torch.no_grad():
         for entry in plan.compressed:
-            weight = dense.get_submodule(entry.layer.name).weight
-            weight.copy_(student.get_submodule(entry.layer.name).weight)
+            weight = student.get_submodule(entry.layer.name).weight.detach()
+            _set_tensor(dense, f"{entry.layer.name}.weight", weight)
+            if consume:
+                release_theta_(student, entry.layer.name)
     return dense
 
 

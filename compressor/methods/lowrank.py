@@ -59,6 +59,13 @@ class LowRankFactors:
         """Return the squared output error of the rank-`rank` truncation."""
         return float(self.energy[rank:].sum())
 
+    def truncated(self, rank: int) -> LowRankFactors:
+        """Return the factors kept up to `rank` (own copies; every energy is kept, so `error`
+        still prices every rank)."""
+        if rank >= self.A.shape[1]:
+            return self
+        return LowRankFactors(self.A[:, :rank].clone(), self.B[:rank].clone(), self.energy)
+
 
 class LowRankWeight(nn.Module):
     """Parametrize a weight as (A @ B) reshaped to the layer's weight shape."""

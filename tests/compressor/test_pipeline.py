@@ -81,8 +81,14 @@ def test_the_report_has_every_figure_the_spec_lists(programs, tmp_path):
         assert all(v > 0 for v in report["latency"][side].values())
     final = report["fidelity"]["final"]["output_0"]
     assert {"cosine", "relative_l2", "top1_agreement"} <= set(final)  # logits: top-1 reported
-    assert set(report["stage_seconds"]) == {"loading", "planning", "rewriting", "finetuning",
-                                            "exporting", "verifying"}
+    stages = {"loading", "planning", "calibrating", "rewriting", "finetuning", "exporting",
+              "verifying"}
+    assert set(report["stage_seconds"]) == stages
+    # Each stage's peak memory is measured, and the job stays within its bound of the model.
+    memory = report["memory"]
+    assert set(memory["stage_peak_rss_bytes"]) == stages
+    assert all(peak > 0 for peak in memory["stage_peak_rss_bytes"].values())
+    assert memory["model_bytes"] == 4 * report["parameters"]["before"]
     assert set(report["versions"]) >= {"torch", "onnx", "onnxruntime"}
     assert report["data"]["synthetic"] and "sampled" in report["data"]["note"]
     assert report["artifacts"]["job.log"]["sha256"] == sha256_of(result.log_path)

@@ -1,0 +1,122 @@
+"""Size is a non-event: one copy of the weights, statistics that share, refusals up front, and
+weights past protobuf's 2 GiB in a data file beside model.onnx."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.export import Dim
+
+import compressor
+from compressor import pipeline
+from compressor.config import CompressionConfig
+from compressor.data import Dataset
+from compressor.errors import ResourceError
+from compressor.export import onnx_session, run_onnx
+from compressor.graph import collect_layer_stats, find_layers
+from compressor.planning import plan_layers
+from compressor.rewrite import materialize, shallow_copy, theta_of
+
+
+class _Attention(nn.Module):
+    """Three projections of one input (like query, key, value), then an output projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+        self.out = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mixed = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), -1) @ self.v(x)
+        return self.out(mixed).mean(1)
+
+
+def _program(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 32)
+    program = torch.export.export(_Attention().eval(), (), kwargs={"x": x},
+                                  dynamic_shapes={"x": {0: Dim("batch", min=1, max=1024)}})
+    path = tmp_path / "attention.pt2"
+    torch.export.save(program, str(path))
+    return program, path
+
+
+def _rewritten(tmp_path):
+    program, _ = _program(tmp_path)
+    teacher = shallow_copy(program.module()).eval()
+    config = CompressionConfig.parse({"ratio": 0.5, "min_layer_params": 0,
+                                      "allocation": "uniform",
+                                      "method": {"name": "lowrank", "init": "activation_aware"}})
+    plan = plan_layers(*find_layers(teacher), config)
+    train = Dataset({"x": torch.randn(16, 6, 32)}, False, "test")
+    stats = pipeline.calibrate(teacher, plan, train)
+    student = pipeline.rewrite(teacher, plan, stats, train, config)
+    return teacher, student, plan, stats
+
+
+def test_the_student_shares_every_tensor_it_does_not_change(tmp_path):
+    teacher, student, plan, stats = _rewritten(tmp_path)
+    assert stats == {}  # consumed while θ was made
+    compressed = {p.layer.name for p in plan.compressed}
+    assert compressed
+    student_state = student.state_dict(keep_vars=True)
+    for name, tensor in teacher.state_dict(keep_vars=True).items():
+        layer, _, attr = name.rpartition(".")
+        if layer in compressed:  # its weight became θ, its bias is its own (it may train)
+            assert attr == "weight" or student_state[name].data_ptr() != tensor.data_ptr()
+        else:
+            assert student_state[name] is tensor
+
+
+def test_the_dense_form_takes_theta_as_it_makes_each_weight(tmp_path):
+    teacher, student, plan, _ = _rewritten(tmp_path)
+    x = torch.randn(3, 6, 32)
+    with torch.no_grad():
+        expected = student(x=x)
+        dense = materialize(student, teacher, plan, consume=True)
+        torch.testing.assert_close(dense(x=x), expected)
+    for entry in plan.compressed:
+        assert all(t.numel() == 0 for t in theta_of(student, entry.layer.name))
+
+
+def test_layers_reading_one_input_share_one_gram_matrix(tmp_path):
+    program, _ = _program(tmp_path)
+    module = program.module()
+    layers, _ = find_layers(module)
+    x = torch.randn(5, 6, 32)
+    stats = collect_layer_stats(module, layers, [{"x": x}])
+    assert stats["q"].gram is stats["k"].gram is stats["v"].gram
+    rows = x.reshape(-1, 32).double()
+    torch.testing.assert_close(stats["q"].gram, rows.T @ rows)
+    assert stats["out"].gram is not stats["q"].gram and stats["q"].rows == 30
+
+
+def test_a_model_the_machine_cannot_hold_is_refused_up_front(tmp_path, monkeypatch):
+    _, path = _program(tmp_path)
+    monkeypatch.setattr(pipeline, "available_memory_bytes", lambda: 1000)
+    with pytest.raises(ResourceError) as caught:
+        compressor.compress(path, {"finetune": {"steps": 0}}, out_dir=tmp_path / "out")
+    assert caught.value.code == "insufficient_resources"
+    assert "needs about" in caught.value.message and "more memory" in caught.value.message
+    assert not (tmp_path / "out" / "model.onnx").exists()
+    assert "insufficient_resources" in (tmp_path / "out" / "job.log").read_text()
+
+
+def test_weights_past_the_protobuf_limit_go_to_a_data_file_served_beside_the_model(
+        tmp_path, monkeypatch):
+    _, path = _program(tmp_path)
+    monkeypatch.setattr("compressor.export._PROTOBUF_LIMIT", 0)  # every model counts as big
+    out = tmp_path / "out"
+    result = compressor.compress(path, {"finetune": {"steps": 0},
+                                        "export": {"latency_seconds": 0}}, out_dir=out)
+    data = out / "model.onnx.data"
+    assert data.is_file() and data.stat().st_size > (out / "model.onnx").stat().st_size
+    assert set(result.report["artifacts"]) >= {"model.onnx", "model.onnx.data", "job.log"}
+    assert result.report["onnx_bytes"]["artifact"] == sum(
+        (out / n).stat().st_size for n in ("model.onnx", "model.onnx.data"))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "job.log", "model.onnx", "model.onnx.data", "report.json"]
+    session = onnx_session(out / "model.onnx")
+    (got,) = run_onnx(session, {"x": torch.randn(2, 6, 32)})
+    assert got.shape == (2, 8)
