@@ -32,6 +32,7 @@ from compressor.methods import (
     options_types,
     unknown_method_message,
 )
+from compressor.vocabulary import describe_validation_error
 
 CONFIG_VERSION = 2
 
@@ -298,16 +299,3 @@ def _v1_override(index: int, override: Any, job_method: Any, legacy: dict[str, A
         override["method"] = _v1_method_options(name, legacy, **size)
     return override
 
-
-def describe_validation_error(exc: ValidationError) -> str:
-    """Return one line per problem: `field.path: what is wrong`."""
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field; remove it or check its spelling"
-        elif err["type"] == "json_invalid":
-            msg = f"not valid JSON ({err.get('ctx', {}).get('error', msg)})"
-        lines.append(f"{where}: {msg}")
-    return "invalid config: " + "; ".join(lines)

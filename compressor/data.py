@@ -17,6 +17,7 @@ import torch
 from torch.export import ExportedProgram
 
 from compressor.errors import DataError, ModelFormatError
+from compressor.outputs import call_arguments
 
 __all__ = [
     "Dataset", "InputSpec", "call_arguments", "input_specs", "load_data", "synthesize_data",
@@ -106,19 +107,6 @@ def _spec_from_example(
         return InputSpec(name, shape, dtype, low, high, example_shape=example_shape)
     std = values.std().item() if values.numel() > 1 else 0.0
     return InputSpec(name, shape, dtype, low, high, values.mean().item(), std, example_shape)
-
-
-def call_arguments(
-    program: ExportedProgram, inputs: dict[str, torch.Tensor]
-) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
-    """Split named inputs into the (args, kwargs) the program was exported with."""
-    names = list(program.graph_signature.user_inputs)
-    in_spec = program.call_spec.in_spec
-    positional = in_spec.child(0).num_children if in_spec is not None else 0
-    keys = in_spec.child(1).context if in_spec is not None else names
-    args = tuple(inputs[name] for name in names[:positional])
-    kwargs = {key: inputs[name] for key, name in zip(keys, names[positional:], strict=True)}
-    return args, kwargs
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The errors the core raises: each carries a stable `code` and a message a user can act on.
 
-One place outside the core (``api/errors.py``) maps codes to HTTP answers; the CLI prints the
-message and exits non-zero. Messages give the rule, the offending value, the layer's dotted name
+One place outside the core (``api/http/errors.py``) maps these classes to HTTP answers; the CLI
+prints the message and exits non-zero. Messages give the rule, the offending value, the layer's dotted name
 where there is one, and what to do.
 """
 
@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import uuid
 
+from compressor.vocabulary import ErrorCode
+
 
 class CompressorError(Exception):
     """Base of every error the core raises on purpose."""
 
-    code = "compressor_error"
+    code = ErrorCode.COMPRESSOR_ERROR
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -23,67 +25,67 @@ class CompressorError(Exception):
 class ConfigError(CompressorError):
     """The job configuration is invalid or cannot be applied to this model."""
 
-    code = "invalid_config"
+    code = ErrorCode.INVALID_CONFIG
 
 
 class ModelFormatError(CompressorError):
     """The uploaded model file is not a loadable `torch.export` `.pt2` program."""
 
-    code = "invalid_model"
+    code = ErrorCode.INVALID_MODEL
 
 
 class UnsafeModelError(ModelFormatError):
     """The model file would need code execution (an unsafe pickle) to load; it was refused."""
 
-    code = "unsafe_model"
+    code = ErrorCode.UNSAFE_MODEL
 
 
 class UnsupportedModelError(ModelFormatError):
     """The program loads, but holds something the pipeline cannot compress or verify."""
 
-    code = "unsupported_model"
+    code = ErrorCode.UNSUPPORTED_MODEL
 
 
 class GuardError(CompressorError):
     """The job's inputs do not meet a guard the program was exported with."""
 
-    code = "guard_failed"
+    code = ErrorCode.GUARD_FAILED
 
 
 class DataError(CompressorError):
     """The data file does not fit the model's inputs or cannot be read."""
 
-    code = "invalid_data"
+    code = ErrorCode.INVALID_DATA
 
 
 class ResourceError(CompressorError):
     """The machine cannot run this job: too little memory or disk for the model's size."""
 
-    code = "insufficient_resources"
+    code = ErrorCode.INSUFFICIENT_RESOURCES
 
 
 class ExportError(CompressorError):
     """The compressed model could not be exported to ONNX."""
 
-    code = "export_failed"
+    code = ErrorCode.EXPORT_FAILED
 
 
 class VerificationError(CompressorError):
     """onnxruntime's outputs do not match the compressed PyTorch model within tolerance."""
 
-    code = "verification_failed"
+    code = ErrorCode.VERIFICATION_FAILED
 
 
 class CancelledError(CompressorError):
     """The job was cancelled by its owner."""
 
-    code = "cancelled"
+    code = ErrorCode.CANCELLED
 
 
 class JobTimeoutError(CompressorError):
     """The job ran past its `timeout_s`."""
 
-    code = "timeout"
+    code = ErrorCode.TIMEOUT
 
 
 class InternalError(CompressorError):
@@ -92,7 +94,7 @@ class InternalError(CompressorError):
     `error_id` is a short id that marks the full traceback in job.log.
     """
 
-    code = "internal_error"
+    code = ErrorCode.INTERNAL_ERROR
 
     def __init__(self, message: str, error_id: str) -> None:
         super().__init__(message)

@@ -39,6 +39,7 @@ from torch.export import ExportedProgram
 
 from compressor.errors import ModelFormatError, UnsafeModelError, UnsupportedModelError
 from compressor.guards import drop_aliasing_guards_
+from compressor.vocabulary import HOW_TO_EXPORT
 
 __all__ = ["load_program"]
 
@@ -46,13 +47,6 @@ MAX_UNCOMPRESSED_BYTES = 64 << 30  # sum of the members' uncompressed sizes
 MAX_COMPRESSION_RATIO = 1000  # per member, for members of at least RATIO_CHECK_MIN_BYTES
 RATIO_CHECK_MIN_BYTES = 1 << 20
 MODEL_NAME = "model"  # the program torch.export.save writes, and the only one we accept
-
-HOW_TO_EXPORT = (
-    "Export the model as a program instead: "
-    "program = torch.export.export(model, args, "
-    "dynamic_shapes={'x': {0: torch.export.Dim('batch')}}) with one entry per input, then "
-    "torch.export.save(program, 'model.pt2'), and upload model.pt2."
-)
 
 _DESERIALIZE_LOCK = threading.Lock()
 # torch's words when a program calls an operator that is not registered in this process.

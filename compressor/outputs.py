@@ -6,20 +6,26 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.export import ExportedProgram
 from torch.utils._pytree import tree_flatten
 
 
-def call_arguments(module: nn.Module, batch: dict[str, torch.Tensor],
+def call_arguments(callee: ExportedProgram | nn.Module, batch: dict[str, torch.Tensor],
                    ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
-    """Split named inputs into the (args, kwargs) the program's module was exported to take.
+    """Split named inputs into the (args, kwargs) a program (or its module) was exported to take.
 
-    The inputs of `ExportedProgram.module()` are its placeholders, in the flattened order of the
-    (args, kwargs) it was exported with, which its `_in_spec` records.
+    A program names its user inputs in its graph signature; the inputs of
+    `ExportedProgram.module()` are its placeholders. Either way they come in the flattened order
+    of the (args, kwargs) it was exported with, which its input spec records.
     """
-    spec = getattr(module, "_in_spec", None)
+    if isinstance(callee, ExportedProgram):
+        names = list(callee.graph_signature.user_inputs)
+        spec = callee.call_spec.in_spec
+    else:
+        names = [n.target for n in callee.graph.nodes if n.op == "placeholder"]
+        spec = getattr(callee, "_in_spec", None)
     if spec is None:
         return (), dict(batch)
-    names = [n.target for n in module.graph.nodes if n.op == "placeholder"]
     positional = spec.child(0).num_children
     keys = spec.child(1).context
     args = tuple(batch[name] for name in names[:positional])

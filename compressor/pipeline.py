@@ -38,7 +38,7 @@ from compressor.failures import known_failure
 from compressor.finetune import FinetuneSummary, device_copy, finetune_, resolve_device
 from compressor.graph import collect_layer_stats, find_layers
 from compressor.guards import check_guards
-from compressor.huggingface import HF_ARTIFACT, LoadedCheckpoint
+from compressor.huggingface import LoadedCheckpoint
 from compressor.joblog import JobLog
 from compressor.loading import load_program
 from compressor.memory import (
@@ -55,8 +55,8 @@ from compressor.planning import Plan, plan_layers
 from compressor.progress import JobControl, ProgressCallback, StopCheck
 from compressor.rewrite import factorize, materialize, parametrize_, shallow_copy
 from compressor.sequential import correct_sequentially_
+from compressor.vocabulary import HF_ARTIFACT
 
-ARTIFACT_NAMES = ("model.onnx", "model.onnx.data", "report.json", "job.log", HF_ARTIFACT)
 _CALIBRATION_SAMPLES = 512
 _SENSITIVITY_SAMPLES = 32
 _SEQUENTIAL_SAMPLES = 128

@@ -7,8 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from compressor.errors import CancelledError, JobTimeoutError
-
-STAGES = ("loading", "planning", "rewriting", "finetuning", "exporting", "verifying")
+from compressor.vocabulary import JOB_STAGES as STAGES
 
 # Share of the whole job each stage stands for, used to turn stage fractions into `overall`.
 _STAGE_WEIGHTS = {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import statistics
@@ -19,6 +18,7 @@ from compressor.export import onnx_session, run_onnx
 from compressor.graph import layer_rows, run_recording
 from compressor.outputs import OutputFidelity, call
 from compressor.planning import Plan
+from compressor.vocabulary import sha256_of as sha256_of  # the artifacts' hashes in the report
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -39,15 +39,6 @@ def tensor_bytes(module: nn.Module) -> int:
     """Return the bytes of `module`'s parameters and buffers (each tensor counted once)."""
     tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def sha256_of(path: Path) -> str:
-    """Return the hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def layer_errors(original: fx.GraphModule, compressed: nn.Module, plan: Plan,

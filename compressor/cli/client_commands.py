@@ -17,13 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from compressor.vocabulary import CANCELLED, DEFAULT_SERVER, JOB_STATUSES, QUEUED, RUNNING
+
 if TYPE_CHECKING:
     from rich.console import Console
 
     from compressor.client import Client, Job
-
-DEFAULT_SERVER = "http://127.0.0.1:8000"  # the same as compressor.client.DEFAULT_SERVER
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 server_option = click.option(
     "--server", envvar="COMPRESSOR_SERVER", default=DEFAULT_SERVER, show_default=True,
@@ -289,10 +288,10 @@ def _follow(client: Client, console: Console, job_id: str) -> Job:
                TimeElapsedColumn())
     try:
         with Progress(*columns, console=console) as bar:
-            task = bar.add_task("queued", total=1.0)
+            task = bar.add_task(QUEUED, total=1.0)
 
             def show(job: Job) -> None:
-                label = job.status if job.status != "running" else (job.stage or "running")
+                label = job.status if job.status != RUNNING else (job.stage or RUNNING)
                 bar.update(task, description=label, completed=job.progress)
 
             return client.wait(job_id, on_update=show)
@@ -305,7 +304,7 @@ def _follow(client: Client, console: Console, job_id: str) -> Job:
 
 
 def _print_outcome(console: Console, job: Job) -> None:
-    if job.status == "cancelled":
+    if job.status == CANCELLED:
         raise click.ClickException(f"job {job.id} was cancelled")
     seconds = ""
     if job.started_at and job.finished_at:

@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from compressor.huggingface.archive import archive_kind, extract_archive
+from compressor.vocabulary import HF_ARTIFACT
 
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
 
 __all__ = ["HF_ARTIFACT", "LoadedCheckpoint", "checkpoint_data", "is_checkpoint",
            "load_checkpoint", "save_checkpoint"]
-
-HF_ARTIFACT = "model-hf.zip"
 
 
 @dataclass
