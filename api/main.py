@@ -16,13 +16,14 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 import compressor
-from api.errors import install_error_handlers
+from api.http.errors import install_error_handlers
+from api.http.routes import artifacts, console, events, health, jobs
 from api.metrics import Metrics, RequestLatencyMiddleware
-from api.routes import artifacts, console, events, health, jobs
-from api.services import BackgroundWork, Services
+from api.services import Services
 from api.settings import Settings, get_settings
-from api.worker import RunJob
-from api.worker_pool import WorkerPool
+from api.workers.background import BackgroundWork
+from api.workers.pool import WorkerPool
+from api.workers.runner import RunJob
 
 log = logging.getLogger("api")
 
@@ -30,7 +31,7 @@ log = logging.getLogger("api")
 def create_app(settings: Settings | None = None, *, run_job: RunJob | None = None) -> FastAPI:
     """Return the service's ASGI app.
 
-    The embedded worker runs `worker_concurrency` job worker processes (see `api.worker_pool`).
+    The embedded worker runs `worker_concurrency` job worker processes (see `api.workers.pool`).
     `run_job` replaces `compressor.compress` (tests only): a function cannot cross a process
     boundary, so the jobs then run in threads of this process instead.
     """

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 __all__ = [
-    "ARTIFACT_NAMES", "CANCELLED", "DEFAULT_SERVER", "FAILED", "FINISHED_STATUSES",
-    "HF_ARTIFACT", "HOW_TO_EXPORT", "JOB_STAGES", "JOB_STATUSES", "QUEUED", "RUNNING",
-    "SUCCEEDED", "ErrorCode", "JobStage", "JobStatus", "describe_validation_error",
-    "field_errors", "sha256_of",
+    "ARTIFACT_NAMES", "CANCELLED", "DEFAULT_SERVER", "EXPORTING", "FAILED", "FINETUNING",
+    "FINISHED_STATUSES", "HF_ARTIFACT", "HOW_TO_EXPORT", "JOB_STAGES", "JOB_STATUSES", "LOADING",
+    "PLANNING", "QUEUED", "REWRITING", "RUNNING", "SUCCEEDED", "VERIFYING", "ErrorCode",
+    "JobStage", "JobStatus", "describe_fields", "describe_validation_error", "field_errors",
+    "sha256_of",
 ]
 
 # -- jobs --------------------------------------------------------------------------------------
@@ -29,6 +30,7 @@ FINISHED_STATUSES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
 JobStage = Literal["loading", "planning", "rewriting", "finetuning", "exporting", "verifying"]
 JOB_STAGES: tuple[str, ...] = get_args(JobStage)  # the pipeline's stages, in the order they run
+LOADING, PLANNING, REWRITING, FINETUNING, EXPORTING, VERIFYING = JOB_STAGES
 
 
 class ErrorCode:

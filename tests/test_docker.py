@@ -208,11 +208,13 @@ def test_build_context_installs_the_service_with_pip(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     (wheel,) = (tmp_path / "wheels").glob("compressor-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for needed in ("compressor/cli/__init__.py", "compressor/client.py", "api/main.py",
-                   "api/migrations/alembic.ini"):
+    for needed in ("compressor/cli/__init__.py", "compressor/client/__init__.py", "api/main.py",
+                   "api/jobs/migrations/alembic.ini"):
         assert needed in names, needed
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "compressor = compressor.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    declared = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "compressor = compressor.cli:main" in declared
+    assert "serve = api.commands:serve" in declared and "worker = api.commands:worker" in declared
 
 
 # --- the image's commands, run outside a container ---------------------------------------------

@@ -16,15 +16,16 @@ import pytest
 import sqlalchemy as sa
 from api_backends import Backend
 
-from api.queue import JobQueue
-from api.storage import JobFiles, sha256_of
-from api.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
+from api.jobs.database import JobDatabase
+from api.jobs.folders import JobFolders
+from api.jobs.queue import JobQueue
+from compressor.vocabulary import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, sha256_of
 
 
 @pytest.fixture
-def store(backend: Backend) -> Iterator[JobStore]:
+def store(backend: Backend) -> Iterator[JobDatabase]:
     """Return a job store on the backend, schema migrated."""
-    made = JobStore(backend.store_url)
+    made = JobDatabase(backend.store_url)
     yield made
     made.close()
 
@@ -38,7 +39,7 @@ def queue(backend: Backend) -> Iterator[JobQueue]:
     made.close()
 
 
-def new_job(store: JobStore, owner: str = "alice") -> str:
+def new_job(store: JobDatabase, owner: str = "alice") -> str:
     """Create a queued job with a default config and return its id."""
     job_id = uuid.uuid4().hex
     store.create(job_id, owner, {"method": "lowrank"}, None)
@@ -48,7 +49,7 @@ def new_job(store: JobStore, owner: str = "alice") -> str:
 # -- store ----------------------------------------------------------------------------------
 
 
-def test_created_job_reads_back_for_its_owner_only(store: JobStore) -> None:
+def test_created_job_reads_back_for_its_owner_only(store: JobDatabase) -> None:
     job_id = new_job(store, "alice")
     job = store.get(job_id, owner="alice")
     assert job is not None
@@ -59,7 +60,7 @@ def test_created_job_reads_back_for_its_owner_only(store: JobStore) -> None:
     assert store.get("0" * 32) is None
 
 
-def test_listing_is_newest_first_paged_and_filtered(store: JobStore) -> None:
+def test_listing_is_newest_first_paged_and_filtered(store: JobDatabase) -> None:
     ids = [new_job(store) for _ in range(5)]
     new_job(store, "bob")
     page = store.list_jobs("alice", limit=3)
@@ -70,7 +71,7 @@ def test_listing_is_newest_first_paged_and_filtered(store: JobStore) -> None:
     assert [j.id for j in store.list_jobs("alice", status=CANCELLED)] == [ids[0]]
 
 
-def test_counts_in_flight_and_by_status(store: JobStore) -> None:
+def test_counts_in_flight_and_by_status(store: JobDatabase) -> None:
     first, second, third = (new_job(store) for _ in range(3))
     store.claim(second, "w1", 30)
     store.request_cancel(third)
@@ -80,7 +81,7 @@ def test_counts_in_flight_and_by_status(store: JobStore) -> None:
     assert (counts[QUEUED], counts[RUNNING], counts[CANCELLED], counts[SUCCEEDED]) == (1, 1, 1, 0)
 
 
-def test_only_one_of_many_concurrent_claims_wins(store: JobStore) -> None:
+def test_only_one_of_many_concurrent_claims_wins(store: JobDatabase) -> None:
     job_id = new_job(store)
     winners: list[str] = []
     barrier = threading.Barrier(6)
@@ -102,7 +103,7 @@ def test_only_one_of_many_concurrent_claims_wins(store: JobStore) -> None:
     )
 
 
-def test_only_the_owning_worker_updates_and_finishes(store: JobStore) -> None:
+def test_only_the_owning_worker_updates_and_finishes(store: JobDatabase) -> None:
     job_id = new_job(store)
     claimed = store.claim(job_id, "w1", 30)
     assert claimed is not None
@@ -126,7 +127,7 @@ def test_only_the_owning_worker_updates_and_finishes(store: JobStore) -> None:
     assert store.claim(job_id, "w3", 30) is None  # a duplicate message finds nothing to run
 
 
-def test_cancel_stops_queued_now_and_flags_running(store: JobStore) -> None:
+def test_cancel_stops_queued_now_and_flags_running(store: JobDatabase) -> None:
     queued, running = new_job(store), new_job(store)
     store.claim(running, "w1", 30)
     assert not store.is_cancel_requested(running)
@@ -139,7 +140,7 @@ def test_cancel_stops_queued_now_and_flags_running(store: JobStore) -> None:
     assert store.claim(queued, "w2", 30) is None
 
 
-def test_reaper_requeues_then_fails_after_max_attempts(store: JobStore) -> None:
+def test_reaper_requeues_then_fails_after_max_attempts(store: JobDatabase) -> None:
     job_id = new_job(store)
     requeued: list[str] = []
     store.claim(job_id, "w1", 0.01)
@@ -160,7 +161,7 @@ def test_reaper_requeues_then_fails_after_max_attempts(store: JobStore) -> None:
     assert "attempt 2 of 2" in job.error["message"]
 
 
-def test_reaper_leaves_live_leases_alone_and_cancels_flagged(store: JobStore) -> None:
+def test_reaper_leaves_live_leases_alone_and_cancels_flagged(store: JobDatabase) -> None:
     live, flagged = new_job(store), new_job(store)
     store.claim(live, "w1", 60)
     store.claim(flagged, "w2", 0.01)
@@ -172,7 +173,7 @@ def test_reaper_leaves_live_leases_alone_and_cancels_flagged(store: JobStore) ->
     assert live_job is not None and live_job.status == RUNNING
 
 
-def test_reaper_keeps_the_job_running_when_the_queue_fails(store: JobStore) -> None:
+def test_reaper_keeps_the_job_running_when_the_queue_fails(store: JobDatabase) -> None:
     job_id = new_job(store)
     store.claim(job_id, "w1", 0.01)
     time.sleep(0.05)
@@ -187,7 +188,7 @@ def test_reaper_keeps_the_job_running_when_the_queue_fails(store: JobStore) -> N
     assert [r.id for r in store.reap_expired(3, lambda _: None)] == [job_id]
 
 
-def test_release_gives_the_job_back_without_counting_the_attempt(store: JobStore) -> None:
+def test_release_gives_the_job_back_without_counting_the_attempt(store: JobDatabase) -> None:
     job_id = new_job(store)
     store.claim(job_id, "w1", 30)
     requeued: list[str] = []
@@ -200,7 +201,7 @@ def test_release_gives_the_job_back_without_counting_the_attempt(store: JobStore
     )
 
 
-def test_delete_removes_the_row(store: JobStore) -> None:
+def test_delete_removes_the_row(store: JobDatabase) -> None:
     job_id = new_job(store)
     assert store.delete(job_id)
     assert not store.delete(job_id)
@@ -208,9 +209,9 @@ def test_delete_removes_the_row(store: JobStore) -> None:
     assert store.is_cancel_requested(job_id)  # a deleted job must stop
 
 
-def test_migrations_run_once_and_reopen_cleanly(backend: Backend, store: JobStore) -> None:
+def test_migrations_run_once_and_reopen_cleanly(backend: Backend, store: JobDatabase) -> None:
     job_id = new_job(store)
-    again = JobStore(backend.store_url)
+    again = JobDatabase(backend.store_url)
     try:
         assert again.get(job_id) is not None
         with again._reader.connect() as conn:  # noqa: SLF001 (checking the schema itself)
@@ -221,11 +222,11 @@ def test_migrations_run_once_and_reopen_cleanly(backend: Backend, store: JobStor
 
 
 def test_store_ping_fails_on_an_unreachable_database(tmp_path) -> None:
-    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    store = JobDatabase(f"sqlite:///{tmp_path / 'jobs.db'}")
     store.ping()
     store.close()
     with pytest.raises(sa.exc.OperationalError):
-        JobStore(f"sqlite:///{tmp_path / 'missing' / 'dir' / 'jobs.db'}")
+        JobDatabase(f"sqlite:///{tmp_path / 'missing' / 'dir' / 'jobs.db'}")
 
 
 # -- queue ----------------------------------------------------------------------------------
@@ -268,7 +269,7 @@ def test_queue_keeps_messages_for_a_later_consumer(backend: Backend, queue: JobQ
 
 
 def test_upload_appears_only_when_committed(backend: Backend) -> None:
-    files = JobFiles(backend.data_dir)
+    files = JobFolders(backend.data_dir)
     job_id = uuid.uuid4().hex
     sink = files.open_upload(job_id, "model.pt2")
     sink.write(b"PK\x03\x04")
@@ -281,7 +282,7 @@ def test_upload_appears_only_when_committed(backend: Backend) -> None:
 
 
 def test_aborted_upload_leaves_nothing(backend: Backend) -> None:
-    files = JobFiles(backend.data_dir)
+    files = JobFolders(backend.data_dir)
     job_id = uuid.uuid4().hex
     sink = files.open_upload(job_id, "data.npz")
     sink.write(b"x" * 1000)
@@ -291,7 +292,7 @@ def test_aborted_upload_leaves_nothing(backend: Backend) -> None:
 
 
 def test_artifacts_are_described_and_deleted_with_the_job(backend: Backend) -> None:
-    files = JobFiles(backend.data_dir)
+    files = JobFolders(backend.data_dir)
     job_id = uuid.uuid4().hex
     out = files.fresh_out_dir(job_id)
     (out / "model.onnx").write_bytes(b"onnx bytes")
@@ -307,7 +308,7 @@ def test_artifacts_are_described_and_deleted_with_the_job(backend: Backend) -> N
 
 
 def test_files_refuse_paths_that_are_not_job_ids(backend: Backend) -> None:
-    files = JobFiles(backend.data_dir)
+    files = JobFolders(backend.data_dir)
     for bad in ("../x", "ABC", "", "0" * 31):
         with pytest.raises(ValueError, match="not a job id"):
             files.job_dir(bad)
@@ -332,7 +333,7 @@ def skew_clock(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
 
 
 def test_leases_use_the_stores_clock_not_the_callers(
-    store: JobStore, monkeypatch: pytest.MonkeyPatch
+    store: JobDatabase, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     db_now = store.now()
     assert abs(db_now - time.time()) < 5
@@ -351,7 +352,7 @@ def test_leases_use_the_stores_clock_not_the_callers(
 
 
 def test_a_lease_expires_on_the_stores_clock_whatever_the_reapers(
-    store: JobStore, monkeypatch: pytest.MonkeyPatch
+    store: JobDatabase, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job_id = new_job(store)
     skew_clock(monkeypatch, +3600)  # the worker's clock is ahead: its lease must not outlive it
@@ -362,7 +363,7 @@ def test_a_lease_expires_on_the_stores_clock_whatever_the_reapers(
 
 
 def test_sweeper_requeues_a_job_whose_message_was_taken_but_never_run(
-    store: JobStore, queue: JobQueue
+    store: JobDatabase, queue: JobQueue
 ) -> None:
     bound = 1.0  # seconds a queued job may wait for its message; margins for a loaded machine
     lost, waiting = new_job(store), new_job(store)
@@ -387,7 +388,7 @@ def test_sweeper_requeues_a_job_whose_message_was_taken_but_never_run(
 
 
 def test_sweeper_leaves_the_job_for_the_next_round_when_the_queue_fails(
-    store: JobStore, queue: JobQueue
+    store: JobDatabase, queue: JobQueue
 ) -> None:
     job_id = new_job(store)
     time.sleep(0.2)
@@ -407,7 +408,8 @@ def test_background_sweep_counts_and_logs_what_it_requeued(
 ) -> None:
     from api_helpers import make_settings
 
-    from api.services import BackgroundWork, Services
+    from api.services import Services
+    from api.workers.background import BackgroundWork
 
     services = Services.open(
         make_settings(backend.data_dir, requeue_after_s=0.1, **queue_and_store(backend))
@@ -427,7 +429,7 @@ def test_background_sweep_counts_and_logs_what_it_requeued(
 
 
 def test_worker_heartbeats_on_the_stores_clock(
-    store: JobStore, monkeypatch: pytest.MonkeyPatch
+    store: JobDatabase, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert store.live_workers(30) == []
     skew_clock(monkeypatch, -3600)  # a worker whose clock is behind is still live
@@ -446,7 +448,7 @@ def test_worker_heartbeats_on_the_stores_clock(
     assert store.live_workers(3600) == []
 
 
-def test_progress_stores_the_recent_loss_points(store: JobStore) -> None:
+def test_progress_stores_the_recent_loss_points(store: JobDatabase) -> None:
     job_id = new_job(store)
     store.claim(job_id, "w1", 30)
     assert store.get(job_id).loss_curve == []  # type: ignore[union-attr]

@@ -16,7 +16,7 @@ import pytest
 from api_backends import Backend, distributed_backend
 from api_processes import ServerProcess, ServiceProcess
 
-from api.queue import JobQueue
+from api.jobs.queue import JobQueue
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 

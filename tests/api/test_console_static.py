@@ -6,7 +6,7 @@ import fnmatch
 import tomllib
 from pathlib import Path
 
-from api.routes.console import CONSOLE_DIR
+from api.http.routes.console import CONSOLE_DIR
 from compressor.config import CompressionConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

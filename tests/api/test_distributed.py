@@ -12,7 +12,7 @@ from api_backends import Backend, distributed_backend
 from api_helpers import wait_for_job
 from api_processes import ServerProcess, ServiceProcess
 
-from api.store import JobStore
+from api.jobs.database import JobDatabase
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -56,7 +56,7 @@ def test_two_workers_run_every_job_exactly_once(shared: Backend, mlp_pt2: Path) 
     assert [(j["status"], j["attempts"]) for j in jobs] == [("succeeded", 1)] * JOBS, [
         j["error"] for j in jobs
     ]
-    store = JobStore(shared.store_url)
+    store = JobDatabase(shared.store_url)
     try:
         records = [store.get(job_id) for job_id in ids]
     finally:

@@ -7,7 +7,7 @@ import re
 from api_fakes import FakeJob
 from api_helpers import wait_for_job
 
-from api.store import JobStore
+from api.jobs.database import JobDatabase
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -41,7 +41,7 @@ def test_readyz_is_503_without_a_live_worker_until_one_heartbeats(make_client, d
     assert "compressor worker" in body["checks"]["workers"]
     assert metric(client.get("/metrics").text, "compressor_workers_live") == 0
 
-    store = JobStore(f"sqlite:///{data_dir / 'jobs.db'}")  # a worker elsewhere, same store
+    store = JobDatabase(f"sqlite:///{data_dir / 'jobs.db'}")  # a worker elsewhere, same store
     try:
         store.beat_worker("remote-worker-1")
         ready = client.get("/readyz")

@@ -19,7 +19,7 @@ from api_processes import FAST_ENV, ServerProcess
 from safetensors.torch import save_file
 from tiny_models import TinyMLP
 
-from api.store import JobRecord, JobStore
+from api.jobs.database import JobDatabase, JobRecord
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +95,7 @@ def nice_of(pid: int) -> int:
 
 def live_worker_pids(data_dir: Path) -> set[int]:
     """Return the pids of the workers that sent a heartbeat within the lease."""
-    store = JobStore(f"sqlite:///{data_dir / 'jobs.db'}")
+    store = JobDatabase(f"sqlite:///{data_dir / 'jobs.db'}")
     try:
         return {worker.pid for worker in store.live_workers(float(FAST_ENV["COMPRESSOR_LEASE_S"]))}
     finally:
@@ -104,7 +104,7 @@ def live_worker_pids(data_dir: Path) -> set[int]:
 
 def read_store(data_dir: Path, job_id: str) -> JobRecord:
     """Read the job straight from the SQLite store (no server running)."""
-    store = JobStore(f"sqlite:///{data_dir / 'jobs.db'}")
+    store = JobDatabase(f"sqlite:///{data_dir / 'jobs.db'}")
     try:
         job = store.get(job_id)
     finally:

@@ -15,12 +15,13 @@ import pytest
 from api_fakes import FakeJob
 from api_helpers import make_settings
 
+from api.jobs.database import JobRecord
+from api.jobs.tables import jobs
 from api.services import Services
-from api.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord
-from api.tables import jobs
-from api.worker import JobRunner, LossCurve
+from api.workers.runner import JobRunner, LossCurve
 from compressor.errors import InternalError, UnsafeModelError
 from compressor.progress import ProgressEvent
+from compressor.vocabulary import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from api_processes import REPO_ROOT
 from tiny_models import TinyMLP
 
 from api.services import Services
-from api.store import FAILED
-from api.worker_pool import WorkerPool, settings_environment
+from api.workers.pool import WorkerPool, settings_environment
+from compressor.vocabulary import FAILED
 
 pytestmark = pytest.mark.slow
 

@@ -259,10 +259,10 @@ def test_a_file_that_is_not_a_program_is_refused(client: Client, tmp_path: Path)
 def test_corrupted_artifact_raises_checksum_mismatch_and_saves_nothing(
     client: Client, model_file: Path, service_dir: Path, tmp_path: Path
 ) -> None:
-    from api.storage import JobFiles
+    from api.jobs.folders import JobFolders
 
     job = client.wait(client.submit(model_file, scenario(SUCCEED)).id, timeout=30)
-    stored = JobFiles(service_dir / "data").artifact_path(job.id, "model.onnx")
+    stored = JobFolders(service_dir / "data").artifact_path(job.id, "model.onnx")
     stored.write_bytes(b"tampered" + stored.read_bytes()[8:])
     with pytest.raises(ChecksumMismatch) as mismatch:
         client.download(job.id, "model.onnx", tmp_path / "model.onnx")

@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import time
-import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
-from starlette.concurrency import run_in_threadpool
 
-from api.deps import JobDep, ServicesDep, StoreDep, TenantDep
-from api.errors import ApiError, not_found, unavailable
-from api.schemas import JobPublic, JobsPublic, JobStatus, error_responses
-from api.store import CANCELLED, RUNNING, JobRecord
-from api.uploads import receive_job
+from api.http.deps import JobDep, ServicesDep, StoreDep, TenantDep
+from api.http.errors import ApiError
+from api.http.schemas import JobPublic, JobsPublic, error_responses
+from api.http.uploads import receive_job
+from api.jobs import service
+from api.jobs.service import Submission
+from compressor.vocabulary import ErrorCode, JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401))
-
-_DELETE_WAIT_S = 5.0  # how long DELETE waits for a running job to stop before removing it
 
 _UPLOAD_BODY = {
     "requestBody": {
@@ -57,15 +53,6 @@ _UPLOAD_BODY = {
 }
 
 
-def _too_many_jobs(limit: int) -> ApiError:
-    return ApiError(
-        429, "too_many_jobs",
-        f"you already have {limit} jobs queued or running (the limit per API key); wait for "
-        "one to finish or cancel one, then submit again",
-        headers={"Retry-After": "30"},
-    )
-
-
 @router.post(
     "",
     status_code=202,
@@ -78,33 +65,15 @@ async def create_job(
     request: Request, response: Response, services: ServicesDep, tenant: TenantDep
 ) -> JobPublic:
     """Store the uploaded program (and data), queue the job, answer 202 with its URL."""
-    store, files, limit = services.store, services.files, services.settings.max_jobs_in_flight
-    if await run_in_threadpool(store.count_in_flight, tenant) >= limit:
-        raise _too_many_jobs(limit)
-    job_id = uuid.uuid4().hex
-    received = await receive_job(request, files, job_id, services.settings.max_upload_bytes)
-    try:
-        job = await run_in_threadpool(
-            store.create, job_id, tenant, received.config, received.data_format
+
+    async def receive(job_id: str) -> Submission:
+        return await receive_job(
+            request, services.files, job_id, services.settings.max_upload_bytes
         )
-        if await run_in_threadpool(store.count_in_flight, tenant) > limit:  # a concurrent submit
-            raise _too_many_jobs(limit)
-        await run_in_threadpool(services.queue.enqueue, job_id)
-    except ApiError:
-        await run_in_threadpool(_forget, services, job_id)
-        raise
-    except Exception as exc:
-        await run_in_threadpool(_forget, services, job_id)
-        raise unavailable("job store or queue", exc) from exc
+
+    job = await service.submit_job(services, tenant, receive)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobPublic.from_record(job)
-
-
-def _forget(services: ServicesDep, job_id: str) -> None:
-    try:
-        services.store.delete(job_id)
-    finally:
-        services.files.delete_job(job_id)
 
 
 def _encode_cursor(seq: int) -> str:
@@ -120,7 +89,7 @@ def _decode_cursor(cursor: str) -> int:
         return int(value)
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise ApiError(
-            422, "invalid_request",
+            422, ErrorCode.INVALID_REQUEST,
             "invalid cursor: pass the `next_cursor` of a previous page unchanged",
             details=[{"field": "cursor", "message": "not a cursor this server issued"}],
         ) from None
@@ -136,10 +105,7 @@ def list_jobs(
 ) -> JobsPublic:
     """Return the caller's jobs, newest first, a page at a time."""
     before = _decode_cursor(cursor) if cursor else None
-    try:
-        page = store.list_jobs(tenant, status=status, limit=limit + 1, before_seq=before)
-    except Exception as exc:
-        raise unavailable("job store", exc) from exc
+    page = service.list_jobs(store, tenant, status=status, limit=limit + 1, before_seq=before)
     next_cursor = _encode_cursor(page[limit - 1].seq) if len(page) > limit else None
     return JobsPublic(data=[JobPublic.from_record(j) for j in page[:limit]], next_cursor=next_cursor)
 
@@ -159,22 +125,7 @@ async def read_job(job: JobDep) -> JobPublic:
 )
 def cancel_job(job: JobDep, store: StoreDep) -> JobPublic:
     """Cancel a queued job now, or ask a running one to stop (it does within seconds)."""
-    if job.is_finished:
-        raise _already_finished(job)
-    updated = store.request_cancel(job.id)
-    if updated is None:
-        raise not_found(job.id)
-    if updated.is_finished and updated.status != CANCELLED:  # it finished in the meantime
-        raise _already_finished(updated)
-    return JobPublic.from_record(updated)
-
-
-def _already_finished(job: JobRecord) -> ApiError:
-    return ApiError(
-        409, "job_finished",
-        f"job {job.id} already {job.status}; there is nothing to cancel (DELETE it to remove "
-        "its files)",
-    )
+    return JobPublic.from_record(service.cancel_job(store, job))
 
 
 @router.delete(
@@ -182,13 +133,5 @@ def _already_finished(job: JobRecord) -> ApiError:
 )
 async def delete_job(job: JobDep, services: ServicesDep) -> Response:
     """Cancel the job if it has not finished, then delete its files and its record."""
-    store = services.store
-    if not job.is_finished:
-        current = await run_in_threadpool(store.request_cancel, job.id)
-        deadline = time.monotonic() + _DELETE_WAIT_S
-        while current is not None and current.status == RUNNING and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-            current = await run_in_threadpool(store.get, job.id)
-    # A worker still running past the wait finds its row gone and deletes the files it left.
-    await run_in_threadpool(_forget, services, job.id)
+    await service.delete_job(services, job)
     return Response(status_code=204)

@@ -5,7 +5,7 @@ python-multipart's streaming parser chunk by chunk; file bytes are buffered up t
 written by a worker thread. The sizes are checked as they grow (413 the moment the limit is
 passed), the config is validated as soon as its part ends, and file types are checked by their
 first bytes. On any failure everything written for the job is deleted (and the error answer
-closes the connection, see `api.errors`, so the rest of the body is not received).
+closes the connection, see `api.http.errors`, so the rest of the body is not received).
 """
 
 from __future__ import annotations
@@ -19,9 +19,16 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from api.errors import ApiError, field_errors
-from api.storage import JobFiles, UploadSink
-from compressor.config import CompressionConfig, describe_validation_error
+from api.http.errors import ApiError
+from api.jobs.folders import JobFolders, UploadSink
+from api.jobs.service import Submission
+from compressor.config import CompressionConfig
+from compressor.vocabulary import (
+    HOW_TO_EXPORT,
+    ErrorCode,
+    describe_validation_error,
+    field_errors,
+)
 
 FORM_OVERHEAD = 1 << 20  # boundaries, part headers and the config field, on top of the files
 MAX_CONFIG_BYTES = 256 << 10
@@ -29,13 +36,8 @@ _FLUSH_BYTES = 1 << 20
 _MAGIC_BYTES = 262  # a zip (PK\3\4), gzip, safetensors (u64 length, "{"), tar ("ustar" at 257)
 _TEXT_SUFFIXES = ("txt", "jsonl")
 
-HOW_TO_EXPORT = (
-    "Upload a torch.export program saved as .pt2: `program = torch.export.export(model, args, "
-    "dynamic_shapes=...)` then `torch.export.save(program, 'model.pt2')`. A pickled nn.Module or "
-    "a state_dict saved with torch.save is not accepted"
-)
 HOW_TO_UPLOAD_CHECKPOINT = (
-    "or a Hugging Face model folder (config.json + model.safetensors, tokenizer files) packed "
+    "Or upload a Hugging Face model folder (config.json + model.safetensors, tokenizer files) packed "
     "as .zip or .tar.gz (`compressor submit model-dir/` packs it for you)"
 )
 HOW_TO_SEND = (
@@ -44,18 +46,10 @@ HOW_TO_SEND = (
 )
 
 
-@dataclass
-class ReceivedJob:
-    """The validated parts of a job submission; the files are on disk under the job's inputs."""
-
-    config: dict[str, Any]
-    data_format: str | None  # "safetensors", "npz", "txt", "jsonl" or None (no data file)
-
-
 def too_large(limit: int) -> ApiError:
     """Return the 413 for an upload over `limit` bytes."""
     return ApiError(
-        413, "payload_too_large",
+        413, ErrorCode.PAYLOAD_TOO_LARGE,
         f"the upload is larger than this server's limit of {limit} bytes "
         f"({limit / 2**30:.2f} GiB); shrink the model or data file, or raise "
         "COMPRESSOR_MAX_UPLOAD_BYTES on the server",
@@ -72,9 +66,9 @@ def check_content_length(request: Request, limit: int) -> None:
 def _boundary(request: Request) -> bytes:
     content_type, params = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data":
-        raise ApiError(415, "unsupported_media_type", f"expected multipart/form-data: {HOW_TO_SEND}")
+        raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, f"expected multipart/form-data: {HOW_TO_SEND}")
     if not params.get(b"boundary"):
-        raise ApiError(422, "invalid_request", f"multipart body without a boundary: {HOW_TO_SEND}")
+        raise ApiError(422, ErrorCode.INVALID_REQUEST, f"multipart body without a boundary: {HOW_TO_SEND}")
     return params[b"boundary"]
 
 
@@ -97,7 +91,7 @@ class _FormReceiver:
 
     FILE_PARTS = ("model", "data")
 
-    def __init__(self, files: JobFiles, job_id: str, limit: int, boundary: bytes) -> None:
+    def __init__(self, files: JobFolders, job_id: str, limit: int, boundary: bytes) -> None:
         self.files = files
         self.job_id = job_id
         self.limit = limit
@@ -134,9 +128,9 @@ class _FormReceiver:
         _, options = parse_options_header(self._headers.get("content-disposition"))
         name = options.get(b"name", b"").decode("utf-8", "replace")
         if name not in ("model", "config", "data"):
-            raise ApiError(422, "invalid_request", f"unknown form field {name!r}: {HOW_TO_SEND}")
+            raise ApiError(422, ErrorCode.INVALID_REQUEST, f"unknown form field {name!r}: {HOW_TO_SEND}")
         if name in self.parts:
-            raise ApiError(422, "invalid_request", f"the form field {name!r} was sent twice")
+            raise ApiError(422, ErrorCode.INVALID_REQUEST, f"the form field {name!r} was sent twice")
         part = _Part(name, options.get(b"filename", b"").decode("utf-8", "replace"))
         self.parts[name] = part
         self.pending.append(part)
@@ -153,7 +147,7 @@ class _FormReceiver:
                 raise too_large(self.limit)
         elif part.size > MAX_CONFIG_BYTES:
             raise ApiError(
-                413, "payload_too_large",
+                413, ErrorCode.PAYLOAD_TOO_LARGE,
                 f"the config field is over {MAX_CONFIG_BYTES} bytes; a job config is a few lines",
             )
         part.buffer += data[start:end]
@@ -172,7 +166,7 @@ class _FormReceiver:
             self.parser.write(chunk)
         except FormParserError as exc:
             raise ApiError(
-                422, "invalid_request", f"malformed multipart body ({exc}): {HOW_TO_SEND}"
+                422, ErrorCode.INVALID_REQUEST, f"malformed multipart body ({exc}): {HOW_TO_SEND}"
             ) from None
         for part in list(self.pending):
             await self._advance(part)
@@ -203,20 +197,20 @@ class _FormReceiver:
         is_zip = part.head.startswith(b"PK\x03\x04")
         if part.name == "model":
             if part.size == 0:
-                raise ApiError(422, "invalid_request", f"the model file is empty. {HOW_TO_EXPORT}")
+                raise ApiError(422, ErrorCode.INVALID_REQUEST, f"the model file is empty. {HOW_TO_EXPORT}")
             is_tar = part.head.startswith(b"\x1f\x8b") or part.head[257:262] == b"ustar"
             if not (is_zip or is_tar):
                 raise ApiError(
-                    415, "unsupported_media_type",
+                    415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
                     f"the model file is not a .pt2 program (a .pt2 is a zip archive; this file "
-                    f"starts with {part.head[:4]!r}) nor a checkpoint archive. {HOW_TO_EXPORT}; "
+                    f"starts with {part.head[:4]!r}) nor a checkpoint archive. {HOW_TO_EXPORT} "
                     f"{HOW_TO_UPLOAD_CHECKPOINT}",
                 )
             return
         suffix = part.filename.rsplit(".", 1)[-1].lower() if "." in part.filename else ""
         if suffix in _TEXT_SUFFIXES:
             if b"\x00" in part.head:
-                raise ApiError(415, "unsupported_media_type",
+                raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
                                f"the data file {part.filename!r} is not text; a .{suffix} file "
                                "holds UTF-8 text, one sample a line")
             self.data_format = suffix
@@ -226,27 +220,27 @@ class _FormReceiver:
             self.data_format = "safetensors"
         else:
             raise ApiError(
-                415, "unsupported_media_type",
+                415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
                 "the data file is neither .safetensors nor .npz: save a dict of tensors named "
                 "after the model's inputs with `safetensors.torch.save_file(...)` or "
                 "`numpy.savez(...)`; for a Hugging Face checkpoint, text also works: a .txt "
                 "file (one sample a line) or .jsonl (a \"text\" field a line)",
             )
 
-    def finish(self) -> ReceivedJob:
+    def finish(self) -> Submission:
         """Return the submission once the body ended; 422 if the model is missing or cut off."""
         self.parser.finalize()
         if any(not part.complete for part in self.parts.values()):
             raise ApiError(
-                422, "invalid_request", "the upload ended before its last part was complete"
+                422, ErrorCode.INVALID_REQUEST, "the upload ended before its last part was complete"
             )
         if "model" not in self.parts:
             raise ApiError(
-                422, "invalid_request", f"the form has no `model` file: {HOW_TO_SEND}",
+                422, ErrorCode.INVALID_REQUEST, f"the form has no `model` file: {HOW_TO_SEND}",
                 details=[{"field": "model", "message": "field required"}],
             )
         config = self.config if self.config is not None else CompressionConfig().to_dict()
-        return ReceivedJob(config=config, data_format=self.data_format)
+        return Submission(config=config, data_format=self.data_format)
 
     def abort(self) -> None:
         """Delete every file written for this job."""
@@ -261,18 +255,18 @@ def validate_config(raw: bytes) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise ApiError(422, "invalid_config", "the config field is not UTF-8 text") from None
+        raise ApiError(422, ErrorCode.INVALID_CONFIG, "the config field is not UTF-8 text") from None
     try:
         config = CompressionConfig.model_validate_json(text.strip() or "{}")
     except ValidationError as exc:
         raise ApiError(
-            422, "invalid_config", describe_validation_error(exc),
+            422, ErrorCode.INVALID_CONFIG, describe_validation_error(exc),
             details=field_errors(list(exc.errors())),
         ) from None
     return config.to_dict()
 
 
-async def receive_job(request: Request, files: JobFiles, job_id: str, limit: int) -> ReceivedJob:
+async def receive_job(request: Request, files: JobFolders, job_id: str, limit: int) -> Submission:
     """Stream the form of `request` into the job's inputs and return its validated parts."""
     check_content_length(request, limit)
     receiver = _FormReceiver(files, job_id, limit, _boundary(request))
@@ -283,7 +277,7 @@ async def receive_job(request: Request, files: JobFiles, job_id: str, limit: int
         return receiver.finish()
     except ClientDisconnect:
         receiver.abort()
-        raise ApiError(400, "client_disconnected", "the client went away mid-upload") from None
+        raise ApiError(400, ErrorCode.CLIENT_DISCONNECTED, "the client went away mid-upload") from None
     except BaseException:
         receiver.abort()  # synchronous: it must run even when the request is being cancelled
         raise

@@ -13,8 +13,8 @@ from fastapi import APIRouter
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import JobDep, ServicesDep
-from api.schemas import JobPublic, error_responses
+from api.http.deps import JobDep, ServicesDep
+from api.http.schemas import JobPublic, error_responses
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"], responses=error_responses(401, 404))
 

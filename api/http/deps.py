@@ -8,10 +8,12 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 from starlette.concurrency import run_in_threadpool
 
-from api.errors import ApiError, not_found, unavailable
+from api.http.errors import ApiError
+from api.jobs.database import JobDatabase, JobRecord
+from api.jobs.service import find_job
 from api.services import Services
 from api.settings import ANONYMOUS_TENANT, Settings
-from api.store import JobRecord, JobStore
+from compressor.vocabulary import ErrorCode
 
 # The dependencies that do no I/O are `async def`: FastAPI runs a plain `def` dependency in a
 # worker thread, a hop that costs more than these functions themselves.
@@ -27,14 +29,14 @@ async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 
-async def get_store(services: Annotated[Services, Depends(get_services)]) -> JobStore:
+async def get_store(services: Annotated[Services, Depends(get_services)]) -> JobDatabase:
     """Return the job store."""
     return services.store
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
-StoreDep = Annotated[JobStore, Depends(get_store)]
+StoreDep = Annotated[JobDatabase, Depends(get_store)]
 
 _BEARER = "bearer "
 
@@ -51,14 +53,14 @@ async def get_tenant(request: Request, settings: SettingsDep) -> str:
     header = request.headers.get("authorization", "")
     if not header:
         raise ApiError(
-            401, "unauthorized",
+            401, ErrorCode.UNAUTHORIZED,
             "missing API key: send it as `Authorization: Bearer <key>` (the CLI reads "
             "--api-key or COMPRESSOR_API_KEY)",
             headers=challenge,
         )
     if not header.lower().startswith(_BEARER) or not header[len(_BEARER):].strip():
         raise ApiError(
-            401, "unauthorized",
+            401, ErrorCode.UNAUTHORIZED,
             "malformed Authorization header: expected `Authorization: Bearer <key>`",
             headers=challenge,
         )
@@ -66,7 +68,7 @@ async def get_tenant(request: Request, settings: SettingsDep) -> str:
     tenant = settings.tenants_by_key_hash.get(digest)
     if tenant is None:
         raise ApiError(
-            401, "unauthorized",
+            401, ErrorCode.UNAUTHORIZED,
             "the API key is not valid for this server; check it against COMPRESSOR_API_KEYS "
             "on the server",
             headers=challenge,
@@ -83,13 +85,7 @@ async def get_owned_job(
     tenant: TenantDep,
 ) -> JobRecord:
     """Return the caller's job `job_id`; 404 when it does not exist or is another tenant's."""
-    try:
-        job = await run_in_threadpool(store.get, job_id, tenant)
-    except Exception as exc:
-        raise unavailable("job store", exc) from exc
-    if job is None:
-        raise not_found(job_id)
-    return job
+    return await run_in_threadpool(find_job, store, job_id, tenant)
 
 
 JobDep = Annotated[JobRecord, Depends(get_owned_job)]

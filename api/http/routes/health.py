@@ -6,8 +6,8 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from api.deps import ServicesDep
-from api.schemas import ReadyStatus
+from api.http.deps import ServicesDep
+from api.http.schemas import ReadyStatus
 
 router = APIRouter(tags=["health"])
 

@@ -20,14 +20,19 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from api.migrate import upgrade_to_head
-from api.tables import jobs, workers
-
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
-    "queued", "running", "succeeded", "failed", "cancelled"
+from api.jobs.migrate import upgrade_to_head
+from api.jobs.tables import jobs, workers
+from compressor.vocabulary import (
+    CANCELLED,
+    FAILED,
+    FINISHED_STATUSES,
+    JOB_STATUSES,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    ErrorCode,
 )
-STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
-FINISHED = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
 LOSS_POINTS = 100  # at most this many [step, loss] points are kept per job
 
 
@@ -71,7 +76,7 @@ class JobRecord:
     @property
     def is_finished(self) -> bool:
         """Return True once the job reached succeeded, failed or cancelled."""
-        return self.status in FINISHED
+        return self.status in FINISHED_STATUSES
 
 
 @dataclass(frozen=True)
@@ -137,8 +142,11 @@ def create_store_engine(url: str) -> tuple[sa.Engine, sa.Engine]:
     return engine, engine.execution_options(sqlite_begin="BEGIN IMMEDIATE")
 
 
-class JobStore:
-    """Create, read, claim, update and finish jobs; shared by the API and every worker."""
+class JobDatabase:
+    """The job store: the rows of jobs (and of live workers) in SQLite or PostgreSQL.
+
+    Create, read, claim, update and finish jobs; shared by the API and every worker.
+    """
 
     def __init__(self, url: str, *, migrate: bool = True) -> None:
         self.url = url
@@ -212,7 +220,7 @@ class JobStore:
     def count_by_status(self) -> dict[str, int]:
         """Return the number of jobs in each status (every status present, zeros included)."""
         query = sa.select(jobs.c.status, sa.func.count()).group_by(jobs.c.status)
-        counts = dict.fromkeys(STATUSES, 0)
+        counts = dict.fromkeys(JOB_STATUSES, 0)
         with self._reader.connect() as conn:
             counts.update({status: int(n) for status, n in conn.execute(query)})
         return counts
@@ -229,7 +237,10 @@ class JobStore:
                 .where(jobs.c.id == job_id, jobs.c.status == QUEUED)
                 .values(
                     status=CANCELLED, finished_at=now, updated_at=now, cancel_requested=True,
-                    error={"code": "cancelled", "message": "cancelled by its owner before it ran"},
+                    error={
+                        "code": ErrorCode.CANCELLED,
+                        "message": "cancelled by its owner before it ran",
+                    },
                 )
             )
             conn.execute(
@@ -318,7 +329,7 @@ class JobStore:
         artifacts: list[dict[str, Any]] | None = None,
     ) -> bool:
         """Move our running job to a finished status; False if it is not ours any more."""
-        assert status in FINISHED, status
+        assert status in FINISHED_STATUSES, status
         now = self._now
         values: dict[str, Any] = {
             "status": status, "error": error, "report": report, "artifacts": artifacts or [],
@@ -390,7 +401,7 @@ class JobStore:
         )
         if cancel_requested:
             status, reason = CANCELLED, f"{lost}; the job was being cancelled, so it stays cancelled"
-            values = {"error": {"code": "cancelled", "message": reason}, "finished_at": now}
+            values = {"error": {"code": ErrorCode.CANCELLED, "message": reason}, "finished_at": now}
         elif attempts < max_attempts:
             status, reason = QUEUED, f"{lost}; re-queued for attempt {attempts + 1}"
             values = {"retry_reason": reason, "stage": None, "progress": 0.0}
@@ -400,7 +411,7 @@ class JobStore:
                 f"{lost}; no attempts left. Check the workers' logs (a crash or out-of-memory "
                 "kill is likely), then submit the job again"
             )
-            values = {"error": {"code": "worker_lost", "message": reason}, "finished_at": now}
+            values = {"error": {"code": ErrorCode.WORKER_LOST, "message": reason}, "finished_at": now}
         values.update(status=status, worker_id=None, lease_expires_at=None, updated_at=now)
         with self._writer.begin() as conn:
             changed = conn.execute(

@@ -7,14 +7,13 @@ Deleting a job deletes its directory.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
-from compressor.pipeline import ARTIFACT_NAMES
+from compressor.vocabulary import ARTIFACT_NAMES, sha256_of
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 # model.pt2 holds the model upload: a .pt2 program, or a Hugging Face checkpoint archive
@@ -54,8 +53,8 @@ class UploadSink:
         self._temp_path.unlink(missing_ok=True)
 
 
-class JobFiles:
-    """Place, find and delete the files of each job under one root directory."""
+class JobFolders:
+    """Place, find and delete each job's folder of files (inputs, artifacts) under one root."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
@@ -123,12 +122,3 @@ class JobFiles:
         """Raise if the directory cannot be written."""
         with tempfile.NamedTemporaryFile(dir=self.root, prefix=".ready."):
             pass
-
-
-def sha256_of(path: Path, chunk_size: int = 1 << 20) -> str:
-    """Return the hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()

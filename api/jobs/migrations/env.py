@@ -1,8 +1,9 @@
-"""Alembic environment: migrate the connection handed over by `api.migrate`, or the ini's URL.
+"""Alembic environment: migrate the connection handed over by `api.jobs.migrate`, or the ini's URL.
 
-`api.migrate.upgrade_to_head` passes an open connection in `config.attributes["connection"]`
+`api.jobs.migrate.upgrade_to_head` passes an open connection in `config.attributes["connection"]`
 (inside a transaction that holds the migration lock). Run by hand, `alembic -c
-api/migrations/alembic.ini upgrade head` uses `sqlalchemy.url` from the ini or the -x url=... option.
+api/jobs/migrations/alembic.ini upgrade head` uses `sqlalchemy.url` from the ini or the -x url=...
+option.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from api.tables import metadata
+from api.jobs.tables import metadata
 
 config = context.config
 

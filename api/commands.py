@@ -1,8 +1,9 @@
 """`compressor serve` (API + embedded worker, one machine) and `compressor worker` (jobs only).
 
-Both read `COMPRESSOR_*` settings from the environment; options override them. The service
-package (`api`, FastAPI, SQLAlchemy, Huey) is imported inside the commands, so that
-`import compressor.cli` stays cheap.
+Both read `COMPRESSOR_*` settings from the environment; options override them. The core's CLI
+finds them through the `compressor.commands` entry-point group (see pyproject.toml), so the core
+never imports the service. The rest of the service (FastAPI, SQLAlchemy, Huey) is imported
+inside the commands, so that `import compressor.cli` stays cheap.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import click
 
-COMMANDS: list[click.Command] = []
+from compressor.vocabulary import field_errors
 
 
 def _load_settings(**overrides: Any) -> Any:
@@ -27,9 +28,8 @@ def _load_settings(**overrides: Any) -> Any:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         problems = "\n".join(
-            f"  - {'.'.join(str(p) for p in e['loc']) or 'settings'}: "
-            f"{e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors()
+            f"  - {problem['field']}: {problem['message'].removeprefix('Value error, ')}"
+            for problem in field_errors(exc.errors(), whole="settings")
         )
         raise click.UsageError(f"invalid settings:\n{problems}") from None
 
@@ -61,7 +61,7 @@ def serve(
         host=host, port=port, data_dir=data_dir, worker_concurrency=workers,
         embedded_worker=None if workers is None else workers > 0,
     )
-    from api.worker_process import configure_logging
+    from api.workers.process import configure_logging
 
     configure_logging(log_level)
     _print_settings(f"compressor serve on http://{settings.host}:{settings.port}", settings)
@@ -101,7 +101,7 @@ def worker(concurrency: int | None, metrics_port: int | None, log_level: str) ->
     its own: with --concurrency N above 1 this process supervises N worker processes.
     """
     settings = _load_settings(worker_concurrency=concurrency)
-    from api.worker_process import configure_logging, run_worker
+    from api.workers.process import configure_logging, run_worker
 
     configure_logging(log_level)
     _print_settings("compressor worker", settings)
@@ -115,7 +115,7 @@ def _run_pool(settings: Any, metrics_port: int | None, log_level: str) -> None:
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    from api.worker_pool import WorkerPool
+    from api.workers.pool import WorkerPool
 
     pool = WorkerPool(settings, settings.worker_concurrency, log_level)
     if metrics_port is not None:
@@ -132,5 +132,3 @@ def _run_pool(settings: Any, metrics_port: int | None, log_level: str) -> None:
     click.echo("stopping: running jobs go back to the queue", err=True)
     pool.stop()
 
-
-COMMANDS.extend([serve, worker])

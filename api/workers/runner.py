@@ -23,12 +23,20 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
+from api.jobs.database import LOSS_POINTS, JobDatabase, JobRecord
+from api.jobs.folders import JobFolders
 from api.metrics import Metrics
 from api.settings import Settings
-from api.storage import JobFiles
-from api.store import CANCELLED, FAILED, LOSS_POINTS, SUCCEEDED, JobRecord, JobStore
-from compressor.errors import CompressorError, InternalError
-from compressor.progress import STAGES, ProgressEvent
+from compressor.errors import CancelledError, CompressorError, InternalError
+from compressor.progress import ProgressEvent
+from compressor.vocabulary import (
+    CANCELLED,
+    FAILED,
+    FINETUNING,
+    JOB_STAGES,
+    SUCCEEDED,
+    ErrorCode,
+)
 
 log = logging.getLogger("api.worker")
 
@@ -129,11 +137,11 @@ class _RunningJob:
 
     def on_progress(self, event: ProgressEvent) -> None:
         """Store the stage and overall progress: at every stage change, else at most so often."""
-        if event.stage not in STAGES:  # the store (and the API's schema) hold known stages only
+        if event.stage not in JOB_STAGES:  # the store (and the API's schema) hold known stages only
             log.warning("job %s: ignoring progress of unknown stage %r", self.job.id, event.stage)
             return
         now = time.monotonic()
-        if event.loss is not None and event.stage == "finetuning" and self._steps:
+        if event.loss is not None and event.stage == FINETUNING and self._steps:
             self.losses.add(round(event.fraction * self._steps), event.loss)
         new_stage = event.stage != self.stage
         if new_stage:
@@ -164,8 +172,8 @@ class JobRunner:
     def __init__(
         self,
         settings: Settings,
-        store: JobStore,
-        files: JobFiles,
+        store: JobDatabase,
+        files: JobFolders,
         metrics: Metrics,
         requeue: Callable[[str], None],
         run_job: RunJob | None = None,
@@ -222,7 +230,7 @@ class JobRunner:
                 should_stop=running.should_stop,
             )
         except CompressorError as exc:
-            status = CANCELLED if exc.code == "cancelled" else FAILED
+            status = CANCELLED if isinstance(exc, CancelledError) else FAILED
             if isinstance(exc, InternalError):
                 log.error("job %s: internal error %s; traceback in its job.log", job.id,
                           exc.error_id)
@@ -252,7 +260,7 @@ class JobRunner:
             self.store.release(job.id, running.worker_id, reason, self.requeue)
             return
         if status == CANCELLED and error is not None:
-            error = {"code": "cancelled", "message": "cancelled by its owner while running"}
+            error = {"code": ErrorCode.CANCELLED, "message": "cancelled by its owner while running"}
         artifacts = self.files.describe_artifacts(job.id)
         if self.store.finish(
             job.id, running.worker_id, status, error=error, report=report, artifacts=artifacts
@@ -279,7 +287,7 @@ def _append_traceback(path: Path, exc: BaseException, error_id: str) -> None:
 
 def _missing_input(path: Path, worker_id: str) -> dict[str, str]:
     return {
-        "code": "input_missing",
+        "code": ErrorCode.INPUT_MISSING,
         "message": f"the job's upload is not at {path} on worker {worker_id}: every worker must "
         "share the API's data directory (COMPRESSOR_DATA_DIR); fix the mount and submit again",
     }

@@ -1,7 +1,7 @@
 """A job worker process: run jobs from the queue until SIGTERM or SIGINT, then hand back its job.
 
 `compressor worker` runs `run_worker` in its own process; a `WorkerPool` starts children with
-`python -m api.worker_process`, passing the settings as COMPRESSOR_* variables and its own pid
+`python -m api.workers.process`, passing the settings as COMPRESSOR_* variables and its own pid
 as COMPRESSOR_PARENT_PID: a child whose parent died kills itself like its parent was killed, so
 its job is settled by the lease reaper, as for any lost worker. Pooled children leave the lease
 reaper and the sweeper to their parent's side (the API runs them); children of `serve` (marked
@@ -62,7 +62,8 @@ def run_worker(
 
     `stop` defaults to an event set by SIGTERM or SIGINT.
     """
-    from api.services import BackgroundWork, Services  # brings in torch: seconds
+    from api.services import Services
+    from api.workers.background import BackgroundWork
 
     stop = stop or stop_on_signals()
     parent = os.environ.get(PARENT_PID_VARIABLE)

@@ -18,7 +18,7 @@ _PG_LOCK_KEY = 0x636F6D70  # "comp": one lock id for this schema's migrations
 
 
 def alembic_config() -> Config:
-    """Return an Alembic config pointing at `api/migrations`, independent of the working dir."""
+    """Return an Alembic config pointing at `api/jobs/migrations`, independent of the working dir."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     return config

@@ -3,7 +3,7 @@
 Why processes: torch.export and the ONNX exporter keep global state and fail when two exports
 run at once in one process; a job that crashes or is killed for memory then takes down only its
 own process, never the API; and the API's request handling does not share a GIL with training.
-Each child is `python -m api.worker_process` with this process's settings. The pool restarts a
+Each child is `python -m api.workers.process` with this process's settings. The pool restarts a
 child that dies, and stops them all with SIGTERM (their running jobs go back to the queue).
 Children write their metrics to a shared directory (prometheus-client's multiprocess mode),
 which the parent reports.
@@ -22,7 +22,7 @@ import threading
 import time
 
 from api.settings import Settings
-from api.worker_process import EMBEDDED_VARIABLE, LOG_LEVEL_VARIABLE, PARENT_PID_VARIABLE
+from api.workers.process import EMBEDDED_VARIABLE, LOG_LEVEL_VARIABLE, PARENT_PID_VARIABLE
 
 log = logging.getLogger("api.worker")
 
@@ -87,7 +87,7 @@ class WorkerPool:
         self._supervisor = threading.Thread(target=self._supervise, name="worker-pool", daemon=True)
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "api.worker_process"], env=self._env)
+        return subprocess.Popen([sys.executable, "-m", "api.workers.process"], env=self._env)
 
     def start(self) -> None:
         """Start the worker processes and the supervisor that restarts dead ones."""

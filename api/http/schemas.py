@@ -7,10 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.store import JobRecord
-
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-JobStage = Literal["loading", "planning", "rewriting", "finetuning", "exporting", "verifying"]
+from api.jobs.database import JobRecord
+from compressor.vocabulary import JobStage, JobStatus
 
 _JOB_ID = "3f2b9c0e5d1a4e7f8a6b2c4d9e0f1a2b"
 

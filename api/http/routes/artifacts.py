@@ -13,11 +13,12 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import JobDep, ServicesDep
-from api.errors import ApiError
-from api.schemas import error_responses
+from api.http.deps import JobDep, ServicesDep
+from api.http.errors import ApiError
+from api.http.schemas import error_responses
+from api.jobs.database import JobRecord
 from api.services import Services
-from api.store import JobRecord
+from compressor.vocabulary import ErrorCode
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"], responses=error_responses(401, 404))
 
@@ -82,12 +83,12 @@ def _finished_artifact(
             "succeeds)"
         )
         raise ApiError(
-            404, "not_found", f"job {job.id} has no artifact {name!r}; it has: {have}{hint}"
+            404, ErrorCode.NOT_FOUND, f"job {job.id} has no artifact {name!r}; it has: {have}{hint}"
         )
     path = services.files.artifact_path(job.id, name)
     if path is None:
         raise ApiError(
-            404, "not_found",
+            404, ErrorCode.NOT_FOUND,
             f"the artifact {name!r} of job {job.id} is missing from the data directory; "
             "submit the job again",
         )

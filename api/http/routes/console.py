@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse
 
 from compressor.config import CompressionConfig
 
-CONSOLE_DIR = Path(__file__).resolve().parents[1] / "console"
+CONSOLE_DIR = Path(__file__).resolve().parents[2] / "console"
 # Everything the page loads comes from this server: no CDN, no inline script.
 SECURITY_HEADERS = {
     "Content-Security-Policy": (

@@ -1,0 +1,1 @@
+"""The HTTP side: routes, their dependencies, the answers' schemas, errors and upload parsing."""

@@ -1,0 +1,1 @@
+"""Jobs: their database (store), files, queue and the submit / cancel / delete service."""

@@ -1,0 +1,1 @@
+"""Running jobs: the runner of one job, background work, worker processes and their pool."""
