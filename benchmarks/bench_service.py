@@ -26,7 +26,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,16 +39,11 @@ from pathlib import Path
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "tests"))
+sys.path.insert(0, str(REPO_ROOT))  # for the tests' helpers: tests.support
 MIB = 1 << 20
 QUICK_CONFIG = json.dumps({"finetune": {"steps": 5}, "export": {"latency_seconds": 0}})
 
-
-def free_port() -> int:
-    """Return a loopback port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.support.network import free_port  # noqa: E402
 
 
 class Server:
@@ -337,7 +331,8 @@ def bench_throughput(work: Path, models: dict[str, Path], jobs: int) -> list[str
 def make_models(folder: Path) -> dict[str, Path]:
     """Export the tiny MLP and save a state_dict (a job that fails at once, in the worker)."""
     import torch
-    from tiny_models import TinyMLP, make_pt2
+
+    from tests.support.tiny_models import TinyMLP, make_pt2
 
     state_dict = folder / "state_dict.pt2"
     torch.save(TinyMLP().state_dict(), state_dict)

@@ -1,1 +1,1 @@
-"""Shared test configuration; `tests/` is on sys.path (pyproject) so `tiny_models` imports."""
+"""Shared test configuration. Helpers live in the `tests.support` package."""

@@ -23,13 +23,14 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from service_process import (
+
+from tests.support.command_service import (
     VENV_BIN,
-    free_port,
     running_service,
     serve_available,
     service_env,
 )
+from tests.support.network import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"

@@ -17,7 +17,9 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from service_process import free_port, running_service, serve_available, service_env
+
+from tests.support.command_service import running_service, serve_available, service_env
+from tests.support.network import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"

@@ -8,7 +8,6 @@ turned into a failure, so CI always runs them for real.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -17,15 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-# tests/ is first on sys.path (tests/conftest.py), and tests/api and tests/compressor would then
-# shadow the real packages as namespace packages; the repo root makes the real ones win.
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from api_backends import Backend, distributed_backend, embedded_backend  # noqa: E402
-from api_fakes import make_fake_pt2  # noqa: E402
-from api_helpers import make_settings, serve_in_thread  # noqa: E402
+from tests.support.backends import Backend, distributed_backend, embedded_backend
+from tests.support.fakes import make_fake_pt2
+from tests.support.service import make_settings, serve_in_thread
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -64,7 +57,7 @@ def pt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def mlp_pt2(pt2_dir: Path) -> Path:
     """Return the tiny MLP exported as a real .pt2 program."""
-    from tiny_models import make_pt2
+    from tests.support.tiny_models import make_pt2
 
     return make_pt2("mlp", pt2_dir / "mlp.pt2")
 

@@ -8,8 +8,9 @@ import threading
 import time
 
 import pytest
-from api_fakes import FakeJob
-from api_helpers import wait_for_job
+
+from tests.support.fakes import FakeJob
+from tests.support.service import wait_for_job
 
 
 @pytest.fixture

@@ -6,8 +6,9 @@ import hashlib
 
 import pytest
 import sqlalchemy as sa
-from api_fakes import FakeJob
-from api_helpers import wait_for_job
+
+from tests.support.fakes import FakeJob
+from tests.support.service import wait_for_job
 
 ALICE, BOB = "alice-key-0123456789", "bob-key-9876543210"
 

@@ -14,12 +14,12 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
-from api_backends import Backend
 
 from api.jobs.database import JobDatabase
 from api.jobs.folders import JobFolders
 from api.jobs.queue import JobQueue
 from compressor.vocabulary import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, sha256_of
+from tests.support.backends import Backend
 
 
 @pytest.fixture
@@ -406,10 +406,9 @@ def test_sweeper_leaves_the_job_for_the_next_round_when_the_queue_fails(
 def test_background_sweep_counts_and_logs_what_it_requeued(
     backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from api_helpers import make_settings
-
     from api.services import Services
     from api.workers.background import BackgroundWork
+    from tests.support.service import make_settings
 
     services = Services.open(
         make_settings(backend.data_dir, requeue_after_s=0.1, **queue_and_store(backend))
@@ -470,7 +469,7 @@ def test_a_running_jobs_log_is_served_line_by_line(backend: Backend, make_client
     def logging_job(model, config, *, out_dir, progress=None, should_stop=None, **_):
         log = JobLog(out_dir / "job.log")
         log.info("loaded the model")
-        from api_fakes import FakeJob
+        from tests.support.fakes import FakeJob
 
         while not release.wait(0.05):
             if should_stop():
@@ -492,7 +491,7 @@ def test_a_running_jobs_log_is_served_line_by_line(backend: Backend, make_client
     assert "etag" not in response.headers
     assert response.text.endswith("] loaded the model\n")
     release.set()
-    from api_helpers import wait_for_job
+    from tests.support.service import wait_for_job
 
     assert wait_for_job(client, job_id)["status"] == "succeeded"
     final = client.get(f"/v1/jobs/{job_id}/artifacts/job.log")

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from api_backends import Backend, distributed_backend
-from api_processes import ServerProcess, ServiceProcess
 
 from api.jobs.queue import JobQueue
+from tests.support.backends import Backend, distributed_backend
+from tests.support.processes import ServerProcess, ServiceProcess
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -42,7 +42,8 @@ def test_workers_killed_at_random_leave_every_job_final_exactly_once(
     shared: Backend, mlp_pt2: Path, tmp_path: Path
 ) -> None:
     import torch
-    from tiny_models import TinyMLP
+
+    from tests.support.tiny_models import TinyMLP
 
     state_dict = tmp_path / "state_dict.pt2"
     torch.save(TinyMLP().state_dict(), state_dict)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from api_processes import REPO_ROOT
 from click.testing import CliRunner
 
 from compressor.cli import main
+from tests.support.processes import REPO_ROOT
 
 
 def test_serve_refuses_a_public_host_without_keys_and_says_how_to_set_them() -> None:

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from api_processes import ServerProcess
+
+from tests.support.processes import ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from api_backends import Backend, distributed_backend
-from api_helpers import wait_for_job
-from api_processes import ServerProcess, ServiceProcess
 
 from api.jobs.database import JobDatabase
+from tests.support.backends import Backend, distributed_backend
+from tests.support.processes import ServerProcess, ServiceProcess
+from tests.support.service import wait_for_job
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 

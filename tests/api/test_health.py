@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import re
 
-from api_fakes import FakeJob
-from api_helpers import wait_for_job
-
 from api.jobs.database import JobDatabase
+from tests.support.fakes import FakeJob
+from tests.support.service import wait_for_job
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -9,11 +9,11 @@ import tarfile
 import zipfile
 
 import pytest
-from api_fakes import FakeJob
-from api_helpers import wait_for_job
-from tiny_checkpoints import save_checkpoint, write_text, zip_folder
 
 import compressor
+from tests.support.fakes import FakeJob
+from tests.support.service import wait_for_job
+from tests.support.tiny_checkpoints import save_checkpoint, write_text, zip_folder
 
 
 def tar_gz_bytes() -> bytes:

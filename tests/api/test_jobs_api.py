@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from api_fakes import FakeJob
-from api_helpers import wait_for_job
-
 from compressor.config import FinetuneConfig
+from tests.support.fakes import FakeJob
+from tests.support.service import wait_for_job
 
 
 def submit(client, model: Path, config: str | None = None, headers=None):

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from api_helpers import wait_for_job
-from tiny_models import TinyMLP
 
 import compressor
+from tests.support.service import wait_for_job
+from tests.support.tiny_models import TinyMLP
 
 pytestmark = pytest.mark.slow
 

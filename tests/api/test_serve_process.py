@@ -14,12 +14,12 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-from api_helpers import wait_for_job
-from api_processes import FAST_ENV, ServerProcess
 from safetensors.torch import save_file
-from tiny_models import TinyMLP
 
 from api.jobs.database import JobDatabase, JobRecord
+from tests.support.processes import FAST_ENV, ServerProcess
+from tests.support.service import wait_for_job
+from tests.support.tiny_models import TinyMLP
 
 pytestmark = pytest.mark.slow
 

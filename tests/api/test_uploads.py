@@ -10,8 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from api_fakes import FakeJob
-from api_helpers import wait_for_job
+
+from tests.support.fakes import FakeJob
+from tests.support.service import wait_for_job
 
 MIB = 1 << 20
 

@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from api_fakes import FakeJob
-from api_helpers import make_settings
 
 from api.jobs.database import JobRecord
 from api.jobs.tables import jobs
@@ -22,6 +20,8 @@ from api.workers.runner import JobRunner, LossCurve
 from compressor.errors import InternalError, UnsafeModelError
 from compressor.progress import ProgressEvent
 from compressor.vocabulary import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
+from tests.support.fakes import FakeJob
+from tests.support.service import make_settings
 
 
 @pytest.fixture

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from api_helpers import make_settings
-from api_processes import REPO_ROOT
-from tiny_models import TinyMLP
 
 from api.services import Services
 from api.workers.pool import WorkerPool, settings_environment
 from compressor.vocabulary import FAILED
+from tests.support.processes import REPO_ROOT
+from tests.support.service import make_settings
+from tests.support.tiny_models import TinyMLP
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-from tiny_models import MODEL_CLASSES, example_inputs, make_pt2
 
 from compressor.allocation import allocate_by_sensitivity, measure_sensitivities
 from compressor.config import CompressionConfig
@@ -14,6 +13,7 @@ from compressor.methods.lowrank import RANK_MULTIPLE
 from compressor.objectives import distillation_loss
 from compressor.outputs import run_outputs
 from compressor.planning import plan_layers
+from tests.support.tiny_models import MODEL_CLASSES, example_inputs, make_pt2
 
 LOWRANK = get_method("lowrank")
 

@@ -23,8 +23,6 @@ from typing import Any
 import httpx
 import pytest
 from click.testing import CliRunner
-from service_process import free_port
-from tiny_models import make_pt2
 
 from compressor.cli import main as cli
 from compressor.client import (
@@ -46,6 +44,8 @@ from compressor.client import (
 from compressor.errors import CancelledError, DataError
 from compressor.pipeline import Result
 from compressor.progress import STAGES, ProgressEvent, overall_progress
+from tests.support.network import free_port
+from tests.support.tiny_models import make_pt2
 
 KEY_A, KEY_B = "tenant-a-key", "tenant-b-key"
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from tiny_models import make_pt2
 
 from compressor.cli import main
+from tests.support.tiny_models import make_pt2
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def _said(result) -> str:
 
 
 def _corpus_program(name: str, path):
-    from corpus_programs import CASES, save
+    from tests.support.corpus_programs import CASES, save
 
     return save(next(case for case in CASES if case.name == name), path)
 

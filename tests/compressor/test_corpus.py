@@ -1,6 +1,6 @@
 """Every program in the corpus compresses to a verified ONNX or is refused with a clear message.
 
-The corpus (`tests/corpus_programs.py`) holds programs exported the ways users export them. A
+The corpus (`tests/support/corpus_programs.py`) holds programs exported the ways users export them. A
 case that compresses must leave a model.onnx that onnxruntime runs at another batch size with
 the program's input names and the original's outputs; a refusal must be a `CompressorError`
 with the case's code and a message that names the problem and what to do. Nothing else, and
@@ -15,13 +15,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from corpus_programs import CASES, Case, save
 
 import compressor
 from compressor.data import input_specs, synthesize_data
 from compressor.errors import CompressorError, InternalError
 from compressor.loading import load_program
 from compressor.outputs import run_outputs
+from tests.support.corpus_programs import CASES, Case, save
 
 FAST = {"finetune": {"steps": 2, "eval_every": 2, "batch_size": 8},
         "export": {"latency_seconds": 0}, "data": {"synthetic_samples": 24},

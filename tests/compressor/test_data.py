@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_models import TinyTextEncoder, example_inputs, make_pt2
 from torch import nn
 
 from compressor.data import (
@@ -21,6 +20,8 @@ from compressor.data import (
 )
 from compressor.errors import DataError
 from compressor.loading import load_program
+from tests.support import tiny_models
+from tests.support.tiny_models import TinyTextEncoder, example_inputs, make_pt2
 
 
 class Gate(nn.Module):
@@ -74,7 +75,7 @@ def specs(programs):
 def _examples(kind: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = {"mlp": "TinyMLP", "conv": "TinyConvNet", "text": "TinyTextEncoder"}[kind]
-    return example_inputs(getattr(__import__("tiny_models"), model)())
+    return example_inputs(getattr(tiny_models, model)())
 
 
 # -- input_specs ------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-from tiny_models import MODEL_CLASSES, example_inputs, make_pt2
 
 from compressor.config import CompressionConfig
 from compressor.errors import ConfigError
@@ -13,6 +12,7 @@ from compressor.graph import find_layers
 from compressor.outputs import run_outputs
 from compressor.planning import plan_layers
 from compressor.rewrite import parametrize_
+from tests.support.tiny_models import MODEL_CLASSES, example_inputs, make_pt2
 
 
 def test_asking_for_cuda_without_one_says_what_to_do():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from corpus_programs import CASES, MLP, TinyLlama, save
 from safetensors.torch import save_file
 from torch.export import Dim
 
@@ -12,6 +11,7 @@ import compressor
 from compressor.errors import GuardError
 from compressor.guards import guard_failure
 from compressor.loading import load_program
+from tests.support.corpus_programs import CASES, MLP, TinyLlama, save
 
 FAST = {"finetune": {"steps": 1}, "export": {"latency_seconds": 0}}
 

@@ -7,10 +7,10 @@ import zipfile
 
 import pytest
 from click.testing import CliRunner
-from tiny_checkpoints import save_checkpoint, write_text
 
 from compressor.cli import main
 from compressor.client import pack_folder
+from tests.support.tiny_checkpoints import save_checkpoint, write_text
 
 
 @pytest.mark.slow

@@ -11,18 +11,18 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from tiny_checkpoints import (
+
+import compressor
+from compressor.config import CompressionConfig
+from compressor.errors import DataError, ModelFormatError, UnsafeModelError
+from compressor.huggingface import checkpoint_data, is_checkpoint, load_checkpoint
+from tests.support.tiny_checkpoints import (
     VOCAB_SIZE,
     save_checkpoint,
     tar_folder,
     write_text,
     zip_folder,
 )
-
-import compressor
-from compressor.config import CompressionConfig
-from compressor.errors import DataError, ModelFormatError, UnsafeModelError
-from compressor.huggingface import checkpoint_data, is_checkpoint, load_checkpoint
 
 FAST = {"finetune": {"steps": 4, "eval_every": 2}, "export": {"latency_seconds": 0},
         "min_layer_params": 0, "data": {"max_length": 16, "synthetic_samples": 32}}
@@ -262,7 +262,7 @@ def test_a_zip_slip_archive_is_refused_and_writes_nothing_outside(folders, tmp_p
 
 
 def test_a_pt2_zip_is_not_taken_for_a_checkpoint(tmp_path) -> None:
-    from tiny_models import make_pt2
+    from tests.support.tiny_models import make_pt2
 
     assert not is_checkpoint(make_pt2("mlp", tmp_path / "mlp.pt2"))
     assert is_checkpoint(tmp_path)  # a folder is

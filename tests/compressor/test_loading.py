@@ -14,11 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import TinyConvNet, TinyMLP, TinyTextEncoder, example_inputs, export_pt2
 
 from compressor import loading
 from compressor.errors import ModelFormatError, UnsafeModelError
 from compressor.loading import load_program
+from tests.support.tiny_models import (
+    TinyConvNet,
+    TinyMLP,
+    TinyTextEncoder,
+    example_inputs,
+    export_pt2,
+)
 
 MODELS = {"mlp": TinyMLP, "conv": TinyConvNet, "text": TinyTextEncoder}
 

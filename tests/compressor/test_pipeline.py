@@ -7,11 +7,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from tiny_models import MODEL_CLASSES, TinyMLP, example_inputs, make_pt2
 
 import compressor
 from compressor.errors import CancelledError, JobTimeoutError, ModelFormatError, VerificationError
 from compressor.report import sha256_of
+from tests.support.tiny_models import MODEL_CLASSES, TinyMLP, example_inputs, make_pt2
 
 FAST = {"finetune": {"steps": 4, "eval_every": 2}, "export": {"latency_seconds": 0}}
 

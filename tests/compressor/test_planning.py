@@ -136,9 +136,9 @@ def test_tying_methods_leave_a_layer_that_produces_an_output_dense(method):
 
 def test_find_layers_marks_the_layers_that_produce_an_output(tmp_path):
     import torch
-    from tiny_models import make_pt2
 
     from compressor.graph import find_layers
+    from tests.support.tiny_models import make_pt2
 
     program = torch.export.load(str(make_pt2("text", tmp_path / "text.pt2")))
     layers, _ = find_layers(program.module())

@@ -5,7 +5,6 @@ import copy
 import onnxruntime as ort
 import pytest
 import torch
-from tiny_models import MODEL_CLASSES, example_inputs, make_pt2
 
 from compressor.config import CompressionConfig
 from compressor.data import input_specs
@@ -14,6 +13,7 @@ from compressor.graph import collect_layer_stats, find_layers
 from compressor.outputs import run_outputs
 from compressor.planning import plan_layers
 from compressor.rewrite import factorize, materialize, parametrize_
+from tests.support.tiny_models import MODEL_CLASSES, example_inputs, make_pt2
 
 
 def rewritten(kind, tmp_path, **config):

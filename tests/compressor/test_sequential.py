@@ -3,7 +3,6 @@
 import copy
 
 import torch
-from tiny_models import MODEL_CLASSES, example_inputs, make_pt2
 
 from compressor.config import CompressionConfig
 from compressor.graph import collect_layer_stats, find_layers
@@ -13,6 +12,7 @@ from compressor.outputs import run_outputs
 from compressor.planning import plan_layers
 from compressor.rewrite import parametrize_
 from compressor.sequential import correct_sequentially_
+from tests.support.tiny_models import MODEL_CLASSES, example_inputs, make_pt2
 
 
 def test_correction_brings_the_outputs_closer_and_leaves_the_original_alone(tmp_path):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+
+from tests.support.network import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FAST_ENV = {
@@ -23,13 +24,6 @@ FAST_ENV = {
     "COMPRESSOR_PROGRESS_INTERVAL_S": "0.1",
     "COMPRESSOR_QUEUE_POLL_S": "0.1",
 }
-
-
-def free_port() -> int:
-    """Return a loopback port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _command(*args: str) -> list[str]:

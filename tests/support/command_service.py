@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,13 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 VENV_BIN = Path(sys.executable).parent  # holds the `compressor` console script
-
-
-def free_port() -> int:
-    """Return a TCP port that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serve_available() -> bool:
@@ -41,7 +33,7 @@ def service_env(data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-class ServiceProcess:
+class CommandProcess:
     """A running service: its `process`, `base_url` and the file holding its output."""
 
     def __init__(self, process: subprocess.Popen[bytes], base_url: str, log: Path) -> None:
@@ -70,7 +62,7 @@ class ServiceProcess:
             ) from None
 
 
-def wait_until_healthy(service: ServiceProcess, timeout: float = 120.0) -> None:
+def wait_until_healthy(service: CommandProcess, timeout: float = 120.0) -> None:
     """Poll `/healthz` until it answers 200; fail with the service's output if it never does."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -92,14 +84,14 @@ def wait_until_healthy(service: ServiceProcess, timeout: float = 120.0) -> None:
 @contextmanager
 def running_service(
     command: Sequence[str], env: dict[str, str], port: int, cwd: Path
-) -> Iterator[ServiceProcess]:
+) -> Iterator[CommandProcess]:
     """Run `command` (a `compressor serve ...` line) until healthy; stop it on exit."""
     log = cwd / f"service-{port}.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
             list(command), env=env, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT
         )
-    service = ServiceProcess(process, f"http://127.0.0.1:{port}", log)
+    service = CommandProcess(process, f"http://127.0.0.1:{port}", log)
     try:
         wait_until_healthy(service)
         yield service
