@@ -64,11 +64,13 @@ def run_worker(
     """
     from api.services import Services
     from api.workers.background import BackgroundWork
+    from api.workers.runner import default_run_job
 
     stop = stop or stop_on_signals()
     parent = os.environ.get(PARENT_PID_VARIABLE)
     if parent:
         threading.Thread(target=_die_with_parent, args=(int(parent),), daemon=True).start()
+    default_run_job()  # load torch and the pipeline (seconds) now, not when the first job comes
     if stop.is_set():
         return
     services = Services.open(settings)
