@@ -7,7 +7,6 @@
     result.report        # what report.json holds
 """
 
-from compressor.config import CompressionConfig
 from compressor.errors import (
     CancelledError,
     CompressorError,
@@ -28,12 +27,16 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # The pipeline pulls in torch and onnx: load it on first use, so `compressor.client` and
-    # the CLI's client commands start fast.
+    # The pipeline pulls in torch and onnx, and the config the registry of methods (torch): load
+    # them on first use, so `compressor.client`, `compressor.vocabulary` and the CLI start fast.
     if name in ("compress", "Result"):
         from compressor import pipeline
 
         return getattr(pipeline, name)
+    if name == "CompressionConfig":
+        from compressor.config import CompressionConfig
+
+        return CompressionConfig
     raise AttributeError(f"module 'compressor' has no attribute {name!r}")
 
 __all__ = [
