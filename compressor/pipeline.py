@@ -234,10 +234,7 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
         "finetune": asdict(summary),
         "onnx_parity": parity,
         "stage_seconds": log.stage_seconds,
-        "memory": {"stage_peak_rss_bytes": log.stage_peak_rss_bytes,
-                   "model_bytes": figures.tensor_bytes(teacher),
-                   "peak_per_model_byte": max(log.stage_peak_rss_bytes.values())
-                   / max(1, figures.tensor_bytes(teacher))},
+        "memory": _memory_figures(log, figures.tensor_bytes(teacher)),
         "versions": figures.versions(),
         "artifacts": {name: {"size": (out_dir / name).stat().st_size,
                              "sha256": figures.sha256_of(out_dir / name)}
@@ -247,6 +244,12 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
     figures.write_json_atomic(out_dir / "report.json", report)
     return Result(out_dir, out_dir / "model.onnx", out_dir / "report.json",
                   out_dir / "job.log", report)
+
+
+def _memory_figures(log: JobLog, model_bytes: int) -> dict[str, Any]:
+    peaks = log.stage_peak_rss_bytes
+    return {"stage_peak_rss_bytes": peaks, "model_bytes": model_bytes,
+            "peak_per_model_byte": max(peaks.values()) / max(1, model_bytes)}
 
 
 def check_resources(model: Path, out_dir: Path) -> None:
