@@ -129,17 +129,26 @@ def _teacher_targets(teacher: nn.Module, train: Dataset, device: torch.device):
 
 def finetune_(student: nn.Module, teacher: nn.Module, plan: Plan, train: Dataset,
               held_out: Dataset, config: FinetuneConfig, control: JobControl,
-              device: torch.device, kinds: list[str]) -> FinetuneSummary:
+              device: torch.device, kinds: list[str],
+              held_out_reference: tuple[list[list[torch.Tensor]], int] | None = None,
+              ) -> FinetuneSummary:
     """Distill `teacher` into the parametrized `student` in place; keep the best θ seen.
 
     `kinds` gives each output's kind, hence its loss (`compressor.objectives`). When a held-out
     evaluation comes out clearly worse than the best so far (the learning rate is too high for
     this model), θ goes back to the best state and the learning rate is halved.
+    `held_out_reference` may give the original's held-out outputs, already on `device`, with
+    the batch size they were computed at; otherwise they are computed here.
     """
     params = trainable_parameters(student, plan, config.train_biases)
-    eval_batches = [_to(b, device) for b in held_out.batches(max(64, config.batch_size))]
-    with torch.no_grad():
-        teacher_eval = [run_outputs(teacher, b) for b in eval_batches]
+    if held_out_reference is None:
+        eval_size = max(64, config.batch_size)
+        with torch.no_grad():
+            teacher_eval = [run_outputs(teacher, _to(b, device))
+                            for b in held_out.batches(eval_size)]
+    else:
+        teacher_eval, eval_size = held_out_reference
+    eval_batches = [_to(b, device) for b in held_out.batches(eval_size)]
     best = held_out_score(student, teacher_eval, eval_batches, kinds)
     summary = FinetuneSummary(config.steps, str(device), best, best, 0)
     if config.steps == 0 or not params:

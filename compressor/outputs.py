@@ -44,12 +44,17 @@ def run_outputs(module: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch
     return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
 
+# Output vectors converted to float64 at a time when fidelity is scored.
+_VECTORS_PER_CHUNK = 4096
+
+
 @dataclass
 class OutputFidelity:
     """How close one output of a model is to the reference model's, over a data set.
 
     `cosine` is per sample (per position for outputs of 3+ dimensions), averaged; top-1
-    agreement is given for logits only, where it means something.
+    agreement, likewise per sample or position, is given for logits only, where it means
+    something.
     """
 
     kind: str
@@ -61,7 +66,10 @@ class OutputFidelity:
 class FidelityMeter:
     """Accumulate, batch by batch, how close outputs are to the reference outputs.
 
-    `kinds` holds each output's kind (see `compressor.objectives`).
+    `kinds` holds each output's kind (see `compressor.objectives`). An output is seen as vectors
+    along its last dimension (a sequence of logits: one vector per position); cosine and top-1
+    agreement are averaged over those vectors. Sums run in float64 over `_VECTORS_PER_CHUNK`
+    vectors at a time, so a decoder's logits are never copied whole.
     """
 
     def __init__(self, kinds: list[str]) -> None:
@@ -69,24 +77,27 @@ class FidelityMeter:
         n = len(kinds)
         self._err, self._ref, self._cos, self._agree = [0.0] * n, [0.0] * n, [0.0] * n, [0] * n
         self._vectors = [0] * n
-        self._rows = 0
         self._logits = [kind == "logits" for kind in kinds]
 
     def add(self, outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> None:
         """Add one batch of outputs and their reference outputs."""
-        rows = reference[0].shape[0]
         for i, (out, ref) in enumerate(zip(outputs, reference, strict=True)):
-            out, ref = out.detach().double(), ref.detach().double()
-            self._err[i] += float((out - ref).pow(2).sum())
-            self._ref[i] += float(ref.pow(2).sum())
             width = out.shape[-1] if out.dim() >= 2 else 1
-            flat_out, flat_ref = out.reshape(-1, width), ref.reshape(-1, width)
-            self._cos[i] += float(torch.nn.functional.cosine_similarity(
-                flat_out, flat_ref, dim=1, eps=1e-12).sum())
-            self._vectors[i] += flat_ref.shape[0]
-            if self._logits[i]:
-                self._agree[i] += int((out.argmax(1) == ref.argmax(1)).sum())
-        self._rows += rows
+            flat_out = out.detach().reshape(-1, width)
+            flat_ref = ref.detach().reshape(-1, width)
+            for start in range(0, flat_ref.shape[0], _VECTORS_PER_CHUNK):
+                self._add_vectors(i, flat_out[start:start + _VECTORS_PER_CHUNK],
+                                  flat_ref[start:start + _VECTORS_PER_CHUNK])
+
+    def _add_vectors(self, i: int, out: torch.Tensor, ref: torch.Tensor) -> None:
+        out, ref = out.double(), ref.double()
+        self._err[i] += float((out - ref).pow(2).sum())
+        self._ref[i] += float(ref.pow(2).sum())
+        self._cos[i] += float(torch.nn.functional.cosine_similarity(
+            out, ref, dim=1, eps=1e-12).sum())
+        self._vectors[i] += ref.shape[0]
+        if self._logits[i]:
+            self._agree[i] += int((out.argmax(-1) == ref.argmax(-1)).sum())
 
     def result(self) -> list[OutputFidelity]:
         """Return the fidelity of every output."""
@@ -95,8 +106,8 @@ class FidelityMeter:
                 kind=self._kinds[i],
                 cosine=self._cos[i] / max(1, self._vectors[i]),
                 relative_l2=(self._err[i] / max(self._ref[i], 1e-30)) ** 0.5,
-                top1_agreement=self._agree[i] / self._rows if self._logits[i] else None,
+                top1_agreement=(self._agree[i] / max(1, self._vectors[i])
+                                if self._logits[i] else None),
             )
             for i in range(len(self._err))
         ]
-

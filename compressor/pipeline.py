@@ -61,6 +61,8 @@ _CALIBRATION_SAMPLES = 512
 _SENSITIVITY_SAMPLES = 32
 _SEQUENTIAL_SAMPLES = 128
 _LATENCY_BATCHES = (1, 32)
+# Held-out samples per evaluation batch (fidelity, fine-tuning's held-out score).
+_EVAL_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -159,12 +161,15 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
     with log.stage("finetuning"):
         control.report("finetuning", 0.0)
         with torch.no_grad():  # the original's held-out outputs, computed once
-            reference = [run_outputs(teacher, b) for b in inputs.held_out.batches(64)]
+            reference = [run_outputs(teacher, b) for b in inputs.held_out.batches(_EVAL_BATCH)]
         initial = fidelity(student, reference, inputs.held_out, kinds)
-        summary = finetune(inputs.program, student, teacher, plan, inputs, config, control, kinds)
+        summary = finetune(inputs.program, student, teacher, plan, inputs, config, control, kinds,
+                           reference)
         log.info(f"fine-tuning on {summary.device}: held-out loss {summary.initial_score:.4f} "
                  f"-> {summary.best_score:.4f} (best step {summary.best_step})")
-        final = fidelity(student, reference, inputs.held_out, kinds)
+        # Best step 0: θ is the initialization's, restored exactly, and so are its outputs.
+        final = initial if summary.best_step == 0 else fidelity(student, reference,
+                                                                inputs.held_out, kinds)
         layer_errors = figures.layer_errors(teacher, student, plan, inputs.held_out.take(
             torch.arange(min(len(inputs.held_out), 64))))
         sizes = size_figures(teacher, student, plan, inputs, config)
@@ -227,9 +232,9 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
                              "synthetic inputs"} if inputs.train.synthetic else {})},
         "plan": _plan_with_errors(plan, layer_errors),
         **measured,
-        "fidelity": {"initialization": figures.fidelity_dict(initial),
-                     "final": figures.fidelity_dict(final),
-                     **({"artifact": figures.fidelity_dict(artifact_fidelity)}
+        "fidelity": {"initialization": figures.fidelity_dict(initial, names),
+                     "final": figures.fidelity_dict(final, names),
+                     **({"artifact": figures.fidelity_dict(artifact_fidelity, names)}
                         if artifact_fidelity is not None else {})},
         "finetune": asdict(summary),
         "onnx_parity": parity,
@@ -378,16 +383,21 @@ def output_kinds(teacher: fx.GraphModule, inputs: _Inputs, config: CompressionCo
 
 def finetune(program: ExportedProgram, student: fx.GraphModule, teacher: fx.GraphModule,
              plan: Plan, inputs: _Inputs, config: CompressionConfig,
-             control: JobControl, kinds: list[str]) -> FinetuneSummary:
-    """Fine-tune `student` in place, on CUDA when there is one (copies there and back)."""
+             control: JobControl, kinds: list[str],
+             reference: list[list[torch.Tensor]]) -> FinetuneSummary:
+    """Fine-tune `student` in place, on CUDA when there is one (copies there and back).
+
+    `reference` holds the original's outputs on the held-out batches of `_EVAL_BATCH`."""
     device = resolve_device(config.finetune.device)
     if device.type == "cpu":
         return finetune_(student, teacher, plan, inputs.train, inputs.held_out, config.finetune,
-                         control, device, kinds)
+                         control, device, kinds, (reference, _EVAL_BATCH))
     on_device = device_copy(program, student, plan, device)
     teacher_on_device = move_to_device_pass(copy.deepcopy(program), device).module().eval()
+    reference_on_device = [[t.to(device) for t in outputs] for outputs in reference]
     summary = finetune_(on_device, teacher_on_device, plan, inputs.train, inputs.held_out,
-                        config.finetune, control, device, kinds)
+                        config.finetune, control, device, kinds,
+                        (reference_on_device, _EVAL_BATCH))
     student.load_state_dict({k: v.cpu() for k, v in on_device.state_dict().items()})
     return summary
 
@@ -395,10 +405,10 @@ def finetune(program: ExportedProgram, student: fx.GraphModule, teacher: fx.Grap
 def fidelity(student: fx.GraphModule, reference: list[list[torch.Tensor]], held_out: Dataset,
              kinds: list[str]):
     """Return per-output fidelity of `student` against the original's outputs `reference`
-    (one list per batch of 64 of the held-out split)."""
+    (one list per batch of `_EVAL_BATCH` of the held-out split)."""
     meter = FidelityMeter(kinds)
     with torch.no_grad():
-        for batch, expected in zip(held_out.batches(64), reference, strict=True):
+        for batch, expected in zip(held_out.batches(_EVAL_BATCH), reference, strict=True):
             meter.add(run_outputs(student, batch), expected)
     return meter.result()
 
@@ -407,7 +417,8 @@ def onnx_fidelity(path: Path, reference: list[list[torch.Tensor]], held_out: Dat
                   kinds: list[str]):
     """Return per-output fidelity of the ONNX model at `path` against the original's outputs."""
     meter = FidelityMeter(kinds)
-    for actual, expected in zip(onnx_outputs(path, held_out), reference, strict=True):
+    for actual, expected in zip(onnx_outputs(path, held_out, _EVAL_BATCH), reference,
+                                strict=True):
         meter.add([torch.from_numpy(a) for a in actual], expected)
     return meter.result()
 

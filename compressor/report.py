@@ -45,7 +45,9 @@ def layer_errors(original: fx.GraphModule, compressed: nn.Module, plan: Plan,
                  batch: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
     """Return each compressed layer's relative weight error and relative output error.
 
-    The output error is measured on the inputs the ORIGINAL model feeds that layer on `batch`.
+    The output error is measured on the inputs the ORIGINAL model feeds that layer on `batch`:
+    ‖X (W' − W)ᵀ‖ / ‖X Wᵀ‖, computed from the Gram matrix G = XᵀX (no output rows are formed:
+    a decoder's output layer would need two float64 copies of its logits).
     """
     layers = [entry.layer for entry in plan.compressed]
     errors: dict[str, dict[str, float]] = {}
@@ -55,14 +57,19 @@ def layer_errors(original: fx.GraphModule, compressed: nn.Module, plan: Plan,
         approx = compressed.get_submodule(layer.name).weight.detach().double()
         if layer.kind == "embedding":
             ids = x.reshape(-1).to(torch.int64)
-            ref, out = dense[ids], approx[ids]
+            reads = torch.bincount(ids, minlength=dense.shape[0]).double()
+            output_error = ((approx - dense).pow(2).sum(1) * reads).sum()
+            output_norm = (dense.pow(2).sum(1) * reads).sum()
         else:
-            rows = layer_rows(layer, x.double())
-            ref = rows @ dense.reshape(dense.shape[0], -1).T
-            out = rows @ approx.reshape(approx.shape[0], -1).T
+            gram = gram_of_rows(layer_rows(layer, x))
+            dense, approx = dense.reshape(dense.shape[0], -1), approx.reshape(dense.shape[0], -1)
+            difference = approx - dense
+            output_error = ((difference @ gram) * difference).sum()
+            output_norm = ((dense @ gram) * dense).sum()
         errors[layer.name] = {
             "relative_weight_error": float((approx - dense).norm() / dense.norm().clamp(min=1e-30)),
-            "relative_output_error": float((out - ref).norm() / ref.norm().clamp(min=1e-30)),
+            "relative_output_error": float(output_error.clamp(min=0).sqrt()
+                                           / output_norm.sqrt().clamp(min=1e-30)),
         }
 
     with torch.no_grad():
@@ -70,10 +77,19 @@ def layer_errors(original: fx.GraphModule, compressed: nn.Module, plan: Plan,
     return errors
 
 
-def fidelity_dict(fidelity: list[OutputFidelity]) -> dict[str, dict]:
+def gram_of_rows(rows: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Return rowsᵀ rows in float64, converting `chunk` rows at a time."""
+    gram = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
+    for start in range(0, rows.shape[0], chunk):
+        part = rows[start:start + chunk].double()
+        gram.addmm_(part.T, part)
+    return gram
+
+
+def fidelity_dict(fidelity: list[OutputFidelity], names: list[str]) -> dict[str, dict]:
     """Return per-output fidelity as plain data, keyed by ONNX output name."""
-    return {f"output_{i}": {k: v for k, v in vars(f).items() if v is not None}
-            for i, f in enumerate(fidelity)}
+    return {name: {k: v for k, v in vars(f).items() if v is not None}
+            for name, f in zip(names, fidelity, strict=True)}
 
 
 def onnx_latency_ms(path: Path, batch: dict[str, torch.Tensor], budget_s: float = 1.0,

@@ -16,16 +16,20 @@ in both models, and are left as they are.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import fx
 
 from compressor.graph import layer_calls, layer_input, layer_rows
+from compressor.methods.base import LayerInfo
 from compressor.planning import Plan
 from compressor.rewrite import theta_of
 
 # Relative damping of G' before it is solved against.
 _DAMPING = 1e-3
+# Rows of a layer's inputs converted to float64 at a time.
+_ROWS_PER_CHUNK = 4096
 
 
 def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
@@ -59,6 +63,35 @@ class _Stepper:
             env.pop(done, None)
 
 
+@dataclass
+class _InputMoments:
+    """The second moments of a layer's inputs in the original (X) and compressed (X') model,
+    rows as samples: G = XᵀX, C = XᵀX', G' = X'ᵀX' (float64, in_features²)."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    student_gram: torch.Tensor
+
+    @classmethod
+    def of(cls, x: torch.Tensor, x_student: torch.Tensor) -> _InputMoments:
+        """Accumulate over `_ROWS_PER_CHUNK` rows at a time: float64 copies of a chunk only."""
+        width = x.shape[1]
+        moments = [torch.zeros(width, width, dtype=torch.float64) for _ in range(3)]
+        for start in range(0, x.shape[0], _ROWS_PER_CHUNK):
+            a = x[start:start + _ROWS_PER_CHUNK].double()
+            b = x_student[start:start + _ROWS_PER_CHUNK].double()
+            moments[0].addmm_(a.T, a)
+            moments[1].addmm_(a.T, b)
+            moments[2].addmm_(b.T, b)
+        return cls(*moments)
+
+    def squared_error(self, product: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Return ‖X' Mᵀ − X Wᵀ‖² for the layer weight M = `product` against the original W,
+        from the moments alone (no output rows are formed)."""
+        return ((product @ self.student_gram) * product).sum() \
+            - 2 * ((weight @ self.cross) * product).sum() + ((weight @ self.gram) * weight).sum()
+
+
 def _solve_second_factor(A: torch.Tensor, W: torch.Tensor, cross: torch.Tensor,
                          gram: torch.Tensor) -> torch.Tensor:
     """Return B = (AᵀA)⁻¹ Aᵀ W C (G' + λI)⁻¹ (see the module docstring), in float64."""
@@ -73,7 +106,10 @@ def correct_sequentially_(student: fx.GraphModule, teacher: fx.GraphModule, plan
     """Re-solve B of every lowrank Linear / Conv2d layer of `student` in graph order, in place.
 
     Returns, per corrected layer, its relative output error against the original on this
-    batch before and after the correction (`{name: after / before}`).
+    batch before and after the correction (`{name: after / before}`). Both models run only up
+    to the last corrected layer (a decoder's logits are never formed), and each layer's inputs
+    are reduced to their second moments a chunk of rows at a time, shared by the layers that
+    read the same inputs (q/k/v, gate/up).
     """
     targets = {p.layer.name: p.layer for p in plan.compressed
                if p.method.corrects_sequentially and p.layer.kind != "embedding"}
@@ -81,32 +117,49 @@ def correct_sequentially_(student: fx.GraphModule, teacher: fx.GraphModule, plan
         return {}
     names = [n.target for n in student.graph.nodes if n.op == "placeholder"]
     student_calls = layer_calls(student)
+    remaining = sum(1 for name in student_calls.values() if name in targets)
     teacher_stepper = _Stepper(teacher, iter([batch[n] for n in names]))
     student_stepper = _Stepper(student, iter([batch[n] for n in names]))
     gains: dict[str, float] = {}
+    moments: dict[tuple[fx.Node, fx.Node, tuple], _InputMoments] = {}
     with torch.no_grad():
         for t_node, s_node in zip(teacher.graph.nodes, student.graph.nodes, strict=True):
             if s_node.op == "output":
                 break
             name = student_calls.get(s_node)
             if name in targets:
+                remaining -= 1
                 layer = targets[name]
-                x = layer_rows(layer, teacher_stepper.value(layer_input(t_node)).double())
-                x_student = layer_rows(layer, student_stepper.value(layer_input(s_node)).double())
-                owner = student.get_submodule(name)
-                A, B = theta_of(student, name)
-                W = teacher.get_submodule(name).weight.detach().reshape(layer.out_features, -1)
-                W = W.double()
-                reference = x @ W.T
-                before = (x_student @ (A.double() @ B.double()).T - reference).norm()
-                corrected = _solve_second_factor(A.double(), W, x.T @ x_student,
-                                                 x_student.T @ x_student)
-                after = (x_student @ (A.double() @ corrected).T - reference).norm()
-                if after < before:  # a worse fit (e.g. too few rows) keeps the old B
-                    B.copy_(corrected.to(B.dtype))
-                gains[name] = float(min(after, before) / before.clamp(min=1e-30))
-                weight_node = s_node.args[1]
-                student_stepper.interpreter.env[weight_node] = owner.weight
+                key = (layer_input(t_node), layer_input(s_node), _rows_layout(layer))
+                if key not in moments:  # the first layer to read these inputs
+                    moments.clear()
+                    moments[key] = _InputMoments.of(
+                        layer_rows(layer, teacher_stepper.value(key[0])),
+                        layer_rows(layer, student_stepper.value(key[1])))
+                gains[name] = _correct_layer(student, teacher, name, layer, moments[key])
+                student_stepper.interpreter.env[s_node.args[1]] = student.get_submodule(
+                    name).weight
+                if remaining == 0:  # what follows the last corrected layer is never needed
+                    break
             teacher_stepper.step(t_node)
             student_stepper.step(s_node)
     return gains
+
+
+def _rows_layout(layer: LayerInfo) -> tuple:
+    """What decides how a layer cuts its input into rows: equal for layers that see equal rows."""
+    return (layer.kind, layer.weight_shape[1:], layer.stride, layer.padding, layer.dilation)
+
+
+def _correct_layer(student: fx.GraphModule, teacher: fx.GraphModule, name: str,
+                   layer: LayerInfo, moments: _InputMoments) -> float:
+    """Re-solve the layer's B on `moments` unless that fits worse; return after / before."""
+    A, B = theta_of(student, name)
+    W = teacher.get_submodule(name).weight.detach().reshape(layer.out_features, -1).double()
+    A64 = A.double()
+    before = moments.squared_error(A64 @ B.double(), W).clamp(min=0).sqrt()
+    corrected = _solve_second_factor(A64, W, moments.cross, moments.student_gram)
+    after = moments.squared_error(A64 @ corrected, W).clamp(min=0).sqrt()
+    if after < before:  # a worse fit (e.g. too few rows) keeps the old B
+        B.copy_(corrected.to(B.dtype))
+    return float(min(after, before) / before.clamp(min=1e-30))

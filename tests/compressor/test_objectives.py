@@ -6,6 +6,7 @@ from torch import nn
 
 from compressor.errors import ConfigError
 from compressor.objectives import detect_output_kinds, distillation_loss, output_loss
+from compressor import outputs
 from compressor.outputs import FidelityMeter, call, run_outputs
 
 
@@ -97,6 +98,30 @@ def test_fidelity_reports_top1_for_logits_only():
     result = meter.result()
     assert result[0].top1_agreement == 1.0 and result[1].top1_agreement is None
     assert result[1].cosine == pytest.approx(1.0) and result[1].kind == "embedding"
+
+
+def test_top1_of_sequence_logits_counts_each_position_once():
+    reference = torch.zeros(2, 3, 5)  # batch × sequence × vocabulary
+    reference[..., 0] = 1.0  # token 0 everywhere
+    output = reference.clone()
+    output[0, 1, 4] = 2.0  # one position of six disagrees
+    meter = FidelityMeter(["logits"])
+    meter.add([output], [reference])
+    assert meter.result()[0].top1_agreement == pytest.approx(5 / 6)
+
+
+def test_fidelity_is_the_same_whatever_the_chunking(monkeypatch):
+    torch.manual_seed(0)
+    reference = torch.randn(3, 50, 7)
+    output = reference + 0.3 * torch.randn(3, 50, 7)
+    whole = FidelityMeter(["logits"])
+    whole.add([output], [reference])
+    monkeypatch.setattr(outputs, "_VECTORS_PER_CHUNK", 16)
+    chunked = FidelityMeter(["logits"])
+    chunked.add([output], [reference])
+    a, b = whole.result()[0], chunked.result()[0]
+    assert (a.top1_agreement, a.cosine) == pytest.approx((b.top1_agreement, b.cosine), rel=1e-12)
+    assert a.relative_l2 == pytest.approx(b.relative_l2, rel=1e-12)
 
 
 def test_a_loss_map_may_name_outputs_by_their_onnx_names():

@@ -5,13 +5,14 @@ import copy
 import torch
 
 from compressor.config import CompressionConfig
-from compressor.graph import collect_layer_stats, find_layers
+from compressor import sequential
+from compressor.graph import collect_layer_stats, find_layers, layer_calls
 from compressor.methods import LayerStats, get_method
 from compressor.objectives import distillation_loss
 from compressor.outputs import run_outputs
 from compressor.planning import plan_layers
 from compressor.rewrite import parametrize_
-from compressor.sequential import correct_sequentially_
+from compressor.sequential import _InputMoments, correct_sequentially_
 from tests.support.tiny_models import MODEL_CLASSES, example_inputs, make_pt2
 
 
@@ -49,3 +50,34 @@ def test_correction_brings_the_outputs_closer_and_leaves_the_original_alone(tmp_
         want = run_outputs(teacher, probe)
         assert (float(distillation_loss(run_outputs(student, probe), want, kinds))
                 < float(distillation_loss(run_outputs(uncorrected, probe), want, kinds)))
+
+
+def test_moments_give_the_output_error_without_forming_the_outputs():
+    torch.manual_seed(0)
+    x = torch.randn(5000, 12)  # more rows than one chunk: the accumulation is pinned too
+    x_student = x + 0.1 * torch.randn(5000, 12)
+    weight = torch.randn(7, 12, dtype=torch.float64)
+    product = weight + 0.05 * torch.randn(7, 12, dtype=torch.float64)
+    moments = _InputMoments.of(x, x_student)
+    direct = (x_student.double() @ product.T - x.double() @ weight.T).pow(2).sum()
+    torch.testing.assert_close(moments.squared_error(product, weight), direct, rtol=1e-9, atol=0)
+    torch.testing.assert_close(moments.cross, x.double().T @ x_student.double(),
+                               rtol=1e-12, atol=1e-9)
+
+
+def test_both_models_stop_at_the_last_corrected_layer(tmp_path, monkeypatch):
+    teacher = torch.export.load(str(make_pt2("text", tmp_path / "text.pt2"))).module()
+    config = CompressionConfig.parse({"ratio": 0.4, "min_layer_params": 0,
+                                      "allocation": "uniform", "method": "lowrank"})
+    plan = plan_layers(*find_layers(teacher), config)
+    student = copy.deepcopy(teacher)
+    parametrize_(student, plan, {}, config.finetune.grad_reduction)
+    ran: list[str] = []
+    step = sequential._Stepper.step
+    monkeypatch.setattr(sequential._Stepper, "step",
+                        lambda self, node: (ran.append(node.name), step(self, node))[1])
+    batch = example_inputs(MODEL_CLASSES["text"](), batch=4, seed=1)
+    gains = correct_sequentially_(student, teacher, plan, batch)
+    last_call = max(i for i, node in enumerate(student.graph.nodes)
+                    if layer_calls(student).get(node) in gains)
+    assert gains and len(ran) == 2 * last_call  # neither model ran the nodes after it
