@@ -160,8 +160,13 @@ def layer_rows(layer: LayerInfo, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, layer.in_features)
 
 
+class _Recorded(Exception):
+    """Raised once the last recorded layer has its input: the rest of the graph is not run."""
+
+
 class _InputRecorder(fx.Interpreter):
-    """Run the graph and hand each target layer's input to `record(layer, x)`."""
+    """Run the graph up to the last target layer and hand each target layer's input to
+    `record(layer, x)`. What follows (a decoder's logits, say) is never computed."""
 
     def __init__(self, module: fx.GraphModule, layers: dict[str, LayerInfo], record) -> None:
         super().__init__(module)
@@ -171,12 +176,15 @@ class _InputRecorder(fx.Interpreter):
             name = _owner_name(target) if target else None
             if name in layers:
                 self._by_node[node] = layers[name]
+        self._last = next((n for n in reversed(module.graph.nodes) if n in self._by_node), None)
         self._record = record
 
     def run_node(self, n: fx.Node):
         layer = self._by_node.get(n)
         if layer is not None:
             self._record(layer, self.env[layer_input(n)].detach())
+            if n is self._last:
+                raise _Recorded
         return super().run_node(n)
 
 
@@ -186,7 +194,12 @@ def run_recording(module: fx.GraphModule, layers: list[LayerInfo],
     recorder = _InputRecorder(module, {layer.name: layer for layer in layers}, record)
     placeholders = [n.target for n in module.graph.nodes if n.op == "placeholder"]
     with torch.no_grad():
-        recorder.run(*[batch[name] for name in placeholders])
+        try:
+            recorder.run(*[batch[name] for name in placeholders])
+        except _Recorded:
+            pass
+        finally:
+            recorder.env.clear()
 
 
 def collect_layer_stats(module: fx.GraphModule, layers: list[LayerInfo],

@@ -1,8 +1,9 @@
 """What each model output is, and the distillation loss that fits it.
 
 An output is one of
-- `logits`: (batch, classes) scores read through a softmax; matched by a tempered KL divergence
-  plus a normalized MSE, scored by top-1 agreement;
+- `logits`: (batch, classes) scores read through a softmax (or batch × positions × classes: one
+  softmax per position); matched by a tempered KL divergence plus a normalized MSE, scored by
+  top-1 agreement;
 - `embedding`: a feature vector per sample (a sentence embedding, hidden states); matched by
   cosine distance plus a normalized MSE, scored by cosine;
 - `regression`: anything else that is a float (a scalar per sample, a loss); normalized MSE;
@@ -29,7 +30,7 @@ from compressor.errors import ConfigError
 OutputKind = Literal["logits", "embedding", "regression"]
 OUTPUT_KINDS: tuple[str, ...] = ("logits", "embedding", "regression")
 IGNORED = "ignored"
-_KL_TEMPERATURE = 2.0
+KL_TEMPERATURE = 2.0
 _LOGIT_NAMES = ("logit", "scores", "prediction")
 _EMBEDDING_NAMES = ("embed", "hidden", "pool", "feature", "state", "vector")
 # Ops that only rearrange a tensor: an output behind them was still computed by what fed them.
@@ -125,19 +126,20 @@ def detect_output_kinds(module: nn.Module, raw_outputs: object, outputs: list[to
     return kinds
 
 
-def _normalized_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def normalized_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(out, target) / (target.var(unbiased=False) + 1e-8)
 
 
 def output_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
     """Return the distillation loss of one output against the original's, for its kind."""
     out, target = out.float(), target.float()
-    loss = _normalized_mse(out, target)
-    if kind == "logits":
+    loss = normalized_mse(out, target)
+    if kind == "logits":  # a softmax over the last axis, averaged over every position
+        classes = out.shape[-1] if out.dim() >= 2 else 1
         loss = loss + F.kl_div(
-            F.log_softmax(out / _KL_TEMPERATURE, dim=1),
-            F.log_softmax(target / _KL_TEMPERATURE, dim=1),
-            log_target=True, reduction="batchmean") * _KL_TEMPERATURE**2
+            F.log_softmax(out.reshape(-1, classes) / KL_TEMPERATURE, dim=-1),
+            F.log_softmax(target.reshape(-1, classes) / KL_TEMPERATURE, dim=-1),
+            log_target=True, reduction="batchmean") * KL_TEMPERATURE**2
     elif kind == "embedding":
         flat_out, flat_target = out.reshape(-1, out.shape[-1]), target.reshape(-1, target.shape[-1])
         loss = loss + (1 - F.cosine_similarity(flat_out, flat_target, dim=1, eps=1e-8)).mean()

@@ -36,6 +36,7 @@ from compressor.export import (
 )
 from compressor.failures import known_failure
 from compressor.finetune import FinetuneSummary, device_copy, finetune_, resolve_device
+from compressor.fisher import estimate_sensitivities, probe_bytes_per_sample
 from compressor.graph import collect_layer_stats, find_layers
 from compressor.guards import check_guards
 from compressor.huggingface import LoadedCheckpoint
@@ -59,7 +60,16 @@ from compressor.vocabulary import HF_ARTIFACT
 
 _CALIBRATION_SAMPLES = 512
 _SENSITIVITY_SAMPLES = 32
+# Measuring each layer's sensitivity (a forward pass per layer) is done up to this many FLOPs;
+# past it the sensitivities are predicted in one pass (about 2 minutes on 2 cores).
+_PROBE_FLOPS = 10**13
+# The one-pass prediction keeps every probed layer's input for the backward pass: it runs on as
+# many samples as fit in this fraction of the model's bytes (at least one).
+_ESTIMATE_BYTES_PER_MODEL_BYTE = 0.3
 _SEQUENTIAL_SAMPLES = 128
+# Calibration samples run at a time: the statistics are sums, so only activation memory
+# depends on it.
+_CALIBRATION_BATCH = 16
 _LATENCY_BATCHES = (1, 32)
 # Held-out samples per evaluation batch (fidelity, fine-tuning's held-out score).
 _EVAL_BATCH = 64
@@ -151,7 +161,7 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
         stats = calibrate(teacher, plan, inputs.train, control)
         if config.allocation == "sensitivity":
             control.report("planning", 0.9, "measuring each layer's sensitivity")
-            plan = allocate(teacher, plan, stats, inputs.train, kinds)
+            plan = allocate(teacher, plan, stats, inputs.train, kinds, log)
         log.info(f"plan ({plan.allocation}): {len(plan.compressed)} layers compressed, kept "
                  f"{plan.kept_numel / max(1, plan.targeted_numel):.3f} of targeted weights")
     with log.stage("rewriting"):
@@ -321,7 +331,8 @@ def calibrate(teacher: fx.GraphModule, plan: Plan, train: Dataset,
         if control is not None:
             control.report("planning", 0.0, f"calibrating {len(needing)} layers")
         calibration = train.take(torch.arange(min(len(train), _CALIBRATION_SAMPLES)))
-        batches = list(Dataset(calibration, train.synthetic, train.source).batches(64))
+        batches = list(Dataset(calibration, train.synthetic, train.source).batches(
+            _CALIBRATION_BATCH))
         stats = collect_layer_stats(teacher, needing, batches)
     lowrank = [p for p in plan.compressed if isinstance(p.method, LowRank)]
     for done, entry in enumerate(lowrank):
@@ -339,13 +350,32 @@ def calibrate(teacher: fx.GraphModule, plan: Plan, train: Dataset,
 
 
 def allocate(teacher: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats], train: Dataset,
-             kinds: list[str]) -> Plan:
-    """Return `plan` with its lowrank ranks spread by measured sensitivity."""
+             kinds: list[str], log: JobLog | None = None) -> Plan:
+    """Return `plan` with its lowrank ranks spread by sensitivity.
+
+    Each layer's sensitivity is measured (one forward pass per layer) while that costs at most
+    `_PROBE_FLOPS`; past it (a large model) it is predicted from one forward and backward pass
+    on as many samples as `_ESTIMATE_BYTES_PER_MODEL_BYTE` of memory allows (`compressor.fisher`).
+    """
     factors = {name: s.extras["lowrank"] for name, s in stats.items() if "lowrank" in s.extras}
     if not factors:
         return plan
-    batch = train.take(torch.arange(min(len(train), _SENSITIVITY_SAMPLES)))
-    sensitivities = measure_sensitivities(teacher, plan, factors, batch, kinds)
+    one = train.take(torch.arange(1))
+    samples = min(len(train), _SENSITIVITY_SAMPLES)
+    probe_flops = len(factors) * samples * figures.count_flops(teacher, one)
+    if probe_flops <= _PROBE_FLOPS:
+        batch = train.take(torch.arange(samples))
+        sensitivities = measure_sensitivities(teacher, plan, factors, batch, kinds)
+        how = f"measured: {len(factors)} probes of {samples} samples"
+    else:
+        budget = _ESTIMATE_BYTES_PER_MODEL_BYTE * figures.tensor_bytes(teacher)
+        samples = max(1, min(samples, int(budget // probe_bytes_per_sample(teacher, plan, one))))
+        batch = train.take(torch.arange(samples))
+        sensitivities = estimate_sensitivities(teacher, plan, factors, batch, kinds)
+        how = (f"predicted from one backward pass on {samples} samples (probing each layer "
+               f"would cost {probe_flops / 1e12:.0f} TFLOP)")
+    if log is not None:
+        log.info(f"sensitivities {how}")
     break_even = {p.layer.name: LowRank.break_even_rank(p.layer) for p in plan.layers}
     return allocate_by_sensitivity(plan, factors, sensitivities, break_even)
 

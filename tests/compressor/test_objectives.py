@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from compressor import outputs
 from compressor.errors import ConfigError
 from compressor.objectives import detect_output_kinds, distillation_loss, output_loss
-from compressor import outputs
 from compressor.outputs import FidelityMeter, call, run_outputs
 
 

@@ -4,8 +4,8 @@ import copy
 
 import torch
 
-from compressor.config import CompressionConfig
 from compressor import sequential
+from compressor.config import CompressionConfig
 from compressor.graph import collect_layer_stats, find_layers, layer_calls
 from compressor.methods import LayerStats, get_method
 from compressor.objectives import distillation_loss

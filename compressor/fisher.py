@@ -1,0 +1,160 @@
+"""Every layer's sensitivity from one forward and one backward pass (for large models).
+
+`allocation.measure_sensitivities` truncates each layer in turn and reruns the model: exact, but
+one forward pass per layer, which a billion-parameter model cannot afford (154 passes). Here the
+loss a truncation causes is predicted instead, to second order: the distillation loss is zero,
+with zero gradient, at the original's outputs, so perturbing layer l's outputs by δ (its weight
+error ΔW = W − A_r B_r times its inputs) costs about ½ δᵀ H_l δ, with H_l the loss's Hessian seen
+from that layer's outputs (the Gauss-Newton matrix Jᵀ H J).
+
+That matrix is never formed: a random output gradient g whose covariance is the loss's Hessian
+in the outputs (for logits, p − e_y with y drawn from the tempered softmax p; for the normalized
+MSE and the cosine terms, scaled Gaussian vectors) is backpropagated once, and each layer's
+output gradient g_l then has covariance H_l. The predicted loss is ½ Σ_rows (g_lᵀ δ)², summed
+over each output row (a token, a pixel of a conv's output), which drops only the cross-row terms.
+Divided by the layer's squared error at the same rank it is the layer's sensitivity, on the same
+scale as the measured one up to a factor common to all layers, which the allocation ignores.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import fx
+from torch.nn import functional as F
+from torch.utils._pytree import tree_flatten
+
+from compressor.graph import layer_calls, layer_input, layer_rows, run_recording
+from compressor.methods.base import LayerInfo
+from compressor.methods.lowrank import LowRankFactors
+from compressor.objectives import IGNORED, KL_TEMPERATURE
+from compressor.planning import Plan
+
+# Output rows of a layer multiplied out at a time (an output layer's rows are vocabulary-wide).
+_ROWS_PER_CHUNK = 1024
+
+
+def estimate_sensitivities(teacher: fx.GraphModule, plan: Plan,
+                           factors: dict[str, LowRankFactors], batch: dict[str, torch.Tensor],
+                           kinds: list[str], seed: int = 0) -> dict[str, float]:
+    """Return each factored layer's predicted loss per unit of squared output error at its
+    planned rank (see the module docstring). The teacher is unchanged afterwards."""
+    layers = {p.layer.name: (p.layer, p.size) for p in plan.compressed if p.layer.name in factors}
+    predicted = dict.fromkeys(layers, 0.0)
+    residuals: dict[str, torch.Tensor] = {}
+
+    def on_gradient(name: str, x: torch.Tensor, gradient: torch.Tensor) -> None:
+        layer, rank = layers[name]
+        if name not in residuals:
+            weight = teacher.get_submodule(name).weight.detach().reshape(layer.out_features, -1)
+            layer_factors = factors[name]
+            residuals[name] = weight - layer_factors.A[:, :rank] @ layer_factors.B[:rank]
+        predicted[name] += _predicted_loss(layer, residuals[name], x, gradient.detach())
+
+    generator = torch.Generator().manual_seed(seed)
+    parameters = [p for p in teacher.parameters() if p.requires_grad]
+    for parameter in parameters:  # no weight gradients: only the layers' output gradients
+        parameter.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            probe = _GradientProbe(teacher, set(layers), on_gradient)
+            outputs = probe.run_batch(batch)
+            surrogate = sum((out * _output_gradient(out.detach(), kind, generator)).sum()
+                            for out, kind in zip(outputs, kinds, strict=True)
+                            if kind != IGNORED and out.requires_grad)
+            if isinstance(surrogate, torch.Tensor):
+                surrogate.backward()
+    finally:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+    sensitivities = {}
+    for name, (_, rank) in layers.items():
+        error = factors[name].error(rank)
+        sensitivities[name] = predicted[name] / error if error > 0 else 0.0
+    return sensitivities
+
+
+def probe_bytes_per_sample(teacher: fx.GraphModule, plan: Plan,
+                           sample: dict[str, torch.Tensor]) -> int:
+    """Return about how much memory `estimate_sensitivities` holds per sample of its batch:
+    each probed layer's input (layers reading one tensor count it once), times three for what
+    autograd saves besides. Measured by running `sample`, one sample, through the model."""
+    inputs: dict[int, int] = {}
+
+    def record(layer: LayerInfo, x: torch.Tensor) -> None:
+        inputs[x.untyped_storage().data_ptr()] = x.numel() * x.element_size()
+
+    run_recording(teacher, [p.layer for p in plan.compressed], sample, record)
+    return max(1, 3 * sum(inputs.values()))
+
+
+class _GradientProbe(fx.Interpreter):
+    """Run the graph with autograd, handing each named layer's input and output gradient to
+    `on_gradient(name, input, gradient)` during the backward pass."""
+
+    def __init__(self, module: fx.GraphModule, names: set[str],
+                 on_gradient: Callable[[str, torch.Tensor, torch.Tensor], None]) -> None:
+        super().__init__(module)
+        self._calls = {node: name for node, name in layer_calls(module).items() if name in names}
+        self._on_gradient = on_gradient
+
+    def run_batch(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        placeholders = [n.target for n in self.module.graph.nodes if n.op == "placeholder"]
+        leaves, _ = tree_flatten(self.run(*[batch[name] for name in placeholders]))
+        return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        name = self._calls.get(n)
+        if name is None or not isinstance(result, torch.Tensor):
+            return result
+        if not result.requires_grad:  # nothing before it is probed: the backward starts here
+            result = result.detach().requires_grad_()
+        x = self.env[layer_input(n)].detach()
+        result.register_hook(lambda gradient: self._on_gradient(name, x, gradient))
+        return result
+
+
+def _predicted_loss(layer: LayerInfo, residual: torch.Tensor, x: torch.Tensor,
+                    gradient: torch.Tensor) -> float:
+    """Return ½ Σ_rows (gᵀ δ)², δ = the residual's effect on each output row."""
+    if layer.kind == "embedding":
+        rows = x.reshape(-1)
+        gradients = gradient.reshape(-1, layer.in_features)
+    else:
+        rows = layer_rows(layer, x)
+        if layer.kind == "conv2d":  # (N, out, H, W) -> one row per output position
+            gradient = gradient.movedim(1, -1)
+        gradients = gradient.reshape(-1, layer.out_features)
+    total = 0.0
+    for start in range(0, gradients.shape[0], _ROWS_PER_CHUNK):
+        part = rows[start:start + _ROWS_PER_CHUNK]
+        delta = residual[part] if layer.kind == "embedding" else part @ residual.T
+        products = (delta.double() * gradients[start:start + _ROWS_PER_CHUNK].double()).sum(1)
+        total += 0.5 * float(products.pow(2).sum())
+    return total
+
+
+def _output_gradient(out: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """Return a random gradient whose covariance is the Hessian of `output_loss` at the
+    original's own output `out` (see `compressor.objectives`)."""
+    out = out.float()
+    # Normalized MSE, mean((o - t)²) / var(t): Hessian 2 I / (numel · var).
+    scale = math.sqrt(2.0 / (out.numel() * (float(out.var(unbiased=False)) + 1e-8)))
+    gradient = torch.randn(out.shape, generator=generator) * scale
+    if kind == "logits":  # T² · KL(softmax(t/T) ‖ softmax(o/T)), mean over vectors
+        classes = out.shape[-1] if out.dim() >= 2 else 1
+        probabilities = F.softmax(out.reshape(-1, classes) / KL_TEMPERATURE, dim=-1)
+        drawn = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+        sample = probabilities - F.one_hot(drawn, classes).to(probabilities.dtype)
+        gradient += (sample / math.sqrt(probabilities.shape[0])).reshape(out.shape)
+    elif kind == "embedding":  # 1 - cos(o, t), mean over vectors: (I - t̂t̂ᵀ) / (‖t‖² n)
+        vectors = out.reshape(-1, out.shape[-1])
+        unit = F.normalize(vectors, dim=1)
+        noise = torch.randn(vectors.shape, generator=generator)
+        tangent = noise - (noise * unit).sum(1, keepdim=True) * unit
+        norms = vectors.norm(dim=1, keepdim=True).clamp(min=1e-8)
+        gradient += (tangent / (norms * math.sqrt(vectors.shape[0]))).reshape(out.shape)
+    return gradient
