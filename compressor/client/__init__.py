@@ -8,8 +8,9 @@
         client.download(job.id, "model.onnx", "out/")
 
 Every failure raises a `ClientError` subclass carrying the server's `status_code`, `code` and
-`message`; uploads stream from disk; downloads are checked against their sha256 and renamed into
-place atomically, so a bad download leaves nothing behind.
+`message`; uploads stream from disk; downloads go through `<dest>.part`, resume where a dropped
+connection (or an earlier run) stopped, are checked against their sha256 and renamed into place
+atomically, so a bad download leaves nothing behind; `model.onnx` brings `model.onnx.data`.
 
 The parts: `connection` (the `Client` and its verbs), `errors`, `jobs` (what the server
 returns), `uploads`, `downloads` and `events` (following a job).
