@@ -23,6 +23,7 @@ from compressor.client.errors import (
     ClientError,
     ConflictError,
     ConnectionFailed,
+    InsufficientStorage,
     JobFailed,
     NotFoundError,
     RateLimitedError,
@@ -38,7 +39,7 @@ from compressor.vocabulary import DEFAULT_SERVER, FINISHED_STATUSES
 
 __all__ = [
     "DEFAULT_SERVER", "FINISHED_STATUSES", "Artifact", "AuthError", "ChecksumMismatch", "Client",
-    "ClientError", "ConflictError", "ConnectionFailed", "Job", "JobError", "JobFailed",
-    "NotFoundError", "RateLimitedError", "RequestTooLargeError", "ServerError",
+    "ClientError", "ConflictError", "ConnectionFailed", "InsufficientStorage", "Job", "JobError",
+    "JobFailed", "NotFoundError", "RateLimitedError", "RequestTooLargeError", "ServerError",
     "ValidationFailed", "WaitTimeout", "error_from_response", "pack_folder",
 ]

@@ -32,6 +32,7 @@ from compressor.client import (
     ClientError,
     ConflictError,
     ConnectionFailed,
+    InsufficientStorage,
     Job,
     JobFailed,
     NotFoundError,
@@ -469,7 +470,8 @@ def mock_client(handler: Callable[[httpx.Request], httpx.Response]) -> Client:
     ("status", "error_type"),
     [(401, AuthError), (403, AuthError), (404, NotFoundError), (409, ConflictError),
      (413, RequestTooLargeError), (415, ValidationFailed), (422, ValidationFailed),
-     (429, RateLimitedError), (400, ClientError), (500, ServerError), (503, ServerError)],
+     (429, RateLimitedError), (400, ClientError), (500, ServerError), (503, ServerError),
+     (507, InsufficientStorage)],
 )
 def test_errors_are_typed_by_status_and_carry_the_servers_code_and_message(
     status: int, error_type: type[ClientError]
