@@ -72,7 +72,16 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    max_upload_bytes: int = Field(default=2 * GIB, ge=1)
+    max_upload_bytes: int = Field(
+        default=64 * GIB, ge=1,
+        description="largest upload (model and data file together) before 413; uploads stream "
+        "to disk, so memory does not grow with it",
+    )
+    disk_reserve_bytes: int = Field(
+        default=1 * GIB, ge=0,
+        description="free space an upload must leave on the data directory's disk besides "
+        "itself and its job's artifacts (2x the upload): 507 before storing it otherwise",
+    )
     max_jobs_in_flight: int = Field(
         default=8, ge=1, description="queued + running jobs per tenant before 429"
     )
@@ -168,7 +177,8 @@ class Settings(BaseSettings):
             "store": _hide_password(self.resolved_store_url),
             "queue": _hide_password(self.resolved_queue_url) + f" (name {self.queue_name})",
             "api_keys": keys,
-            "max_upload": f"{self.max_upload_bytes / GIB:.2f} GiB",
+            "max_upload": f"{self.max_upload_bytes / GIB:.2f} GiB (disk reserve "
+            f"{self.disk_reserve_bytes / GIB:.2f} GiB)",
             "max_jobs_in_flight": f"{self.max_jobs_in_flight} per tenant",
             "embedded_worker": (
                 f"{self.worker_concurrency} worker process(es), one job each"

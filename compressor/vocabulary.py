@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 __all__ = [
     "ARTIFACT_NAMES", "CANCELLED", "DEFAULT_SERVER", "EXPORTING", "FAILED", "FINETUNING",
     "FINISHED_STATUSES", "HF_ARTIFACT", "HOW_TO_EXPORT", "JOB_STAGES", "JOB_STATUSES", "LOADING",
-    "PLANNING", "QUEUED", "REWRITING", "RUNNING", "SUCCEEDED", "VERIFYING", "ErrorCode",
+    "ONNX_ARTIFACT", "ONNX_DATA_ARTIFACT", "PLANNING", "QUEUED", "REWRITING", "RUNNING", "SUCCEEDED", "VERIFYING", "ErrorCode",
     "JobStage", "JobStatus", "describe_fields", "describe_validation_error", "field_errors",
     "sha256_of",
 ]
@@ -74,9 +74,12 @@ class ErrorCode:
 
 # -- artifacts ---------------------------------------------------------------------------------
 
+ONNX_ARTIFACT = "model.onnx"
+# The weights of an ONNX model past 2 GiB (external data); model.onnx names it, so it keeps
+# this name beside the model wherever the model is saved.
+ONNX_DATA_ARTIFACT = "model.onnx.data"
 HF_ARTIFACT = "model-hf.zip"  # the dense result as a Hugging Face folder, zipped
-# model.onnx.data holds the weights of an ONNX model past 2 GiB (external data).
-ARTIFACT_NAMES = ("model.onnx", "model.onnx.data", "report.json", "job.log", HF_ARTIFACT)
+ARTIFACT_NAMES = (ONNX_ARTIFACT, ONNX_DATA_ARTIFACT, "report.json", "job.log", HF_ARTIFACT)
 
 
 def sha256_of(path: Path, chunk_size: int = 1 << 20) -> str:

@@ -32,6 +32,7 @@ from compressor.errors import (
     GuardError,
     JobTimeoutError,
     ModelFormatError,
+    ResourceError,
 )
 from compressor.vocabulary import ErrorCode, describe_fields, field_errors
 
@@ -47,6 +48,7 @@ _STATUS_BY_CORE_ERROR: dict[type[CompressorError], int] = {
     DataError: 422,
     CancelledError: 409,
     JobTimeoutError: 504,
+    ResourceError: 507,  # no room on the data directory's disk (or too little memory)
 }
 
 _STATUS_BY_JOB_ERROR: dict[type[JobServiceError], int] = {
@@ -69,6 +71,7 @@ _CODE_BY_HTTP_STATUS = {
     422: ErrorCode.INVALID_REQUEST,
     429: ErrorCode.TOO_MANY_JOBS,
     503: ErrorCode.UNAVAILABLE,
+    507: ErrorCode.INSUFFICIENT_RESOURCES,
 }
 
 

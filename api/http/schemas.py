@@ -154,5 +154,6 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         422: "invalid config or form; the message names the field",
         429: "too many of the caller's jobs are queued or running",
         503: "the store or the queue is unreachable",
+        507: "the data directory has no room for the upload and its job's artifacts",
     }
     return {s: {"model": ErrorBody, "description": descriptions.get(s, "error")} for s in statuses}

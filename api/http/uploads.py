@@ -6,10 +6,15 @@ written by a worker thread. The sizes are checked as they grow (413 the moment t
 passed), the config is validated as soon as its part ends, and file types are checked by their
 first bytes. On any failure everything written for the job is deleted (and the error answer
 closes the connection, see `api.http.errors`, so the rest of the body is not received).
+
+Before a byte is stored, the data directory must have room for the upload, for its job's
+artifacts and for a reserve (`check_free_space`): 507 otherwise. A disk that fills up all the
+same (another upload, another process) answers the same 507, and the partial file is deleted.
 """
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +28,7 @@ from api.http.errors import ApiError
 from api.jobs.folders import JobFolders, UploadSink
 from api.jobs.service import Submission
 from compressor.config import CompressionConfig
+from compressor.memory import format_bytes
 from compressor.vocabulary import (
     HOW_TO_EXPORT,
     ErrorCode,
@@ -31,6 +37,10 @@ from compressor.vocabulary import (
 )
 
 FORM_OVERHEAD = 1 << 20  # boundaries, part headers and the config field, on top of the files
+# A job's artifacts take about twice its upload (the core's own estimate when the job starts,
+# `compressor.pipeline.check_resources`): an upload needs room for itself and for them.
+ARTIFACT_BYTES_PER_UPLOAD_BYTE = 2
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 MAX_CONFIG_BYTES = 256 << 10
 _FLUSH_BYTES = 1 << 20
 _MAGIC_BYTES = 262  # a zip (PK\3\4), gzip, safetensors (u64 length, "{"), tar ("ustar" at 257)
@@ -56,11 +66,51 @@ def too_large(limit: int) -> ApiError:
     )
 
 
-def check_content_length(request: Request, limit: int) -> None:
-    """Answer 413 before reading anything when the declared body is over the limit."""
+def check_content_length(request: Request, limit: int) -> int | None:
+    """Return the declared body size; answer 413 before reading anything when it is too large."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit + FORM_OVERHEAD:
+    if declared is None or not declared.isdigit():
+        return None
+    if int(declared) > limit + FORM_OVERHEAD:
         raise too_large(limit)
+    return int(declared)
+
+
+def space_needed(upload_bytes: int, reserve: int) -> int:
+    """Return the free space an upload needs: itself, its job's artifacts and the reserve."""
+    return upload_bytes * (1 + ARTIFACT_BYTES_PER_UPLOAD_BYTE) + reserve
+
+
+def no_room(upload_bytes: int | None, free: int, reserve: int, *, received: int | None = None
+            ) -> ApiError:
+    """Return the 507 for an upload the data directory has no room for."""
+    size = "an upload of unknown size" if upload_bytes is None else (
+        f"this upload of {format_bytes(upload_bytes)}")
+    needed = space_needed(upload_bytes or 0, reserve)
+    what = (
+        f"the server's disk filled up after {format_bytes(received)} of the upload were "
+        "received; nothing was kept. "
+        if received is not None else ""
+    )
+    return ApiError(
+        507, ErrorCode.INSUFFICIENT_RESOURCES,
+        f"{what}The server's data directory has {format_bytes(free)} ({free} bytes) free and "
+        f"{size} needs {format_bytes(needed)} ({needed} bytes): the upload, about "
+        f"{ARTIFACT_BYTES_PER_UPLOAD_BYTE}x its size for the job's artifacts, and "
+        f"{format_bytes(reserve)} kept free (COMPRESSOR_DISK_RESERVE_BYTES). Delete finished "
+        "jobs you no longer need (DELETE /v1/jobs/{id}) or ask the operator to give "
+        "COMPRESSOR_DATA_DIR more space, then submit again",
+    )
+
+
+def check_free_space(free: int, upload_bytes: int | None, reserve: int) -> None:
+    """Answer 507 unless `free` bytes hold the upload, its job's artifacts and the reserve.
+
+    An upload of unknown size (no Content-Length) needs the reserve at least; past it, a full
+    disk is caught as it happens.
+    """
+    if space_needed(upload_bytes or 0, reserve) > free:
+        raise no_room(upload_bytes, free, reserve)
 
 
 def _boundary(request: Request) -> bytes:
@@ -266,9 +316,16 @@ def validate_config(raw: bytes) -> dict[str, Any]:
     return config.to_dict()
 
 
-async def receive_job(request: Request, files: JobFolders, job_id: str, limit: int) -> Submission:
-    """Stream the form of `request` into the job's inputs and return its validated parts."""
-    check_content_length(request, limit)
+async def receive_job(
+    request: Request, files: JobFolders, job_id: str, limit: int, reserve: int = 0
+) -> Submission:
+    """Stream the form of `request` into the job's inputs and return its validated parts.
+
+    `limit` caps the files' bytes (413); the data directory must hold the upload, its job's
+    artifacts and `reserve` bytes more (507).
+    """
+    declared = check_content_length(request, limit)
+    check_free_space(await anyio.to_thread.run_sync(files.free_bytes), declared, reserve)
     receiver = _FormReceiver(files, job_id, limit, _boundary(request))
     try:
         async for chunk in request.stream():
@@ -278,6 +335,12 @@ async def receive_job(request: Request, files: JobFolders, job_id: str, limit: i
     except ClientDisconnect:
         receiver.abort()
         raise ApiError(400, ErrorCode.CLIENT_DISCONNECTED, "the client went away mid-upload") from None
+    except OSError as exc:
+        receiver.abort()
+        if exc.errno not in _DISK_FULL:
+            raise
+        free = files.free_bytes()
+        raise no_room(declared, free, reserve, received=receiver.body_bytes) from None
     except BaseException:
         receiver.abort()  # synchronous: it must run even when the request is being cancelled
         raise

@@ -114,6 +114,10 @@ class JobFolders:
         """Delete every file of the job."""
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 
+    def free_bytes(self) -> int:
+        """Return the free space of the disk the data directory is on, in bytes."""
+        return shutil.disk_usage(self.root).free
+
     def job_ids(self) -> list[str]:
         """Return the ids of the jobs that have a directory."""
         return sorted(p.name for p in self.jobs_root.iterdir() if _JOB_ID.match(p.name))

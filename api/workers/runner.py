@@ -8,6 +8,7 @@ for as long as the job runs, whether or not the core reports progress.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -231,12 +232,16 @@ class JobRunner:
             )
         except CompressorError as exc:
             status = CANCELLED if isinstance(exc, CancelledError) else FAILED
+            if isinstance(exc, InternalError) and (full := _disk_full(exc)) is not None:
+                return FAILED, _no_room_left(full), None
             if isinstance(exc, InternalError):
                 log.error("job %s: internal error %s; traceback in its job.log", job.id,
                           exc.error_id)
                 self.metrics.count_internal_error()
             return status, {"code": exc.code, "message": exc.message}, None
         except Exception as exc:  # the core turns its own failures into errors; not this one
+            if (full := _disk_full(exc)) is not None:
+                return FAILED, _no_room_left(full), None
             error = InternalError.wrapping(exc)
             log.exception("job %s: internal error %s", job.id, error.error_id)
             _append_traceback(self.files.job_dir(job.id) / "out" / "job.log", exc, error.error_id)
@@ -283,6 +288,28 @@ def _append_traceback(path: Path, exc: BaseException, error_id: str) -> None:
         os.replace(tmp, path)
     except OSError:
         log.exception("could not write the traceback of internal error %s to %s", error_id, path)
+
+
+def _disk_full(exc: BaseException) -> OSError | None:
+    """Return the "no space left on device" error that caused `exc`, if one did."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _no_room_left(full: OSError) -> dict[str, str]:
+    where = f" writing {Path(full.filename).name}" if isinstance(full.filename, str) else ""
+    return {
+        "code": ErrorCode.INSUFFICIENT_RESOURCES,
+        "message": f"the data directory's disk filled up while the job ran ({full.strerror}"
+        f"{where}); the job's artifacts need about twice the upload's size. Delete finished "
+        "jobs you no longer need, or give COMPRESSOR_DATA_DIR more space, then submit again",
+    }
 
 
 def _missing_input(path: Path, worker_id: str) -> dict[str, str]:

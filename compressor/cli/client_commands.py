@@ -50,8 +50,8 @@ api_key_option = click.option(
 @click.option("--wait", is_flag=True, help="Follow the job until it finishes.")
 @click.option(
     "-o", "--output", type=click.Path(),
-    help="Save the compressed model.onnx here (a file, or a folder: existing or ending in /); "
-    "implies --wait.",
+    help="Save the compressed model.onnx here (a file, or a folder: existing or ending in /), "
+    "with model.onnx.data beside it if the model has its weights there; implies --wait.",
 )
 def submit(
     model: Path, config_source: str | None, data: Path | None, server: str,
@@ -151,7 +151,8 @@ def cancel(job_id: str, server: str, api_key: str | None) -> None:
 @api_key_option
 def download(job_id: str, name: str, output: str, server: str, api_key: str | None) -> None:
     """Download a job's artifact NAME (model.onnx, report.json, job.log or model-hf.zip),
-    sha256-checked."""
+    sha256-checked. model.onnx comes with its weights file model.onnx.data when the job has one
+    (a model past 2 GiB); an interrupted download resumes when run again."""
     console = _stderr_console()
     with _client_errors(), _connect(server, api_key) as client:
         saved = _fetch(client, console, job_id, name, output)

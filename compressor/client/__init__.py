@@ -8,8 +8,9 @@
         client.download(job.id, "model.onnx", "out/")
 
 Every failure raises a `ClientError` subclass carrying the server's `status_code`, `code` and
-`message`; uploads stream from disk; downloads are checked against their sha256 and renamed into
-place atomically, so a bad download leaves nothing behind.
+`message`; uploads stream from disk; downloads go through `<dest>.part`, resume where a dropped
+connection (or an earlier run) stopped, are checked against their sha256 and renamed into place
+atomically, so a bad download leaves nothing behind; `model.onnx` brings `model.onnx.data`.
 
 The parts: `connection` (the `Client` and its verbs), `errors`, `jobs` (what the server
 returns), `uploads`, `downloads` and `events` (following a job).
@@ -22,6 +23,7 @@ from compressor.client.errors import (
     ClientError,
     ConflictError,
     ConnectionFailed,
+    InsufficientStorage,
     JobFailed,
     NotFoundError,
     RateLimitedError,
@@ -37,7 +39,7 @@ from compressor.vocabulary import DEFAULT_SERVER, FINISHED_STATUSES
 
 __all__ = [
     "DEFAULT_SERVER", "FINISHED_STATUSES", "Artifact", "AuthError", "ChecksumMismatch", "Client",
-    "ClientError", "ConflictError", "ConnectionFailed", "Job", "JobError", "JobFailed",
-    "NotFoundError", "RateLimitedError", "RequestTooLargeError", "ServerError",
+    "ClientError", "ConflictError", "ConnectionFailed", "InsufficientStorage", "Job", "JobError",
+    "JobFailed", "NotFoundError", "RateLimitedError", "RequestTooLargeError", "ServerError",
     "ValidationFailed", "WaitTimeout", "error_from_response", "pack_folder",
 ]

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -16,10 +15,10 @@ from urllib.parse import quote
 import httpx
 
 from compressor.client.downloads import (
+    DEFAULT_RETRIES,
+    OpenStream,
     TransferCallback,
-    check_digest,
-    copy_hashing,
-    sha256_from_etag,
+    download_resuming,
 )
 from compressor.client.errors import (
     ClientError,
@@ -31,7 +30,7 @@ from compressor.client.errors import (
 from compressor.client.events import JobCallback, JobWatcher, sse_data
 from compressor.client.jobs import Job
 from compressor.client.uploads import ProgressReader, pack_folder
-from compressor.vocabulary import DEFAULT_SERVER, FAILED
+from compressor.vocabulary import DEFAULT_SERVER, FAILED, ONNX_ARTIFACT, ONNX_DATA_ARTIFACT
 
 _DEFAULT_PAGE_SIZE = 100  # jobs asked for per page; the server allows up to 200
 _EVENT_IDLE_S = 60.0  # reconnect (or fall back to polling) after this long without an event
@@ -199,46 +198,44 @@ class Client:
         *,
         on_progress: TransferCallback | None = None,
         verify: bool = True,
+        retries: int = DEFAULT_RETRIES,
     ) -> Path:
         """Save the job's artifact `name` at `dest`, checked against its sha256; return the path.
 
         `dest` is a file, or a folder (one that exists, or a path ending in `/`) to put `name`
-        in. The bytes stream into a temporary file beside `dest` and are checked against the sha256
-        the server announces (the `ETag`, and the job's artifact list); only then is the file
-        renamed to `dest`. A mismatch raises `ChecksumMismatch` and leaves no file behind.
-        `verify=False` accepts an artifact the server gave no sha256 for (a mismatch still
-        raises). `on_progress(bytes_received, total)` follows the transfer (total 0: unknown).
+        in. The bytes stream into `<dest>.part` and are checked against the sha256 the server
+        announces (the `ETag`, and the job's artifact list); only then is the file renamed to
+        `dest`. A mismatch raises `ChecksumMismatch` and leaves no file behind. A connection that
+        drops is resumed where it stopped (`Range`), up to `retries` times; past them,
+        `ConnectionFailed`, and the part stays: the next call resumes it.
+
+        `model.onnx` brings its weights along when the job has them in `model.onnx.data` (a
+        model past 2 GiB): that file is saved first, beside `dest`, under its own name, which
+        is how model.onnx refers to it. `verify=False` accepts an artifact the server gave no
+        sha256 for (a mismatch still raises). `on_progress(bytes_received, total)` follows the
+        transfer of every file together (total 0: unknown).
         """
         folder = str(dest).endswith(("/", os.sep)) or Path(dest).is_dir()
         dest = Path(dest) / name if folder else Path(dest)
-        listed = self.get(job_id).artifact(name)
+        job = self.get(job_id)
+        files = [(name, dest)]
+        if name == ONNX_ARTIFACT and job.artifact(ONNX_DATA_ARTIFACT) is not None:
+            files.insert(0, (ONNX_DATA_ARTIFACT, dest.with_name(ONNX_DATA_ARTIFACT)))
+        sizes = [getattr(job.artifact(file_name), "size", None) or 0 for file_name, _ in files]
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, part = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                path = f"{_job_path(job_id)}/artifacts/{quote(name, safe='')}"
-                with self._stream("GET", path, headers={"Accept": "*/*"}) as response:
-                    expected = {
-                        digest for digest in (
-                            sha256_from_etag(response.headers.get("etag")),
-                            listed.sha256.lower() if listed and listed.sha256 else None,
-                        ) if digest
-                    }
-                    total = int(response.headers.get("content-length") or 0)
-                    actual, received = copy_hashing(response, out, total, on_progress)
-                out.flush()
-                os.fsync(out.fileno())
-            if total and received != total:
-                raise ClientError(
-                    f"the download of {name} ended after {received} of {total} bytes; try again"
-                )
-            check_digest(name, actual, expected, verify)
-            os.replace(part, dest)
-        except BaseException:
-            with suppress(FileNotFoundError):
-                os.unlink(part)
-            raise
+        for index, (file_name, file_dest) in enumerate(files):
+            listed = job.artifact(file_name)
+            download_resuming(
+                self._artifact_opener(job_id, file_name), file_name, file_dest,
+                listed.sha256 if listed else None, listed.size if listed else None,
+                on_progress=_overall(on_progress, sum(sizes[:index]), sum(sizes), len(files)),
+                verify=verify, retries=retries,
+            )
         return dest
+
+    def _artifact_opener(self, job_id: str, name: str) -> OpenStream:
+        path = f"{_job_path(job_id)}/artifacts/{quote(name, safe='')}"
+        return lambda headers: self._stream("GET", path, headers=headers)
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -315,6 +312,15 @@ def _json(response: httpx.Response) -> Any:
 
 def _job_path(job_id: str) -> str:
     return f"/v1/jobs/{quote(str(job_id), safe='')}"
+
+
+def _overall(
+    on_progress: TransferCallback | None, before: int, listed_total: int, files: int
+) -> TransferCallback | None:
+    """Return a progress callback for one of several files that reports all of them together."""
+    if on_progress is None or files == 1:
+        return on_progress
+    return lambda got, total: on_progress(before + got, listed_total or total)
 
 
 def _remaining(deadline: float | None) -> float | None:

@@ -58,6 +58,10 @@ class ServerError(ClientError):
     """The server failed on its side (5xx)."""
 
 
+class InsufficientStorage(ServerError):
+    """The server has no room on its disk for the upload and its job's artifacts (507)."""
+
+
 class ConnectionFailed(ClientError):
     """The server could not be reached, or did not answer in time."""
 
@@ -89,7 +93,7 @@ class JobFailed(ClientError):
 _ERROR_BY_STATUS: dict[int, type[ClientError]] = {
     401: AuthError, 403: AuthError, 404: NotFoundError, 409: ConflictError,
     413: RequestTooLargeError, 415: ValidationFailed, 422: ValidationFailed,
-    429: RateLimitedError,
+    429: RateLimitedError, 507: InsufficientStorage,
 }
 
 

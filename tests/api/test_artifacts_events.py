@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.support.fakes import FakeJob
 from tests.support.service import wait_for_job
+
+# The weights of an ONNX model past 2 GiB, in small: several of the server's 64 KiB chunks.
+EXTERNAL_DATA = random.Random(11).randbytes(300_000)
+
+
+def job_with_external_data(model: Path, config: Any, *, out_dir: Path, **kwargs: Any) -> Any:
+    """Finish like FakeJob, with a model.onnx.data beside model.onnx (external data)."""
+    result = FakeJob(0.0)(model, config, out_dir=out_dir, **kwargs)
+    (Path(out_dir) / "model.onnx.data").write_bytes(EXTERNAL_DATA)
+    return result
 
 
 @pytest.fixture
@@ -55,6 +68,86 @@ def test_range_requests_answer_206_with_the_slice(finished) -> None:
     tail = client.get(url, headers={"Range": "bytes=-10"})
     assert (tail.status_code, tail.content) == (206, whole[-10:])
     assert client.get(url, headers={"Range": f"bytes={len(whole) + 5}-"}).status_code == 416
+
+
+@pytest.fixture
+def big(make_client, fake_pt2):
+    """Return (client, job) for a job whose model.onnx has its weights in model.onnx.data."""
+    client = make_client(job_with_external_data)
+    job_id = client.post("/v1/jobs", files={"model": ("m.pt2", fake_pt2.read_bytes())}).json()["id"]
+    return client, wait_for_job(client, job_id)
+
+
+def test_the_external_data_file_is_listed_with_its_digest_and_served(big) -> None:
+    client, job = big
+    assert job["status"] == "succeeded"
+    listed = {a["name"]: a for a in job["artifacts"]}
+    assert list(listed) == ["model.onnx", "model.onnx.data", "report.json", "job.log"]
+    data = listed["model.onnx.data"]
+    assert data["size"] == len(EXTERNAL_DATA)
+    assert data["sha256"] == hashlib.sha256(EXTERNAL_DATA).hexdigest()
+    response = client.get(data["url"])
+    assert response.status_code == 200 and response.content == EXTERNAL_DATA
+    assert response.headers["content-type"] == "application/octet-stream"
+    assert response.headers["etag"] == f'"{data["sha256"]}"'
+
+
+def test_every_artifact_resumes_from_a_byte_with_range(big) -> None:
+    client, job = big
+    for artifact in job["artifacts"]:
+        whole = client.get(artifact["url"]).content
+        assert len(whole) == artifact["size"]
+        start = artifact["size"] // 3
+        response = client.get(artifact["url"], headers={
+            "Range": f"bytes={start}-", "If-Range": f'"{artifact["sha256"]}"'})
+        assert response.status_code == 206, artifact["name"]
+        assert response.content == whole[start:]
+        assert response.headers["content-range"] == f"bytes {start}-{len(whole) - 1}/{len(whole)}"
+        assert response.headers["content-length"] == str(len(whole) - start)
+        assert response.headers["accept-ranges"] == "bytes"
+        assert response.headers["etag"] == f'"{artifact["sha256"]}"'
+
+
+def test_a_range_inside_the_data_file_is_those_exact_bytes(big) -> None:
+    client, job = big
+    url = f"/v1/jobs/{job['id']}/artifacts/model.onnx.data"
+    response = client.get(url, headers={"Range": "bytes=65530-131080"})
+    assert response.status_code == 206
+    assert response.content == EXTERNAL_DATA[65530:131081]
+    assert response.headers["content-range"] == f"bytes 65530-131080/{len(EXTERNAL_DATA)}"
+
+
+def test_a_range_past_the_end_is_416_naming_the_size(big) -> None:
+    client, job = big
+    url = f"/v1/jobs/{job['id']}/artifacts/model.onnx.data"
+    for unsatisfiable in (f"bytes={len(EXTERNAL_DATA)}-", "bytes=400000-500000", "bytes=-0"):
+        response = client.get(url, headers={"Range": unsatisfiable})
+        assert response.status_code == 416, unsatisfiable
+        assert response.headers["content-range"] == f"bytes */{len(EXTERNAL_DATA)}"
+        error = response.json()["error"]
+        assert error["code"] == "range_not_satisfiable"
+        assert f"{len(EXTERNAL_DATA)} bytes" in error["message"]
+
+
+def test_if_range_with_another_etag_answers_the_whole_file(big) -> None:
+    client, job = big
+    url = f"/v1/jobs/{job['id']}/artifacts/model.onnx.data"
+    for stale in ('"' + "0" * 64 + '"', 'W/"whatever"', "Wed, 21 Oct 2015 07:28:00 GMT"):
+        response = client.get(url, headers={"Range": "bytes=1000-", "If-Range": stale})
+        assert response.status_code == 200, stale
+        assert response.content == EXTERNAL_DATA
+        assert "content-range" not in response.headers
+    # A stale If-Range never answers 416 either: the client gets the new file.
+    response = client.get(url, headers={"Range": "bytes=999999-", "If-Range": '"other"'})
+    assert (response.status_code, response.content) == (200, EXTERNAL_DATA)
+
+
+@pytest.mark.parametrize("header", ["bytes=abc-", "bytes=10-5", "lines=1-2", "bytes=", "bytes=-"])
+def test_a_range_that_does_not_parse_is_ignored(big, header) -> None:
+    client, job = big
+    response = client.get(f"/v1/jobs/{job['id']}/artifacts/model.onnx.data",
+                          headers={"Range": header})
+    assert (response.status_code, response.content) == (200, EXTERNAL_DATA)
 
 
 def test_if_none_match_with_the_etag_is_304(finished) -> None:

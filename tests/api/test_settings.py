@@ -17,7 +17,8 @@ def test_defaults_run_everything_on_one_machine(monkeypatch, tmp_path: Path) -> 
     assert settings.resolved_store_url == f"sqlite:///{tmp_path / 'compressor-data' / 'jobs.db'}"
     assert settings.resolved_queue_url == f"sqlite:///{tmp_path / 'compressor-data' / 'queue.db'}"
     assert (settings.host, settings.api_keys, settings.embedded_worker) == ("127.0.0.1", [], True)
-    assert settings.max_upload_bytes == 2 * 1024**3
+    assert settings.max_upload_bytes == 64 * 1024**3  # well past 2 GiB: billion-parameter models
+    assert settings.disk_reserve_bytes == 1024**3
 
 
 def test_environment_variables_configure_every_field(monkeypatch) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import shutil
 import struct
 import zipfile
 from collections.abc import Iterator
@@ -11,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from api.jobs.folders import UploadSink
+from compressor.errors import ResourceError
 from tests.support.fakes import FakeJob
 from tests.support.service import wait_for_job
 
@@ -234,3 +238,92 @@ def test_an_upload_just_under_the_limit_is_accepted(client, data_dir) -> None:
     assert response.status_code == 202
     [stored] = jobs_on_disk(data_dir)
     assert stored.name == "model.pt2" and stored.stat().st_size > MIB - 4096
+
+
+# --- room on the data directory's disk ---------------------------------------------------------
+
+GIB = 1 << 30
+
+
+def disk_with_free(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+    """Make the data directory's disk report `free` bytes free."""
+    monkeypatch.setattr(
+        "api.jobs.folders.shutil.disk_usage",
+        lambda path: shutil._ntuple_diskusage(100 * GIB, 100 * GIB - free, free),
+    )
+
+
+def test_an_upload_the_disk_has_no_room_for_is_507_before_storing(
+    client, data_dir, monkeypatch
+) -> None:
+    disk_with_free(monkeypatch, GIB + MIB)  # the 1 GiB reserve, and 1 MiB more
+    body = zip_bytes(512 << 10)
+    response = client.post("/v1/jobs", files={"model": ("m.pt2", body)})
+    assert response.status_code == 507
+    error = response.json()["error"]
+    assert error["code"] == "insufficient_resources"
+    message = error["message"]
+    declared = int(response.request.headers["content-length"])
+    needed = 3 * declared + GIB  # the upload, twice it for the artifacts, the reserve
+    assert f"has 1.0 GiB ({GIB + MIB} bytes) free" in message
+    assert f"needs 1.0 GiB ({needed} bytes)" in message
+    assert "2x its size for the job's artifacts" in message
+    assert "COMPRESSOR_DATA_DIR" in message and "DELETE /v1/jobs/{id}" in message
+    assert jobs_on_disk(data_dir) == []
+
+
+def test_an_upload_with_room_for_itself_its_artifacts_and_the_reserve_is_stored(
+    client, data_dir, monkeypatch
+) -> None:
+    body = zip_bytes(512 << 10)
+    declared = len(body) + 200  # the multipart framing around the file
+    disk_with_free(monkeypatch, 3 * declared + GIB)
+    response = client.post("/v1/jobs", files={"model": ("m.pt2", body)})
+    assert response.status_code == 202, response.text
+    assert [p.name for p in jobs_on_disk(data_dir)] == ["model.pt2"]
+
+
+def test_an_upload_of_unknown_size_needs_the_reserve_free(client, data_dir, monkeypatch) -> None:
+    disk_with_free(monkeypatch, GIB // 2)
+
+    def body() -> Iterator[bytes]:
+        yield b"--x\r\nContent-Disposition: form-data; name=\"model\"; filename=\"m.pt2\"\r\n\r\n"
+        yield zip_bytes(1000) + b"\r\n--x--\r\n"
+
+    response = client.post(
+        "/v1/jobs", content=body(), headers={"content-type": "multipart/form-data; boundary=x"}
+    )
+    assert response.status_code == 507
+    assert "an upload of unknown size needs 1.0 GiB" in response.json()["error"]["message"]
+    assert jobs_on_disk(data_dir) == []
+
+
+def test_a_disk_that_fills_up_mid_upload_is_507_and_leaves_nothing(
+    make_client, data_dir, monkeypatch
+) -> None:
+    client = make_client(embedded_worker=False, max_upload_bytes=64 * MIB)
+    write = UploadSink.write
+
+    def write_until_full(sink: UploadSink, chunk: bytes) -> None:
+        if sink.size >= 2 * MIB:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(sink, chunk)
+
+    monkeypatch.setattr(UploadSink, "write", write_until_full)
+    response = client.post("/v1/jobs", files={"model": ("m.pt2", zip_bytes(8 * MIB))})
+    assert response.status_code == 507
+    error = response.json()["error"]
+    assert error["code"] == "insufficient_resources"
+    assert "filled up after" in error["message"] and "nothing was kept" in error["message"]
+    assert jobs_on_disk(data_dir) == []
+    assert not list((data_dir / "jobs").rglob(".*.part"))
+
+
+def test_a_job_refused_for_lack_of_disk_says_so_in_its_error(make_client, fake_pt2) -> None:
+    refusal = ResourceError("the job's artifacts need about 8.0 GiB of disk and the data "
+                            "directory has 1.0 GiB free; free some space and retry")
+    client = make_client(FakeJob(0.0, refusal))
+    job_id = client.post("/v1/jobs", files={"model": ("m.pt2", fake_pt2.read_bytes())}).json()["id"]
+    job = wait_for_job(client, job_id)
+    assert job["status"] == "failed"
+    assert job["error"] == {"code": "insufficient_resources", "message": refusal.message}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 import shutil
 import threading
@@ -17,7 +18,7 @@ from api.jobs.database import JobRecord
 from api.jobs.tables import jobs
 from api.services import Services
 from api.workers.runner import JobRunner, LossCurve
-from compressor.errors import InternalError, UnsafeModelError
+from compressor.errors import InternalError, ResourceError, UnsafeModelError
 from compressor.progress import ProgressEvent
 from compressor.vocabulary import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from tests.support.fakes import FakeJob
@@ -124,6 +125,47 @@ def test_an_internal_error_from_the_core_keeps_its_id_and_is_counted(
     core_refusal = submit(services, fake_pt2)
     make_runner(services, FakeJob(0.0, UnsafeModelError("refused"))).run(core_refusal)
     assert "compressor_job_internal_errors_total 1.0" in services.metrics.render().decode()
+
+
+def full_disk() -> OSError:
+    return OSError(errno.ENOSPC, "No space left on device", "/data/jobs/x/out/model.onnx.data")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ResourceError("the job's artifacts need about 8.0 GiB of disk and /data has 1.0 GiB free; "
+                      "free some space (or delete old jobs) and retry"),
+        full_disk(),  # the disk filled up later, in the middle of a stage
+    ],
+    ids=["refused-at-start", "filled-while-running"],
+)
+def test_a_full_disk_fails_the_job_as_insufficient_resources(
+    services: Services, fake_pt2: Path, error: Exception
+) -> None:
+    job_id = submit(services, fake_pt2)
+    make_runner(services, FakeJob(0.0, error)).run(job_id)
+    job = stored(services, job_id)
+    assert job.status == FAILED and job.error is not None
+    assert job.error["code"] == "insufficient_resources"
+    if isinstance(error, ResourceError):
+        assert job.error["message"] == error.message
+    else:
+        assert "No space left on device writing model.onnx.data" in job.error["message"]
+        assert "/data/jobs" not in job.error["message"]  # no server paths in a user's answer
+    assert "compressor_job_internal_errors_total 1.0" not in services.metrics.render().decode()
+
+
+def test_a_full_disk_the_core_reported_as_internal_is_insufficient_resources(
+    services: Services, fake_pt2: Path
+) -> None:
+    try:
+        raise InternalError.wrapping(full_disk(), "exporting") from full_disk()
+    except InternalError as wrapped:
+        error = wrapped
+    job_id = submit(services, fake_pt2)
+    make_runner(services, FakeJob(0.0, error)).run(job_id)
+    assert stored(services, job_id).error["code"] == "insufficient_resources"
 
 
 def test_cancel_flag_stops_a_running_job_within_the_poll(

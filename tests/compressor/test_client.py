@@ -32,6 +32,7 @@ from compressor.client import (
     ClientError,
     ConflictError,
     ConnectionFailed,
+    InsufficientStorage,
     Job,
     JobFailed,
     NotFoundError,
@@ -161,6 +162,44 @@ def test_submit_wait_and_download_a_verified_artifact(
     assert saved == tmp_path / "model.onnx"
     assert hashlib.sha256(saved.read_bytes()).hexdigest() == done.artifact("model.onnx").sha256
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temp file left
+
+
+class RecordingTransport(httpx.HTTPTransport):
+    """A real HTTP transport that records (Range, If-Range, status) of artifact requests."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str | None, str | None, int]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        if "/artifacts/" in request.url.path:
+            self.seen.append((request.headers.get("range"), request.headers.get("if-range"),
+                              response.status_code))
+        return response
+
+
+def test_the_service_resumes_a_part_and_restarts_a_stale_one(
+    server: str, model_file: Path, tmp_path: Path
+) -> None:
+    transport = RecordingTransport()
+    with Client(server, api_key=KEY_A, transport=transport) as client:
+        job = client.wait(client.submit(model_file, scenario(SUCCEED)).id, timeout=60)
+        listed = job.artifact("model.onnx")
+        whole = client.download(job.id, "model.onnx", tmp_path / "whole.onnx").read_bytes()
+        etag = f'"{listed.sha256}"'
+        # A part an interrupted earlier run left: resumed from its end.
+        (tmp_path / "resumed.onnx.part").write_bytes(whole[:5000])
+        (tmp_path / "resumed.onnx.part.etag").write_text(etag)
+        assert client.download(job.id, "model.onnx", tmp_path / "resumed.onnx").read_bytes() == whole
+        # A part of a file that changed since: the server sends the whole file instead.
+        (tmp_path / "stale.onnx.part").write_bytes(b"x" * 5000)
+        (tmp_path / "stale.onnx.part.etag").write_text('"' + "1" * 64 + '"')
+        assert client.download(job.id, "model.onnx", tmp_path / "stale.onnx").read_bytes() == whole
+    assert transport.seen == [(None, None, 200), ("bytes=5000-", etag, 206),
+                              ("bytes=5000-", '"' + "1" * 64 + '"', 200)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resumed.onnx", "stale.onnx",
+                                                         "whole.onnx"]
 
 
 def test_wait_follows_server_sent_events_without_polling(client: Client, model_file: Path) -> None:
@@ -431,7 +470,8 @@ def mock_client(handler: Callable[[httpx.Request], httpx.Response]) -> Client:
     ("status", "error_type"),
     [(401, AuthError), (403, AuthError), (404, NotFoundError), (409, ConflictError),
      (413, RequestTooLargeError), (415, ValidationFailed), (422, ValidationFailed),
-     (429, RateLimitedError), (400, ClientError), (500, ServerError), (503, ServerError)],
+     (429, RateLimitedError), (400, ClientError), (500, ServerError), (503, ServerError),
+     (507, InsufficientStorage)],
 )
 def test_errors_are_typed_by_status_and_carry_the_servers_code_and_message(
     status: int, error_type: type[ClientError]
@@ -563,11 +603,181 @@ def test_download_without_any_sha256_needs_verify_false(tmp_path: Path) -> None:
         assert client.download(JOB_ID, "model.onnx", tmp_path, verify=False).read_bytes() == BODY
 
 
-def test_download_shorter_than_its_content_length_raises(tmp_path: Path) -> None:
+def test_download_shorter_than_its_content_length_is_retried_then_kept_to_resume(
+    tmp_path: Path, no_retry_wait: None
+) -> None:
     handler = artifact_server(BODY, f'"{GOOD}"', None, length=len(BODY) + 10)
-    with mock_client(handler) as client, pytest.raises(ClientError, match="ended after"):
+    with mock_client(handler) as client, pytest.raises(ConnectionFailed, match="broke off 3 times"):
+        client.download(JOB_ID, "model.onnx", tmp_path, retries=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx.part", "model.onnx.part.etag"]
+
+
+# --- resumable downloads -------------------------------------------------------------------------
+
+BIG = hashlib.sha512(b"weights").digest() * 50_000  # 3.2 MB: several of the client's 1 MiB chunks
+BIG_SHA = hashlib.sha256(BIG).hexdigest()
+
+
+@pytest.fixture
+def no_retry_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retry a dropped download at once."""
+    monkeypatch.setattr("compressor.client.downloads.RETRY_WAIT_S", 0.0)
+
+
+class BrokenStream(httpx.SyncByteStream):
+    """A body that sends `data` and then loses the connection."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.data
+        raise httpx.ReadError("connection reset by peer")
+
+
+class RangeServer:
+    """Serve a finished job's artifacts with Range and If-Range, as the service does.
+
+    `files` maps a name to its bytes; the first `drops` bodies break off after `cut` bytes;
+    `requests` records every artifact request.
+    """
+
+    def __init__(self, files: dict[str, bytes], drops: int = 0, cut: int = 1_200_000) -> None:
+        self.files, self.drops, self.cut = files, drops, cut
+        self.requests: list[httpx.Request] = []
+
+    def etag(self, name: str) -> str:
+        return f'"{hashlib.sha256(self.files[name]).hexdigest()}"'
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        name = request.url.path.rsplit("/", 1)[-1]
+        if "/artifacts/" not in request.url.path:
+            artifacts = [{"name": n, "size": len(b), "sha256": self.etag(n).strip('"'),
+                          "url": f"/v1/jobs/{JOB_ID}/artifacts/{n}"} for n, b in self.files.items()]
+            return httpx.Response(200, json=job_json(status="succeeded", artifacts=artifacts))
+        self.requests.append(request)
+        body, etag = self.files[name], self.etag(name)
+        headers = {"ETag": etag, "Accept-Ranges": "bytes"}
+        status, start = 200, 0
+        asked, if_range = request.headers.get("range"), request.headers.get("if-range")
+        if asked and if_range in (None, etag):
+            start = int(asked.removeprefix("bytes=").removesuffix("-"))
+            if start >= len(body):
+                return httpx.Response(416, headers={"Content-Range": f"bytes */{len(body)}"},
+                                      json={"error": {"code": "range_not_satisfiable",
+                                                      "message": "past the end"}})
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
+        rest = body[start:]
+        headers["Content-Length"] = str(len(rest))
+        if self.drops:
+            self.drops -= 1
+            return httpx.Response(status, headers=headers, stream=BrokenStream(rest[:self.cut]))
+        return httpx.Response(status, headers=headers, content=rest)
+
+
+def test_a_connection_that_drops_mid_body_is_resumed_with_range(
+    tmp_path: Path, no_retry_wait: None
+) -> None:
+    server = RangeServer({"model.onnx": BIG}, drops=1)
+    progress: list[tuple[int, int]] = []
+    with mock_client(server) as client:
+        saved = client.download(JOB_ID, "model.onnx", tmp_path,
+                                on_progress=lambda *a: progress.append(a))
+    assert saved.read_bytes() == BIG
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    first, second = server.requests
+    assert "range" not in first.headers
+    assert second.headers["range"] == f"bytes={server.cut}-"
+    assert second.headers["if-range"] == f'"{BIG_SHA}"'
+    assert progress[-1] == (len(BIG), len(BIG))
+
+
+def test_a_download_that_keeps_dropping_keeps_its_part_and_the_next_call_resumes(
+    tmp_path: Path, no_retry_wait: None
+) -> None:
+    server = RangeServer({"model.onnx": BIG}, drops=2, cut=1_000_000)
+    with mock_client(server) as client:
+        with pytest.raises(ConnectionFailed, match="download it again to resume"):
+            client.download(JOB_ID, "model.onnx", tmp_path, retries=1)
+        part = tmp_path / "model.onnx.part"
+        assert part.read_bytes() == BIG[:2_000_000] and not (tmp_path / "model.onnx").exists()
+        saved = client.download(JOB_ID, "model.onnx", tmp_path)  # a later run
+    assert saved.read_bytes() == BIG and not part.exists()
+    assert [r.headers.get("range") for r in server.requests] == [
+        None, "bytes=1000000-", "bytes=2000000-"]
+
+
+def test_a_stale_part_whose_etag_changed_starts_over(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx.part").write_bytes(b"an older model's first bytes" * 1000)
+    (tmp_path / "model.onnx.part.etag").write_text('"' + "0" * 64 + '"')
+    server = RangeServer({"model.onnx": BIG})
+    with mock_client(server) as client:
+        saved = client.download(JOB_ID, "model.onnx", tmp_path)
+    assert saved.read_bytes() == BIG
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    [request] = server.requests  # asked for the rest of the old file, got the whole new one
+    assert request.headers["if-range"] == '"' + "0" * 64 + '"'
+
+
+def test_a_part_without_its_etag_is_not_trusted(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx.part").write_bytes(b"junk" * 100)
+    server = RangeServer({"model.onnx": BIG})
+    with mock_client(server) as client:
+        assert client.download(JOB_ID, "model.onnx", tmp_path).read_bytes() == BIG
+    assert "range" not in server.requests[0].headers
+
+
+def test_a_resumed_part_with_wrong_bytes_fails_the_checksum_and_is_deleted(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx.part").write_bytes(b"\0" * 500_000)  # not BIG's first bytes
+    (tmp_path / "model.onnx.part.etag").write_text(f'"{BIG_SHA}"')
+    with mock_client(RangeServer({"model.onnx": BIG})) as client, \
+            pytest.raises(ChecksumMismatch, match="nothing was saved"):
         client.download(JOB_ID, "model.onnx", tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_part_longer_than_the_file_is_416_and_starts_over(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx.part").write_bytes(BIG + b"extra")
+    (tmp_path / "model.onnx.part.etag").write_text(f'"{BIG_SHA}"')
+    server = RangeServer({"model.onnx": BIG})
+    with mock_client(server) as client:
+        assert client.download(JOB_ID, "model.onnx", tmp_path).read_bytes() == BIG
+    assert [r.headers.get("range") for r in server.requests] == [f"bytes={len(BIG) + 5}-", None]
+
+
+def test_a_complete_part_is_checked_and_renamed_without_a_request(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx.part").write_bytes(BIG)
+    (tmp_path / "model.onnx.part.etag").write_text(f'"{BIG_SHA}"')
+    server = RangeServer({"model.onnx": BIG})
+    with mock_client(server) as client:
+        assert client.download(JOB_ID, "model.onnx", tmp_path).read_bytes() == BIG
+    assert server.requests == []
+
+
+def test_model_onnx_brings_its_external_data_file_along(tmp_path: Path) -> None:
+    weights = bytes(range(256)) * 9000
+    server = RangeServer({"model.onnx": b"graph" * 100, "model.onnx.data": weights})
+    progress: list[tuple[int, int]] = []
+    with mock_client(server) as client:
+        saved = client.download(JOB_ID, "model.onnx", tmp_path / "small.onnx",
+                                on_progress=lambda *a: progress.append(a))
+    assert saved == tmp_path / "small.onnx" and saved.read_bytes() == b"graph" * 100
+    # model.onnx names its data file, so the data file keeps its name beside the model.
+    assert (tmp_path / "model.onnx.data").read_bytes() == weights
+    assert [r.url.path.rsplit("/", 1)[-1] for r in server.requests] == [
+        "model.onnx.data", "model.onnx"]
+    total = len(weights) + 500
+    assert progress[-1] == (total, total) and all(t == total for _, t in progress)
+    assert [got for got, _ in progress] == sorted(got for got, _ in progress)
+
+
+def test_other_artifacts_come_alone(tmp_path: Path) -> None:
+    server = RangeServer({"model.onnx": b"graph", "model.onnx.data": b"w" * 10,
+                          "report.json": b"{}"})
+    with mock_client(server) as client:
+        client.download(JOB_ID, "report.json", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
 
 
 def scripted_job_server(events: str | None, polls: list[dict[str, Any]]) -> Callable:

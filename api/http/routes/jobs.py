@@ -57,7 +57,7 @@ _UPLOAD_BODY = {
     "",
     status_code=202,
     response_model=JobPublic,
-    responses=error_responses(413, 415, 422, 429, 503),
+    responses=error_responses(413, 415, 422, 429, 503, 507),
     openapi_extra=_UPLOAD_BODY,
     summary="Submit a compression job",
 )
@@ -67,8 +67,9 @@ async def create_job(
     """Store the uploaded program (and data), queue the job, answer 202 with its URL."""
 
     async def receive(job_id: str) -> Submission:
+        settings = services.settings
         return await receive_job(
-            request, services.files, job_id, services.settings.max_upload_bytes
+            request, services.files, job_id, settings.max_upload_bytes, settings.disk_reserve_bytes
         )
 
     job = await service.submit_job(services, tenant, receive)
