@@ -195,12 +195,15 @@ class TorchOutputs:
         return sum(len(o[0]) if o and o[0].shape else 1 for o in self.outputs)
 
 
-def torch_outputs(module: nn.Module, held_out: Dataset, max_samples: int = 64) -> TorchOutputs:
-    """Run `module` on up to `max_samples` held-out rows, at batch 1 and at the rest."""
+def torch_outputs(module: nn.Module, held_out: Dataset, max_samples: int = 64,
+                  batch_size: int | None = None) -> TorchOutputs:
+    """Run `module` on up to `max_samples` held-out rows: at batch 1, then the rest (in batches
+    of `batch_size` when given)."""
     rows = torch.arange(min(len(held_out), max_samples))
-    batches = [held_out.take(rows[:1])]
-    if len(rows) > 1:
-        batches.append(held_out.take(rows[1:]))
+    rest = rows[1:]
+    step = max(1, len(rest) if batch_size is None else batch_size)
+    batches = [held_out.take(rows[:1])] + [held_out.take(rest[i:i + step])
+                                           for i in range(0, len(rest), step)]
     with torch.no_grad():
         outputs = [[t.numpy() for t in run_outputs(module, batch)] for batch in batches]
     return TorchOutputs(batches, outputs)

@@ -38,8 +38,31 @@ _UNSUPPORTED = {
 }
 # Activation-aware init keeps an (in × in) float64 Gram per layer; past this it falls back to SVD.
 MAX_GRAM_FEATURES = 8192
-# All Gram matrices of one job together stay float64 up to this size, float32 beyond.
-GRAM_FLOAT64_BYTES = 1 << 30
+# All Gram matrices of one job together stay float64 up to this size, or up to this fraction of
+# the model's own bytes when that is more; float32 beyond.
+GRAM_FLOAT64_BYTES = 1 << 28
+GRAM_FLOAT64_PER_MODEL_BYTE = 0.5
+# Rows multiplied at a time when a Gram matrix is accumulated.
+_ROWS_PER_CHUNK = 4096
+# A float64 product aᵀb past this many multiply-adds is computed in float32 chunks.
+_FLOAT64_PRODUCT_MACS = 1 << 33
+
+
+def add_product_(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Add aᵀ b to `total` in place, `_ROWS_PER_CHUNK` rows at a time (no copy of `a` or `b`
+    in `total`'s dtype is made whole).
+
+    Each chunk is multiplied in `total`'s dtype, except that a float64 product of more than
+    `_FLOAT64_PRODUCT_MACS` multiply-adds (a large model's) multiplies each chunk in float32,
+    twice as fast, and sums the chunks in float64: the rounding is then that of one chunk's sum.
+    """
+    macs = a.shape[0] * a.shape[1] * b.shape[1]
+    dtype = torch.float32 if macs > _FLOAT64_PRODUCT_MACS else total.dtype
+    for start in range(0, a.shape[0], _ROWS_PER_CHUNK):
+        part_a = a[start:start + _ROWS_PER_CHUNK].to(dtype)
+        part_b = part_a if b is a else b[start:start + _ROWS_PER_CHUNK].to(dtype)
+        total += (part_a.T @ part_b).to(total.dtype)
+    return total
 
 
 @dataclass(frozen=True)
@@ -209,8 +232,9 @@ def collect_layer_stats(module: fx.GraphModule, layers: list[LayerInfo],
 
     Layers that read the same tensor the same way (the query, key and value projections of an
     attention block) share one Gram matrix: it is computed once and stored once. Gram matrices
-    are float64 unless all of them together would pass `GRAM_FLOAT64_BYTES`; then float32
-    (accumulated per batch, so the rounding stays that of one batch's sum).
+    are float64 unless all of them together would pass both `GRAM_FLOAT64_BYTES` and
+    `GRAM_FLOAT64_PER_MODEL_BYTE` × the model's bytes; then float32. They are summed a chunk
+    of rows at a time (`add_product_`).
     """
     wanted = [layer for layer in layers
               if layer.kind == "embedding" or layer.in_features <= MAX_GRAM_FEATURES]
@@ -219,7 +243,9 @@ def collect_layer_stats(module: fx.GraphModule, layers: list[LayerInfo],
     grams = {key: layers_[0] for key, layers_ in readers.items()}
     gram_bytes = sum(8 * layer.in_features ** 2 for layer in grams.values()
                      if layer.kind != "embedding")
-    dtype = torch.float64 if gram_bytes <= GRAM_FLOAT64_BYTES else torch.float32
+    model_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    limit = max(GRAM_FLOAT64_BYTES, GRAM_FLOAT64_PER_MODEL_BYTE * model_bytes)
+    dtype = torch.float64 if gram_bytes <= limit else torch.float32
     shared = {key: _empty_stats(layer, dtype) for key, layer in grams.items()}
     key_of = {layer.name: key for key, layers_ in readers.items() for layer in layers_}
     first = set(grams.values())
@@ -234,8 +260,8 @@ def collect_layer_stats(module: fx.GraphModule, layers: list[LayerInfo],
                 :layer.out_features].to(torch.float64)
             entry.rows += ids.numel()
             return
-        rows = layer_rows(layer, x.to(dtype))
-        entry.gram += rows.T @ rows
+        rows = layer_rows(layer, x)
+        add_product_(entry.gram, rows, rows)
         entry.rows += rows.shape[0]
 
     for batch in batches:

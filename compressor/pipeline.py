@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_leaves
 from compressor import huggingface
 from compressor import report as figures
 from compressor.allocation import allocate_by_sensitivity, measure_sensitivities
+from compressor.budget import CALIBRATION_BATCH, Budget
 from compressor.config import CompressionConfig
 from compressor.data import Dataset, InputSpec, input_specs, load_data, synthesize_data
 from compressor.errors import CompressorError, InternalError, ResourceError
@@ -67,11 +68,9 @@ _PROBE_FLOPS = 10**13
 # many samples as fit in this fraction of the model's bytes (at least one).
 _ESTIMATE_BYTES_PER_MODEL_BYTE = 0.3
 _SEQUENTIAL_SAMPLES = 128
-# Calibration samples run at a time: the statistics are sums, so only activation memory
-# depends on it.
-_CALIBRATION_BATCH = 16
 _LATENCY_BATCHES = (1, 32)
-# Held-out samples per evaluation batch (fidelity, fine-tuning's held-out score).
+# Held-out samples per evaluation batch (fidelity, fine-tuning's held-out score), at most:
+# `Budget.evaluation_batch` takes fewer when a model's outputs are large (a decoder's logits).
 _EVAL_BATCH = 64
 
 
@@ -154,32 +153,36 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
     teacher = shallow_copy(inputs.program.module()).eval()
     names, kinds = output_kinds(teacher, inputs, config)
     log.info(f"outputs: {dict(zip(names, kinds, strict=True))}")
+    budget = Budget.measure(teacher, inputs.train.take(torch.arange(1)))
+    evaluation_batch = budget.evaluation_batch(_EVAL_BATCH)
+    log.info(f"{budget.describe()}; held-out batches of {evaluation_batch}")
     with log.stage("planning"):
         control.report("planning", 0.0)
         plan = plan_layers(*find_layers(teacher), config)
     with log.stage("calibrating"):
-        stats = calibrate(teacher, plan, inputs.train, control)
+        stats = calibrate(teacher, plan, inputs.train, control, budget, log)
         if config.allocation == "sensitivity":
             control.report("planning", 0.9, "measuring each layer's sensitivity")
-            plan = allocate(teacher, plan, stats, inputs.train, kinds, log)
+            plan = allocate(teacher, plan, stats, inputs.train, kinds, budget, log)
         log.info(f"plan ({plan.allocation}): {len(plan.compressed)} layers compressed, kept "
                  f"{plan.kept_numel / max(1, plan.targeted_numel):.3f} of targeted weights")
     with log.stage("rewriting"):
         control.report("rewriting", 0.0, f"initializing {len(plan.compressed)} layers")
-        student = rewrite(teacher, plan, stats, inputs.train, config, control)
+        student = rewrite(teacher, plan, stats, inputs.train, config, control, budget, log)
         del stats  # consumed: the decompositions are only needed to initialize θ
     with log.stage("finetuning"):
         control.report("finetuning", 0.0)
         with torch.no_grad():  # the original's held-out outputs, computed once
-            reference = [run_outputs(teacher, b) for b in inputs.held_out.batches(_EVAL_BATCH)]
-        initial = fidelity(student, reference, inputs.held_out, kinds)
+            reference = [run_outputs(teacher, b)
+                         for b in inputs.held_out.batches(evaluation_batch)]
+        initial = fidelity(student, reference, inputs.held_out, kinds, evaluation_batch)
         summary = finetune(inputs.program, student, teacher, plan, inputs, config, control, kinds,
-                           reference)
+                           (reference, evaluation_batch))
         log.info(f"fine-tuning on {summary.device}: held-out loss {summary.initial_score:.4f} "
                  f"-> {summary.best_score:.4f} (best step {summary.best_step})")
         # Best step 0: θ is the initialization's, restored exactly, and so are its outputs.
-        final = initial if summary.best_step == 0 else fidelity(student, reference,
-                                                                inputs.held_out, kinds)
+        final = initial if summary.best_step == 0 else fidelity(
+            student, reference, inputs.held_out, kinds, evaluation_batch)
         layer_errors = figures.layer_errors(teacher, student, plan, inputs.held_out.take(
             torch.arange(min(len(inputs.held_out), 64))))
         sizes = size_figures(teacher, student, plan, inputs, config)
@@ -200,7 +203,8 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
             export_onnx(artifact_module, sample, inputs.specs, staging, config.export.opset)
         with log.stage("verifying"):
             control.report("verifying", 0.0, "comparing onnxruntime with PyTorch")
-            expected = torch_outputs(artifact_module, inputs.held_out)
+            expected = torch_outputs(artifact_module, inputs.held_out,
+                                     batch_size=evaluation_batch)
             parity: dict[str, Any] = {}
             if inputs.checkpoint is not None and config.export.form == "dense":
                 control.report("verifying", 0.1, "checking the Hugging Face folder")
@@ -220,8 +224,9 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
                                                        config.export.quantized_tolerance)
                 log.info(f"int8 against the compressed model: {parity['quantized']['relative_l2']}")
                 move_onnx(quantized, staging)
-                artifact_fidelity = onnx_fidelity(staging, reference, inputs.held_out, kinds)
-            measured = {**sizes, **latency_figures(teacher, inputs, staging, config)}
+                artifact_fidelity = onnx_fidelity(staging, reference, inputs.held_out, kinds,
+                                                  evaluation_batch)
+            measured = {**sizes, **latency_figures(teacher, inputs, staging, config, budget)}
         if hf_staging.exists():
             os.replace(hf_staging, out_dir / HF_ARTIFACT)
         move_onnx(staging, out_dir / "model.onnx")
@@ -316,7 +321,8 @@ def load_inputs(model: Path, data: Path | None, config: CompressionConfig,
 
 
 def calibrate(teacher: fx.GraphModule, plan: Plan, train: Dataset,
-              control: JobControl | None = None) -> dict[str, LayerStats]:
+              control: JobControl | None = None, budget: Budget | None = None,
+              log: JobLog | None = None) -> dict[str, LayerStats]:
     """Return the statistics the planned layers' initialization uses, by layer name.
 
     For the layers whose method needs them: the inputs each layer sees on calibration samples
@@ -330,9 +336,13 @@ def calibrate(teacher: fx.GraphModule, plan: Plan, train: Dataset,
     if needing:
         if control is not None:
             control.report("planning", 0.0, f"calibrating {len(needing)} layers")
-        calibration = train.take(torch.arange(min(len(train), _CALIBRATION_SAMPLES)))
-        batches = list(Dataset(calibration, train.synthetic, train.source).batches(
-            _CALIBRATION_BATCH))
+        wanted = min(len(train), _CALIBRATION_SAMPLES)
+        samples = wanted if budget is None else budget.calibration_samples(wanted)
+        batch_size = CALIBRATION_BATCH if budget is None else budget.calibration_batch()
+        if log is not None:
+            log.info(f"calibrating on {samples} of {wanted} samples, {batch_size} at a time")
+        calibration = train.take(torch.arange(samples))
+        batches = list(Dataset(calibration, train.synthetic, train.source).batches(batch_size))
         stats = collect_layer_stats(teacher, needing, batches)
     lowrank = [p for p in plan.compressed if isinstance(p.method, LowRank)]
     for done, entry in enumerate(lowrank):
@@ -350,7 +360,7 @@ def calibrate(teacher: fx.GraphModule, plan: Plan, train: Dataset,
 
 
 def allocate(teacher: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats], train: Dataset,
-             kinds: list[str], log: JobLog | None = None) -> Plan:
+             kinds: list[str], budget: Budget, log: JobLog | None = None) -> Plan:
     """Return `plan` with its lowrank ranks spread by sensitivity.
 
     Each layer's sensitivity is measured (one forward pass per layer) while that costs at most
@@ -362,14 +372,14 @@ def allocate(teacher: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats], 
         return plan
     one = train.take(torch.arange(1))
     samples = min(len(train), _SENSITIVITY_SAMPLES)
-    probe_flops = len(factors) * samples * figures.count_flops(teacher, one)
+    probe_flops = len(factors) * samples * budget.flops_per_sample
     if probe_flops <= _PROBE_FLOPS:
         batch = train.take(torch.arange(samples))
         sensitivities = measure_sensitivities(teacher, plan, factors, batch, kinds)
         how = f"measured: {len(factors)} probes of {samples} samples"
     else:
-        budget = _ESTIMATE_BYTES_PER_MODEL_BYTE * figures.tensor_bytes(teacher)
-        samples = max(1, min(samples, int(budget // probe_bytes_per_sample(teacher, plan, one))))
+        memory = _ESTIMATE_BYTES_PER_MODEL_BYTE * budget.model_bytes
+        samples = max(1, min(samples, int(memory // probe_bytes_per_sample(teacher, plan, one))))
         batch = train.take(torch.arange(samples))
         sensitivities = estimate_sensitivities(teacher, plan, factors, batch, kinds)
         how = (f"predicted from one backward pass on {samples} samples (probing each layer "
@@ -381,7 +391,8 @@ def allocate(teacher: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats], 
 
 
 def rewrite(teacher: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats], train: Dataset,
-            config: CompressionConfig, control: JobControl | None = None) -> fx.GraphModule:
+            config: CompressionConfig, control: JobControl | None = None,
+            budget: Budget | None = None, log: JobLog | None = None) -> fx.GraphModule:
     """Return a student sharing `teacher`'s unchanged tensors, with the plan's
     parametrizations, θ initialized. Each layer's entry of `stats` is consumed (removed)."""
     student = shallow_copy(teacher)
@@ -394,8 +405,11 @@ def rewrite(teacher: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats], t
     if any(p.method.corrects_sequentially for p in plan.compressed):
         if control is not None:
             control.report("rewriting", 0.5, "re-solving each layer on the compressed model")
-        batch = train.take(torch.arange(min(len(train), _SEQUENTIAL_SAMPLES)))
-        correct_sequentially_(student, teacher, plan, batch)
+        wanted = min(len(train), _SEQUENTIAL_SAMPLES)
+        samples = wanted if budget is None else budget.sequential_samples(wanted)
+        if log is not None:
+            log.info(f"sequential correction on {samples} of {wanted} samples")
+        correct_sequentially_(student, teacher, plan, train.take(torch.arange(samples)))
     return student
 
 
@@ -414,40 +428,40 @@ def output_kinds(teacher: fx.GraphModule, inputs: _Inputs, config: CompressionCo
 def finetune(program: ExportedProgram, student: fx.GraphModule, teacher: fx.GraphModule,
              plan: Plan, inputs: _Inputs, config: CompressionConfig,
              control: JobControl, kinds: list[str],
-             reference: list[list[torch.Tensor]]) -> FinetuneSummary:
+             reference: tuple[list[list[torch.Tensor]], int]) -> FinetuneSummary:
     """Fine-tune `student` in place, on CUDA when there is one (copies there and back).
 
-    `reference` holds the original's outputs on the held-out batches of `_EVAL_BATCH`."""
+    `reference` holds the original's outputs on the held-out batches, and their batch size."""
     device = resolve_device(config.finetune.device)
     if device.type == "cpu":
         return finetune_(student, teacher, plan, inputs.train, inputs.held_out, config.finetune,
-                         control, device, kinds, (reference, _EVAL_BATCH))
+                         control, device, kinds, reference)
     on_device = device_copy(program, student, plan, device)
     teacher_on_device = move_to_device_pass(copy.deepcopy(program), device).module().eval()
-    reference_on_device = [[t.to(device) for t in outputs] for outputs in reference]
+    outputs, batch_size = reference
+    on_device_outputs = [[t.to(device) for t in batch] for batch in outputs]
     summary = finetune_(on_device, teacher_on_device, plan, inputs.train, inputs.held_out,
-                        config.finetune, control, device, kinds,
-                        (reference_on_device, _EVAL_BATCH))
+                        config.finetune, control, device, kinds, (on_device_outputs, batch_size))
     student.load_state_dict({k: v.cpu() for k, v in on_device.state_dict().items()})
     return summary
 
 
 def fidelity(student: fx.GraphModule, reference: list[list[torch.Tensor]], held_out: Dataset,
-             kinds: list[str]):
+             kinds: list[str], batch_size: int):
     """Return per-output fidelity of `student` against the original's outputs `reference`
-    (one list per batch of `_EVAL_BATCH` of the held-out split)."""
+    (one list per batch of `batch_size` of the held-out split)."""
     meter = FidelityMeter(kinds)
     with torch.no_grad():
-        for batch, expected in zip(held_out.batches(_EVAL_BATCH), reference, strict=True):
+        for batch, expected in zip(held_out.batches(batch_size), reference, strict=True):
             meter.add(run_outputs(student, batch), expected)
     return meter.result()
 
 
 def onnx_fidelity(path: Path, reference: list[list[torch.Tensor]], held_out: Dataset,
-                  kinds: list[str]):
+                  kinds: list[str], batch_size: int):
     """Return per-output fidelity of the ONNX model at `path` against the original's outputs."""
     meter = FidelityMeter(kinds)
-    for actual, expected in zip(onnx_outputs(path, held_out, _EVAL_BATCH), reference,
+    for actual, expected in zip(onnx_outputs(path, held_out, batch_size), reference,
                                 strict=True):
         meter.add([torch.from_numpy(a) for a in actual], expected)
     return meter.result()
@@ -486,8 +500,9 @@ def size_figures(teacher: fx.GraphModule, student: fx.GraphModule, plan: Plan, i
 
 
 def latency_figures(teacher: fx.GraphModule, inputs: _Inputs, artifact_path: Path,
-                    config: CompressionConfig) -> dict[str, Any]:
-    """Return the ONNX file sizes and onnxruntime latency, before and after."""
+                    config: CompressionConfig, budget: Budget) -> dict[str, Any]:
+    """Return the ONNX file sizes and onnxruntime latency, before and after (batch sizes
+    whose one run would pass `compressor.budget.LATENCY_FLOPS` are left out, and listed as such)."""
     seconds = config.export.latency_seconds
     latency: dict[str, Any] = {"original": {}, "compressed": {}, "seconds_per_figure": seconds,
                                "runtime": "onnxruntime CPUExecutionProvider, median"}
@@ -498,7 +513,12 @@ def latency_figures(teacher: fx.GraphModule, inputs: _Inputs, artifact_path: Pat
             sample = inputs.held_out.take(torch.arange(min(2, len(inputs.held_out))))
             export_onnx(teacher, sample, inputs.specs, original_path, config.export.opset)
             sizes["original"] = onnx_bytes(original_path)
-            for batch_size in _LATENCY_BATCHES:
+            kept, left_out = budget.latency_batches(_LATENCY_BATCHES)
+            if left_out:
+                latency["left_out"] = {
+                    f"batch_{b}_ms": f"one run would cost {b * budget.flops_per_sample / 1e12:.1f} "
+                                     "TFLOP" for b in left_out}
+            for batch_size in kept:
                 rows = torch.arange(batch_size) % len(inputs.held_out)
                 batch = inputs.held_out.take(rows)
                 key = f"batch_{batch_size}_ms"

@@ -15,7 +15,7 @@ from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from compressor.export import onnx_session, run_onnx
-from compressor.graph import layer_rows, run_recording
+from compressor.graph import add_product_, layer_rows, run_recording
 from compressor.outputs import OutputFidelity, call
 from compressor.planning import Plan
 from compressor.vocabulary import sha256_of as sha256_of  # the artifacts' hashes in the report
@@ -61,7 +61,8 @@ def layer_errors(original: fx.GraphModule, compressed: nn.Module, plan: Plan,
             output_error = ((approx - dense).pow(2).sum(1) * reads).sum()
             output_norm = (dense.pow(2).sum(1) * reads).sum()
         else:
-            gram = gram_of_rows(layer_rows(layer, x))
+            rows = layer_rows(layer, x)
+            gram = add_product_(rows.new_zeros(rows.shape[1], rows.shape[1], dtype=torch.float64), rows, rows)
             dense, approx = dense.reshape(dense.shape[0], -1), approx.reshape(dense.shape[0], -1)
             difference = approx - dense
             output_error = ((difference @ gram) * difference).sum()
@@ -77,15 +78,6 @@ def layer_errors(original: fx.GraphModule, compressed: nn.Module, plan: Plan,
     return errors
 
 
-def gram_of_rows(rows: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Return rowsᵀ rows in float64, converting `chunk` rows at a time."""
-    gram = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
-    for start in range(0, rows.shape[0], chunk):
-        part = rows[start:start + chunk].double()
-        gram.addmm_(part.T, part)
-    return gram
-
-
 def fidelity_dict(fidelity: list[OutputFidelity], names: list[str]) -> dict[str, dict]:
     """Return per-output fidelity as plain data, keyed by ONNX output name."""
     return {name: {k: v for k, v in vars(f).items() if v is not None}
@@ -94,11 +86,16 @@ def fidelity_dict(fidelity: list[OutputFidelity], names: list[str]) -> dict[str,
 
 def onnx_latency_ms(path: Path, batch: dict[str, torch.Tensor], budget_s: float = 1.0,
                     min_runs: int = 5) -> float:
-    """Return the median onnxruntime CPU latency (ms) of one run on `batch`."""
+    """Return the median onnxruntime CPU latency (ms) of one run on `batch`.
+
+    Runs for `budget_s` after a warm-up, at least once, and at least `min_runs` times unless
+    that passes twice the budget (a large model's run can take a minute).
+    """
     session = onnx_session(path)
     run_onnx(session, batch)  # warm-up
     timings, deadline = [], time.perf_counter() + budget_s
-    while len(timings) < min_runs or time.perf_counter() < deadline:
+    while (not timings or time.perf_counter() < deadline
+           or (len(timings) < min_runs and time.perf_counter() < deadline + budget_s)):
         start = time.perf_counter()
         run_onnx(session, batch)
         timings.append((time.perf_counter() - start) * 1000)

@@ -21,15 +21,13 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from compressor.graph import layer_calls, layer_input, layer_rows
+from compressor.graph import add_product_, layer_calls, layer_input, layer_rows
 from compressor.methods.base import LayerInfo
 from compressor.planning import Plan
 from compressor.rewrite import theta_of
 
 # Relative damping of G' before it is solved against.
 _DAMPING = 1e-3
-# Rows of a layer's inputs converted to float64 at a time.
-_ROWS_PER_CHUNK = 4096
 
 
 def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
@@ -74,22 +72,41 @@ class _InputMoments:
 
     @classmethod
     def of(cls, x: torch.Tensor, x_student: torch.Tensor) -> _InputMoments:
-        """Accumulate over `_ROWS_PER_CHUNK` rows at a time: float64 copies of a chunk only."""
+        """Accumulate over chunks of rows (`graph.add_product_`): no float64 copy of the inputs."""
         width = x.shape[1]
-        moments = [torch.zeros(width, width, dtype=torch.float64) for _ in range(3)]
-        for start in range(0, x.shape[0], _ROWS_PER_CHUNK):
-            a = x[start:start + _ROWS_PER_CHUNK].double()
-            b = x_student[start:start + _ROWS_PER_CHUNK].double()
-            moments[0].addmm_(a.T, a)
-            moments[1].addmm_(a.T, b)
-            moments[2].addmm_(b.T, b)
-        return cls(*moments)
+        gram, cross, student_gram = (torch.zeros(width, width, dtype=torch.float64)
+                                     for _ in range(3))
+        return cls(add_product_(gram, x, x), add_product_(cross, x, x_student),
+                   add_product_(student_gram, x_student, x_student))
 
     def squared_error(self, product: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Return ‖X' Mᵀ − X Wᵀ‖² for the layer weight M = `product` against the original W,
         from the moments alone (no output rows are formed)."""
         return ((product @ self.student_gram) * product).sum() \
             - 2 * ((weight @ self.cross) * product).sum() + ((weight @ self.gram) * weight).sum()
+
+
+def live_bytes(module: fx.GraphModule, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Run `module` on `batch` one node at a time, freeing each value after its last use; return
+    the most bytes of intermediate tensors alive at once (weights not counted) and the bytes of
+    its outputs."""
+    names = [n.target for n in module.graph.nodes if n.op == "placeholder"]
+    stepper = _Stepper(module, iter([batch[n] for n in names]))
+    weights = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
+
+    def held(values) -> int:
+        storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
+                    for v in values if isinstance(v, torch.Tensor)}
+        return sum(size for ptr, size in storages.items() if ptr not in weights)
+
+    peak = 0
+    with torch.no_grad():
+        for node in module.graph.nodes:
+            if node.op == "output":
+                return peak, held(stepper.value(n) for n in node.all_input_nodes)
+            stepper.step(node)
+            peak = max(peak, held(stepper.interpreter.env.values()))
+    return peak, 0
 
 
 def _solve_second_factor(A: torch.Tensor, W: torch.Tensor, cross: torch.Tensor,

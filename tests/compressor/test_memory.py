@@ -9,7 +9,7 @@ from torch import nn
 from torch.export import Dim
 
 import compressor
-from compressor import pipeline
+from compressor import graph, pipeline
 from compressor.config import CompressionConfig
 from compressor.data import Dataset
 from compressor.errors import ResourceError
@@ -120,3 +120,14 @@ def test_weights_past_the_protobuf_limit_go_to_a_data_file_served_beside_the_mod
     session = onnx_session(out / "model.onnx")
     (got,) = run_onnx(session, {"x": torch.randn(2, 6, 32)})
     assert got.shape == (2, 8)
+
+
+def test_large_float64_products_are_summed_from_float32_chunks(monkeypatch):
+    a, b = torch.randn(10_000, 24), torch.randn(10_000, 16)
+    exact = a.double().T @ b.double()
+    small = graph.add_product_(torch.zeros(24, 16, dtype=torch.float64), a, b)
+    torch.testing.assert_close(small, exact, rtol=1e-12, atol=1e-10)  # float64 throughout
+    monkeypatch.setattr(graph, "_FLOAT64_PRODUCT_MACS", 1000)
+    large = graph.add_product_(torch.zeros(24, 16, dtype=torch.float64), a, b)
+    assert not torch.equal(large, small)  # float32 chunks: rounded as float32 sums of 4096 rows
+    torch.testing.assert_close(large, exact, rtol=1e-5, atol=1e-3)

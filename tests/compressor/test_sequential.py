@@ -55,6 +55,7 @@ def test_correction_brings_the_outputs_closer_and_leaves_the_original_alone(tmp_
 def test_moments_give_the_output_error_without_forming_the_outputs():
     torch.manual_seed(0)
     x = torch.randn(5000, 12)  # more rows than one chunk: the accumulation is pinned too
+    # (small enough to be multiplied in float64)
     x_student = x + 0.1 * torch.randn(5000, 12)
     weight = torch.randn(7, 12, dtype=torch.float64)
     product = weight + 0.05 * torch.randn(7, 12, dtype=torch.float64)
