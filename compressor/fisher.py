@@ -43,15 +43,12 @@ def estimate_sensitivities(teacher: fx.GraphModule, plan: Plan,
     planned rank (see the module docstring). The teacher is unchanged afterwards."""
     layers = {p.layer.name: (p.layer, p.size) for p in plan.compressed if p.layer.name in factors}
     predicted = dict.fromkeys(layers, 0.0)
-    residuals: dict[str, torch.Tensor] = {}
 
     def on_gradient(name: str, x: torch.Tensor, gradient: torch.Tensor) -> None:
         layer, rank = layers[name]
-        if name not in residuals:
-            weight = teacher.get_submodule(name).weight.detach().reshape(layer.out_features, -1)
-            layer_factors = factors[name]
-            residuals[name] = weight - layer_factors.A[:, :rank] @ layer_factors.B[:rank]
-        predicted[name] += _predicted_loss(layer, residuals[name], x, gradient.detach())
+        weight = teacher.get_submodule(name).weight.detach().reshape(layer.out_features, -1)
+        residual = weight - factors[name].A[:, :rank] @ factors[name].B[:rank]  # one at a time
+        predicted[name] += _predicted_loss(layer, residual, x, gradient.detach())
 
     generator = torch.Generator().manual_seed(seed)
     parameters = [p for p in teacher.parameters() if p.requires_grad]
@@ -147,9 +144,9 @@ def _output_gradient(out: torch.Tensor, kind: str, generator: torch.Generator) -
     if kind == "logits":  # T² · KL(softmax(t/T) ‖ softmax(o/T)), mean over vectors
         classes = out.shape[-1] if out.dim() >= 2 else 1
         probabilities = F.softmax(out.reshape(-1, classes) / KL_TEMPERATURE, dim=-1)
-        drawn = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
-        sample = probabilities - F.one_hot(drawn, classes).to(probabilities.dtype)
-        gradient += (sample / math.sqrt(probabilities.shape[0])).reshape(out.shape)
+        drawn = torch.multinomial(probabilities, 1, generator=generator)
+        sample = probabilities.scatter_add_(1, drawn, torch.full(drawn.shape, -1.0))  # p - e_y
+        gradient += (sample / math.sqrt(sample.shape[0])).reshape(out.shape)
     elif kind == "embedding":  # 1 - cos(o, t), mean over vectors: (I - t̂t̂ᵀ) / (‖t‖² n)
         vectors = out.reshape(-1, out.shape[-1])
         unit = F.normalize(vectors, dim=1)

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import resource
 import sys
 from pathlib import Path
@@ -59,7 +61,12 @@ class PeakMemory:
         return _status_kib("VmHWM") is not None
 
     def reset(self) -> None:
-        """Start a new measurement period (a no-op where the kernel cannot reset the peak)."""
+        """Start a new measurement period (a no-op where the kernel cannot reset the peak).
+
+        Memory the process freed but the allocator kept is handed back first, so a stage's
+        peak is not raised by what an earlier stage left in the allocator's free lists.
+        """
+        release_freed_memory()
         if self.exact:
             self.exact = self._clear()
 
@@ -70,6 +77,31 @@ class PeakMemory:
             return kib * 1024
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024
+
+
+def release_freed_memory() -> None:
+    """Return freed heap memory to the kernel: collect garbage, then glibc's `malloc_trim`.
+
+    Tensors below glibc's mmap threshold live on the heap, and freeing them does not lower the
+    RSS until the heap is trimmed. A no-op beyond the garbage collection where there is no glibc.
+    """
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _glibc()
 
 
 def available_memory_bytes() -> int | None:

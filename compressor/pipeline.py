@@ -6,7 +6,6 @@ import copy
 import gc
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -87,7 +86,7 @@ class Result:
 
 @dataclass
 class _Inputs:
-    program: ExportedProgram
+    program: ExportedProgram | None  # None once exported: its weights are freed
     specs: list[InputSpec]
     train: Dataset
     held_out: Dataset
@@ -195,11 +194,21 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
     hf_staging = staging_dir / HF_ARTIFACT
     try:
         with log.stage("exporting"):
-            control.report("exporting", 0.0, f"exporting the {config.export.form} form")
+            sample = inputs.held_out.take(torch.arange(min(2, len(inputs.held_out))))
+            baseline = None  # the original's ONNX, the latency baseline
+            if config.export.latency_seconds > 0:
+                control.report("exporting", 0.0, "exporting the original (latency baseline)")
+                baseline = staging_dir / "original" / "model.onnx"
+                baseline.parent.mkdir()
+                export_onnx(teacher, sample, inputs.specs, baseline, config.export.opset)
+            control.report("exporting", 0.5, f"exporting the {config.export.form} form")
             # The dense form takes each layer's θ as its W is made: the student is spent after.
             artifact_module = materialized(student, teacher, plan, config.export.form)
-            del student
-            sample = inputs.held_out.take(torch.arange(min(2, len(inputs.held_out))))
+            # Nothing reads the original's weights any more: those the artifact does not share
+            # are freed (the original's outputs stay, in `reference`).
+            del student, teacher
+            inputs.program = None
+            gc.collect()
             export_onnx(artifact_module, sample, inputs.specs, staging, config.export.opset)
         with log.stage("verifying"):
             control.report("verifying", 0.0, "comparing onnxruntime with PyTorch")
@@ -226,7 +235,7 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
                 move_onnx(quantized, staging)
                 artifact_fidelity = onnx_fidelity(staging, reference, inputs.held_out, kinds,
                                                   evaluation_batch)
-            measured = {**sizes, **latency_figures(teacher, inputs, staging, config, budget)}
+            measured = {**sizes, **latency_figures(baseline, inputs, staging, config, budget)}
         if hf_staging.exists():
             os.replace(hf_staging, out_dir / HF_ARTIFACT)
         move_onnx(staging, out_dir / "model.onnx")
@@ -254,7 +263,7 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
         "finetune": asdict(summary),
         "onnx_parity": parity,
         "stage_seconds": log.stage_seconds,
-        "memory": _memory_figures(log, figures.tensor_bytes(teacher)),
+        "memory": _memory_figures(log, budget.model_bytes),
         "versions": figures.versions(),
         "artifacts": {name: {"size": (out_dir / name).stat().st_size,
                              "sha256": figures.sha256_of(out_dir / name)}
@@ -499,32 +508,30 @@ def size_figures(teacher: fx.GraphModule, student: fx.GraphModule, plan: Plan, i
     }
 
 
-def latency_figures(teacher: fx.GraphModule, inputs: _Inputs, artifact_path: Path,
+def latency_figures(original_path: Path | None, inputs: _Inputs, artifact_path: Path,
                     config: CompressionConfig, budget: Budget) -> dict[str, Any]:
-    """Return the ONNX file sizes and onnxruntime latency, before and after (batch sizes
-    whose one run would pass `compressor.budget.LATENCY_FLOPS` are left out, and listed as such)."""
+    """Return the ONNX file sizes and onnxruntime latency, before (the original's export at
+    `original_path`, None when latency is not measured) and after. Batch sizes whose one run
+    would pass `compressor.budget.LATENCY_FLOPS` are left out, and listed as such."""
     seconds = config.export.latency_seconds
     latency: dict[str, Any] = {"original": {}, "compressed": {}, "seconds_per_figure": seconds,
                                "runtime": "onnxruntime CPUExecutionProvider, median"}
     sizes: dict[str, int | None] = {"original": None, "artifact": onnx_bytes(artifact_path)}
-    if seconds > 0:  # the baseline needs the original exported too
-        with tempfile.TemporaryDirectory(dir=artifact_path.parent) as tmp:
-            original_path = Path(tmp) / "original.onnx"
-            sample = inputs.held_out.take(torch.arange(min(2, len(inputs.held_out))))
-            export_onnx(teacher, sample, inputs.specs, original_path, config.export.opset)
-            sizes["original"] = onnx_bytes(original_path)
-            kept, left_out = budget.latency_batches(_LATENCY_BATCHES)
-            if left_out:
-                latency["left_out"] = {
-                    f"batch_{b}_ms": f"one run would cost {b * budget.flops_per_sample / 1e12:.1f} "
-                                     "TFLOP" for b in left_out}
-            for batch_size in kept:
-                rows = torch.arange(batch_size) % len(inputs.held_out)
-                batch = inputs.held_out.take(rows)
-                key = f"batch_{batch_size}_ms"
-                latency["original"][key] = figures.onnx_latency_ms(original_path, batch, seconds)
-                latency["compressed"][key] = figures.onnx_latency_ms(artifact_path, batch,
-                                                                     seconds)
+    if original_path is None or seconds <= 0:
+        return {"onnx_bytes": sizes, "latency": latency}
+    sizes["original"] = onnx_bytes(original_path)
+    kept, left_out = budget.latency_batches(_LATENCY_BATCHES)
+    if left_out:
+        per_sample = budget.activation_bytes_per_sample + budget.output_bytes_per_sample
+        latency["left_out"] = {
+            f"batch_{b}_ms": f"one run would cost {b * budget.flops_per_sample / 1e12:.2g} TFLOP "
+                             f"and {format_bytes(b * per_sample)} of activations"
+            for b in left_out}
+    for batch_size in kept:
+        batch = inputs.held_out.take(torch.arange(batch_size) % len(inputs.held_out))
+        key = f"batch_{batch_size}_ms"
+        latency["original"][key] = figures.onnx_latency_ms(original_path, batch, seconds)
+        latency["compressed"][key] = figures.onnx_latency_ms(artifact_path, batch, seconds)
     return {"onnx_bytes": sizes, "latency": latency}
 
 

@@ -28,6 +28,8 @@ from compressor.rewrite import theta_of
 
 # Relative damping of G' before it is solved against.
 _DAMPING = 1e-3
+# Rows of a layer's weight (and of A) taken to float64 at a time.
+_ROWS_PER_CHUNK = 4096
 
 
 def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
@@ -61,31 +63,6 @@ class _Stepper:
             env.pop(done, None)
 
 
-@dataclass
-class _InputMoments:
-    """The second moments of a layer's inputs in the original (X) and compressed (X') model,
-    rows as samples: G = XᵀX, C = XᵀX', G' = X'ᵀX' (float64, in_features²)."""
-
-    gram: torch.Tensor
-    cross: torch.Tensor
-    student_gram: torch.Tensor
-
-    @classmethod
-    def of(cls, x: torch.Tensor, x_student: torch.Tensor) -> _InputMoments:
-        """Accumulate over chunks of rows (`graph.add_product_`): no float64 copy of the inputs."""
-        width = x.shape[1]
-        gram, cross, student_gram = (torch.zeros(width, width, dtype=torch.float64)
-                                     for _ in range(3))
-        return cls(add_product_(gram, x, x), add_product_(cross, x, x_student),
-                   add_product_(student_gram, x_student, x_student))
-
-    def squared_error(self, product: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Return ‖X' Mᵀ − X Wᵀ‖² for the layer weight M = `product` against the original W,
-        from the moments alone (no output rows are formed)."""
-        return ((product @ self.student_gram) * product).sum() \
-            - 2 * ((weight @ self.cross) * product).sum() + ((weight @ self.gram) * weight).sum()
-
-
 def live_bytes(module: fx.GraphModule, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
     """Run `module` on `batch` one node at a time, freeing each value after its last use; return
     the most bytes of intermediate tensors alive at once (weights not counted) and the bytes of
@@ -109,13 +86,68 @@ def live_bytes(module: fx.GraphModule, batch: dict[str, torch.Tensor]) -> tuple[
     return peak, 0
 
 
-def _solve_second_factor(A: torch.Tensor, W: torch.Tensor, cross: torch.Tensor,
-                         gram: torch.Tensor) -> torch.Tensor:
-    """Return B = (AᵀA)⁻¹ Aᵀ W C (G' + λI)⁻¹ (see the module docstring), in float64."""
-    eye = torch.eye(gram.shape[0], dtype=torch.float64)
-    damped = gram + _DAMPING * gram.diagonal().mean().clamp(min=1e-12) * eye
-    target = torch.linalg.solve(damped, cross.T @ W.T).T  # W C G'⁻¹, G' symmetric
-    return torch.linalg.lstsq(A, target).solution
+@dataclass
+class _InputMoments:
+    """The second moments of a layer's inputs in the original (X) and compressed (X') model,
+    rows as samples: G = XᵀX, C = XᵀX', G' = X'ᵀX' (float64, in_features²)."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    student_gram: torch.Tensor
+
+    @classmethod
+    def of(cls, x: torch.Tensor, x_student: torch.Tensor) -> _InputMoments:
+        """Accumulate over chunks of rows (`graph.add_product_`): no float64 copy of the inputs."""
+        width = x.shape[1]
+        gram, cross, student_gram = (torch.zeros(width, width, dtype=torch.float64)
+                                     for _ in range(3))
+        return cls(add_product_(gram, x, x), add_product_(cross, x, x_student),
+                   add_product_(student_gram, x_student, x_student))
+
+
+@dataclass
+class _LayerFit:
+    """What the least-squares fit of B needs of a layer with A fixed, reduced to rank-sized
+    matrices: AᵀA (r × r), AᵀW C (r × in) and ‖X Wᵀ‖² (float64). With them,
+
+        ‖X' (A B)ᵀ − X Wᵀ‖² = ⟨AᵀA, B G' Bᵀ⟩ − 2 ⟨AᵀW C, B⟩ + ‖X Wᵀ‖²
+
+    and the best B is (AᵀA)⁻¹ AᵀW C (G' + λI)⁻¹: no output-sized (out × in) float64 matrix is
+    formed, only chunks of `_ROWS_PER_CHUNK` rows of W and A (a vocabulary-wide output layer's
+    W alone is 200 MB in float64)."""
+
+    gram_a: torch.Tensor
+    target: torch.Tensor
+    reference: torch.Tensor
+
+    @classmethod
+    def of(cls, A: torch.Tensor, W: torch.Tensor, moments: _InputMoments) -> _LayerFit:
+        rank = A.shape[1]
+        gram_a = torch.zeros(rank, rank, dtype=torch.float64)
+        a_w = torch.zeros(rank, W.shape[1], dtype=torch.float64)
+        reference = torch.zeros((), dtype=torch.float64)
+        for start in range(0, W.shape[0], _ROWS_PER_CHUNK):
+            a = A[start:start + _ROWS_PER_CHUNK].double()
+            w = W[start:start + _ROWS_PER_CHUNK].double()
+            gram_a += a.T @ a
+            a_w += a.T @ w
+            reference += ((w @ moments.gram) * w).sum()
+        return cls(gram_a, a_w @ moments.cross, reference)
+
+    def squared_error(self, B: torch.Tensor, moments: _InputMoments) -> torch.Tensor:
+        """Return ‖X' (A B)ᵀ − X Wᵀ‖² (the layer's output error on the compressed model's
+        inputs against the original's outputs)."""
+        B = B.double()
+        return ((self.gram_a * (B @ moments.student_gram @ B.T)).sum()
+                - 2 * (self.target * B).sum() + self.reference)
+
+    def best_second_factor(self, moments: _InputMoments) -> torch.Tensor:
+        """Return B = (AᵀA)⁻¹ AᵀW C (G' + λI)⁻¹ (see the module docstring), in float64."""
+        gram = moments.student_gram
+        eye = torch.eye(gram.shape[0], dtype=torch.float64)
+        damped = gram + _DAMPING * gram.diagonal().mean().clamp(min=1e-12) * eye
+        right = torch.linalg.solve(damped, self.target.T).T  # AᵀW C G'⁻¹, G' symmetric
+        return torch.linalg.lstsq(self.gram_a, right).solution
 
 
 def correct_sequentially_(student: fx.GraphModule, teacher: fx.GraphModule, plan: Plan,
@@ -172,11 +204,11 @@ def _correct_layer(student: fx.GraphModule, teacher: fx.GraphModule, name: str,
                    layer: LayerInfo, moments: _InputMoments) -> float:
     """Re-solve the layer's B on `moments` unless that fits worse; return after / before."""
     A, B = theta_of(student, name)
-    W = teacher.get_submodule(name).weight.detach().reshape(layer.out_features, -1).double()
-    A64 = A.double()
-    before = moments.squared_error(A64 @ B.double(), W).clamp(min=0).sqrt()
-    corrected = _solve_second_factor(A64, W, moments.cross, moments.student_gram)
-    after = moments.squared_error(A64 @ corrected, W).clamp(min=0).sqrt()
+    W = teacher.get_submodule(name).weight.detach().reshape(layer.out_features, -1)
+    fit = _LayerFit.of(A.detach(), W, moments)
+    before = fit.squared_error(B, moments).clamp(min=0).sqrt()
+    corrected = fit.best_second_factor(moments)
+    after = fit.squared_error(corrected, moments).clamp(min=0).sqrt()
     if after < before:  # a worse fit (e.g. too few rows) keeps the old B
         B.copy_(corrected.to(B.dtype))
     return float(min(after, before) / before.clamp(min=1e-30))

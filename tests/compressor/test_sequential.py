@@ -12,7 +12,7 @@ from compressor.objectives import distillation_loss
 from compressor.outputs import run_outputs
 from compressor.planning import plan_layers
 from compressor.rewrite import parametrize_
-from compressor.sequential import _InputMoments, correct_sequentially_
+from compressor.sequential import _InputMoments, _LayerFit, correct_sequentially_
 from tests.support.tiny_models import MODEL_CLASSES, example_inputs, make_pt2
 
 
@@ -52,18 +52,24 @@ def test_correction_brings_the_outputs_closer_and_leaves_the_original_alone(tmp_
                 < float(distillation_loss(run_outputs(uncorrected, probe), want, kinds)))
 
 
-def test_moments_give_the_output_error_without_forming_the_outputs():
+def test_the_fit_works_from_moments_without_forming_outputs():
     torch.manual_seed(0)
-    x = torch.randn(5000, 12)  # more rows than one chunk: the accumulation is pinned too
-    # (small enough to be multiplied in float64)
-    x_student = x + 0.1 * torch.randn(5000, 12)
-    weight = torch.randn(7, 12, dtype=torch.float64)
-    product = weight + 0.05 * torch.randn(7, 12, dtype=torch.float64)
+    x = torch.randn(600, 12)
+    x_student = x + 0.1 * torch.randn(600, 12)
+    W = torch.randn(5000, 12)  # more output rows than one chunk: the accumulation is pinned too
+    A, B = torch.randn(5000, 3), torch.randn(3, 12)
     moments = _InputMoments.of(x, x_student)
-    direct = (x_student.double() @ product.T - x.double() @ weight.T).pow(2).sum()
-    torch.testing.assert_close(moments.squared_error(product, weight), direct, rtol=1e-9, atol=0)
     torch.testing.assert_close(moments.cross, x.double().T @ x_student.double(),
                                rtol=1e-12, atol=1e-9)
+    fit = _LayerFit.of(A, W, moments)
+    X, Xs, W64, A64 = x.double(), x_student.double(), W.double(), A.double()
+    direct = (Xs @ (A64 @ B.double()).T - X @ W64.T).pow(2).sum()
+    torch.testing.assert_close(fit.squared_error(B, moments), direct, rtol=1e-9, atol=0)
+    # The closed form of SVD-LLM's update: B = (AᵀA)⁻¹ Aᵀ W C (G' + λI)⁻¹.
+    gram = moments.student_gram
+    damped = gram + 1e-3 * gram.diagonal().mean() * torch.eye(12, dtype=torch.float64)
+    expected = torch.linalg.lstsq(A64, W64 @ moments.cross @ torch.linalg.inv(damped)).solution
+    torch.testing.assert_close(fit.best_second_factor(moments), expected, rtol=1e-7, atol=1e-9)
 
 
 def test_both_models_stop_at_the_last_corrected_layer(tmp_path, monkeypatch):
