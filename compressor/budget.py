@@ -21,6 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 CALIBRATION_FLOPS = 2 * 10**13
 # Forward-pass FLOPs per model that the sequential correction may spend (it runs two).
 SEQUENTIAL_FLOPS = 10**13
+# Forward-pass FLOPs the report's per-layer errors may spend.
+LAYER_ERROR_FLOPS = 2 * 10**12
 # One latency figure's run may cost this many FLOPs; a larger batch is left out of the report.
 LATENCY_FLOPS = 4 * 10**12
 # Live activations of a stage's batch stay under this fraction of the model's bytes.
@@ -72,6 +74,11 @@ class Budget:
     def sequential_samples(self, wanted: int) -> int:
         """Samples the sequential correction affords: both models hold their activations."""
         return self._affordable(wanted, SEQUENTIAL_FLOPS, models=2)
+
+    def layer_error_samples(self, wanted: int) -> int:
+        """Held-out samples the report's per-layer errors are measured on (one more pass of
+        the original: compute and memory)."""
+        return self._affordable(wanted, LAYER_ERROR_FLOPS)
 
     def evaluation_batch(self, wanted: int) -> int:
         """Samples scored at a time against the original's outputs: the loss of a decoder's

@@ -131,14 +131,15 @@ def finetune_(student: nn.Module, teacher: nn.Module, plan: Plan, train: Dataset
               held_out: Dataset, config: FinetuneConfig, control: JobControl,
               device: torch.device, kinds: list[str],
               held_out_reference: tuple[list[list[torch.Tensor]], int] | None = None,
-              ) -> FinetuneSummary:
+              initial_score: float | None = None) -> FinetuneSummary:
     """Distill `teacher` into the parametrized `student` in place; keep the best θ seen.
 
     `kinds` gives each output's kind, hence its loss (`compressor.objectives`). When a held-out
     evaluation comes out clearly worse than the best so far (the learning rate is too high for
     this model), θ goes back to the best state and the learning rate is halved.
     `held_out_reference` may give the original's held-out outputs, already on `device`, with
-    the batch size they were computed at; otherwise they are computed here.
+    the batch size they were computed at; otherwise they are computed here. `initial_score`
+    may give the student's held-out score as it is (`held_out_score`), computed elsewhere.
     """
     params = trainable_parameters(student, plan, config.train_biases)
     if held_out_reference is None:
@@ -149,7 +150,8 @@ def finetune_(student: nn.Module, teacher: nn.Module, plan: Plan, train: Dataset
     else:
         teacher_eval, eval_size = held_out_reference
     eval_batches = [_to(b, device) for b in held_out.batches(eval_size)]
-    best = held_out_score(student, teacher_eval, eval_batches, kinds)
+    best = (held_out_score(student, teacher_eval, eval_batches, kinds)
+            if initial_score is None else initial_score)
     summary = FinetuneSummary(config.steps, str(device), best, best, 0)
     if config.steps == 0 or not params:
         return summary

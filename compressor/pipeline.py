@@ -50,8 +50,8 @@ from compressor.memory import (
 )
 from compressor.methods import LayerStats
 from compressor.methods.lowrank import LowRank
-from compressor.objectives import detect_output_kinds
-from compressor.outputs import FidelityMeter, call, run_outputs
+from compressor.objectives import detect_output_kinds, distillation_loss
+from compressor.outputs import FidelityMeter, OutputFidelity, call, run_outputs
 from compressor.planning import Plan, plan_layers
 from compressor.progress import JobControl, ProgressCallback, StopCheck
 from compressor.rewrite import factorize, materialize, parametrize_, shallow_copy
@@ -174,16 +174,17 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
         with torch.no_grad():  # the original's held-out outputs, computed once
             reference = [run_outputs(teacher, b)
                          for b in inputs.held_out.batches(evaluation_batch)]
-        initial = fidelity(student, reference, inputs.held_out, kinds, evaluation_batch)
+        initial, initial_score = fidelity(student, reference, inputs.held_out, kinds,
+                                          evaluation_batch)
         summary = finetune(inputs.program, student, teacher, plan, inputs, config, control, kinds,
-                           (reference, evaluation_batch))
+                           (reference, evaluation_batch), initial_score)
         log.info(f"fine-tuning on {summary.device}: held-out loss {summary.initial_score:.4f} "
                  f"-> {summary.best_score:.4f} (best step {summary.best_step})")
         # Best step 0: θ is the initialization's, restored exactly, and so are its outputs.
         final = initial if summary.best_step == 0 else fidelity(
-            student, reference, inputs.held_out, kinds, evaluation_batch)
+            student, reference, inputs.held_out, kinds, evaluation_batch)[0]
         layer_errors = figures.layer_errors(teacher, student, plan, inputs.held_out.take(
-            torch.arange(min(len(inputs.held_out), 64))))
+            torch.arange(min(len(inputs.held_out), budget.layer_error_samples(64)))))
         sizes = size_figures(teacher, student, plan, inputs, config)
     staging_dir = out_dir / ".staging"
     shutil.rmtree(staging_dir, ignore_errors=True)
@@ -437,33 +438,42 @@ def output_kinds(teacher: fx.GraphModule, inputs: _Inputs, config: CompressionCo
 def finetune(program: ExportedProgram, student: fx.GraphModule, teacher: fx.GraphModule,
              plan: Plan, inputs: _Inputs, config: CompressionConfig,
              control: JobControl, kinds: list[str],
-             reference: tuple[list[list[torch.Tensor]], int]) -> FinetuneSummary:
+             reference: tuple[list[list[torch.Tensor]], int],
+             initial_score: float) -> FinetuneSummary:
     """Fine-tune `student` in place, on CUDA when there is one (copies there and back).
 
-    `reference` holds the original's outputs on the held-out batches, and their batch size."""
+    `reference` holds the original's outputs on the held-out batches, and their batch size;
+    `initial_score` the student's held-out score before fine-tuning."""
     device = resolve_device(config.finetune.device)
     if device.type == "cpu":
         return finetune_(student, teacher, plan, inputs.train, inputs.held_out, config.finetune,
-                         control, device, kinds, reference)
+                         control, device, kinds, reference, initial_score)
     on_device = device_copy(program, student, plan, device)
     teacher_on_device = move_to_device_pass(copy.deepcopy(program), device).module().eval()
     outputs, batch_size = reference
     on_device_outputs = [[t.to(device) for t in batch] for batch in outputs]
     summary = finetune_(on_device, teacher_on_device, plan, inputs.train, inputs.held_out,
-                        config.finetune, control, device, kinds, (on_device_outputs, batch_size))
+                        config.finetune, control, device, kinds, (on_device_outputs, batch_size),
+                        initial_score)
     student.load_state_dict({k: v.cpu() for k, v in on_device.state_dict().items()})
     return summary
 
 
 def fidelity(student: fx.GraphModule, reference: list[list[torch.Tensor]], held_out: Dataset,
-             kinds: list[str], batch_size: int):
+             kinds: list[str], batch_size: int) -> tuple[list[OutputFidelity], float]:
     """Return per-output fidelity of `student` against the original's outputs `reference`
-    (one list per batch of `batch_size` of the held-out split)."""
+    (one list per batch of `batch_size` of the held-out split), and its held-out score (the
+    sample-weighted distillation loss, as `finetune.held_out_score` computes it): one pass."""
     meter = FidelityMeter(kinds)
+    total, rows = 0.0, 0
     with torch.no_grad():
         for batch, expected in zip(held_out.batches(batch_size), reference, strict=True):
-            meter.add(run_outputs(student, batch), expected)
-    return meter.result()
+            outputs = run_outputs(student, batch)
+            meter.add(outputs, expected)
+            count = expected[0].shape[0]
+            total += float(distillation_loss(outputs, expected, kinds)) * count
+            rows += count
+    return meter.result(), total / max(1, rows)
 
 
 def onnx_fidelity(path: Path, reference: list[list[torch.Tensor]], held_out: Dataset,

@@ -75,3 +75,22 @@ def test_default_learning_rates_follow_each_tensors_scale():
     assert [g["lr"] for g in groups] == pytest.approx([0.005 * 0.02, 0.005 * 2.0])
     fixed = parameter_groups([small, large], CompressionConfig.parse({"finetune": {"lr": 1e-3}}).finetune)
     assert len(fixed) == 1 and fixed[0]["lr"] == 1e-3
+
+
+def test_the_fidelity_pass_scores_the_student_as_fine_tuning_does(tmp_path):
+    from compressor.data import Dataset
+    from compressor.finetune import held_out_score
+    from compressor.pipeline import fidelity
+
+    teacher = torch.export.load(str(make_pt2("text", tmp_path / "text.pt2"))).module()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for parameter in student.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    held_out = Dataset(example_inputs(MODEL_CLASSES["text"](), batch=10, seed=4), False, "test")
+    kinds = ["logits", "embedding"]
+    batches = list(held_out.batches(4))
+    with torch.no_grad():
+        reference = [run_outputs(teacher, b) for b in batches]
+    _, score = fidelity(student, reference, held_out, kinds, 4)
+    assert score == pytest.approx(held_out_score(student, reference, batches, kinds), rel=1e-6)
