@@ -27,6 +27,10 @@ def count_parameters(module: nn.Module) -> int:
     return sum(t.numel() for t in tensors)
 
 
+# Rows of a weight taken to float64 at a time.
+_ROWS_PER_CHUNK = 4096
+
+
 def count_flops(module: nn.Module, batch: dict[str, torch.Tensor]) -> int:
     """Return the FLOPs of one forward pass of `module` on `batch`."""
     counter = FlopCounterMode(display=False)
@@ -46,31 +50,43 @@ def layer_errors(original: fx.GraphModule, compressed: nn.Module, plan: Plan,
     """Return each compressed layer's relative weight error and relative output error.
 
     The output error is measured on the inputs the ORIGINAL model feeds that layer on `batch`:
-    ‖X (W' − W)ᵀ‖ / ‖X Wᵀ‖, computed from the Gram matrix G = XᵀX (no output rows are formed:
-    a decoder's output layer would need two float64 copies of its logits).
+    ‖X (W' − W)ᵀ‖ / ‖X Wᵀ‖, computed from the Gram matrix G = XᵀX, a chunk of W's rows at a
+    time (no output rows are formed: a decoder's output layer would need two float64 copies of
+    its logits, and its W alone is 200 MB in float64).
     """
     layers = [entry.layer for entry in plan.compressed]
     errors: dict[str, dict[str, float]] = {}
 
     def record(layer, x: torch.Tensor) -> None:
-        dense = original.get_submodule(layer.name).weight.detach().double()
-        approx = compressed.get_submodule(layer.name).weight.detach().double()
-        if layer.kind == "embedding":
-            ids = x.reshape(-1).to(torch.int64)
-            reads = torch.bincount(ids, minlength=dense.shape[0]).double()
-            output_error = ((approx - dense).pow(2).sum(1) * reads).sum()
-            output_norm = (dense.pow(2).sum(1) * reads).sum()
+        dense = original.get_submodule(layer.name).weight.detach()
+        approx = compressed.get_submodule(layer.name).weight.detach()
+        dense, approx = dense.reshape(dense.shape[0], -1), approx.reshape(dense.shape[0], -1)
+        if layer.kind == "embedding":  # each row weighs as often as the batch reads it
+            reads = torch.bincount(x.reshape(-1).to(torch.int64), minlength=dense.shape[0])
+            weight = reads.double()[:, None]
+            gram = None
         else:
             rows = layer_rows(layer, x)
-            gram = add_product_(rows.new_zeros(rows.shape[1], rows.shape[1], dtype=torch.float64), rows, rows)
-            dense, approx = dense.reshape(dense.shape[0], -1), approx.reshape(dense.shape[0], -1)
-            difference = approx - dense
-            output_error = ((difference @ gram) * difference).sum()
-            output_norm = ((dense @ gram) * dense).sum()
+            gram = add_product_(torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64),
+                                rows, rows)
+        sums = torch.zeros(2, dtype=torch.float64)  # ‖W' − W‖², ‖W‖²
+        outputs = torch.zeros(2, dtype=torch.float64)  # ‖X (W' − W)ᵀ‖², ‖X Wᵀ‖²
+        for start in range(0, dense.shape[0], _ROWS_PER_CHUNK):  # float64 a chunk at a time
+            w = dense[start:start + _ROWS_PER_CHUNK].double()
+            difference = approx[start:start + _ROWS_PER_CHUNK].double() - w
+            sums[0] += difference.pow(2).sum()
+            sums[1] += w.pow(2).sum()
+            if gram is None:
+                rows_read = weight[start:start + _ROWS_PER_CHUNK]
+                outputs[0] += (difference.pow(2) * rows_read).sum()
+                outputs[1] += (w.pow(2) * rows_read).sum()
+            else:
+                outputs[0] += ((difference @ gram) * difference).sum()
+                outputs[1] += ((w @ gram) * w).sum()
         errors[layer.name] = {
-            "relative_weight_error": float((approx - dense).norm() / dense.norm().clamp(min=1e-30)),
-            "relative_output_error": float(output_error.clamp(min=0).sqrt()
-                                           / output_norm.sqrt().clamp(min=1e-30)),
+            "relative_weight_error": float(sums[0].sqrt() / sums[1].sqrt().clamp(min=1e-30)),
+            "relative_output_error": float(outputs[0].clamp(min=0).sqrt()
+                                           / outputs[1].sqrt().clamp(min=1e-30)),
         }
 
     with torch.no_grad():
