@@ -316,6 +316,23 @@ def table(results: list[dict]) -> str:
             cells.append("—" if s is None else f"{s['seconds']:.1f} s / {_gib(s['peak_rss_bytes'])}"
                          f" ({s['peak_over_model_bytes']})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    exact = [r for r in results if (r["report_memory"] or {}).get("memory")]
+    if exact:
+        lines += ["", "Per stage, from report.json (the kernel's exact per-stage peak, VmHWM): "
+                  "seconds / peak RSS GiB (peak ÷ model bytes)", ""]
+        stages = list(dict.fromkeys(name for r in exact
+                                    for name in r["report_memory"]["memory"]["stage_peak_rss_bytes"]))
+        lines.append("| stage | " + " | ".join(r["label"] for r in exact) + " |")
+        lines.append("|---|" + "---|" * len(exact))
+        for name in [*stages, "end to end"]:
+            cells = []
+            for r in exact:
+                peaks = r["report_memory"]["memory"]["stage_peak_rss_bytes"]
+                peak = max(peaks.values()) if name == "end to end" else peaks.get(name)
+                seconds = r["wall_s"] if name == "end to end" else (r["stage_seconds"] or {}).get(name)
+                cells.append("—" if peak is None else
+                             f"{seconds:.0f} s / {_gib(peak)} ({peak / r['model_bytes']:.2f})")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for r in results:
         if r["report_memory"]:
             lines.append(f"\n{r['label']}: report.json memory: {json.dumps(r['report_memory'])}")

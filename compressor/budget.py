@@ -25,8 +25,10 @@ SEQUENTIAL_FLOPS = 10**13
 LAYER_ERROR_FLOPS = 2 * 10**12
 # One latency figure's run may cost this many FLOPs; a larger batch is left out of the report.
 LATENCY_FLOPS = 4 * 10**12
-# Live activations of a stage's batch stay under this fraction of the model's bytes.
+# Live activations of a stage's batch stay under this fraction of the model's bytes, or this
+# many bytes when that is more (a small model's batches need not be tiny).
 ACTIVATIONS_PER_MODEL_BYTE = 0.5
+MIN_ACTIVATION_BYTES = 256 << 20
 # Float copies of the outputs that scoring a batch makes (softmaxes, differences, ...).
 EVALUATION_COPIES = 8
 # Calibration samples run at a time, at most (its statistics are sums: only memory depends on it).
@@ -67,9 +69,11 @@ class Budget:
         return max(1, min(wanted, max(MIN_SAMPLES,
                                       CALIBRATION_FLOPS // max(1, self.flops_per_sample))))
 
-    def calibration_batch(self) -> int:
-        """Samples calibration runs at a time (memory)."""
-        return self._affordable(CALIBRATION_BATCH, None)
+    def calibration_batch(self, samples: int) -> int:
+        """Samples calibration runs at a time (memory): all `samples` when they fit (each
+        layer is then decomposed as it is reached), else at most `CALIBRATION_BATCH`."""
+        affordable = self._affordable(samples, None)
+        return affordable if affordable >= samples else min(affordable, CALIBRATION_BATCH)
 
     def sequential_samples(self, wanted: int) -> int:
         """Samples the sequential correction affords: both models hold their activations."""
@@ -95,7 +99,7 @@ class Budget:
         return kept, [b for b in batches if b not in kept]
 
     def _memory(self) -> float:
-        return ACTIVATIONS_PER_MODEL_BYTE * self.model_bytes
+        return max(MIN_ACTIVATION_BYTES, ACTIVATIONS_PER_MODEL_BYTE * self.model_bytes)
 
     def describe(self) -> str:
         return (f"one sample: {self.flops_per_sample / 1e9:.3g} GFLOP, "

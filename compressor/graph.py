@@ -11,6 +11,7 @@ until the factorized export replaces each call with a compact module.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -226,7 +227,9 @@ def run_recording(module: fx.GraphModule, layers: list[LayerInfo],
 
 
 def collect_layer_stats(module: fx.GraphModule, layers: list[LayerInfo],
-                        batches: list[dict[str, torch.Tensor]]) -> dict[str, LayerStats]:
+                        batches: list[dict[str, torch.Tensor]],
+                        on_complete: Callable[[str, LayerStats], None] | None = None,
+                        ) -> dict[str, LayerStats]:
     """Return each layer's input statistics summed over `batches` (for activation-aware init):
     the Gram matrix of a Linear's or Conv2d's inputs, how often an embedding reads each row.
 
@@ -235,39 +238,60 @@ def collect_layer_stats(module: fx.GraphModule, layers: list[LayerInfo],
     are float64 unless all of them together would pass both `GRAM_FLOAT64_BYTES` and
     `GRAM_FLOAT64_PER_MODEL_BYTE` × the model's bytes; then float32. They are summed a chunk
     of rows at a time (`add_product_`).
+
+    With `on_complete`, each layer's statistics are handed to it as soon as they are complete
+    and are not kept (nothing is returned): with a single batch that is as the layer is reached,
+    so only one Gram matrix (or one group's) is alive at a time; with several, after the last.
     """
     wanted = [layer for layer in layers
               if layer.kind == "embedding" or layer.in_features <= MAX_GRAM_FEATURES]
     by_name = {layer.name: layer for layer in wanted}
     readers = _shared_inputs(module, by_name)
     grams = {key: layers_[0] for key, layers_ in readers.items()}
+    streaming = on_complete is not None and len(batches) == 1
     gram_bytes = sum(8 * layer.in_features ** 2 for layer in grams.values()
                      if layer.kind != "embedding")
+    if streaming:  # one group at a time
+        gram_bytes = max([0] + [8 * layer.in_features ** 2 for layer in grams.values()])
     model_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     limit = max(GRAM_FLOAT64_BYTES, GRAM_FLOAT64_PER_MODEL_BYTE * model_bytes)
     dtype = torch.float64 if gram_bytes <= limit else torch.float32
-    shared = {key: _empty_stats(layer, dtype) for key, layer in grams.items()}
-    key_of = {layer.name: key for key, layers_ in readers.items() for layer in layers_}
-    first = set(grams.values())
+    shared: dict[tuple, LayerStats] = {}
+    first = {layer: key for key, layer in grams.items()}
+    calls = Counter(layer_calls(module).values())
+    calls_left = {key: calls.get(layer.name, 0) for key, layer in grams.items()}
+    collected: dict[str, LayerStats] = {}
+    complete = on_complete or collected.__setitem__
+
+    def finish(key: tuple) -> None:
+        entry = shared.pop(key, None) or _empty_stats(grams[key], dtype)
+        for layer in readers[key]:
+            complete(layer.name, LayerStats(entry.gram, entry.rows, entry.row_counts))
 
     def record(layer: LayerInfo, x: torch.Tensor) -> None:
-        if layer not in first:
+        key = first.get(layer)
+        if key is None:
             return  # another reader of the same input already counted it
-        entry = shared[key_of[layer.name]]
+        entry = shared.get(key) or shared.setdefault(key, _empty_stats(layer, dtype))
         if layer.kind == "embedding":
             ids = x.reshape(-1).to(torch.int64)
             entry.row_counts += torch.bincount(ids, minlength=layer.out_features)[
                 :layer.out_features].to(torch.float64)
             entry.rows += ids.numel()
-            return
-        rows = layer_rows(layer, x)
-        add_product_(entry.gram, rows, rows)
-        entry.rows += rows.shape[0]
+        else:
+            rows = layer_rows(layer, x)
+            add_product_(entry.gram, rows, rows)
+            entry.rows += rows.shape[0]
+        calls_left[key] -= 1
+        if streaming and calls_left[key] == 0:
+            finish(key)
 
     for batch in batches:
         run_recording(module, list(first), batch, record)
-    return {name: LayerStats(shared[key].gram, shared[key].rows, shared[key].row_counts)
-            for name, key in key_of.items()}
+    for key in list(grams):
+        if not streaming or key in shared or calls_left[key] > 0:
+            finish(key)
+    return collected
 
 
 def _shared_inputs(module: fx.GraphModule,

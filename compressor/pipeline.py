@@ -339,33 +339,49 @@ def calibrate(teacher: fx.GraphModule, plan: Plan, train: Dataset,
     (a Gram matrix, an embedding's row reads). Lowrank layers also get their decomposition
     (`stats[name].extras["lowrank"]`), which both the allocation and the initialization read;
     it is kept only up to the largest rank either can use, and its Gram matrix is dropped as
-    soon as it is decomposed, so memory holds about one more copy of the weights at most.
+    soon as it is decomposed. When every calibration sample fits in memory at once, each layer
+    is decomposed as the calibration pass reaches it, so one Gram matrix is alive at a time.
     """
     stats: dict[str, LayerStats] = {}
+    lowrank = {p.layer.name: p for p in plan.compressed if isinstance(p.method, LowRank)}
+    decomposed = 0
+
+    def complete(name: str, entry_stats: LayerStats) -> None:
+        nonlocal decomposed
+        stats[name] = entry_stats
+        entry = lowrank.get(name)
+        if entry is None:
+            return
+        decomposed += 1
+        if control is not None:
+            control.report("planning", 0.1 + 0.8 * decomposed / len(lowrank),
+                           f"decomposing layer {decomposed}/{len(lowrank)}: {name}")
+        weight = teacher.get_submodule(name).weight.detach()
+        factors = entry.method.factorize(
+            entry.layer, weight, entry_stats if entry.method.needs_input_stats else None)
+        keep = max(LowRank.break_even_rank(entry.layer), entry.size or 0)
+        # Its own statistics, without the Gram matrix (others reading it may still use it).
+        stats[name] = LayerStats(None, entry_stats.rows, entry_stats.row_counts,
+                                 {**entry_stats.extras, "lowrank": factors.truncated(keep)})
+
     needing = [p.layer for p in plan.compressed if p.method.needs_input_stats]
     if needing:
         if control is not None:
             control.report("planning", 0.0, f"calibrating {len(needing)} layers")
         wanted = min(len(train), _CALIBRATION_SAMPLES)
         samples = wanted if budget is None else budget.calibration_samples(wanted)
-        batch_size = CALIBRATION_BATCH if budget is None else budget.calibration_batch()
+        batch_size = (CALIBRATION_BATCH if budget is None
+                      else budget.calibration_batch(samples))
         if log is not None:
-            log.info(f"calibrating on {samples} of {wanted} samples, {batch_size} at a time")
+            log.info(f"calibrating on {samples} of {wanted} samples, {batch_size} at a time"
+                     + (" (each layer decomposed as it is reached)"
+                        if batch_size >= samples else ""))
         calibration = train.take(torch.arange(samples))
         batches = list(Dataset(calibration, train.synthetic, train.source).batches(batch_size))
-        stats = collect_layer_stats(teacher, needing, batches)
-    lowrank = [p for p in plan.compressed if isinstance(p.method, LowRank)]
-    for done, entry in enumerate(lowrank):
-        if control is not None:
-            control.report("planning", 0.1 + 0.8 * done / len(lowrank),
-                           f"decomposing layer {done + 1}/{len(lowrank)}: {entry.layer.name}")
-        entry_stats = stats.setdefault(entry.layer.name, LayerStats(None))
-        weight = teacher.get_submodule(entry.layer.name).weight.detach()
-        factors = entry.method.factorize(
-            entry.layer, weight, entry_stats if entry.method.needs_input_stats else None)
-        keep = max(LowRank.break_even_rank(entry.layer), entry.size or 0)
-        entry_stats.extras["lowrank"] = factors.truncated(keep)
-        entry_stats.gram = None  # decomposed: lowrank needs no more of it
+        collect_layer_stats(teacher, needing, batches, complete)
+    for name in lowrank:
+        if name not in stats:  # no statistics (svd init, or a layer too wide for a Gram)
+            complete(name, LayerStats(None))
     return stats
 
 

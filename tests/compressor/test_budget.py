@@ -13,7 +13,7 @@ GIB = 1 << 30
 def test_a_small_model_uses_every_sample():
     small = Budget(flops_per_sample=10**6, activation_bytes_per_sample=10**4, model_bytes=10**7)
     assert small.calibration_samples(512) == 512
-    assert small.calibration_batch() == budgets.CALIBRATION_BATCH
+    assert small.calibration_batch(512) == 512  # all at once: decomposed as reached
     assert small.sequential_samples(128) == 128
     assert small.latency_batches((1, 32)) == ([1, 32], [])
     assert small.evaluation_batch(64) == 64
@@ -31,7 +31,7 @@ def test_a_billion_parameter_decoder_is_capped_by_compute_and_memory():
     assert logits.evaluation_batch(64) == int(2.2 * GIB // ((27 << 20) + 8 * 256 * 32000 * 4))
     # Memory wins over the compute floor: activations too large for even MIN_SAMPLES.
     heavy = Budget(flops_per_sample=10**6, activation_bytes_per_sample=GIB, model_bytes=4 * GIB)
-    assert heavy.sequential_samples(128) == 1 and heavy.calibration_batch() == 2
+    assert heavy.sequential_samples(128) == 1 and heavy.calibration_batch(64) == 2
 
 
 def test_measuring_counts_the_flops_and_the_live_activations_of_one_sample(tmp_path):

@@ -3,6 +3,9 @@ weights past protobuf's 2 GiB in a data file beside model.onnx."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -131,3 +134,25 @@ def test_large_float64_products_are_summed_from_float32_chunks(monkeypatch):
     large = graph.add_product_(torch.zeros(24, 16, dtype=torch.float64), a, b)
     assert not torch.equal(large, small)  # float32 chunks: rounded as float32 sums of 4096 rows
     torch.testing.assert_close(large, exact, rtol=1e-5, atol=1e-3)
+
+
+def test_with_one_batch_each_layer_is_handed_over_as_it_is_reached(tmp_path):
+    program, _ = _program(tmp_path)
+    module = program.module()
+    layers, _ = find_layers(module)
+    x = torch.randn(5, 6, 32)
+    whole = collect_layer_stats(module, layers, [{"x": x}])
+    handed: list[str] = []
+    shared_gram: list[weakref.ref] = []
+
+    def complete(name, stats):
+        handed.append(name)
+        torch.testing.assert_close(stats.gram, whole[name].gram, rtol=0, atol=0)
+        if name == "q":
+            shared_gram.append(weakref.ref(stats.gram))
+        if name == "out":  # q, k and v's Gram matrix is gone before the next one is handed over
+            gc.collect()
+            assert shared_gram[0]() is None
+
+    assert collect_layer_stats(module, layers, [{"x": x}], complete) == {}
+    assert handed == ["q", "k", "v", "out"]
