@@ -56,7 +56,7 @@ def measure_sensitivities(teacher: fx.GraphModule, plan: Plan,
                 continue
             weight = teacher.get_submodule(entry.layer.name).weight
             saved = weight.detach().clone()
-            truncated = layer_factors.A[:, :entry.size] @ layer_factors.B[:entry.size]
+            truncated = layer_factors.product(entry.size)
             weight.copy_(truncated.reshape(weight.shape).to(weight.dtype))
             try:
                 loss = float(distillation_loss(run_outputs(teacher, batch), reference, kinds))

@@ -47,7 +47,7 @@ def estimate_sensitivities(teacher: fx.GraphModule, plan: Plan,
     def on_gradient(name: str, x: torch.Tensor, gradient: torch.Tensor) -> None:
         layer, rank = layers[name]
         weight = teacher.get_submodule(name).weight.detach().reshape(layer.out_features, -1)
-        residual = weight - factors[name].A[:, :rank] @ factors[name].B[:rank]  # one at a time
+        residual = weight - factors[name].product(rank)  # one at a time
         predicted[name] += _predicted_loss(layer, residual, x, gradient.detach())
 
     generator = torch.Generator().manual_seed(seed)

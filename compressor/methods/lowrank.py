@@ -39,6 +39,8 @@ _UNSEEN_ROW_WEIGHT = 1.0
 # Ranks are rounded down to a multiple of this (fast matmul tiles) when that gives up at most
 # _ROUNDING_COST of the layer's budget.
 RANK_MULTIPLE = 8
+# Rows of W taken to float64 at a time when B is made again from it.
+_ROWS_PER_CHUNK = 4096
 _ROUNDING_COST = 0.02
 
 
@@ -46,25 +48,57 @@ _ROUNDING_COST = 0.02
 class LowRankFactors:
     """A full decomposition W = A @ B, directions sorted by the output error they carry.
 
-    `A[:, :r] @ B[:r]` is the best rank-r product (in the metric of the inputs it was given),
-    and `energy[r:].sum()` its squared output error on the calibration inputs (on W itself
-    without them).
+    `A[:, :r] @ B[:r]` (`product(r)`) is the best rank-r product (in the metric of the inputs it
+    was given), and `energy[r:].sum()` its squared output error on the calibration inputs (on W
+    itself without them).
+
+    B need not be kept: with A = U √S from the SVD of W L (L the whitening, or the identity),
+    B = √S Vᵀ L⁻¹ = S⁻¹ Aᵀ W, whatever L was. So `truncated` keeps A alone, with W itself
+    (`weight`, the original's tensor, shared) to make B from when it is asked for (`second`):
+    between calibration and initialization a large model then holds A, not A and B (a down
+    projection's B is 2.75 times its A). An embedding, whose B comes from row-weighted W, keeps B.
     """
 
     A: torch.Tensor  # (out, k)
-    B: torch.Tensor  # (k, in)
+    B: torch.Tensor | None  # (k, in); None: made from `weight` (see `second`)
     energy: torch.Tensor  # (k,) float64, decreasing
+    weight: torch.Tensor | None = None  # (out, in): W, where B = S⁻¹ Aᵀ W holds
 
     def error(self, rank: int) -> float:
         """Return the squared output error of the rank-`rank` truncation."""
         return float(self.energy[rank:].sum())
 
+    def first(self, rank: int) -> torch.Tensor:
+        """Return A's first `rank` columns."""
+        return self.A[:, :rank]
+
+    def second(self, rank: int) -> torch.Tensor:
+        """Return B's first `rank` rows (made from W in float64, a chunk of rows at a time,
+        when B is not kept)."""
+        if self.B is not None:
+            return self.B[:rank]
+        singular = self.energy[:rank].sqrt().clamp(min=float(self.energy[0].sqrt()) * 1e-15
+                                                   + 1e-300)
+        B = torch.zeros(rank, self.weight.shape[1], dtype=torch.float64)
+        for start in range(0, self.weight.shape[0], _ROWS_PER_CHUNK):
+            a = self.A[start:start + _ROWS_PER_CHUNK, :rank].double()
+            B += a.T @ self.weight[start:start + _ROWS_PER_CHUNK].double()
+        return (B / singular[:, None]).to(self.A.dtype)
+
+    def product(self, rank: int) -> torch.Tensor:
+        """Return the best rank-`rank` product A[:, :rank] @ B[:rank]."""
+        return self.first(rank) @ self.second(rank)
+
     def truncated(self, rank: int) -> LowRankFactors:
         """Return the factors kept up to `rank` (own copies; every energy is kept, so `error`
-        still prices every rank)."""
-        if rank >= self.A.shape[1]:
+        still prices every rank). B is dropped where it can be made again from W."""
+        keep_b = self.weight is None
+        if rank >= self.A.shape[1] and (keep_b or self.B is None):
             return self
-        return LowRankFactors(self.A[:, :rank].clone(), self.B[:rank].clone(), self.energy)
+        rank = min(rank, self.A.shape[1])
+        return LowRankFactors(self.A[:, :rank].clone(),
+                              self.B[:rank].clone() if keep_b else None, self.energy,
+                              self.weight)
 
 
 class LowRankWeight(nn.Module):
@@ -88,7 +122,7 @@ class LowRankWeight(nn.Module):
         if factors is None:
             factors = decompose(weight.detach().reshape(weight.shape[0], -1), None, None)
         # Copies: θ must not share storage with the decomposition, which other copies reuse.
-        A, B = factors.A[:, :self.rank], factors.B[:self.rank]
+        A, B = factors.first(self.rank), factors.second(self.rank)
         return (A.to(weight.dtype, copy=True).contiguous(),
                 B.to(weight.dtype, copy=True).contiguous())
 
@@ -123,7 +157,8 @@ def decompose(matrix: torch.Tensor, gram: torch.Tensor | None,
     (an embedding): the SVD of D W with D the row weights, mapped back through D⁻¹. Neither:
     the plain SVD. Factors come back in float32, the energies in float64.
     """
-    matrix = matrix.detach().to(torch.float64)
+    original = matrix.detach()
+    matrix = original.to(torch.float64)
     chol = None if gram is None else damped_cholesky(gram, _GRAM_DAMPING)
     if chol is not None:
         whitened = _svd_factors(matrix @ chol)
@@ -137,7 +172,8 @@ def decompose(matrix: torch.Tensor, gram: torch.Tensor | None,
         factors = LowRankFactors(weighted.A / weight[:, None], weighted.B, weighted.energy)
     else:
         factors = _svd_factors(matrix)
-    return LowRankFactors(factors.A.float(), factors.B.float(), factors.energy)
+    return LowRankFactors(factors.A.float(), factors.B.float(), factors.energy,
+                          None if row_counts is not None else original)
 
 
 class LowRankLinear(nn.Module):

@@ -190,3 +190,30 @@ def test_compact_embedding_equals_the_parametrized_table(method):
 def test_ranks_round_down_to_multiples_of_8_when_that_is_cheap(shape, budget, expected):
     info = LayerInfo("layer", "linear", shape, False)
     assert LOWRANK.size_for_budget(info, budget) == expected
+
+
+@pytest.mark.parametrize("whitened", [False, True])
+def test_truncated_factors_keep_a_alone_and_make_b_again_from_w(whitened):
+    torch.manual_seed(7)
+    x = torch.randn(300, 24) * torch.linspace(0.1, 3, 24)
+    weight = torch.randn(40, 24)
+    info = LayerInfo("layer", "linear", (40, 24), False)
+    stats = LayerStats((x.T @ x).double(), 300) if whitened else None
+    factors = LOWRANK.factorize(info, weight, stats)
+    kept = factors.truncated(10)
+    assert kept.B is None and kept.A.shape == (40, 10)
+    assert kept.weight.data_ptr() == weight.data_ptr()  # W itself, not a copy
+    for rank in (1, 6, 10):
+        torch.testing.assert_close(kept.second(rank), factors.B[:rank], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(kept.product(rank), factors.A[:, :rank] @ factors.B[:rank],
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_an_embeddings_row_weighted_factors_keep_b():
+    torch.manual_seed(8)
+    table = torch.randn(50, 12)
+    info = LayerInfo("embed", "embedding", (50, 12), False)
+    factors = LOWRANK.factorize(info, table, LayerStats(None, 80, torch.arange(50.0)))
+    kept = factors.truncated(5)
+    assert kept.B is not None and kept.weight is None
+    torch.testing.assert_close(kept.second(5), factors.B[:5], rtol=0, atol=0)
