@@ -78,13 +78,14 @@ def probe_bytes_per_sample(teacher: fx.GraphModule, plan: Plan,
     """Return about how much memory `estimate_sensitivities` holds per sample of its batch:
     each probed layer's input (layers reading one tensor count it once), times three for what
     autograd saves besides. Measured by running `sample`, one sample, through the model."""
-    inputs: dict[int, int] = {}
+    inputs: list[torch.Tensor] = []  # held, so that no two live inputs share an address
 
     def record(layer: LayerInfo, x: torch.Tensor) -> None:
-        inputs[x.untyped_storage().data_ptr()] = x.numel() * x.element_size()
+        inputs.append(x)
 
     run_recording(teacher, [p.layer for p in plan.compressed], sample, record)
-    return max(1, 3 * sum(inputs.values()))
+    storages = {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes() for x in inputs}
+    return max(1, 3 * sum(storages.values()))
 
 
 class _GradientProbe(fx.Interpreter):
