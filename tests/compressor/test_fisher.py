@@ -9,7 +9,7 @@ from torch import nn
 from compressor.allocation import measure_sensitivities
 from compressor.config import CompressionConfig
 from compressor.fisher import estimate_sensitivities, probe_bytes_per_sample
-from compressor.graph import find_layers
+from compressor.graph import find_layers, run_recording
 from compressor.methods import get_method
 from compressor.planning import plan_layers
 from tests.compressor.test_allocation import _setup
@@ -65,9 +65,12 @@ def test_predictions_follow_the_measured_sensitivities_on_a_transformer(tmp_path
         assert value / 3 < predicted[name] < value * 3, name
 
 
-def test_probe_memory_counts_each_shared_input_once(tmp_path):
+def test_probe_memory_counts_each_input_once_however_many_layers_read_it(tmp_path):
     teacher, plan, _, batch, _ = _setup(tmp_path)
     one = {name: tensor[:1] for name, tensor in batch.items()}
-    per_sample = probe_bytes_per_sample(teacher, plan, one)
-    two = probe_bytes_per_sample(teacher, plan, {n: t[:2] for n, t in batch.items()})
-    assert 0 < per_sample and two == 2 * per_sample
+    held = []
+    run_recording(teacher, [p.layer for p in plan.compressed], one,
+                  lambda layer, x: held.append(x))
+    distinct = {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes() for x in held}
+    assert len(distinct) < len(held)  # query, key and value read one tensor
+    assert probe_bytes_per_sample(teacher, plan, one) == 3 * sum(distinct.values())
