@@ -44,6 +44,24 @@ def parametrize_(module: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats
             theta.requires_grad_(True)
         if progress is not None:
             progress(index + 1, len(plan.compressed), entry.layer.name)
+    sink_weight_reads_(module)
+
+
+def sink_weight_reads_(module: fx.GraphModule) -> None:
+    """Move every `get_attr` node of the graph to just before its first use, in place.
+
+    An exported program reads all its weights at the top of its graph. For a parametrized
+    weight a read computes W = f(θ), so the whole dense model would be made at the start of
+    every forward pass and held until each W's last use: read where it is used, each W lives
+    for its own layer only.
+    """
+    order = {node: index for index, node in enumerate(module.graph.nodes)}
+    for node in list(module.graph.nodes):
+        if node.op == "get_attr" and node.users:
+            first = min(node.users, key=order.__getitem__)
+            first.prepend(node)
+    module.graph.lint()
+    module.recompile()
 
 
 def theta_of(module: nn.Module, name: str) -> tuple[torch.Tensor, ...]:

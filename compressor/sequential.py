@@ -58,6 +58,9 @@ class _Stepper:
 
     def step(self, node: fx.Node) -> None:
         env = self.interpreter.env
+        for used in node.all_input_nodes:  # weights not read yet are read now
+            if used.op == "get_attr" and used not in env:
+                env[used] = self.interpreter.run_node(used)
         env[node] = self.interpreter.run_node(node)
         for done in self.freed.get(node, []):
             env.pop(done, None)
@@ -172,9 +175,14 @@ def correct_sequentially_(student: fx.GraphModule, teacher: fx.GraphModule, plan
     gains: dict[str, float] = {}
     moments: dict[tuple[fx.Node, fx.Node, tuple], _InputMoments] = {}
     with torch.no_grad():
-        for t_node, s_node in zip(teacher.graph.nodes, student.graph.nodes, strict=True):
+        # The two graphs hold the same nodes by name; only where weights are read may differ
+        # (the student reads each where it is used, see `rewrite.sink_weight_reads_`): the
+        # original reads them as its nodes need them.
+        teacher_nodes = {node.name: node for node in teacher.graph.nodes}
+        for s_node in student.graph.nodes:
             if s_node.op == "output":
                 break
+            t_node = teacher_nodes[s_node.name]
             name = student_calls.get(s_node)
             if name in targets:
                 remaining -= 1
@@ -190,7 +198,8 @@ def correct_sequentially_(student: fx.GraphModule, teacher: fx.GraphModule, plan
                     name).weight
                 if remaining == 0:  # what follows the last corrected layer is never needed
                     break
-            teacher_stepper.step(t_node)
+            if t_node.op != "get_attr":
+                teacher_stepper.step(t_node)
             student_stepper.step(s_node)
     return gains
 

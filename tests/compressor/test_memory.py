@@ -156,3 +156,16 @@ def test_with_one_batch_each_layer_is_handed_over_as_it_is_reached(tmp_path):
 
     assert collect_layer_stats(module, layers, [{"x": x}], complete) == {}
     assert handed == ["q", "k", "v", "out"]
+
+
+def test_a_parametrized_weight_is_made_where_its_layer_uses_it(tmp_path):
+    teacher, student, plan, _ = _rewritten(tmp_path)
+    nodes = list(student.graph.nodes)
+    for node in nodes:
+        if node.op == "get_attr" and node.users:
+            first_use = min(nodes.index(user) for user in node.users)
+            assert nodes.index(node) == first_use - 1 or all(  # right before its first use
+                n.op == "get_attr" for n in nodes[nodes.index(node):first_use])
+    x = torch.randn(3, 6, 32)  # and it computes what the dense form computes
+    torch.testing.assert_close(student(x=x), materialize(student, teacher, plan)(x=x),
+                               rtol=1e-5, atol=1e-5)
