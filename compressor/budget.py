@@ -49,14 +49,13 @@ class Budget:
     @classmethod
     def measure(cls, module: fx.GraphModule, sample: dict[str, torch.Tensor]) -> Budget:
         """Run `module` once on `sample` (one sample), counting FLOPs and live tensors."""
+        from compressor.report import tensor_bytes
         from compressor.sequential import live_bytes  # the node-by-node runner
 
         counter = FlopCounterMode(display=False)
         with torch.no_grad(), counter:
             live, outputs = live_bytes(module, sample)
-        weights = {id(t): t for t in (*module.parameters(), *module.buffers())}
-        return cls(int(counter.get_total_flops()), live,
-                   sum(t.numel() * t.element_size() for t in weights.values()), outputs)
+        return cls(int(counter.get_total_flops()), live, tensor_bytes(module), outputs)
 
     def _affordable(self, wanted: int, flops: int | None, models: int = 1) -> int:
         by_compute = wanted if flops is None else max(

@@ -22,7 +22,7 @@ from compressor.config import FinetuneConfig
 from compressor.data import Dataset
 from compressor.errors import ConfigError
 from compressor.objectives import distillation_loss
-from compressor.outputs import run_outputs
+from compressor.outputs import FidelityMeter, run_outputs
 from compressor.planning import Plan
 from compressor.progress import JobControl
 from compressor.rewrite import trainable_parameters
@@ -69,17 +69,22 @@ def device_copy(program: ExportedProgram, student: fx.GraphModule, plan: Plan,
 
 
 def held_out_score(student: nn.Module, teacher_outputs: list[list[torch.Tensor]],
-                   batches: list[dict[str, torch.Tensor]], kinds: list[str]) -> float:
+                   batches: list[dict[str, torch.Tensor]], kinds: list[str],
+                   meter: FidelityMeter | None = None) -> float:
     """Return the distillation loss of `student` on the held-out batches (sample-weighted).
 
     The same objective training minimizes: scoring with another one (say, relative L2 of the
-    logits while training also fits their softmax) can reject every improvement.
+    logits while training also fits their softmax) can reject every improvement. `meter`, when
+    given, is fed the same outputs (fidelity from the same pass).
     """
     total, rows = 0.0, 0
     with torch.no_grad():
         for batch, reference in zip(batches, teacher_outputs, strict=True):
+            outputs = run_outputs(student, batch)
+            if meter is not None:
+                meter.add(outputs, reference)
             count = reference[0].shape[0]
-            total += float(distillation_loss(run_outputs(student, batch), reference, kinds)) * count
+            total += float(distillation_loss(outputs, reference, kinds)) * count
             rows += count
     return total / max(1, rows)
 

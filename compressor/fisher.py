@@ -26,7 +26,7 @@ from torch import fx
 from torch.nn import functional as F
 from torch.utils._pytree import tree_flatten
 
-from compressor.graph import layer_calls, layer_input, layer_rows, run_recording
+from compressor.graph import graph_inputs, layer_calls, layer_input, layer_rows, run_recording
 from compressor.methods.base import LayerInfo
 from compressor.methods.lowrank import LowRankFactors
 from compressor.objectives import IGNORED, KL_TEMPERATURE
@@ -99,8 +99,7 @@ class _GradientProbe(fx.Interpreter):
         self._on_gradient = on_gradient
 
     def run_batch(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        placeholders = [n.target for n in self.module.graph.nodes if n.op == "placeholder"]
-        leaves, _ = tree_flatten(self.run(*[batch[name] for name in placeholders]))
+        leaves, _ = tree_flatten(self.run(*graph_inputs(self.module, batch)))
         return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
     def run_node(self, n: fx.Node):

@@ -212,14 +212,26 @@ class _InputRecorder(fx.Interpreter):
         return super().run_node(n)
 
 
+def graph_inputs(module: fx.GraphModule, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Return `batch`'s tensors in the order of the graph's placeholders (what
+    `fx.Interpreter.run` takes)."""
+    return [batch[n.target] for n in module.graph.nodes if n.op == "placeholder"]
+
+
+def rows_layout(layer: LayerInfo) -> tuple:
+    """What decides how a layer cuts its input into rows (`layer_rows`): layers reading one
+    tensor with equal layouts see equal rows, so their statistics can be shared."""
+    return (layer.kind, layer.in_features, layer.kernel_size, layer.stride, layer.padding,
+            layer.dilation)
+
+
 def run_recording(module: fx.GraphModule, layers: list[LayerInfo],
                   batch: dict[str, torch.Tensor], record) -> None:
     """Run `module` on `batch`, calling `record(layer, input)` for each layer in `layers`."""
     recorder = _InputRecorder(module, {layer.name: layer for layer in layers}, record)
-    placeholders = [n.target for n in module.graph.nodes if n.op == "placeholder"]
     with torch.no_grad():
         try:
-            recorder.run(*[batch[name] for name in placeholders])
+            recorder.run(*graph_inputs(module, batch))
         except _Recorded:
             pass
         finally:
@@ -306,8 +318,7 @@ def _shared_inputs(module: fx.GraphModule,
     for name, layer in layers.items():
         nodes = calls.get(name, [])
         source = layer_input(nodes[0]).name if len(nodes) == 1 else f"layer:{name}"
-        key = (source, layer.kind, layer.in_features, layer.kernel_size, layer.stride,
-               layer.padding, layer.dilation)
+        key = (source, *rows_layout(layer))
         groups.setdefault(key, []).append(layer)
     return groups
 

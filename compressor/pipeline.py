@@ -35,7 +35,13 @@ from compressor.export import (
     verify_quantized,
 )
 from compressor.failures import known_failure
-from compressor.finetune import FinetuneSummary, device_copy, finetune_, resolve_device
+from compressor.finetune import (
+    FinetuneSummary,
+    device_copy,
+    finetune_,
+    held_out_score,
+    resolve_device,
+)
 from compressor.fisher import estimate_sensitivities, probe_bytes_per_sample
 from compressor.graph import collect_layer_stats, find_layers
 from compressor.guards import check_guards
@@ -50,7 +56,7 @@ from compressor.memory import (
 )
 from compressor.methods import LayerStats
 from compressor.methods.lowrank import LowRank
-from compressor.objectives import detect_output_kinds, distillation_loss
+from compressor.objectives import detect_output_kinds
 from compressor.outputs import FidelityMeter, OutputFidelity, call, run_outputs
 from compressor.planning import Plan, plan_layers
 from compressor.progress import JobControl, ProgressCallback, StopCheck
@@ -478,18 +484,11 @@ def finetune(program: ExportedProgram, student: fx.GraphModule, teacher: fx.Grap
 def fidelity(student: fx.GraphModule, reference: list[list[torch.Tensor]], held_out: Dataset,
              kinds: list[str], batch_size: int) -> tuple[list[OutputFidelity], float]:
     """Return per-output fidelity of `student` against the original's outputs `reference`
-    (one list per batch of `batch_size` of the held-out split), and its held-out score (the
-    sample-weighted distillation loss, as `finetune.held_out_score` computes it): one pass."""
+    (one list per batch of `batch_size` of the held-out split), and its held-out score
+    (`finetune.held_out_score`, which feeds the fidelity meter from the same pass)."""
     meter = FidelityMeter(kinds)
-    total, rows = 0.0, 0
-    with torch.no_grad():
-        for batch, expected in zip(held_out.batches(batch_size), reference, strict=True):
-            outputs = run_outputs(student, batch)
-            meter.add(outputs, expected)
-            count = expected[0].shape[0]
-            total += float(distillation_loss(outputs, expected, kinds)) * count
-            rows += count
-    return meter.result(), total / max(1, rows)
+    score = held_out_score(student, reference, list(held_out.batches(batch_size)), kinds, meter)
+    return meter.result(), score
 
 
 def onnx_fidelity(path: Path, reference: list[list[torch.Tensor]], held_out: Dataset,

@@ -21,7 +21,14 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from compressor.graph import add_product_, layer_calls, layer_input, layer_rows
+from compressor.graph import (
+    add_product_,
+    graph_inputs,
+    layer_calls,
+    layer_input,
+    layer_rows,
+    rows_layout,
+)
 from compressor.methods.base import LayerInfo
 from compressor.planning import Plan
 from compressor.rewrite import theta_of
@@ -70,8 +77,7 @@ def live_bytes(module: fx.GraphModule, batch: dict[str, torch.Tensor]) -> tuple[
     """Run `module` on `batch` one node at a time, freeing each value after its last use; return
     the most bytes of intermediate tensors alive at once (weights not counted) and the bytes of
     its outputs."""
-    names = [n.target for n in module.graph.nodes if n.op == "placeholder"]
-    stepper = _Stepper(module, iter([batch[n] for n in names]))
+    stepper = _Stepper(module, iter(graph_inputs(module, batch)))
     weights = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
 
     def held(values) -> int:
@@ -167,11 +173,10 @@ def correct_sequentially_(student: fx.GraphModule, teacher: fx.GraphModule, plan
                if p.method.corrects_sequentially and p.layer.kind != "embedding"}
     if not targets:
         return {}
-    names = [n.target for n in student.graph.nodes if n.op == "placeholder"]
     student_calls = layer_calls(student)
     remaining = sum(1 for name in student_calls.values() if name in targets)
-    teacher_stepper = _Stepper(teacher, iter([batch[n] for n in names]))
-    student_stepper = _Stepper(student, iter([batch[n] for n in names]))
+    teacher_stepper = _Stepper(teacher, iter(graph_inputs(teacher, batch)))
+    student_stepper = _Stepper(student, iter(graph_inputs(student, batch)))
     gains: dict[str, float] = {}
     moments: dict[tuple[fx.Node, fx.Node, tuple], _InputMoments] = {}
     with torch.no_grad():
@@ -187,7 +192,7 @@ def correct_sequentially_(student: fx.GraphModule, teacher: fx.GraphModule, plan
             if name in targets:
                 remaining -= 1
                 layer = targets[name]
-                key = (layer_input(t_node), layer_input(s_node), _rows_layout(layer))
+                key = (layer_input(t_node), layer_input(s_node), rows_layout(layer))
                 if key not in moments:  # the first layer to read these inputs
                     moments.clear()
                     moments[key] = _InputMoments.of(
@@ -202,11 +207,6 @@ def correct_sequentially_(student: fx.GraphModule, teacher: fx.GraphModule, plan
                 teacher_stepper.step(t_node)
             student_stepper.step(s_node)
     return gains
-
-
-def _rows_layout(layer: LayerInfo) -> tuple:
-    """What decides how a layer cuts its input into rows: equal for layers that see equal rows."""
-    return (layer.kind, layer.weight_shape[1:], layer.stride, layer.padding, layer.dilation)
 
 
 def _correct_layer(student: fx.GraphModule, teacher: fx.GraphModule, name: str,
