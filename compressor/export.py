@@ -86,11 +86,15 @@ def export_onnx(module: nn.Module, sample: dict[str, torch.Tensor], specs: list[
                 module, args, kwargs=kwargs, dynamo=True, opset_version=opset,
                 dynamic_shapes=dynamic_shapes(specs),
                 output_names=named_outputs(module, sample),
-                optimize=optimize, verbose=False, report=False)
+                optimize=False, verbose=False, report=False)
+            weights = list(program.model.graph.initializers.values())
+            if optimize:
+                program.optimize()
         _strip_debug_metadata(program.model)
         size = sum(int(t.numel() * t.element_size()) for t in module.state_dict().values())
         program.save(tmp, external_data=size > _PROTOBUF_LIMIT)
-        del program
+        _release_weights(program.model, weights)
+        del program, weights
         move_onnx(tmp, path)
     except Exception as exc:  # the exporter raises many types; all mean the same to the user
         shutil.rmtree(scratch, ignore_errors=True)
@@ -146,6 +150,19 @@ def _exporter_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _release_weights(model, exported: list) -> None:
+    """Drop the weights of the exported `model` once they are on disk: those it holds now (the
+    optimizer's transposed copies among them) and those it was `exported` with.
+
+    onnxscript's rewrite rules are module-level objects that keep the last graph they matched,
+    and that graph keeps even the values the optimizer removed from it: without this, every
+    weight of the last export stays alive until the next one, through verification and beyond.
+    """
+    for value in [*exported, *model.graph.initializers.values()]:
+        value.const_value = None
+    model.graph.initializers.clear()
+
+
 def _strip_debug_metadata(model) -> None:
     """Drop the exporter's per-node stack traces and FX dumps: they bloat the file and leak
     the server's source paths into an artifact users download."""
@@ -167,11 +184,19 @@ def _exporter_logs_quiet():
         logger.setLevel(level)
 
 
-def onnx_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
-    """Return an onnxruntime CPU session for the model at `path`."""
+def onnx_session(path: Path, threads: int | None = None, *,
+                 prepack: bool = True) -> ort.InferenceSession:
+    """Return an onnxruntime CPU session for the model at `path`.
+
+    `prepack=False` keeps onnxruntime from laying out a second copy of the weights for its
+    matrix kernels (half the model's bytes again, measured): slower runs, for checking outputs
+    rather than timing them.
+    """
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
@@ -213,7 +238,7 @@ def _paired_outputs(path: Path, reference: TorchOutputs):
     """Run onnxruntime on the reference batches; yield (output name, PyTorch's value,
     onnxruntime's value) for every output of every batch. Raises `VerificationError` when the
     shapes differ."""
-    session = onnx_session(path)
+    session = onnx_session(path, prepack=False)
     names = [output.name for output in session.get_outputs()]
     for batch, expected in zip(reference.batches, reference.outputs, strict=True):
         actual = run_onnx(session, batch)
@@ -291,7 +316,7 @@ def quantize_int8(source: Path, target: Path) -> None:
 
 def onnx_outputs(path: Path, dataset: Dataset, batch_size: int = 64) -> list[list[np.ndarray]]:
     """Return onnxruntime's outputs on every batch of `dataset` (batches of `batch_size`)."""
-    session = onnx_session(path)
+    session = onnx_session(path, prepack=False)
     return [run_onnx(session, batch) for batch in dataset.batches(batch_size)]
 
 

@@ -99,7 +99,12 @@ class _GradientProbe(fx.Interpreter):
         self._on_gradient = on_gradient
 
     def run_batch(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        leaves, _ = tree_flatten(self.run(*graph_inputs(self.module, batch)))
+        try:
+            leaves, _ = tree_flatten(self.run(*graph_inputs(self.module, batch)))
+        finally:
+            # The interpreter keeps the outputs, whose autograd graph holds the hooks: a cycle
+            # through C++ that Python's collector cannot see, which kept every factor alive.
+            self.env.clear()
         return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
     def run_node(self, n: fx.Node):
@@ -109,8 +114,8 @@ class _GradientProbe(fx.Interpreter):
             return result
         if not result.requires_grad:  # nothing before it is probed: the backward starts here
             result = result.detach().requires_grad_()
-        x = self.env[layer_input(n)].detach()
-        result.register_hook(lambda gradient: self._on_gradient(name, x, gradient))
+        x, on_gradient = self.env[layer_input(n)].detach(), self._on_gradient
+        result.register_hook(lambda gradient: on_gradient(name, x, gradient))
         return result
 
 

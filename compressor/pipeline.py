@@ -242,6 +242,8 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
                 move_onnx(quantized, staging)
                 artifact_fidelity = onnx_fidelity(staging, reference, inputs.held_out, kinds,
                                                   evaluation_batch)
+            del expected, reference  # onnxruntime's latency sessions get their memory
+            gc.collect()
             measured = {**sizes, **latency_figures(baseline, inputs, staging, config, budget)}
         if hf_staging.exists():
             os.replace(hf_staging, out_dir / HF_ARTIFACT)

@@ -114,24 +114,25 @@ def _verify(folder: Path, onnx_path: Path, held_out: Dataset, atol: float, rtol:
     """Load the folder back with from_pretrained; its outputs must match the ONNX model's."""
     reloaded = read_checkpoint(folder)
     model: TextModel = reloaded.wrapper
-    session = onnx_session(onnx_path)
     rows = torch.arange(min(len(held_out), _VERIFY_SAMPLES))
     batch = {name: tensor for name, tensor in held_out.take(rows).items()
              if name in reloaded.input_names}
     with torch.no_grad():
         (expected,) = model(**batch).values()
-    (actual,) = run_onnx(session, batch)
+    output_name = reloaded.output_name
+    del model, reloaded  # the reloaded weights are freed before onnxruntime loads its own
+    (actual,) = run_onnx(onnx_session(onnx_path, prepack=False), batch)
     want = expected.double().numpy()
     diff = np.abs(actual.astype(np.float64) - want)
     worst = float(diff.max(initial=0.0))
     if want.shape != actual.shape or not np.all(diff <= atol + rtol * np.abs(want)):
         raise VerificationError(
             f"the Hugging Face folder loaded with from_pretrained disagrees with model.onnx on "
-            f"{reloaded.output_name}: max |difference| {worst:.3g} (shapes {want.shape} and "
+            f"{output_name}: max |difference| {worst:.3g} (shapes {want.shape} and "
             f"{actual.shape}) exceeds atol={atol:g} + rtol={rtol:g}·|value|. Nothing was kept; "
             "raise export.atol / export.rtol if this precision is acceptable")
     return {"passed": True, "samples": len(rows), "loaded_with": "from_pretrained",
-            "output": reloaded.output_name, "max_abs_diff": worst}
+            "output": output_name, "max_abs_diff": worst}
 
 
 def _pack(folder: Path, out_path: Path) -> None:

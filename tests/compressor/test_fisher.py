@@ -1,6 +1,8 @@
 """One-pass sensitivities: the loss a truncation causes, predicted to second order."""
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -74,3 +76,16 @@ def test_probe_memory_counts_each_input_once_however_many_layers_read_it(tmp_pat
     distinct = {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes() for x in held}
     assert len(distinct) < len(held)  # query, key and value read one tensor
     assert probe_bytes_per_sample(teacher, plan, one) == 3 * sum(distinct.values())
+
+
+def test_the_prediction_keeps_nothing_alive():
+    # The probe's hooks live in the autograd graph of the outputs; were the outputs kept, the
+    # factors (and the original weights they read) would outlive the allocation.
+    teacher = _linear_program()
+    plan, factors = _plan_and_factors(teacher)
+    (name,) = [n.target for n in teacher.graph.nodes if n.op == "placeholder"]
+    kept = [weakref.ref(f) for f in factors.values()]
+    estimate_sensitivities(teacher, plan, factors, {name: torch.randn(8, 16)}, ["regression"])
+    del factors
+    gc.collect()
+    assert kept and all(ref() is None for ref in kept)
