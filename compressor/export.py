@@ -73,11 +73,11 @@ def export_onnx(module: nn.Module, sample: dict[str, torch.Tensor], specs: list[
     place, the data file first.
     """
     path = Path(path)
+    module.eval()  # before the scratch folder exists: a module that refuses leaves nothing
     scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
     tmp = scratch / path.name
-    module.eval()
     quiet = io.StringIO()
     try:
         with torch.no_grad(), contextlib.redirect_stdout(quiet), _exporter_logs_quiet():
