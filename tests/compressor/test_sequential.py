@@ -90,3 +90,6 @@ def test_both_models_stop_at_the_last_corrected_layer(tmp_path, monkeypatch):
                     if layer_calls(student).get(node) in gains)
     assert gains and ran and all(order[name] < last_call for name in ran)  # nothing after it
     assert max(order[name] for name in ran) == last_call - 1
+    # every node before it, once per model; the original reads its weights as its nodes need them
+    before = list(student.graph.nodes)[:last_call]
+    assert len(ran) == len(before) + sum(1 for node in before if node.op != "get_attr")
