@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import torch
 from torch import nn
@@ -70,7 +72,8 @@ def export_onnx(module: nn.Module, sample: dict[str, torch.Tensor], specs: list[
 
     Past protobuf's 2 GiB the weights go to `<path>.data` beside it (ONNX external data, which
     the model names by that file name): both are written in a scratch folder and moved into
-    place, the data file first.
+    place, the data file first. Below it the file is written one weight at a time
+    (`save_single_file`).
     """
     path = Path(path)
     module.eval()  # before the scratch folder exists: a module that refuses leaves nothing
@@ -92,7 +95,10 @@ def export_onnx(module: nn.Module, sample: dict[str, torch.Tensor], specs: list[
                 program.optimize()
         _strip_debug_metadata(program.model)
         size = sum(int(t.numel() * t.element_size()) for t in module.state_dict().values())
-        program.save(tmp, external_data=size > _PROTOBUF_LIMIT)
+        if size > _PROTOBUF_LIMIT:
+            program.save(tmp, external_data=True)
+        else:
+            save_single_file(program.model, tmp)
         _release_weights(program.model, weights)
         del program, weights
         move_onnx(tmp, path)
@@ -104,6 +110,38 @@ def export_onnx(module: nn.Module, sample: dict[str, torch.Tensor], specs: list[
             "export.form='dense', another export.opset, or check that the program runs with "
             "torch.onnx.export on its own") from exc
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+def save_single_file(model: ir.Model, path: Path) -> None:
+    """Write `model` to `path` as one ONNX file, its weights inside, one weight in memory at a
+    time.
+
+    onnx serializes a model whole: a proto holding a copy of every weight, then its bytes,
+    twice the model's bytes beside the weights themselves. Protobuf parsers merge a message
+    field that appears more than once (repeated fields are appended), so the model is written
+    without its initializers, then one model per initializer holding only that initializer in
+    its graph (and its value info): every reader sees one graph with all the initializers, in
+    their order.
+    """
+    initializers = dict(model.graph.initializers)
+    inputs = {value.name for value in model.graph.inputs}
+    model.graph.initializers.clear()
+    try:
+        skeleton = ir.serde.serialize_model(model)
+    finally:
+        model.graph.initializers.update(initializers)
+    with open(path, "wb") as file:
+        file.write(skeleton.SerializeToString())
+        for value in initializers.values():  # as `onnx_ir.serde` writes each initializer
+            piece = onnx.ModelProto()
+            if value.name not in inputs and (value.type is not None or value.shape is not None
+                                             or value.metadata_props or value.doc_string):
+                ir.serde.serialize_value_into(piece.graph.value_info.add(), value)
+            if value.const_value is not None:
+                value.const_value.name = value.name
+                ir.serde.serialize_tensor_into(piece.graph.initializer.add(),
+                                               from_=value.const_value)
+            file.write(piece.SerializeToString())
 
 
 def data_file(path: Path) -> Path:

@@ -4,8 +4,12 @@ weights past protobuf's 2 GiB in a data file beside model.onnx."""
 from __future__ import annotations
 
 import gc
+import tempfile
 import weakref
+from pathlib import Path
 
+import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
@@ -17,10 +21,11 @@ from compressor import graph, pipeline
 from compressor.config import CompressionConfig
 from compressor.data import Dataset, InputSpec
 from compressor.errors import ResourceError
-from compressor.export import export_onnx, onnx_session, run_onnx
+from compressor.export import export_onnx, onnx_session, run_onnx, save_single_file
 from compressor.graph import collect_layer_stats, find_layers
 from compressor.planning import plan_layers
 from compressor.rewrite import materialize, shallow_copy, theta_of
+from tests.support.tiny_models import TinyTextEncoder, example_inputs
 
 
 class _Attention(nn.Module):
@@ -141,6 +146,32 @@ def test_an_exported_modules_weights_are_freed_with_it(tmp_path):
     assert weight() is None
     (got,) = run_onnx(onnx_session(tmp_path / "model.onnx"), {"x": torch.randn(3, 6, 32)})
     assert got.shape == (3, 8)
+
+
+def test_a_single_file_is_written_a_weight_at_a_time_and_reads_as_onnx_wrote_it():
+    torch.manual_seed(0)
+    module = TinyTextEncoder().eval()
+    inputs = example_inputs(module, batch=2)
+    exported = torch.onnx.export(module, (), kwargs=inputs, dynamo=True, optimize=False,
+                                 verbose=False, report=False)
+    exported.optimize()  # folds constants into new initializers, some of them unnamed tensors
+    weights = list(exported.model.graph.initializers)
+    with tempfile.TemporaryDirectory() as folder:
+        whole, streamed = Path(folder) / "whole.onnx", Path(folder) / "streamed.onnx"
+        save_single_file(exported.model, streamed)  # first: ir.save names the folded tensors
+        ir.save(exported.model, whole)
+        assert streamed.read_bytes() != whole.read_bytes()  # a graph per weight, merged on read
+        read, written = onnx.load(str(streamed)), onnx.load(str(whole))
+        for model in (read, written):  # the weights' value info comes after the others'
+            model.graph.value_info.sort(key=lambda info: info.name)
+        assert read == written  # every field, the weights in their order
+        assert list(exported.model.graph.initializers) == weights  # the model is as it was
+        onnx.checker.check_model(str(streamed), full_check=True)
+        got = run_onnx(onnx_session(streamed), inputs)
+    with torch.no_grad():
+        expected = module(**inputs)
+    for actual, wanted in zip(got, expected, strict=True):
+        torch.testing.assert_close(torch.from_numpy(actual), wanted, rtol=1e-5, atol=1e-5)
 
 
 def test_checking_sessions_do_not_prepack_weights(tmp_path, monkeypatch):
