@@ -297,6 +297,21 @@ def _float64_chunks(want: np.ndarray, got: np.ndarray):
         yield want[start:stop].astype(np.float64), got[start:stop].astype(np.float64)
 
 
+def differences(want: np.ndarray, got: np.ndarray, atol: float, rtol: float,
+                ) -> tuple[float, float]:
+    """Return max |got − want| and the max of |got − want| − (atol + rtol·|want|) (positive:
+    out of tolerance), in float64 a chunk at a time (`_float64_chunks`). A NaN anywhere makes
+    both NaN."""
+    worst_abs, worst_excess = 0.0, -np.inf
+    for expected, actual in _float64_chunks(want, got):
+        diff = np.abs(actual - expected)
+        excess = diff - (atol + rtol * np.abs(expected))
+        # np.maximum, not max(): a NaN must not lose to the figure so far
+        worst_abs = float(np.maximum(worst_abs, diff.max(initial=0.0)))
+        worst_excess = float(np.maximum(worst_excess, excess.max(initial=-np.inf)))
+    return worst_abs, worst_excess
+
+
 def verify_onnx(path: Path, reference: TorchOutputs, atol: float, rtol: float) -> dict:
     """Check onnxruntime against the PyTorch outputs `reference`; return the parity figures.
 
@@ -305,13 +320,9 @@ def verify_onnx(path: Path, reference: TorchOutputs, atol: float, rtol: float) -
     worst_abs: dict[str, float] = {}  # output -> max |onnx - torch|
     worst_excess: dict[str, float] = {}  # output -> max of |diff| - (atol + rtol·|torch|)
     for i, want, got in _paired_outputs(path, reference):
-        worst_abs.setdefault(i, 0.0)
-        worst_excess.setdefault(i, -np.inf)
-        for expected, actual in _float64_chunks(want, got):
-            diff = np.abs(actual - expected)
-            excess = diff - (atol + rtol * np.abs(expected))
-            worst_abs[i] = max(worst_abs[i], float(diff.max(initial=0.0)))
-            worst_excess[i] = max(worst_excess[i], float(excess.max(initial=-np.inf)))
+        batch_abs, batch_excess = differences(want, got, atol, rtol)
+        worst_abs[i] = float(np.maximum(worst_abs.get(i, 0.0), batch_abs))
+        worst_excess[i] = float(np.maximum(worst_excess.get(i, -np.inf), batch_excess))
     for i, excess in worst_excess.items():
         if excess > 0 or not np.isfinite(worst_abs[i]):
             raise VerificationError(

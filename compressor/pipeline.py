@@ -221,16 +221,22 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
             control.report("verifying", 0.0, "comparing onnxruntime with PyTorch")
             expected = torch_outputs(artifact_module, inputs.held_out,
                                      batch_size=evaluation_batch)
-            parity: dict[str, Any] = {}
+            hf_folder = None
             if inputs.checkpoint is not None and config.export.form == "dense":
-                control.report("verifying", 0.1, "checking the Hugging Face folder")
-                parity["huggingface"] = huggingface.save_checkpoint(
-                    inputs.checkpoint, artifact_module, staging, inputs.held_out,
-                    hf_staging, config.export.atol, config.export.rtol)
-            del artifact_module  # onnxruntime gets the memory the PyTorch copy held
+                control.report("verifying", 0.1, "writing the Hugging Face folder")
+                hf_folder = staging_dir / "huggingface"
+                huggingface.write_checkpoint(inputs.checkpoint, artifact_module, hf_folder)
+                inputs.checkpoint = None  # the original transformers model is done with
+            # onnxruntime, then the reloaded Hugging Face folder, get the memory these held
+            del artifact_module
             gc.collect()
-            parity = {**verify_onnx(staging, expected, config.export.atol, config.export.rtol),
-                      **parity}
+            parity: dict[str, Any] = verify_onnx(staging, expected, config.export.atol,
+                                                 config.export.rtol)
+            if hf_folder is not None:
+                control.report("verifying", 0.3, "checking the Hugging Face folder")
+                parity["huggingface"] = huggingface.check_checkpoint(
+                    hf_folder, staging, inputs.held_out, hf_staging, config.export.atol,
+                    config.export.rtol)
             log.info(f"onnxruntime parity: {parity['max_abs_diff']}")
             if config.export.quantize == "int8":
                 control.report("verifying", 0.5, "quantizing to int8")

@@ -4,7 +4,7 @@ A job's model may be a Hugging Face folder (`config.json` + `*.safetensors`, a t
 it), given as a folder or as a .zip / .tar(.gz) of one. `load_checkpoint` unpacks it safely
 inside the job's folder, builds the model from the installed `transformers` and exports it to a
 program the pipeline compresses like any `.pt2`; `checkpoint_data` reads the job's data (text
-is tokenized by the checkpoint's tokenizer); `save_checkpoint` hands the compressed dense
+is tokenized by the checkpoint's tokenizer); `write_checkpoint` hands the compressed dense
 weights back as a Hugging Face folder packed in `HF_ARTIFACT`, checked against the ONNX model.
 
 Importing this package is cheap: `transformers` is imported only when a checkpoint is loaded.
@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from compressor.data import Dataset, InputSpec
     from compressor.huggingface.checkpoint import Checkpoint
 
-__all__ = ["HF_ARTIFACT", "LoadedCheckpoint", "checkpoint_data", "is_checkpoint",
-           "load_checkpoint", "save_checkpoint"]
+__all__ = ["HF_ARTIFACT", "LoadedCheckpoint", "check_checkpoint", "checkpoint_data",
+           "is_checkpoint", "load_checkpoint", "write_checkpoint"]
 
 
 @dataclass
@@ -98,13 +98,18 @@ def checkpoint_data(loaded: LoadedCheckpoint, data: Path | None, config: DataCon
     return load_data(data, loaded.specs, config.max_samples)
 
 
-def save_checkpoint(loaded: LoadedCheckpoint, module, onnx_path: Path, held_out: Dataset,
-                    out_path: Path, atol: float, rtol: float) -> dict:
-    """Write the compressed `module`'s weights as a Hugging Face folder packed at `out_path`.
+def write_checkpoint(loaded: LoadedCheckpoint, module, folder: Path) -> None:
+    """Write the compressed `module`'s weights as a Hugging Face folder at `folder` (new), for
+    `check_checkpoint`. The module and the original transformers model may be freed after."""
+    from compressor.huggingface.output import write_checkpoint as write
 
-    The folder is loaded back with `from_pretrained` and must match the ONNX model at
-    `onnx_path` within `atol` / `rtol` on held-out inputs; returns the parity figures.
-    """
-    from compressor.huggingface.output import save_checkpoint as save
+    write(loaded.checkpoint, module, folder)
 
-    return save(loaded.checkpoint, module, onnx_path, held_out, out_path, atol, rtol)
+
+def check_checkpoint(folder: Path, onnx_path: Path, held_out: Dataset, out_path: Path,
+                     atol: float, rtol: float) -> dict:
+    """Load the folder back with `from_pretrained`; it must match the ONNX model at `onnx_path`
+    within `atol` / `rtol` on held-out inputs. Zip it at `out_path`; return the parity."""
+    from compressor.huggingface.output import check_checkpoint as check
+
+    return check(folder, onnx_path, held_out, out_path, atol, rtol)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -21,24 +20,31 @@ from torch import nn
 
 from compressor.data import Dataset
 from compressor.errors import ExportError, VerificationError
-from compressor.export import onnx_session, run_onnx
+from compressor.export import differences, onnx_session, run_onnx
 from compressor.huggingface.checkpoint import Checkpoint, TextModel, read_checkpoint
 
-__all__ = ["save_checkpoint"]
+__all__ = ["check_checkpoint", "write_checkpoint"]
 
 _PREFIX = "model."  # TextModel keeps the transformers model as `self.model`
 _VERIFY_SAMPLES = 32
 
 
-def save_checkpoint(checkpoint: Checkpoint, module: nn.Module, onnx_path: Path,
-                    held_out: Dataset, out_path: Path, atol: float, rtol: float) -> dict:
-    """Write `module`'s weights with the checkpoint's files as a zip at `out_path`, verified."""
-    with tempfile.TemporaryDirectory(prefix=".hf-", dir=out_path.parent) as tmp:
-        folder = Path(tmp) / "model"
-        folder.mkdir()
-        _write_folder(checkpoint, module, folder)
+def write_checkpoint(checkpoint: Checkpoint, module: nn.Module, folder: Path) -> None:
+    """Write `module`'s weights with the checkpoint's files as a Hugging Face folder (a new
+    folder at `folder`), to be checked by `check_checkpoint`."""
+    folder.mkdir()
+    _write_folder(checkpoint, module, folder)
+
+
+def check_checkpoint(folder: Path, onnx_path: Path, held_out: Dataset, out_path: Path,
+                     atol: float, rtol: float) -> dict:
+    """Load the folder `write_checkpoint` wrote back with `from_pretrained`, check it against
+    the ONNX model, and zip it at `out_path` (the folder is removed); return the parity."""
+    try:
         parity = _verify(folder, onnx_path, held_out, atol, rtol)
         _pack(folder, out_path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return parity
 
 
@@ -122,10 +128,10 @@ def _verify(folder: Path, onnx_path: Path, held_out: Dataset, atol: float, rtol:
     output_name = reloaded.output_name
     del model, reloaded  # the reloaded weights are freed before onnxruntime loads its own
     (actual,) = run_onnx(onnx_session(onnx_path, prepack=False), batch)
-    want = expected.double().numpy()
-    diff = np.abs(actual.astype(np.float64) - want)
-    worst = float(diff.max(initial=0.0))
-    if want.shape != actual.shape or not np.all(diff <= atol + rtol * np.abs(want)):
+    want = expected.numpy()
+    worst, excess = differences(want, actual, atol, rtol) if want.shape == actual.shape else (
+        float("inf"), float("inf"))
+    if excess > 0 or not np.isfinite(worst):
         raise VerificationError(
             f"the Hugging Face folder loaded with from_pretrained disagrees with model.onnx on "
             f"{output_name}: max |difference| {worst:.3g} (shapes {want.shape} and "

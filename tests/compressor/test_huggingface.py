@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
+import weakref
 import zipfile
 from pathlib import Path
 
@@ -278,3 +280,29 @@ def test_token_type_ids_are_left_out_when_the_tokenizer_does_not_give_them(
     loaded = load_checkpoint(folder, tmp_path, 8)
     assert [s.name for s in loaded.specs] == ["input_ids", "attention_mask"]
     assert list(loaded.program.graph_signature.user_inputs) == ["input_ids", "attention_mask"]
+
+
+def test_the_original_and_the_compressed_model_are_freed_before_the_folder_is_reloaded(
+        folders, tmp_path, monkeypatch) -> None:
+    from compressor import huggingface, pipeline
+
+    alive: dict[str, weakref.ref] = {}
+    checked: list[dict[str, bool]] = []
+    write, check = huggingface.write_checkpoint, huggingface.check_checkpoint
+
+    def writing(loaded, module, folder):
+        alive["original"] = weakref.ref(loaded.checkpoint.hf_model)
+        alive["compressed"] = weakref.ref(module)
+        write(loaded, module, folder)
+
+    def checking(*args, **kwargs):
+        gc.collect()
+        checked.append({name: ref() is not None for name, ref in alive.items()})
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.huggingface, "write_checkpoint", writing)
+    monkeypatch.setattr(pipeline.huggingface, "check_checkpoint", checking)
+    result = compressor.compress(folders["classifier"], {**FAST, "finetune": {"steps": 0}},
+                                 out_dir=tmp_path / "out")
+    assert checked == [{"original": False, "compressed": False}]
+    assert result.report["onnx_parity"]["huggingface"]["passed"]

@@ -8,6 +8,7 @@ import tempfile
 import weakref
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
@@ -21,7 +22,13 @@ from compressor import graph, pipeline
 from compressor.config import CompressionConfig
 from compressor.data import Dataset, InputSpec
 from compressor.errors import ResourceError
-from compressor.export import export_onnx, onnx_session, run_onnx, save_single_file
+from compressor.export import (
+    differences,
+    export_onnx,
+    onnx_session,
+    run_onnx,
+    save_single_file,
+)
 from compressor.graph import collect_layer_stats, find_layers
 from compressor.planning import plan_layers
 from compressor.rewrite import materialize, shallow_copy, theta_of
@@ -237,3 +244,17 @@ def test_a_parametrized_weight_is_made_where_its_layer_uses_it(tmp_path):
     x = torch.randn(3, 6, 32)  # and it computes what the dense form computes
     torch.testing.assert_close(student(x=x), materialize(student, teacher, plan)(x=x),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("where", [0, 5])  # in the first chunk, in a later one
+def test_a_nan_is_out_of_tolerance_in_any_chunk(monkeypatch, where):
+    monkeypatch.setattr("compressor.export._ELEMENTS_PER_CHUNK", 4)  # outputs compared 4 at a time
+    want = np.zeros(8, np.float32)
+    got = want.copy()
+    got[where] = np.nan
+    worst, excess = differences(want, got, 1e-4, 1e-3)
+    assert np.isnan(worst) and np.isnan(excess)
+    got[where] = 2e-4  # out of tolerance: reported as such, whatever the chunk
+    worst, excess = differences(want, got, 1e-4, 1e-3)
+    assert worst == pytest.approx(2e-4) and excess == pytest.approx(1e-4)
+    assert differences(want, want, 1e-4, 1e-3) == (0.0, -1e-4)
