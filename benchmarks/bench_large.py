@@ -302,8 +302,9 @@ def _matmul_gflops(dtype, size: int = 2048, repeats: int = 5) -> float:
     import torch
 
     a = torch.randn(size, size, dtype=dtype)
+    a @ a  # warm-up
     best = float("inf")
-    for _ in range(repeats + 1):  # the first warms up
+    for _ in range(repeats):
         start = time.perf_counter()
         a @ a
         best = min(best, time.perf_counter() - start)

@@ -154,4 +154,3 @@ def _pack(folder: Path, out_path: Path) -> None:
         os.replace(tmp, out_path)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    shutil.rmtree(folder, ignore_errors=True)
