@@ -128,6 +128,12 @@ class FinetuneConfig(_Strict):
     )
     train_biases: bool = Field(default=False,
                                description="also train the biases of the compressed layers")
+    activation_checkpointing: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="run each repeated block (layers.0, layers.1, ...) under activation "
+        "checkpointing, so a step keeps block inputs only and recomputes the rest in the "
+        "backward pass; auto: when a step's activations, measured on one sample, would not fit "
+        "in half the device's free memory")
     seed: int = Field(default=0, ge=0, description="seeds data splits, sampling and batches")
 
 

@@ -1,7 +1,8 @@
 """Fine-tune θ by distillation: make the compressed model's outputs match the original's.
 
 Only θ (and optionally the biases) train, with AdamW under a warmup + cosine schedule, on CUDA
-with bf16 autocast when there is one. The held-out split is scored every `eval_every` steps and
+with bf16 autocast when there is one, and with the model's blocks under activation checkpointing
+when a step's activations would not fit (`compressor.checkpointing`). The held-out split is scored every `eval_every` steps and
 the best θ seen, the initialization included, is what the model keeps: fine-tuning never hands
 back a model worse than the one it started from.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -18,9 +20,11 @@ from torch.export import ExportedProgram
 from torch.export.passes import move_to_device_pass
 from torch.nn.utils import parametrize
 
+from compressor.checkpointing import BlockCheckpointing, saved_activation_bytes, wanted
 from compressor.config import FinetuneConfig
 from compressor.data import Dataset
 from compressor.errors import ConfigError
+from compressor.memory import available_memory_bytes
 from compressor.objectives import distillation_loss
 from compressor.outputs import FidelityMeter, run_outputs
 from compressor.planning import Plan
@@ -43,6 +47,10 @@ class FinetuneSummary:
     best_score: float
     best_step: int
     history: list[dict] = field(default_factory=list)
+    # Whether the blocks ran under activation checkpointing, and what a step keeps without it
+    # (measured on one sample, times the batch size; None when not measured).
+    activation_checkpointing: bool = False
+    activation_bytes_per_step: int | None = None
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -132,6 +140,37 @@ def _teacher_targets(teacher: nn.Module, train: Dataset, device: torch.device):
     return [torch.cat(parts) for parts in zip(*chunks, strict=True)]
 
 
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Return the memory still free on `device` (None when it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_memory_bytes() if device.type == "cpu" else None
+
+
+def training_forward(student: nn.Module, train: Dataset, config: FinetuneConfig,
+                     device: torch.device, params: list[nn.Parameter],
+                     summary: FinetuneSummary) -> Callable[[dict], list[torch.Tensor]]:
+    """Return the forward pass a training step runs: with the blocks checkpointed when
+    `config.activation_checkpointing` says so (auto: when `checkpointing.wanted`), else plain.
+    Records the choice, and the activation bytes measured for it, in `summary`."""
+    def plain(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return run_outputs(student, batch)
+
+    runner = BlockCheckpointing(student) if isinstance(student, fx.GraphModule) else None
+    if runner is None or not runner.blocks or config.activation_checkpointing == "off":
+        return plain
+    if config.activation_checkpointing == "auto":
+        probe = _to(train.take(torch.arange(1)), device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            per_sample = saved_activation_bytes(plain, probe, student)
+        summary.activation_bytes_per_step = per_sample * min(config.batch_size, len(train))
+        theta_bytes = sum(p.numel() * p.element_size() for p in params)
+        if not wanted(summary.activation_bytes_per_step, theta_bytes, free_memory_bytes(device)):
+            return plain
+    summary.activation_checkpointing = True
+    return runner
+
+
 def finetune_(student: nn.Module, teacher: nn.Module, plan: Plan, train: Dataset,
               held_out: Dataset, config: FinetuneConfig, control: JobControl,
               device: torch.device, kinds: list[str],
@@ -162,6 +201,7 @@ def finetune_(student: nn.Module, teacher: nn.Module, plan: Plan, train: Dataset
         return summary
     with torch.no_grad():
         cached = _teacher_targets(teacher, train, device)
+    forward = training_forward(student, train, config, device, params, summary)
     best_state = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(parameter_groups(params, config),
                                   weight_decay=config.weight_decay)
@@ -180,7 +220,7 @@ def finetune_(student: nn.Module, teacher: nn.Module, plan: Plan, train: Dataset
                     targets = run_outputs(teacher, batch)
             else:
                 targets = [t[index.to(t.device)] for t in cached]
-            loss = distillation_loss(run_outputs(student, batch), targets, kinds)
+            loss = distillation_loss(forward(batch), targets, kinds)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

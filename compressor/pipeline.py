@@ -184,7 +184,9 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
                                           evaluation_batch)
         summary = finetune(inputs.program, student, teacher, plan, inputs, config, control, kinds,
                            (reference, evaluation_batch), initial_score)
-        log.info(f"fine-tuning on {summary.device}: held-out loss {summary.initial_score:.4f} "
+        blocks = ", blocks checkpointed" if summary.activation_checkpointing else ""
+        log.info(f"fine-tuning on {summary.device}{blocks}: held-out loss "
+                 f"{summary.initial_score:.4f} "
                  f"-> {summary.best_score:.4f} (best step {summary.best_step})")
         # Best step 0: θ is the initialization's, restored exactly, and so are its outputs.
         final = initial if summary.best_step == 0 else fidelity(
