@@ -16,9 +16,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
-from torch.export import ExportedProgram
-from torch.export.passes import move_to_device_pass
-from torch.nn.utils import parametrize
 
 from compressor.checkpointing import BlockCheckpointing, saved_activation_bytes, wanted
 from compressor.config import FinetuneConfig
@@ -63,17 +60,62 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def device_copy(program: ExportedProgram, student: fx.GraphModule, plan: Plan,
-                device: torch.device) -> fx.GraphModule:
-    """Return the parametrized `student` rebuilt on `device` (device constants in the graph too)."""
-    moved = move_to_device_pass(copy.deepcopy(program), device).module()
-    for entry in plan.compressed:
-        owner = student.get_submodule(entry.layer.name)
-        clone = copy.deepcopy(owner.parametrizations.weight[0]).to(device)
-        parametrize.register_parametrization(moved.get_submodule(entry.layer.name), "weight", clone)
-    moved.load_state_dict(student.state_dict())
-    trainable_parameters(moved, plan, train_biases=False)  # finetune_ widens it if asked
-    return moved
+def on_device(teacher: fx.GraphModule, student: fx.GraphModule, device: torch.device,
+              ) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Return copies of `teacher` and the parametrized `student` on `device`.
+
+    Every tensor the two share here (all but θ and the compressed layers' biases) is moved once
+    and shared there too, so the device holds the model once, and nothing is copied on the host.
+    The graphs' device constants (a `device=` argument, `aten.to.device`) are pointed at
+    `device`, as `torch.export.passes.move_to_device_pass` does for a program.
+    """
+    moved: dict[int, torch.Tensor] = {}
+    for module in (teacher, student):
+        for tensor in _tensors(module):
+            if id(tensor) not in moved:
+                moved[id(tensor)] = _moved(tensor, device)
+    copies = []
+    for module in (teacher, student):
+        clone = copy.deepcopy(module, dict(moved))
+        _point_graph_at_(clone, device)
+        copies.append(clone)
+    return copies[0], copies[1]
+
+
+def copy_back_(student: nn.Module, teacher: nn.Module, trained: nn.Module) -> None:
+    """Copy into `student` its own tensors (θ, its biases) from `trained`, its device copy."""
+    shared = {id(tensor) for tensor in _tensors(teacher)}
+    state = trained.state_dict()
+    with torch.no_grad():
+        for name, tensor in student.state_dict(keep_vars=True).items():
+            if id(tensor) not in shared:
+                tensor.copy_(state[name])
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Return every tensor `module` holds: parameters, buffers and plain tensor attributes."""
+    found = []
+    for submodule in module.modules():
+        found.extend(submodule._parameters.values())
+        found.extend(submodule._buffers.values())
+        found.extend(v for v in vars(submodule).values() if isinstance(v, torch.Tensor))
+    return [tensor for tensor in found if tensor is not None]
+
+
+def _moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    copied = tensor.detach().to(device, copy=True)  # a copy even on the same device
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(copied, tensor.requires_grad)
+    return copied
+
+
+def _point_graph_at_(module: fx.GraphModule, device: torch.device) -> None:
+    for node in module.graph.nodes:
+        if "device" in node.kwargs:
+            node.kwargs = {**node.kwargs, "device": device}
+        if node.op == "call_function" and node.target is torch.ops.aten.to.device:
+            node.args = (node.args[0], device, *node.args[2:])
+    module.recompile()
 
 
 def held_out_score(student: nn.Module, teacher_outputs: list[list[torch.Tensor]],

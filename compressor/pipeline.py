@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import gc
 import os
 import shutil
@@ -13,7 +12,6 @@ from typing import Any
 import torch
 from torch import fx
 from torch.export import ExportedProgram
-from torch.export.passes import move_to_device_pass
 from torch.utils._pytree import tree_leaves
 
 from compressor import huggingface
@@ -37,9 +35,10 @@ from compressor.export import (
 from compressor.failures import known_failure
 from compressor.finetune import (
     FinetuneSummary,
-    device_copy,
+    copy_back_,
     finetune_,
     held_out_score,
+    on_device,
     resolve_device,
 )
 from compressor.fisher import estimate_sensitivities, probe_bytes_per_sample
@@ -182,7 +181,7 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
                          for b in inputs.held_out.batches(evaluation_batch)]
         initial, initial_score = fidelity(student, reference, inputs.held_out, kinds,
                                           evaluation_batch)
-        summary = finetune(inputs.program, student, teacher, plan, inputs, config, control, kinds,
+        summary = finetune(student, teacher, plan, inputs, config, control, kinds,
                            (reference, evaluation_batch), initial_score)
         blocks = ", blocks checkpointed" if summary.activation_checkpointing else ""
         log.info(f"fine-tuning on {summary.device}{blocks}: held-out loss "
@@ -467,12 +466,11 @@ def output_kinds(teacher: fx.GraphModule, inputs: _Inputs, config: CompressionCo
     return names, detect_output_kinds(teacher, raw, outputs, config.finetune.loss, names)
 
 
-def finetune(program: ExportedProgram, student: fx.GraphModule, teacher: fx.GraphModule,
-             plan: Plan, inputs: _Inputs, config: CompressionConfig,
-             control: JobControl, kinds: list[str],
+def finetune(student: fx.GraphModule, teacher: fx.GraphModule, plan: Plan, inputs: _Inputs,
+             config: CompressionConfig, control: JobControl, kinds: list[str],
              reference: tuple[list[list[torch.Tensor]], int],
              initial_score: float) -> FinetuneSummary:
-    """Fine-tune `student` in place, on CUDA when there is one (copies there and back).
+    """Fine-tune `student` in place, on CUDA when there is one (θ is copied there and back).
 
     `reference` holds the original's outputs on the held-out batches, and their batch size;
     `initial_score` the student's held-out score before fine-tuning."""
@@ -480,14 +478,13 @@ def finetune(program: ExportedProgram, student: fx.GraphModule, teacher: fx.Grap
     if device.type == "cpu":
         return finetune_(student, teacher, plan, inputs.train, inputs.held_out, config.finetune,
                          control, device, kinds, reference, initial_score)
-    on_device = device_copy(program, student, plan, device)
-    teacher_on_device = move_to_device_pass(copy.deepcopy(program), device).module().eval()
+    teacher_on_device, student_on_device = on_device(teacher, student, device)
     outputs, batch_size = reference
     on_device_outputs = [[t.to(device) for t in batch] for batch in outputs]
-    summary = finetune_(on_device, teacher_on_device, plan, inputs.train, inputs.held_out,
-                        config.finetune, control, device, kinds, (on_device_outputs, batch_size),
-                        initial_score)
-    student.load_state_dict({k: v.cpu() for k, v in on_device.state_dict().items()})
+    summary = finetune_(student_on_device, teacher_on_device, plan, inputs.train,
+                        inputs.held_out, config.finetune, control, device, kinds,
+                        (on_device_outputs, batch_size), initial_score)
+    copy_back_(student, teacher, student_on_device)
     return summary
 
 

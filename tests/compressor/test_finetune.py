@@ -7,11 +7,11 @@ import torch
 
 from compressor.config import CompressionConfig
 from compressor.errors import ConfigError
-from compressor.finetune import device_copy, parameter_groups, resolve_device
+from compressor.finetune import copy_back_, on_device, parameter_groups, resolve_device
 from compressor.graph import find_layers
 from compressor.outputs import run_outputs
 from compressor.planning import plan_layers
-from compressor.rewrite import parametrize_
+from compressor.rewrite import parametrize_, shallow_copy
 from tests.support.tiny_models import MODEL_CLASSES, example_inputs, make_pt2
 
 
@@ -24,22 +24,31 @@ def test_asking_for_cuda_without_one_says_what_to_do():
 
 
 @pytest.mark.parametrize("method", ["lowrank", "tie_rows", "share_values"])
-def test_the_device_copy_computes_the_same_and_trains_its_own_theta(tmp_path, method):
+def test_the_device_copies_compute_the_same_share_the_model_and_train_their_own_theta(
+        tmp_path, method):
     program = torch.export.load(str(make_pt2("conv", tmp_path / "conv.pt2")))
     teacher = program.module()
     config = CompressionConfig(method=method, ratio=0.4)
     plan = plan_layers(*find_layers(teacher), config)
-    student = copy.deepcopy(teacher)
+    student = shallow_copy(teacher)  # as the pipeline makes it
     parametrize_(student, plan, {}, config.finetune.grad_reduction)
-    moved = device_copy(program, student, plan, torch.device("cpu"))
+    teacher_copy, moved = on_device(teacher, student, torch.device("cpu"))
     batch = example_inputs(MODEL_CLASSES["conv"](), batch=3)
     with torch.no_grad():
         for got, want in zip(run_outputs(moved, batch), run_outputs(student, batch), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # One copy of the model: what teacher and student share here, their copies share there.
+    own = {n for n, t in student.state_dict(keep_vars=True).items()
+           if all(t is not u for u in teacher.state_dict(keep_vars=True).values())}
+    assert own and all(".parametrizations.weight." in n or n.endswith(".bias") for n in own)
+    copies, teacher_copies = moved.state_dict(keep_vars=True), teacher_copy.state_dict(keep_vars=True)
+    for name, tensor in student.state_dict(keep_vars=True).items():
+        assert copies[name] is not tensor
+        assert (copies[name] is teacher_copies.get(name)) == (name not in own)
     trainable = [n for n, p in moved.named_parameters() if p.requires_grad]
     assert trainable and trainable == [n for n, p in student.named_parameters() if p.requires_grad]
-    assert all(".parametrizations.weight.original" in n for n in trainable)
     before = {k: v.clone() for k, v in student.state_dict().items()}
+    teacher_before = {k: v.clone() for k, v in teacher_copy.state_dict().items()}
     run_outputs(moved, batch)[0].sum().backward()
     with torch.no_grad():
         for param in moved.parameters():
@@ -47,10 +56,32 @@ def test_the_device_copy_computes_the_same_and_trains_its_own_theta(tmp_path, me
                 param -= 0.1 * param.grad
     for key, value in student.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)  # the student is untouched
-    student.load_state_dict(moved.state_dict())  # what the pipeline does after training
+    for key, value in teacher_copy.state_dict().items():
+        torch.testing.assert_close(value, teacher_before[key], rtol=0, atol=0)
+    copy_back_(student, teacher, moved)  # what the pipeline does after training
     with torch.no_grad():
         for got, want in zip(run_outputs(moved, batch), run_outputs(student, batch), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_device_copies_graphs_make_their_constants_on_that_device(tmp_path):
+    from compressor.huggingface import load_checkpoint
+    from tests.support.tiny_checkpoints import save_checkpoint
+
+    program = load_checkpoint(save_checkpoint("llama", tmp_path / "ck"), tmp_path / "work",
+                              16).program  # makes positions and masks with arange(device=cpu)
+    teacher = program.module()
+    student = shallow_copy(teacher)
+    plan = plan_layers(*find_layers(teacher), CompressionConfig(ratio=0.5))
+    parametrize_(student, plan, {}, "sum")
+    meta = torch.device("meta")
+    for module in on_device(teacher, student, meta):
+        assert all(t.device == meta for t in module.state_dict().values())
+        devices = {n.kwargs["device"] for n in module.graph.nodes if "device" in n.kwargs}
+        assert devices == {meta}
+        batch = {"input_ids": torch.ones(2, 16, dtype=torch.long, device=meta),
+                 "attention_mask": torch.ones(2, 16, dtype=torch.long, device=meta)}
+        assert all(out.device == meta for out in run_outputs(module, batch))
 
 
 def test_train_biases_adds_the_compressed_layers_biases_and_nothing_else(tmp_path):
