@@ -50,6 +50,8 @@ class FinetuneSummary:
     # (measured on one sample, times the batch size; None when not measured).
     activation_checkpointing: bool = False
     activation_bytes_per_step: int | None = None
+    # Whether the original's outputs on the training split were computed once (small enough).
+    teacher_outputs_cached: bool = False
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -196,23 +198,40 @@ def training_forward(student: nn.Module, train: Dataset, config: FinetuneConfig,
                      summary: FinetuneSummary) -> Callable[[dict], list[torch.Tensor]]:
     """Return the forward pass a training step runs: with the blocks checkpointed when
     `config.activation_checkpointing` says so (auto: when `checkpointing.wanted`), else plain.
-    Records the choice, and the activation bytes measured for it, in `summary`."""
+    Records the choice, and the activations a plain step keeps, in `summary`."""
     def plain(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return run_outputs(student, batch)
 
     runner = BlockCheckpointing(student) if isinstance(student, fx.GraphModule) else None
-    if runner is None or not runner.blocks or config.activation_checkpointing == "off":
+    if runner is None or not runner.blocks:
         return plain
-    if config.activation_checkpointing == "auto":
-        probe = _to(train.take(torch.arange(1)), device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            per_sample = saved_activation_bytes(plain, probe, student)
-        summary.activation_bytes_per_step = per_sample * min(config.batch_size, len(train))
-        theta_bytes = sum(p.numel() * p.element_size() for p in params)
-        if not wanted(summary.activation_bytes_per_step, theta_bytes, free_memory_bytes(device)):
-            return plain
+    summary.activation_bytes_per_step = _step_activation_bytes(plain, student, train, config,
+                                                               device)
+    if config.activation_checkpointing == "off":
+        return plain
+    theta_bytes = sum(p.numel() * p.element_size() for p in params)
+    if config.activation_checkpointing == "auto" and not wanted(
+            summary.activation_bytes_per_step, theta_bytes, free_memory_bytes(device)):
+        return plain
     summary.activation_checkpointing = True
     return runner
+
+
+def _step_activation_bytes(forward: Callable[[dict], list[torch.Tensor]], student: nn.Module,
+                           train: Dataset, config: FinetuneConfig, device: torch.device) -> int:
+    """Return the activations a plain training step keeps, from forward passes on one sample
+    and on two: what one more sample adds times the batch, plus what does not grow with it
+    (each W = f(θ), computed once per step)."""
+    batch = min(config.batch_size, len(train))
+    kept = []
+    for count in (1, 2)[:min(2, len(train))]:
+        probe = _to(train.take(torch.arange(count)), device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            kept.append(saved_activation_bytes(forward, probe, student))
+    if len(kept) == 1:
+        return kept[0] * batch
+    per_sample = max(0, kept[1] - kept[0])
+    return kept[0] - per_sample + per_sample * batch
 
 
 def finetune_(student: nn.Module, teacher: nn.Module, plan: Plan, train: Dataset,
@@ -245,6 +264,7 @@ def finetune_(student: nn.Module, teacher: nn.Module, plan: Plan, train: Dataset
         return summary
     with torch.no_grad():
         cached = _teacher_targets(teacher, train, device)
+    summary.teacher_outputs_cached = cached is not None
     forward = training_forward(student, train, config, device, params, summary)
     best_state = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(parameter_groups(params, config),

@@ -14,7 +14,7 @@ from compressor.checkpointing import (
 )
 from compressor.config import CompressionConfig
 from compressor.data import Dataset
-from compressor.finetune import finetune_
+from compressor.finetune import FinetuneSummary, finetune_, training_forward
 from compressor.graph import find_layers
 from compressor.huggingface import load_checkpoint
 from compressor.outputs import run_outputs
@@ -151,3 +151,15 @@ def test_a_model_without_blocks_trains_without_checkpointing(tmp_path):
     summary = finetune_(student, teacher, plan, data, data, config, JobControl(),
                         torch.device("cpu"), ["regression"])
     assert not summary.activation_checkpointing and len(summary.history) == 1
+
+
+def test_a_steps_activations_are_predicted_from_one_sample_and_two(llama):
+    teacher, student, plan = _student(llama)
+    params = trainable_parameters(student, plan, train_biases=False)
+    config = CompressionConfig.parse({"finetune": {"batch_size": 6}}).finetune
+    summary = FinetuneSummary(1, "cpu", 0.0, 0.0, 0)
+    training_forward(student, Dataset(_tokens(8), False, "test"), config, torch.device("cpu"),
+                     params, summary)
+    measured = saved_activation_bytes(lambda b: run_outputs(student, b), _tokens(6), student)
+    # θ's products W = f(θ) are kept once per step, whatever the batch: not times the batch.
+    assert summary.activation_bytes_per_step == pytest.approx(measured, rel=0.02)
