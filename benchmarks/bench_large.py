@@ -56,7 +56,7 @@ RESULTS = Path(__file__).parent / "results" / "large_models.json"
 RUNS = CACHE / "runs"
 GIB = 1024**3
 TARGET_RATIO = 2.5
-_STAGE_LINE = re.compile(r"^\[\s*([0-9.]+)s\] stage (\w+): (started|[0-9.]+s)$")
+_STAGE_LINE = re.compile(r"^\[\s*([0-9.]+)s\] stage (\w+): (started|[0-9.]+s)(?:,.*)?$")
 _LOG_LINE = re.compile(r"^\[\s*([0-9.]+)s\] (.*)$")
 
 

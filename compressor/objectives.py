@@ -18,6 +18,7 @@ overrides the detection.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -31,6 +32,8 @@ OutputKind = Literal["logits", "embedding", "regression"]
 OUTPUT_KINDS: tuple[str, ...] = ("logits", "embedding", "regression")
 IGNORED = "ignored"
 KL_TEMPERATURE = 2.0
+# Losses are computed on about this many output values at a time where they can be.
+_CHUNK_VALUES = 1 << 22
 _LOGIT_NAMES = ("logit", "scores", "prediction")
 _EMBEDDING_NAMES = ("embed", "hidden", "pool", "feature", "state", "vector")
 # Ops that only rearrange a tensor: an output behind them was still computed by what fed them.
@@ -148,7 +151,16 @@ def output_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Ten
 
 def distillation_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor],
                       kinds: list[str]) -> torch.Tensor:
-    """Return the sum over outputs of the loss that fits each one's kind (ignored ones skipped)."""
+    """Return the sum over outputs of the loss that fits each one's kind (ignored ones skipped).
+
+    Without a gradient to compute (scoring) it is summed a chunk of rows at a time, so the
+    softmaxes over a large vocabulary are never all held at once; the value is the same up to
+    the order of summation."""
+    if not (torch.is_grad_enabled() and any(out.requires_grad for out in outputs)):
+        total = outputs[0].new_zeros((), dtype=torch.float32)
+        for loss in _chunk_losses(outputs, targets, kinds, _CHUNK_VALUES):
+            total += loss
+        return total
     total = outputs[0].new_zeros((), dtype=torch.float32)
     for out, target, kind in zip(outputs, targets, kinds, strict=True):
         if kind != IGNORED:
@@ -156,45 +168,48 @@ def distillation_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor],
     return total
 
 
-# `distillation_backward` works on about this many output values at a time.
-_CHUNK_VALUES = 1 << 22
-
-
 def distillation_backward(outputs: list[torch.Tensor], targets: list[torch.Tensor],
                           kinds: list[str], chunk_values: int = _CHUNK_VALUES) -> torch.Tensor:
     """Backpropagate `distillation_loss(outputs, targets, kinds)` through the graph that
     computed `outputs`, a chunk of rows at a time, and return the loss (detached).
 
-    The loss of a 2-D or larger output is a sum over its rows (positions) of per-row terms,
-    given two constants of the whole output (the target's variance, the row count). Computing
-    it a chunk of rows at a time on a detached copy of the outputs frees each chunk's
+    Computing it a chunk of rows at a time on a detached copy of the outputs frees each chunk's
     intermediates (softmaxes over a 32,000-token vocabulary) before the next; the outputs'
     gradient then goes back through the model once. Same loss and gradient as one backward pass
     through `distillation_loss`, up to the order of summation.
     """
     leaves = [out.detach().requires_grad_() for out in outputs]
     total = leaves[0].new_zeros((), dtype=torch.float32)
-    for leaf, target, kind in zip(leaves, targets, kinds, strict=True):
-        if kind == IGNORED:
-            continue
-        if leaf.dim() < 2:
-            loss = output_loss(leaf, target, kind)
-            loss.backward()
-            total += loss.detach()
-            continue
-        out_rows, target_rows = leaf.reshape(-1, leaf.shape[-1]), target.reshape(-1, target.shape[-1])
-        variance = target.float().var(unbiased=False)
-        step = max(1, chunk_values // leaf.shape[-1])
-        for start in range(0, out_rows.shape[0], step):
-            loss = _rows_loss(out_rows[start:start + step], target_rows[start:start + step], kind,
-                              leaf.numel(), out_rows.shape[0], variance)
-            loss.backward()
-            total += loss.detach()
+    for loss in _chunk_losses(leaves, targets, kinds, chunk_values):
+        loss.backward()
+        total += loss.detach()
     pairs = [(out, leaf.grad) for out, leaf in zip(outputs, leaves, strict=True)
              if leaf.grad is not None and out.requires_grad]
     if pairs:
         torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
     return total
+
+
+def _chunk_losses(outputs: list[torch.Tensor], targets: list[torch.Tensor], kinds: list[str],
+                  chunk_values: int) -> Iterator[torch.Tensor]:
+    """Yield `distillation_loss` in parts that sum to it: for an output of 2 or more
+    dimensions, a chunk of rows (positions) at a time, about `chunk_values` values each.
+
+    Such an output's loss is a sum over its rows of per-row terms, given two constants of the
+    whole output: the target's variance and the row count.
+    """
+    for out, target, kind in zip(outputs, targets, kinds, strict=True):
+        if kind == IGNORED:
+            continue
+        if out.dim() < 2:
+            yield output_loss(out, target, kind)
+            continue
+        out_rows, target_rows = out.reshape(-1, out.shape[-1]), target.reshape(-1, target.shape[-1])
+        variance = target.float().var(unbiased=False)
+        step = max(1, chunk_values // out.shape[-1])
+        for start in range(0, out_rows.shape[0], step):
+            yield _rows_loss(out_rows[start:start + step], target_rows[start:start + step], kind,
+                             out.numel(), out_rows.shape[0], variance)
 
 
 def _rows_loss(out: torch.Tensor, target: torch.Tensor, kind: str, values: int, rows: int,

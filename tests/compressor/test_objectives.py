@@ -163,3 +163,17 @@ def test_backward_in_chunks_gives_the_loss_and_gradient_of_one_backward_pass(chu
     assert loss.item() == pytest.approx(want_loss.item(), rel=1e-6)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_score_without_gradients_is_summed_in_chunks_to_the_same_value(monkeypatch):
+    from compressor import objectives
+
+    generator = torch.Generator().manual_seed(5)
+    outputs = [torch.randn(4, 6, 9, generator=generator), torch.randn(4, 6, 5, generator=generator)]
+    targets = [torch.randn(4, 6, 9, generator=generator), torch.randn(4, 6, 5, generator=generator)]
+    kinds = ["logits", "embedding"]
+    with torch.enable_grad():
+        whole = distillation_loss([o.requires_grad_() for o in outputs], targets, kinds).item()
+    monkeypatch.setattr(objectives, "_CHUNK_VALUES", 20)  # a few rows per chunk
+    with torch.no_grad():
+        assert distillation_loss(outputs, targets, kinds).item() == pytest.approx(whole, rel=1e-6)
