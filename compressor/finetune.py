@@ -23,7 +23,7 @@ from compressor.checkpointing import BlockCheckpointing, saved_activation_bytes,
 from compressor.config import FinetuneConfig
 from compressor.data import Dataset
 from compressor.errors import ConfigError
-from compressor.memory import available_memory_bytes
+from compressor.memory import available_memory_bytes, format_bytes
 from compressor.objectives import distillation_backward, distillation_loss
 from compressor.outputs import FidelityMeter, run_outputs
 from compressor.planning import Plan
@@ -34,6 +34,13 @@ from compressor.rewrite import trainable_parameters
 _BACKOFF_MARGIN = 0.05
 # The original's outputs on the whole training split are computed once when they fit in this.
 _TEACHER_CACHE_BYTES = 512 * 1024**2
+# Tensors the size of θ that training adds: gradients, AdamW's two moments, the best θ.
+_TRAINING_COPIES = 4
+# A step's outputs are held about this many times over: the student's, the original's, the
+# gradient of the student's, and a chunk of the loss's softmaxes (at most their size).
+_OUTPUT_COPIES = 4
+# Training plans on this share of the free memory; the rest is for the allocator's slack.
+_TRAINING_FREE_SHARE = 0.9
 
 
 @dataclass
@@ -50,8 +57,14 @@ class FinetuneSummary:
     # (measured on one sample, times the batch size; None when not measured).
     activation_checkpointing: bool = False
     activation_bytes_per_step: int | None = None
+    # What a step holds beyond θ's copies, as run (with checkpointing: one block's activations
+    # and the blocks' inputs, estimated as 2 / blocks of a plain step's), plus 4 × its outputs
+    # (the student's, the original's, their gradient, the loss's softmaxes); None: not measured.
+    step_bytes: int | None = None
     # Whether the original's outputs on the training split were computed once (small enough).
     teacher_outputs_cached: bool = False
+    # Why no step ran although some were asked for (the memory they need is not free), or None.
+    skipped: str | None = None
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -205,33 +218,67 @@ def training_forward(student: nn.Module, train: Dataset, config: FinetuneConfig,
     runner = BlockCheckpointing(student) if isinstance(student, fx.GraphModule) else None
     if runner is None or not runner.blocks:
         return plain
-    summary.activation_bytes_per_step = _step_activation_bytes(plain, student, train, config,
-                                                               device)
+    activations, outputs = _step_activation_bytes(plain, student, train, config, device)
+    summary.activation_bytes_per_step = activations
+    summary.step_bytes = activations + _OUTPUT_COPIES * outputs
     if config.activation_checkpointing == "off":
         return plain
     theta_bytes = sum(p.numel() * p.element_size() for p in params)
     if config.activation_checkpointing == "auto" and not wanted(
-            summary.activation_bytes_per_step, theta_bytes, free_memory_bytes(device)):
+            activations, theta_bytes, free_memory_bytes(device)):
         return plain
     summary.activation_checkpointing = True
+    summary.step_bytes = 2 * activations // len(runner.blocks) + _OUTPUT_COPIES * outputs
     return runner
 
 
+def unaffordable(summary: FinetuneSummary, params: list[nn.Parameter],
+                 free_bytes: int | None) -> str | None:
+    """Return why training `params` cannot fit in `free_bytes`, or None when it can (or the
+    free memory is unknown).
+
+    Training holds, beside the model, four tensors the size of θ (its gradients, AdamW's two
+    moments and the best θ seen) and what a step holds (`summary.step_bytes`); a tenth of the
+    free memory is left for the allocator. Running out halfway would have the job killed by
+    the kernel and its calibration lost; the steps are skipped instead and the job goes on
+    with θ as initialized, saying why."""
+    theta_bytes = sum(p.numel() * p.element_size() for p in params)
+    needed = _TRAINING_COPIES * theta_bytes + (summary.step_bytes or 0)
+    if free_bytes is None or needed <= _TRAINING_FREE_SHARE * free_bytes:
+        return None
+    kept = ("" if not summary.step_bytes
+            else f"; a step's activations and outputs {format_bytes(summary.step_bytes)}")
+    return (f"fine-tuning skipped: its {summary.steps} steps need about {format_bytes(needed)} "
+            f"more memory on {summary.device} ({_TRAINING_COPIES} × θ's "
+            f"{format_bytes(theta_bytes)}: gradients, AdamW's two moments, the best θ{kept}) "
+            f"and {format_bytes(free_bytes)} is free; θ stays as initialized. Run the job on a "
+            "GPU worker or a machine with more memory, lower finetune.batch_size or the ratio, "
+            "or set finetune.steps 0 to skip it on purpose")
+
+
 def _step_activation_bytes(forward: Callable[[dict], list[torch.Tensor]], student: nn.Module,
-                           train: Dataset, config: FinetuneConfig, device: torch.device) -> int:
+                           train: Dataset, config: FinetuneConfig,
+                           device: torch.device) -> tuple[int, int]:
     """Return the activations a plain training step keeps, from forward passes on one sample
-    and on two: what one more sample adds times the batch, plus what does not grow with it
-    (each W = f(θ), computed once per step)."""
+    and on two (what one more sample adds times the batch, plus what does not grow with it:
+    each W = f(θ), computed once per step), and the bytes of a step's outputs."""
     batch = min(config.batch_size, len(train))
-    kept = []
+    kept, output_bytes = [], []
+
+    def measured(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        outputs = forward(inputs)
+        output_bytes.append(sum(t.numel() * t.element_size() for t in outputs))
+        return outputs
+
     for count in (1, 2)[:min(2, len(train))]:
         probe = _to(train.take(torch.arange(count)), device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            kept.append(saved_activation_bytes(forward, probe, student))
+            kept.append(saved_activation_bytes(measured, probe, student))
+    outputs = output_bytes[0] * batch
     if len(kept) == 1:
-        return kept[0] * batch
+        return kept[0] * batch, outputs
     per_sample = max(0, kept[1] - kept[0])
-    return kept[0] - per_sample + per_sample * batch
+    return kept[0] - per_sample + per_sample * batch, outputs
 
 
 def finetune_(student: nn.Module, teacher: nn.Module, plan: Plan, train: Dataset,
@@ -266,6 +313,9 @@ def finetune_(student: nn.Module, teacher: nn.Module, plan: Plan, train: Dataset
         cached = _teacher_targets(teacher, train, device)
     summary.teacher_outputs_cached = cached is not None
     forward = training_forward(student, train, config, device, params, summary)
+    summary.skipped = unaffordable(summary, params, free_memory_bytes(device))
+    if summary.skipped is not None:
+        return summary
     best_state = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(parameter_groups(params, config),
                                   weight_decay=config.weight_decay)

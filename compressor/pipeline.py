@@ -183,6 +183,8 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
                                           evaluation_batch)
         summary = finetune(student, teacher, plan, inputs, config, control, kinds,
                            (reference, evaluation_batch), initial_score)
+        if summary.skipped is not None:
+            log.info(summary.skipped)
         blocks = ", blocks checkpointed" if summary.activation_checkpointing else ""
         log.info(f"fine-tuning on {summary.device}{blocks}: held-out loss "
                  f"{summary.initial_score:.4f} "

@@ -1,6 +1,7 @@
 """Activation checkpointing of a model's blocks during fine-tuning: same numbers, less kept."""
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -131,6 +132,14 @@ def test_auto_checkpoints_when_a_steps_activations_would_not_fit(llama, monkeypa
     summary, _ = _finetune(llama, "auto", steps=1)
     assert summary.activation_checkpointing is expected
     assert summary.activation_bytes_per_step > 0
+    # Checkpointed, a step holds about one block's activations and the blocks' inputs (2 /
+    # blocks of a plain step's) rather than them all; its 4 × outputs either way.
+    activations = summary.activation_bytes_per_step
+    kept = 2 * activations // len(BLOCKS) if expected else activations
+    outputs = sum(t.nbytes for t in run_outputs(llama.module(), _tokens(4)))
+    assert summary.step_bytes == kept + 4 * outputs
+    if expected:  # and with 1 byte free, no step fits: skipped, saying so
+        assert summary.skipped and not summary.history
 
 
 def test_the_rule_counts_activations_theta_gradients_and_adam_moments():
@@ -163,3 +172,22 @@ def test_a_steps_activations_are_predicted_from_one_sample_and_two(llama):
     measured = saved_activation_bytes(lambda b: run_outputs(student, b), _tokens(6), student)
     # θ's products W = f(θ) are kept once per step, whatever the batch: not times the batch.
     assert summary.activation_bytes_per_step == pytest.approx(measured, rel=0.02)
+    outputs = sum(t.numel() * t.element_size() for t in run_outputs(student, _tokens(6)))
+    assert summary.step_bytes == summary.activation_bytes_per_step + 4 * outputs
+
+
+def test_measuring_a_steps_activations_keeps_none_of_them():
+    layer = torch.nn.Linear(64, 64, bias=False)
+    freed = []
+
+    def forward(batch):
+        hidden = layer(batch["x"])  # the product saves the input, for the weight's gradient
+        alive = weakref.ref(hidden)
+        out = hidden.sin()  # saves hidden, for its own gradient
+        del hidden
+        freed.append(alive() is None)
+        return [out]
+
+    x = torch.randn(8, 64)
+    assert saved_activation_bytes(forward, {"x": x}, layer) == 2 * x.nbytes
+    assert freed == [True]  # held by nothing: sin's saved input is a placeholder

@@ -6,12 +6,20 @@ import pytest
 import torch
 
 from compressor.config import CompressionConfig
+from compressor.data import Dataset
 from compressor.errors import ConfigError
-from compressor.finetune import copy_back_, on_device, parameter_groups, resolve_device
+from compressor.finetune import (
+    copy_back_,
+    finetune_,
+    on_device,
+    parameter_groups,
+    resolve_device,
+)
 from compressor.graph import find_layers
 from compressor.outputs import run_outputs
 from compressor.planning import plan_layers
-from compressor.rewrite import parametrize_, shallow_copy
+from compressor.progress import JobControl
+from compressor.rewrite import parametrize_, shallow_copy, trainable_parameters
 from tests.support.tiny_models import MODEL_CLASSES, example_inputs, make_pt2
 
 
@@ -125,3 +133,29 @@ def test_the_fidelity_pass_scores_the_student_as_fine_tuning_does(tmp_path):
         reference = [run_outputs(teacher, b) for b in batches]
     _, score = fidelity(student, reference, held_out, kinds, 4)
     assert score == pytest.approx(held_out_score(student, reference, batches, kinds), rel=1e-6)
+
+
+@pytest.mark.parametrize("free_thetas", [4.3, 4.6])
+def test_steps_that_would_not_fit_in_free_memory_are_skipped_saying_why(
+        tmp_path, monkeypatch, free_thetas):
+    teacher = torch.export.load(str(make_pt2("mlp", tmp_path / "mlp.pt2"))).module()
+    student = shallow_copy(teacher)
+    config = CompressionConfig.parse({"ratio": 0.5, "finetune": {"steps": 2, "batch_size": 4}})
+    plan = plan_layers(*find_layers(teacher), config)
+    parametrize_(student, plan, {}, "sum")
+    params = trainable_parameters(student, plan, train_biases=False)
+    theta_bytes = sum(p.numel() * p.element_size() for p in params)
+    # Gradients, AdamW's two moments and the best θ: 4 × θ, in 90 % of the free memory (this
+    # model has no blocks, so no activations are measured).
+    monkeypatch.setattr("compressor.finetune.free_memory_bytes",
+                        lambda device: int(free_thetas * theta_bytes))
+    before = [p.detach().clone() for p in params]
+    data = Dataset(example_inputs(MODEL_CLASSES["mlp"](), batch=8), False, "test")
+    summary = finetune_(student, teacher, plan, data, data, config.finetune, JobControl(),
+                        torch.device("cpu"), ["regression"])
+    if free_thetas < 4 / 0.9:
+        assert summary.skipped and "finetune.steps 0" in summary.skipped
+        assert "2 steps need about" in summary.skipped and summary.history == []
+        assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    else:
+        assert summary.skipped is None and len(summary.history) == 1
