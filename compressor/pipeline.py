@@ -48,9 +48,11 @@ from compressor.huggingface import LoadedCheckpoint
 from compressor.joblog import JobLog
 from compressor.loading import load_program
 from compressor.memory import (
+    BASE_PEAK_BYTES,
     PEAK_PER_MODEL_BYTE,
     available_memory_bytes,
     format_bytes,
+    loaded_weight_bytes,
     model_memory_estimate,
 )
 from compressor.methods import LayerStats
@@ -302,20 +304,20 @@ def _memory_figures(log: JobLog, model_bytes: int) -> dict[str, Any]:
 def check_resources(model: Path, out_dir: Path) -> None:
     """Refuse a job up front when the machine cannot hold the model or its artifacts.
 
-    The estimate is from the file's size (its weights): the peak memory a job reaches
-    (`memory.PEAK_PER_MODEL_BYTE` × the weights) against what the machine has available, and
+    The estimate is from the upload's weights as they will be loaded (float32): the peak memory
+    a job reaches (`memory.model_memory_estimate`) against what the machine has available, and
     the artifacts (about the weights again) against the free space of `out_dir`.
     """
-    weights = sum(p.stat().st_size for p in ([model] if model.is_file() else
-                                              model.rglob("*")) if p.is_file())
+    weights = loaded_weight_bytes(model)
     needed = model_memory_estimate(weights)
     available = available_memory_bytes()
     if available is not None and needed > available:
         raise ResourceError(
             f"this model needs about {format_bytes(needed)} of memory to compress "
-            f"({PEAK_PER_MODEL_BYTE:g}× its {format_bytes(weights)} of weights) and this "
-            f"machine has {format_bytes(available)} available; run the job on a machine (or "
-            "worker) with more memory, or free memory and retry")
+            f"({format_bytes(BASE_PEAK_BYTES)} + {PEAK_PER_MODEL_BYTE:g}× its "
+            f"{format_bytes(weights)} of float32 weights) and this machine has "
+            f"{format_bytes(available)} available; run the job on a machine (or worker) with "
+            "more memory, or free memory and retry")
     free = shutil.disk_usage(out_dir).free
     if 2 * weights > free:
         raise ResourceError(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import tempfile
 import weakref
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from torch.export import Dim
 
@@ -30,6 +32,7 @@ from compressor.export import (
     save_single_file,
 )
 from compressor.graph import collect_layer_stats, find_layers
+from compressor.memory import loaded_weight_bytes
 from compressor.planning import plan_layers
 from compressor.rewrite import materialize, shallow_copy, theta_of
 from tests.support.tiny_models import TinyTextEncoder, example_inputs
@@ -117,6 +120,26 @@ def test_a_model_the_machine_cannot_hold_is_refused_up_front(tmp_path, monkeypat
     assert "needs about" in caught.value.message and "more memory" in caught.value.message
     assert not (tmp_path / "out" / "model.onnx").exists()
     assert "insufficient_resources" in (tmp_path / "out" / "job.log").read_text()
+
+
+def test_half_precision_checkpoints_are_counted_at_their_float32_size(tmp_path):
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    save_file({"a": torch.zeros(100, 10, dtype=torch.bfloat16),
+               "b": torch.zeros(7, dtype=torch.float16),
+               "c": torch.zeros(5, dtype=torch.float32),
+               "ids": torch.zeros(3, dtype=torch.int64)}, folder / "model.safetensors")
+    (folder / "broken.safetensors").write_bytes(b"\xff" * 16)  # not one: counted as it is
+    files = sum(p.stat().st_size for p in folder.iterdir())
+    loaded = files + 100 * 10 * 2 + 7 * 2  # bf16 and fp16 load as float32: twice their bytes
+    assert loaded_weight_bytes(folder) == loaded
+    archive = tmp_path / "checkpoint.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as out:
+        for path in folder.iterdir():
+            out.write(path, f"checkpoint/{path.name}")
+    assert loaded_weight_bytes(archive) == archive.stat().st_size + 100 * 10 * 2 + 7 * 2
+    assert loaded_weight_bytes(folder / "config.json") == 2
 
 
 def test_weights_past_the_protobuf_limit_go_to_a_data_file_served_beside_the_model(
