@@ -99,7 +99,9 @@ def run(size: str, device: torch.device, steps: int, batch_size: int, ratio: flo
                         device, ["logits"])
     peak_bytes = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                   else peak.peak_bytes())
-    step_s = statistics.median(b - a for a, b in zip(times[:-1], times[1:], strict=True))
+    # A skipped fine-tuning (its memory is not free) or a single step gives no step time.
+    gaps = [b - a for a, b in zip(times[:-1], times[1:], strict=True)]
+    step_s = statistics.median(gaps) if gaps and summary.skipped is None else None
     step_flops = 3 * student_flops + (0 if summary.teacher_outputs_cached else teacher_flops)
     name, device_peak = _device_peak(device)
     return {
@@ -107,11 +109,12 @@ def run(size: str, device: torch.device, steps: int, batch_size: int, ratio: flo
         "sequence": int(ids.shape[1]), "ratio": ratio, "checkpointing": checkpointing,
         "checkpointed": summary.activation_checkpointing,
         "activation_bytes_per_step": summary.activation_bytes_per_step,
-        "seconds_per_step": step_s, "steps_per_second": 1 / step_s,
+        "step_bytes": summary.step_bytes, "skipped": summary.skipped,
+        "seconds_per_step": step_s, "steps_per_second": step_s and 1 / step_s,
         "peak_memory_bytes": peak_bytes,
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "RSS",
         "model_bytes": sum(t.numel() * t.element_size() for t in teacher.state_dict().values()),
-        "step_tflop": step_flops / 1e12, "mfu": step_flops / step_s / device_peak,
+        "step_tflop": step_flops / 1e12, "mfu": step_s and step_flops / step_s / device_peak,
         "held_out": [summary.initial_score, summary.best_score], "history": summary.history,
         "date": time.strftime("%Y-%m-%d"),
         "teacher_outputs_cached": summary.teacher_outputs_cached,
@@ -125,6 +128,14 @@ def table(results: list[dict]) -> str:
              "MFU |", "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         kept = r["activation_bytes_per_step"]
+        if r.get("seconds_per_step") is None:
+            lines.append(
+                f"| {r['label']} | {r['size']} | {r['device']} | {r['batch_size']} × "
+                f"{r['sequence']} | {r['checkpointing']} | {r.get('skipped') or 'no step timed'} "
+                f"| — | {r['peak_memory_bytes'] / GIB:.2f} ({r['peak_memory_kind']}) | "
+                f"{r['peak_memory_bytes'] / r['model_bytes']:.2f} | "
+                f"{'—' if kept is None else f'{kept / GIB:.2f}'} | — |")
+            continue
         lines.append(
             f"| {r['label']} | {r['size']} | {r['device']} | {r['batch_size']} × {r['sequence']} "
             f"| {r['checkpointing']} ({'on' if r['checkpointed'] else 'off'}) | "

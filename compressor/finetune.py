@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -324,6 +325,7 @@ def finetune_(student: nn.Module, teacher: nn.Module, plan: Plan, train: Dataset
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_scale * schedule(s))
     generator = torch.Generator().manual_seed(config.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    started = time.monotonic()
     for step in range(1, config.steps + 1):
         index = torch.randint(0, len(train), (min(config.batch_size, len(train)),),
                               generator=generator)
@@ -361,11 +363,24 @@ def finetune_(student: nn.Module, teacher: nn.Module, plan: Plan, train: Dataset
                 lr_scale /= 2
                 entry["backoff"] = f"rolled back to step {summary.best_step}, lr × {lr_scale:g}"
             summary.history.append(entry)
-        control.report("finetuning", step / config.steps, f"step {step}/{config.steps}",
+        left = time_left(time.monotonic() - started, step, config.steps)
+        control.report("finetuning", step / config.steps, f"step {step}/{config.steps}{left}",
                        loss_value)
     _restore(params, best_state)
     summary.best_score = best
     return summary
+
+
+def time_left(elapsed_s: float, done: int, total: int) -> str:
+    """Return ', about 3.2 h left' for `total - done` more steps at the pace so far, or ''
+    when none are left (a billion-parameter model's step takes minutes on a CPU)."""
+    if done >= total or done <= 0:
+        return ""
+    seconds = elapsed_s / done * (total - done)
+    for unit, size in (("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f", about {seconds / size:.1f} {unit} left"
+    return f", about {seconds:.0f} s left"
 
 
 def _restore(params: list[nn.Parameter], state: list[torch.Tensor]) -> None:

@@ -7,4 +7,4 @@ bash scripts/setup.sh
 command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 .venv/bin/ruff check .
 .venv/bin/hadolint Dockerfile
-.venv/bin/pytest "$@"
+.venv/bin/pytest --durations=20 "$@"

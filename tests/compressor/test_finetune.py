@@ -14,6 +14,7 @@ from compressor.finetune import (
     on_device,
     parameter_groups,
     resolve_device,
+    time_left,
 )
 from compressor.graph import find_layers
 from compressor.outputs import run_outputs
@@ -151,11 +152,22 @@ def test_steps_that_would_not_fit_in_free_memory_are_skipped_saying_why(
                         lambda device: int(free_thetas * theta_bytes))
     before = [p.detach().clone() for p in params]
     data = Dataset(example_inputs(MODEL_CLASSES["mlp"](), batch=8), False, "test")
-    summary = finetune_(student, teacher, plan, data, data, config.finetune, JobControl(),
-                        torch.device("cpu"), ["regression"])
+    events = []
+    summary = finetune_(student, teacher, plan, data, data, config.finetune,
+                        JobControl(events.append), torch.device("cpu"), ["regression"])
+    messages = [event.message for event in events if event.stage == "finetuning"]
     if free_thetas < 4 / 0.9:
         assert summary.skipped and "finetune.steps 0" in summary.skipped
         assert "2 steps need about" in summary.skipped and summary.history == []
         assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
     else:
         assert summary.skipped is None and len(summary.history) == 1
+        assert messages[0].startswith("step 1/2, about ") and messages[0].endswith(" left")
+        assert messages[1] == "step 2/2"
+
+
+def test_each_steps_progress_says_about_how_long_the_rest_will_take():
+    assert time_left(30.0, 1, 301) == ", about 2.5 h left"  # 300 more steps of 30 s
+    assert time_left(10.0, 2, 8) == ", about 30 s left"
+    assert time_left(90.0, 3, 5) == ", about 1.0 min left"
+    assert time_left(90.0, 5, 5) == ""  # done
