@@ -252,7 +252,9 @@ def unaffordable(summary: FinetuneSummary, params: list[nn.Parameter],
     return (f"fine-tuning skipped: its {summary.steps} steps need about {format_bytes(needed)} "
             f"more memory on {summary.device} ({_TRAINING_COPIES} × θ's "
             f"{format_bytes(theta_bytes)}: gradients, AdamW's two moments, the best θ{kept}) "
-            f"and {format_bytes(free_bytes)} is free; θ stays as initialized. Run the job on a "
+            f"and {format_bytes(free_bytes)} is free, of which training plans on "
+            f"{_TRAINING_FREE_SHARE:.0%} ({format_bytes(_TRAINING_FREE_SHARE * free_bytes)}, "
+            "the rest is the allocator's slack); θ stays as initialized. Run the job on a "
             "GPU worker or a machine with more memory, lower finetune.batch_size or the ratio, "
             "or set finetune.steps 0 to skip it on purpose")
 
