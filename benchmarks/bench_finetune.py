@@ -128,21 +128,19 @@ def table(results: list[dict]) -> str:
              "MFU |", "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         kept = r["activation_bytes_per_step"]
-        if r.get("seconds_per_step") is None:
-            lines.append(
-                f"| {r['label']} | {r['size']} | {r['device']} | {r['batch_size']} × "
-                f"{r['sequence']} | {r['checkpointing']} | {r.get('skipped') or 'no step timed'} "
-                f"| — | {r['peak_memory_bytes'] / GIB:.2f} ({r['peak_memory_kind']}) | "
-                f"{r['peak_memory_bytes'] / r['model_bytes']:.2f} | "
-                f"{'—' if kept is None else f'{kept / GIB:.2f}'} | — |")
-            continue
+        timed = r.get("seconds_per_step") is not None  # a skipped run has no step time
+        step_s = (f"{r['seconds_per_step']:.2f}" if timed
+                  else r.get("skipped") or "no step timed")
+        per_s = f"{r['steps_per_second']:.3f}" if timed else "—"
+        mfu = f"{r['mfu']:.1%}" if timed else "—"
         lines.append(
             f"| {r['label']} | {r['size']} | {r['device']} | {r['batch_size']} × {r['sequence']} "
-            f"| {r['checkpointing']} ({'on' if r['checkpointed'] else 'off'}) | "
-            f"{r['seconds_per_step']:.2f} | {r['steps_per_second']:.3f} | "
+            f"| {r['checkpointing']} ({'on' if r['checkpointed'] else 'off'}) | {step_s} | "
+            f"{per_s} | "
             f"{r['peak_memory_bytes'] / GIB:.2f} ({r['peak_memory_kind']}) | "
             f"{r['peak_memory_bytes'] / r['model_bytes']:.2f} | "
-            f"{'—' if kept is None else f'{kept / GIB:.2f}'} | {r['mfu']:.1%} |")
+            f"{'—' if kept is None else f'{kept / GIB:.2f}'} | "
+            f"{mfu} |")
     return "\n".join(lines)
 
 

@@ -193,7 +193,7 @@ def _teacher_targets(teacher: nn.Module, train: Dataset, device: torch.device):
     Fine-tuning then runs the original once per sample instead of once per step.
     """
     probe = run_outputs(teacher, _to(train.take(torch.arange(1)), device))
-    per_sample = sum(t.numel() * t.element_size() for t in probe)
+    per_sample = _nbytes(probe)
     if per_sample * len(train) > _TEACHER_CACHE_BYTES:
         return None
     chunks = [run_outputs(teacher, _to(b, device)) for b in train.batches(64)]
@@ -224,7 +224,7 @@ def training_forward(student: nn.Module, train: Dataset, config: FinetuneConfig,
     summary.step_bytes = activations + _OUTPUT_COPIES * outputs
     if config.activation_checkpointing == "off":
         return plain
-    theta_bytes = sum(p.numel() * p.element_size() for p in params)
+    theta_bytes = _nbytes(params)
     if config.activation_checkpointing == "auto" and not wanted(
             activations, theta_bytes, free_memory_bytes(device)):
         return plain
@@ -243,7 +243,7 @@ def unaffordable(summary: FinetuneSummary, params: list[nn.Parameter],
     free memory is left for the allocator. Running out halfway would have the job killed by
     the kernel and its calibration lost; the steps are skipped instead and the job goes on
     with θ as initialized, saying why."""
-    theta_bytes = sum(p.numel() * p.element_size() for p in params)
+    theta_bytes = _nbytes(params)
     needed = _TRAINING_COPIES * theta_bytes + (summary.step_bytes or 0)
     if free_bytes is None or needed <= _TRAINING_FREE_SHARE * free_bytes:
         return None
@@ -270,7 +270,7 @@ def _step_activation_bytes(forward: Callable[[dict], list[torch.Tensor]], studen
 
     def measured(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         outputs = forward(inputs)
-        output_bytes.append(sum(t.numel() * t.element_size() for t in outputs))
+        output_bytes.append(_nbytes(outputs))
         return outputs
 
     for count in (1, 2)[:min(2, len(train))]:
@@ -383,6 +383,11 @@ def time_left(elapsed_s: float, done: int, total: int) -> str:
         if seconds >= size:
             return f", about {seconds / size:.1f} {unit} left"
     return f", about {seconds:.0f} s left"
+
+
+def _nbytes(tensors) -> int:
+    """Return the bytes of `tensors` (an iterable of tensors or parameters)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _restore(params: list[nn.Parameter], state: list[torch.Tensor]) -> None:
