@@ -40,14 +40,17 @@ from safetensors.torch import load_file
 from benchmarks.bench_large import _cpu_model, _matmul_gflops
 from benchmarks.large_models import CACHE, SHAPES, build
 from compressor.config import CompressionConfig
-from compressor.data import Dataset
-from compressor.finetune import finetune_, on_device, resolve_device
-from compressor.graph import find_layers
-from compressor.memory import PeakMemory
-from compressor.planning import plan_layers
-from compressor.progress import JobControl
-from compressor.report import count_flops
-from compressor.rewrite import parametrize_, shallow_copy
+from compressor.finetune.device import on_device, resolve_device
+from compressor.finetune.loop import Distillation, HeldOut, finetune_
+from compressor.load.data import Dataset
+from compressor.plan.layers import find_layers
+from compressor.plan.planning import plan_layers
+from compressor.rewrite.parametrize import parametrize_
+from compressor.runtime.costs import count_flops
+from compressor.runtime.graph import shallow_copy
+from compressor.runtime.memory import PeakMemory
+from compressor.runtime.outputs import run_outputs
+from compressor.runtime.progress import JobControl
 
 RESULTS = Path(__file__).parent / "results" / "finetune.json"
 GIB = 1024**3
@@ -95,8 +98,12 @@ def run(size: str, device: torch.device, steps: int, batch_size: int, ratio: flo
         torch.cuda.reset_peak_memory_stats(device)
     peak = PeakMemory()
     peak.reset()
-    summary = finetune_(student, teacher, plan, train, held_out, config.finetune, control,
-                        device, ["logits"])
+    eval_size = max(64, batch_size)
+    with torch.no_grad():
+        reference = [run_outputs(teacher, {k: v.to(device) for k, v in b.items()})
+                     for b in held_out.batches(eval_size)]
+    lesson = Distillation(teacher, ["logits"], train, HeldOut(held_out, eval_size, reference))
+    summary = finetune_(student, plan, lesson, config.finetune, control, device)
     peak_bytes = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                   else peak.peak_bytes())
     # A skipped fine-tuning (its memory is not free) or a single step gives no step time.

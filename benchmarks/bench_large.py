@@ -16,7 +16,7 @@ calibration / training samples, 16 held out), `data.max_length` 256 (HF folders)
 overrides any other field (e.g. `--set allocation=uniform`, `--set export.latency_seconds=0`).
 
 While it runs, the resident set size (RSS) of its whole process tree is sampled every
-`--interval` seconds (psutil). The job's `job.log` (see `compressor/joblog.py`: lines
+`--interval` seconds (psutil). The job's `job.log` (see `compressor/runtime/joblog.py`: lines
 `[   12.34s] stage planning: started` / `stage planning: 3.21s`) is read as it grows and its
 clock aligned with the sampler's, so every sample falls in a stage, or in the gap between two
 stages (work the pipeline does outside any stage: the teacher copy and output detection after

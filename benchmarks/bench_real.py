@@ -12,7 +12,7 @@ candidate is an ONNX file scored on the same held-out inputs that no job saw:
   (`quantize_dynamic(original, out)`, its defaults);
 - this project at each ratio in each form asked for (`--forms`; `factorized` by default: a
   `dense` artifact is the original graph with new weights, so it has the original's size and
-  speed), default config but for `finetune.steps`, and each of those with int8 stacked (`compressor.export.quantize_int8`, the
+  speed), default config but for `finetune.steps`, and each of those with int8 stacked (`compressor.export.onnx.quantize_int8`, the
   function `export.quantize: "int8"` runs).
 Fidelity is against the original PyTorch model: cosine for embeddings, top-1 agreement for
 classifiers. Latency is onnxruntime on the CPU, median, at batch 1 and 32. `--rescore` reuses
@@ -35,9 +35,11 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks.real_models import RealModel, build
-from compressor.data import input_specs
-from compressor.export import export_onnx, onnx_session, quantize_int8, run_onnx
-from compressor.report import onnx_latency_ms
+from compressor.export.onnx import export_onnx
+from compressor.export.quantize import quantize_int8
+from compressor.export.verify import onnx_session, run_onnx
+from compressor.load.data import input_specs
+from compressor.report.figures import onnx_latency_ms
 
 CACHE = Path(__file__).parent / ".cache" / "real"
 README = Path(__file__).parent / "README.md"

@@ -21,7 +21,7 @@ from compressor.errors import (
     UnsupportedModelError,
     VerificationError,
 )
-from compressor.progress import ProgressEvent
+from compressor.runtime.progress import ProgressEvent
 
 __version__ = "0.1.0"
 

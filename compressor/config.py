@@ -261,8 +261,7 @@ def upgrade_version_1(data: Any) -> Any:
     data = dict(data)
     legacy = {f: data.pop(f) for f in _V1_FIELDS if f in data}
     job_method = data.get("method", "lowrank")
-    if isinstance(job_method, str):
-        data["method"] = _v1_method_options(job_method, legacy)
+    data["method"] = _v1_method(job_method, legacy)
     data["overrides"] = [_v1_override(i, o, job_method, legacy) for i, o in enumerate(overrides)]
     data["version"] = CONFIG_VERSION
     return data
@@ -292,7 +291,8 @@ def _v1_override(index: int, override: Any, job_method: Any, legacy: dict[str, A
     if len(given) > 1:
         raise ValueError(f"overrides.{index}: give at most one of ratio, rank, groups, values; "
                          f"got {given}")
-    name = override.get("method") or (job_method if size else None)
+    method = override.get("method") or (job_method if size else None)
+    name = method.get("name") if isinstance(method, dict) else method
     if isinstance(name, str) and name in available_methods():
         expected = method_class(name).size_field
         wrong = [f for f in size if f != expected]
@@ -301,7 +301,17 @@ def _v1_override(index: int, override: Any, job_method: Any, legacy: dict[str, A
                 f"overrides.{index}: override {override.get('match')!r} sets `{wrong[0]}` but its "
                 f"method {name!r} "
                 f"takes {expected or 'no size (its size is fixed)'}; fix the override")
-    if isinstance(name, str):
-        override["method"] = _v1_method_options(name, legacy, **size)
+    if method is not None:
+        override["method"] = _v1_method(method, legacy, **size)
     return override
+
+
+def _v1_method(method: Any, legacy: dict[str, Any], **size: Any) -> Any:
+    """Return a v1 method (a name, or options already) as v2 options carrying the legacy
+    fields and the size that go with it; options given explicitly win."""
+    if isinstance(method, str):
+        return _v1_method_options(method, legacy, **size)
+    if isinstance(method, dict) and method.get("name") in available_methods():
+        return {**_v1_method_options(method["name"], legacy, **size), **method}
+    return method
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 __all__ = [
-    "ARTIFACT_NAMES", "CANCELLED", "DEFAULT_SERVER", "EXPORTING", "FAILED", "FINETUNING",
+    "ARTIFACT_NAMES", "CALIBRATING", "CANCELLED", "DEFAULT_SERVER", "EXPORTING", "FAILED",
+    "FINETUNING", "JOB_LOG_ARTIFACT", "REPORTING", "REPORT_ARTIFACT",
     "FINISHED_STATUSES", "HF_ARTIFACT", "HOW_TO_EXPORT", "JOB_STAGES", "JOB_STATUSES", "LOADING",
     "ONNX_ARTIFACT", "ONNX_DATA_ARTIFACT", "PLANNING", "QUEUED", "REWRITING", "RUNNING", "SUCCEEDED", "VERIFYING", "ErrorCode",
     "JobStage", "JobStatus", "describe_fields", "describe_validation_error", "field_errors",
@@ -28,9 +29,17 @@ JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)  # queued -> running -> a fi
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = JOB_STATUSES
 FINISHED_STATUSES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
-JobStage = Literal["loading", "planning", "rewriting", "finetuning", "exporting", "verifying"]
-JOB_STAGES: tuple[str, ...] = get_args(JobStage)  # the pipeline's stages, in the order they run
-LOADING, PLANNING, REWRITING, FINETUNING, EXPORTING, VERIFYING = JOB_STAGES
+# The pipeline's stages, in the order they run: the one list the log, the progress events, the
+# API and the console use. loading: the upload and its data; planning: the layers and their
+# sizes; calibrating: the layers' input statistics, decompositions and sensitivity allocation;
+# rewriting: θ initialized (and corrected sequentially); finetuning: θ distilled and the result
+# scored; exporting: the ONNX model (and its int8 form, the Hugging Face folder); verifying:
+# onnxruntime against PyTorch; reporting: latency, the artifacts moved in place, report.json.
+JobStage = Literal["loading", "planning", "calibrating", "rewriting", "finetuning", "exporting",
+                   "verifying", "reporting"]
+JOB_STAGES: tuple[str, ...] = get_args(JobStage)
+(LOADING, PLANNING, CALIBRATING, REWRITING, FINETUNING, EXPORTING, VERIFYING,
+ REPORTING) = JOB_STAGES
 
 
 class ErrorCode:
@@ -79,7 +88,10 @@ ONNX_ARTIFACT = "model.onnx"
 # this name beside the model wherever the model is saved.
 ONNX_DATA_ARTIFACT = "model.onnx.data"
 HF_ARTIFACT = "model-hf.zip"  # the dense result as a Hugging Face folder, zipped
-ARTIFACT_NAMES = (ONNX_ARTIFACT, ONNX_DATA_ARTIFACT, "report.json", "job.log", HF_ARTIFACT)
+REPORT_ARTIFACT = "report.json"
+JOB_LOG_ARTIFACT = "job.log"
+ARTIFACT_NAMES = (ONNX_ARTIFACT, ONNX_DATA_ARTIFACT, REPORT_ARTIFACT, JOB_LOG_ARTIFACT,
+                  HF_ARTIFACT)
 
 
 def sha256_of(path: Path, chunk_size: int = 1 << 20) -> str:

@@ -42,9 +42,9 @@ REQUIRED_VAR = re.compile(r"^\$\{(?P<name>[A-Z_]+):\?[^}]+\}$")  # compose refus
 
 @pytest.fixture(scope="module")
 def serve_command() -> None:
-    """Skip when `compressor serve` does not exist yet (the service lands separately)."""
-    if not serve_available():
-        pytest.skip("`compressor serve --help` fails: the service is not in this checkout yet")
+    """Fail when `compressor serve --help` fails: the service is in this checkout, so a skip
+    here could only hide a broken `serve`."""
+    assert serve_available(), "`compressor serve --help` fails: the service's command is broken"
 
 
 # --- reading the Dockerfile -------------------------------------------------------------------

@@ -79,8 +79,7 @@ def run_block(block: Block, workdir: Path, env: dict[str, str], port: int) -> st
 
 @pytest.mark.slow
 def test_tour_runs_as_written(tmp_path: Path) -> None:
-    if not serve_available():
-        pytest.skip("`compressor serve --help` fails: the service is not in this checkout yet")
+    assert serve_available(), "`compressor serve --help` fails: the service's command is broken"
     port = free_port()
     env = service_env(tmp_path / "compressor-data",
                       COMPRESSOR_SERVER=f"http://127.0.0.1:{port}")

@@ -2,7 +2,8 @@
 // Plain browser JavaScript, no build step; it uses only the public REST API (/v1/...).
 "use strict";
 
-const STAGES = ["loading", "planning", "rewriting", "finetuning", "exporting", "verifying"];
+// The pipeline's stages, in order: read from the server (`GET /v1/config`), never listed here.
+let STAGES = [];
 const STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"];
 const FINISHED = new Set(["succeeded", "failed", "cancelled"]);
 const KEY_STORAGE = "compressor.apiKey";
@@ -497,7 +498,7 @@ function lossChart(box) {
     const data = lossSeries(job);
     if (!data[0].length) {
       if (!plot) box.replaceChildren(el("p", { class: "muted", id: "loss-empty" },
-        job.status === "queued" || (job.status === "running" && STAGES.indexOf(job.stage) < 3)
+        job.status === "queued" || (job.status === "running" && STAGES.indexOf(job.stage) < STAGES.indexOf("finetuning"))
           ? "The loss curve appears when fine-tuning starts." : "No fine-tuning loss recorded."));
       return;
     }
@@ -608,9 +609,13 @@ function downloadButtons(job) {
   }));
 }
 
+async function loadStages() {
+  if (!STAGES.length) STAGES = (await api("/v1/config")).stages;
+}
+
 async function jobView(view, jobId) {
   let job;
-  try { job = await api(`/v1/jobs/${jobId}`); }
+  try { await loadStages(); job = await api(`/v1/jobs/${jobId}`); }
   catch (error) {
     view.append(el("h1", {}, "Job ", el("span", { class: "mono" }, jobId)),
       errorBox(describe(error), { id: "job-error" }), el("a", { href: "#/jobs" }, "Back to the jobs"));

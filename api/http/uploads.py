@@ -28,7 +28,7 @@ from api.http.errors import ApiError
 from api.jobs.folders import JobFolders, UploadSink
 from api.jobs.service import Submission
 from compressor.config import CompressionConfig
-from compressor.memory import format_bytes
+from compressor.runtime.memory import format_bytes
 from compressor.vocabulary import (
     HOW_TO_EXPORT,
     ErrorCode,

@@ -29,11 +29,12 @@ from api.jobs.folders import JobFolders
 from api.metrics import Metrics
 from api.settings import Settings
 from compressor.errors import CancelledError, CompressorError, InternalError
-from compressor.progress import ProgressEvent
+from compressor.runtime.progress import ProgressEvent
 from compressor.vocabulary import (
     CANCELLED,
     FAILED,
     FINETUNING,
+    JOB_LOG_ARTIFACT,
     JOB_STAGES,
     SUCCEEDED,
     ErrorCode,
@@ -244,7 +245,7 @@ class JobRunner:
                 return FAILED, _no_room_left(full), None
             error = InternalError.wrapping(exc)
             log.exception("job %s: internal error %s", job.id, error.error_id)
-            _append_traceback(self.files.job_dir(job.id) / "out" / "job.log", exc, error.error_id)
+            _append_traceback(self.files.job_dir(job.id) / "out" / JOB_LOG_ARTIFACT, exc, error.error_id)
             self.metrics.count_internal_error()
             return FAILED, {"code": error.code, "message": error.message}, None
         return SUCCEEDED, None, json.loads(json.dumps(result.report, default=str))

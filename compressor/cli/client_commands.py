@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from compressor.vocabulary import CANCELLED, DEFAULT_SERVER, JOB_STATUSES, QUEUED, RUNNING
+from compressor.vocabulary import (
+    CANCELLED,
+    DEFAULT_SERVER,
+    JOB_STATUSES,
+    ONNX_ARTIFACT,
+    QUEUED,
+    RUNNING,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -71,7 +78,7 @@ def submit(
         job = _follow(client, console, job.id)
         _print_outcome(console, job)
         if output is not None:
-            saved = _fetch(client, console, job.id, "model.onnx", output)
+            saved = _fetch(client, console, job.id, ONNX_ARTIFACT, output)
             console.print(f"Saved {saved}.")
 
 
@@ -144,7 +151,7 @@ def cancel(job_id: str, server: str, api_key: str | None) -> None:
 
 @click.command()
 @click.argument("job_id", metavar="ID")
-@click.argument("name", default="model.onnx")
+@click.argument("name", default=ONNX_ARTIFACT)
 @click.option("-o", "--output", type=click.Path(), default=".", show_default=True,
               help="A file, or a folder (existing or ending in /) to save NAME in.")
 @server_option

@@ -11,6 +11,8 @@ from typing import NoReturn
 
 import click
 
+from compressor.vocabulary import JOB_LOG_ARTIFACT
+
 
 def _summary_table(report: dict):
     from rich.table import Table
@@ -87,7 +89,7 @@ def compress_cmd(model: Path, config_path: Path | None, data: Path | None, out_d
         with StageProgress(console) as display:
             result = compress(model, config, out_dir=out_dir, data=data, progress=display.update)
     except CompressorError as exc:
-        _fail(console, exc.code, exc.message, out_dir / "job.log")
+        _fail(console, exc.code, exc.message, out_dir / JOB_LOG_ARTIFACT)
     except Exception as exc:  # noqa: BLE001 - outside the job itself, e.g. --out is unwritable
         error_id = InternalError.new_id()
         log_path = _write_traceback(exc, error_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from compressor.progress import STAGES, ProgressEvent
+from compressor.runtime.progress import STAGES, ProgressEvent
 
 
 class StageProgress:

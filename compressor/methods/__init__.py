@@ -10,14 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from compressor.errors import ConfigError
-from compressor.methods.base import (
-    GradReduction,
-    LayerInfo,
-    LayerKind,
-    LayerStats,
-    Method,
-    MethodOptions,
-)
+from compressor.methods.base import Approximation, GradReduction, Method, MethodOptions
+from compressor.runtime.layers import LayerInfo, LayerStats
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -70,7 +64,7 @@ def options_types() -> tuple[type[MethodOptions], ...]:
 from compressor.methods import lowrank, share_values, tie_inputs, tie_rows  # noqa: E402,F401
 
 __all__ = [
-    "GradReduction", "LayerInfo", "LayerKind", "LayerStats", "Method", "MethodOptions",
+    "Approximation", "GradReduction", "LayerInfo", "LayerStats", "Method", "MethodOptions",
     "available_methods", "configured", "get_method", "method_class", "options_types",
     "register_method", "unknown_method_message",
 ]

@@ -9,75 +9,34 @@ to, whether it needs input statistics, and offering
   equals W;
 - a *compact module* for `export.form = "factorized"`: computes the layer's output from its
   input with θ directly (two matmuls, a Gather over a codebook, ...), never materializing W;
-- its size arithmetic, so one global `ratio` budget can be turned into per-layer sizes.
+- its size arithmetic, so one global `ratio` budget can be turned into per-layer sizes;
+- optional hooks the stages call without naming the method: `prepare` (what calibration keeps
+  of a layer for the allocation and the initialization: an `Approximation` pricing every size
+  lets the sensitivity allocation spread the budget), `correct_` (the sequential correction of
+  θ on the compressed model's own inputs).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-LayerKind = Literal["linear", "conv2d", "embedding"]
+from compressor.runtime.layers import InputMoments, LayerInfo, LayerStats
+
 GradReduction = Literal["sum", "mean"]
 
 
-@dataclass(frozen=True)
-class LayerInfo:
-    """One compressible layer of the program: a Linear, Conv2d or Embedding weight and its use.
+class Approximation(Protocol):
+    """What a method prepares of a layer when every size has a price: the allocation reads it."""
 
-    An embedding table (rows, dim) is seen as a matrix of `rows` outputs by `dim` inputs, so
-    `A @ B` is a narrow table A (rows × r) times a projection B (r × dim).
-    """
+    def error(self, size: int) -> float:
+        """Return the squared output error of the layer at `size` (on the calibration inputs)."""
 
-    name: str  # dotted module name, e.g. "encoder.0.dense"; the weight is f"{name}.weight"
-    kind: LayerKind
-    weight_shape: tuple[int, ...]  # (out, in), (out, in, kh, kw) or (rows, dim)
-    has_bias: bool
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    groups: int = 1
-    produces_output: bool = False  # its result is one of the model's outputs, as is
-
-    @property
-    def out_features(self) -> int:
-        """Rows of W: output features, or output channels of a conv."""
-        return self.weight_shape[0]
-
-    @property
-    def in_features(self) -> int:
-        """Columns of W seen as a matrix: `in`, or `in * kh * kw` for a conv."""
-        return math.prod(self.weight_shape[1:])
-
-    @property
-    def kernel_size(self) -> tuple[int, int]:
-        """(kh, kw) of a conv; (1, 1) for a Linear."""
-        return tuple(self.weight_shape[2:]) if self.kind == "conv2d" else (1, 1)  # type: ignore[return-value]
-
-    @property
-    def numel(self) -> int:
-        """Numbers in the dense weight."""
-        return math.prod(self.weight_shape)
-
-
-@dataclass
-class LayerStats:
-    """Calibration statistics of a layer's input, for activation-aware initialization.
-
-    `gram` is the sum over calibration rows x (in_features each; unfolded patches for a conv)
-    of x xᵀ, in float64; `rows` is how many rows were summed. An embedding has no Gram but
-    `row_counts`: how many times each of its rows was read.
-    """
-
-    gram: torch.Tensor | None
-    rows: int = 0
-    row_counts: torch.Tensor | None = None
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    def product(self, size: int) -> torch.Tensor:
+        """Return the layer's weight at `size`, as an (out × in) matrix."""
 
 
 class MethodOptions(BaseModel):
@@ -133,8 +92,35 @@ class Method:
     @property
     def corrects_sequentially(self) -> bool:
         """Whether the layer's θ is re-solved on the compressed model's own inputs after
-        initialization (see `compressor.sequential`)."""
+        initialization (`correct_`, driven by `compressor.rewrite.sequential`)."""
         return False
+
+    # Sizes the sensitivity allocation buys at a time (ranks stay multiples of it).
+    size_step: ClassVar[int] = 1
+
+    @property
+    def prepares(self) -> bool:
+        """Whether `prepare` makes something of a layer during calibration."""
+        return False
+
+    def prepare(self, layer: LayerInfo, weight: torch.Tensor, stats: LayerStats | None,
+                size: int | None) -> Approximation | None:
+        """Return what the allocation and the initialization reuse of this layer (kept in
+        `LayerStats.prepared`), made once during calibration from its weight and, when
+        `needs_input_stats`, its statistics; `size` is the planned one. An `Approximation`
+        prices every size, which lets the sensitivity allocation move this layer's size."""
+        return None
+
+    def break_even_size(self, layer: LayerInfo) -> int:
+        """Return the largest size that stores fewer numbers than the dense weight."""
+        raise NotImplementedError
+
+    def correct_(self, layer: LayerInfo, theta: tuple[torch.Tensor, ...], weight: torch.Tensor,
+                 moments: InputMoments) -> float:
+        """Re-solve θ in place so that the layer fits the original's outputs on the
+        compressed model's inputs (`moments`); return the output error after / before.
+        `weight` is the original's, as an (out × in) matrix."""
+        raise NotImplementedError
 
     def compact_numel(self, layer: LayerInfo, size: int) -> float:
         """Return the storage of θ at `size`, counted in float32 numbers (index bits included)."""

@@ -35,6 +35,7 @@ from compressor.methods.base import (
     MethodOptions,
     int_bits,
 )
+from compressor.runtime.layers import CONV2D, EMBEDDING, LINEAR
 
 # The largest codebook: indices then fit in 16 bits.
 MAX_VALUES = 65536
@@ -66,36 +67,21 @@ class SharedValuesWeight(nn.Module):
                 .to(weight.dtype),)
 
 
-class SharedValuesLinear(nn.Module):
-    """Compute a Linear whose weight is gathered from a codebook by small-integer indices."""
-
-    def __init__(self, codebook: torch.Tensor, idx: torch.Tensor,
-                 bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.codebook = frozen(codebook)
-        self.register_buffer("idx", idx.detach().clone())
-        self.bias = None if bias is None else frozen(bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, _gather(self.codebook, self.idx, tuple(self.idx.shape)), self.bias)
-
-
-class SharedValuesConv2d(nn.Module):
-    """Compute a Conv2d whose kernel is gathered from a codebook by small-integer indices."""
+class SharedValuesLayer(nn.Module):
+    """Compute a layer whose weight is gathered from a codebook by small-integer indices, then
+    applied as its kind applies a weight (a Linear's matmul, a Conv2d's convolution)."""
 
     def __init__(self, layer: LayerInfo, codebook: torch.Tensor, idx: torch.Tensor,
                  bias: torch.Tensor | None) -> None:
         super().__init__()
+        self.layer = layer
         self.codebook = frozen(codebook)
         self.register_buffer("idx", idx.detach().clone())
         self.bias = None if bias is None else frozen(bias)
-        self.stride, self.padding = layer.stride, layer.padding
-        self.dilation, self.groups = layer.dilation, layer.groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = _gather(self.codebook, self.idx, tuple(self.idx.shape))
-        return F.conv2d(x, kernel, self.bias, self.stride, self.padding, self.dilation,
-                        self.groups)
+        weight = _gather(self.codebook, self.idx, tuple(self.idx.shape))
+        return self.layer.spec.apply(self.layer, x, weight, self.bias)
 
 
 class SharedValuesEmbedding(nn.Module):
@@ -126,7 +112,7 @@ class ShareValues(Method):
 
     name = "share_values"
     Options = ShareValuesOptions
-    layer_kinds = frozenset({"linear", "conv2d", "embedding"})
+    layer_kinds = frozenset({LINEAR.name, CONV2D.name, EMBEDDING.name})
     size_field = "values"
     min_size = 2
     ties_output_rows = False
@@ -161,8 +147,6 @@ class ShareValues(Method):
                        theta: tuple[torch.Tensor, ...], bias: torch.Tensor | None) -> nn.Module:
         (codebook,) = theta
         idx = parametrization.idx
-        if layer.kind == "embedding":
+        if layer.spec.reads_rows:  # gather the index rows first: cheaper than the whole table
             return SharedValuesEmbedding(codebook, idx)
-        if layer.kind == "conv2d":
-            return SharedValuesConv2d(layer, codebook, idx, bias)
-        return SharedValuesLinear(codebook, idx, bias)
+        return SharedValuesLayer(layer, codebook, idx, bias)

@@ -19,6 +19,7 @@ from compressor.errors import ConfigError
 from compressor.methods import register_method
 from compressor.methods._tying import frozen, reduce_grad
 from compressor.methods.base import GradReduction, LayerInfo, LayerStats, Method, MethodOptions
+from compressor.runtime.layers import LINEAR
 
 
 class TiedInputsWeight(nn.Module):
@@ -87,7 +88,7 @@ class TieInputs(Method):
 
     name = "tie_inputs"
     Options = TieInputsOptions
-    layer_kinds = frozenset({"linear"})
+    layer_kinds = frozenset({LINEAR.name})
     size_field = None
     min_size = 1
     ties_output_rows = True

@@ -37,6 +37,7 @@ from compressor.methods.base import (
     MethodOptions,
     int_bits,
 )
+from compressor.runtime.layers import CONV2D, LINEAR
 
 
 class TiedRowsWeight(nn.Module):
@@ -111,7 +112,7 @@ class TieRows(Method):
 
     name = "tie_rows"
     Options = TieRowsOptions
-    layer_kinds = frozenset({"linear", "conv2d"})
+    layer_kinds = frozenset({LINEAR.name, CONV2D.name})
     size_field = "groups"
     min_size = 1
     ties_output_rows = True
@@ -163,7 +164,7 @@ class TieRows(Method):
                        theta: tuple[torch.Tensor, ...], bias: torch.Tensor | None) -> nn.Module:
         (rows,) = theta
         idx = parametrization.idx
-        if layer.kind == "conv2d":
+        if layer.spec.has_kernel:
             if layer.groups != 1:
                 raise ExportError(
                     f"tie_rows has no factorized form for the grouped conv {layer.name!r} "

@@ -462,7 +462,7 @@ def test_progress_stores_the_recent_loss_points(store: JobDatabase) -> None:
 
 
 def test_a_running_jobs_log_is_served_line_by_line(backend: Backend, make_client, fake_pt2) -> None:
-    from compressor.joblog import JobLog
+    from compressor.runtime.joblog import JobLog
 
     release = threading.Event()
 

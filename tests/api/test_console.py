@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from compressor.vocabulary import JOB_STAGES
 from tests.support.processes import ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -112,7 +113,7 @@ def test_console_submits_follows_plots_downloads_and_refuses(
     job = server.client.get(f"/v1/jobs/{job_id}").json()
     assert job["config"]["finetune"]["steps"] == 30  # the form sent what was typed
 
-    expect(page.locator("#timeline .done")).to_have_count(6)
+    expect(page.locator("#timeline .done")).to_have_count(len(JOB_STAGES))
     expect(page.locator("#loss-chart canvas")).to_have_count(1)
     held_out_points = len(job["report"]["finetune"]["history"])
     assert int(page.locator("#loss-chart").get_attribute("data-points") or 0) >= held_out_points

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from api.jobs.database import JobDatabase, JobRecord
+from compressor.vocabulary import JOB_STAGES
 from tests.support.processes import FAST_ENV, ServerProcess
 from tests.support.service import wait_for_job
 from tests.support.tiny_models import TinyMLP
@@ -143,8 +144,8 @@ def test_happy_path_to_a_verified_onnx_download(
     assert [s["progress"] for s in snapshots] == sorted(s["progress"] for s in snapshots)
     # Stages arrive in pipeline order (a fast stage may fall between two polls of the store).
     seen = [s["stage"] for s in snapshots if s["stage"]]
-    order = ["loading", "planning", "rewriting", "finetuning", "exporting", "verifying"]
-    assert seen == sorted(seen, key=order.index) and seen[-1] == "verifying", seen
+    order = list(JOB_STAGES)
+    assert seen == sorted(seen, key=order.index) and seen[-1] == order[-1], seen
     assert len(set(seen)) >= 3, seen
 
     job = server.client.get(f"/v1/jobs/{job_id}").json()

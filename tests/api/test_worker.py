@@ -19,8 +19,8 @@ from api.jobs.tables import jobs
 from api.services import Services
 from api.workers.runner import JobRunner, LossCurve
 from compressor.errors import InternalError, ResourceError, UnsafeModelError
-from compressor.progress import ProgressEvent
-from compressor.vocabulary import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
+from compressor.runtime.progress import ProgressEvent
+from compressor.vocabulary import CANCELLED, FAILED, JOB_STAGES, QUEUED, RUNNING, SUCCEEDED
 from tests.support.fakes import FakeJob
 from tests.support.service import make_settings
 
@@ -73,7 +73,7 @@ def test_success_stores_report_artifacts_and_drops_the_upload(
     fake = FakeJob(0.1)
     make_runner(services, fake).run(job_id)
     job = stored(services, job_id)
-    assert (job.status, job.progress, job.stage, job.attempts) == (SUCCEEDED, 1.0, "verifying", 1)
+    assert (job.status, job.progress, job.stage, job.attempts) == (SUCCEEDED, 1.0, JOB_STAGES[-1], 1)
     assert job.report == {"fake": True, "config": {"finetune": {"steps": 5}}}
     assert [a["name"] for a in job.artifacts] == ["model.onnx", "report.json", "job.log"]
     assert fake.calls[0]["model"] == services.files.input_path(job_id, "model.pt2")
@@ -259,10 +259,8 @@ def test_progress_writes_are_throttled_but_every_stage_is_stored(
     fake = FakeJob(1.2)  # about 60 progress events over 1.2 s
     make_runner(services, fake).run(job_id)
     stages = [stage for stage, _ in writes]
-    assert sorted(set(stages), key=stages.index) == [
-        "loading", "planning", "rewriting", "finetuning", "exporting", "verifying"
-    ]
-    assert len(writes) <= 6 + 1.2 / 0.3 + 2
+    assert sorted(set(stages), key=stages.index) == list(JOB_STAGES)
+    assert len(writes) <= len(JOB_STAGES) + 1.2 / 0.3 + 2
     assert [p for _, p in writes] == sorted(p for _, p in writes)
 
 

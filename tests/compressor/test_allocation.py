@@ -5,14 +5,14 @@ import copy
 import pytest
 import torch
 
-from compressor.allocation import allocate_by_sensitivity, measure_sensitivities
 from compressor.config import CompressionConfig
-from compressor.graph import find_layers
 from compressor.methods import get_method
 from compressor.methods.lowrank import RANK_MULTIPLE
-from compressor.objectives import distillation_loss
-from compressor.outputs import run_outputs
-from compressor.planning import plan_layers
+from compressor.plan.allocation import allocate_by_sensitivity, measure_sensitivities
+from compressor.plan.layers import find_layers
+from compressor.plan.planning import plan_layers
+from compressor.runtime.objectives import distillation_loss
+from compressor.runtime.outputs import run_outputs
 from tests.support.tiny_models import MODEL_CLASSES, example_inputs, make_pt2
 
 LOWRANK = get_method("lowrank")
@@ -60,8 +60,8 @@ def test_sensitivity_is_the_loss_one_truncated_layer_causes_per_unit_of_its_erro
 def test_allocation_keeps_the_budget_uses_multiples_of_8_and_predicts_a_lower_loss(tmp_path):
     teacher, plan, factors, batch, kinds = _setup(tmp_path, ratio=0.5)
     sensitivities = measure_sensitivities(teacher, plan, factors, batch, kinds)
-    break_even = {p.layer.name: LOWRANK.break_even_rank(p.layer) for p in plan.layers}
-    allocated = allocate_by_sensitivity(plan, factors, sensitivities, break_even)
+    break_even = {p.layer.name: LOWRANK.break_even_size(p.layer) for p in plan.layers}
+    allocated = allocate_by_sensitivity(plan, factors, sensitivities)
     assert allocated.allocation == "sensitivity"
     spent = sum(p.compact_numel for p in allocated.layers if p.adjustable)
     assert spent <= sum(p.compact_numel for p in plan.layers if p.adjustable)
@@ -84,8 +84,7 @@ def test_layers_sized_by_an_override_keep_their_size(tmp_path):
                                                .weight.detach(), None) for p in plan.compressed}
     batch = example_inputs(MODEL_CLASSES["text"](), batch=8)
     sensitivities = measure_sensitivities(teacher, plan, factors, batch, ["logits", "embedding"])
-    break_even = {p.layer.name: LOWRANK.break_even_rank(p.layer) for p in plan.layers}
-    allocated = allocate_by_sensitivity(plan, factors, sensitivities, break_even)
+    allocated = allocate_by_sensitivity(plan, factors, sensitivities)
     assert {p.layer.name: p.size for p in allocated.layers}["mlp_in"] == 3
 
 
@@ -93,5 +92,5 @@ def test_break_even_rank_is_the_last_rank_that_saves_numbers():
     from compressor.methods import LayerInfo
 
     info = LayerInfo("l", "linear", (100, 10), False)
-    rank = LOWRANK.break_even_rank(info)
+    rank = LOWRANK.break_even_size(info)
     assert rank * 110 < 1000 <= (rank + 1) * 110

@@ -6,22 +6,29 @@ import weakref
 import pytest
 import torch
 
-from compressor.checkpointing import (
+from compressor.config import CompressionConfig
+from compressor.finetune.activation_checkpointing import (
     BlockCheckpointing,
     block_of,
     saved_activation_bytes,
     segments,
     wanted,
 )
-from compressor.config import CompressionConfig
-from compressor.data import Dataset
-from compressor.finetune import FinetuneSummary, finetune_, training_forward
-from compressor.graph import find_layers
-from compressor.huggingface import load_checkpoint
-from compressor.outputs import run_outputs
-from compressor.planning import plan_layers
-from compressor.progress import JobControl
-from compressor.rewrite import parametrize_, trainable_parameters
+from compressor.finetune.loop import (
+    Distillation,
+    FinetuneSummary,
+    HeldOut,
+    finetune_,
+    training_forward,
+)
+from compressor.load.data import Dataset
+from compressor.load.huggingface import load_checkpoint
+from compressor.methods import available_methods
+from compressor.plan.layers import find_layers
+from compressor.plan.planning import plan_layers
+from compressor.rewrite.parametrize import parametrize_, trainable_parameters
+from compressor.runtime.outputs import run_outputs
+from compressor.runtime.progress import JobControl
 from tests.support.tiny_checkpoints import VOCAB_SIZE, save_checkpoint
 from tests.support.tiny_models import MODEL_CLASSES, example_inputs, make_pt2
 
@@ -70,7 +77,7 @@ def test_each_block_is_one_segment_and_reads_its_weights_itself(llama):
     assert any(q_proj in {n.target for n in run.nodes} for run in runs if run.block == BLOCKS[0])
 
 
-@pytest.mark.parametrize("method", ["lowrank", "tie_rows"])
+@pytest.mark.parametrize("method", available_methods())
 def test_checkpointed_blocks_compute_the_same_outputs_and_theta_gradients(llama, method):
     _, student, plan = _student(llama, method)
     params = trainable_parameters(student, plan, train_biases=False)
@@ -109,8 +116,8 @@ def _finetune(program, checkpointing: str, steps: int = 3):
         "activation_checkpointing": checkpointing}}).finetune
     train = Dataset(_tokens(8, seed=1), False, "test")
     held_out = Dataset(_tokens(4, seed=2), False, "test")
-    summary = finetune_(student, teacher, plan, train, held_out, config, JobControl(),
-                        torch.device("cpu"), ["logits"])
+    lesson = Distillation(teacher, ["logits"], train, HeldOut.of(teacher, held_out, 64))
+    summary = finetune_(student, plan, lesson, config, JobControl())
     return summary, [p.detach() for p in trainable_parameters(student, plan, False)]
 
 
@@ -128,7 +135,7 @@ def test_fine_tuning_with_checkpointing_trains_theta_as_without(llama):
 @pytest.mark.parametrize(("free", "expected"), [(1, True), (10**15, False)])
 def test_auto_checkpoints_when_a_steps_activations_would_not_fit(llama, monkeypatch, free,
                                                                    expected):
-    monkeypatch.setattr("compressor.finetune.free_memory_bytes", lambda device: free)
+    monkeypatch.setattr("compressor.finetune.loop.free_memory_bytes", lambda device: free)
     summary, _ = _finetune(llama, "auto", steps=1)
     assert summary.activation_checkpointing is expected
     assert summary.activation_bytes_per_step > 0
@@ -157,8 +164,8 @@ def test_a_model_without_blocks_trains_without_checkpointing(tmp_path):
     config = CompressionConfig.parse({"finetune": {
         "steps": 2, "batch_size": 4, "activation_checkpointing": "on"}}).finetune
     data = Dataset(example_inputs(MODEL_CLASSES["mlp"](), batch=8), False, "test")
-    summary = finetune_(student, teacher, plan, data, data, config, JobControl(),
-                        torch.device("cpu"), ["regression"])
+    lesson = Distillation(teacher, ["regression"], data, HeldOut.of(teacher, data, 64))
+    summary = finetune_(student, plan, lesson, config, JobControl())
     assert not summary.activation_checkpointing and len(summary.history) == 1
 
 

@@ -44,7 +44,7 @@ from compressor.client import (
 )
 from compressor.errors import CancelledError, DataError
 from compressor.pipeline import Result
-from compressor.progress import STAGES, ProgressEvent, overall_progress
+from compressor.runtime.progress import STAGES, ProgressEvent, overall_progress
 from tests.support.network import free_port
 from tests.support.tiny_models import make_pt2
 

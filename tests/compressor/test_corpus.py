@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import compressor
-from compressor.data import input_specs, synthesize_data
 from compressor.errors import CompressorError, InternalError
-from compressor.loading import load_program
-from compressor.outputs import run_outputs
+from compressor.load.data import input_specs, synthesize_data
+from compressor.load.program import load_program
+from compressor.runtime.outputs import run_outputs
 from tests.support.corpus_programs import CASES, Case, save
 
 FAST = {"finetune": {"steps": 2, "eval_every": 2, "batch_size": 8},

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from compressor.data import (
+from compressor.errors import DataError
+from compressor.load.data import (
     Dataset,
     InputSpec,
     call_arguments,
@@ -18,8 +19,7 @@ from compressor.data import (
     load_data,
     synthesize_data,
 )
-from compressor.errors import DataError
-from compressor.loading import load_program
+from compressor.load.program import load_program
 from tests.support import tiny_models
 from tests.support.tiny_models import TinyTextEncoder, example_inputs, make_pt2
 

@@ -6,21 +6,17 @@ import pytest
 import torch
 
 from compressor.config import CompressionConfig
-from compressor.data import Dataset
 from compressor.errors import ConfigError
-from compressor.finetune import (
-    copy_back_,
-    finetune_,
-    on_device,
-    parameter_groups,
-    resolve_device,
-    time_left,
-)
-from compressor.graph import find_layers
-from compressor.outputs import run_outputs
-from compressor.planning import plan_layers
-from compressor.progress import JobControl
-from compressor.rewrite import parametrize_, shallow_copy, trainable_parameters
+from compressor.finetune.device import copy_back_, on_device, resolve_device
+from compressor.finetune.loop import Distillation, HeldOut, finetune_, parameter_groups, time_left
+from compressor.load.data import Dataset
+from compressor.methods import available_methods, method_class
+from compressor.plan.layers import find_layers
+from compressor.plan.planning import plan_layers
+from compressor.rewrite.parametrize import parametrize_, trainable_parameters
+from compressor.runtime.graph import shallow_copy
+from compressor.runtime.outputs import run_outputs
+from compressor.runtime.progress import JobControl
 from tests.support.tiny_models import MODEL_CLASSES, example_inputs, make_pt2
 
 
@@ -32,7 +28,9 @@ def test_asking_for_cuda_without_one_says_what_to_do():
     assert resolve_device("auto").type == "cpu"
 
 
-@pytest.mark.parametrize("method", ["lowrank", "tie_rows", "share_values"])
+# Every method that compresses the conv model's Conv2d layers.
+@pytest.mark.parametrize("method", [name for name in available_methods()
+                                    if "conv2d" in method_class(name).layer_kinds])
 def test_the_device_copies_compute_the_same_share_the_model_and_train_their_own_theta(
         tmp_path, method):
     program = torch.export.load(str(make_pt2("conv", tmp_path / "conv.pt2")))
@@ -74,7 +72,7 @@ def test_the_device_copies_compute_the_same_share_the_model_and_train_their_own_
 
 
 def test_the_device_copies_graphs_make_their_constants_on_that_device(tmp_path):
-    from compressor.huggingface import load_checkpoint
+    from compressor.load.huggingface import load_checkpoint
     from tests.support.tiny_checkpoints import save_checkpoint
 
     program = load_checkpoint(save_checkpoint("llama", tmp_path / "ck"), tmp_path / "work",
@@ -94,7 +92,7 @@ def test_the_device_copies_graphs_make_their_constants_on_that_device(tmp_path):
 
 
 def test_train_biases_adds_the_compressed_layers_biases_and_nothing_else(tmp_path):
-    from compressor.rewrite import trainable_parameters
+    from compressor.rewrite.parametrize import trainable_parameters
 
     program = torch.export.load(str(make_pt2("mlp", tmp_path / "mlp.pt2")))
     student = copy.deepcopy(program.module())
@@ -118,9 +116,9 @@ def test_default_learning_rates_follow_each_tensors_scale():
 
 
 def test_the_fidelity_pass_scores_the_student_as_fine_tuning_does(tmp_path):
-    from compressor.data import Dataset
-    from compressor.finetune import held_out_score
-    from compressor.pipeline import fidelity
+    from compressor.finetune.loop import held_out_score
+    from compressor.finetune.stage import fidelity
+    from compressor.load.data import Dataset
 
     teacher = torch.export.load(str(make_pt2("text", tmp_path / "text.pt2"))).module()
     student = copy.deepcopy(teacher)
@@ -129,11 +127,9 @@ def test_the_fidelity_pass_scores_the_student_as_fine_tuning_does(tmp_path):
             parameter.add_(0.05 * torch.randn_like(parameter))
     held_out = Dataset(example_inputs(MODEL_CLASSES["text"](), batch=10, seed=4), False, "test")
     kinds = ["logits", "embedding"]
-    batches = list(held_out.batches(4))
-    with torch.no_grad():
-        reference = [run_outputs(teacher, b) for b in batches]
-    _, score = fidelity(student, reference, held_out, kinds, 4)
-    assert score == pytest.approx(held_out_score(student, reference, batches, kinds), rel=1e-6)
+    split = HeldOut.of(teacher, held_out, 4)
+    _, score = fidelity(student, split, kinds)
+    assert score == pytest.approx(held_out_score(student, split, kinds), rel=1e-6)
 
 
 @pytest.mark.parametrize("free_thetas", [4.3, 4.6])
@@ -148,13 +144,13 @@ def test_steps_that_would_not_fit_in_free_memory_are_skipped_saying_why(
     theta_bytes = sum(p.numel() * p.element_size() for p in params)
     # Gradients, AdamW's two moments and the best θ: 4 × θ, in 90 % of the free memory (this
     # model has no blocks, so no activations are measured).
-    monkeypatch.setattr("compressor.finetune.free_memory_bytes",
+    monkeypatch.setattr("compressor.finetune.loop.free_memory_bytes",
                         lambda device: int(free_thetas * theta_bytes))
     before = [p.detach().clone() for p in params]
     data = Dataset(example_inputs(MODEL_CLASSES["mlp"](), batch=8), False, "test")
     events = []
-    summary = finetune_(student, teacher, plan, data, data, config.finetune,
-                        JobControl(events.append), torch.device("cpu"), ["regression"])
+    lesson = Distillation(teacher, ["regression"], data, HeldOut.of(teacher, data, 64))
+    summary = finetune_(student, plan, lesson, config.finetune, JobControl(events.append))
     messages = [event.message for event in events if event.stage == "finetuning"]
     if free_thetas < 4 / 0.9:
         assert summary.skipped and "finetune.steps 0" in summary.skipped

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.allocation import measure_sensitivities
 from compressor.config import CompressionConfig
-from compressor.fisher import estimate_sensitivities, probe_bytes_per_sample
-from compressor.graph import find_layers, run_recording
 from compressor.methods import get_method
-from compressor.planning import plan_layers
+from compressor.plan.allocation import measure_sensitivities
+from compressor.plan.layers import find_layers, run_recording
+from compressor.plan.planning import plan_layers
+from compressor.plan.sensitivity import estimate_sensitivities, probe_bytes_per_sample
 from tests.compressor.test_allocation import _setup
 
 LOWRANK = get_method("lowrank")

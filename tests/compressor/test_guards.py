@@ -9,8 +9,8 @@ from torch.export import Dim
 
 import compressor
 from compressor.errors import GuardError
-from compressor.guards import guard_failure
-from compressor.loading import load_program
+from compressor.load.guards import guard_failure
+from compressor.load.program import load_program
 from tests.support.corpus_programs import CASES, MLP, TinyLlama, save
 
 FAST = {"finetune": {"steps": 1}, "export": {"latency_seconds": 0}}

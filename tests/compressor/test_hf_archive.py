@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from compressor.errors import UnsafeModelError
-from compressor.huggingface import archive as archives
-from compressor.huggingface.archive import archive_kind, extract_archive
+from compressor.load.huggingface import archive as archives
+from compressor.load.huggingface.archive import archive_kind, extract_archive
 
 
 def make_zip(path: Path, members: dict[str, bytes], mode: int | None = None,

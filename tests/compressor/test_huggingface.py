@@ -17,7 +17,7 @@ import torch
 import compressor
 from compressor.config import CompressionConfig
 from compressor.errors import DataError, ModelFormatError, UnsafeModelError
-from compressor.huggingface import checkpoint_data, is_checkpoint, load_checkpoint
+from compressor.load.huggingface import checkpoint_data, is_checkpoint, load_checkpoint
 from tests.support.tiny_checkpoints import (
     VOCAB_SIZE,
     save_checkpoint,
@@ -284,24 +284,24 @@ def test_token_type_ids_are_left_out_when_the_tokenizer_does_not_give_them(
 
 def test_the_original_and_the_compressed_model_are_freed_before_the_folder_is_reloaded(
         folders, tmp_path, monkeypatch) -> None:
-    from compressor import huggingface, pipeline
+    from compressor.export import huggingface
 
     alive: dict[str, weakref.ref] = {}
     checked: list[dict[str, bool]] = []
     write, check = huggingface.write_checkpoint, huggingface.check_checkpoint
 
-    def writing(loaded, module, folder):
-        alive["original"] = weakref.ref(loaded.checkpoint.hf_model)
+    def writing(checkpoint, module, folder):
+        alive["original"] = weakref.ref(checkpoint.hf_model)
         alive["compressed"] = weakref.ref(module)
-        write(loaded, module, folder)
+        write(checkpoint, module, folder)
 
     def checking(*args, **kwargs):
         gc.collect()
         checked.append({name: ref() is not None for name, ref in alive.items()})
         return check(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline.huggingface, "write_checkpoint", writing)
-    monkeypatch.setattr(pipeline.huggingface, "check_checkpoint", checking)
+    monkeypatch.setattr(huggingface, "write_checkpoint", writing)
+    monkeypatch.setattr(huggingface, "check_checkpoint", checking)
     result = compressor.compress(folders["classifier"], {**FAST, "finetune": {"steps": 0}},
                                  out_dir=tmp_path / "out")
     assert checked == [{"original": False, "compressed": False}]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compressor.joblog import JobLog
+from compressor.runtime.joblog import JobLog
 
 
 def test_each_line_is_readable_before_the_log_closes(tmp_path: Path) -> None:

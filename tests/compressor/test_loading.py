@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressor import loading
 from compressor.errors import ModelFormatError, UnsafeModelError
-from compressor.loading import load_program
+from compressor.load import program as loading
+from compressor.load.program import load_program
 from tests.support.tiny_models import (
     TinyConvNet,
     TinyMLP,

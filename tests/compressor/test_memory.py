@@ -20,21 +20,25 @@ from torch import nn
 from torch.export import Dim
 
 import compressor
-from compressor import graph, pipeline
 from compressor.config import CompressionConfig
-from compressor.data import Dataset, InputSpec
 from compressor.errors import ResourceError
-from compressor.export import (
-    differences,
-    export_onnx,
-    onnx_session,
-    run_onnx,
-    save_single_file,
-)
-from compressor.graph import collect_layer_stats, find_layers
-from compressor.memory import loaded_weight_bytes
-from compressor.planning import plan_layers
-from compressor.rewrite import materialize, shallow_copy, theta_of
+from compressor.export.onnx import export_onnx, save_single_file
+from compressor.export.verify import differences, onnx_session, run_onnx
+from compressor.load import stage as load_stage
+from compressor.load.data import Dataset, InputSpec
+from compressor.load.stage import LoadedJob
+from compressor.plan.calibration import calibrate, collect_layer_stats
+from compressor.plan.layers import find_layers
+from compressor.plan.planning import plan_layers
+from compressor.plan.stage import PlannedJob
+from compressor.rewrite.forms import materialize
+from compressor.rewrite.parametrize import theta_of
+from compressor.rewrite.stage import rewrite
+from compressor.runtime import layers
+from compressor.runtime.context import JobContext
+from compressor.runtime.costs import SampleCosts
+from compressor.runtime.graph import shallow_copy
+from compressor.runtime.memory import loaded_weight_bytes
 from tests.support.tiny_models import TinyTextEncoder, example_inputs
 
 
@@ -69,8 +73,10 @@ def _rewritten(tmp_path):
                                       "method": {"name": "lowrank", "init": "activation_aware"}})
     plan = plan_layers(*find_layers(teacher), config)
     train = Dataset({"x": torch.randn(16, 6, 32)}, False, "test")
-    stats = pipeline.calibrate(teacher, plan, train)
-    student = pipeline.rewrite(teacher, plan, stats, train, config)
+    job = JobContext.quiet(SampleCosts.measure(teacher, train.take(torch.arange(1))))
+    stats = calibrate(teacher, plan, train, job)
+    loaded = LoadedJob(teacher, [], train, train, ["output_0"], ["regression"], job.costs)
+    student = rewrite(loaded, PlannedJob(plan, stats), config.finetune.grad_reduction, job)
     return teacher, student, plan, stats
 
 
@@ -113,7 +119,7 @@ def test_layers_reading_one_input_share_one_gram_matrix(tmp_path):
 
 def test_a_model_the_machine_cannot_hold_is_refused_up_front(tmp_path, monkeypatch):
     _, path = _program(tmp_path)
-    monkeypatch.setattr(pipeline, "available_memory_bytes", lambda: 1000)
+    monkeypatch.setattr(load_stage, "available_memory_bytes", lambda: 1000)
     with pytest.raises(ResourceError) as caught:
         compressor.compress(path, {"finetune": {"steps": 0}}, out_dir=tmp_path / "out")
     assert caught.value.code == "insufficient_resources"
@@ -145,7 +151,7 @@ def test_half_precision_checkpoints_are_counted_at_their_float32_size(tmp_path):
 def test_weights_past_the_protobuf_limit_go_to_a_data_file_served_beside_the_model(
         tmp_path, monkeypatch):
     _, path = _program(tmp_path)
-    monkeypatch.setattr("compressor.export._PROTOBUF_LIMIT", 0)  # every model counts as big
+    monkeypatch.setattr("compressor.export.onnx._PROTOBUF_LIMIT", 0)  # every model counts as big
     out = tmp_path / "out"
     result = compressor.compress(path, {"finetune": {"steps": 0},
                                         "export": {"latency_seconds": 0}}, out_dir=out)
@@ -216,7 +222,7 @@ def test_checking_sessions_do_not_prepack_weights(tmp_path, monkeypatch):
         return original(path, options, **kwargs)
 
     _, path = _program(tmp_path)
-    monkeypatch.setattr("compressor.export.ort.InferenceSession", recording)
+    monkeypatch.setattr("compressor.export.verify.ort.InferenceSession", recording)
     compressor.compress(path, {"finetune": {"steps": 0}, "export": {"latency_seconds": 0.01}},
                         out_dir=tmp_path / "out")
     # verification without pre-packing; the latency figures (original, compressed) with it
@@ -226,10 +232,10 @@ def test_checking_sessions_do_not_prepack_weights(tmp_path, monkeypatch):
 def test_large_float64_products_are_summed_from_float32_chunks(monkeypatch):
     a, b = torch.randn(10_000, 24), torch.randn(10_000, 16)
     exact = a.double().T @ b.double()
-    small = graph.add_product_(torch.zeros(24, 16, dtype=torch.float64), a, b)
+    small = layers.add_product_(torch.zeros(24, 16, dtype=torch.float64), a, b)
     torch.testing.assert_close(small, exact, rtol=1e-12, atol=1e-10)  # float64 throughout
-    monkeypatch.setattr(graph, "_FLOAT64_PRODUCT_MACS", 1000)
-    large = graph.add_product_(torch.zeros(24, 16, dtype=torch.float64), a, b)
+    monkeypatch.setattr(layers, "_FLOAT64_PRODUCT_MACS", 1000)
+    large = layers.add_product_(torch.zeros(24, 16, dtype=torch.float64), a, b)
     assert not torch.equal(large, small)  # float32 chunks: rounded as float32 sums of 4096 rows
     torch.testing.assert_close(large, exact, rtol=1e-5, atol=1e-3)
 
@@ -271,7 +277,7 @@ def test_a_parametrized_weight_is_made_where_its_layer_uses_it(tmp_path):
 
 @pytest.mark.parametrize("where", [0, 5])  # in the first chunk, in a later one
 def test_a_nan_is_out_of_tolerance_in_any_chunk(monkeypatch, where):
-    monkeypatch.setattr("compressor.export._ELEMENTS_PER_CHUNK", 4)  # outputs compared 4 at a time
+    monkeypatch.setattr("compressor.export.verify._ELEMENTS_PER_CHUNK", 4)  # outputs compared 4 at a time
     want = np.zeros(8, np.float32)
     got = want.copy()
     got[where] = np.nan

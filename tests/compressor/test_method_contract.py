@@ -20,13 +20,15 @@ from torch import nn
 from torch.export import Dim
 
 from compressor.config import CompressionConfig
-from compressor.data import input_specs
-from compressor.export import export_onnx, onnx_session, run_onnx
-from compressor.graph import find_layers
+from compressor.export.onnx import export_onnx
+from compressor.export.verify import onnx_session, run_onnx
+from compressor.load.data import input_specs
 from compressor.methods import available_methods, method_class
-from compressor.outputs import run_outputs
-from compressor.planning import plan_layers
-from compressor.rewrite import factorize, materialize, parametrize_, theta_of
+from compressor.plan.layers import find_layers
+from compressor.plan.planning import plan_layers
+from compressor.rewrite.forms import factorize, materialize
+from compressor.rewrite.parametrize import parametrize_, theta_of
+from compressor.runtime.outputs import run_outputs
 
 
 class _Tokens(nn.Module):

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from compressor import outputs
 from compressor.errors import ConfigError
-from compressor.objectives import detect_output_kinds, distillation_loss, output_loss
-from compressor.outputs import FidelityMeter, call, run_outputs
+from compressor.runtime import outputs
+from compressor.runtime.objectives import detect_output_kinds, distillation_loss, output_loss
+from compressor.runtime.outputs import FidelityMeter, call, run_outputs
 
 
 class _Heads(nn.Module):
@@ -134,7 +134,7 @@ def test_a_loss_map_may_name_outputs_by_their_onnx_names():
 @pytest.mark.parametrize("chunk_values", [7, 40, 1 << 22])
 def test_backward_in_chunks_gives_the_loss_and_gradient_of_one_backward_pass(chunk_values):
     """The loss is computed in float32 either way: the two differ by summation order only."""
-    from compressor.objectives import distillation_backward
+    from compressor.runtime.objectives import distillation_backward
 
     generator = torch.Generator().manual_seed(3)
     source = torch.randn(3, 5, 4, generator=generator)
@@ -166,7 +166,7 @@ def test_backward_in_chunks_gives_the_loss_and_gradient_of_one_backward_pass(chu
 
 
 def test_a_score_without_gradients_is_summed_in_chunks_to_the_same_value(monkeypatch):
-    from compressor import objectives
+    from compressor.runtime import objectives
 
     generator = torch.Generator().manual_seed(5)
     outputs = [torch.randn(4, 6, 9, generator=generator), torch.randn(4, 6, 5, generator=generator)]

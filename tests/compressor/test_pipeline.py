@@ -10,7 +10,8 @@ import torch
 
 import compressor
 from compressor.errors import CancelledError, JobTimeoutError, ModelFormatError, VerificationError
-from compressor.report import sha256_of
+from compressor.report.figures import sha256_of
+from compressor.vocabulary import JOB_STAGES
 from tests.support.tiny_models import MODEL_CLASSES, TinyMLP, example_inputs, make_pt2
 
 FAST = {"finetune": {"steps": 4, "eval_every": 2}, "export": {"latency_seconds": 0}}
@@ -81,8 +82,7 @@ def test_the_report_has_every_figure_the_spec_lists(programs, tmp_path):
         assert all(v > 0 for v in report["latency"][side].values())
     final = report["fidelity"]["final"]["output_0"]
     assert {"cosine", "relative_l2", "top1_agreement"} <= set(final)  # logits: top-1 reported
-    stages = {"loading", "planning", "calibrating", "rewriting", "finetuning", "exporting",
-              "verifying"}
+    stages = set(JOB_STAGES)
     assert set(report["stage_seconds"]) == stages
     # Each stage's peak memory is measured, and the job stays within its bound of the model.
     memory = report["memory"]

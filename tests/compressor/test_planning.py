@@ -4,9 +4,9 @@ import pytest
 
 from compressor.config import CompressionConfig
 from compressor.errors import ConfigError
-from compressor.graph import SkippedLayer
-from compressor.methods import LayerInfo
-from compressor.planning import plan_layers
+from compressor.methods import LayerInfo, available_methods, method_class
+from compressor.plan.layers import SkippedLayer
+from compressor.plan.planning import plan_layers
 
 LAYERS = [
     LayerInfo("encoder.0.query", "linear", (128, 128), True),
@@ -120,7 +120,8 @@ def test_an_empty_config_is_valid_and_round_trips():
     assert CompressionConfig.parse(config.to_json()) == config
 
 
-@pytest.mark.parametrize("method", ["tie_rows", "tie_inputs"])
+@pytest.mark.parametrize("method", [name for name in available_methods()
+                                    if method_class(name).ties_output_rows])
 def test_tying_methods_leave_a_layer_that_produces_an_output_dense(method):
     head = LayerInfo("classifier", "linear", (10, 256), True, produces_output=True)
     layers = [LayerInfo("body", "linear", (256, 256), True), head]
@@ -131,13 +132,17 @@ def test_tying_methods_leave_a_layer_that_produces_an_output_dense(method):
         method=method, overrides=[{"match": "classifier", "method": method}]))
     assert sizes(forced)["classifier"] is not None
     # Methods that keep every output row distinct still compress it.
-    assert sizes(plan_layers(layers, [], CompressionConfig(method="lowrank")))["classifier"]
+    distinct = [name for name in available_methods() if not method_class(name).ties_output_rows
+                and "linear" in method_class(name).layer_kinds]
+    assert distinct
+    for other in distinct:
+        assert sizes(plan_layers(layers, [], CompressionConfig(method=other)))["classifier"]
 
 
 def test_find_layers_marks_the_layers_that_produce_an_output(tmp_path):
     import torch
 
-    from compressor.graph import find_layers
+    from compressor.plan.layers import find_layers
     from tests.support.tiny_models import make_pt2
 
     program = torch.export.load(str(make_pt2("text", tmp_path / "text.pt2")))

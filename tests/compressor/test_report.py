@@ -5,10 +5,10 @@ import copy
 import torch
 
 from compressor.config import CompressionConfig
-from compressor.graph import find_layers, layer_rows, run_recording
-from compressor.planning import plan_layers
-from compressor.report import layer_errors
-from compressor.rewrite import parametrize_
+from compressor.finetune.layer_errors import layer_errors
+from compressor.plan.layers import find_layers, run_recording
+from compressor.plan.planning import plan_layers
+from compressor.rewrite.parametrize import parametrize_
 from tests.support.tiny_models import MODEL_CLASSES, example_inputs, make_pt2
 
 
@@ -31,7 +31,7 @@ def test_layer_output_errors_equal_those_of_the_output_rows(tmp_path):
             ids = x.reshape(-1)
             ref, out = dense[ids], approx[ids]
         else:
-            rows = layer_rows(layer, x.double())
+            rows = layer.spec.input_rows(layer, x.double())
             ref = rows @ dense.reshape(dense.shape[0], -1).T
             out = rows @ approx.reshape(approx.shape[0], -1).T
         direct[layer.name] = float((out - ref).norm() / ref.norm())

@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from compressor.config import CompressionConfig
-from compressor.data import input_specs
-from compressor.export import export_onnx
-from compressor.graph import collect_layer_stats, find_layers
-from compressor.outputs import run_outputs
-from compressor.planning import plan_layers
-from compressor.rewrite import factorize, materialize, parametrize_
+from compressor.export.onnx import export_onnx
+from compressor.load.data import input_specs
+from compressor.plan.calibration import collect_layer_stats
+from compressor.plan.layers import find_layers
+from compressor.plan.planning import plan_layers
+from compressor.rewrite.forms import factorize, materialize
+from compressor.rewrite.parametrize import parametrize_
+from compressor.runtime.outputs import run_outputs
 from tests.support.tiny_models import MODEL_CLASSES, example_inputs, make_pt2
 
 

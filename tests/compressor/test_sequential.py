@@ -4,15 +4,18 @@ import copy
 
 import torch
 
-from compressor import sequential
 from compressor.config import CompressionConfig
-from compressor.graph import collect_layer_stats, find_layers, layer_calls
 from compressor.methods import LayerStats, get_method
-from compressor.objectives import distillation_loss
-from compressor.outputs import run_outputs
-from compressor.planning import plan_layers
-from compressor.rewrite import parametrize_
-from compressor.sequential import _InputMoments, _LayerFit, correct_sequentially_
+from compressor.methods.lowrank.sequential import _LayerFit
+from compressor.plan.calibration import collect_layer_stats
+from compressor.plan.layers import find_layers, layer_calls
+from compressor.plan.planning import plan_layers
+from compressor.rewrite import sequential
+from compressor.rewrite.parametrize import parametrize_
+from compressor.rewrite.sequential import correct_sequentially_
+from compressor.runtime.layers import InputMoments
+from compressor.runtime.objectives import distillation_loss
+from compressor.runtime.outputs import run_outputs
 from tests.support.tiny_models import MODEL_CLASSES, example_inputs, make_pt2
 
 
@@ -26,7 +29,7 @@ def test_correction_brings_the_outputs_closer_and_leaves_the_original_alone(tmp_
     lowrank = get_method("lowrank")
     for entry in plan.compressed:
         weight = teacher.get_submodule(entry.layer.name).weight.detach()
-        stats.setdefault(entry.layer.name, LayerStats(None)).extras["lowrank"] = lowrank.factorize(
+        stats.setdefault(entry.layer.name, LayerStats(None)).prepared = lowrank.factorize(
             entry.layer, weight, stats[entry.layer.name])
     student = copy.deepcopy(teacher)
     parametrize_(student, plan, stats, config.finetune.grad_reduction)
@@ -58,7 +61,7 @@ def test_the_fit_works_from_moments_without_forming_outputs():
     x_student = x + 0.1 * torch.randn(600, 12)
     W = torch.randn(5000, 12)  # more output rows than one chunk: the accumulation is pinned too
     A, B = torch.randn(5000, 3), torch.randn(3, 12)
-    moments = _InputMoments.of(x, x_student)
+    moments = InputMoments.of(x, x_student)
     torch.testing.assert_close(moments.cross, x.double().T @ x_student.double(),
                                rtol=1e-12, atol=1e-9)
     fit = _LayerFit.of(A, W, moments)
@@ -80,8 +83,8 @@ def test_both_models_stop_at_the_last_corrected_layer(tmp_path, monkeypatch):
     student = copy.deepcopy(teacher)
     parametrize_(student, plan, {}, config.finetune.grad_reduction)
     ran: list[str] = []
-    step = sequential._Stepper.step
-    monkeypatch.setattr(sequential._Stepper, "step",
+    step = sequential.GraphStepper.step
+    monkeypatch.setattr(sequential.GraphStepper, "step",
                         lambda self, node: (ran.append(node.name), step(self, node))[1])
     batch = example_inputs(MODEL_CLASSES["text"](), batch=4, seed=1)
     gains = correct_sequentially_(student, teacher, plan, batch)
@@ -93,3 +96,36 @@ def test_both_models_stop_at_the_last_corrected_layer(tmp_path, monkeypatch):
     # every node before it, once per model; the original reads its weights as its nodes need them
     before = list(student.graph.nodes)[:last_call]
     assert len(ran) == len(before) + sum(1 for node in before if node.op != "get_attr")
+
+
+def test_any_method_with_a_sequential_update_is_corrected_through_its_hook(tmp_path):
+    """The driver names no method: a method whose θ is one tensor gets its moments too."""
+    from dataclasses import replace
+
+    from compressor.methods import method_class
+
+    calls: list[tuple[str, int, tuple[int, int]]] = []
+
+    class CorrectedTieRows(method_class("tie_rows")):
+        @property
+        def corrects_sequentially(self) -> bool:
+            return True
+
+        def correct_(self, layer, theta, weight, moments):
+            calls.append((layer.name, len(theta), tuple(moments.cross.shape)))
+            return 1.0
+
+    teacher = torch.export.load(str(make_pt2("text", tmp_path / "text.pt2"))).module()
+    config = CompressionConfig.parse({"ratio": 0.5, "min_layer_params": 0,
+                                      "allocation": "uniform", "method": "tie_rows"})
+    plan = plan_layers(*find_layers(teacher), config)
+    method = CorrectedTieRows()
+    plan = replace(plan, layers=tuple(replace(p, method=method) for p in plan.layers))
+    student = copy.deepcopy(teacher)
+    parametrize_(student, plan, {}, config.finetune.grad_reduction)
+    batch = example_inputs(MODEL_CLASSES["text"](), batch=4, seed=1)
+    gains = correct_sequentially_(student, teacher, plan, batch)
+    linear = [p.layer for p in plan.compressed if not p.layer.spec.reads_rows]
+    assert linear and gains == {layer.name: 1.0 for layer in linear}
+    assert sorted(calls) == sorted((layer.name, 1, (layer.in_features, layer.in_features))
+                                   for layer in linear)

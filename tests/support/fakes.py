@@ -15,7 +15,7 @@ from typing import Any
 
 from compressor.errors import CancelledError, CompressorError
 from compressor.pipeline import Result
-from compressor.progress import STAGES, ProgressEvent, overall_progress
+from compressor.runtime.progress import STAGES, ProgressEvent, overall_progress
 
 
 def make_fake_pt2(path: Path) -> Path:

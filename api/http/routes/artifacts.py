@@ -26,7 +26,14 @@ from api.http.errors import ApiError
 from api.http.schemas import error_responses
 from api.jobs.database import JobRecord
 from api.services import Services
-from compressor.vocabulary import ErrorCode
+from compressor.vocabulary import (
+    HF_ARTIFACT,
+    JOB_LOG_ARTIFACT,
+    ONNX_ARTIFACT,
+    ONNX_DATA_ARTIFACT,
+    REPORT_ARTIFACT,
+    ErrorCode,
+)
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"], responses=error_responses(401, 404))
 
@@ -34,11 +41,11 @@ _RANGE_SPEC = re.compile(r"([0-9]*)\s*-\s*([0-9]*)", re.ASCII)
 _RUNNING_LOG_LIMIT = 4 << 20  # a running job's log is served up to its newest 4 MiB
 
 _MEDIA_TYPES = {
-    "model.onnx": "application/octet-stream",
-    "model.onnx.data": "application/octet-stream",  # the weights of a model past 2 GiB
-    "report.json": "application/json",
-    "job.log": "text/plain; charset=utf-8",
-    "model-hf.zip": "application/zip",  # the dense result as a Hugging Face folder
+    ONNX_ARTIFACT: "application/octet-stream",
+    ONNX_DATA_ARTIFACT: "application/octet-stream",  # the weights of a model past 2 GiB
+    REPORT_ARTIFACT: "application/json",
+    JOB_LOG_ARTIFACT: "text/plain; charset=utf-8",
+    HF_ARTIFACT: "application/zip",  # the dense result as a Hugging Face folder
 }
 
 
@@ -66,7 +73,7 @@ async def download_artifact(
     While the job is queued or running, job.log is answered with what it holds so far (no ETag,
     `X-Job-Status` names the job's status).
     """
-    if name == "job.log" and not job.is_finished:
+    if name == JOB_LOG_ARTIFACT and not job.is_finished:
         path = services.files.artifact_path(job.id, name)
         if path is not None:
             return await run_in_threadpool(_running_log, path, job.status)
@@ -85,7 +92,7 @@ def _running_log(path: Path, status: str) -> Response:
     if start > 0:  # keep the newest whole lines of a huge log
         content = content[content.find(b"\n") + 1:]
         headers["X-Log-Truncated"] = "true"
-    return Response(content, media_type=_MEDIA_TYPES["job.log"], headers=headers)
+    return Response(content, media_type=_MEDIA_TYPES[JOB_LOG_ARTIFACT], headers=headers)
 
 
 def _finished_artifact(

@@ -1,7 +1,7 @@
 """`GET /`: the web console (a static page and its scripts, shipped in `api/console/`).
 
 The page talks to the service through the public REST API only, with the API key kept in the
-tab's sessionStorage. `GET /v1/config` gives it the job config's defaults and JSON schema.
+tab's sessionStorage. `GET /v1/config` gives it the job config's defaults and JSON schema, and the pipeline's stages.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from compressor.config import CompressionConfig
+from compressor.vocabulary import JOB_STAGES
 
 CONSOLE_DIR = Path(__file__).resolve().parents[2] / "console"
 # Everything the page loads comes from this server: no CDN, no inline script.
@@ -43,10 +44,12 @@ def _config_description() -> dict[str, Any]:
     return {
         "defaults": CompressionConfig().to_dict(),
         "schema": CompressionConfig.model_json_schema(),
+        "stages": list(JOB_STAGES),
     }
 
 
 @router.get("/v1/config", tags=["jobs"], summary="The job config's defaults and schema")
 async def read_config_defaults() -> dict[str, Any]:
-    """Return `defaults` (the config `{}` stands for) and `schema` (its JSON schema)."""
+    """Return `defaults` (the config `{}` stands for), `schema` (its JSON schema) and `stages`
+    (the pipeline's stages, in the order they run)."""
     return _config_description()

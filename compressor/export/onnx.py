@@ -1,0 +1,191 @@
+"""Export a model to ONNX: dynamic batch, the program's input names, one file below 2 GiB
+(external data past it), and move or remove such a model's files together."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import torch
+from torch import nn
+from torch.export import Dim
+
+from compressor.errors import ExportError
+from compressor.load.data import InputSpec
+from compressor.runtime.outputs import call, call_arguments, onnx_output_names
+
+# onnx's protobuf limit: past this the weights must live in an external data file.
+_PROTOBUF_LIMIT = 2 * 1024**3 - 1024**2
+
+
+def dynamic_shapes(specs: list[InputSpec]) -> dict[str, dict[int, object]]:
+    """Return torch.export dynamic shapes: a shared `batch` dim 0 within the program's bound,
+    other dynamic dims left AUTO."""
+    largest = min((spec.batch_max for spec in specs if spec.batch_max), default=2**20)
+    batch = Dim("batch", min=1, max=min(2**20, largest))
+    return {spec.name: {i: (batch if i == 0 else Dim.AUTO)
+                        for i, size in enumerate(spec.shape) if size is None or i == 0}
+            for spec in specs}
+
+
+def export_onnx(module: nn.Module, sample: dict[str, torch.Tensor], specs: list[InputSpec],
+                path: Path, opset: int, optimize: bool = True) -> None:
+    """Export `module` to ONNX at `path`, atomically (a failed export leaves no file).
+
+    Past protobuf's 2 GiB the weights go to `<path>.data` beside it (ONNX external data, which
+    the model names by that file name): both are written in a scratch folder and moved into
+    place, the data file first. Below it the file is written one weight at a time
+    (`save_single_file`).
+    """
+    path = Path(path)
+    module.eval()  # before the scratch folder exists: a module that refuses leaves nothing
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    tmp = scratch / path.name
+    quiet = io.StringIO()
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(quiet), _exporter_logs_quiet():
+            args, kwargs = call_arguments(module, sample)
+            program = torch.onnx.export(
+                module, args, kwargs=kwargs, dynamo=True, opset_version=opset,
+                dynamic_shapes=dynamic_shapes(specs),
+                output_names=onnx_output_names(call(module, sample)),
+                optimize=False, verbose=False, report=False)
+            weights = list(program.model.graph.initializers.values())
+            if optimize:
+                program.optimize()
+        _strip_debug_metadata(program.model)
+        size = sum(int(t.numel() * t.element_size()) for t in module.state_dict().values())
+        if size > _PROTOBUF_LIMIT:
+            program.save(tmp, external_data=True)
+        else:
+            save_single_file(program.model, tmp)
+        _release_weights(program.model, weights)
+        del program, weights
+        move_onnx(tmp, path)
+    except Exception as exc:  # the exporter raises many types; all mean the same to the user
+        shutil.rmtree(scratch, ignore_errors=True)
+        reason = _exporter_reason(exc)
+        raise ExportError(
+            f"the model could not be exported to ONNX (opset {opset}): {reason}. Try "
+            "export.form='dense', another export.opset, or check that the program runs with "
+            "torch.onnx.export on its own") from exc
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def save_single_file(model: ir.Model, path: Path) -> None:
+    """Write `model` to `path` as one ONNX file, its weights inside, one weight in memory at a
+    time.
+
+    onnx serializes a model whole: a proto holding a copy of every weight, then its bytes,
+    twice the model's bytes beside the weights themselves. Protobuf parsers merge a message
+    field that appears more than once (repeated fields are appended), so the model is written
+    without its initializers, then one model per initializer holding only that initializer in
+    its graph (and its value info): every reader sees one graph with all the initializers, in
+    their order.
+    """
+    initializers = dict(model.graph.initializers)
+    inputs = {value.name for value in model.graph.inputs}
+    model.graph.initializers.clear()
+    try:
+        skeleton = ir.serde.serialize_model(model)
+    finally:
+        model.graph.initializers.update(initializers)
+    with open(path, "wb") as file:
+        file.write(skeleton.SerializeToString())
+        for value in initializers.values():  # as `onnx_ir.serde` writes each initializer
+            piece = onnx.ModelProto()
+            if value.name not in inputs and (value.type is not None or value.shape is not None
+                                             or value.metadata_props or value.doc_string):
+                ir.serde.serialize_value_into(piece.graph.value_info.add(), value)
+            if value.const_value is not None:
+                value.const_value.name = value.name
+                ir.serde.serialize_tensor_into(piece.graph.initializer.add(),
+                                               from_=value.const_value)
+            file.write(piece.SerializeToString())
+
+
+def data_file(path: Path) -> Path:
+    """Return where the external data of the ONNX model at `path` lives (if it has any)."""
+    return path.with_name(path.name + ".data")
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """Return the files of the ONNX model at `path`: itself, and its data file if it has one."""
+    return [path] + ([data_file(path)] if data_file(path).is_file() else [])
+
+
+def onnx_bytes(path: Path) -> int:
+    """Return the size of the ONNX model at `path`, its external data included."""
+    return sum(p.stat().st_size for p in onnx_files(path))
+
+
+def move_onnx(source: Path, target: Path) -> None:
+    """Move the ONNX model at `source` (with its data file) to `target`; both keep the same
+    file name, so the model still finds its data. The data file moves first."""
+    if source.name != target.name:
+        raise ValueError(f"an ONNX model with external data keeps its name: {source} -> {target}")
+    data_file(target).unlink(missing_ok=True)
+    if data_file(source).is_file():
+        os.replace(data_file(source), data_file(target))
+    os.replace(source, target)
+
+
+def remove_onnx(path: Path) -> None:
+    """Remove the ONNX model at `path` and its data file, if they exist."""
+    path.unlink(missing_ok=True)
+    data_file(path).unlink(missing_ok=True)
+
+
+def _exporter_reason(exc: BaseException) -> str:
+    """Return the first line of the innermost exception that says something, without colors."""
+    chain = [exc]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    for cause in reversed(chain):
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip()
+        if text:
+            return f"{type(cause).__name__}: {text.splitlines()[0][:300]}"
+    return type(exc).__name__
+
+
+def _release_weights(model, exported: list) -> None:
+    """Drop the weights of the exported `model` once they are on disk: those it holds now (the
+    optimizer's transposed copies among them) and those it was `exported` with.
+
+    onnxscript's rewrite rules are module-level objects that keep the last graph they matched,
+    and that graph keeps even the values the optimizer removed from it: without this, every
+    weight of the last export stays alive until the next one, through verification and beyond.
+    """
+    for value in [*exported, *model.graph.initializers.values()]:
+        value.const_value = None
+    model.graph.initializers.clear()
+
+
+def _strip_debug_metadata(model) -> None:
+    """Drop the exporter's per-node stack traces and FX dumps: they bloat the file and leak
+    the server's source paths into an artifact users download."""
+    for function in (model.graph, *model.functions.values()):
+        for node in function.all_nodes():
+            node.metadata_props.clear()
+    for value in model.graph.inputs:
+        value.metadata_props.clear()
+
+
+@contextlib.contextmanager
+def _exporter_logs_quiet():
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -1,0 +1,187 @@
+"""The exporting and verifying stages: the trained student as ONNX, checked against PyTorch.
+
+Exporting measures what each form costs (parameters, FLOPs), exports the original (the latency
+baseline) and the student in the configured form (`rewrite.forms`: dense weights materialized,
+or the compact form), writes the Hugging Face folder for a checkpoint's dense result and stacks
+int8 quantization when asked. Verifying runs onnxruntime against PyTorch on the held-out inputs
+(and the Hugging Face folder, reloaded, against onnxruntime), and scores a quantized artifact
+against the original. Everything is written in a staging folder; the reporting stage moves the
+artifacts in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from compressor.config import ExportConfig
+from compressor.export import huggingface
+from compressor.export.onnx import export_onnx, move_onnx
+from compressor.export.quantize import quantize_int8, verify_quantized
+from compressor.export.verify import TorchOutputs, onnx_outputs, torch_outputs, verify_onnx
+from compressor.finetune.loop import HeldOut
+from compressor.finetune.stage import TrainedJob
+from compressor.load.stage import LoadedJob
+from compressor.plan.planning import Plan
+from compressor.rewrite.forms import factorize, materialize
+from compressor.runtime.context import JobContext
+from compressor.runtime.costs import count_flops, count_parameters
+from compressor.runtime.outputs import FidelityMeter, OutputFidelity
+from compressor.vocabulary import EXPORTING, HF_ARTIFACT, ONNX_ARTIFACT, VERIFYING
+
+
+@dataclass
+class ExportedJob:
+    """What the exporting stage wrote in the staging folder, and what verifying compares."""
+
+    model: Path  # the exported model (float; replaced by its int8 form once that is verified)
+    original: Path | None  # the original's export, the latency baseline (None: not measured)
+    quantized: Path | None  # the int8 form, when asked for
+    huggingface: Path | None  # the Hugging Face folder written, for a checkpoint's dense result
+    huggingface_zip: Path  # where the checked folder is zipped
+    torch_reference: TorchOutputs | None  # PyTorch's outputs of the exported module
+    sizes: dict[str, Any]  # parameters and FLOPs, before and after
+
+
+@contextlib.contextmanager
+def staging_folder(out_dir: Path) -> Iterator[Path]:
+    """Yield a new, empty staging folder in `out_dir`, removed with what is left in it."""
+    staging = out_dir / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportConfig,
+            staging: Path, job: JobContext) -> ExportedJob:
+    """Export the original and the trained student into `staging`.
+
+    Consumes the models: the student's θ goes into the dense weights as they are made, and
+    the original, the student and a checkpoint's transformers model are dropped
+    from `loaded` and `trained` once exported, so that their weights are freed (the original's
+    held-out outputs stay, in `trained.held_out`).
+    """
+    with job.log.stage(EXPORTING):
+        teacher, student = loaded.teacher, trained.student
+        sizes = size_figures(teacher, student, plan, loaded, config)
+        sample = loaded.held_out.take(torch.arange(min(2, len(loaded.held_out))))
+        original = None
+        if config.latency_seconds > 0:
+            job.control.report(EXPORTING, 0.0, "exporting the original (latency baseline)")
+            original = staging / "original" / ONNX_ARTIFACT
+            original.parent.mkdir()
+            export_onnx(teacher, sample, loaded.specs, original, config.opset)
+        job.control.report(EXPORTING, 0.5, f"exporting the {config.form} form")
+        # The dense form takes each layer's θ as its W is made: the student is spent after.
+        artifact_module = materialized(student, teacher, plan, config.form)
+        # Nothing reads the original's weights any more: those the artifact does not share are
+        # freed.
+        del teacher, student
+        loaded.teacher = trained.student = None
+        gc.collect()
+        model = staging / ONNX_ARTIFACT
+        export_onnx(artifact_module, sample, loaded.specs, model, config.opset)
+        reference = torch_outputs(artifact_module, loaded.held_out,
+                                  batch_size=trained.held_out.batch_size)
+        hf_folder = None
+        if loaded.checkpoint is not None and config.form == "dense":
+            job.control.report(EXPORTING, 0.7, "writing the Hugging Face folder")
+            hf_folder = staging / "huggingface"
+            huggingface.write_checkpoint(loaded.checkpoint.checkpoint, artifact_module, hf_folder)
+            loaded.checkpoint = None  # the original transformers model is done with
+        # onnxruntime, then the reloaded Hugging Face folder, get the memory these held
+        del artifact_module
+        gc.collect()
+        quantized = None
+        if config.quantize == "int8":
+            job.control.report(EXPORTING, 0.9, "quantizing to int8")
+            quantized = staging / "int8" / ONNX_ARTIFACT
+            quantized.parent.mkdir()
+            quantize_int8(model, quantized)
+    return ExportedJob(model, original, quantized, hf_folder, staging / HF_ARTIFACT, reference,
+                       sizes)
+
+
+def verify(exported: ExportedJob, trained: TrainedJob, loaded: LoadedJob, config: ExportConfig,
+           job: JobContext) -> tuple[dict[str, Any], list[OutputFidelity] | None]:
+    """Return the onnxruntime parity figures and, for a quantized artifact, its fidelity
+    against the original (None otherwise: the artifact is the verified student).
+
+    Raises `VerificationError` when onnxruntime and PyTorch disagree past the tolerance. Leaves
+    the artifact to hand back at `exported.model` (the int8 form, when quantized), and drops
+    the outputs it compared (`exported.torch_reference`, `trained.held_out`).
+    """
+    with job.log.stage(VERIFYING):
+        job.control.report(VERIFYING, 0.0, "comparing onnxruntime with PyTorch")
+        parity: dict[str, Any] = verify_onnx(exported.model, exported.torch_reference,
+                                             config.atol, config.rtol)
+        if exported.huggingface is not None:
+            job.control.report(VERIFYING, 0.3, "checking the Hugging Face folder")
+            parity["huggingface"] = huggingface.check_checkpoint(
+                exported.huggingface, exported.model, loaded.held_out, exported.huggingface_zip,
+                config.atol, config.rtol)
+        job.log.info(f"onnxruntime parity: {parity['max_abs_diff']}")
+        artifact_fidelity = None  # differs from the student's only when the artifact is quantized
+        if exported.quantized is not None:
+            job.control.report(VERIFYING, 0.5, "checking the int8 model")
+            parity["quantized"] = verify_quantized(exported.quantized, exported.torch_reference,
+                                                   config.quantized_tolerance)
+            job.log.info(f"int8 against the compressed model: "
+                         f"{parity['quantized']['relative_l2']}")
+            move_onnx(exported.quantized, exported.model)
+            artifact_fidelity = onnx_fidelity(exported.model, trained.held_out, loaded.kinds)
+        exported.torch_reference = trained.held_out = None  # onnxruntime's latency sessions
+        gc.collect()  # get their memory
+    return parity, artifact_fidelity
+
+
+def materialized(student: fx.GraphModule, teacher: fx.GraphModule, plan: Plan,
+                 form: str) -> fx.GraphModule:
+    """Return the module to export: plain dense weights, or the compact form. Both share the
+    student's tensors; the dense form takes each layer's θ as it makes its W (the student
+    cannot run afterwards)."""
+    if form == "factorized":
+        return factorize(student, teacher, plan).eval()
+    return materialize(student, teacher, plan, consume=True).eval()
+
+
+def onnx_fidelity(path: Path, held_out: HeldOut, kinds: list[str]) -> list[OutputFidelity]:
+    """Return per-output fidelity of the ONNX model at `path` against the original's outputs."""
+    meter = FidelityMeter(kinds)
+    for actual, expected in zip(onnx_outputs(path, held_out.data, held_out.batch_size),
+                                held_out.reference, strict=True):
+        meter.add([torch.from_numpy(a) for a in actual], expected)
+    return meter.result()
+
+
+def size_figures(teacher: fx.GraphModule, student: fx.GraphModule, plan: Plan,
+                 loaded: LoadedJob, config: ExportConfig) -> dict[str, Any]:
+    """Return parameter counts and FLOPs, before and after (the dense form has the original's
+    shapes; the compact form shares θ with the student)."""
+    one = loaded.held_out.take(torch.arange(1))
+    factorized = factorize(student, teacher, plan)
+    before_flops = count_flops(teacher, one)
+    factorized_flops = count_flops(factorized, one)
+    dense = config.form == "dense"
+    return {
+        "parameters": {"before": count_parameters(teacher),
+                       "after": count_parameters(teacher if dense else factorized),
+                       "factorized_form": count_parameters(factorized),
+                       "targeted_weights_before": plan.targeted_numel,
+                       "targeted_weights_after": round(plan.kept_numel)},
+        "flops": {"before": before_flops,
+                  "after": before_flops if dense else factorized_flops,
+                  "factorized_form": factorized_flops,
+                  "per": "one sample"},
+    }

@@ -1,0 +1,362 @@
+"""Fine-tune θ by distillation: make the compressed model's outputs match the original's.
+
+Only θ (and optionally the biases) train, with AdamW under a warmup + cosine schedule, on CUDA
+with bf16 autocast when there is one, and with the model's blocks under activation checkpointing
+when a step's activations would not fit (`compressor.finetune.activation_checkpointing`; the loss is then
+backpropagated a chunk of rows at a time, so its softmaxes over the vocabulary are not all held
+at once either). The held-out split is scored every `eval_every` steps and
+the best θ seen, the initialization included, is what the model keeps: fine-tuning never hands
+back a model worse than the one it started from.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from compressor.config import FinetuneConfig
+from compressor.finetune.activation_checkpointing import (
+    BlockCheckpointing,
+    saved_activation_bytes,
+    wanted,
+)
+from compressor.load.data import Dataset
+from compressor.plan.planning import Plan
+from compressor.rewrite.parametrize import trainable_parameters
+from compressor.runtime.memory import available_memory_bytes, format_bytes
+from compressor.runtime.objectives import distillation_backward, distillation_loss
+from compressor.runtime.outputs import FidelityMeter, run_outputs
+from compressor.runtime.progress import JobControl
+
+# An evaluation this much worse than the best so far rolls θ back to the best and halves the lr.
+_BACKOFF_MARGIN = 0.05
+# The original's outputs on the whole training split are computed once when they fit in this.
+_TEACHER_CACHE_BYTES = 512 * 1024**2
+# Tensors the size of θ that training adds: gradients, AdamW's two moments, the best θ.
+_TRAINING_COPIES = 4
+# A step's outputs are held about this many times over: the student's, the original's, the
+# gradient of the student's, and a chunk of the loss's softmaxes (at most their size).
+_OUTPUT_COPIES = 4
+# Training plans on this share of the free memory; the rest is for the allocator's slack.
+_TRAINING_FREE_SHARE = 0.9
+_CPU = torch.device("cpu")
+
+
+@dataclass
+class FinetuneSummary:
+    """What fine-tuning did: steps, device, and the held-out distillation loss over time."""
+
+    steps: int
+    device: str
+    initial_score: float
+    best_score: float
+    best_step: int
+    history: list[dict] = field(default_factory=list)
+    # Whether the blocks ran under activation checkpointing, and what a step keeps without it
+    # (measured on one sample, times the batch size; None when not measured).
+    activation_checkpointing: bool = False
+    activation_bytes_per_step: int | None = None
+    # What a step holds beyond θ's copies, as run (with checkpointing: one block's activations
+    # and the blocks' inputs, estimated as 2 / blocks of a plain step's), plus 4 × its outputs
+    # (the student's, the original's, their gradient, the loss's softmaxes); None: not measured.
+    step_bytes: int | None = None
+    # Whether the original's outputs on the training split were computed once (small enough).
+    teacher_outputs_cached: bool = False
+    # Why no step ran although some were asked for (the memory they need is not free), or None.
+    skipped: str | None = None
+
+
+@dataclass
+class HeldOut:
+    """The held-out split, scored a batch of `batch_size` at a time, with the original's
+    outputs on each of its batches (`reference`, computed once)."""
+
+    data: Dataset
+    batch_size: int
+    reference: list[list[torch.Tensor]]
+
+    @classmethod
+    def of(cls, teacher: nn.Module, data: Dataset, batch_size: int) -> HeldOut:
+        """Run the original on every held-out batch once."""
+        with torch.no_grad():
+            reference = [run_outputs(teacher, batch) for batch in data.batches(batch_size)]
+        return cls(data, batch_size, reference)
+
+    def batches(self) -> list[dict[str, torch.Tensor]]:
+        """Return the held-out batches, in the order of `reference`."""
+        return list(self.data.batches(self.batch_size))
+
+    def to(self, device: torch.device) -> HeldOut:
+        """Return the same split with the original's outputs on `device`."""
+        return HeldOut(self.data, self.batch_size,
+                       [[t.to(device) for t in batch] for batch in self.reference])
+
+
+@dataclass
+class Distillation:
+    """What the student learns from: the original (`teacher`), each output's kind (hence its
+    loss, `compressor.runtime.objectives`), the training split, and the held-out split with the
+    original's outputs on it."""
+
+    teacher: nn.Module
+    kinds: list[str]
+    train: Dataset
+    held_out: HeldOut
+
+
+def held_out_score(student: nn.Module, held_out: HeldOut, kinds: list[str],
+                   meter: FidelityMeter | None = None,
+                   batches: list[dict[str, torch.Tensor]] | None = None) -> float:
+    """Return the distillation loss of `student` on the held-out batches (sample-weighted).
+
+    The same objective training minimizes: scoring with another one (say, relative L2 of the
+    logits while training also fits their softmax) can reject every improvement. `meter`, when
+    given, is fed the same outputs (fidelity from the same pass). `batches` may give the
+    held-out batches already on the student's device.
+    """
+    total, rows = 0.0, 0
+    batches = held_out.batches() if batches is None else batches
+    with torch.no_grad():
+        for batch, reference in zip(batches, held_out.reference, strict=True):
+            outputs = run_outputs(student, batch)
+            if meter is not None:
+                meter.add(outputs, reference)
+            count = reference[0].shape[0]
+            total += float(distillation_loss(outputs, reference, kinds)) * count
+            rows += count
+    return total / max(1, rows)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: t.to(device, non_blocking=True) for name, t in batch.items()}
+
+
+def _schedule(config: FinetuneConfig):
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / (config.warmup_steps + 1)
+        span = max(1, config.steps - config.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - config.warmup_steps) / span)))
+    return factor
+
+
+def parameter_groups(params: list[nn.Parameter], config: FinetuneConfig) -> list[dict]:
+    """Return AdamW parameter groups: one learning rate for all (`lr` set), or by default a
+    learning rate per tensor proportional to its scale (`relative_lr` × RMS of its values).
+
+    Adam moves every number by about the learning rate per step, whatever its gradient: a
+    relative rate moves each θ tensor by a fixed fraction of its own size, which suits
+    pretrained weights of any scale (an absolute 1e-3 is a 5 % step on weights of RMS 0.02).
+    """
+    if config.lr is not None:
+        return [{"params": params, "lr": config.lr}]
+    groups = []
+    for param in params:
+        rms = float(param.detach().float().pow(2).mean().sqrt()) if param.numel() else 0.0
+        groups.append({"params": [param], "lr": config.relative_lr * max(rms, 1e-6)})
+    return groups
+
+
+def _teacher_targets(teacher: nn.Module, train: Dataset, device: torch.device):
+    """Return the original's outputs on every training sample when they fit in memory, else None.
+
+    Fine-tuning then runs the original once per sample instead of once per step.
+    """
+    probe = run_outputs(teacher, _to(train.take(torch.arange(1)), device))
+    per_sample = _nbytes(probe)
+    if per_sample * len(train) > _TEACHER_CACHE_BYTES:
+        return None
+    chunks = [run_outputs(teacher, _to(b, device)) for b in train.batches(64)]
+    return [torch.cat(parts) for parts in zip(*chunks, strict=True)]
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Return the memory still free on `device` (None when it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_memory_bytes() if device.type == "cpu" else None
+
+
+def training_forward(student: nn.Module, train: Dataset, config: FinetuneConfig,
+                     device: torch.device, params: list[nn.Parameter],
+                     summary: FinetuneSummary) -> Callable[[dict], list[torch.Tensor]]:
+    """Return the forward pass a training step runs: with the blocks checkpointed when
+    `config.activation_checkpointing` says so (auto: when `checkpointing.wanted`), else plain.
+    Records the choice, and the activations a plain step keeps, in `summary`."""
+    def plain(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return run_outputs(student, batch)
+
+    runner = BlockCheckpointing(student) if isinstance(student, fx.GraphModule) else None
+    if runner is None or not runner.blocks:
+        return plain
+    activations, outputs = _step_activation_bytes(plain, student, train, config, device)
+    summary.activation_bytes_per_step = activations
+    summary.step_bytes = activations + _OUTPUT_COPIES * outputs
+    if config.activation_checkpointing == "off":
+        return plain
+    theta_bytes = _nbytes(params)
+    if config.activation_checkpointing == "auto" and not wanted(
+            activations, theta_bytes, free_memory_bytes(device)):
+        return plain
+    summary.activation_checkpointing = True
+    summary.step_bytes = 2 * activations // len(runner.blocks) + _OUTPUT_COPIES * outputs
+    return runner
+
+
+def unaffordable(summary: FinetuneSummary, params: list[nn.Parameter],
+                 free_bytes: int | None) -> str | None:
+    """Return why training `params` cannot fit in `free_bytes`, or None when it can (or the
+    free memory is unknown).
+
+    Training holds, beside the model, four tensors the size of θ (its gradients, AdamW's two
+    moments and the best θ seen) and what a step holds (`summary.step_bytes`); a tenth of the
+    free memory is left for the allocator. Running out halfway would have the job killed by
+    the kernel and its calibration lost; the steps are skipped instead and the job goes on
+    with θ as initialized, saying why."""
+    theta_bytes = _nbytes(params)
+    needed = _TRAINING_COPIES * theta_bytes + (summary.step_bytes or 0)
+    if free_bytes is None or needed <= _TRAINING_FREE_SHARE * free_bytes:
+        return None
+    kept = ("" if not summary.step_bytes
+            else f"; a step's activations and outputs {format_bytes(summary.step_bytes)}")
+    return (f"fine-tuning skipped: its {summary.steps} steps need about {format_bytes(needed)} "
+            f"more memory on {summary.device} ({_TRAINING_COPIES} × θ's "
+            f"{format_bytes(theta_bytes)}: gradients, AdamW's two moments, the best θ{kept}) "
+            f"and {format_bytes(free_bytes)} is free, of which training plans on "
+            f"{_TRAINING_FREE_SHARE:.0%} ({format_bytes(_TRAINING_FREE_SHARE * free_bytes)}, "
+            "the rest is the allocator's slack); θ stays as initialized. Run the job on a "
+            "GPU worker or a machine with more memory, lower finetune.batch_size or the ratio, "
+            "or set finetune.steps 0 to skip it on purpose")
+
+
+def _step_activation_bytes(forward: Callable[[dict], list[torch.Tensor]], student: nn.Module,
+                           train: Dataset, config: FinetuneConfig,
+                           device: torch.device) -> tuple[int, int]:
+    """Return the activations a plain training step keeps, from forward passes on one sample
+    and on two (what one more sample adds times the batch, plus what does not grow with it:
+    each W = f(θ), computed once per step), and the bytes of a step's outputs."""
+    batch = min(config.batch_size, len(train))
+    kept, output_bytes = [], []
+
+    def measured(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        outputs = forward(inputs)
+        output_bytes.append(_nbytes(outputs))
+        return outputs
+
+    for count in (1, 2)[:min(2, len(train))]:
+        probe = _to(train.take(torch.arange(count)), device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            kept.append(saved_activation_bytes(measured, probe, student))
+    outputs = output_bytes[0] * batch
+    if len(kept) == 1:
+        return kept[0] * batch, outputs
+    per_sample = max(0, kept[1] - kept[0])
+    return kept[0] - per_sample + per_sample * batch, outputs
+
+
+def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: FinetuneConfig,
+              control: JobControl, device: torch.device = _CPU,
+              initial_score: float | None = None) -> FinetuneSummary:
+    """Distill `lesson.teacher` into the parametrized `student` in place; keep the best θ seen.
+
+    The student, the teacher and the held-out reference outputs are on `device`. When a
+    held-out evaluation comes out clearly worse than the best so far (the learning rate is too
+    high for this model), θ goes back to the best state and the learning rate is halved.
+    `initial_score` may give the student's held-out score as it is (`held_out_score`),
+    computed elsewhere.
+    """
+    teacher, train, kinds, held_out = lesson.teacher, lesson.train, lesson.kinds, lesson.held_out
+    params = trainable_parameters(student, plan, config.train_biases)
+    eval_batches = [_to(b, device) for b in held_out.batches()]
+    best = (held_out_score(student, held_out, kinds, batches=eval_batches)
+            if initial_score is None else initial_score)
+    summary = FinetuneSummary(config.steps, str(device), best, best, 0)
+    if config.steps == 0 or not params:
+        return summary
+    with torch.no_grad():
+        cached = _teacher_targets(teacher, train, device)
+    summary.teacher_outputs_cached = cached is not None
+    forward = training_forward(student, train, config, device, params, summary)
+    summary.skipped = unaffordable(summary, params, free_memory_bytes(device))
+    if summary.skipped is not None:
+        return summary
+    best_state = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(parameter_groups(params, config),
+                                  weight_decay=config.weight_decay)
+    lr_scale = 1.0
+    schedule = _schedule(config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_scale * schedule(s))
+    generator = torch.Generator().manual_seed(config.seed)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    started = time.monotonic()
+    for step in range(1, config.steps + 1):
+        index = torch.randint(0, len(train), (min(config.batch_size, len(train)),),
+                              generator=generator)
+        batch = _to(train.take(index), device)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            if cached is None:
+                with torch.no_grad():
+                    targets = run_outputs(teacher, batch)
+            else:
+                targets = [t[index.to(t.device)] for t in cached]
+            outputs = forward(batch)
+            loss = None if summary.activation_checkpointing else distillation_loss(
+                outputs, targets, kinds)
+        if loss is None:  # saving memory: the loss's softmaxes too, a chunk of rows at a time
+            loss = distillation_backward(outputs, targets, kinds)
+        else:
+            loss.backward()
+        del outputs, targets
+        optimizer.step()
+        scheduler.step()
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            summary.history.append({"step": step, "loss": loss_value, "note": "diverged"})
+            break
+        if step % config.eval_every == 0 or step == config.steps:
+            current = held_out_score(student, held_out, kinds, batches=eval_batches)
+            entry = {"step": step, "loss": loss_value, "held_out": current}
+            if current < best:
+                best, summary.best_step = current, step
+                best_state = [p.detach().clone() for p in params]
+            elif current > best * (1 + _BACKOFF_MARGIN):
+                _restore(params, best_state)
+                optimizer.state.clear()
+                lr_scale /= 2
+                entry["backoff"] = f"rolled back to step {summary.best_step}, lr × {lr_scale:g}"
+            summary.history.append(entry)
+        left = time_left(time.monotonic() - started, step, config.steps)
+        control.report("finetuning", step / config.steps, f"step {step}/{config.steps}{left}",
+                       loss_value)
+    _restore(params, best_state)
+    summary.best_score = best
+    return summary
+
+
+def time_left(elapsed_s: float, done: int, total: int) -> str:
+    """Return ', about 3.2 h left' for `total - done` more steps at the pace so far, or ''
+    when none are left (a billion-parameter model's step takes minutes on a CPU)."""
+    if done >= total or done <= 0:
+        return ""
+    seconds = elapsed_s / done * (total - done)
+    for unit, size in (("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f", about {seconds / size:.1f} {unit} left"
+    return f", about {seconds:.0f} s left"
+
+
+def _nbytes(tensors) -> int:
+    """Return the bytes of `tensors` (an iterable of tensors or parameters)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _restore(params: list[nn.Parameter], state: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for param, saved in zip(params, state, strict=True):
+            param.copy_(saved)

@@ -1,0 +1,81 @@
+"""The finetuning stage: θ distilled from the original, and the trained student scored.
+
+The original's outputs on the held-out split are computed once (`HeldOut`); the student is
+scored on them before and after fine-tuning (fidelity per output, and the held-out
+distillation loss fine-tuning keeps its best θ by), and each trained layer against the
+original's (`report.figures.layer_errors`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from compressor.config import FinetuneConfig
+from compressor.finetune.device import finetune_on_device_
+from compressor.finetune.layer_errors import layer_errors
+from compressor.finetune.loop import Distillation, FinetuneSummary, HeldOut, held_out_score
+from compressor.load.stage import LoadedJob
+from compressor.plan.planning import Plan
+from compressor.runtime.context import JobContext
+from compressor.runtime.outputs import FidelityMeter, OutputFidelity
+from compressor.vocabulary import FINETUNING
+
+# Held-out samples per evaluation batch (fidelity, fine-tuning's held-out score), at most:
+# `SampleCosts.evaluation_batch` takes fewer when a model's outputs are large (a decoder's logits).
+EVAL_BATCH = 64
+# Held-out samples the per-layer errors are measured on, at most.
+LAYER_ERROR_SAMPLES = 64
+
+
+@dataclass
+class TrainedJob:
+    """The trained student and how it scores against the original.
+
+    `student` is dropped (None) once the export has taken what it needs of it; `held_out`
+    holds the original's held-out outputs until the artifact is scored on them.
+    """
+
+    student: fx.GraphModule | None
+    held_out: HeldOut | None
+    summary: FinetuneSummary
+    initial: list[OutputFidelity]  # fidelity of the student as initialized
+    final: list[OutputFidelity]  # ... and as trained
+    layer_errors: dict[str, dict[str, float]]
+
+
+def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: FinetuneConfig,
+             job: JobContext) -> TrainedJob:
+    """Fine-tune `student` in place and score it."""
+    with job.log.stage(FINETUNING):
+        job.control.report(FINETUNING, 0.0)
+        batch_size = job.costs.evaluation_batch(EVAL_BATCH)
+        job.log.info(f"{job.costs.describe()}; held-out batches of {batch_size}")
+        held_out = HeldOut.of(loaded.teacher, loaded.held_out, batch_size)
+        initial, initial_score = fidelity(student, held_out, loaded.kinds)
+        lesson = Distillation(loaded.teacher, loaded.kinds, loaded.train, held_out)
+        summary = finetune_on_device_(student, plan, lesson, config, job.control, initial_score)
+        if summary.skipped is not None:
+            job.log.info(summary.skipped)
+        blocks = ", blocks checkpointed" if summary.activation_checkpointing else ""
+        job.log.info(f"fine-tuning on {summary.device}{blocks}: held-out loss "
+                     f"{summary.initial_score:.4f} -> {summary.best_score:.4f} "
+                     f"(best step {summary.best_step})")
+        # Best step 0: θ is the initialization's, restored exactly, and so are its outputs.
+        final = initial if summary.best_step == 0 else fidelity(
+            student, held_out, loaded.kinds)[0]
+        samples = min(len(loaded.held_out), job.costs.layer_error_samples(LAYER_ERROR_SAMPLES))
+        errors = layer_errors(loaded.teacher, student, plan,
+                              loaded.held_out.take(torch.arange(samples)))
+    return TrainedJob(student, held_out, summary, initial, final, errors)
+
+
+def fidelity(student: fx.GraphModule, held_out: HeldOut,
+             kinds: list[str]) -> tuple[list[OutputFidelity], float]:
+    """Return per-output fidelity of `student` against the original's held-out outputs, and
+    its held-out score (`held_out_score`, which feeds the fidelity meter from the same pass)."""
+    meter = FidelityMeter(kinds)
+    score = held_out_score(student, held_out, kinds, meter)
+    return meter.result(), score

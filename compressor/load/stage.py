@@ -1,0 +1,156 @@
+"""The loading stage: the upload, safely, as a program to compress, with its data and its costs.
+
+A `.pt2` program or a Hugging Face folder (or an archive of one) becomes the original model the
+later stages read (`teacher`), the job's data split into training and held-out parts, what
+each output is (its ONNX name and kind, which decide its loss and how it is scored) and what one
+sample of the model costs (`SampleCosts`, which sizes every later stage's batches).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import fx
+from torch.export import ExportedProgram
+from torch.utils._pytree import tree_leaves
+
+from compressor.config import CompressionConfig
+from compressor.errors import ResourceError
+from compressor.export.onnx import onnx_output_names
+from compressor.load import huggingface
+from compressor.load.data import Dataset, InputSpec, input_specs, load_data, synthesize_data
+from compressor.load.guards import check_guards
+from compressor.load.huggingface import LoadedCheckpoint
+from compressor.load.program import load_program
+from compressor.runtime.costs import SampleCosts
+from compressor.runtime.graph import shallow_copy
+from compressor.runtime.joblog import JobLog
+from compressor.runtime.memory import (
+    BASE_PEAK_BYTES,
+    PEAK_PER_MODEL_BYTE,
+    available_memory_bytes,
+    format_bytes,
+    loaded_weight_bytes,
+    model_memory_estimate,
+)
+from compressor.runtime.objectives import detect_output_kinds
+from compressor.runtime.outputs import call
+from compressor.runtime.progress import JobControl
+from compressor.vocabulary import LOADING
+
+
+@dataclass
+class LoadedJob:
+    """A job's model and data, ready for planning.
+
+    `teacher` is the original as a GraphModule sharing the program's tensors (nothing writes to
+    them); it and `checkpoint` are dropped (None) once the export no longer needs them, so that
+    their weights are freed.
+    """
+
+    teacher: fx.GraphModule | None
+    specs: list[InputSpec]
+    train: Dataset
+    held_out: Dataset
+    output_names: list[str]  # each output's ONNX name
+    kinds: list[str]  # each output's kind: logits, embedding, regression, ignored
+    costs: SampleCosts
+    checkpoint: LoadedCheckpoint | None = None  # set when the model is a Hugging Face folder
+
+    @property
+    def model_bytes(self) -> int:
+        """The bytes of the original's weights, as loaded."""
+        return self.costs.model_bytes
+
+
+@dataclass
+class _Inputs:
+    program: ExportedProgram
+    specs: list[InputSpec]
+    train: Dataset
+    held_out: Dataset
+    checkpoint: LoadedCheckpoint | None = None
+
+
+def load(model: Path, data: Path | None, config: CompressionConfig, workdir: Path,
+         control: JobControl, log: JobLog) -> LoadedJob:
+    """Load the model at `model` and the job's data (or sample it); refuse a job the machine
+    cannot hold up front. A Hugging Face archive is unpacked inside `workdir`."""
+    with log.stage(LOADING):
+        control.report(LOADING, 0.0, f"loading {model.name}")
+        check_resources(model, workdir)
+        inputs = _load_inputs(model, data, config, workdir)
+        log.info(f"inputs: {[(s.name, s.shape, str(s.dtype)) for s in inputs.specs]}; "
+                 f"data: {inputs.train.source} ({len(inputs.train)} train, "
+                 f"{len(inputs.held_out)} held-out)")
+        # The student made later shares every tensor it does not change with this original:
+        # one copy of the weights in memory.
+        teacher = shallow_copy(inputs.program.module()).eval()
+        names, kinds = output_kinds(teacher, inputs.held_out, config)
+        log.info(f"outputs: {dict(zip(names, kinds, strict=True))}")
+        costs = SampleCosts.measure(teacher, inputs.train.take(torch.arange(1)))
+    return LoadedJob(teacher, inputs.specs, inputs.train, inputs.held_out,
+                     names, kinds, costs, inputs.checkpoint)
+
+
+def output_kinds(teacher: fx.GraphModule, held_out: Dataset, config: CompressionConfig,
+                 ) -> tuple[list[str], list[str]]:
+    """Return each output's ONNX name and kind (logits, embedding, regression, ignored): the
+    kind decides its loss and how it is scored. One run of the original on two samples."""
+    sample = held_out.take(torch.arange(min(2, len(held_out))))
+    with torch.no_grad():
+        raw = call(teacher, sample)
+    outputs = [leaf for leaf in tree_leaves(raw) if isinstance(leaf, torch.Tensor)]
+    names = onnx_output_names(raw)
+    return names, detect_output_kinds(teacher, raw, outputs, config.finetune.loss, names)
+
+
+def check_resources(model: Path, out_dir: Path) -> None:
+    """Refuse a job up front when the machine cannot hold the model or its artifacts.
+
+    The estimate is from the upload's weights as they will be loaded (float32): the peak memory
+    a job reaches (`memory.model_memory_estimate`) against what the machine has available, and
+    the artifacts (about the weights again) against the free space of `out_dir`.
+    """
+    weights = loaded_weight_bytes(model)
+    needed = model_memory_estimate(weights)
+    available = available_memory_bytes()
+    if available is not None and needed > available:
+        raise ResourceError(
+            f"this model needs about {format_bytes(needed)} of memory to compress "
+            f"({format_bytes(BASE_PEAK_BYTES)} + {PEAK_PER_MODEL_BYTE:g}× its "
+            f"{format_bytes(weights)} of float32 weights) and this machine has "
+            f"{format_bytes(available)} available; run the job on a machine (or worker) with "
+            "more memory, or free memory and retry")
+    free = shutil.disk_usage(out_dir).free
+    if 2 * weights > free:
+        raise ResourceError(
+            f"the job's artifacts need about {format_bytes(2 * weights)} of disk and "
+            f"{out_dir} has {format_bytes(free)} free; free some space (or delete old jobs) "
+            "and retry")
+
+
+def _load_inputs(model: Path, data: Path | None, config: CompressionConfig,
+                 workdir: Path) -> _Inputs:
+    """Load the program safely and the job's data (or sample it), split train / held-out.
+
+    A Hugging Face folder or archive (unpacked inside `workdir`) becomes a program first.
+    """
+    if huggingface.is_checkpoint(model):
+        loaded = huggingface.load_checkpoint(model, workdir, config.data.max_length)
+        dataset = huggingface.checkpoint_data(loaded, data, config.data, config.finetune.seed)
+        train, held_out = dataset.split(config.data.holdout_fraction, config.finetune.seed)
+        return _Inputs(loaded.program, loaded.specs, train, held_out, loaded)
+    program = load_program(model)
+    specs = input_specs(program)
+    if data is None:
+        dataset = synthesize_data(specs, config.data.synthetic_samples, config.finetune.seed)
+    else:
+        dataset = load_data(data, specs, config.data.max_samples)
+    train, held_out = dataset.split(config.data.holdout_fraction, config.finetune.seed)
+    largest = min(max(64, config.finetune.batch_size), len(dataset))
+    check_guards(program, dataset, (1, largest))
+    return _Inputs(program, specs, train, held_out)

@@ -1,0 +1,83 @@
+"""lowrank's modules: the parametrization W = (A @ B) reshaped, and the compact forms of
+each layer kind (two matmuls, a kh×kw conv with r filters then a 1×1 conv, a narrow table then
+a projection)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from compressor.methods.lowrank.factors import LowRankFactors, decompose
+from compressor.runtime.layers import LayerInfo
+
+
+class LowRankWeight(nn.Module):
+    """Parametrize a weight as (A @ B) reshaped to the layer's weight shape."""
+
+    def __init__(self, weight_shape: tuple[int, ...], rank: int,
+                 factors: LowRankFactors | None = None) -> None:
+        super().__init__()
+        self.weight_shape = tuple(weight_shape)
+        self.rank = rank
+        # Used once by right_inverse to initialize θ; not part of the state.
+        self.factors = factors
+
+    def forward(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return (A @ B).reshape(self.weight_shape)
+
+    def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (A, B) of rank `rank` closest to `weight` (on the inputs, when factors from
+        calibration statistics are set)."""
+        factors, self.factors = self.factors, None  # only needed once: not kept alive
+        if factors is None:
+            factors = decompose(weight.detach().reshape(weight.shape[0], -1), None, None)
+        # Copies: θ must not share storage with the decomposition, which other copies reuse.
+        A, B = factors.first(self.rank), factors.second(self.rank)
+        return (A.to(weight.dtype, copy=True).contiguous(),
+                B.to(weight.dtype, copy=True).contiguous())
+
+
+class LowRankLinear(nn.Module):
+    """Compute a Linear layer as two matmuls: x Bᵀ, then (·) Aᵀ + bias."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.A = nn.Parameter(A.detach(), requires_grad=False)
+        self.B = nn.Parameter(B.detach(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.B), self.A, self.bias)
+
+
+class LowRankEmbedding(nn.Module):
+    """Look up rows of a narrow table A (rows × r), then project them: A[ids] @ B."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        super().__init__()
+        self.A = nn.Parameter(A.detach(), requires_grad=False)
+        self.B = nn.Parameter(B.detach(), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.A) @ self.B
+
+
+class LowRankConv2d(nn.Module):
+    """Compute a Conv2d as a kh×kw conv with r filters, then a 1×1 conv to the outputs."""
+
+    def __init__(self, layer: LayerInfo, A: torch.Tensor, B: torch.Tensor,
+                 bias: torch.Tensor | None) -> None:
+        super().__init__()
+        out_channels, in_channels, kh, kw = layer.weight_shape
+        rank = A.shape[1]
+        self.spatial = nn.Parameter(B.detach().reshape(rank, in_channels, kh, kw).clone(),
+                                    requires_grad=False)
+        self.pointwise = nn.Parameter(A.detach().reshape(out_channels, rank, 1, 1).clone(),
+                                      requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.conv2d(x, self.spatial, None, self.stride, self.padding, self.dilation)
+        return F.conv2d(h, self.pointwise, self.bias)

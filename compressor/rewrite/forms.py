@@ -1,0 +1,107 @@
+"""The two forms a trained student is exported in: plain dense weights, or the compact form.
+
+`materialize`: the original graph with W = f(θ) computed once per layer, a drop-in replacement.
+`factorize`: each compressed layer's call replaced by its method's compact module (two matmuls,
+a Gather over a codebook, ...), which holds θ only. Both share the student's tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from compressor.plan.layers import layer_input, layer_nodes, owner_name, weight_target
+from compressor.plan.planning import Plan
+from compressor.rewrite.parametrize import theta_of
+from compressor.runtime.graph import shallow_copy
+
+
+def _set_tensor(module: nn.Module, dotted: str, tensor: torch.Tensor) -> None:
+    prefix, _, name = dotted.rpartition(".")
+    owner = module.get_submodule(prefix)
+    if name in owner._parameters:
+        owner._parameters[name] = (tensor if isinstance(tensor, nn.Parameter)
+                                   else nn.Parameter(tensor, requires_grad=False))
+    else:
+        owner._buffers[name] = tensor
+
+
+def _with_student_state(student: nn.Module, base: fx.GraphModule) -> fx.GraphModule:
+    """Return a shallow copy of the unparametrized `base` holding every plain tensor of
+    `student` (shared, not copied).
+
+    Copies start from `base`, never from the parametrized student: a deep copy of a parametrized
+    module shares torch's injected class with it, and un-parametrizing one would break the other.
+    """
+    clone = shallow_copy(base)
+    state = student.state_dict(keep_vars=True)
+    for name, tensor in clone.state_dict(keep_vars=True).items():
+        if name in state and state[name] is not tensor:
+            _set_tensor(clone, name, state[name].detach())
+    return clone
+
+
+def release_theta_(student: nn.Module, name: str) -> None:
+    """Free the θ storage of layer `name` of `student` (which cannot compute that layer after)."""
+    for theta in theta_of(student, name):
+        theta.data = torch.empty(0, dtype=theta.dtype, device=theta.device)
+
+
+def materialize(student: nn.Module, base: fx.GraphModule, plan: Plan,
+                consume: bool = False) -> fx.GraphModule:
+    """Return the student as a plain dense model: the original graph, W = f(θ) computed once.
+
+    With `consume`, each layer's θ is freed as soon as its W exists, so the dense weights never
+    sit beside all of θ (the student cannot run afterwards).
+    """
+    dense = _with_student_state(student, base)
+    with torch.no_grad():
+        for entry in plan.compressed:
+            weight = student.get_submodule(entry.layer.name).weight.detach()
+            _set_tensor(dense, f"{entry.layer.name}.weight", weight)
+            if consume:
+                release_theta_(student, entry.layer.name)
+    return dense
+
+
+def factorize(student: nn.Module, base: fx.GraphModule, plan: Plan) -> fx.GraphModule:
+    """Return the student with its compressed layers in compact form (θ only, no dense W)."""
+    compact = {}
+    for entry in plan.compressed:
+        owner = student.get_submodule(entry.layer.name)
+        bias = getattr(owner, "bias", None)
+        theta = tuple(t.detach() for t in theta_of(student, entry.layer.name))
+        compact[entry.layer.name] = entry.method.compact_module(
+            entry.layer, owner.parametrizations.weight[0], theta,
+            None if bias is None else bias.detach())
+    clone = _with_student_state(student, base)
+    replace_layers_(clone, compact)
+    return clone
+
+
+def replace_layers_(module: fx.GraphModule, compact: dict[str, nn.Module]) -> None:
+    """Replace each named layer's linear/conv call with a call to its compact module, in place.
+
+    The layer's dense weight and bias leave the module, so the export holds only θ.
+    """
+    for node in layer_nodes(module.graph):
+        target = weight_target(node)
+        name = owner_name(target) if target else None
+        if name not in compact:
+            continue
+        slot = "compact__" + name.replace(".", "__")
+        module.add_submodule(slot, compact[name])
+        with module.graph.inserting_before(node):
+            call = module.graph.call_module(slot, (layer_input(node),))
+        node.replace_all_uses_with(call)
+        attrs = [a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+        module.graph.erase_node(node)
+        for attr in attrs:
+            if not attr.users:
+                module.graph.erase_node(attr)
+    for name in compact:
+        owner = module.get_submodule(name)
+        for attr in ("weight", "bias"):
+            if attr in owner._parameters:
+                delattr(owner, attr)
+    module.recompile()

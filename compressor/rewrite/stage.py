@@ -1,0 +1,42 @@
+"""The rewriting stage: the student, a copy of the original whose planned layers compute
+W = f(θ), θ initialized from the original's weights (and corrected sequentially)."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from compressor.load.stage import LoadedJob
+from compressor.methods import GradReduction
+from compressor.plan.stage import PlannedJob
+from compressor.rewrite.parametrize import parametrize_
+from compressor.rewrite.sequential import correct_sequentially_
+from compressor.runtime.context import JobContext
+from compressor.runtime.graph import shallow_copy
+from compressor.vocabulary import REWRITING
+
+# Calibration samples the sequential correction wants, at most (the costs may afford fewer).
+SEQUENTIAL_SAMPLES = 128
+
+
+def rewrite(loaded: LoadedJob, planned: PlannedJob, grad_reduction: GradReduction,
+            job: JobContext) -> fx.GraphModule:
+    """Return a student sharing the original's unchanged tensors, with the plan's
+    parametrizations, θ initialized. `planned.stats` is consumed (emptied)."""
+    plan, teacher = planned.plan, loaded.teacher
+    with job.log.stage(REWRITING):
+        job.control.report(REWRITING, 0.0, f"initializing {len(plan.compressed)} layers")
+        student = shallow_copy(teacher)
+
+        def progress(done: int, total: int, name: str) -> None:
+            job.control.report(REWRITING, 0.5 * done / total, f"layer {done}/{total}: {name}")
+
+        parametrize_(student, plan, planned.stats, grad_reduction, progress)
+        planned.stats.clear()  # what is left (statistics no layer read) is not needed again
+        if any(p.method.corrects_sequentially for p in plan.compressed):
+            job.control.report(REWRITING, 0.5, "re-solving each layer on the compressed model")
+            wanted = min(len(loaded.train), SEQUENTIAL_SAMPLES)
+            samples = job.costs.sequential_samples(wanted)
+            job.log.info(f"sequential correction on {samples} of {wanted} samples")
+            correct_sequentially_(student, teacher, plan, loaded.train.take(torch.arange(samples)))
+    return student

@@ -1,0 +1,28 @@
+"""What every stage of one job reports to and reads: progress and stopping, the log, a sample's costs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from compressor.runtime.costs import SampleCosts
+from compressor.runtime.joblog import JobLog
+from compressor.runtime.progress import JobControl
+
+
+@dataclass
+class JobContext:
+    """One job's progress reporting and stopping (`control`), its log, and what one sample of
+    its model costs (`costs`, which sizes every stage's batches).
+
+    A library call that wants none of the reporting makes one with `JobContext.quiet(costs)`:
+    a control that never stops the job and a log that writes no file.
+    """
+
+    costs: SampleCosts
+    control: JobControl = field(default_factory=JobControl)
+    log: JobLog = field(default_factory=lambda: JobLog(None))
+
+    @classmethod
+    def quiet(cls, costs: SampleCosts) -> JobContext:
+        """Return a context that reports nowhere and never stops."""
+        return cls(costs)

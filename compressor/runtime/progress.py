@@ -1,0 +1,86 @@
+"""Progress reporting and cooperative stopping, shared by the pipeline, the CLI and the service."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from compressor.errors import CancelledError, JobTimeoutError
+from compressor.vocabulary import JOB_STAGES as STAGES
+
+# Share of the whole job each stage stands for, used to turn stage fractions into `overall`.
+_STAGE_WEIGHTS = {
+    "loading": 0.05,
+    "planning": 0.01,
+    "calibrating": 0.09,
+    "rewriting": 0.10,
+    "finetuning": 0.50,
+    "exporting": 0.12,
+    "verifying": 0.08,
+    "reporting": 0.05,
+}
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One progress update: the stage, how far it is (0..1), and the whole job's progress."""
+
+    stage: str
+    fraction: float
+    overall: float
+    message: str = ""
+    loss: float | None = None
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+StopCheck = Callable[[], bool]
+
+
+def overall_progress(stage: str, fraction: float) -> float:
+    """Return the whole job's progress (0..1) when `stage` is `fraction` done."""
+    done = 0.0
+    for name in STAGES:
+        if name == stage:
+            return min(1.0, done + _STAGE_WEIGHTS[name] * max(0.0, min(1.0, fraction)))
+        done += _STAGE_WEIGHTS[name]
+    raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+
+
+class JobControl:
+    """Report progress and stop the job when it is cancelled or past its deadline.
+
+    `check()` is called at every step boundary (every fine-tuning step, every stage); it raises
+    `CancelledError` once `should_stop()` answers True and `JobTimeoutError` once `timeout_s` has
+    passed since the control was made.
+    """
+
+    def __init__(
+        self,
+        progress: ProgressCallback | None = None,
+        should_stop: StopCheck | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        self._progress = progress
+        self._should_stop = should_stop
+        self._timeout_s = timeout_s
+        self._started = time.monotonic()
+
+    def check(self) -> None:
+        """Raise if the job was cancelled or ran past its timeout."""
+        if self._should_stop is not None and self._should_stop():
+            raise CancelledError("the job was cancelled")
+        if self._timeout_s is not None and time.monotonic() - self._started > self._timeout_s:
+            raise JobTimeoutError(
+                f"the job ran past its timeout_s={self._timeout_s:g} s; raise `timeout_s` in the "
+                "config, or lower `finetune.steps`"
+            )
+
+    def report(
+        self, stage: str, fraction: float, message: str = "", loss: float | None = None
+    ) -> None:
+        """Send a progress event for `stage` (if anyone listens) and check for a stop."""
+        if self._progress is not None:
+            event = ProgressEvent(stage, fraction, overall_progress(stage, fraction), message, loss)
+            self._progress(event)
+        self.check()
