@@ -179,6 +179,30 @@ class DataConfig(_Strict):
         "padded to its longest sample, sampled token ids are this long")
 
 
+class TargetConfig(_Strict):
+    """Target mode: the fidelity the compressed model must keep, per output kind, and what to
+    make as small as possible while keeping it."""
+
+    objective: Literal["size"] = Field(
+        default="size",
+        description="size: the smallest artifact (bytes of its ONNX file) that meets every floor")
+    top1_agreement: float = Field(
+        default=0.99, ge=0, le=1,
+        description="logits: the least share of samples (positions) whose top-1 class agrees "
+        "with the original's")
+    cosine: float = Field(
+        default=0.99, ge=-1, le=1,
+        description="embeddings: the least mean cosine similarity to the original's vectors")
+    relative_l2: float = Field(
+        default=0.05, gt=0,
+        description="other outputs: the most relative L2 difference from the original's")
+
+    def floors(self) -> dict[str, float]:
+        """Return the floor of each output kind's figure, by figure."""
+        return {"top1_agreement": self.top1_agreement, "cosine": self.cosine,
+                "relative_l2": self.relative_l2}
+
+
 class CompressionConfig(_Strict):
     """One compression job."""
 
@@ -192,6 +216,12 @@ class CompressionConfig(_Strict):
     ratio: float = Field(
         default=0.5, gt=0, le=1, description="fraction of the targeted layers' weights kept"
     )
+    target: TargetConfig | None = Field(
+        default=None, examples=[{}, {"cosine": 0.995}],
+        description="target mode instead of a ratio: the smallest model (lowrank, compact form, "
+        "int8 stacked where it pays) whose held-out fidelity meets every floor; `{}` uses the "
+        "default floors; `ratio` is then only where the sensitivities are measured and "
+        "export.form is chosen (factorized). null: compress to `ratio`")
     layers: LayerSelection = Field(default_factory=LayerSelection)
     overrides: list[LayerOverride] = Field(default_factory=list)
     allocation: Literal["sensitivity", "uniform"] = Field(
@@ -211,6 +241,19 @@ class CompressionConfig(_Strict):
     @classmethod
     def _read_version_1(cls, data: Any) -> Any:
         return upgrade_version_1(data)
+
+    @model_validator(mode="after")
+    def _one_way_to_size(self) -> CompressionConfig:
+        # Checks on values, not on which fields were given: a config with its defaults filled
+        # (what the service stores and its workers read) must parse as it did.
+        if self.target is not None:
+            if self.overrides:
+                raise ValueError("give either `target` or `overrides`: target mode chooses "
+                                 "every layer's size itself")
+            if self.export.quantize is not None:
+                raise ValueError("target mode chooses export.quantize itself; remove it, or "
+                                 "give `ratio` instead of `target`")
+        return self
 
     @classmethod
     def parse(cls, value: CompressionConfig | dict[str, Any] | str | None) -> CompressionConfig:

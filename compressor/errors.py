@@ -76,6 +76,12 @@ class VerificationError(CompressorError):
     code = ErrorCode.VERIFICATION_FAILED
 
 
+class TargetNotMetError(CompressorError):
+    """No candidate keeps the fidelity the job's `target` asks for."""
+
+    code = ErrorCode.TARGET_NOT_MET
+
+
 class CancelledError(CompressorError):
     """The job was cancelled by its owner."""
 

@@ -1,6 +1,9 @@
 """One compression job, top to bottom: the stages, each a call over plain dataclasses.
 
-    load → plan (and calibrate) → rewrite → fine-tune → export → verify → report
+    load → calibrate → plan → rewrite → fine-tune → export → verify → report
+
+In target mode (`config.target`) the search (`compressor.search`) plans instead, and drives
+rewriting and fine-tuning over its candidates until one keeps the target's fidelity.
 
 Each stage lives in its folder (`compressor/<stage>/stage.py`), logs under its one name from
 `compressor.vocabulary.JOB_STAGES` and hands the next one what it made: the loaded job, the
@@ -19,13 +22,14 @@ from compressor.errors import CompressorError, InternalError
 from compressor.export.stage import export_, staging_folder, verify
 from compressor.finetune.stage import finetune
 from compressor.load.stage import load
-from compressor.plan.stage import plan
+from compressor.plan.stage import calibrate_layers, plan
 from compressor.report.stage import Result, report
 from compressor.rewrite.stage import rewrite
 from compressor.runtime.context import JobContext
 from compressor.runtime.failures import known_failure
 from compressor.runtime.joblog import JobLog
 from compressor.runtime.progress import JobControl, ProgressCallback, StopCheck
+from compressor.search.target import search
 from compressor.vocabulary import JOB_LOG_ARTIFACT
 
 __all__ = ["Result", "compress"]
@@ -80,12 +84,19 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
     log.info(f"config: {config.to_json()}")
     loaded = load(model, data, config, out_dir, control, log)
     job = JobContext(loaded.costs, control, log)
-    planned = plan(loaded, config, job)
-    student = rewrite(loaded, planned, config.finetune.grad_reduction, job)
-    trained = finetune(loaded, planned.plan, student, config.finetune, job)
-    del student  # `trained` holds it until the export frees it
+    calibrated = calibrate_layers(loaded, config, job)
+    if config.target is None:
+        planned = plan(loaded, calibrated, config, job)
+        student = rewrite(loaded, planned, config.finetune.grad_reduction, job)
+        trained = finetune(loaded, planned.plan, student, config.finetune, job)
+        del student  # `trained` holds it until the export frees it
+        export_config, found = config.export, None
+    else:
+        found = search(loaded, calibrated, config, out_dir, job)
+        planned, trained, export_config = found.planned, found.trained, found.export
+    del calibrated
     with staging_folder(out_dir) as staging:
-        exported = export_(loaded, planned.plan, trained, config.export, staging, job)
-        parity, artifact_fidelity = verify(exported, trained, loaded, config.export, job)
-        return report(config, loaded, planned.plan, trained, exported, parity,
-                      artifact_fidelity, out_dir, job)
+        exported = export_(loaded, planned.plan, trained, export_config, staging, job)
+        verified = verify(exported, trained, loaded, export_config, job)
+        return report(config, loaded, planned.plan, trained, exported, verified, found,
+                      out_dir, job)

@@ -30,15 +30,16 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = JOB_STATUSES
 FINISHED_STATUSES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
 # The pipeline's stages, in the order they run: the one list the log, the progress events, the
-# API and the console use. loading: the upload and its data; planning: the layers and their
-# sizes; calibrating: the layers' input statistics, decompositions and sensitivity allocation;
-# rewriting: θ initialized (and corrected sequentially); finetuning: θ distilled and the result
-# scored; exporting: the ONNX model (and its int8 form, the Hugging Face folder); verifying:
-# onnxruntime against PyTorch; reporting: latency, the artifacts moved in place, report.json.
-JobStage = Literal["loading", "planning", "calibrating", "rewriting", "finetuning", "exporting",
+# API and the console use. loading: the upload and its data; calibrating: the layers found, the
+# statistics of their inputs and their decompositions; planning: each layer's size (spread by
+# sensitivity, or in target mode the search over candidates); rewriting: θ initialized (and
+# corrected sequentially); finetuning: θ distilled and the result scored; exporting: the ONNX
+# model (and its int8 form, the Hugging Face folder); verifying: onnxruntime against PyTorch;
+# reporting: latency, the artifacts moved in place, report.json.
+JobStage = Literal["loading", "calibrating", "planning", "rewriting", "finetuning", "exporting",
                    "verifying", "reporting"]
 JOB_STAGES: tuple[str, ...] = get_args(JobStage)
-(LOADING, PLANNING, CALIBRATING, REWRITING, FINETUNING, EXPORTING, VERIFYING,
+(LOADING, CALIBRATING, PLANNING, REWRITING, FINETUNING, EXPORTING, VERIFYING,
  REPORTING) = JOB_STAGES
 
 
@@ -56,6 +57,7 @@ class ErrorCode:
     INSUFFICIENT_RESOURCES = "insufficient_resources"
     EXPORT_FAILED = "export_failed"
     VERIFICATION_FAILED = "verification_failed"
+    TARGET_NOT_MET = "target_not_met"
     CANCELLED = "cancelled"
     TIMEOUT = "timeout"
     INTERNAL_ERROR = "internal_error"

@@ -529,8 +529,81 @@ function hbars(rows, format, legend) {
     ])));
 }
 
+function svg(tag, attrs, ...children) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [name, value] of Object.entries(attrs || {})) node.setAttribute(name, value);
+  for (const child of children.flat()) if (child) node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  return node;
+}
+
+// The figure each output kind is judged by in target mode, and whether higher is better.
+const JUDGED = { logits: ["top1_agreement", true], embedding: ["cosine", true], regression: ["relative_l2", false] };
+
+function judged(fidelity) {
+  for (const [output, figures] of Object.entries(fidelity || {})) {
+    const rule = JUDGED[figures.kind];
+    if (rule) return { output, figure: rule[0], higher: rule[1], value: figures[rule[0]] };
+  }
+  return null;
+}
+
+function sizing(config) {
+  const target = config.target;
+  if (!target) return `ratio ${config.ratio}, export ${(config.export || {}).form}`;
+  const floors = Object.entries(JUDGED).map(([kind, [figure, higher]]) => `${kind} ${figure} ${higher ? "≥" : "≤"} ${target[figure]}`);
+  return `target: smallest ${target.objective === "size" ? "size" : target.objective} with ${floors.join(", ")}`;
+}
+
+function outcomeCard(report) {
+  const outcome = report.outcome || {};
+  const warnings = report.warnings || [];
+  if (!outcome.headline && !warnings.length) return null;
+  return el("div", { class: "card", id: "outcome" }, el("h2", {}, "Outcome"),
+    outcome.headline ? el("p", { id: "outcome-headline" }, outcome.headline) : null,
+    warnings.map((w) => errorBox(`Warning: ${w}`, { class: "warning" })));
+}
+
+function frontierCard(report) {
+  const search = report.target;
+  if (!search || !search.candidates || !search.candidates.length) return null;
+  const points = search.candidates.map((c) => ({ ...c, score: judged(c.fidelity) })).filter((c) => c.score);
+  const baseline = report.baseline && report.baseline.fidelity ? judged(report.baseline.fidelity) : null;
+  if (!points.length) return null;
+  const { figure, higher } = points[0].score;
+  const floor = search.floors[figure];
+  const all = points.map((p) => ({ x: p.bytes, y: p.score.value }));
+  if (baseline && report.baseline.onnx_bytes) all.push({ x: report.baseline.onnx_bytes, y: baseline.value });
+  const xs = all.map((p) => Math.log10(p.x)), ys = all.map((p) => p.y).concat([floor]);
+  const [x0, x1] = [Math.min(...xs), Math.max(...xs) + 1e-9], [y0, y1] = [Math.min(...ys), Math.max(...ys) + 1e-9];
+  const W = 560, H = 260, L = 64, B = 34;
+  const px = (x) => L + (Math.log10(x) - x0) / (x1 - x0) * (W - L - 16);
+  const py = (y) => 12 + (1 - (y - y0) / (y1 - y0)) * (H - B - 12);
+  const chosen = search.chosen;
+  const marks = points.map((p) => svg("circle", {
+    cx: px(p.bytes), cy: py(p.score.value), r: p.kept_fraction === chosen.kept_fraction && p.quantize === chosen.quantize ? 7 : 4,
+    fill: p.quantize ? "#e07b00" : "#3056d3", stroke: p.meets_floor ? "#111" : "none", "data-candidate": `${p.kept_fraction}-${p.quantize || "float"}`,
+  }, svg("title", {}, `kept ${p.kept_fraction}${p.quantize ? " int8" : ""}: ${bytes(p.bytes)}, ${figure} ${num(p.score.value, 4)}`)));
+  if (baseline && report.baseline.onnx_bytes) {
+    marks.push(svg("rect", { x: px(report.baseline.onnx_bytes) - 5, y: py(baseline.value) - 5, width: 10, height: 10, fill: "#98a2b3", id: "frontier-baseline" },
+      svg("title", {}, `onnxruntime int8 of the original: ${bytes(report.baseline.onnx_bytes)}, ${figure} ${num(baseline.value, 4)}`)));
+  }
+  const plot = svg("svg", { viewBox: `0 0 ${W} ${H}`, width: "100%", id: "frontier", role: "img" },
+    svg("line", { x1: L, x2: W - 8, y1: py(floor), y2: py(floor), stroke: "#c00", "stroke-dasharray": "4 3" }),
+    svg("text", { x: L + 4, y: py(floor) - 4, "font-size": 11, fill: "#c00" }, `floor ${figure} ${higher ? "≥" : "≤"} ${floor}`),
+    svg("line", { x1: L, x2: L, y1: 8, y2: H - B, stroke: "#999" }), svg("line", { x1: L, x2: W - 8, y1: H - B, y2: H - B, stroke: "#999" }),
+    svg("text", { x: L, y: H - 8, "font-size": 11 }, bytes(10 ** x0)), svg("text", { x: W - 90, y: H - 8, "font-size": 11 }, bytes(10 ** x1)),
+    svg("text", { x: 4, y: py(y1) + 4, "font-size": 11 }, num(y1, 4)), svg("text", { x: 4, y: py(y0), "font-size": 11 }, num(y0, 4)),
+    marks);
+  const rows = search.candidates.map((c) => el("tr", {}, el("td", {}, String(c.kept_fraction)), el("td", {}, c.quantize || "float"),
+    el("td", {}, bytes(c.bytes) + (c.bytes_estimated ? " (est.)" : "")), el("td", {}, c.score ? num(c.score.value, 4) : num((judged(c.fidelity) || {}).value, 4)),
+    el("td", {}, c.meets_floor ? "meets" : "misses")));
+  return el("div", { class: "card", id: "plot-frontier" }, el("h2", {}, "Target search: size against fidelity"),
+    el("p", { class: "muted" }, `Every candidate as initialized (blue: float, orange: int8, ringed: meets the floor, large: chosen); gray square: onnxruntime int8 of the original. ${search.objective} objective.`),
+    plot, el("table", { id: "candidates" }, el("thead", {}, el("tr", {}, ["kept", "form", "ONNX size", figure, "floor"].map((h) => el("th", {}, h)))), el("tbody", {}, rows)));
+}
+
 function resultCards(report) {
-  const cards = [];
+  const cards = [outcomeCard(report), frontierCard(report)].filter(Boolean);
   const layers = (report.plan && report.plan.layers) || [];
   if (layers.length) {
     cards.push(el("div", { class: "card", id: "plot-layers" }, el("h2", {}, "Kept size per layer"),
@@ -647,7 +720,7 @@ async function jobView(view, jobId) {
         el("span", { class: "muted" }, `${Math.round(job.progress * 100)}%`), ...actions),
       el("div", { class: "muted" }, `submitted ${when(job.created_at)} · started ${when(job.started_at)} · finished ${when(job.finished_at)} · attempt ${job.attempts}`),
       job.retry_reason ? el("div", { class: "muted" }, `re-queued: ${job.retry_reason}`) : null,
-      el("div", { class: "muted mono" }, `method ${(job.config.method && job.config.method.name) || job.config.method}, ratio ${job.config.ratio}, ${((job.config.finetune || {}).steps)} fine-tuning steps, export ${(job.config.export || {}).form}`),
+      el("div", { class: "muted mono" }, `method ${(job.config.method && job.config.method.name) || job.config.method}, ${sizing(job.config)}, ${((job.config.finetune || {}).steps)} fine-tuning steps`),
     ].filter(Boolean));
     timelineBox.lastChild.replaceWith(timeline(job, seen));
     drawLoss(job);

@@ -176,6 +176,10 @@ def report_summary(report: dict[str, Any] | None) -> list[tuple[str, str]]:
     """
     report = report or {}
     rows = []
+    headline = (report.get("outcome") or {}).get("headline")
+    if headline:
+        rows.append(("outcome", headline))
+    rows += [("warning", warning) for warning in report.get("warnings") or []]
     weights = report.get("parameters") or {}
     before, after = weights.get("targeted_weights_before"), weights.get("targeted_weights_after")
     if before and after is not None:

@@ -95,8 +95,18 @@ def compress_cmd(model: Path, config_path: Path | None, data: Path | None, out_d
         log_path = _write_traceback(exc, error_id)
         error = InternalError.wrapping(exc, log_name=str(log_path), error_id=error_id)
         _fail(console, error.code, error.message, log_path)
+    console.print(_headline(result.report))
     console.print(_summary_table(result.report))
     console.print(f"wrote {result.model_path} and {result.report_path}")
+
+
+def _headline(report: dict) -> str:
+    """Return the outcome's headline, then each warning, as rich markup."""
+    from rich.markup import escape
+
+    lines = [f"[bold]{escape(report['outcome']['headline'])}[/]"]
+    lines += [f"[yellow]warning[/]: {escape(w)}" for w in report.get("warnings", [])]
+    return "\n".join(lines)
 
 
 def _fail(console, code: str, message: str, log_path: Path) -> NoReturn:

@@ -23,8 +23,9 @@ import torch
 from torch import fx
 
 from compressor.config import ExportConfig
+from compressor.errors import ExportError
 from compressor.export import huggingface
-from compressor.export.onnx import export_onnx, move_onnx
+from compressor.export.onnx import export_onnx, move_onnx, onnx_bytes
 from compressor.export.quantize import quantize_int8, verify_quantized
 from compressor.export.verify import TorchOutputs, onnx_outputs, torch_outputs, verify_onnx
 from compressor.finetune.loop import HeldOut
@@ -113,10 +114,33 @@ def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportCo
                        sizes)
 
 
+@dataclass
+class VerifiedJob:
+    """What verifying measured: onnxruntime against PyTorch, and against the original."""
+
+    parity: dict[str, Any]
+    # The quantized artifact's fidelity against the original (None: the artifact is the
+    # verified float student, whose fidelity the finetuning stage measured).
+    artifact_fidelity: list[OutputFidelity] | None
+    # What a user would pick instead: onnxruntime's int8 quantization of the original, scored
+    # on the same held-out inputs (None when the original was not exported).
+    baseline: Baseline | None
+
+
+@dataclass
+class Baseline:
+    """onnxruntime's dynamic int8 quantization of the original, in the staging folder."""
+
+    model: Path | None  # None: the quantizer refused the original (`error` says why)
+    bytes: int | None
+    fidelity: list[OutputFidelity] | None
+    error: str | None = None
+
+
 def verify(exported: ExportedJob, trained: TrainedJob, loaded: LoadedJob, config: ExportConfig,
-           job: JobContext) -> tuple[dict[str, Any], list[OutputFidelity] | None]:
-    """Return the onnxruntime parity figures and, for a quantized artifact, its fidelity
-    against the original (None otherwise: the artifact is the verified student).
+           job: JobContext) -> VerifiedJob:
+    """Return the onnxruntime parity figures, a quantized artifact's fidelity against the
+    original, and the baseline's.
 
     Raises `VerificationError` when onnxruntime and PyTorch disagree past the tolerance. Leaves
     the artifact to hand back at `exported.model` (the int8 form, when quantized), and drops
@@ -141,9 +165,25 @@ def verify(exported: ExportedJob, trained: TrainedJob, loaded: LoadedJob, config
                          f"{parity['quantized']['relative_l2']}")
             move_onnx(exported.quantized, exported.model)
             artifact_fidelity = onnx_fidelity(exported.model, trained.held_out, loaded.kinds)
+        baseline = None
+        if exported.original is not None:
+            job.control.report(VERIFYING, 0.8, "scoring onnxruntime int8 of the original")
+            baseline = int8_baseline(exported.original, trained.held_out, loaded.kinds)
         exported.torch_reference = trained.held_out = None  # onnxruntime's latency sessions
         gc.collect()  # get their memory
-    return parity, artifact_fidelity
+    return VerifiedJob(parity, artifact_fidelity, baseline)
+
+
+def int8_baseline(original: Path, held_out: HeldOut, kinds: list[str]) -> Baseline:
+    """Quantize the original's export to int8 (what a user would do instead of compressing)
+    and score it against the original on the held-out split."""
+    model = original.parent / "int8" / ONNX_ARTIFACT
+    model.parent.mkdir()
+    try:
+        quantize_int8(original, model)
+    except ExportError as exc:
+        return Baseline(None, None, None, exc.message)
+    return Baseline(model, onnx_bytes(model), onnx_fidelity(model, held_out, kinds))
 
 
 def materialized(student: fx.GraphModule, teacher: fx.GraphModule, plan: Plan,

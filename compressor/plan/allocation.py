@@ -50,7 +50,18 @@ class _Option:
 
 def allocate(teacher: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats],
              train: Dataset, kinds: list[str], job: JobContext) -> Plan:
-    """Return `plan` with its prepared layers' sizes spread by sensitivity.
+    """Return `plan` with its prepared layers' sizes spread by sensitivity, within the budget
+    the uniform plan spent on them."""
+    prepared, sensitivities = sensitivities_of(teacher, plan, stats, train, kinds, job)
+    if not prepared:
+        return plan
+    return allocate_by_sensitivity(plan, prepared, sensitivities)
+
+
+def sensitivities_of(teacher: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats],
+                     train: Dataset, kinds: list[str], job: JobContext,
+                     ) -> tuple[dict[str, Approximation], dict[str, float]]:
+    """Return each layer's prepared approximation and its sensitivity at its planned size.
 
     Each layer's sensitivity is measured (one forward pass per layer) while that costs at most
     `PROBE_FLOPS`; past it (a large model) it is predicted from one forward and backward pass
@@ -58,7 +69,7 @@ def allocate(teacher: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats],
     """
     prepared = {name: s.prepared for name, s in stats.items() if s.prepared is not None}
     if not prepared:
-        return plan
+        return prepared, {}
     one = train.take(torch.arange(1))
     samples = min(len(train), SENSITIVITY_SAMPLES)
     probe_flops = len(prepared) * samples * job.costs.flops_per_sample
@@ -74,7 +85,7 @@ def allocate(teacher: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats],
         how = (f"predicted from one backward pass on {samples} samples (probing each layer "
                f"would cost {probe_flops / 1e12:.0f} TFLOP)")
     job.log.info(f"sensitivities {how}")
-    return allocate_by_sensitivity(plan, prepared, sensitivities)
+    return prepared, sensitivities
 
 
 def _options(index: int, entry: LayerPlan, size: int, cap: int, prepared: Approximation,
@@ -92,12 +103,13 @@ def _options(index: int, entry: LayerPlan, size: int, cap: int, prepared: Approx
 
 
 def allocate_by_sensitivity(plan: Plan, prepared: dict[str, Approximation],
-                            sensitivities: dict[str, float]) -> Plan:
+                            sensitivities: dict[str, float], budget: float | None = None) -> Plan:
     """Return `plan` with the sizes of its adjustable prepared layers re-spread by sensitivity.
 
-    The reallocated layers share exactly the numbers the uniform plan gave them; other layers
-    (overrides, methods that prepare nothing) keep their plan. Each layer keeps at least one
-    `size_step` of its method.
+    The reallocated layers share `budget` numbers, by default exactly the numbers the uniform
+    plan gave them; other layers (overrides, methods that prepare nothing) keep their plan.
+    Each layer keeps at least one `size_step` of its method; a budget too small for that
+    leaves `plan` as it was.
     """
     chosen = [i for i, p in enumerate(plan.layers)
               if p.adjustable and p.layer.name in prepared and p.layer.name in sensitivities]
@@ -105,7 +117,8 @@ def allocate_by_sensitivity(plan: Plan, prepared: dict[str, Approximation],
         plan.layers[i].layer) for i in chosen}
     if not chosen:
         return plan
-    budget = sum(plan.layers[i].compact_numel for i in chosen)
+    if budget is None:
+        budget = sum(plan.layers[i].compact_numel for i in chosen)
     ranks: dict[int, int | None] = {}
     spent = 0.0
     for i in chosen:

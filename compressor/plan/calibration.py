@@ -65,7 +65,7 @@ def calibrate(teacher: fx.GraphModule, plan: Plan, train: Dataset,
 
     needing = [p.layer for p in plan.compressed if p.method.needs_input_stats]
     if needing:
-        job.control.report(CALIBRATING, 0.0, f"calibrating {len(needing)} layers")
+        job.control.report(CALIBRATING, 0.05, f"calibrating {len(needing)} layers")
         wanted = min(len(train), CALIBRATION_SAMPLES)
         samples = job.costs.calibration_samples(wanted)
         batch_size = job.costs.calibration_batch(samples)

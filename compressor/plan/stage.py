@@ -1,9 +1,10 @@
-"""The planning and calibrating stages: which layers to rewrite, with which method and size.
+"""The calibrating and planning stages: which layers to rewrite, with which method and size.
 
-Planning finds the program's layers and fits the config's budget with one ratio for all
-(`planning`); calibrating runs the original over calibration samples, lets each method prepare
-what its layers need (`calibration`), and, by default, spreads the budget by each layer's
-sensitivity (`allocation`).
+Calibrating finds the program's layers, fits the config's budget with one ratio for all
+(`planning.plan_layers`), runs the original over calibration samples and lets each method
+prepare what its layers need (`calibration`). Planning then spreads the budget by each layer's
+sensitivity (`allocation`), by default; in target mode the search plans instead
+(`compressor.search`).
 """
 
 from __future__ import annotations
@@ -23,24 +24,34 @@ from compressor.vocabulary import CALIBRATING, PLANNING
 
 @dataclass
 class PlannedJob:
-    """The plan, and the calibration statistics its layers' initialization reads (each entry
-    is consumed by the rewriting stage as its layer is initialized)."""
+    """A plan, and the calibration statistics its layers' initialization reads (each entry is
+    consumed by the rewriting stage as its layer is initialized)."""
 
     plan: Plan
     stats: dict[str, LayerStats]
 
 
-def plan(loaded: LoadedJob, config: CompressionConfig, job: JobContext) -> PlannedJob:
-    """Plan the job's layers and calibrate them."""
-    with job.log.stage(PLANNING):
-        job.control.report(PLANNING, 0.0)
-        planned = plan_layers(*find_layers(loaded.teacher), config)
+def calibrate_layers(loaded: LoadedJob, config: CompressionConfig,
+                     job: JobContext) -> PlannedJob:
+    """Find the layers, plan them with one ratio for all, and calibrate them."""
     with job.log.stage(CALIBRATING):
-        stats = calibrate(loaded.teacher, planned, loaded.train, job)
+        job.control.report(CALIBRATING, 0.0)
+        uniform = plan_layers(*find_layers(loaded.teacher), config)
+        stats = calibrate(loaded.teacher, uniform, loaded.train, job)
+    return PlannedJob(uniform, stats)
+
+
+def plan(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
+         job: JobContext) -> PlannedJob:
+    """Return the calibrated plan with its sizes spread by sensitivity (unless the config
+    asks for a uniform allocation)."""
+    with job.log.stage(PLANNING):
+        planned = calibrated.plan
         if config.allocation == "sensitivity":
-            job.control.report(CALIBRATING, 0.9, "measuring each layer's sensitivity")
-            planned = allocate(loaded.teacher, planned, stats, loaded.train, loaded.kinds, job)
+            job.control.report(PLANNING, 0.0, "measuring each layer's sensitivity")
+            planned = allocate(loaded.teacher, planned, calibrated.stats, loaded.train,
+                               loaded.kinds, job)
         job.log.info(f"plan ({planned.allocation}): {len(planned.compressed)} layers compressed, "
                      f"kept {planned.kept_numel / max(1, planned.targeted_numel):.3f} of "
                      "targeted weights")
-    return PlannedJob(planned, stats)
+    return PlannedJob(planned, calibrated.stats)

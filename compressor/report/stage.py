@@ -12,7 +12,7 @@ import torch
 
 from compressor.config import CompressionConfig
 from compressor.export.onnx import move_onnx, onnx_bytes
-from compressor.export.stage import ExportedJob
+from compressor.export.stage import Baseline, ExportedJob, VerifiedJob
 from compressor.finetune.stage import TrainedJob
 from compressor.load.data import Dataset
 from compressor.load.stage import LoadedJob
@@ -22,7 +22,7 @@ from compressor.runtime.context import JobContext
 from compressor.runtime.costs import SampleCosts
 from compressor.runtime.joblog import JobLog
 from compressor.runtime.memory import format_bytes
-from compressor.runtime.outputs import OutputFidelity
+from compressor.search.target import SearchResult
 from compressor.vocabulary import (
     HF_ARTIFACT,
     JOB_LOG_ARTIFACT,
@@ -48,15 +48,16 @@ class Result:
 
 
 def report(config: CompressionConfig, loaded: LoadedJob, plan: Plan, trained: TrainedJob,
-           exported: ExportedJob, parity: dict[str, Any],
-           artifact_fidelity: list[OutputFidelity] | None, out_dir: Path,
-           job: JobContext) -> Result:
+           exported: ExportedJob, verified: VerifiedJob, found: SearchResult | None,
+           out_dir: Path, job: JobContext) -> Result:
     """Measure latency, move the artifacts into `out_dir`, end the log and write report.json."""
+    baseline = verified.baseline
     with job.log.stage(REPORTING):
         job.control.report(REPORTING, 0.0, "measuring latency")
         measured = {**exported.sizes,
                     **latency_figures(exported.original, loaded.held_out, exported.model,
-                                      config.export.latency_seconds, job.costs)}
+                                      config.export.latency_seconds, job.costs,
+                                      None if baseline is None else baseline.model)}
         if exported.huggingface_zip.exists():
             os.replace(exported.huggingface_zip, out_dir / HF_ARTIFACT)
         move_onnx(exported.model, out_dir / ONNX_ARTIFACT)
@@ -66,10 +67,15 @@ def report(config: CompressionConfig, loaded: LoadedJob, plan: Plan, trained: Tr
     names = loaded.output_names
     fidelity = {"initialization": figures.fidelity_dict(trained.initial, names),
                 "final": figures.fidelity_dict(trained.final, names)}
-    if artifact_fidelity is not None:
-        fidelity["artifact"] = figures.fidelity_dict(artifact_fidelity, names)
+    if verified.artifact_fidelity is not None:
+        fidelity["artifact"] = figures.fidelity_dict(verified.artifact_fidelity, names)
+    baseline_figures = _baseline_figures(baseline, measured["latency"], names)
+    outcome = outcome_of(measured, fidelity.get("artifact", fidelity["final"]), baseline_figures,
+                         found)
     document = {
         "status": "succeeded",
+        "outcome": outcome,
+        "warnings": outcome.pop("warnings"),
         "config": config.to_dict(),
         "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype)}
                    for s in loaded.specs],
@@ -78,7 +84,9 @@ def report(config: CompressionConfig, loaded: LoadedJob, plan: Plan, trained: Tr
         **measured,
         "fidelity": fidelity,
         "finetune": asdict(trained.summary),
-        "onnx_parity": parity,
+        "onnx_parity": verified.parity,
+        **({"baseline": baseline_figures} if baseline_figures is not None else {}),
+        **({"target": found.summary()} if found is not None else {}),
         "stage_seconds": job.log.stage_seconds,
         "memory": _memory_figures(job.log, loaded.model_bytes),
         "versions": figures.versions(),
@@ -94,11 +102,13 @@ def report(config: CompressionConfig, loaded: LoadedJob, plan: Plan, trained: Tr
 
 
 def latency_figures(original_path: Path | None, held_out: Dataset, artifact_path: Path,
-                    seconds: float, costs: SampleCosts) -> dict[str, Any]:
+                    seconds: float, costs: SampleCosts,
+                    baseline_path: Path | None = None) -> dict[str, Any]:
     """Return the ONNX file sizes and onnxruntime latency, before (the original's export at
-    `original_path`, None when latency is not measured) and after, `seconds` per figure.
-    Batch sizes whose one run would pass `compressor.runtime.costs.LATENCY_FLOPS` are left
-    out, and listed as such."""
+    `original_path`, None when latency is not measured) and after, `seconds` per figure, and
+    the baseline's (int8 of the original at `baseline_path`) when there is one. Batch sizes
+    whose one run would pass `compressor.runtime.costs.LATENCY_FLOPS` are left out, and listed
+    as such."""
     latency: dict[str, Any] = {"original": {}, "compressed": {}, "seconds_per_figure": seconds,
                                "runtime": "onnxruntime CPUExecutionProvider, median"}
     sizes: dict[str, int | None] = {"original": None, "artifact": onnx_bytes(artifact_path)}
@@ -117,7 +127,76 @@ def latency_figures(original_path: Path | None, held_out: Dataset, artifact_path
         key = f"batch_{batch_size}_ms"
         latency["original"][key] = figures.onnx_latency_ms(original_path, batch, seconds)
         latency["compressed"][key] = figures.onnx_latency_ms(artifact_path, batch, seconds)
+        if baseline_path is not None:
+            latency.setdefault("baseline", {})[key] = figures.onnx_latency_ms(
+                baseline_path, batch, seconds)
     return {"onnx_bytes": sizes, "latency": latency}
+
+
+def _baseline_figures(baseline: Baseline | None, latency: dict[str, Any],
+                      names: list[str]) -> dict[str, Any] | None:
+    if baseline is None:
+        return None
+    what = ("onnxruntime dynamic int8 quantization of the original (quantize_dynamic, per "
+            "channel): what a user could pick instead, measured on the same held-out inputs")
+    if baseline.error is not None:
+        return {"what": what, "error": baseline.error}
+    return {"what": what, "onnx_bytes": baseline.bytes,
+            "latency": latency.get("baseline", {}),
+            "fidelity": figures.fidelity_dict(baseline.fidelity, names)}
+
+
+def outcome_of(measured: dict[str, Any], fidelity: dict[str, dict], baseline: dict | None,
+               found: SearchResult | None) -> dict[str, Any]:
+    """Return how the artifact compares with the original (and the baseline): a headline a
+    user reads first, the ratios behind it, and warnings for an artifact that is not smaller
+    or not faster than the original."""
+    sizes, latency = measured["onnx_bytes"], measured["latency"]
+    outcome: dict[str, Any] = {"warnings": []}
+    parts = []
+    if sizes["original"]:
+        ratio = sizes["original"] / max(1, sizes["artifact"])
+        outcome["size_ratio"] = ratio
+        parts.append(f"{ratio:.2f}× smaller" if ratio > 1 else f"{1 / ratio:.2f}× larger")
+        if ratio <= 1:
+            outcome["warnings"].append(
+                f"the artifact is not smaller than the original ({sizes['artifact']:,} vs "
+                f"{sizes['original']:,} bytes): export.form 'dense' keeps the original's shapes; "
+                "use a `target` (or export.form 'factorized', export.quantize 'int8')")
+    key = max(latency["original"], key=lambda k: int(k.split("_")[1]), default=None)
+    if key is not None:
+        speedup = latency["original"][key] / max(1e-9, latency["compressed"][key])
+        outcome["speedup"] = {"batch": key, "ratio": speedup}
+        parts.append(f"{speedup:.2f}× faster" if speedup >= 1 else f"{1 / speedup:.2f}× slower")
+        if speedup < 1:
+            outcome["warnings"].append(
+                f"the artifact is slower than the original at {key.replace('_', ' ')} "
+                f"({latency['compressed'][key]:.3g} vs {latency['original'][key]:.3g} ms)")
+    if found is not None:
+        outcome["meets_target"] = True
+        parts.append(f"meets the target ({_floors_met(fidelity, found.target.floors())})")
+    headline = "the artifact is " + ", ".join(parts) if parts else "the artifact is verified"
+    if baseline is not None and baseline.get("onnx_bytes") and sizes["original"]:
+        headline += (f"; onnxruntime int8 of the original: "
+                     f"{sizes['original'] / baseline['onnx_bytes']:.2f}× smaller, "
+                     f"{_floors_met(baseline['fidelity'], None)}")
+    outcome["headline"] = headline
+    return outcome
+
+
+def _floors_met(fidelity: dict[str, dict], floors: dict[str, float] | None) -> str:
+    """Return each output's figure that its kind is judged by (and its floor, when given)."""
+    parts = []
+    for name, figures_ in fidelity.items():
+        kind = figures_["kind"]
+        figure = {"logits": "top1_agreement", "embedding": "cosine",
+                  "regression": "relative_l2"}.get(kind)
+        if figure is None:
+            continue
+        floor = "" if floors is None else (
+            f" {'≤' if figure == 'relative_l2' else '≥'} {floors[figure]:g}")
+        parts.append(f"{name} {figure.replace('_', ' ')} {figures_[figure]:.4f}{floor}")
+    return ", ".join(parts)
 
 
 def _data_figures(train: Dataset, held_out: Dataset) -> dict[str, Any]:

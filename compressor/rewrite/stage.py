@@ -23,20 +23,30 @@ def rewrite(loaded: LoadedJob, planned: PlannedJob, grad_reduction: GradReductio
             job: JobContext) -> fx.GraphModule:
     """Return a student sharing the original's unchanged tensors, with the plan's
     parametrizations, θ initialized. `planned.stats` is consumed (emptied)."""
-    plan, teacher = planned.plan, loaded.teacher
     with job.log.stage(REWRITING):
-        job.control.report(REWRITING, 0.0, f"initializing {len(plan.compressed)} layers")
-        student = shallow_copy(teacher)
+        job.control.report(REWRITING, 0.0, f"initializing {len(planned.plan.compressed)} layers")
+        return build_student(loaded, planned, grad_reduction, job, report_progress=True)
 
-        def progress(done: int, total: int, name: str) -> None:
+
+def build_student(loaded: LoadedJob, planned: PlannedJob, grad_reduction: GradReduction,
+                  job: JobContext, report_progress: bool = False) -> fx.GraphModule:
+    """Return the initialized student of `planned` (what `rewrite` does, inside whichever
+    stage calls it: the target search scores candidates this way). `planned.stats` is
+    consumed (emptied)."""
+    plan, teacher = planned.plan, loaded.teacher
+    student = shallow_copy(teacher)
+
+    def progress(done: int, total: int, name: str) -> None:
+        if report_progress:
             job.control.report(REWRITING, 0.5 * done / total, f"layer {done}/{total}: {name}")
 
-        parametrize_(student, plan, planned.stats, grad_reduction, progress)
-        planned.stats.clear()  # what is left (statistics no layer read) is not needed again
-        if any(p.method.corrects_sequentially for p in plan.compressed):
+    parametrize_(student, plan, planned.stats, grad_reduction, progress)
+    planned.stats.clear()  # what is left (statistics no layer read) is not needed again
+    if any(p.method.corrects_sequentially for p in plan.compressed):
+        if report_progress:
             job.control.report(REWRITING, 0.5, "re-solving each layer on the compressed model")
-            wanted = min(len(loaded.train), SEQUENTIAL_SAMPLES)
-            samples = job.costs.sequential_samples(wanted)
-            job.log.info(f"sequential correction on {samples} of {wanted} samples")
-            correct_sequentially_(student, teacher, plan, loaded.train.take(torch.arange(samples)))
+        wanted = min(len(loaded.train), SEQUENTIAL_SAMPLES)
+        samples = job.costs.sequential_samples(wanted)
+        job.log.info(f"sequential correction on {samples} of {wanted} samples")
+        correct_sequentially_(student, teacher, plan, loaded.train.take(torch.arange(samples)))
     return student

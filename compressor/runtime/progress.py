@@ -12,12 +12,12 @@ from compressor.vocabulary import JOB_STAGES as STAGES
 # Share of the whole job each stage stands for, used to turn stage fractions into `overall`.
 _STAGE_WEIGHTS = {
     "loading": 0.05,
-    "planning": 0.01,
-    "calibrating": 0.09,
-    "rewriting": 0.10,
-    "finetuning": 0.50,
+    "calibrating": 0.08,
+    "planning": 0.10,
+    "rewriting": 0.08,
+    "finetuning": 0.47,
     "exporting": 0.12,
-    "verifying": 0.08,
+    "verifying": 0.05,
     "reporting": 0.05,
 }
 

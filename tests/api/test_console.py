@@ -171,3 +171,30 @@ def test_console_submits_follows_plots_downloads_and_refuses(
     expect(page.locator(f'tr[data-job="{job_id}"]')).to_have_count(0)
     assert server.client.get(f"/v1/jobs/{job_id}").status_code == 404
     context.close()
+
+
+def test_a_target_jobs_page_shows_the_outcome_and_every_candidate(
+    browser, server: ServerProcess, mlp_pt2: Path, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    config = {"target": {"top1_agreement": 0.5}, "finetune": {"steps": 5},
+              "export": {"latency_seconds": 0.05}}
+    job_id = server.client.post(
+        "/v1/jobs", files={"model": ("m.pt2", mlp_pt2.read_bytes())},
+        data={"config": json.dumps(config)}).json()["id"]
+    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    page.goto(server.client.base_url.join("/").__str__())
+    use_key(page, ALICE)
+    page.goto(f"{server.client.base_url}/#/jobs/{job_id}")
+    expect(page.locator('#job-head [data-status="succeeded"]')).to_be_visible(timeout=180_000)
+    report = server.client.get(f"/v1/jobs/{job_id}").json()["report"]
+    expect(page.locator("#outcome-headline")).to_have_text(report["outcome"]["headline"])
+    candidates = report["target"]["candidates"]
+    expect(page.locator("#frontier circle")).to_have_count(len(candidates))
+    expect(page.locator("#candidates tbody tr")).to_have_count(len(candidates))
+    chosen = report["target"]["chosen"]
+    key = f'{chosen["kept_fraction"]}-{chosen["quantize"] or "float"}'
+    assert page.locator(f'#frontier circle[data-candidate="{key}"]').get_attribute("r") == "7"
+    expect(page.locator("#frontier-baseline")).to_have_count(1)  # onnxruntime int8, beside them
+    screenshot(page, "console-target.png", tmp_path)

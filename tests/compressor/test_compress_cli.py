@@ -114,7 +114,7 @@ def test_an_internal_error_prints_its_id_and_job_log_holds_the_traceback(program
     def broken_planner(*args, **kwargs):
         raise RuntimeError("the planner fell over")
 
-    monkeypatch.setattr("compressor.plan.stage.plan_layers", broken_planner)
+    monkeypatch.setattr("compressor.plan.stage.allocate", broken_planner)
     result = CliRunner().invoke(main, ["compress", str(program), "--out", str(tmp_path)])
     said = _said(result)
     assert result.exit_code == 1 and "Traceback" not in result.output

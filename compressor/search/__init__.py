@@ -1,0 +1,1 @@
+"""Searches that drive the stages instead of living in them: target mode (`target`)."""

@@ -1,0 +1,297 @@
+"""Target mode: the smallest model that keeps a stated fidelity, found by one search.
+
+A job with a `target` states what it must keep (a floor per output kind) instead of a ratio.
+The search calibrates and decomposes once, then walks the candidates that calibration makes
+cheap to build: each budget (kept fraction of the targeted weights, spread by sensitivity along
+the allocation's greedy path), in float or with onnxruntime's int8 quantization stacked on its
+compact form. Each candidate is initialized (θ from the decompositions, corrected sequentially)
+and scored on the held-out split against the original: in PyTorch for the float form, on the
+real int8 ONNX model for the quantized one. The smallest candidates that meet the floor are
+then fine-tuned and checked again, smallest first; the first that still meets the floor is the
+one handed on to export. When none does, the job fails with `target_not_met`, giving the best
+fidelity reached and at what size.
+
+The search drives the stages (`plan`, `rewrite`, `finetune`); it does not live inside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from compressor.config import CompressionConfig, ExportConfig, TargetConfig
+from compressor.errors import ConfigError, TargetNotMetError
+from compressor.export.onnx import export_onnx, onnx_bytes
+from compressor.export.quantize import quantize_int8
+from compressor.export.stage import materialized, onnx_fidelity
+from compressor.finetune.loop import HeldOut
+from compressor.finetune.stage import EVAL_BATCH, TrainedJob, fidelity, finetune
+from compressor.load.stage import LoadedJob
+from compressor.plan.allocation import allocate_by_sensitivity, sensitivities_of
+from compressor.plan.planning import Plan
+from compressor.plan.stage import PlannedJob
+from compressor.rewrite.stage import build_student, rewrite
+from compressor.runtime.context import JobContext
+from compressor.runtime.costs import count_parameters
+from compressor.runtime.outputs import OutputFidelity
+from compressor.vocabulary import ONNX_ARTIFACT, PLANNING
+
+# The kept fractions of the targeted weights the search tries, smallest first.
+KEPT_FRACTIONS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# Quantized candidates tried at most (each is exported and run in onnxruntime).
+INT8_TRIES = 4
+# Finalists fine-tuned at most before the search gives up.
+FINALISTS = 2
+
+
+@dataclass
+class Candidate:
+    """One point of the search: a budget, a form, and what it measured."""
+
+    kept_fraction: float  # of the targeted weights (the allocation's budget)
+    quantize: str | None  # None or "int8"
+    parameters: int  # of the compact form
+    bytes: int  # of its ONNX file: as exported, or 4 bytes a parameter (`bytes_estimated`)
+    fidelity: dict[str, dict[str, Any]]  # per output, of the initialized candidate
+    meets_floor: bool
+    bytes_estimated: bool = False
+    plan: Plan | None = field(default=None, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        """Return the candidate as plain data for the report."""
+        data = asdict(self)
+        data.pop("plan")
+        return data
+
+
+@dataclass
+class SearchResult:
+    """What target mode chose, and every candidate it weighed."""
+
+    planned: PlannedJob
+    trained: TrainedJob
+    export: ExportConfig  # the export form and quantization of the chosen candidate
+    chosen: Candidate
+    candidates: list[Candidate]
+    tries: list[dict[str, Any]]  # each fine-tuned finalist and its fidelity after
+    target: TargetConfig
+
+    def summary(self) -> dict[str, Any]:
+        """Return the search as plain data for the report."""
+        return {"objective": self.target.objective, "floors": self.target.floors(),
+                "export": {"form": self.export.form, "quantize": self.export.quantize},
+                "chosen": self.chosen.summary(),
+                "candidates": [c.summary() for c in self.candidates], "tries": self.tries}
+
+
+def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
+           workdir: Path, job: JobContext) -> SearchResult:
+    """Find, fine-tune and return the smallest candidate that meets `config.target`, from the
+    layers `calibrated` found and prepared (planned at `ratio`, which sensitivities are
+    measured at). Scratch files go in `workdir`."""
+    target, plan, stats = config.target, calibrated.plan, calibrated.stats
+    with job.log.stage(PLANNING):
+        job.control.report(PLANNING, 0.0, "measuring each layer's sensitivity")
+        prepared, sensitivities = sensitivities_of(loaded.teacher, plan, stats, loaded.train,
+                                                   loaded.kinds, job)
+        if not prepared:
+            raise ConfigError(
+                "target mode chooses each layer's size from a decomposition that prices every "
+                f"size, which method {plan.layers[0].method.name!r} does not make"
+                if plan.layers else "no layer of this model is targeted")
+        held_out = HeldOut.of(loaded.teacher, loaded.held_out,
+                              job.costs.evaluation_batch(EVAL_BATCH))
+        scout = _Scout(loaded, stats, held_out, config, target, workdir, job)
+        candidates = scout.walk(_budget_plans(plan, prepared, sensitivities))
+    if not candidates:
+        raise TargetNotMetError("no candidate smaller than the original could be planned for "
+                                "this model; set `ratio` to compress it to a size you choose")
+    finalists = sorted((c for c in candidates if c.meets_floor and not c.bytes_estimated),
+                       key=lambda c: c.bytes)
+    if not finalists:
+        raise TargetNotMetError(_not_met(candidates, target, fine_tuned=False))
+    tries: list[dict[str, Any]] = []
+    for candidate in finalists[:FINALISTS]:
+        planned = PlannedJob(candidate.plan, dict(stats))
+        student = rewrite(loaded, planned, config.finetune.grad_reduction, job)
+        trained = finetune(loaded, candidate.plan, student, config.finetune, job)
+        del student
+        reached = (_fidelity_dict(trained.final, loaded.output_names) if candidate.quantize is None
+                   else scout.quantized_fidelity(trained.student, candidate.plan)[0])
+        ok = meets(reached, target)
+        tries.append({"kept_fraction": candidate.kept_fraction, "quantize": candidate.quantize,
+                      "bytes": candidate.bytes, "fidelity": reached, "meets_floor": ok})
+        job.log.info(f"target: candidate kept {candidate.kept_fraction:g}"
+                     f"{' int8' if candidate.quantize else ''} after fine-tuning: "
+                     f"{'meets' if ok else 'misses'} the floor ({_describe(reached)})")
+        if ok:
+            export = config.export.model_copy(update={"form": "factorized",
+                                                      "quantize": candidate.quantize})
+            return SearchResult(planned, trained, export, candidate, candidates, tries, target)
+    raise TargetNotMetError(_not_met(candidates, target, fine_tuned=True, tries=tries))
+
+
+def meets(fidelity: dict[str, dict[str, Any]], target: TargetConfig) -> bool:
+    """Whether every scored output keeps its kind's floor."""
+    return all(_margin(figures, target) >= 0 for figures in fidelity.values())
+
+
+def _margin(figures: dict[str, Any], target: TargetConfig) -> float:
+    """How far above its floor one output is (negative: below it; ignored outputs: inf)."""
+    kind = figures["kind"]
+    if kind == "logits":
+        return figures["top1_agreement"] - target.top1_agreement
+    if kind == "embedding":
+        return figures["cosine"] - target.cosine
+    if kind == "regression":
+        return target.relative_l2 - figures["relative_l2"]
+    return float("inf")
+
+
+def _describe(fidelity: dict[str, dict[str, Any]]) -> str:
+    parts = []
+    for name, figures in fidelity.items():
+        kind = figures["kind"]
+        if kind == "logits":
+            parts.append(f"{name} top-1 agreement {figures['top1_agreement']:.4f}")
+        elif kind == "embedding":
+            parts.append(f"{name} cosine {figures['cosine']:.4f}")
+        elif kind == "regression":
+            parts.append(f"{name} relative L2 {figures['relative_l2']:.4f}")
+    return ", ".join(parts) or "no scored output"
+
+
+def _not_met(candidates: list[Candidate], target: TargetConfig, fine_tuned: bool,
+             tries: list[dict[str, Any]] | None = None) -> str:
+    best = max(candidates, key=lambda c: min(_margin(f, target) for f in c.fidelity.values()))
+    floors = ", ".join(f"{k} {v:g}" for k, v in target.floors().items())
+    after = ""
+    if fine_tuned and tries:
+        after = ("; after fine-tuning the smallest candidates that met it reached "
+                 + "; ".join(f"{_describe(t['fidelity'])} at {t['bytes']:,} bytes"
+                             for t in tries))
+    return (f"no candidate meets the target ({floors}): the best reached "
+            f"{_describe(best.fidelity)} keeping {best.kept_fraction:g} of the targeted weights"
+            f"{' with int8' if best.quantize else ''} ({best.bytes:,} bytes){after}. Lower the "
+            "floors in `target`, give more data or more `finetune.steps`, or set `ratio` to "
+            "choose the size yourself")
+
+
+def _budget_plans(plan: Plan, prepared: dict, sensitivities: dict[str, float],
+                  ) -> list[tuple[float, Plan]]:
+    """Return the plan of every kept fraction the search tries, along the greedy path."""
+    chosen = [p for p in plan.layers if p.adjustable and p.layer.name in prepared]
+    total = sum(p.layer.numel for p in chosen)
+    others = sum(p.compact_numel for p in plan.layers if p not in chosen)
+    plans = []
+    for fraction in KEPT_FRACTIONS:
+        budgeted = allocate_by_sensitivity(plan, prepared, sensitivities,
+                                           budget=fraction * total)
+        if budgeted.allocation == "sensitivity" and budgeted.compressed:
+            plans.append((fraction, replace(budgeted, budget=others + fraction * total)))
+    return plans
+
+
+def _fidelity_dict(fidelity: list[OutputFidelity], names: list[str]) -> dict[str, dict]:
+    return {name: asdict(f) for name, f in zip(names, fidelity, strict=True)}
+
+
+class _Scout:
+    """Initialize and score candidates, cheaply: one student at a time, no fine-tuning."""
+
+    def __init__(self, loaded: LoadedJob, stats: dict, held_out: HeldOut,
+                 config: CompressionConfig, target: TargetConfig, workdir: Path,
+                 job: JobContext) -> None:
+        self.loaded, self.stats, self.held_out = loaded, stats, held_out
+        self.config, self.target, self.workdir, self.job = config, target, workdir, job
+        self.other_parameters = count_parameters(loaded.teacher)
+
+    def walk(self, plans: list[tuple[float, Plan]]) -> list[Candidate]:
+        """Score every budget in float, then int8 from the smallest float candidate that meets
+        the floor upward (int8 only loses fidelity), until one meets it or the tries run out."""
+        candidates = []
+        for index, (fraction, plan) in enumerate(plans):
+            self.job.control.report(PLANNING, index / (2 * len(plans)),
+                                    f"scoring the candidate keeping {fraction:g}")
+            candidates.append(self._float(fraction, plan))
+        passing = [i for i, c in enumerate(candidates) if c.meets_floor]
+        if passing:  # the float finalist's real size, to weigh against the int8 ones
+            smallest = candidates[passing[0]]
+            smallest.bytes = self.exported_bytes(self._student(smallest.plan), smallest.plan)
+            smallest.bytes_estimated = False
+            overhead = smallest.bytes - 4 * smallest.parameters  # the graph, names, ...
+            for other in candidates:
+                if other.bytes_estimated:
+                    other.bytes = 4 * other.parameters + overhead
+        start = passing[0] if passing else len(plans) - INT8_TRIES
+        for fraction, plan in plans[max(0, start):][:INT8_TRIES]:
+            self.job.control.report(PLANNING, 0.5 + 0.5 * len(candidates) / (3 * len(plans)),
+                                    f"scoring the candidate keeping {fraction:g} with int8")
+            candidate = self._int8(fraction, plan)
+            candidates.append(candidate)
+            if candidate.meets_floor:
+                break
+        for c in candidates:
+            self.job.log.info(f"target: kept {c.kept_fraction:g}{' int8' if c.quantize else ''}"
+                              f", {c.bytes:,} bytes: {_describe(c.fidelity)}"
+                              f"{' (meets the floor)' if c.meets_floor else ''}")
+        return candidates
+
+    def _student(self, plan: Plan) -> fx.GraphModule:
+        return build_student(self.loaded, PlannedJob(plan, dict(self.stats)),
+                             self.config.finetune.grad_reduction, self.job)
+
+    def _parameters(self, plan: Plan) -> int:
+        return round(self.other_parameters - plan.targeted_numel + plan.kept_numel)
+
+    def _float(self, fraction: float, plan: Plan) -> Candidate:
+        student = self._student(plan)
+        scored = _fidelity_dict(fidelity(student, self.held_out, self.loaded.kinds)[0],
+                                self.loaded.output_names)
+        parameters = self._parameters(plan)
+        return Candidate(fraction, None, parameters, 4 * parameters, scored,
+                         meets(scored, self.target), bytes_estimated=True, plan=plan)
+
+    def _int8(self, fraction: float, plan: Plan) -> Candidate:
+        scored, size = self.quantized_fidelity(self._student(plan), plan)
+        return Candidate(fraction, "int8", self._parameters(plan), size, scored,
+                         meets(scored, self.target), plan=plan)
+
+    def quantized_fidelity(self, student: fx.GraphModule, plan: Plan,
+                           ) -> tuple[dict[str, dict[str, Any]], int]:
+        """Export `student`'s compact form, quantize it to int8 and score it in onnxruntime;
+        return its fidelity and its bytes. The student is left as it was."""
+        with self._exported(student, plan) as exported:
+            quantized = exported.parent / "int8" / ONNX_ARTIFACT
+            quantized.parent.mkdir()
+            quantize_int8(exported, quantized)
+            scored = onnx_fidelity(quantized, self.held_out, self.loaded.kinds)
+            return _fidelity_dict(scored, self.loaded.output_names), onnx_bytes(quantized)
+
+    def exported_bytes(self, student: fx.GraphModule, plan: Plan) -> int:
+        """Return the bytes of `student`'s compact form exported to ONNX."""
+        with self._exported(student, plan) as exported:
+            return onnx_bytes(exported)
+
+    @contextlib.contextmanager
+    def _exported(self, student: fx.GraphModule, plan: Plan) -> Iterator[Path]:
+        """Export `student`'s compact form into a scratch folder, removed after."""
+        module = materialized(student, self.loaded.teacher, plan, "factorized")
+        held_out = self.loaded.held_out
+        sample = held_out.take(torch.arange(min(2, len(held_out))))
+        scratch = Path(tempfile.mkdtemp(prefix=".target-", dir=self.workdir))
+        try:
+            exported = scratch / ONNX_ARTIFACT
+            export_onnx(module, sample, self.loaded.specs, exported, self.config.export.opset)
+            yield exported
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+

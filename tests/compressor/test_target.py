@@ -1,0 +1,127 @@
+"""Target mode: the smallest candidate that keeps the floor, or `target_not_met` with the best."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import compressor
+from compressor.cli import main
+from compressor.config import CompressionConfig
+from compressor.errors import ConfigError, TargetNotMetError
+from compressor.load.stage import load
+from compressor.plan.stage import calibrate_layers, plan
+from compressor.runtime.context import JobContext
+from compressor.runtime.joblog import JobLog
+from compressor.runtime.progress import JobControl
+from compressor.search.target import KEPT_FRACTIONS
+from tests.support.tiny_models import make_pt2
+
+# An MLP scored as a regression (relative L2), so floors can be set anywhere; no fine-tuning,
+# so a candidate's figures after "fine-tuning" are those it was scored with.
+FAST = {"finetune": {"steps": 0, "loss": "regression"}, "min_layer_params": 0,
+        "export": {"latency_seconds": 0}, "data": {"synthetic_samples": 64}}
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory):
+    return make_pt2("mlp", tmp_path_factory.mktemp("mlp") / "mlp.pt2")
+
+
+@pytest.fixture(scope="module")
+def easy(mlp, tmp_path_factory):
+    """A target every candidate meets: the search's candidates and what each scored."""
+    out = tmp_path_factory.mktemp("easy")
+    return compressor.compress(mlp, {**FAST, "target": {"relative_l2": 10.0}}, out_dir=out)
+
+
+def _relative_l2(candidate):
+    return candidate["fidelity"]["output_0"]["relative_l2"]
+
+
+def test_an_easy_target_hands_back_the_smallest_candidate(easy):
+    search = easy.report["target"]
+    assert all(c["meets_floor"] for c in search["candidates"])
+    chosen = search["chosen"]
+    assert chosen["bytes"] == min(c["bytes"] for c in search["candidates"])
+    assert easy.report["onnx_bytes"]["artifact"] == chosen["bytes"]  # what was measured ships
+    assert easy.report["config"]["target"]["relative_l2"] == 10.0
+    assert easy.report["outcome"]["meets_target"]
+    assert not any("not smaller" in warning for warning in easy.report["warnings"])
+
+
+def test_a_floor_only_the_largest_budget_meets_picks_it(easy, mlp, tmp_path):
+    floats = [c for c in easy.report["target"]["candidates"] if c["quantize"] is None]
+    assert [c["kept_fraction"] for c in floats] == sorted(c["kept_fraction"] for c in floats)
+    largest, runner_up = floats[-1], floats[-2]
+    assert _relative_l2(largest) < _relative_l2(runner_up)
+    floor = (_relative_l2(largest) + _relative_l2(runner_up)) / 2
+    result = compressor.compress(mlp, {**FAST, "target": {"relative_l2": floor}},
+                                 out_dir=tmp_path / "out")
+    chosen = result.report["target"]["chosen"]
+    assert chosen["kept_fraction"] == largest["kept_fraction"] == KEPT_FRACTIONS[-1]
+    assert _relative_l2(chosen) <= floor
+    met = [c for c in result.report["target"]["candidates"] if c["meets_floor"]]
+    assert chosen["bytes"] == min(c["bytes"] for c in met)
+
+
+def test_an_unreachable_floor_fails_with_the_best_figures_reached(mlp, tmp_path):
+    with pytest.raises(TargetNotMetError) as caught:
+        compressor.compress(mlp, {**FAST, "target": {"relative_l2": 1e-9}},
+                            out_dir=tmp_path / "out")
+    assert caught.value.code == "target_not_met"
+    message = caught.value.message
+    assert "the best reached output_0 relative L2" in message and "bytes" in message
+    assert "`ratio`" in message  # what to try
+    assert not (tmp_path / "out" / "model.onnx").exists()
+    assert "target_not_met" in (tmp_path / "out" / "job.log").read_text()
+
+
+def test_a_target_config_reads_back_as_it_was_with_every_default_filled():
+    config = CompressionConfig.parse({"target": {"cosine": 0.995}})
+    assert CompressionConfig.parse(config.to_dict()) == config  # what the service's workers read
+    assert CompressionConfig.parse(config.to_json()).target.cosine == 0.995
+
+
+def test_an_explicit_ratio_plans_exactly_as_without_a_target(mlp, tmp_path):
+    config = CompressionConfig.parse({**FAST, "ratio": 0.4})
+    result = compressor.compress(mlp, config, out_dir=tmp_path / "out")
+    assert "target" not in result.report
+    log = JobLog(None)
+    control = JobControl()
+    torch.manual_seed(config.finetune.seed)
+    (tmp_path / "again").mkdir()
+    loaded = load(mlp, None, config, tmp_path / "again", control, log)
+    job = JobContext(loaded.costs, control, log)
+    planned = plan(loaded, calibrate_layers(loaded, config, job), config, job)
+    expected = json.loads(json.dumps(planned.plan.to_dict()))
+    got = result.report["plan"]
+    assert [(e["name"], e["size"]) for e in got["layers"]] == [
+        (e["name"], e["size"]) for e in expected["layers"]]
+    assert got["kept_weights"] == expected["kept_weights"]
+
+
+@pytest.mark.parametrize("config, says", [
+    ({"target": {}, "overrides": [{"match": "fc1", "rank": 4}]}, "`overrides`"),
+    ({"target": {}, "export": {"quantize": "int8"}}, "export.quantize"),
+    ({"target": {"cosine": 2}}, "target.cosine"),
+    ({"target": {"objective": "speed"}}, "target.objective"),
+])
+def test_a_target_that_cannot_be_followed_is_refused_naming_the_field(config, says):
+    with pytest.raises(ConfigError, match=None) as caught:
+        CompressionConfig.parse(config)
+    assert says in caught.value.message
+
+
+def test_the_command_line_takes_a_target_and_prints_the_outcome_first(mlp, tmp_path):
+    out = tmp_path / "out"
+    settings = ["--set", 'target={"relative_l2": 10}', "--set", "finetune.steps=0",
+                "--set", 'finetune.loss="regression"', "--set", "min_layer_params=0",
+                "--set", "export.latency_seconds=0.05"]
+    result = CliRunner().invoke(main, ["compress", str(mlp), "--out", str(out), *settings])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    said = " ".join(result.output.split())
+    assert said.index("smaller") < said.index("compression summary")  # the headline first
+    assert report["target"]["chosen"]["meets_floor"] and report["outcome"]["meets_target"]
