@@ -6,9 +6,11 @@ cheap to build: each budget (kept fraction of the targeted weights, spread by se
 the allocation's greedy path), in float or with onnxruntime's int8 quantization stacked on its
 compact form. Each candidate is initialized (θ from the decompositions, corrected sequentially)
 and scored on the held-out split against the original: in PyTorch for the float form, on the
-real int8 ONNX model for the quantized one. The smallest candidates that meet the floor are
-then fine-tuned and checked again, smallest first; the first that still meets the floor is the
-one handed on to export. When none does, the job fails with `target_not_met`, giving the best
+real int8 ONNX model for the quantized one. Fine-tuning then goes to the finalists, smallest
+first: candidates that miss the floor by little as initialized (within fine-tuning's reach,
+`REACH`) and are smaller than the smallest that meets it, then those that meet it; each is
+checked again after fine-tuning, and the first that meets the floor is the one handed on to
+export. When none does, the job fails with `target_not_met`, giving the best
 fidelity reached and at what size.
 
 The search drives the stages (`plan`, `rewrite`, `finetune`); it does not live inside them.
@@ -48,8 +50,13 @@ from compressor.vocabulary import ONNX_ARTIFACT, PLANNING
 KEPT_FRACTIONS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # Quantized candidates tried at most (each is exported and run in onnxruntime).
 INT8_TRIES = 4
-# Finalists fine-tuned at most before the search gives up.
-FINALISTS = 2
+# Candidates that miss the floor by at most this as initialized (top-1 agreement, cosine; a
+# relative L2 this share above its floor) are within fine-tuning's reach: smaller ones are
+# fine-tuned first, before the smallest that meets the floor as initialized.
+REACH = 0.01
+REACH_RELATIVE_L2 = 0.5
+# Candidates within reach tried at most before the smallest that meets the floor.
+REACH_TRIES = 2
 
 
 @dataclass
@@ -114,18 +121,22 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
     if not candidates:
         raise TargetNotMetError("no candidate smaller than the original could be planned for "
                                 "this model; set `ratio` to compress it to a size you choose")
-    finalists = sorted((c for c in candidates if c.meets_floor and not c.bytes_estimated),
-                       key=lambda c: c.bytes)
+    finalists = _finalists(candidates, target)
     if not finalists:
         raise TargetNotMetError(_not_met(candidates, target, fine_tuned=False))
     tries: list[dict[str, Any]] = []
-    for candidate in finalists[:FINALISTS]:
+    for candidate in finalists:
         planned = PlannedJob(candidate.plan, dict(stats))
         student = rewrite(loaded, planned, config.finetune.grad_reduction, job)
         trained = finetune(loaded, candidate.plan, student, config.finetune, job)
         del student
-        reached = (_fidelity_dict(trained.final, loaded.output_names) if candidate.quantize is None
-                   else scout.quantized_fidelity(trained.student, candidate.plan)[0])
+        if candidate.quantize is None:
+            reached = _fidelity_dict(trained.final, loaded.output_names)
+            if candidate.bytes_estimated:  # its real size, now that it may ship
+                candidate.bytes = scout.exported_bytes(trained.student, candidate.plan)
+                candidate.bytes_estimated = False
+        else:
+            reached = scout.quantized_fidelity(trained.student, candidate.plan)[0]
         ok = meets(reached, target)
         tries.append({"kept_fraction": candidate.kept_fraction, "quantize": candidate.quantize,
                       "bytes": candidate.bytes, "fidelity": reached, "meets_floor": ok})
@@ -137,6 +148,28 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
                                                       "quantize": candidate.quantize})
             return SearchResult(planned, trained, export, candidate, candidates, tries, target)
     raise TargetNotMetError(_not_met(candidates, target, fine_tuned=True, tries=tries))
+
+
+def _finalists(candidates: list[Candidate], target: TargetConfig) -> list[Candidate]:
+    """Return the candidates to fine-tune, in order: those within fine-tuning's reach that are
+    smaller than the smallest meeting the floor (smallest first, at most `REACH_TRIES`), then
+    those meeting it, smallest first."""
+    meeting = sorted((c for c in candidates if c.meets_floor), key=lambda c: c.bytes)
+    smallest = meeting[0].bytes if meeting else float("inf")
+    near = sorted((c for c in candidates if not c.meets_floor and c.bytes < smallest
+                   and within_reach(c.fidelity, target)), key=lambda c: c.bytes)
+    return near[:REACH_TRIES] + meeting
+
+
+def within_reach(fidelity: dict[str, dict[str, Any]], target: TargetConfig) -> bool:
+    """Whether every scored output is at most `REACH` below its kind's floor."""
+    for figures in fidelity.values():
+        margin = _margin(figures, target)
+        reach = (REACH_RELATIVE_L2 * target.relative_l2 if figures["kind"] == "regression"
+                 else REACH)
+        if margin < -reach:
+            return False
+    return True
 
 
 def meets(fidelity: dict[str, dict[str, Any]], target: TargetConfig) -> bool:
@@ -215,14 +248,16 @@ class _Scout:
         self.other_parameters = count_parameters(loaded.teacher)
 
     def walk(self, plans: list[tuple[float, Plan]]) -> list[Candidate]:
-        """Score every budget in float, then int8 from the smallest float candidate that meets
-        the floor upward (int8 only loses fidelity), until one meets it or the tries run out."""
+        """Score every budget in float, then int8 from the smallest float candidate within
+        fine-tuning's reach of the floor upward (int8 only loses fidelity), until one meets it
+        or the tries run out."""
         candidates = []
         for index, (fraction, plan) in enumerate(plans):
             self.job.control.report(PLANNING, index / (2 * len(plans)),
                                     f"scoring the candidate keeping {fraction:g}")
             candidates.append(self._float(fraction, plan))
         passing = [i for i, c in enumerate(candidates) if c.meets_floor]
+        reach = [i for i, c in enumerate(candidates) if within_reach(c.fidelity, self.target)]
         if passing:  # the float finalist's real size, to weigh against the int8 ones
             smallest = candidates[passing[0]]
             smallest.bytes = self.exported_bytes(self._student(smallest.plan), smallest.plan)
@@ -231,7 +266,7 @@ class _Scout:
             for other in candidates:
                 if other.bytes_estimated:
                     other.bytes = 4 * other.parameters + overhead
-        start = passing[0] if passing else len(plans) - INT8_TRIES
+        start = reach[0] if reach else len(plans) - INT8_TRIES
         for fraction, plan in plans[max(0, start):][:INT8_TRIES]:
             self.job.control.report(PLANNING, 0.5 + 0.5 * len(candidates) / (3 * len(plans)),
                                     f"scoring the candidate keeping {fraction:g} with int8")
