@@ -4,7 +4,8 @@ A job with a `target` states what it must keep (a floor per output kind) instead
 The search calibrates and decomposes once, then walks the candidates that calibration makes
 cheap to build: each budget (kept fraction of the targeted weights, spread by sensitivity along
 the allocation's greedy path), in float or with onnxruntime's int8 quantization stacked on its
-compact form. Each candidate is initialized (θ from the decompositions, corrected sequentially)
+compact form, and int8 of the original itself (kept fraction 1: when it keeps the floor and
+nothing smaller does, it is what a user should take). Each candidate is initialized (θ from the decompositions, corrected sequentially)
 and scored on the held-out split against the original: in PyTorch for the float form, on the
 real int8 ONNX model for the quantized one. Fine-tuning then goes to the finalists, smallest
 first: candidates that miss the floor by little as initialized (within fine-tuning's reach,
@@ -117,7 +118,7 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
         held_out = HeldOut.of(loaded.teacher, loaded.held_out,
                               job.costs.evaluation_batch(EVAL_BATCH))
         scout = _Scout(loaded, stats, held_out, config, target, workdir, job)
-        candidates = scout.walk(_budget_plans(plan, prepared, sensitivities))
+        candidates = scout.walk(_budget_plans(plan, prepared, sensitivities), _dense(plan))
     if not candidates:
         raise TargetNotMetError("no candidate smaller than the original could be planned for "
                                 "this model; set `ratio` to compress it to a size you choose")
@@ -233,6 +234,13 @@ def _budget_plans(plan: Plan, prepared: dict, sensitivities: dict[str, float],
     return plans
 
 
+def _dense(plan: Plan) -> Plan:
+    """Return `plan` with every layer left dense (the original's weights as they are)."""
+    layers = tuple(replace(p, size=None, compact_numel=float(p.layer.numel),
+                           reason="kept dense: int8 of the original") for p in plan.layers)
+    return replace(plan, layers=layers, budget=float(plan.targeted_numel), layer_ratio=1.0)
+
+
 def _fidelity_dict(fidelity: list[OutputFidelity], names: list[str]) -> dict[str, dict]:
     return {name: asdict(f) for name, f in zip(names, fidelity, strict=True)}
 
@@ -247,7 +255,7 @@ class _Scout:
         self.config, self.target, self.workdir, self.job = config, target, workdir, job
         self.other_parameters = count_parameters(loaded.teacher)
 
-    def walk(self, plans: list[tuple[float, Plan]]) -> list[Candidate]:
+    def walk(self, plans: list[tuple[float, Plan]], dense: Plan) -> list[Candidate]:
         """Score every budget in float, then int8 from the smallest float candidate within
         fine-tuning's reach of the floor upward (int8 only loses fidelity), until one meets it
         or the tries run out."""
@@ -274,6 +282,10 @@ class _Scout:
             candidates.append(candidate)
             if candidate.meets_floor:
                 break
+        # int8 of the original itself: when it keeps the floor and no candidate is smaller, it
+        # is the honest answer (and the bar every compressed candidate has to clear)
+        self.job.control.report(PLANNING, 0.95, "scoring the original with int8")
+        candidates.append(self._int8(1.0, dense))
         for c in candidates:
             self.job.log.info(f"target: kept {c.kept_fraction:g}{' int8' if c.quantize else ''}"
                               f", {c.bytes:,} bytes: {_describe(c.fidelity)}"

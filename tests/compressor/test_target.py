@@ -59,11 +59,27 @@ def test_a_floor_only_the_largest_budget_meets_picks_it(easy, mlp, tmp_path):
     floor = (_relative_l2(largest) + _relative_l2(runner_up)) / 2
     result = compressor.compress(mlp, {**FAST, "target": {"relative_l2": floor}},
                                  out_dir=tmp_path / "out")
+    search = result.report["target"]
+    met = [c for c in search["candidates"] if c["meets_floor"]]
+    assert [c["kept_fraction"] for c in met if c["quantize"] is None] == [KEPT_FRACTIONS[-1]]
+    chosen = search["chosen"]
+    assert chosen["kept_fraction"] >= KEPT_FRACTIONS[-1] and _relative_l2(chosen) <= floor
+    assert chosen["bytes"] == min(c["bytes"] for c in met)  # int8 of it, or of the original,
+    # when that also keeps the floor and is smaller
+
+
+def test_int8_of_the_original_is_a_candidate_and_wins_when_nothing_smaller_keeps_the_floor(
+        easy, mlp, tmp_path):
+    dense = [c for c in easy.report["target"]["candidates"] if c["kept_fraction"] == 1.0]
+    assert [c["quantize"] for c in dense] == ["int8"]
+    smaller = [c for c in easy.report["target"]["candidates"] if c["bytes"] < dense[0]["bytes"]]
+    floor = min(_relative_l2(c) for c in smaller) / 2  # none of them keeps it
+    assert _relative_l2(dense[0]) <= floor  # int8 loses far less than any rank cut here
+    result = compressor.compress(mlp, {**FAST, "target": {"relative_l2": floor}},
+                                 out_dir=tmp_path / "out")
     chosen = result.report["target"]["chosen"]
-    assert chosen["kept_fraction"] == largest["kept_fraction"] == KEPT_FRACTIONS[-1]
-    assert _relative_l2(chosen) <= floor
-    met = [c for c in result.report["target"]["candidates"] if c["meets_floor"]]
-    assert chosen["bytes"] == min(c["bytes"] for c in met)
+    assert (chosen["kept_fraction"], chosen["quantize"]) == (1.0, "int8")
+    assert all(entry["method"] == "dense" for entry in result.report["plan"]["layers"])
 
 
 def test_an_unreachable_floor_fails_with_the_best_figures_reached(mlp, tmp_path):
