@@ -38,17 +38,23 @@ class JobPublic(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "id": _JOB_ID, "status": "running", "stage": "finetuning", "progress": 0.42,
+                    "id": _JOB_ID, "model_name": "minilm.zip", "status": "running",
+                    "stage": "finetuning", "progress": 0.42,
                     "created_at": "2025-01-01T12:00:00Z", "started_at": "2025-01-01T12:00:01Z",
                     "finished_at": None, "config": {"method": "lowrank", "ratio": 0.5},
                     "error": None, "report": None, "artifacts": [], "attempts": 1,
                     "retry_reason": None, "loss_curve": [[25, 0.41], [50, 0.22], [75, 0.17]],
+                    "stage_times": {"loading": "2025-01-01T12:00:01Z",
+                                    "finetuning": "2025-01-01T12:00:09Z"},
                 }
             ]
         }
     )
 
     id: str
+    model_name: str | None = Field(
+        default=None, description="the uploaded model file's name, as the client sent it"
+    )
     status: JobStatus
     stage: JobStage | None = Field(description="the pipeline stage running now, or last run")
     progress: float = Field(ge=0, le=1, description="the whole job's progress")
@@ -67,12 +73,18 @@ class JobPublic(BaseModel):
         "steps run so far (at most 100; live while the job fine-tunes); the held-out losses are "
         "in report.finetune.history once the job succeeded",
     )
+    stage_times: dict[JobStage, datetime] = Field(
+        default_factory=dict,
+        description="when each stage of the latest run started (the job store's clock), in "
+        "the order they ran; a stage's time is its start, the next stage's is its end",
+    )
 
     @classmethod
     def from_record(cls, job: JobRecord) -> JobPublic:
         """Return the public view of a stored job."""
         return cls(
             id=job.id,
+            model_name=job.model_name,
             status=job.status,  # type: ignore[arg-type]
             stage=job.stage,  # type: ignore[arg-type]
             progress=job.progress,
@@ -89,6 +101,9 @@ class JobPublic(BaseModel):
             attempts=job.attempts,
             retry_reason=job.retry_reason,
             loss_curve=[(int(step), float(loss)) for step, loss in job.loss_curve],
+            stage_times={
+                stage: datetime.fromtimestamp(at, UTC) for stage, at in job.stage_times.items()
+            },
         )
 
 

@@ -290,7 +290,9 @@ class _FormReceiver:
                 details=[{"field": "model", "message": "field required"}],
             )
         config = self.config if self.config is not None else CompressionConfig().to_dict()
-        return Submission(config=config, data_format=self.data_format)
+        model_name = self.parts["model"].filename.replace("\\", "/").rsplit("/", 1)[-1]
+        return Submission(config=config, data_format=self.data_format,
+                          model_name=model_name or None)
 
     def abort(self) -> None:
         """Delete every file written for this job."""

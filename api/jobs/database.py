@@ -72,6 +72,8 @@ class JobRecord:
     cancel_requested: bool
     retry_reason: str | None
     loss_curve: list[list[float]]
+    stage_times: dict[str, float]  # when each stage of this run was first reported (store clock)
+    model_name: str | None  # the uploaded model file's name, as the client sent it
 
     @property
     def is_finished(self) -> bool:
@@ -109,6 +111,7 @@ def _record(row: sa.Row) -> JobRecord:
     values["artifacts"] = values["artifacts"] or []
     values["cancel_requested"] = bool(values["cancel_requested"])
     values["loss_curve"] = values["loss_curve"] or []
+    values["stage_times"] = values["stage_times"] or {}
     return JobRecord(**values)
 
 
@@ -172,7 +175,8 @@ class JobDatabase:
     # -- the API's side ----------------------------------------------------------------------
 
     def create(
-        self, job_id: str, owner: str, config: dict[str, Any], data_format: str | None
+        self, job_id: str, owner: str, config: dict[str, Any], data_format: str | None,
+        model_name: str | None = None,
     ) -> JobRecord:
         """Insert a new `queued` job and return it."""
         now = self._now
@@ -180,6 +184,7 @@ class JobDatabase:
             "id": job_id, "owner": owner, "status": QUEUED, "stage": None, "progress": 0.0,
             "config": config, "data_format": data_format, "created_at": now, "updated_at": now,
             "attempts": 0, "cancel_requested": False,
+            "model_name": model_name[:255] if model_name else None,
         }
         with self._writer.begin() as conn:
             conn.execute(jobs.insert().values(**values))
@@ -267,22 +272,23 @@ class JobDatabase:
                 .values(
                     status=RUNNING, worker_id=worker_id, started_at=now, updated_at=now,
                     lease_expires_at=now + lease_s, attempts=jobs.c.attempts + 1,
-                    stage=None, progress=0.0, loss_curve=None,
+                    stage=None, progress=0.0, loss_curve=None, stage_times=None,
                 )
             ).rowcount
         return self.get(job_id) if claimed == 1 else None
+
+    @staticmethod
+    def _owned(job_id: str, worker_id: str) -> sa.ColumnElement[bool]:
+        return sa.and_(
+            jobs.c.id == job_id, jobs.c.status == RUNNING, jobs.c.worker_id == worker_id
+        )
 
     def _update_own(self, job_id: str, worker_id: str, **values: Any) -> bool:
         values.setdefault("updated_at", self._now)
         with self._writer.begin() as conn:
             return (
-                conn.execute(
-                    jobs.update()
-                    .where(
-                        jobs.c.id == job_id, jobs.c.status == RUNNING, jobs.c.worker_id == worker_id
-                    )
-                    .values(**values)
-                ).rowcount
+                conn.execute(jobs.update().where(self._owned(job_id, worker_id)).values(**values))
+                .rowcount
                 == 1
             )
 
@@ -301,6 +307,7 @@ class JobDatabase:
         """Record the running job's stage, overall progress and (if given) its recent loss points.
 
         `loss_curve` replaces the stored points: [[step, loss], ...], at most LOSS_POINTS.
+        The first report of a stage records its start in `stage_times`, on the store's clock.
         False if the job is not ours.
         """
         values: dict[str, Any] = {"stage": stage, "progress": progress}
@@ -308,7 +315,16 @@ class JobDatabase:
             if len(loss_curve) > LOSS_POINTS:
                 raise ValueError(f"at most {LOSS_POINTS} loss points, got {len(loss_curve)}")
             values["loss_curve"] = loss_curve
-        return self._update_own(job_id, worker_id, **values)
+        owned = self._owned(job_id, worker_id)
+        with self._writer.begin() as conn:
+            row = conn.execute(sa.select(jobs.c.stage_times, self._now).where(owned)).first()
+            if row is None:
+                return False
+            times, now = row[0] or {}, float(row[1])
+            if stage not in times:
+                values["stage_times"] = {**times, stage: now}
+            conn.execute(jobs.update().where(owned).values(updated_at=now, **values))
+        return True
 
     def is_cancel_requested(self, job_id: str) -> bool:
         """Return True if the job's owner asked to cancel it, or the job was deleted."""

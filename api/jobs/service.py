@@ -100,6 +100,7 @@ class Submission:
 
     config: dict[str, Any]
     data_format: str | None  # "safetensors", "npz", "txt", "jsonl" or None (no data file)
+    model_name: str | None = None  # the model file's name as the client sent it
 
 
 ReceiveUploads = Callable[[str], Awaitable[Submission]]  # job id -> its stored uploads
@@ -127,7 +128,9 @@ def _insert_and_enqueue(
     store, limit = services.store, services.settings.max_jobs_in_flight
     try:
         with _reaching("job store or queue"):
-            job = store.create(job_id, tenant, submission.config, submission.data_format)
+            job = store.create(
+                job_id, tenant, submission.config, submission.data_format, submission.model_name
+            )
             if store.count_in_flight(tenant) > limit:  # a concurrent submit got in first
                 raise TooManyJobs(limit)
             services.queue.enqueue(job_id)

@@ -37,6 +37,10 @@ jobs = sa.Table(
     sa.Column("retry_reason", sa.Text, nullable=True),
     # Recent fine-tuning loss points [[step, loss], ...], thinned to at most LOSS_POINTS.
     sa.Column("loss_curve", sa.JSON, nullable=True),
+    # When each stage of the current run started {stage: time}, on the store's clock.
+    sa.Column("stage_times", sa.JSON, nullable=True),
+    # The uploaded model file's name as the client sent it (shown to its owner, never a path).
+    sa.Column("model_name", sa.String(255), nullable=True),
     sa.Index("ix_jobs_owner_seq", "owner", "seq"),
     sa.Index("ix_jobs_status_lease", "status", "lease_expires_at"),
     sqlite_autoincrement=True,

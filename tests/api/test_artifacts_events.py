@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from compressor.runtime.progress import STAGES, ProgressEvent, overall_progress
 from tests.support.fakes import FakeJob
 from tests.support.service import wait_for_job
 
@@ -173,6 +174,30 @@ def test_artifacts_of_an_unfinished_job_are_404_saying_so(make_client, fake_pt2)
     assert "the job is queued" in response.json()["error"]["message"]
 
 
+def test_a_queued_jobs_log_is_empty_not_missing(make_client, fake_pt2) -> None:
+    client = make_client(embedded_worker=False)
+    job_id = client.post("/v1/jobs", files={"model": ("m.pt2", fake_pt2.read_bytes())}).json()["id"]
+    response = client.get(f"/v1/jobs/{job_id}/artifacts/job.log")
+    assert (response.status_code, response.text) == (200, "")
+    assert response.headers["x-job-status"] == "queued"
+    assert "etag" not in response.headers
+
+
+def applied(events: list[tuple[str, dict]]) -> list[dict]:
+    """Return the job after each event: the first whole, each `change` merged into it."""
+    name, job = events[0]
+    assert name == "job"
+    states = [job]
+    for name, change in events[1:]:
+        assert name == "change" and change["id"] == job["id"]
+        job = {**job, **change}
+        added = job.pop("loss_curve_added", None)
+        if added is not None:
+            job["loss_curve"] = [*states[-1]["loss_curve"], *added]
+        states.append(job)
+    return states
+
+
 def test_events_follow_a_job_to_its_end(make_client, fake_pt2) -> None:
     client = make_client(FakeJob(1.0))
     job_id = client.post("/v1/jobs", files={"model": ("m.pt2", fake_pt2.read_bytes())}).json()["id"]
@@ -180,14 +205,50 @@ def test_events_follow_a_job_to_its_end(make_client, fake_pt2) -> None:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         events = parse_events(response.read().decode())
-    assert {name for name, _ in events} == {"job"}
-    statuses = [data["status"] for _, data in events]
+    states = applied(events)
+    statuses = [state["status"] for state in states]
     assert statuses[-1] == "succeeded" and "running" in statuses
-    progress = [data["progress"] for _, data in events]
+    progress = [state["progress"] for state in states]
     assert progress == sorted(progress) and len(set(progress)) > 3
-    stages = [data["stage"] for _, data in events if data["stage"]]
+    stages = [state["stage"] for state in states if state["stage"]]
     assert stages[0] == "loading" and "finetuning" in stages
-    assert events[-1][1]["artifacts"]
+    assert states[-1]["artifacts"]
+    assert list(states[-1]["stage_times"]) == list(STAGES)  # each stage's start, in order
+
+
+def fine_tuning_job(model: Path, config: Any, *, out_dir: Path, progress: Any = None,
+                    **kwargs: Any) -> Any:
+    """Report 150 fine-tuning losses (more than the store keeps, so the curve gets thinned)."""
+    progress(ProgressEvent("loading", 0.0, overall_progress("loading", 0.0)))
+    for step in range(1, 151):
+        fraction = step / 150
+        progress(ProgressEvent("finetuning", fraction, overall_progress("finetuning", fraction),
+                               loss=1 / step))
+        time.sleep(0.01)
+    return FakeJob(0.0)(model, config, out_dir=out_dir, **kwargs)
+
+
+def test_events_after_the_first_send_only_what_changed(make_client, fake_pt2) -> None:
+    client = make_client(fine_tuning_job)
+    job_id = client.post(
+        "/v1/jobs", files={"model": ("m.pt2", fake_pt2.read_bytes())},
+        data={"config": json.dumps({"finetune": {"steps": 150}})},
+    ).json()["id"]
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        events = parse_events(response.read().decode())
+    assert "config" in events[0][1] and "loss_curve" in events[0][1]  # the first event: whole
+    changes = [data for _, data in events[1:]]
+    assert len(changes) > 5
+    assert all("config" not in change and len(change) > 1 for change in changes)
+    assert all(change.get("status", "running") == "running" for change in changes[:-1])
+    added = [change["loss_curve_added"] for change in changes if "loss_curve_added" in change]
+    thinned = [change["loss_curve"] for change in changes if "loss_curve" in change]
+    assert len(added) > 3 and thinned  # new points only, and the whole curve once it was thinned
+    assert max(map(len, added)) < 100
+    # The deltas rebuild exactly the job the API answers.
+    assert applied(events)[-1] == client.get(f"/v1/jobs/{job_id}").json()
+    reconnected = parse_events(client.get(f"/v1/jobs/{job_id}/events").text)
+    assert reconnected == [("job", client.get(f"/v1/jobs/{job_id}").json())]
 
 
 def test_events_end_with_deleted_when_the_job_is_deleted(make_client, fake_pt2) -> None:

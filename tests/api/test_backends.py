@@ -216,7 +216,7 @@ def test_migrations_run_once_and_reopen_cleanly(backend: Backend, store: JobData
         assert again.get(job_id) is not None
         with again._reader.connect() as conn:  # noqa: SLF001 (checking the schema itself)
             version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one()
-        assert version == "0002"
+        assert version == "0003"
     finally:
         again.close()
 
@@ -447,6 +447,22 @@ def test_worker_heartbeats_on_the_stores_clock(
     assert store.live_workers(3600) == []
 
 
+def test_progress_records_when_each_stage_started_on_the_stores_clock(store: JobDatabase) -> None:
+    job_id = new_job(store)
+    store.claim(job_id, "w1", 30)
+    before = store.now()
+    assert store.update_progress(job_id, "w1", "loading", 0.0)
+    time.sleep(0.05)
+    assert store.update_progress(job_id, "w1", "loading", 0.05)  # the same stage: kept
+    assert store.update_progress(job_id, "w1", "planning", 0.1)
+    assert not store.update_progress(job_id, "w2", "rewriting", 0.2)  # not w2's job
+    times = store.get(job_id).stage_times  # type: ignore[union-attr]
+    assert list(times) == ["loading", "planning"]
+    assert before <= times["loading"] < times["planning"] - 0.04 <= store.now()
+    store.release(job_id, "w1", "stop", lambda _: None)
+    assert store.claim(job_id, "w2", 30).stage_times == {}  # type: ignore[union-attr]  # a new run
+
+
 def test_progress_stores_the_recent_loss_points(store: JobDatabase) -> None:
     job_id = new_job(store)
     store.claim(job_id, "w1", 30)
@@ -483,9 +499,10 @@ def test_a_running_jobs_log_is_served_line_by_line(backend: Backend, make_client
     deadline = time.monotonic() + 20
     while True:
         response = client.get(f"/v1/jobs/{job_id}/artifacts/job.log")
-        if response.status_code == 200:
+        assert response.status_code == 200, response.text  # empty before the first line
+        if response.text:
             break
-        assert response.status_code == 404 and time.monotonic() < deadline, response.text
+        assert time.monotonic() < deadline
         time.sleep(0.05)
     assert response.headers["x-job-status"] == "running"
     assert "etag" not in response.headers

@@ -35,6 +35,33 @@ def test_config_defaults_match_the_core(make_client) -> None:
     assert "finetune" in body["schema"]["properties"]
 
 
+def test_a_config_is_validated_before_any_upload(make_client) -> None:
+    client = make_client(embedded_worker=False, api_keys="some-key-0123456789")
+    url = "/v1/config/validate"
+    assert client.post(url, json={}, headers={"Authorization": "Bearer nope"}).status_code == 401
+    auth = {"Authorization": "Bearer some-key-0123456789"}
+    good = client.post(url, json={"finetune": {"steps": 7}}, headers=auth)
+    assert good.status_code == 200
+    assert good.json() == CompressionConfig.model_validate({"finetune": {"steps": 7}}).to_dict()
+    typo = client.post(url, json={"method": "lowrnk", "finetune": {"steps": -1}}, headers=auth)
+    assert typo.status_code == 422
+    error = typo.json()["error"]
+    assert error["code"] == "invalid_config"
+    fields = {d["field"]: d["message"] for d in error["details"]}
+    assert "unknown method 'lowrnk'" in fields["method"]
+    assert "greater than or equal to 0" in fields["finetune.steps"]
+    huge = client.post(url, content=b" " * (300 << 10), headers=auth)
+    assert huge.status_code == 413
+    assert client.get("/v1/jobs", headers=auth).json()["data"] == []  # nothing was submitted
+
+
+def test_the_favicon_is_served(make_client) -> None:
+    client = make_client(embedded_worker=False, api_keys="some-key-0123456789")
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml"
+    assert icon.text.startswith("<svg") and 'rel="icon" href="/favicon.ico"' in client.get("/").text
+
+
 def test_every_console_file_is_package_data() -> None:
     globs = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-data"

@@ -42,6 +42,14 @@ def test_submit_without_config_uses_every_default(make_client, fake_pt2) -> None
     assert job["config"]["method"]["name"] == "lowrank" and job["config"]["ratio"] == 0.5
 
 
+def test_a_job_keeps_the_model_files_name_without_its_folders(make_client, fake_pt2) -> None:
+    client = make_client(embedded_worker=False)
+    for sent, kept in [("C:\\models\\my model.pt2", "my model.pt2"), ("../up/m.pt2", "m.pt2")]:
+        job = client.post("/v1/jobs", files={"model": (sent, fake_pt2.read_bytes())}).json()
+        assert job["model_name"] == kept
+        assert client.get(f"/v1/jobs/{job['id']}").json()["model_name"] == kept
+
+
 def test_listing_is_newest_first_with_an_opaque_cursor(make_client, fake_pt2) -> None:
     client = make_client(embedded_worker=False)
     ids = [submit(client, fake_pt2).json()["id"] for _ in range(5)]

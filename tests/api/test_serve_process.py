@@ -115,13 +115,20 @@ def read_store(data_dir: Path, job_id: str) -> JobRecord:
 
 
 def follow_events(server: ServerProcess, job_id: str) -> list[dict]:
-    """Read the job's server-sent events until the stream ends; return the job snapshots."""
-    snapshots = []
+    """Read the job's server-sent events until the stream ends; return the job snapshots.
+
+    The first event is the whole job, each later one the fields that changed: merged in turn.
+    """
+    snapshots: list[dict] = []
     with server.client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=180) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         for line in response.iter_lines():
             if line.startswith("data: "):
-                snapshots.append(json.loads(line.removeprefix("data: ")))
+                change = json.loads(line.removeprefix("data: "))
+                job = {**(snapshots[-1] if snapshots else {}), **change}
+                if "loss_curve_added" in change:
+                    job["loss_curve"] = job["loss_curve"] + job.pop("loss_curve_added")
+                snapshots.append(job)
     return snapshots
 
 

@@ -8,7 +8,7 @@ a range that starts past the end answers 416 (with `Content-Range: bytes */size`
 stitches two different files together. A Range header that does not parse is ignored (RFC 9110).
 While a job runs, its job.log grows a line at a time; it is served as it is at the moment of the
 request, without an ETag (it is still changing) and without ranges, so a page or `curl` can
-follow a running job.
+follow a running job; before its worker wrote the first line, it is empty (not a 404).
 """
 
 from __future__ import annotations
@@ -70,17 +70,19 @@ async def download_artifact(
     `Range: bytes=N-` resumes a download (206); send `If-Range: <ETag>` with it, and a file
     that changed since is answered whole (200).
 
-    While the job is queued or running, job.log is answered with what it holds so far (no ETag,
-    `X-Job-Status` names the job's status).
+    While the job is queued or running, job.log is answered with what it holds so far, empty
+    before its first line (no ETag, `X-Job-Status` names the job's status).
     """
     if name == JOB_LOG_ARTIFACT and not job.is_finished:
         path = services.files.artifact_path(job.id, name)
-        if path is not None:
-            return await run_in_threadpool(_running_log, path, job.status)
+        return await run_in_threadpool(_running_log, path, job.status)
     return await run_in_threadpool(_finished_artifact, job, name, request, services)
 
 
-def _running_log(path: Path, status: str) -> Response:
+def _running_log(path: Path | None, status: str) -> Response:
+    headers = {"Cache-Control": "no-store", "X-Job-Status": status, "Accept-Ranges": "none"}
+    if path is None:  # queued, or its worker has not written the first line yet
+        return Response(b"", media_type=_MEDIA_TYPES[JOB_LOG_ARTIFACT], headers=headers)
     # Read once: the file keeps growing, and a streamed answer would outgrow its Content-Length.
     with open(path, "rb") as file:
         file.seek(0, 2)
@@ -88,7 +90,6 @@ def _running_log(path: Path, status: str) -> Response:
         start = max(0, size - _RUNNING_LOG_LIMIT)
         file.seek(start)
         content = file.read(size - start)
-    headers = {"Cache-Control": "no-store", "X-Job-Status": status, "Accept-Ranges": "none"}
     if start > 0:  # keep the newest whole lines of a huge log
         content = content[content.find(b"\n") + 1:]
         headers["X-Log-Truncated"] = "true"
