@@ -134,6 +134,12 @@ class FinetuneConfig(_Strict):
         "checkpointing, so a step keeps block inputs only and recomputes the rest in the "
         "backward pass; auto: when a step's activations, measured on one sample, would not fit "
         "in half the device's free memory")
+    quantization_aware: bool = Field(
+        default=False,
+        description="fine-tune through onnxruntime's int8 arithmetic, simulated (weights and "
+        "activations fake-quantized, gradients straight through), so θ learns to keep the "
+        "fidelity int8 costs; needs export.quantize 'int8' and export.form 'factorized'. Target "
+        "mode does this for its int8 candidates itself")
     seed: int = Field(default=0, ge=0, description="seeds data splits, sampling and batches")
 
 
@@ -253,6 +259,13 @@ class CompressionConfig(_Strict):
             if self.export.quantize is not None:
                 raise ValueError("target mode chooses export.quantize itself; remove it, or "
                                  "give `ratio` instead of `target`")
+            if self.finetune.quantization_aware:
+                raise ValueError("target mode fine-tunes its int8 candidates quantization-aware "
+                                 "itself; remove finetune.quantization_aware")
+        elif self.finetune.quantization_aware and (self.export.quantize != "int8"
+                                                   or self.export.form != "factorized"):
+            raise ValueError("finetune.quantization_aware simulates the int8 compact form: set "
+                             "export.quantize 'int8' and export.form 'factorized', or remove it")
         return self
 
     @classmethod

@@ -25,6 +25,7 @@ from compressor.finetune.activation_checkpointing import (
     saved_activation_bytes,
     wanted,
 )
+from compressor.finetune.quantization_aware import quantization_aware
 from compressor.load.data import Dataset
 from compressor.plan.planning import Plan
 from compressor.rewrite.parametrize import trainable_parameters
@@ -69,6 +70,9 @@ class FinetuneSummary:
     teacher_outputs_cached: bool = False
     # Why no step ran although some were asked for (the memory they need is not free), or None.
     skipped: str | None = None
+    # Whether θ trained through onnxruntime's int8 arithmetic, simulated (the losses and
+    # held-out scores are then the simulated int8 model's).
+    quantization_aware: bool = False
 
 
 @dataclass
@@ -264,6 +268,10 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
               initial_score: float | None = None) -> FinetuneSummary:
     """Distill `lesson.teacher` into the parametrized `student` in place; keep the best θ seen.
 
+    With `config.quantization_aware`, the student's compact form trains (and is scored) under
+    onnxruntime's int8 arithmetic, simulated (`compressor.finetune.quantization_aware`); its θ
+    is the student's.
+
     The student, the teacher and the held-out reference outputs are on `device`. When a
     held-out evaluation comes out clearly worse than the best so far (the learning rate is too
     high for this model), θ goes back to the best state and the learning rate is halved.
@@ -271,11 +279,16 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
     computed elsewhere.
     """
     teacher, train, kinds, held_out = lesson.teacher, lesson.train, lesson.kinds, lesson.held_out
-    params = trainable_parameters(student, plan, config.train_biases)
+    if config.quantization_aware:  # θ trains through int8 as onnxruntime will compute it
+        student, params = quantization_aware(student, teacher, plan, config.train_biases)
+        initial_score = None  # the float student's score is not the simulated one's
+    else:
+        params = trainable_parameters(student, plan, config.train_biases)
     eval_batches = [_to(b, device) for b in held_out.batches()]
     best = (held_out_score(student, held_out, kinds, batches=eval_batches)
             if initial_score is None else initial_score)
-    summary = FinetuneSummary(config.steps, str(device), best, best, 0)
+    summary = FinetuneSummary(config.steps, str(device), best, best, 0,
+                              quantization_aware=config.quantization_aware)
     if config.steps == 0 or not params:
         return summary
     with torch.no_grad():

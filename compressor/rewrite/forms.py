@@ -15,6 +15,10 @@ from compressor.plan.planning import Plan
 from compressor.rewrite.parametrize import theta_of
 from compressor.runtime.graph import shallow_copy
 
+# The submodule a compressed layer's compact module is registered under: this + its dotted name
+# with "." as "__".
+COMPACT_PREFIX = "compact__"
+
 
 def _set_tensor(module: nn.Module, dotted: str, tensor: torch.Tensor) -> None:
     prefix, _, name = dotted.rpartition(".")
@@ -89,7 +93,7 @@ def replace_layers_(module: fx.GraphModule, compact: dict[str, nn.Module]) -> No
         name = owner_name(target) if target else None
         if name not in compact:
             continue
-        slot = "compact__" + name.replace(".", "__")
+        slot = COMPACT_PREFIX + name.replace(".", "__")
         module.add_submodule(slot, compact[name])
         with module.graph.inserting_before(node):
             call = module.graph.call_module(slot, (layer_input(node),))

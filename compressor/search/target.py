@@ -5,14 +5,16 @@ The search calibrates and decomposes once, then walks the candidates that calibr
 cheap to build: each budget (kept fraction of the targeted weights, spread by sensitivity along
 the allocation's greedy path), in float or with onnxruntime's int8 quantization stacked on its
 compact form, and int8 of the original itself (kept fraction 1: when it keeps the floor and
-nothing smaller does, it is what a user should take). Each candidate is initialized (θ from the decompositions, corrected sequentially)
-and scored on the held-out split against the original: in PyTorch for the float form, on the
-real int8 ONNX model for the quantized one. Fine-tuning then goes to the finalists, smallest
-first: candidates that miss the floor by little as initialized (within fine-tuning's reach,
-`REACH`) and are smaller than the smallest that meets it, then those that meet it; each is
-checked again after fine-tuning, and the first that meets the floor is the one handed on to
-export. When none does, the job fails with `target_not_met`, giving the best
-fidelity reached and at what size.
+nothing smaller does, it is what a user should take). Each candidate is initialized (θ from
+the decompositions, corrected sequentially) and scored on the held-out split against the
+original: in PyTorch for the float form, on the real int8 ONNX model for the quantized one.
+Fine-tuning then goes to the finalists, smallest first: candidates that miss the floor by
+little as initialized (within fine-tuning's reach, `REACH`) and are smaller than the smallest
+that meets it, then those that meet it. An int8 finalist trains through int8 arithmetic,
+simulated (`compressor.finetune.quantization_aware`); each is checked again after fine-tuning
+(an int8 one on its real int8 model), and the first that meets the floor is the one handed on
+to export. When none does, the job fails with `target_not_met`, giving the best fidelity
+reached and at what size.
 
 The search drives the stages (`plan`, `rewrite`, `finetune`); it does not live inside them.
 """
@@ -129,7 +131,10 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
     for candidate in finalists:
         planned = PlannedJob(candidate.plan, dict(stats))
         student = rewrite(loaded, planned, config.finetune.grad_reduction, job)
-        trained = finetune(loaded, candidate.plan, student, config.finetune, job)
+        # an int8 candidate learns through the int8 arithmetic it will run in
+        through_int8 = config.finetune.model_copy(
+            update={"quantization_aware": candidate.quantize == "int8"})
+        trained = finetune(loaded, candidate.plan, student, through_int8, job)
         del student
         if candidate.quantize is None:
             reached = _fidelity_dict(trained.final, loaded.output_names)

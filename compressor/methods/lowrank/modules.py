@@ -71,9 +71,11 @@ class LowRankConv2d(nn.Module):
         super().__init__()
         out_channels, in_channels, kh, kw = layer.weight_shape
         rank = A.shape[1]
-        self.spatial = nn.Parameter(B.detach().reshape(rank, in_channels, kh, kw).clone(),
+        # Views of θ, not copies: training this module trains the student's θ
+        # (`compressor.finetune.quantization_aware`).
+        self.spatial = nn.Parameter(B.detach().view(rank, in_channels, kh, kw),
                                     requires_grad=False)
-        self.pointwise = nn.Parameter(A.detach().reshape(out_channels, rank, 1, 1).clone(),
+        self.pointwise = nn.Parameter(A.detach().view(out_channels, rank, 1, 1),
                                       requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation

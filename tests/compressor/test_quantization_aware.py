@@ -1,0 +1,118 @@
+"""Quantization-aware distillation: θ trains through onnxruntime's int8, simulated exactly."""
+
+import pytest
+import torch
+
+import compressor
+from compressor.config import CompressionConfig
+from compressor.errors import ConfigError
+from compressor.export.onnx import export_onnx
+from compressor.export.quantize import quantize_int8
+from compressor.export.verify import onnx_session, run_onnx
+from compressor.finetune.quantization_aware import (
+    SimulatedInt8,
+    fake_int8_symmetric,
+    fake_uint8_asymmetric,
+    quantization_aware,
+)
+from compressor.load.stage import load
+from compressor.plan.stage import calibrate_layers, plan
+from compressor.rewrite.forms import factorize
+from compressor.rewrite.parametrize import theta_of
+from compressor.rewrite.stage import build_student
+from compressor.runtime.context import JobContext
+from compressor.runtime.joblog import JobLog
+from compressor.runtime.outputs import run_outputs
+from compressor.runtime.progress import JobControl
+from tests.support.tiny_models import make_pt2
+
+FACTORIZED = {"ratio": 0.5, "min_layer_params": 0, "export": {"form": "factorized"}}
+
+
+def _student(kind, tmp_path):
+    """A tiny model's original and its student at ratio 0.5, lowrank, as initialized."""
+    pt2 = make_pt2(kind, tmp_path / f"{kind}.pt2")
+    config = CompressionConfig.parse(FACTORIZED)
+    log = JobLog(tmp_path / "job.log")
+    control = JobControl(None, None, 3600)
+    loaded = load(pt2, None, config, tmp_path, control, log)
+    job = JobContext(loaded.costs, control, log)
+    planned = plan(loaded, calibrate_layers(loaded, config, job), config, job)
+    return loaded, planned.plan, build_student(loaded, planned, "sum", job)
+
+
+def _relative_l2(actual, expected):
+    return float((actual.double() - expected.double()).norm() / expected.double().norm())
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv", "text"])
+def test_the_simulation_computes_what_onnxruntime_int8_computes(kind, tmp_path):
+    # Linear (MatMul), Conv (ConvInteger), an embedding (Gather of a uint8 table) and each
+    # one's compact form: the simulated student and the real int8 artifact agree to float
+    # rounding, where the float student is a quantization error away from it.
+    loaded, plan_, student = _student(kind, tmp_path)
+    assert plan_.compressed
+    module = factorize(student, loaded.teacher, plan_).eval()
+    batch = loaded.held_out.take(torch.arange(16))
+    export_onnx(module, batch, loaded.specs, tmp_path / "float.onnx", 18)
+    quantize_int8(tmp_path / "float.onnx", tmp_path / "int8.onnx")
+    int8 = [torch.from_numpy(a) for a in run_onnx(onnx_session(tmp_path / "int8.onnx"), batch)]
+    with torch.no_grad():
+        floats = run_outputs(module, batch)
+        simulated = run_outputs(SimulatedInt8(module), batch)
+    for real, as_float, as_simulated in zip(int8, floats, simulated, strict=True):
+        assert _relative_l2(as_float, real) > 1e-3
+        assert _relative_l2(as_simulated, real) < 1e-5
+
+
+def test_fake_quantization_rounds_to_the_grid_and_passes_gradients_straight_through():
+    weight = torch.tensor([[0.5, -1.27, 0.004], [2.0, 0.0, -0.01]], requires_grad=True)
+    rounded = fake_int8_symmetric(weight, axis=0)
+    scales = torch.tensor([[1.27 / 127], [2.0 / 127]])
+    assert torch.allclose(rounded, torch.round(weight.detach() / scales) * scales)
+    rounded.sum().backward()
+    assert torch.equal(weight.grad, torch.ones_like(weight))
+
+    activation = torch.tensor([0.3, 1.0, 2.0])  # range [0, 2]: 0 is kept exactly
+    on_grid = fake_uint8_asymmetric(activation)
+    step = 2.0 / 255
+    assert torch.allclose(on_grid, torch.round(activation / step) * step)
+    assert fake_uint8_asymmetric(torch.zeros(3)).eq(0).all()
+
+
+def test_the_compact_form_trains_the_students_own_theta(tmp_path):
+    loaded, plan_, student = _student("conv", tmp_path)
+    simulated, params = quantization_aware(student, loaded.teacher, plan_, train_biases=False)
+    assert params and all(p.requires_grad for p in params)
+    before = {entry.layer.name: [t.detach().clone() for t in theta_of(student, entry.layer.name)]
+              for entry in plan_.compressed}
+    with torch.no_grad():
+        for param in params:
+            param.add_(1.0)
+    for name, thetas in before.items():
+        for was, now in zip(thetas, theta_of(student, name), strict=True):
+            assert torch.allclose(now.detach(), was + 1.0)  # same storage, not a copy
+
+
+def test_a_ratio_job_fine_tunes_through_int8_when_asked(tmp_path):
+    pt2 = make_pt2("text", tmp_path / "text.pt2")
+    config = {**FACTORIZED, "export": {"form": "factorized", "quantize": "int8",
+                                       "latency_seconds": 0},
+              "finetune": {"steps": 6, "eval_every": 3, "quantization_aware": True},
+              "data": {"synthetic_samples": 64}}
+    result = compressor.compress(pt2, config, out_dir=tmp_path / "out")
+    finetune = result.report["finetune"]
+    assert finetune["quantization_aware"] is True
+    assert finetune["best_score"] <= finetune["initial_score"]
+    assert (tmp_path / "out" / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"finetune": {"quantization_aware": True}}, "export.quantize 'int8'"),
+    ({"finetune": {"quantization_aware": True}, "export": {"quantize": "int8"}},
+     "export.form 'factorized'"),
+    ({"finetune": {"quantization_aware": True}, "target": {}}, "target mode fine-tunes"),
+])
+def test_quantization_aware_fine_tuning_needs_an_int8_compact_export(config, message):
+    with pytest.raises(ConfigError, match=message):
+        CompressionConfig.parse(config)
