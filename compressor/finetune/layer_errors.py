@@ -7,7 +7,7 @@ from torch import fx, nn
 
 from compressor.plan.layers import run_recording
 from compressor.plan.planning import Plan
-from compressor.runtime.layers import add_product_
+from compressor.runtime.layers import add_product_, layer_weight
 
 # Rows of a weight taken to float64 at a time.
 _ROWS_PER_CHUNK = 4096
@@ -26,8 +26,8 @@ def layer_errors(original: fx.GraphModule, compressed: nn.Module, plan: Plan,
     errors: dict[str, dict[str, float]] = {}
 
     def record(layer, x: torch.Tensor) -> None:
-        dense = original.get_submodule(layer.name).weight.detach()
-        approx = compressed.get_submodule(layer.name).weight.detach()
+        dense = layer_weight(original, layer).detach()
+        approx = layer_weight(compressed, layer).detach()
         dense, approx = dense.reshape(dense.shape[0], -1), approx.reshape(dense.shape[0], -1)
         if layer.spec.reads_rows:  # each row weighs as often as the batch reads it
             reads = torch.bincount(x.reshape(-1).to(torch.int64), minlength=dense.shape[0])

@@ -35,7 +35,7 @@ from compressor.methods.base import (
     MethodOptions,
     int_bits,
 )
-from compressor.runtime.layers import CONV2D, EMBEDDING, LINEAR
+from compressor.runtime.layers import ADDMM, CONV1D, CONV2D, EMBEDDING, LINEAR
 
 # The largest codebook: indices then fit in 16 bits.
 MAX_VALUES = 65536
@@ -69,7 +69,7 @@ class SharedValuesWeight(nn.Module):
 
 class SharedValuesLayer(nn.Module):
     """Compute a layer whose weight is gathered from a codebook by small-integer indices, then
-    applied as its kind applies a weight (a Linear's matmul, a Conv2d's convolution)."""
+    applied as its kind applies a weight (a Linear's matmul, a convolution)."""
 
     def __init__(self, layer: LayerInfo, codebook: torch.Tensor, idx: torch.Tensor,
                  bias: torch.Tensor | None) -> None:
@@ -112,7 +112,7 @@ class ShareValues(Method):
 
     name = "share_values"
     Options = ShareValuesOptions
-    layer_kinds = frozenset({LINEAR.name, CONV2D.name, EMBEDDING.name})
+    layer_kinds = frozenset({LINEAR.name, ADDMM.name, CONV1D.name, CONV2D.name, EMBEDDING.name})
     size_field = "values"
     min_size = 2
     ties_output_rows = False

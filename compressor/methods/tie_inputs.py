@@ -1,4 +1,5 @@
-"""`tie_inputs`: every output row of a Linear weight is one stored row w (length `in`).
+"""`tie_inputs`: every output row of a Linear (or GPT-2 Conv1D) weight is one stored row w
+(length `in`).
 
 W = w.expand(out, in), a stride-0 view rather than a copy, optionally times a learned scale per
 output row: W = s[:, None] * w. θ is (w,) or (w, s): `in` (+ `out`) numbers whatever the layer.
@@ -19,7 +20,7 @@ from compressor.errors import ConfigError
 from compressor.methods import register_method
 from compressor.methods._tying import frozen, reduce_grad
 from compressor.methods.base import GradReduction, LayerInfo, LayerStats, Method, MethodOptions
-from compressor.runtime.layers import LINEAR
+from compressor.runtime.layers import ADDMM, LINEAR
 
 
 class TiedInputsWeight(nn.Module):
@@ -88,7 +89,7 @@ class TieInputs(Method):
 
     name = "tie_inputs"
     Options = TieInputsOptions
-    layer_kinds = frozenset({LINEAR.name})
+    layer_kinds = frozenset({LINEAR.name, ADDMM.name})
     size_field = None
     min_size = 1
     ties_output_rows = True

@@ -5,7 +5,8 @@ fixed group of each output row, a buffer of the smallest integer dtype. The grou
 k-means on the rows; given the layer's input Gram matrix G = X Xᵀ, k-means runs in the metric
 ‖(a − b) X‖ (rows whitened by the Cholesky factor of G), so rows are tied where it costs the
 least on real inputs. For either metric the best U for fixed groups is the group mean.
-A Conv2d ties output channels (groups=1 convs only: a tied group may span conv groups).
+A Conv1d or Conv2d ties output channels (groups=1 convs only: a tied group may span conv
+groups). GPT-2's Conv1D ties the output rows of W (the columns of the (in, out) tensor it stores).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from compressor.methods.base import (
     MethodOptions,
     int_bits,
 )
-from compressor.runtime.layers import CONV2D, LINEAR
+from compressor.runtime.layers import ADDMM, CONV1D, CONV2D, LINEAR
 
 
 class TiedRowsWeight(nn.Module):
@@ -77,19 +78,21 @@ class TiedRowsLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class TiedRowsConv2d(nn.Module):
-    """Compute a tied-rows Conv2d as a conv with k filters, then gather its output channels."""
+class TiedRowsConv(nn.Module):
+    """Compute a tied-rows Conv1d or Conv2d as a conv with k filters, then gather its output
+    channels."""
 
     def __init__(self, layer: LayerInfo, rows: torch.Tensor, idx: torch.Tensor,
                  bias: torch.Tensor | None) -> None:
         super().__init__()
+        self.layer = layer
         self.filters = frozen(rows.reshape(rows.shape[0], *layer.weight_shape[1:]))
         self.register_buffer("idx", idx.detach().clone())
-        self.bias = None if bias is None else frozen(bias.reshape(-1, 1, 1))
-        self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
+        positions = (1,) * len(layer.kernel_size)  # the bias broadcasts over every position
+        self.bias = None if bias is None else frozen(bias.reshape(-1, *positions))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.conv2d(x, self.filters, None, self.stride, self.padding, self.dilation)
+        h = self.layer.spec.apply(self.layer, x, self.filters, None)
         y = h.index_select(1, self.idx.to(torch.int64))
         return y if self.bias is None else y + self.bias
 
@@ -112,7 +115,7 @@ class TieRows(Method):
 
     name = "tie_rows"
     Options = TieRowsOptions
-    layer_kinds = frozenset({LINEAR.name, CONV2D.name})
+    layer_kinds = frozenset({LINEAR.name, ADDMM.name, CONV1D.name, CONV2D.name})
     size_field = "groups"
     min_size = 1
     ties_output_rows = True
@@ -170,5 +173,5 @@ class TieRows(Method):
                     f"tie_rows has no factorized form for the grouped conv {layer.name!r} "
                     f"(groups={layer.groups}); use export.form='dense' or skip this layer"
                 )
-            return TiedRowsConv2d(layer, rows, idx, bias)
+            return TiedRowsConv(layer, rows, idx, bias)
         return TiedRowsLinear(rows, idx, bias)

@@ -19,7 +19,14 @@ from compressor.load.data import Dataset
 from compressor.plan.layers import layer_calls, layer_input, run_recording
 from compressor.plan.planning import Plan
 from compressor.runtime.context import JobContext
-from compressor.runtime.layers import LayerInfo, LayerStats, add_product_, empty_stats, rows_layout
+from compressor.runtime.layers import (
+    LayerInfo,
+    LayerStats,
+    add_product_,
+    empty_stats,
+    layer_weight,
+    rows_layout,
+)
 from compressor.vocabulary import CALIBRATING
 
 # Activation-aware init keeps an (in × in) float64 Gram per layer; past this it falls back to SVD.
@@ -56,7 +63,7 @@ def calibrate(teacher: fx.GraphModule, plan: Plan, train: Dataset,
         prepared += 1
         job.control.report(CALIBRATING, 0.1 + 0.8 * prepared / len(preparing),
                            f"decomposing layer {prepared}/{len(preparing)}: {name}")
-        weight = teacher.get_submodule(name).weight.detach()
+        weight = layer_weight(teacher, entry.layer).detach()
         product = entry.method.prepare(
             entry.layer, weight, entry_stats if entry.method.needs_input_stats else None,
             entry.size)

@@ -1,11 +1,16 @@
 """Find the compressible layers of a program's graph, and the weight-bearing ones that are not.
 
 The program runs as the `GraphModule` that `ExportedProgram.module()` returns: its layers are
-calls of a registered kind's op (`compressor.runtime.layers`: `aten.linear`, `aten.conv2d`,
-`aten.embedding`) whose weight is a `get_attr` of a parameter owned by a submodule named like
-the original layer (`encoder.0.dense.weight`). Parametrizing that submodule's `weight` changes
-what every `get_attr` reads, so the graph itself stays untouched until the factorized export
-replaces each call with a compact module.
+calls of a registered kind's op (`compressor.runtime.layers`: `aten.linear`, `aten.addmm`,
+`aten.conv1d`, `aten.conv2d`, `aten.embedding`) whose weight is a `get_attr` of a parameter
+owned by a submodule named like the original layer (`encoder.0.dense.weight`). Parametrizing
+that submodule's `weight` changes what every `get_attr` reads, so the graph itself stays
+untouched until the factorized export replaces each call with a compact module.
+
+Nothing weight-bearing goes unmentioned: every parameter of two or more dimensions (a matrix,
+a kernel, a table) that the graph reads is a layer's weight or listed as skipped with the
+reason. Vectors (biases, norm scales) are not weights any method rewrites: they stay as they
+are, with their layer.
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ import torch
 from torch import fx
 
 from compressor.runtime.graph import GraphStepper
-from compressor.runtime.layers import KIND_OF_OP, UNSUPPORTED_OPS, LayerInfo
+from compressor.runtime.layers import KIND_OF_OP, REWRITTEN_LAYERS, UNSUPPORTED_OPS, LayerInfo
+
+# Ops that only give their input another shape: a layer's result behind them is still its result.
+_RESHAPES = frozenset({torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+                       torch.ops.aten._unsafe_view.default})
 
 
 @dataclass(frozen=True)
@@ -77,11 +86,18 @@ def find_layers(module: fx.GraphModule) -> tuple[list[LayerInfo], list[SkippedLa
         if isinstance(facts, str):
             skipped.append(SkippedLayer(name, facts))
             continue
-        weight = module.get_parameter(target)
-        is_output = any(user.op == "output" for user in node.users)
-        layers.append(LayerInfo(name, kind.name, tuple(weight.shape), produces_output=is_output,
-                                **facts))
-    return layers, _unique(skipped + _unsupported_layers(module.graph))
+        weight = kind.weight_of(module.get_parameter(target))
+        layers.append(LayerInfo(name, kind.name, tuple(weight.shape),
+                                produces_output=_produces_output(node), **facts))
+    skipped = _unique(skipped + _unsupported_layers(module.graph))
+    return layers, skipped + _unlisted_weights(module, layers, skipped)
+
+
+def _produces_output(node: fx.Node) -> bool:
+    """Whether the node's result is one of the model's outputs, as is or only reshaped (GPT-2's
+    Conv1D gives its rows back the input's shape)."""
+    return any(user.op == "output" or (user.target in _RESHAPES and _produces_output(user))
+               for user in node.users)
 
 
 def _unsupported_layers(graph: fx.Graph) -> list[SkippedLayer]:
@@ -93,6 +109,36 @@ def _unsupported_layers(graph: fx.Graph) -> list[SkippedLayer]:
             name = (owner_name(target) if target else None) or target or node.name
             found.append(SkippedLayer(name, UNSUPPORTED_OPS[node.target]))
     return found
+
+
+def _unlisted_weights(module: fx.GraphModule, layers: list[LayerInfo],
+                      skipped: list[SkippedLayer]) -> list[SkippedLayer]:
+    """Return, as skipped, each parameter of two or more dimensions the graph reads that is
+    neither a layer's weight nor already listed (under its module's name or its own)."""
+    listed = {layer.name for layer in layers} | {entry.name for entry in skipped}
+    parameters = dict(module.named_parameters(remove_duplicate=False))
+    found = []
+    for node in module.graph.nodes:
+        parameter = parameters.get(node.target) if node.op == "get_attr" else None
+        if parameter is None or parameter.dim() < 2 or not node.users:
+            continue
+        name = owner_name(node.target) or node.target
+        if name in listed or node.target in listed:
+            continue
+        ops = ", ".join(sorted({_op_name(user) for user in node.users}))
+        found.append(SkippedLayer(name, f"its {tuple(parameter.shape)} parameter is read by "
+                                        f"{ops}, not as a layer's weight (only {REWRITTEN_LAYERS}"
+                                        " reading a submodule's `weight` are rewritten)"))
+        listed.add(name)
+    return found
+
+
+def _op_name(node: fx.Node) -> str:
+    """Return a node's op as a user reads it: `aten.mm`, `output`."""
+    if node.op != "call_function":
+        return node.op
+    name = str(node.target)  # e.g. "aten.mm.default"
+    return name.removesuffix(".default")
 
 
 def _unique(skipped: list[SkippedLayer]) -> list[SkippedLayer]:

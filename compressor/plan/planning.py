@@ -16,6 +16,7 @@ from compressor.config import CompressionConfig, LayerOverride
 from compressor.errors import ConfigError
 from compressor.methods import LayerInfo, Method, MethodOptions, configured
 from compressor.plan.layers import SkippedLayer
+from compressor.runtime.layers import REWRITTEN_LAYERS
 
 
 @dataclass(frozen=True)
@@ -200,8 +201,7 @@ def _fit_ratio(planner: _Planner, free: list[tuple[LayerInfo, Method]],
 
 def _nothing_targeted(layers: list[LayerInfo], skipped: list[SkippedLayer]) -> str:
     if not layers and not skipped:
-        return ("the model has no Linear or Conv2d layer to compress; this service compresses "
-                "models built from nn.Linear / nn.Conv2d")
+        return (f"the model has no layer to compress; this service compresses {REWRITTEN_LAYERS}")
     reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped)
     return ("no layer is targeted by this config: " + reasons +
             ". Widen layers.include, lower min_layer_params, or pick a method that fits these layers")

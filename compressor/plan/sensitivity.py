@@ -31,7 +31,7 @@ from compressor.methods import Approximation
 from compressor.plan.layers import layer_calls, layer_input, run_recording
 from compressor.plan.planning import Plan
 from compressor.runtime.graph import GraphStepper
-from compressor.runtime.layers import LayerInfo
+from compressor.runtime.layers import LayerInfo, layer_weight
 from compressor.runtime.objectives import IGNORED, KL_TEMPERATURE, distillation_loss
 from compressor.runtime.outputs import run_outputs
 
@@ -57,10 +57,10 @@ def measure_sensitivities(teacher: fx.GraphModule, plan: Plan,
             if error <= 0:
                 sensitivities[entry.layer.name] = 0.0
                 continue
-            weight = teacher.get_submodule(entry.layer.name).weight
+            weight = layer_weight(teacher, entry.layer)  # a view of the stored tensor
             saved = weight.detach().clone()
             truncated = layer_factors.product(entry.size)
-            weight.copy_(truncated.reshape(weight.shape).to(weight.dtype))
+            weight.copy_(truncated.reshape(entry.layer.weight_shape).to(weight.dtype))
             try:
                 loss = float(distillation_loss(run_outputs(teacher, batch), reference, kinds))
             finally:
@@ -80,7 +80,7 @@ def estimate_sensitivities(teacher: fx.GraphModule, plan: Plan,
 
     def on_gradient(name: str, x: torch.Tensor, gradient: torch.Tensor) -> None:
         layer, rank = layers[name]
-        weight = teacher.get_submodule(name).weight.detach().reshape(layer.out_features, -1)
+        weight = layer_weight(teacher, layer).detach().reshape(layer.out_features, -1)
         residual = weight - prepared[name].product(rank)  # one at a time
         predicted[name] += _predicted_loss(layer, residual, x, gradient.detach())
 

@@ -12,7 +12,7 @@ from torch import fx, nn
 
 from compressor.plan.layers import layer_input, layer_nodes, owner_name, weight_target
 from compressor.plan.planning import Plan
-from compressor.rewrite.parametrize import theta_of
+from compressor.rewrite.parametrize import parametrization_of, theta_of
 from compressor.runtime.graph import shallow_copy
 
 # The submodule a compressed layer's compact module is registered under: this + its dotted name
@@ -76,7 +76,7 @@ def factorize(student: nn.Module, base: fx.GraphModule, plan: Plan) -> fx.GraphM
         bias = getattr(owner, "bias", None)
         theta = tuple(t.detach() for t in theta_of(student, entry.layer.name))
         compact[entry.layer.name] = entry.method.compact_module(
-            entry.layer, owner.parametrizations.weight[0], theta,
+            entry.layer, parametrization_of(student, entry.layer.name), theta,
             None if bias is None else bias.detach())
     clone = _with_student_state(student, base)
     replace_layers_(clone, compact)

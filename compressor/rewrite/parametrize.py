@@ -15,6 +15,7 @@ from torch.nn.utils import parametrize
 
 from compressor.methods import GradReduction, LayerStats
 from compressor.plan.planning import Plan
+from compressor.runtime.layers import layer_weight, method_parametrization
 
 
 def parametrize_(module: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats],
@@ -32,12 +33,13 @@ def parametrize_(module: fx.GraphModule, plan: Plan, stats: dict[str, LayerStats
         param.requires_grad_(False)
     for index, entry in enumerate(plan.compressed):
         owner = module.get_submodule(entry.layer.name)
-        weight = owner.weight.detach()
+        weight = layer_weight(module, entry.layer).detach()
         if getattr(owner, "bias", None) is not None:  # its own: fine-tuning may train it
             owner.bias = nn.Parameter(owner.bias.detach().clone(), requires_grad=False)
         parametrization = entry.method.parametrization(
             entry.layer, weight, entry.size, stats.pop(entry.layer.name, None), grad_reduction)
-        parametrize.register_parametrization(owner, "weight", parametrization)
+        parametrize.register_parametrization(
+            owner, "weight", entry.layer.spec.stored_parametrization(parametrization))
         for theta in owner.parametrizations.weight.parameters():
             theta.requires_grad_(True)
         if progress is not None:
@@ -60,6 +62,11 @@ def sink_weight_reads_(module: fx.GraphModule) -> None:
             first.prepend(node)
     module.graph.lint()
     module.recompile()
+
+
+def parametrization_of(module: nn.Module, name: str) -> nn.Module:
+    """Return the method's parametrization of W that the layer `name` is rewritten with."""
+    return method_parametrization(module.get_submodule(name).parametrizations.weight[0])
 
 
 def theta_of(module: nn.Module, name: str) -> tuple[torch.Tensor, ...]:

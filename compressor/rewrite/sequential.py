@@ -20,7 +20,7 @@ from compressor.plan.layers import layer_calls, layer_input
 from compressor.plan.planning import LayerPlan, Plan
 from compressor.rewrite.parametrize import theta_of
 from compressor.runtime.graph import GraphStepper
-from compressor.runtime.layers import InputMoments, rows_layout
+from compressor.runtime.layers import InputMoments, layer_weight, rows_layout
 
 
 def correct_sequentially_(student: fx.GraphModule, teacher: fx.GraphModule, plan: Plan,
@@ -63,10 +63,11 @@ def correct_sequentially_(student: fx.GraphModule, teacher: fx.GraphModule, plan
                     moments[key] = InputMoments.of(
                         layer.spec.input_rows(layer, teacher_stepper.value(key[0])),
                         layer.spec.input_rows(layer, student_stepper.value(key[1])))
-                weight = teacher.get_submodule(name).weight.detach()
+                weight = layer_weight(teacher, layer).detach()
                 gains[name] = entry.method.correct_(
                     layer, theta_of(student, name), weight.reshape(layer.out_features, -1),
                     moments[key])
+                # The graph reads the stored tensor (W, or its transpose).
                 student_stepper.env[s_node.args[layer.spec.weight_arg]] = student.get_submodule(name).weight
                 if remaining == 0:  # what follows the last corrected layer is never needed
                     break

@@ -1,11 +1,18 @@
 """What a layer is to every stage: its kind (one registry), its weight's facts, its input statistics.
 
 A *layer kind* says which graph ops are that layer, where the op keeps its input and its weight,
-how it cuts its input into rows of `in_features` (the rows a Gram matrix sums, the rows a
-weight error multiplies), how its outputs line up as rows of output features, and how a
-compact module applies a weight of that layout. Graph discovery, calibration, the
-sensitivities, the sequential correction, the report's layer errors and every method's compact
-module read these facts from here; a new kind is one entry below.
+in what layout the module stores that weight, how it cuts its input into rows of `in_features`
+(the rows a Gram matrix sums, the rows a weight error multiplies), how its outputs line up as
+rows of output features, and how a compact module applies a weight of that layout. Graph
+discovery, calibration, the sensitivities, the sequential correction, the report's layer errors
+and every method's compact module read these facts from here; a new kind is one entry below.
+
+Every stage and every method sees a layer's weight W as (out, in, *kernel)
+(`LayerInfo.weight_shape`). A kind whose module stores the transpose, (in, out) (GPT-2's
+`Conv1D`, which is `addmm(bias, x, weight)`), says so (`LayerKind.stores_transposed`); the
+stored tensor is read as W through `layer_weight`, and a method's parametrization of W is
+registered on the stored tensor through `LayerKind.stored_parametrization`. Nothing outside
+this module turns one layout into the other.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import fx
+from torch import fx, nn
 from torch.nn import functional as F
 
 
@@ -24,18 +31,32 @@ class LayerInfo:
     """One compressible layer of the program: a weight of a known kind and its use.
 
     An embedding table (rows, dim) is seen as a matrix of `rows` outputs by `dim` inputs, so
-    `A @ B` is a narrow table A (rows × r) times a projection B (r × dim).
+    `A @ B` is a narrow table A (rows × r) times a projection B (r × dim). A conv's stride,
+    padding and dilation have one entry per kernel axis (two for a Conv2d, one for a Conv1d).
     """
 
     name: str  # dotted module name, e.g. "encoder.0.dense"; the weight is f"{name}.weight"
     kind: str  # a registered kind's name (`LAYER_KINDS`)
-    weight_shape: tuple[int, ...]  # (out, in), (out, in, kh, kw) or (rows, dim)
+    # W as every stage and method sees it: (out, in), (out, in, kh, kw), (out, in, k) or
+    # (rows, dim); the module may store its transpose (`stored_shape`).
+    weight_shape: tuple[int, ...]
     has_bias: bool
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
+    stride: tuple[int, ...] = (1, 1)
+    padding: tuple[int, ...] = (0, 0)
+    dilation: tuple[int, ...] = (1, 1)
     groups: int = 1
     produces_output: bool = False  # its result is one of the model's outputs, as is
+
+    def __post_init__(self) -> None:
+        kind = LAYER_KINDS.get(self.kind)
+        if kind is None or not kind.has_kernel:
+            return
+        axes = len(self.weight_shape) - 2
+        for field in ("stride", "padding", "dilation"):
+            if len(getattr(self, field)) != axes:
+                raise ValueError(f"{self.kind} layer {self.name!r}: {field} "
+                                 f"{getattr(self, field)} needs one entry per kernel axis "
+                                 f"({axes}: the kernel is {self.weight_shape[2:]})")
 
     @property
     def spec(self) -> LayerKind:
@@ -53,9 +74,14 @@ class LayerInfo:
         return math.prod(self.weight_shape[1:])
 
     @property
-    def kernel_size(self) -> tuple[int, int]:
-        """(kh, kw) of a conv; (1, 1) for a kind without a kernel."""
-        return tuple(self.weight_shape[2:]) if self.spec.has_kernel else (1, 1)  # type: ignore[return-value]
+    def kernel_size(self) -> tuple[int, ...]:
+        """(kh, kw) of a Conv2d, (k,) of a Conv1d; (1, 1) for a kind without a kernel."""
+        return tuple(self.weight_shape[2:]) if self.spec.has_kernel else (1, 1)
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape of the tensor the module holds: `weight_shape`, or its transpose."""
+        return self.weight_shape[::-1] if self.spec.stores_transposed else self.weight_shape
 
     @property
     def numel(self) -> int:
@@ -143,6 +169,17 @@ class LayerKind:
     input_rows: Callable[[LayerInfo, torch.Tensor], torch.Tensor]
     # The op's output (or its gradient) as rows of output features.
     output_rows: Callable[[LayerInfo, torch.Tensor], torch.Tensor]
+    # The module stores W's transpose, (in, out): the op reads it so (GPT-2's Conv1D).
+    stores_transposed: bool = False
+
+    def weight_of(self, stored: torch.Tensor) -> torch.Tensor:
+        """Return W, (out, in, ...), from the tensor the module stores (a view, not a copy)."""
+        return stored.T if self.stores_transposed else stored
+
+    def stored_parametrization(self, parametrization: nn.Module) -> nn.Module:
+        """Return the parametrization of the stored tensor that a method's parametrization of
+        W (`forward(*θ) -> W`, `right_inverse(W) -> θ`) amounts to for this kind."""
+        return TransposedWeight(parametrization) if self.stores_transposed else parametrization
 
     def effect(self, layer: LayerInfo, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Return what a weight change (out × in, as a matrix) does to the outputs of `rows`."""
@@ -152,26 +189,73 @@ class LayerKind:
         return self.name
 
 
-def _as_pair(value: object, default: int) -> tuple[int, int]:
+class TransposedWeight(nn.Module):
+    """Parametrize a weight stored as (in, out) by a method's parametrization of its transpose
+    W (out, in): the stored tensor is W.T, a view of what the method computes."""
+
+    def __init__(self, method_parametrization: nn.Module) -> None:
+        super().__init__()
+        self.method_parametrization = method_parametrization
+
+    def forward(self, *theta: torch.Tensor) -> torch.Tensor:
+        return self.method_parametrization(*theta).T
+
+    def right_inverse(self, stored: torch.Tensor) -> object:
+        """Return the method's θ of W = `stored`.T."""
+        return self.method_parametrization.right_inverse(stored.T)
+
+
+def method_parametrization(stored: nn.Module) -> nn.Module:
+    """Return a method's own parametrization of W from what is registered on the stored tensor
+    (`LayerKind.stored_parametrization`)."""
+    return stored.method_parametrization if isinstance(stored, TransposedWeight) else stored
+
+
+def layer_weight(module: nn.Module, layer: LayerInfo) -> torch.Tensor:
+    """Return W of `layer` in `module`, (out, in, ...) whatever the stored layout (a view)."""
+    return layer.spec.weight_of(module.get_submodule(layer.name).weight)
+
+
+def _as_tuple(value: object, default: int, axes: int) -> tuple[int, ...]:
+    """Return a conv argument (None, an int, or one or `axes` ints) as `axes` ints."""
     if value is None:
-        return (default, default)
+        return (default,) * axes
     if isinstance(value, int):
-        return (value, value)
-    items = [int(v) for v in value]  # type: ignore[union-attr]
-    return (items[0], items[0]) if len(items) == 1 else (items[0], items[1])
+        return (value,) * axes
+    items = tuple(int(v) for v in value)  # type: ignore[union-attr]
+    return items * axes if len(items) == 1 else items[:axes]
 
 
 def _describe_linear(node: fx.Node) -> dict:
     return {"has_bias": (node.args[2] if len(node.args) > 2 else None) is not None}
 
 
-def _describe_conv2d(node: fx.Node) -> dict | str:
-    args = list(node.args) + [None] * (7 - len(node.args))
-    groups = int(args[6] or 1)
-    if groups != 1:
-        return f"grouped convolution (groups={groups})"
-    return {"has_bias": args[2] is not None, "stride": _as_pair(args[3], 1),
-            "padding": _as_pair(args[4], 0), "dilation": _as_pair(args[5], 1), "groups": groups}
+def _describe_addmm(node: fx.Node) -> dict | str:
+    # addmm(bias, x, weight): a layer when the added term is its own module's bias and the
+    # product is not scaled, as GPT-2's Conv1D calls it. `weight` is a parameter (checked by
+    # discovery before the kind describes the op).
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    if beta != 1 or alpha != 1:
+        return (f"addmm with beta={beta}, alpha={alpha} (only addmm(bias, x, weight), as GPT-2's "
+                "Conv1D computes it, is rewritten)")
+    bias, weight = node.args[0], node.args[2]
+    own_bias = weight.target.removesuffix("weight") + "bias"
+    if not (isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == own_bias):
+        return ("addmm whose added term is not its own module's `bias` (only addmm(bias, x, "
+                "weight), as GPT-2's Conv1D computes it, is rewritten)")
+    return {"has_bias": True}
+
+
+def _describe_conv(axes: int) -> Callable[[fx.Node], dict | str]:
+    def describe(node: fx.Node) -> dict | str:
+        args = list(node.args) + [None] * (7 - len(node.args))
+        groups = int(args[6] or 1)
+        if groups != 1:
+            return f"grouped convolution (groups={groups})"
+        return {"has_bias": args[2] is not None, "stride": _as_tuple(args[3], 1, axes),
+                "padding": _as_tuple(args[4], 0, axes), "dilation": _as_tuple(args[5], 1, axes),
+                "groups": groups}
+    return describe
 
 
 def _conv2d_rows(layer: LayerInfo, x: torch.Tensor) -> torch.Tensor:
@@ -180,15 +264,41 @@ def _conv2d_rows(layer: LayerInfo, x: torch.Tensor) -> torch.Tensor:
     return patches.transpose(1, 2).reshape(-1, layer.in_features)
 
 
+def _conv1d_rows(layer: LayerInfo, x: torch.Tensor) -> torch.Tensor:
+    # A (N, C, L) signal is a (N, C, 1, L) image under a (1, k) kernel.
+    patches = F.unfold(x.unsqueeze(2), (1, *layer.kernel_size), dilation=(1, *layer.dilation),
+                       padding=(0, *layer.padding), stride=(1, *layer.stride))
+    return patches.transpose(1, 2).reshape(-1, layer.in_features)
+
+
+def _addmm(layer: LayerInfo, x: torch.Tensor, weight: torch.Tensor,
+           bias: torch.Tensor | None) -> torch.Tensor:
+    # W.T is the stored (in, out) tensor again when `weight` is `weight_of(stored)`.
+    return x @ weight.T if bias is None else torch.addmm(bias, x, weight.T)
+
+
 LINEAR = LayerKind(
     "linear", (torch.ops.aten.linear.default,), input_arg=0, weight_arg=1, reads_rows=False,
     has_kernel=False, describe=_describe_linear,
     apply=lambda layer, x, weight, bias: F.linear(x, weight, bias),
     input_rows=lambda layer, x: x.reshape(-1, layer.in_features),
     output_rows=lambda layer, y: y.reshape(-1, layer.out_features))
+ADDMM = LayerKind(  # GPT-2's Conv1D: x (rows, in) times a weight stored (in, out), plus bias
+    "addmm", (torch.ops.aten.addmm.default,), input_arg=1, weight_arg=2, reads_rows=False,
+    has_kernel=False, describe=_describe_addmm, apply=_addmm,
+    input_rows=lambda layer, x: x.reshape(-1, layer.in_features),
+    output_rows=lambda layer, y: y.reshape(-1, layer.out_features), stores_transposed=True)
+CONV1D = LayerKind(
+    "conv1d", (torch.ops.aten.conv1d.default,), input_arg=0, weight_arg=1, reads_rows=False,
+    has_kernel=True, describe=_describe_conv(1),
+    apply=lambda layer, x, weight, bias: F.conv1d(x, weight, bias, layer.stride, layer.padding,
+                                                  layer.dilation, layer.groups),
+    input_rows=_conv1d_rows,
+    # (N, out, L) -> one row per output position
+    output_rows=lambda layer, y: y.movedim(1, -1).reshape(-1, layer.out_features))
 CONV2D = LayerKind(
     "conv2d", (torch.ops.aten.conv2d.default,), input_arg=0, weight_arg=1, reads_rows=False,
-    has_kernel=True, describe=_describe_conv2d,
+    has_kernel=True, describe=_describe_conv(2),
     apply=lambda layer, x, weight, bias: F.conv2d(x, weight, bias, layer.stride, layer.padding,
                                                   layer.dilation, layer.groups),
     input_rows=_conv2d_rows,
@@ -202,16 +312,20 @@ EMBEDDING = LayerKind(
     # each looked-up row is `dim` (= in_features) wide
     output_rows=lambda layer, y: y.reshape(-1, layer.in_features))
 
-LAYER_KINDS: dict[str, LayerKind] = {kind.name: kind for kind in (LINEAR, CONV2D, EMBEDDING)}
+LAYER_KINDS: dict[str, LayerKind] = {kind.name: kind for kind in (LINEAR, ADDMM, CONV1D, CONV2D,
+                                                                  EMBEDDING)}
 # Each layer op and its kind.
 KIND_OF_OP: dict[object, LayerKind] = {op: kind for kind in LAYER_KINDS.values()
                                        for op in kind.ops}
 
-_NOT_REWRITTEN = "only Linear and Conv2d layers are rewritten"
+# What the layer kinds are, for a user reading why a weight was left alone.
+REWRITTEN_LAYERS = ("Linear, GPT-2's Conv1D (addmm), Conv1d, Conv2d (groups=1) and Embedding "
+                    "layers")
+_NOT_REWRITTEN = f"only {REWRITTEN_LAYERS} are rewritten"
 # Weight-bearing ops of no kind: layer discovery lists them as skipped, with the reason.
 UNSUPPORTED_OPS: dict[object, str] = {
-    torch.ops.aten.conv1d.default: f"1-D convolution ({_NOT_REWRITTEN})",
-    torch.ops.aten.conv1d.padding: f"1-D convolution ({_NOT_REWRITTEN})",
+    torch.ops.aten.conv1d.padding: "Conv1d with padding given as a string ('same' / 'valid'); "
+                                   "export it with numeric padding to compress it",
     torch.ops.aten.conv2d.padding: "Conv2d with padding given as a string ('same' / 'valid'); "
                                    "export it with numeric padding to compress it",
     torch.ops.aten.conv3d.default: f"3-D convolution ({_NOT_REWRITTEN})",

@@ -5,6 +5,10 @@ case that compresses must leave a model.onnx that onnxruntime runs at another ba
 the program's input names and the original's outputs; a refusal must be a `CompressorError`
 with the case's code and a message that names the problem and what to do. Nothing else, and
 never an unexpected exception, may come out of `compressor.compress`.
+
+Nothing weight-bearing goes unmentioned: in every program of the corpus, each parameter of two or
+more dimensions that the graph reads (found here from the graph itself, not from the layer
+finder) belongs to a layer of the plan or is listed under `plan.skipped` with a reason.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ import pytest
 import torch
 
 import compressor
-from compressor.errors import CompressorError, InternalError
+from compressor.config import CompressionConfig
+from compressor.errors import CompressorError, ConfigError, InternalError
 from compressor.load.data import input_specs, synthesize_data
 from compressor.load.program import load_program
+from compressor.plan.layers import find_layers
+from compressor.plan.planning import plan_layers
 from compressor.runtime.outputs import run_outputs
-from tests.support.corpus_programs import CASES, Case, save
+from tests.support.corpus_programs import CASES, Case, export, save
 
 FAST = {"finetune": {"steps": 2, "eval_every": 2, "batch_size": 8},
         "export": {"latency_seconds": 0}, "data": {"synthetic_samples": 24},
@@ -87,3 +94,31 @@ def test_the_corpus_covers_both_outcomes_and_names_are_unique():
     refusals = [c for c in CASES if c.refuses]
     assert refusals and len(refusals) < len(CASES)
     assert all(c.says for c in refusals), "a refusal case must say what the message names"
+
+
+def _weights_read(module: torch.fx.GraphModule) -> dict[str, tuple[int, ...]]:
+    """Every parameter of two or more dimensions that some op of the graph reads, by name."""
+    parameters = dict(module.named_parameters(remove_duplicate=False))
+    return {node.target: tuple(parameters[node.target].shape) for node in module.graph.nodes
+            if node.op == "get_attr" and node.target in parameters and node.users
+            and parameters[node.target].dim() >= 2}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_every_weight_the_graph_reads_is_planned_or_skipped_with_its_reason(case: Case):
+    module = export(case).module()
+    weights = _weights_read(module)
+    assert weights  # every corpus program has weights
+    layers, skipped = find_layers(module)
+    try:
+        plan = plan_layers(layers, skipped, CompressionConfig.parse(_config(case)))
+    except ConfigError as exc:  # nothing targeted: the refusal lists every weight and why
+        planned, mentioned = set(), exc.message
+    else:
+        planned = {p.layer.name for p in plan.layers}
+        assert all(entry.reason for entry in plan.skipped)
+        mentioned = {entry.name: entry.reason for entry in plan.skipped}
+    for target in weights:
+        owner = target.removesuffix(".weight")
+        assert owner in planned or owner in mentioned or target in mentioned, (
+            f"{target} {weights[target]} is read by the graph but neither planned nor skipped")

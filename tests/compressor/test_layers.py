@@ -1,11 +1,13 @@
 """Layer discovery (`plan/layers.py`) and the layer kinds (`runtime/layers.py`), on tiny models.
 
-Pinned: `find_layers` finds every Linear, Conv2d and Embedding of a program in graph order, with
-the facts of the module it came from (weight shape, bias, stride, padding, dilation; a padding
-mode other than zeros pads in the graph, so the conv itself pads nothing) and marks the layer
-whose result is a model output; grouped convolutions, 1-D convolutions, string padding, shared
-weights and weights computed in the graph are listed as skipped, once each, with the reason,
-and never as layers. For every entry of `LAYER_KINDS`: the kind of its op is found,
+Pinned: `find_layers` finds every Linear, GPT-2 Conv1D, Conv1d, Conv2d and Embedding of a
+program in graph order, with the facts of the module it came from (W's shape as (out, in, ...)
+whatever the module stores, bias, stride, padding, dilation; a padding mode other than zeros
+pads in the graph, so the conv itself pads nothing) and marks the layer whose result is a model
+output (as is, or only reshaped); grouped convolutions, string padding, shared weights, weights
+computed in the graph and any other parameter of two or more dimensions that the graph reads
+are listed as skipped, once each, with the reason, and never as layers. For every entry of
+`LAYER_KINDS`: the kind of its op is found, W is read from the stored tensor as (out, in, ...),
 `apply(layer, x, W, bias)` is the layer's own op, `input_rows` cuts the input into rows of
 `in_features` whose Gram matrix is what a weight change multiplies (a conv's unfolded patches:
 ‖ΔW·X‖² = tr(ΔW G ΔWᵀ)), `effect` and `output_rows` line those rows up with the op's outputs,
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 from torch.nn import functional as F
+from transformers.pytorch_utils import Conv1D
 
 from compressor.plan.layers import find_layers
 from compressor.runtime.layers import KIND_OF_OP, LAYER_KINDS, LayerInfo
@@ -37,21 +40,28 @@ def _program_module(model: nn.Module, args: tuple = (), kwargs: dict | None = No
                                dynamic_shapes=dynamic).module()
 
 
+def _w(module: nn.Module) -> torch.Tensor:
+    """W of a module as (out, in, ...): GPT-2's Conv1D stores its transpose (in, out)."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
 def _expected_facts(module: nn.Module) -> dict:
     """What discovery must say of a module, read from the module itself."""
-    facts = {"weight_shape": tuple(module.weight.shape),
+    facts = {"weight_shape": tuple(_w(module).shape),
              "has_bias": getattr(module, "bias", None) is not None}
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         pads_itself = module.padding_mode == "zeros"  # other modes pad in the graph first
         facts.update(stride=tuple(module.stride), dilation=tuple(module.dilation),
-                     padding=tuple(module.padding) if pads_itself else (0, 0),
+                     padding=(tuple(module.padding) if pads_itself
+                              else (0,) * len(module.kernel_size)),
                      groups=module.groups)
     else:
         facts.update(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1)
     return facts
 
 
-_KIND_OF_MODULE = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
+_KIND_OF_MODULE = {nn.Linear: "linear", Conv1D: "addmm", nn.Conv1d: "conv1d",
+                   nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
 
 
 class _Unusual(nn.Module):
@@ -81,6 +91,48 @@ class _TiedHead(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.mid(self.embed(ids))))
+
+
+class _Gpt2Mlp(nn.Module):
+    """GPT-2's MLP: two Conv1D (addmm with (in, out) weights), the second producing the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c_fc = Conv1D(24, 8)
+        self.c_proj = Conv1D(8, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class _BareParameters(nn.Module):
+    """Weight matrices read by ops no layer kind covers: a matmul, an addmm with a scaled product,
+    and a table added to the input; a norm's scale vector is not a weight matrix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Parameter(torch.randn(8, 8))
+        self.scaled = Conv1D(8, 8)
+        self.offsets = nn.Parameter(torch.randn(5, 8))
+        self.norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(torch.matmul(x, self.proj) + self.offsets)
+        h = torch.addmm(self.scaled.bias, h.reshape(-1, 8), self.scaled.weight, alpha=0.5)
+        return self.fc(h.reshape(x.shape))
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=4, n_positions=64,
+                        use_cache=False)
+    model = GPT2LMHeadModel(config)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
+    return model, lambda: torch.export.export(
+        model.eval(), (), {"input_ids": ids},
+        dynamic_shapes={"input_ids": {0: Dim("batch"), 1: Dim.AUTO}}).module()
 
 
 def _tiny(kind: str):
@@ -122,14 +174,27 @@ DISCOVERIES = [
               ("stem", "dilated", "reflect", "circular", "head"), ("head",),
               {"depthwise": "grouped convolution (groups=32)",
                "grouped": "grouped convolution (groups=4)"}),
-    Discovery("conv1d", lambda: _corpus(corpus_programs._conv1d), ("head",), ("head",),
-              {"conv1": "1-D convolution", "conv2": "1-D convolution"}),
+    Discovery("conv1d", lambda: _corpus(corpus_programs._conv1d), ("conv1", "conv2", "head"),
+              ("head",), {}),
+    Discovery("gpt2_mlp", lambda: (m := _Gpt2Mlp(), lambda: _program_module(
+        m, (torch.randn(2, 5, 8),))), ("c_fc", "c_proj"), ("c_proj",), {}),
+    Discovery("gpt2", _gpt2,
+              ("transformer.wpe", "transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+               "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"), (),
+              {"lm_head": "shared with other operations"}),
+    Discovery("bare_parameters", lambda: (m := _BareParameters(), lambda: _program_module(
+        m, (torch.randn(2, 5, 8),))), ("fc",), ("fc",),
+              {"proj": "(8, 8) parameter is read by aten.matmul",
+               "offsets": "(5, 8) parameter is read by aten.add.Tensor",
+               "scaled": "addmm with beta=1, alpha=0.5"}),
     Discovery("shared_layer", lambda: _corpus(corpus_programs._shared_layer), ("inp", "out"),
               ("out",), {"shared": "shared with other operations"}),
     Discovery("same_padding", lambda: _corpus(corpus_programs._same_padding), ("conv", "head"),
               ("head",), {"same": "padding given as a string"}),
     Discovery("computed_weight", lambda: _corpus(corpus_programs._computed_weight), ("fc",),
-              ("fc",), {"linear": "computed in the graph"}),
+              ("fc",), {"linear": "computed in the graph",
+                        "direction": "(64, 32) parameter is read by aten.div.Tensor, "
+                                     "aten.linalg_vector_norm"}),
     Discovery("tied_head", lambda: (m := _TiedHead(), lambda: _program_module(
         m, (torch.randint(0, 50, (2, 5)),))), ("mid",), (),
               {"head": "shared with other operations"}),
@@ -167,6 +232,16 @@ def _linear():
     return nn.Linear(5, 7), torch.randn(3, 4, 5)
 
 
+def _addmm():
+    # GPT-2's Conv1D on rows (its op's own input: a 2-D view of the tokens).
+    return Conv1D(7, 5), torch.randn(6, 5)
+
+
+def _conv1d():
+    conv = nn.Conv1d(3, 6, 3, stride=2, padding=2, dilation=2)
+    return conv, torch.randn(2, 3, 11)
+
+
 def _conv2d():
     conv = nn.Conv2d(3, 6, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1))
     return conv, torch.randn(2, 3, 9, 8)
@@ -179,7 +254,8 @@ def _embedding():
 
 
 # A module of every kind, and an input it takes.
-KIND_MODULES = {"linear": _linear, "conv2d": _conv2d, "embedding": _embedding}
+KIND_MODULES = {"linear": _linear, "addmm": _addmm, "conv1d": _conv1d, "conv2d": _conv2d,
+                "embedding": _embedding}
 
 
 @dataclass
@@ -223,20 +299,24 @@ def test_discovery_gives_the_layer_its_kind_and_facts(kind):
     assert layer.info.kind == kind and layer.spec is LAYER_KINDS[kind]
     facts = {field: getattr(layer.info, field) for field in _expected_facts(layer.module)}
     assert facts == _expected_facts(layer.module)
-    assert layer.info.out_features == layer.module.weight.shape[0]
-    assert layer.info.in_features == layer.module.weight[0].numel()
+    assert layer.info.out_features == _w(layer.module).shape[0]
+    assert layer.info.in_features == _w(layer.module)[0].numel()
+    assert layer.info.stored_shape == tuple(layer.module.weight.shape)
+    # W as every stage reads it: a view of the stored tensor, in (out, in, ...) layout.
+    weight = layer.spec.weight_of(layer.module.weight)
+    assert torch.equal(weight, _w(layer.module)) and weight.data_ptr() == layer.module.weight.data_ptr()
 
 
 @pytest.mark.parametrize("kind", sorted(LAYER_KINDS))
 def test_apply_is_the_layers_own_op(kind):
     layer = _found(kind)
-    weight, bias = layer.module.weight.detach(), getattr(layer.module, "bias", None)
+    weight, bias = layer.spec.weight_of(layer.module.weight.detach()), getattr(layer.module, "bias", None)
     with torch.no_grad():
         torch.testing.assert_close(layer.spec.apply(layer.info, layer.x, weight, bias),
                                    layer.module(layer.x), rtol=0, atol=0)
         other = torch.randn_like(weight)  # any weight of the layout, not only the module's
         with_other = layer.spec.apply(layer.info, layer.x, other, None)
-        layer.module.weight.copy_(other)
+        layer.spec.weight_of(layer.module.weight).copy_(other)
         if bias is not None:
             bias.zero_()
         torch.testing.assert_close(with_other, layer.module(layer.x), rtol=1e-6, atol=1e-6)
@@ -249,6 +329,14 @@ def _gram_by_hand(layer: Layer) -> torch.Tensor:
         conv = layer.module
         patches = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
                            stride=conv.stride)  # (N, in·kh·kw, positions)
+        return torch.einsum("nip,njp->ij", patches, patches)
+    if isinstance(layer.module, nn.Conv1d):
+        conv = layer.module
+        (k,), (stride,), (pad,), (dilation,) = (conv.kernel_size, conv.stride, conv.padding,
+                                                 conv.dilation)
+        span = dilation * (k - 1) + 1  # each window, its taps `dilation` apart
+        windows = F.pad(x, (pad, pad)).unfold(2, span, stride)[..., ::dilation]  # (N, C, P, k)
+        patches = windows.permute(0, 1, 3, 2).reshape(x.shape[0], -1, windows.shape[2])
         return torch.einsum("nip,njp->ij", patches, patches)
     flat = x.reshape(-1, x.shape[-1])
     return flat.T @ flat

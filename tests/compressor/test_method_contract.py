@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 from torch.export import Dim
+from transformers.pytorch_utils import Conv1D
 
 from compressor.config import CompressionConfig
 from compressor.export.onnx import export_onnx
@@ -28,6 +29,7 @@ from compressor.plan.layers import find_layers
 from compressor.plan.planning import plan_layers
 from compressor.rewrite.forms import factorize, materialize
 from compressor.rewrite.parametrize import parametrize_, theta_of
+from compressor.runtime.layers import LAYER_KINDS
 from compressor.runtime.outputs import run_outputs
 
 
@@ -44,6 +46,31 @@ class _Tokens(nn.Module):
         return self.head(torch.relu(self.hidden(self.embed(ids))))
 
 
+class _Gpt2Tokens(nn.Module):
+    """Embedding → GPT-2 Conv1D (the target: addmm with an (in, out) weight) → Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(40, 16)
+        self.hidden = Conv1D(24, 16)
+        self.head = nn.Linear(24, 6)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.hidden(self.embed(ids))))
+
+
+class _Signal(nn.Module):
+    """Conv1d (the target) → pooled Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 12, 3, stride=2, padding=1)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, signal: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(signal)).mean(-1))
+
+
 class _Image(nn.Module):
     """Conv2d (the target) → pooled Linear head."""
 
@@ -58,13 +85,16 @@ class _Image(nn.Module):
 
 # The layer each kind's check targets, in a model where it does not produce an output.
 _TARGETS = {"linear": (_Tokens, "hidden"), "embedding": (_Tokens, "embed"),
+            "addmm": (_Gpt2Tokens, "hidden"), "conv1d": (_Signal, "conv"),
             "conv2d": (_Image, "conv")}
 
 
 def _inputs(model: nn.Module, batch: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    if isinstance(model, _Tokens):
+    if isinstance(model, (_Tokens, _Gpt2Tokens)):
         return {"ids": torch.randint(0, 40, (batch, 5), generator=g)}
+    if isinstance(model, _Signal):
+        return {"signal": torch.randn(batch, 3, 10, generator=g)}
     return {"image": torch.randn(batch, 3, 6, 6, generator=g)}
 
 
@@ -100,11 +130,19 @@ class _Rewritten:
 def test_a_weight_the_method_represents_comes_back_exactly(method, kind, tmp_path):
     rewritten = _Rewritten(method, kind, tmp_path)
     entry = rewritten.entry
-    representable = rewritten.student.get_submodule(entry.layer.name).weight.detach().clone()
+    stored = rewritten.student.get_submodule(entry.layer.name).weight.detach().clone()
+    assert tuple(stored.shape) == entry.layer.stored_shape  # the layout the op reads
+    representable = entry.layer.spec.weight_of(stored)  # W, (out, in, ...)
+    assert tuple(representable.shape) == entry.layer.weight_shape
     again = entry.method.parametrization(entry.layer, representable, entry.size, None)
     theta = again.right_inverse(representable)
     theta = theta if isinstance(theta, tuple) else (theta,)
     torch.testing.assert_close(again(*theta), representable, rtol=1e-5, atol=1e-5)
+    # Registered on the stored tensor, the same θ gives the stored layout back.
+    on_stored = entry.layer.spec.stored_parametrization(again)
+    theta = on_stored.right_inverse(stored)
+    theta = theta if isinstance(theta, tuple) else (theta,)
+    torch.testing.assert_close(on_stored(*theta), stored, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(("method", "kind"), _cases())
@@ -147,5 +185,5 @@ def test_every_method_declares_its_options_and_contract():
     for name in available_methods():
         cls = method_class(name)
         assert cls.Options().name == name
-        assert cls.layer_kinds <= {"linear", "conv2d", "embedding"}
+        assert cls.layer_kinds <= set(LAYER_KINDS)
         assert cls.size_field is None or cls.size_field in cls.Options.model_fields

@@ -4,8 +4,10 @@ For each method of `available_methods()` and each layer kind it applies to, a we
 method can represent at its full size is built (a random W for a rank, distinct rows for row
 groups, a few distinct values for a codebook, equal rows times a scale for a fixed size), then:
 - `forward(*right_inverse(W))` gives back W, with or without calibration statistics;
-- the compact module computes what the dense op (F.linear / F.conv2d / F.embedding, written
-  here, not the kind registry's) computes with W and the bias, on random inputs.
+- the compact module computes what the dense op (F.linear / torch.addmm / F.conv1d /
+  F.conv2d / F.embedding, written here, not the kind registry's) computes with W and the bias,
+  on random inputs. W is (out, in, ...) for every kind; GPT-2's Conv1D (addmm) multiplies by
+  its transpose, the (in, out) tensor its module stores.
 Every boolean option of a method is tried both ways. Nothing is skipped: a method whose size
 field has no construction below fails until one is added.
 """
@@ -27,6 +29,12 @@ from compressor.methods import LayerInfo, LayerStats, Method, available_methods,
 LAYERS = {
     "linear": [LayerInfo("tall", "linear", (9, 5), True),
                LayerInfo("wide", "linear", (4, 11), False)],
+    "addmm": [LayerInfo("tall_gpt2", "addmm", (9, 5), True),
+              LayerInfo("wide_gpt2", "addmm", (4, 11), True)],
+    "conv1d": [LayerInfo("conv1d", "conv1d", (6, 3, 3), True, stride=(2,), padding=(1,),
+                         dilation=(2,)),
+               LayerInfo("pointwise_tall_1d", "conv1d", (13, 2, 1), False, stride=(1,),
+                         padding=(1,), dilation=(1,))],
     "conv2d": [LayerInfo("conv", "conv2d", (6, 3, 3, 2), True, stride=(2, 1), padding=(1, 0),
                          dilation=(1, 2)),
                LayerInfo("pointwise_tall", "conv2d", (13, 2, 1, 2), False, padding=(0, 1))],
@@ -40,6 +48,11 @@ def _dense(layer: LayerInfo, x: torch.Tensor, weight: torch.Tensor,
     """What the original layer computes with `weight` (torch's own ops, not the kind registry)."""
     if layer.kind == "linear":
         return F.linear(x, weight, bias)
+    if layer.kind == "addmm":  # GPT-2's Conv1D: x @ (the stored (in, out) tensor) + bias
+        stored = weight.T.contiguous()
+        return x @ stored + bias if bias is not None else x @ stored
+    if layer.kind == "conv1d":
+        return F.conv1d(x, weight, bias, layer.stride, layer.padding, layer.dilation)
     if layer.kind == "conv2d":
         return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation)
     assert layer.kind == "embedding"
@@ -49,6 +62,10 @@ def _dense(layer: LayerInfo, x: torch.Tensor, weight: torch.Tensor,
 def _inputs(layer: LayerInfo, g: torch.Generator) -> torch.Tensor:
     if layer.kind == "linear":
         return torch.randn(3, 2, layer.in_features, generator=g)
+    if layer.kind == "addmm":  # the op's input: token rows
+        return torch.randn(6, layer.in_features, generator=g)
+    if layer.kind == "conv1d":
+        return torch.randn(2, layer.weight_shape[1], 9, generator=g)
     if layer.kind == "conv2d":
         return torch.randn(2, layer.weight_shape[1], 7, 6, generator=g)
     # every row read at least once, some many times

@@ -48,16 +48,19 @@ class Case:
         return COMPRESSES if self.refuses is None else f"refuses ({self.refuses})"
 
 
-def save(case: Case, path: Path) -> Path:
-    """Export the case's model as its example says and save the program at `path`."""
+def export(case: Case) -> torch.export.ExportedProgram:
+    """Export the case's model as its example says."""
     torch.manual_seed(0)
     spec = case.build()
     if spec.args and isinstance(spec.args[0], torch.export.ExportedProgram):
-        program = spec.args[0]  # exported by the library's own recipe
-    else:
-        program = torch.export.export(spec.model.eval(), spec.args, kwargs=spec.kwargs,
-                                      dynamic_shapes=spec.dynamic_shapes)
-    torch.export.save(program, str(path))
+        return spec.args[0]  # exported by the library's own recipe
+    return torch.export.export(spec.model.eval(), spec.args, kwargs=spec.kwargs,
+                               dynamic_shapes=spec.dynamic_shapes)
+
+
+def save(case: Case, path: Path) -> Path:
+    """Export the case's model as its example says and save the program at `path`."""
+    torch.export.save(export(case), str(path))
     return path
 
 
@@ -286,6 +289,18 @@ class OnlyConv1d(nn.Module):
         return self.conv2(torch.relu(self.conv1(signal)))
 
 
+class OnlyConv3d(nn.Module):
+    """Nothing but 3-D convolutions (no layer kind)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(4, 16, 3, padding=1)
+        self.conv2 = nn.Conv3d(16, 16, 3)
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.conv1(volume)))
+
+
 class PredictsClasses(nn.Module):
     """Logits and the int64 predicted class."""
 
@@ -470,6 +485,10 @@ def _only_conv1d() -> Export:
     return Export(OnlyConv1d(), (torch.randn(2, 8, 20),), dynamic_shapes=({0: _batch()},))
 
 
+def _only_conv3d() -> Export:
+    return Export(OnlyConv3d(), (torch.randn(2, 4, 6, 6, 6),), dynamic_shapes=({0: _batch()},))
+
+
 def _simple(model: Callable[[], nn.Module]) -> Callable[[], Export]:
     return lambda: Export(model(), (torch.randn(4, 32),), dynamic_shapes=({0: _batch()},))
 
@@ -545,6 +564,18 @@ def _hf_bert_classifier() -> Export:
                   dynamic_shapes=({0: Dim("batch"), 1: Dim("seq", max=64)},))
 
 
+def _hf_gpt2() -> Export:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                        use_cache=False)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    dims = {0: Dim("batch"), 1: Dim.AUTO}
+    return Export(GPT2LMHeadModel(config), kwargs={"input_ids": ids,
+                                                  "attention_mask": torch.ones_like(ids)},
+                  dynamic_shapes={"input_ids": dims, "attention_mask": dims})
+
+
 def _hf_executorch_recipe() -> Export:
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
@@ -585,10 +616,11 @@ CASES: list[Case] = [
     Case("Conv2d stride, dilation, padding modes, groups", _conv_zoo,
          skipped=("depthwise", "grouped")),
     Case("Conv2d + BatchNorm running statistics", _conv_bn),
-    Case("1-D convolutions", _conv1d, skipped=("conv1", "conv2")),
+    Case("1-D convolutions", _conv1d),
     Case("Conv2d with padding='same'", _same_padding, skipped=("same",)),
-    Case("only 1-D convolutions", _only_conv1d, refuses="invalid_config",
-         says=("1-D convolution", "conv1", "conv2")),
+    Case("only 1-D convolutions", _only_conv1d),
+    Case("only 3-D convolutions", _only_conv3d, refuses="invalid_config",
+         says=("3-D convolution", "conv1", "conv2")),
     Case("logits and an int64 prediction out", _simple(PredictsClasses)),
     Case("a buffer updated in forward", _simple(CountsCalls)),
     Case("a layer called twice (shared module)", _shared_layer, skipped=("shared",)),
@@ -611,6 +643,8 @@ CASES: list[Case] = [
     Case("Hugging Face Llama causal LM, tied head, keyword inputs", _hf_llama,
          skipped=("lm_head",)),
     Case("Hugging Face BERT classifier, ModelOutput out", _hf_bert_classifier),
+    Case("Hugging Face GPT-2 causal LM: Conv1D projections, tied head", _hf_gpt2,
+         skipped=("lm_head",)),
     Case("Hugging Face Llama through transformers' executorch export recipe",
          _hf_executorch_recipe, refuses="invalid_model",
          says=("input 'input_ids' has a static batch dimension", "Dim(\"batch\")")),

@@ -3,8 +3,8 @@
 θ starts from the layer's decomposition (`factors`: a truncated SVD, activation-aware given the
 layer's input statistics), which calibration prepares once and the sensitivity allocation
 prices every rank with; B is then re-solved on the compressed model's own inputs
-(`sequential`). Its compact forms (`modules`): two matmuls, a kh×kw conv with r filters then a
-1×1 conv, a narrow table then a projection.
+(`sequential`). Its compact forms (`modules`): two matmuls (a Linear, GPT-2's Conv1D), a conv
+with r filters then a pointwise conv (Conv1d, Conv2d), a narrow table then a projection.
 """
 
 from __future__ import annotations
@@ -21,18 +21,30 @@ from compressor.methods import register_method
 from compressor.methods.base import GradReduction, Method, MethodOptions
 from compressor.methods.lowrank.factors import LowRankFactors, decompose
 from compressor.methods.lowrank.modules import (
+    LowRankConv1d,
     LowRankConv2d,
     LowRankEmbedding,
     LowRankLinear,
     LowRankWeight,
 )
 from compressor.methods.lowrank.sequential import correct_second_factor_
-from compressor.runtime.layers import CONV2D, EMBEDDING, LINEAR, InputMoments, LayerInfo, LayerStats
+from compressor.runtime.layers import (
+    ADDMM,
+    CONV1D,
+    CONV2D,
+    EMBEDDING,
+    LINEAR,
+    InputMoments,
+    LayerInfo,
+    LayerStats,
+)
 
 # Ranks are rounded down to a multiple of this (fast matmul tiles) when that gives up at most
 # _ROUNDING_COST of the layer's budget.
 RANK_MULTIPLE = 8
 _ROUNDING_COST = 0.02
+# A conv's compact module by its kernel's axes.
+_CONV_MODULES = {1: LowRankConv1d, 2: LowRankConv2d}
 
 
 class LowRankOptions(MethodOptions):
@@ -54,7 +66,7 @@ class LowRank(Method):
 
     name = "lowrank"
     Options = LowRankOptions
-    layer_kinds = frozenset({LINEAR.name, CONV2D.name, EMBEDDING.name})
+    layer_kinds = frozenset({LINEAR.name, ADDMM.name, CONV1D.name, CONV2D.name, EMBEDDING.name})
     size_field = "rank"
     min_size = 1
     ties_output_rows = False
@@ -130,5 +142,5 @@ class LowRank(Method):
         if layer.spec.reads_rows:
             return LowRankEmbedding(A, B)
         if layer.spec.has_kernel:
-            return LowRankConv2d(layer, A, B, bias)
-        return LowRankLinear(A, B, bias)
+            return _CONV_MODULES[len(layer.kernel_size)](layer, A, B, bias)
+        return LowRankLinear(A, B, bias)  # W = A @ B as (out, in), whatever the stored layout

@@ -1,6 +1,6 @@
 """lowrank's modules: the parametrization W = (A @ B) reshaped, and the compact forms of
-each layer kind (two matmuls, a kh×kw conv with r filters then a 1×1 conv, a narrow table then
-a projection)."""
+each layer kind (two matmuls, a kh×kw (or k-wide) conv with r filters then a 1×1 (width-1) conv,
+a narrow table then a projection)."""
 
 from __future__ import annotations
 
@@ -83,3 +83,23 @@ class LowRankConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.conv2d(x, self.spatial, None, self.stride, self.padding, self.dilation)
         return F.conv2d(h, self.pointwise, self.bias)
+
+
+class LowRankConv1d(nn.Module):
+    """Compute a Conv1d as a k-wide conv with r filters, then a width-1 conv to the outputs."""
+
+    def __init__(self, layer: LayerInfo, A: torch.Tensor, B: torch.Tensor,
+                 bias: torch.Tensor | None) -> None:
+        super().__init__()
+        out_channels, in_channels, width = layer.weight_shape
+        rank = A.shape[1]
+        # Views of θ, not copies: the module computes with the trained θ itself.
+        self.spatial = nn.Parameter(B.detach().view(rank, in_channels, width),
+                                    requires_grad=False)
+        self.pointwise = nn.Parameter(A.detach().view(out_channels, rank, 1), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.conv1d(x, self.spatial, None, self.stride, self.padding, self.dilation)
+        return F.conv1d(h, self.pointwise, self.bias)
