@@ -34,10 +34,31 @@ function bytes(n) {
   return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
 }
 
-function num(x, digits = 4) {
+// `x` to `digits` significant digits, without trailing zeros or an exponent below 1e6.
+function sig(x, digits = 4) {
   if (typeof x !== "number" || !isFinite(x)) return "—";
-  if (x !== 0 && (Math.abs(x) >= 1e5 || Math.abs(x) < 1e-3)) return x.toExponential(2);
-  return Number(x.toFixed(digits)).toString();
+  if (x === 0) return "0";
+  if (Math.abs(x) >= 1e6 || Math.abs(x) < 1e-4) return x.toExponential(Math.max(0, digits - 1)).replace(/\.?0+e/, "e");
+  return String(Number(x.toPrecision(digits)));
+}
+
+// Axis labels that differ wherever the values do: the fewest significant digits (at least 2).
+function distinct(values) {
+  for (let digits = 2; digits < 10; digits += 1) {
+    const labels = values.map((v) => sig(v, digits));
+    const differ = values.every((v, i) => i === 0 || v === values[i - 1] || labels[i] !== labels[i - 1]);
+    if (differ) return labels;
+  }
+  return values.map((v) => String(v));
+}
+
+// A count in the unit of the largest of the values shown with it: "188 K → 74.6 K", never
+// "1.88e+5 → 74570".
+function count(v, shownWith = [v]) {
+  if (typeof v !== "number") return "—";
+  const top = Math.max(...shownWith.filter((x) => typeof x === "number").map(Math.abs), 0);
+  const [scale, unit] = top >= 1e9 ? [1e9, " G"] : top >= 1e6 ? [1e6, " M"] : top >= 1e4 ? [1e3, " K"] : [1, ""];
+  return `${scale === 1 ? Math.round(v) : sig(v / scale, 3)}${unit}`;
 }
 
 function when(iso) {
@@ -106,8 +127,17 @@ function describe(error) {
   return String(error && error.message ? error.message : error);
 }
 
+// Merge a `change` event (the job's id and the fields that changed) into the job it follows.
+function applyChange(job, change) {
+  const { loss_curve_added: added, ...fields } = change;
+  const next = { ...job, ...fields };
+  if (added) next.loss_curve = [...(job.loss_curve || []), ...added];
+  return next;
+}
+
 // Follow GET /v1/jobs/{id}/events (server-sent events) with fetch, which, unlike EventSource,
-// can send the Authorization header. Calls onJob(job) per `job` event until the stream ends.
+// can send the Authorization header. The first event (`job`) is the whole job, each later one
+// (`change`) what changed: calls onJob(job) with the job as it is now, until the stream ends.
 async function followJob(jobId, onJob, signal, onDeleted) {
   const response = await fetch(`/v1/jobs/${jobId}/events`, {
     headers: { Accept: "text/event-stream", ...authHeaders() }, signal,
@@ -116,6 +146,7 @@ async function followJob(jobId, onJob, signal, onDeleted) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
+  let job = null;
   for (;;) {
     const { value, done } = await reader.read();
     if (done) return;
@@ -131,7 +162,8 @@ async function followJob(jobId, onJob, signal, onDeleted) {
         else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
       }
       if (!data.length) continue;
-      if (event === "job") onJob(JSON.parse(data.join("\n")));
+      if (event === "job") onJob(job = JSON.parse(data.join("\n")));
+      else if (event === "change" && job) onJob(job = applyChange(job, JSON.parse(data.join("\n"))));
       else if (event === "deleted" && onDeleted) onDeleted();
     }
   }
@@ -211,14 +243,14 @@ function jobsView(view) {
   const more = el("button", { type: "button", hidden: true }, "Older jobs");
   const message = el("div");
   const table = el("table", { id: "jobs" },
-    el("thead", {}, el("tr", {}, ["submitted", "job", "status", "stage", "progress", "attempts", ""]
+    el("thead", {}, el("tr", {}, ["submitted", "job", "model", "method and size", "status", "result", ""]
       .map((h) => el("th", {}, h)))), body);
   view.append(
     el("h1", {}, "Jobs"),
     el("div", { class: "toolbar" }, el("label", { for: "status-filter" }, "Show"), filter,
       el("button", { type: "button", onclick: () => load(null) }, "Refresh"),
       el("a", { href: "#/submit" }, el("button", { type: "button", class: "primary" }, "Submit a job"))),
-    message, el("div", { class: "card" }, table, more));
+    message, el("div", { class: "card" }, el("div", { class: "scroll" }, table), more));
   let cursor = null;
   const streams = new Map();  // job id -> AbortController of its event stream
 
@@ -230,13 +262,16 @@ function jobsView(view) {
     }
     actions.append(el("button", { type: "button", class: "danger delete",
       onclick: () => deleteJob(job, () => load(null)) }, "Delete"));
+    const running = job.status === "running";
     return el("tr", { "data-job": job.id },
       el("td", {}, when(job.created_at)),
       el("td", {}, el("a", { href: `#/jobs/${job.id}`, class: "mono" }, job.id.slice(0, 12))),
-      el("td", {}, statusBadge(job.status)),
-      el("td", {}, job.stage || "—"),
-      el("td", {}, progressBar(job.progress)),
-      el("td", {}, job.attempts),
+      el("td", { class: "model", title: job.model_name || "" }, job.model_name || "—"),
+      el("td", { class: "how", title: sizing(job.config) }, `${methodName(job.config)} · ${shortSizing(job.config)}`),
+      el("td", {}, statusBadge(job.status), job.attempts > 1 ? el("div", { class: "muted" }, `attempt ${job.attempts}`) : null),
+      el("td", { class: "result" }, running
+        ? el("div", { class: "running" }, el("span", { class: "muted" }, job.stage || "starting"), progressBar(job.progress))
+        : resultSummary(job)),
       actions);
   }
 
@@ -291,6 +326,10 @@ function jobsView(view) {
 
 function schemaNode(schema, node) {
   while (node && node.$ref) node = schema.$defs[node.$ref.split("/").pop()];
+  if (node && node.oneOf && node.discriminator) {  // the method: its name picks its options
+    const { propertyName, mapping } = node.discriminator;
+    return { description: node.description, properties: { [propertyName]: { enum: Object.keys(mapping), description: node.description } } };
+  }
   if (node && node.anyOf) {
     const concrete = node.anyOf.find((n) => n.$ref || (n.type && n.type !== "null"));
     return { ...schemaNode(schema, concrete), description: node.description || (concrete || {}).description, nullable: true };
@@ -355,7 +394,7 @@ function setPath(target, path, value) {
 async function submitView(view) {
   const general = el("div", { id: "submit-error" });
   const fieldsBox = el("div", { id: "config-fields" }, el("p", { class: "muted" }, "Loading the defaults…"));
-  const model = el("input", { id: "model-file", type: "file", accept: ".pt2", required: true });
+  const model = el("input", { id: "model-file", type: "file", accept: ".pt2,.zip,.tar,.gz,.tgz", required: true });
   const data = el("input", { id: "data-file", type: "file", accept: ".safetensors,.npz" });
   const bar = progressBar(0);
   bar.id = "upload-progress";
@@ -363,8 +402,8 @@ async function submitView(view) {
   const send = el("button", { type: "submit", class: "primary", id: "submit-job" }, "Upload and submit");
   const form = el("form", { id: "submit-form" },
     el("div", { class: "card" }, el("h2", {}, "Files"),
-      el("div", { class: "field", "data-field": "model" }, el("label", { for: "model-file" }, "model (.pt2)"), model,
-        el("div", { class: "hint" }, "a torch.export program saved with torch.export.save")),
+      el("div", { class: "field", "data-field": "model" }, el("label", { for: "model-file" }, "model"), model,
+        el("div", { class: "hint" }, "a torch.export program saved with torch.export.save (.pt2), or a Hugging Face model folder packed as .zip or .tar.gz")),
       el("div", { class: "field", "data-field": "data" }, el("label", { for: "data-file" }, "data (optional)"), data,
         el("div", { class: "hint" }, ".safetensors or .npz, tensors named after the program's inputs"))),
     el("div", { class: "card" }, el("h2", {}, "Configuration"),
@@ -400,17 +439,18 @@ async function submitView(view) {
 
   function markField(field, message) {
     const name = field.replace(/^config\./, "");
+    const boxes = [...form.querySelectorAll(".field[data-field]")];
     const box = form.querySelector(`.field[data-field="${CSS.escape(name)}"]`)
-      || [...form.querySelectorAll(".field[data-field]")].find((b) => name.startsWith(b.dataset.field + "."));
+      || boxes.find((b) => name.startsWith(b.dataset.field + "."))
+      || boxes.find((b) => b.dataset.field.startsWith(name + "."));  // "method" -> method.name
     if (!box) return false;
     box.classList.add("invalid");
     box.append(el("div", { class: "field-error", role: "alert" }, message));
     return true;
   }
 
-  form.addEventListener("submit", (event) => {
-    event.preventDefault();
-    clearErrors();
+  // The config the fields say (only the changed ones); null after marking a field that is not JSON.
+  function readConfig() {
     const config = {};
     let bad = false;
     for (const [name, { input, path, value }] of inputs) {
@@ -419,8 +459,45 @@ async function submitView(view) {
       catch (error) { markField(name, error.message); bad = true; continue; }
       if (JSON.stringify(parsed) !== JSON.stringify(value)) setPath(config, path, parsed);
     }
-    if (!model.files.length) { markField("model", "choose the model file (.pt2)"); bad = true; }
-    if (bad) { general.append(errorBox("Fix the marked fields.")); return; }
+    return bad ? null : config;
+  }
+
+  // Ask the server to judge the config (no upload): mark each refused field; true if it passed.
+  let checking = 0;
+  async function checkConfig(config) {
+    const mine = ++checking;
+    try {
+      await api("/v1/config/validate", { method: "POST", body: JSON.stringify(config), headers: { "Content-Type": "application/json" } });
+      return true;
+    } catch (error) {
+      if (mine !== checking) return false;
+      if (!(error instanceof ApiError) || !error.details.length) { general.append(errorBox(describe(error), { id: "config-refused" })); return false; }
+      for (const detail of error.details) if (!markField(detail.field, detail.message)) general.append(errorBox(`${detail.field}: ${detail.message}`));
+      return false;
+    }
+  }
+
+  let pending = null;  // checks the fields a moment after the typing stops
+  form.addEventListener("input", (event) => {
+    if (!event.target.id.startsWith("cfg-")) return;
+    clearTimeout(pending);
+    pending = setTimeout(() => {
+      clearErrors();
+      const config = readConfig();
+      if (config) checkConfig(config);
+    }, 400);
+  });
+  onAbort(() => clearTimeout(pending));
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    clearTimeout(pending);
+    clearErrors();
+    const config = readConfig();
+    let bad = config === null;
+    if (!model.files.length) { markField("model", "choose the model file"); bad = true; }
+    if (config && !(await checkConfig(config))) bad = true;
+    if (bad) { general.append(errorBox("Fix the marked fields: nothing was uploaded.", { id: "submit-refused" })); return; }
     const formData = new FormData();
     formData.append("config", JSON.stringify(config));
     formData.append("model", model.files[0]);
@@ -461,20 +538,28 @@ async function submitView(view) {
 
 // -- one job ----------------------------------------------------------------------------------
 
-function timeline(job, seen) {
-  const times = (job.report && job.report.stage_seconds) || {};
+// Each stage's box: how long it took and when it started, both from the server (the job's
+// stage_times on the store's clock; report.stage_seconds once it succeeded).
+function timeline(job) {
+  const took = (job.report && job.report.stage_seconds) || {};
+  const started = job.stage_times || {};
   const current = STAGES.indexOf(job.stage);
   return el("div", { class: "timeline", id: "timeline" }, STAGES.map((stage, i) => {
+    const at = started[stage] ? Date.parse(started[stage]) : null;
+    const later = STAGES.slice(i + 1).map((s) => started[s]).find(Boolean) || job.finished_at;
     let state = "";
     let detail = "";
-    if (typeof times[stage] === "number") { state = "done"; detail = seconds(times[stage]); }
+    if (typeof took[stage] === "number") { state = "done"; detail = seconds(took[stage]); }
     else if (job.status === "running" && i === current) {
       state = "current";
-      detail = seen[stage] ? `running for ${seconds((Date.now() - seen[stage]) / 1000)}` : "running";
-    } else if (i < current || (job.status === "succeeded")) { state = "done"; detail = "done"; }
-    else if (job.status !== "running" && i === current) { state = "current"; detail = job.status; }
-    if (seen[stage] && !detail.startsWith("running")) detail += ` · from ${new Date(seen[stage]).toLocaleTimeString()}`;
-    return el("div", { class: state, "data-stage": stage }, el("b", {}, stage), detail || "—");
+      detail = at ? `running for ${seconds(Math.max(0, Date.now() - at) / 1000)}` : "running";
+    } else if (i < current || job.status === "succeeded") {
+      state = "done";
+      detail = at && later ? seconds((Date.parse(later) - at) / 1000) : "done";
+    } else if (job.status !== "running" && i === current) { state = "current"; detail = job.status; }
+    return el("div", { class: state, "data-stage": stage, "data-started": started[stage] },
+      el("b", {}, stage), el("span", {}, detail || "—"),
+      at ? el("span", { class: "at" }, `from ${new Date(at).toLocaleTimeString()}`) : null);
   }));
 }
 
@@ -505,15 +590,30 @@ function lossChart(box) {
     box.dataset.points = String(data[0].length);
     if (plot) { plot.setData(data); return; }
     box.replaceChildren();
+    const fit = new ResizeObserver(() => {
+      const width = Math.max(240, box.clientWidth);
+      if (plot && Math.abs(plot.width - width) > 2) plot.setSize({ width, height: 260 });
+    });
+    fit.observe(box);
+    onAbort(() => fit.disconnect());
     plot = new uPlot({
-      width: Math.max(320, box.clientWidth || 600), height: 260,
+      width: Math.max(240, box.clientWidth || 600), height: 260,
       scales: { x: { time: false } },
-      axes: [{ label: "step" }, { label: "distillation loss", size: 60 }],
+      axes: [{ label: "step" }, { label: "distillation loss", size: 64, values: (u, splits) => {
+        const labels = distinct(splits);
+        box.dataset.yLabels = JSON.stringify(labels);  // what the canvas shows, for a reader's tools
+        return labels;
+      } }],
       series: [{ label: "step" },
-        { label: "train", stroke: "#3056d3", width: 2, spanGaps: true },
-        { label: "held-out", stroke: "#d9480f", width: 2, spanGaps: true, points: { show: true, size: 6 } }],
+        { label: "train", stroke: "#3056d3", width: 2, spanGaps: true, value: (u, v) => sig(v, 4) },
+        { label: "held-out", stroke: "#d9480f", width: 2, spanGaps: true, points: { show: true, size: 6 }, value: (u, v) => sig(v, 4) }],
     }, data, box);
   };
+}
+
+// A dotted name that wraps only at its dots: model.encoder.layer.0.<wbr>attention.<wbr>self.<wbr>query
+function dotted(name) {
+  return String(name).split(/(?<=\.)/).flatMap((part, i) => i ? [el("wbr"), part] : [part]);
 }
 
 function hbars(rows, format, legend) {
@@ -522,10 +622,11 @@ function hbars(rows, format, legend) {
     legend ? el("div", { class: "legend" }, legend.map(([name, cls]) =>
       el("span", {}, el("i", { class: cls, style: `background: ${cls === "a" ? "#98a2b3" : "#3056d3"}` }), name))) : null,
     el("div", { class: "hbars" }, rows.flatMap((r) => [
-      el("span", { class: "mono", title: r.label }, r.label),
+      el("span", { class: "mono label", title: r.label + (r.detail ? ` (${r.detail})` : "") }, dotted(r.label),
+        r.detail ? el("small", { class: "muted" }, ` ${r.detail}`) : null),
       el("div", { class: "pair" }, r.values.map((v, i) => el("div", { class: "track", style: r.values.length > 1 ? "height: 8px; margin: 1px 0" : "" },
         el("span", { class: r.values.length > 1 ? (i ? "b" : "a") : "b", style: `width: ${typeof v === "number" ? Math.max(0.5, 100 * v / max) : 0}%` })))),
-      el("span", { class: "mono" }, r.values.map(format).join(" → ")),
+      el("span", { class: "mono figures" }, r.values.map((v) => format(v, r.values)).join(" → ")),
     ])));
 }
 
@@ -552,6 +653,35 @@ function sizing(config) {
   if (!target) return `ratio ${config.ratio}, export ${(config.export || {}).form}`;
   const floors = Object.entries(JUDGED).map(([kind, [figure, higher]]) => `${kind} ${figure} ${higher ? "≥" : "≤"} ${target[figure]}`);
   return `target: smallest ${target.objective === "size" ? "size" : target.objective} with ${floors.join(", ")}`;
+}
+
+function methodName(config) {
+  return (config.method && config.method.name) || config.method || "—";
+}
+
+function shortSizing(config) {
+  if (!config.target) return `ratio ${config.ratio}`;
+  return `target, ${config.target.objective || "size"}`;
+}
+
+// What a finished job came to, in one line: size ×, speed ×, the judged fidelity; or its error.
+function resultSummary(job) {
+  if (job.status === "queued") return el("span", { class: "muted" }, "waiting for a worker");
+  if (job.error && job.status !== "succeeded") {
+    const text = `${job.error.code}: ${job.error.message}`;
+    return el("div", { class: "job-error", title: text }, text);
+  }
+  const report = job.report || {};
+  const outcome = report.outcome || {};
+  const parts = [];
+  const ratio = outcome.size_ratio;
+  if (typeof ratio === "number") parts.push(ratio > 1 ? `${ratio.toFixed(2)}× smaller` : `${(1 / ratio).toFixed(2)}× larger`);
+  const speed = outcome.speedup && outcome.speedup.ratio;
+  if (typeof speed === "number") parts.push(speed >= 1 ? `${speed.toFixed(2)}× faster` : `${(1 / speed).toFixed(2)}× slower`);
+  const fidelity = report.fidelity || {};
+  const score = judged(fidelity.artifact || fidelity.final);
+  if (score) parts.push(`${score.figure.replace("_", " ")} ${sig(score.value, 4)}`);
+  return el("span", { class: "summary" }, parts.join(" · ") || "—");
 }
 
 function outcomeCard(report) {
@@ -582,20 +712,20 @@ function frontierCard(report) {
   const marks = points.map((p) => svg("circle", {
     cx: px(p.bytes), cy: py(p.score.value), r: p.kept_fraction === chosen.kept_fraction && p.quantize === chosen.quantize ? 7 : 4,
     fill: p.quantize ? "#e07b00" : "#3056d3", stroke: p.meets_floor ? "#111" : "none", "data-candidate": `${p.kept_fraction}-${p.quantize || "float"}`,
-  }, svg("title", {}, `kept ${p.kept_fraction}${p.quantize ? " int8" : ""}: ${bytes(p.bytes)}, ${figure} ${num(p.score.value, 4)}`)));
+  }, svg("title", {}, `kept ${p.kept_fraction}${p.quantize ? " int8" : ""}: ${bytes(p.bytes)}, ${figure} ${sig(p.score.value, 4)}`)));
   if (baseline && report.baseline.onnx_bytes) {
     marks.push(svg("rect", { x: px(report.baseline.onnx_bytes) - 5, y: py(baseline.value) - 5, width: 10, height: 10, fill: "#98a2b3", id: "frontier-baseline" },
-      svg("title", {}, `onnxruntime int8 of the original: ${bytes(report.baseline.onnx_bytes)}, ${figure} ${num(baseline.value, 4)}`)));
+      svg("title", {}, `onnxruntime int8 of the original: ${bytes(report.baseline.onnx_bytes)}, ${figure} ${sig(baseline.value, 4)}`)));
   }
   const plot = svg("svg", { viewBox: `0 0 ${W} ${H}`, width: "100%", id: "frontier", role: "img" },
     svg("line", { x1: L, x2: W - 8, y1: py(floor), y2: py(floor), stroke: "#c00", "stroke-dasharray": "4 3" }),
     svg("text", { x: L + 4, y: py(floor) - 4, "font-size": 11, fill: "#c00" }, `floor ${figure} ${higher ? "≥" : "≤"} ${floor}`),
     svg("line", { x1: L, x2: L, y1: 8, y2: H - B, stroke: "#999" }), svg("line", { x1: L, x2: W - 8, y1: H - B, y2: H - B, stroke: "#999" }),
     svg("text", { x: L, y: H - 8, "font-size": 11 }, bytes(10 ** x0)), svg("text", { x: W - 90, y: H - 8, "font-size": 11 }, bytes(10 ** x1)),
-    svg("text", { x: 4, y: py(y1) + 4, "font-size": 11 }, num(y1, 4)), svg("text", { x: 4, y: py(y0), "font-size": 11 }, num(y0, 4)),
+    svg("text", { x: 4, y: py(y1) + 4, "font-size": 11 }, distinct([y0, y1])[1]), svg("text", { x: 4, y: py(y0), "font-size": 11 }, distinct([y0, y1])[0]),
     marks);
   const rows = search.candidates.map((c) => el("tr", {}, el("td", {}, String(c.kept_fraction)), el("td", {}, c.quantize || "float"),
-    el("td", {}, bytes(c.bytes) + (c.bytes_estimated ? " (est.)" : "")), el("td", {}, c.score ? num(c.score.value, 4) : num((judged(c.fidelity) || {}).value, 4)),
+    el("td", {}, bytes(c.bytes) + (c.bytes_estimated ? " (est.)" : "")), el("td", {}, sig((judged(c.fidelity) || {}).value, 4)),
     el("td", {}, c.meets_floor ? "meets" : "misses")));
   return el("div", { class: "card", id: "plot-frontier" }, el("h2", {}, "Target search: size against fidelity"),
     el("p", { class: "muted" }, `Every candidate as initialized (blue: float, orange: int8, ringed: meets the floor, large: chosen); gray square: onnxruntime int8 of the original. ${search.objective} objective.`),
@@ -608,33 +738,35 @@ function resultCards(report) {
   if (layers.length) {
     cards.push(el("div", { class: "card", id: "plot-layers" }, el("h2", {}, "Kept size per layer"),
       el("p", { class: "muted" }, "Fraction of each compressed layer's weights that remains."),
-      hbars(layers.map((l) => ({ label: `${l.name} (${l.method}${l.size_field ? " " + l.size_field + " " + l.size : ""})`,
-        values: [l.weights_before ? l.weights_after / l.weights_before : null] })), (v) => num(v, 3))));
+      hbars(layers.map((l) => ({ label: l.name,
+        detail: l.method === "dense" || l.size === null || l.size === undefined || !l.size_field ? l.method : `${l.method} ${l.size_field} ${l.size}`,
+        values: [l.weights_before ? l.weights_after / l.weights_before : null] })), (v) => sig(v, 3))));
     cards.push(el("div", { class: "card", id: "plot-errors" }, el("h2", {}, "Output error per layer"),
       el("p", { class: "muted" }, "Relative error of each layer's output against the original's, on held-out inputs."),
-      hbars(layers.map((l) => ({ label: l.name, values: [l.relative_output_error] })), (v) => num(v, 4))));
+      hbars(layers.map((l) => ({ label: l.name, values: [l.relative_output_error] })), (v) => sig(v, 3))));
   }
   const fidelity = report.fidelity || {};
   if (fidelity.initialization && fidelity.final) {
     const rows = [];
     for (const [output, metrics] of Object.entries(fidelity.final)) {
       for (const [metric, value] of Object.entries(metrics)) {
+        if (typeof value !== "number") continue;  // the output's kind: in the row names' detail
         const before = (fidelity.initialization[output] || {})[metric];
-        rows.push({ label: `${output} ${metric}`, values: [before, value] });
+        rows.push({ label: `${output} ${metric.replace("_", " ")}`, detail: metrics.kind, values: [before, value] });
       }
     }
     cards.push(el("div", { class: "card", id: "plot-fidelity" }, el("h2", {}, "Fidelity: initialization → after fine-tuning"),
       el("p", { class: "muted" }, "Against the original on the held-out split (cosine and top-1 agreement: higher is better; relative L2: lower)."),
-      hbars(rows, (v) => num(v, 4), [["at initialization", "a"], ["final", "b"]])));
+      hbars(rows, (v) => sig(v, 4), [["at initialization", "a"], ["final", "b"]])));
   }
   const size = [];
   if (report.onnx_bytes) size.push({ label: "ONNX file", values: [report.onnx_bytes.original, report.onnx_bytes.artifact], fmt: bytes });
-  if (report.parameters) size.push({ label: "parameters", values: [report.parameters.before, report.parameters.factorized_form ?? report.parameters.after], fmt: (v) => num(v, 0) });
+  if (report.parameters) size.push({ label: "parameters", values: [report.parameters.before, report.parameters.factorized_form ?? report.parameters.after], fmt: count });
   const latency = report.latency || {};
   if (latency.original && latency.compressed) {
     for (const key of Object.keys(latency.compressed)) {
       size.push({ label: `latency ${key.replace(/_ms$/, "").replace("_", " ")}`,
-        values: [latency.original[key], latency.compressed[key]], fmt: (v) => typeof v === "number" ? `${num(v, 3)} ms` : "—" });
+        values: [latency.original[key], latency.compressed[key]], fmt: (v) => typeof v === "number" ? `${sig(v, 3)} ms` : "—" });
     }
   }
   if (size.length) {
@@ -694,7 +826,6 @@ async function jobView(view, jobId) {
       errorBox(describe(error), { id: "job-error" }), el("a", { href: "#/jobs" }, "Back to the jobs"));
     return;
   }
-  const seen = {};
   const head = el("div", { class: "card", id: "job-head" });
   const timelineBox = el("div", { class: "card" }, el("h2", {}, "Stages"), el("div"));
   const lossBox = el("div", { id: "loss-chart" });
@@ -710,19 +841,18 @@ async function jobView(view, jobId) {
   let shownResults = false;
   function render(current) {
     job = current;
-    if (job.stage && !seen[job.stage]) seen[job.stage] = Date.now();
     const actions = [];
     if (!FINISHED.has(job.status)) actions.push(el("button", { type: "button", class: "cancel", onclick: () => cancelJob(job, () => {}) }, "Cancel"));
     actions.push(el("button", { type: "button", class: "danger delete", onclick: () => deleteJob(job, () => { location.hash = "#/jobs"; }) }, "Delete"));
     head.replaceChildren(...[
       el("div", { class: "toolbar" }, statusBadge(job.status),
-        el("span", {}, job.stage ? `stage ${job.stage}` : ""), el("div", { style: "width: 280px" }, progressBar(job.progress)),
+        el("span", {}, job.status === "running" && job.stage ? `stage ${job.stage}` : ""), el("div", { class: "head-bar" }, progressBar(job.progress)),
         el("span", { class: "muted" }, `${Math.round(job.progress * 100)}%`), ...actions),
       el("div", { class: "muted" }, `submitted ${when(job.created_at)} · started ${when(job.started_at)} · finished ${when(job.finished_at)} · attempt ${job.attempts}`),
       job.retry_reason ? el("div", { class: "muted" }, `re-queued: ${job.retry_reason}`) : null,
-      el("div", { class: "muted mono" }, `method ${(job.config.method && job.config.method.name) || job.config.method}, ${sizing(job.config)}, ${((job.config.finetune || {}).steps)} fine-tuning steps`),
+      el("div", { class: "muted mono" }, `${job.model_name ? job.model_name + ": " : ""}method ${methodName(job.config)}, ${sizing(job.config)}, ${((job.config.finetune || {}).steps)} fine-tuning steps`),
     ].filter(Boolean));
-    timelineBox.lastChild.replaceWith(timeline(job, seen));
+    timelineBox.lastChild.replaceWith(timeline(job));
     drawLoss(job);
     failure.replaceChildren(job.error && job.status !== "succeeded"
       ? errorBox(`${job.status === "cancelled" ? "Cancelled" : "Failed"} (${job.error.code}): ${job.error.message}`, { id: "failure-message" }) : "");
@@ -737,7 +867,7 @@ async function jobView(view, jobId) {
       if (response.ok) {
         const text = await response.text();
         const atBottom = logText.scrollTop + logText.clientHeight >= logText.scrollHeight - 4;
-        logText.textContent = text || "(empty)";
+        logText.textContent = text || (job.status === "queued" ? "(the log starts when the job does)" : "(no lines yet)");
         if (atBottom) logText.scrollTop = logText.scrollHeight;
       } else if (response.status === 404) {
         logText.textContent = job.status === "queued" ? "(the log starts when the job does)" : "(no log)";
@@ -748,7 +878,7 @@ async function jobView(view, jobId) {
   render(job);
   readLog();
   if (FINISHED.has(job.status)) return;
-  every(2000, () => { if (!FINISHED.has(job.status)) readLog(); timelineBox.lastChild.replaceWith(timeline(job, seen)); });
+  every(2000, () => { if (!FINISHED.has(job.status)) readLog(); timelineBox.lastChild.replaceWith(timeline(job)); });
   followJob(jobId, (update) => {
     const wasFinished = FINISHED.has(job.status);
     render(update);

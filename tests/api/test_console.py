@@ -80,21 +80,31 @@ def test_console_submits_follows_plots_downloads_and_refuses(
     context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.on("dialog", lambda dialog: dialog.accept())  # the cancel and delete confirmations
+    missing: list[str] = []  # every 404 the page meets (the favicon, a starting job's log, ...)
+    page.on("response", lambda r: missing.append(r.url) if r.status == 404 else None)
+    uploads: list[str] = []
+    page.on("request", lambda r: uploads.append(r.url) if r.method == "POST" and r.url.endswith(
+        "/v1/jobs") else None)
     response = page.goto(server.client.base_url.join("/").__str__())
     assert response is not None and response.status == 200
     assert "script-src 'self'" in response.headers["content-security-policy"]
     use_key(page, ALICE)
 
-    # A refused config: the server's message appears next to the field.
+    # A refused config: the server's message appears next to the field as it is typed, and
+    # submitting uploads nothing. The method is chosen from the registry's names.
     page.goto(f"{server.client.base_url}/#/submit")
+    methods = page.locator('[id="cfg-method.name"] option').all_text_contents()
+    assert methods == ["lowrank", "share_values", "tie_inputs", "tie_rows"]
     steps = page.locator('[id="cfg-finetune.steps"]')
     expect(steps).to_have_value("300")  # the defaults are shown
     steps.fill("-1")
-    page.set_input_files("#model-file", str(mlp_pt2))
-    page.click("#submit-job")
     field_error = page.locator('.field[data-field="finetune.steps"] .field-error')
     expect(field_error).to_contain_text("greater than or equal to 0")
-    expect(page.locator("#submit-refused")).to_contain_text("422 invalid_config")
+    page.set_input_files("#model-file", str(mlp_pt2))
+    page.click("#submit-job")
+    expect(page.locator("#submit-refused")).to_contain_text("nothing was uploaded")
+    expect(field_error).to_contain_text("greater than or equal to 0")
+    assert uploads == []
 
     # A tiny job through the form, followed to the end.
     steps.fill("30")
@@ -114,6 +124,13 @@ def test_console_submits_follows_plots_downloads_and_refuses(
     assert job["config"]["finetune"]["steps"] == 30  # the form sent what was typed
 
     expect(page.locator("#timeline .done")).to_have_count(len(JOB_STAGES))
+    # Each stage box shows when the server says the stage started, not when the page saw it.
+    assert list(job["stage_times"]) == list(JOB_STAGES)
+    for stage, started in job["stage_times"].items():
+        box = page.locator(f'#timeline [data-stage="{stage}"]')
+        assert box.get_attribute("data-started") == started
+        shown = page.evaluate("(iso) => new Date(iso).toLocaleTimeString()", started)
+        expect(box).to_contain_text(f"from {shown}")
     expect(page.locator("#loss-chart canvas")).to_have_count(1)
     held_out_points = len(job["report"]["finetune"]["history"])
     assert int(page.locator("#loss-chart").get_attribute("data-points") or 0) >= held_out_points
@@ -151,9 +168,20 @@ def test_console_submits_follows_plots_downloads_and_refuses(
     page.goto(f"{server.client.base_url}/#/jobs")
     row = page.locator(f'tr[data-job="{endless}"]')
     expect(row.locator('[data-status="running"]')).to_be_visible()
+    expect(row.locator(".result")).to_contain_text("finetuning")
+    # The finished job reads at a glance: its model, method and size, and what it came to.
+    done = page.locator(f'tr[data-job="{job_id}"]')
+    expect(done.locator(".model")).to_have_text("mlp.pt2")
+    expect(done.locator(".how")).to_have_text(f"lowrank · ratio {job['config']['ratio']}")
+    outcome = job["report"]["outcome"]
+    expect(done.locator(".result")).to_contain_text(re.compile(r"[0-9.]+× (smaller|larger)"))
+    expect(done.locator(".result")).to_contain_text(re.compile(r"[0-9.]+× (faster|slower)"))
+    assert "size_ratio" in outcome and "speedup" in outcome
     screenshot(page, "console-jobs.png", tmp_path)
     row.locator("button.cancel").click()
     expect(row.locator('[data-status="cancelled"]')).to_be_visible(timeout=30_000)
+    expect(row.locator(".result .job-error")).to_contain_text("cancelled:")
+    assert missing == [], missing  # no favicon 404, no 404 for a starting job's job.log
     page.select_option("#status-filter", "succeeded")
     expect(page.locator("#jobs tbody tr")).to_have_count(1)
     expect(page.locator(f'tr[data-job="{job_id}"]')).to_be_visible()
@@ -198,3 +226,110 @@ def test_a_target_jobs_page_shows_the_outcome_and_every_candidate(
     assert page.locator(f'#frontier circle[data-candidate="{key}"]').get_attribute("r") == "7"
     expect(page.locator("#frontier-baseline")).to_have_count(1)  # onnxruntime int8, beside them
     screenshot(page, "console-target.png", tmp_path)
+
+
+# Layer names as a real Hugging Face encoder has them.
+HF_LAYERS = [f"model.encoder.layer.{i}.attention.self.{part}" for i in range(2)
+             for part in ("query", "key", "value")]
+
+
+def finished_hf_job(job_id: str) -> dict:
+    """Return a succeeded job as the API answers it, shaped like a small BERT's: long layer
+    names, a dense layer, a loss that stays within 0.0012..0.0021, fidelity with its kind."""
+    layers = [{"name": name, "kind": "linear", "shape": [384, 384], "method": "lowrank",
+               "size": 64, "size_field": "rank", "weights_before": 147456,
+               "weights_after": 49152, "relative_output_error": 0.0123 + i / 1000}
+              for i, name in enumerate(HF_LAYERS)]
+    layers.append({"name": "model.pooler.dense", "kind": "linear", "shape": [384, 384],
+                   "method": "dense", "size": None, "size_field": "rank",
+                   "weights_before": 147456, "weights_after": 147456,
+                   "relative_output_error": 0.0})
+    figures = {"kind": "embedding", "cosine": 0.9925, "relative_l2": 0.121}
+    stages = {stage: f"2025-01-01T12:00:{10 + 2 * i:02d}Z" for i, stage in enumerate(JOB_STAGES)}
+    return {
+        "id": job_id, "model_name": "all-MiniLM-L6-v2.zip", "status": "succeeded",
+        "stage": "reporting", "progress": 1.0, "created_at": "2025-01-01T12:00:00Z",
+        "started_at": "2025-01-01T12:00:10Z", "finished_at": "2025-01-01T12:00:30Z",
+        "config": {"method": {"name": "lowrank"}, "ratio": 0.5, "target": None,
+                   "finetune": {"steps": 40}, "export": {"form": "dense"}},
+        "error": None, "artifacts": [], "attempts": 1, "retry_reason": None,
+        "loss_curve": [[step, 0.0021 - step * 0.0009 / 40] for step in range(0, 41, 2)],
+        "stage_times": stages,
+        "report": {
+            "outcome": {"headline": "the artifact is 1.98× smaller", "size_ratio": 1.98},
+            "warnings": [],
+            "plan": {"layers": layers, "skipped": []},
+            "fidelity": {"initialization": {"output_0": {**figures, "cosine": 0.97}},
+                         "final": {"output_0": figures}},
+            "finetune": {"history": [{"step": 40, "loss": 0.0012, "held_out": 0.00125}]},
+            "parameters": {"before": 188000, "after": 74570},
+            "stage_seconds": dict.fromkeys(JOB_STAGES, 2.0),
+        },
+    }
+
+
+def test_a_real_models_page_reads_cleanly_at_any_width(
+    browser, server: ServerProcess, tmp_path: Path
+) -> None:
+    """The console draws a Hugging Face-sized job (served here from its JSON) legibly."""
+    from playwright.sync_api import expect
+
+    job_id = "0" * 32
+    job = finished_hf_job(job_id)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.route(f"**/v1/jobs/{job_id}", lambda route: route.fulfill(json=job))
+    page.route(f"**/v1/jobs/{job_id}/artifacts/job.log",
+               lambda route: route.fulfill(body="[12:00:10] loading\n"))
+    page.goto(server.client.base_url.join("/").__str__())
+    use_key(page, ALICE)
+    page.goto(f"{server.client.base_url}/#/jobs/{job_id}")
+    expect(page.locator("#plot-layers")).to_be_visible()
+
+    # The loss axis and the hover legend: labels that differ wherever the values do.
+    labels = json.loads(page.locator("#loss-chart").get_attribute("data-y-labels") or "[]")
+    assert len(labels) >= 3 and len(set(labels)) == len(labels), labels
+    page.locator("#loss-chart .u-over").hover()
+    legend = page.locator("#loss-chart .u-legend .u-value").all_text_contents()
+    assert any(re.fullmatch(r"0\.00[12]\d+", value) for value in legend), legend
+
+    # A long layer name wraps inside its column: it never overlaps its bar or its figures.
+    for card in ("#plot-layers", "#plot-errors"):
+        rects = page.evaluate(
+            """(card) => [...document.querySelectorAll(card + ' .hbars > .label')].map((label) => {
+                const box = (n) => { const r = n.getBoundingClientRect();
+                    return [r.left, r.top, r.right, r.bottom]; };
+                return [label.textContent, box(label), box(label.nextElementSibling),
+                        box(label.nextElementSibling.nextElementSibling)]; })""",
+            card,
+        )
+        assert len(rects) == len(HF_LAYERS) + 1
+        for name, label, bars, figures in rects:
+            assert name.startswith("model."), name
+            for other in (bars, figures):
+                apart = (label[2] <= other[0] or other[2] <= label[0]
+                         or label[3] <= other[1] or other[3] <= label[1])
+                assert apart, (card, name, label, other)
+    layers_text = page.locator("#plot-layers").inner_text()
+    assert "null" not in layers_text and "lowrank rank 64" in layers_text
+    fidelity = page.locator("#plot-fidelity .hbars > .label").all_text_contents()
+    assert fidelity and not any("kind" in row for row in fidelity), fidelity
+    expect(page.locator("#plot-size")).to_contain_text("188 K → 74.6 K")
+    # The stage boxes: the server's times, each stage's duration from the report.
+    loading = page.locator('#timeline [data-stage="loading"]')
+    shown = page.evaluate("(iso) => new Date(iso).toLocaleTimeString()",
+                          job["stage_times"]["loading"])
+    expect(loading).to_contain_text(f"from {shown}")
+    expect(loading).to_contain_text("2.00 s")
+
+    # 420 px wide: nothing runs off the side, on any page.
+    page.set_viewport_size({"width": 420, "height": 900})
+    for view in (f"#/jobs/{job_id}", "#/jobs", "#/submit"):
+        page.goto(f"{server.client.base_url}/{view}")
+        page.wait_for_load_state("networkidle")
+        page.wait_for_timeout(300)
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 420, (view, width)
+        header = page.locator("header").bounding_box()
+        assert header is not None and header["x"] + header["width"] <= 420
+    context.close()
