@@ -46,8 +46,16 @@ def bert_config(**extra):
 
 
 def save_checkpoint(kind: str, folder: Path) -> Path:
-    """Save a tiny `kind` checkpoint (sentence, classifier, llama) with a tokenizer in `folder`."""
-    from transformers import BertForSequenceClassification, BertModel, LlamaConfig, LlamaForCausalLM
+    """Save a tiny `kind` checkpoint (sentence, classifier, llama, gpt2) with a tokenizer in
+    `folder`."""
+    from transformers import (
+        BertForSequenceClassification,
+        BertModel,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
@@ -60,10 +68,14 @@ def save_checkpoint(kind: str, folder: Path) -> Path:
             vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
             pad_token_id=0, bos_token_id=2, eos_token_id=3))
+    elif kind == "gpt2":  # Conv1D projections (weights stored (in, out)), a tied LM head
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+            pad_token_id=0, bos_token_id=2, eos_token_id=3))
     else:
         raise ValueError(kind)
     model.eval().save_pretrained(folder, safe_serialization=True)
-    save_tokenizer(folder, bos_eos=kind == "llama")
+    save_tokenizer(folder, bos_eos=kind in ("llama", "gpt2"))
     if kind == "sentence":
         modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
