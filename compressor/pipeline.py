@@ -63,7 +63,9 @@ def compress(
     log = JobLog(out_dir / JOB_LOG_ARTIFACT)
     control = JobControl(progress, should_stop, config.timeout_s)
     try:
-        return _run(Path(model), config, out_dir, None if data is None else Path(data), control, log)
+        with log.capture_library_output():  # torch's and transformers' own noise: to job.log
+            return _run(Path(model), config, out_dir, None if data is None else Path(data),
+                        control, log)
     except CompressorError as exc:
         log.info(f"failed ({exc.code}): {exc.message}")
         raise

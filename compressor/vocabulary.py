@@ -16,10 +16,10 @@ from typing import Any, Literal, get_args
 __all__ = [
     "ARTIFACT_NAMES", "CALIBRATING", "CANCELLED", "DEFAULT_SERVER", "EXPORTING", "FAILED",
     "FINETUNING", "JOB_LOG_ARTIFACT", "REPORTING", "REPORT_ARTIFACT",
-    "FINISHED_STATUSES", "HF_ARTIFACT", "HOW_TO_EXPORT", "JOB_STAGES", "JOB_STATUSES", "LOADING",
+    "FINISHED_STATUSES", "HF_ARTIFACT", "HOW_TO_EXPORT", "HOW_TO_GIVE_CHECKPOINT", "JOB_STAGES", "JOB_STATUSES", "LOADING",
     "ONNX_ARTIFACT", "ONNX_DATA_ARTIFACT", "PLANNING", "QUEUED", "REWRITING", "RUNNING", "SUCCEEDED", "VERIFYING", "ErrorCode",
     "JobStage", "JobStatus", "describe_fields", "describe_validation_error", "field_errors",
-    "sha256_of",
+    "job_phase", "sha256_of",
 ]
 
 # -- jobs --------------------------------------------------------------------------------------
@@ -41,6 +41,15 @@ JobStage = Literal["loading", "calibrating", "planning", "rewriting", "finetunin
 JOB_STAGES: tuple[str, ...] = get_args(JobStage)
 (LOADING, CALIBRATING, PLANNING, REWRITING, FINETUNING, EXPORTING, VERIFYING,
  REPORTING) = JOB_STAGES
+
+
+def job_phase(status: str, stage: str | None) -> str:
+    """Return where a job is, in one word: its stage while it runs, its status otherwise.
+
+    A finished job's `stage` is the last one it ran (where a failed job stopped), not what it
+    is at: lists show this instead.
+    """
+    return (stage or RUNNING) if status == RUNNING else status
 
 
 class ErrorCode:
@@ -111,11 +120,18 @@ DEFAULT_SERVER = "http://127.0.0.1:8000"  # where `compressor serve` listens by 
 
 # -- advice --------------------------------------------------------------------------------------
 
+# Said to whoever gave something that is not a model: locally (`compress`) and to the service,
+# so it names no verb of either ("upload", "run").
 HOW_TO_EXPORT = (
     "Export the model as a program instead: "
     "program = torch.export.export(model, args, "
     "dynamic_shapes={'x': {0: torch.export.Dim('batch')}}) with one entry per input, then "
-    "torch.export.save(program, 'model.pt2'), and upload model.pt2."
+    "torch.export.save(program, 'model.pt2'), and compress model.pt2."
+)
+HOW_TO_GIVE_CHECKPOINT = (
+    "A Hugging Face model folder is accepted too, as a folder or zipped (.zip / .tar.gz): "
+    "config.json and model.safetensors at its top (or in its one top folder), as "
+    "model.save_pretrained(folder) and tokenizer.save_pretrained(folder) write them."
 )
 
 # -- validation problems -------------------------------------------------------------------------

@@ -7,3 +7,12 @@ bash scripts/setup.sh
 .venv/bin/python -m examples.build demo-out/example --only digits
 .venv/bin/compressor compress demo-out/example/digits.pt2 \
     --data demo-out/example/digits-data.safetensors --out demo-out "$@"
+# Everything was installed into .venv/, which is not on the PATH: say how to reach it.
+cat <<'EOF'
+
+The compressor command is installed in .venv/ (not on your PATH). Run it as
+    .venv/bin/compressor --help
+or activate the environment first, then use it as the README's tour does:
+    source .venv/bin/activate
+    compressor --help
+EOF

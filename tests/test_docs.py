@@ -171,3 +171,20 @@ def test_the_script_runs_from_the_command_line(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(GENERATOR), "--check", str(README)],
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_readme_lists_every_error_code_the_product_emits() -> None:
+    from compressor.vocabulary import ErrorCode
+
+    codes = {value for name, value in vars(ErrorCode).items() if name.isupper()}
+    codes.discard(ErrorCode.COMPRESSOR_ERROR)  # the base class's: every error raised is a subclass
+    missing = sorted(code for code in codes if f"`{code}`" not in README.read_text())
+    assert not missing, f"README.md's error codes lack {missing}"
+
+
+def test_the_demo_says_how_to_run_the_compressor_it_installed() -> None:
+    # The demo installs into .venv/, which is not on the PATH; its last words say so.
+    said = subprocess.run(
+        ["bash", "-c", "sed -n '/^cat <<.EOF.$/,/^EOF$/p' scripts/demo.sh | bash"],
+        capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert ".venv/bin/compressor" in said and "source .venv/bin/activate" in said

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.jobs.database import JobRecord
-from compressor.vocabulary import JobStage, JobStatus
+from compressor.vocabulary import JobStage, JobStatus, job_phase
 
 _JOB_ID = "3f2b9c0e5d1a4e7f8a6b2c4d9e0f1a2b"
 
@@ -57,6 +57,11 @@ class JobPublic(BaseModel):
     )
     status: JobStatus
     stage: JobStage | None = Field(description="the pipeline stage running now, or last run")
+    phase: str = Field(
+        description="where the job is, in one word: its stage while it runs, its "
+        "status (queued, succeeded, failed, cancelled) otherwise; what a list of jobs shows",
+        examples=["finetuning", "succeeded"],
+    )
     progress: float = Field(ge=0, le=1, description="the whole job's progress")
     created_at: datetime
     started_at: datetime | None
@@ -87,6 +92,7 @@ class JobPublic(BaseModel):
             model_name=job.model_name,
             status=job.status,  # type: ignore[arg-type]
             stage=job.stage,  # type: ignore[arg-type]
+            phase=job_phase(job.status, job.stage),
             progress=job.progress,
             created_at=_utc(job.created_at),
             started_at=_utc(job.started_at),

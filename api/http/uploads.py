@@ -31,6 +31,7 @@ from compressor.config import CompressionConfig
 from compressor.runtime.memory import format_bytes
 from compressor.vocabulary import (
     HOW_TO_EXPORT,
+    HOW_TO_GIVE_CHECKPOINT,
     ErrorCode,
     describe_validation_error,
     field_errors,
@@ -47,8 +48,7 @@ _MAGIC_BYTES = 262  # a zip (PK\3\4), gzip, safetensors (u64 length, "{"), tar (
 _TEXT_SUFFIXES = ("txt", "jsonl")
 
 HOW_TO_UPLOAD_CHECKPOINT = (
-    "Or upload a Hugging Face model folder (config.json + model.safetensors, tokenizer files) packed "
-    "as .zip or .tar.gz (`compressor submit model-dir/` packs it for you)"
+    f"{HOW_TO_GIVE_CHECKPOINT} (`compressor submit model-dir/` zips a folder for you.)"
 )
 HOW_TO_SEND = (
     "send multipart/form-data with a `model` file, an optional `config` JSON field and an optional "
@@ -240,19 +240,23 @@ class _FormReceiver:
     def _write(self, part: _Part, chunk: bytearray) -> None:
         if part.sink is None:
             name = "model.pt2" if part.name == "model" else f"data.{self.data_format}"
-            part.sink = self.files.open_upload(self.job_id, name)
+            part.sink = self.files.open_upload(self.job_id, name, sent_as=part.filename)
         part.sink.write(chunk)
 
     def _check_file_type(self, part: _Part) -> None:
         is_zip = part.head.startswith(b"PK\x03\x04")
+        # The file's content is wrong: the codes the job would fail with (invalid_model,
+        # invalid_data), so that the service and `compressor compress` say the same.
         if part.name == "model":
+            shown = f"the model file {part.filename!r}" if part.filename else "the model file"
             if part.size == 0:
-                raise ApiError(422, ErrorCode.INVALID_REQUEST, f"the model file is empty. {HOW_TO_EXPORT}")
+                raise ApiError(422, ErrorCode.INVALID_MODEL,
+                               f"{shown} is empty. {HOW_TO_EXPORT} {HOW_TO_UPLOAD_CHECKPOINT}")
             is_tar = part.head.startswith(b"\x1f\x8b") or part.head[257:262] == b"ustar"
             if not (is_zip or is_tar):
                 raise ApiError(
-                    415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
-                    f"the model file is not a .pt2 program (a .pt2 is a zip archive; this file "
+                    415, ErrorCode.INVALID_MODEL,
+                    f"{shown} is not a .pt2 program (a .pt2 is a zip archive; this file "
                     f"starts with {part.head[:4]!r}) nor a checkpoint archive. {HOW_TO_EXPORT} "
                     f"{HOW_TO_UPLOAD_CHECKPOINT}",
                 )
@@ -260,7 +264,7 @@ class _FormReceiver:
         suffix = part.filename.rsplit(".", 1)[-1].lower() if "." in part.filename else ""
         if suffix in _TEXT_SUFFIXES:
             if b"\x00" in part.head:
-                raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+                raise ApiError(415, ErrorCode.INVALID_DATA,
                                f"the data file {part.filename!r} is not text; a .{suffix} file "
                                "holds UTF-8 text, one sample a line")
             self.data_format = suffix
@@ -270,8 +274,8 @@ class _FormReceiver:
             self.data_format = "safetensors"
         else:
             raise ApiError(
-                415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
-                "the data file is neither .safetensors nor .npz: save a dict of tensors named "
+                415, ErrorCode.INVALID_DATA,
+                f"the data file {part.filename!r} is neither .safetensors nor .npz: save a dict of tensors named "
                 "after the model's inputs with `safetensors.torch.save_file(...)` or "
                 "`numpy.savez(...)`; for a Hugging Face checkpoint, text also works: a .txt "
                 "file (one sample a line) or .jsonl (a \"text\" field a line)",

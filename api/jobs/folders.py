@@ -3,6 +3,10 @@
 Uploads stream in chunks into a hidden temporary file that is renamed into place only when
 complete, so a reader never sees half a file; the core writes artifacts to `out/` the same way.
 Deleting a job deletes its directory.
+
+An input is kept under its fixed name (`inputs/model.pt2`) and, when the client named its file,
+also reached through a link named as the client sent it (`inputs/sent/model.pt2/pickled.pt2`):
+the job runs on the link, so its messages name the user's file, not ours.
 """
 
 from __future__ import annotations
@@ -19,13 +23,16 @@ _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 # model.pt2 holds the model upload: a .pt2 program, or a Hugging Face checkpoint archive
 # (.zip / .tar / .tar.gz), which the core tells apart by its content.
 _INPUT_NAMES = ("model.pt2", "data.safetensors", "data.npz", "data.txt", "data.jsonl")
+_SENT_NAME_CHARS = re.compile(r"[^A-Za-z0-9._+ -]")
+_SENT_NAME_MAX = 128
 
 
 class UploadSink:
     """Write one uploaded file in chunks; `commit()` renames it into place, `abort()` removes it."""
 
-    def __init__(self, final_path: Path) -> None:
+    def __init__(self, final_path: Path, sent_path: Path | None = None) -> None:
         self.final_path = final_path
+        self.sent_path = sent_path  # a link to make to the file once committed, or None
         final_path.parent.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=".part",
                                     dir=final_path.parent)
@@ -44,6 +51,10 @@ class UploadSink:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self._temp_path, self.final_path)
+        if self.sent_path is not None:
+            self.sent_path.parent.mkdir(parents=True, exist_ok=True)
+            self.sent_path.unlink(missing_ok=True)
+            self.sent_path.symlink_to(os.path.relpath(self.final_path, self.sent_path.parent))
         return self.final_path
 
     def abort(self) -> None:
@@ -86,9 +97,19 @@ class JobFolders:
         path.mkdir(parents=True)
         return path
 
-    def open_upload(self, job_id: str, name: str) -> UploadSink:
-        """Start receiving the input `name` of a job."""
-        return UploadSink(self.input_path(job_id, name))
+    def open_upload(self, job_id: str, name: str, sent_as: str = "") -> UploadSink:
+        """Start receiving the input `name` of a job, which the client sent as `sent_as`."""
+        final = self.input_path(job_id, name)
+        shown = sent_name(sent_as, final.suffix)
+        sent = None if shown is None else final.parent / "sent" / name / shown
+        return UploadSink(final, sent)
+
+    def input_as_sent(self, job_id: str, name: str) -> Path:
+        """Return the input `name` by the name the client sent it as (its fixed path if none)."""
+        path = self.input_path(job_id, name)
+        links = path.parent / "sent" / name
+        named = sorted(links.iterdir()) if links.is_dir() else []
+        return named[0] if len(named) == 1 and named[0].is_file() else path
 
     def artifact_path(self, job_id: str, name: str) -> Path | None:
         """Return the artifact's path if the job has one by that name."""
@@ -126,3 +147,19 @@ class JobFolders:
         """Raise if the directory cannot be written."""
         with tempfile.NamedTemporaryFile(dir=self.root, prefix=".ready."):
             pass
+
+
+def sent_name(sent_as: str, suffix: str) -> str | None:
+    """Return a safe file name that reads as the client's `sent_as` (None for none).
+
+    Only its last path part is kept and odd characters become `_`. A data file keeps the
+    suffix its format was told by (`suffix`), which the core reads it by; the model's is
+    told by its content (`.pt2` stands for any).
+    """
+    name = sent_as.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    name = _SENT_NAME_CHARS.sub("_", name)[-_SENT_NAME_MAX:].lstrip(".")
+    if not name:
+        return None
+    if suffix != ".pt2" and not name.lower().endswith(suffix):
+        name += suffix
+    return name

@@ -214,9 +214,11 @@ class JobRunner:
         self, running: _RunningJob
     ) -> tuple[str, dict[str, str] | None, dict[str, Any] | None]:
         job = running.job
-        model_path = self.files.input_path(job.id, "model.pt2")
+        # By the names the client sent them as, so that the job's messages name the user's files.
+        model_path = self.files.input_as_sent(job.id, "model.pt2")
         data_path = (
-            self.files.input_path(job.id, f"data.{job.data_format}") if job.data_format else None
+            self.files.input_as_sent(job.id, f"data.{job.data_format}") if job.data_format
+            else None
         )
         for path in (model_path, data_path):
             if path is not None and not path.is_file():

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from compressor.cli.job_config import config_options, job_config
 from compressor.vocabulary import (
     CANCELLED,
     DEFAULT_SERVER,
@@ -43,10 +44,7 @@ api_key_option = click.option(
 
 @click.command()
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "--config", "config_source", metavar="FILE_OR_JSON",
-    help="Job config: a JSON file, or inline JSON such as '{\"ratio\": 0.3}'. Default: {}.",
-)
+@config_options
 @click.option(
     "--data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Inputs for calibration and fine-tuning (.safetensors or .npz; .txt or .jsonl text "
@@ -61,12 +59,12 @@ api_key_option = click.option(
     "with model.onnx.data beside it if the model has its weights there; implies --wait.",
 )
 def submit(
-    model: Path, config_source: str | None, data: Path | None, server: str,
-    api_key: str | None, wait: bool, output: str | None,
+    model: Path, config_source: str | None, settings: tuple[str, ...], data: Path | None,
+    server: str, api_key: str | None, wait: bool, output: str | None,
 ) -> None:
     """Upload MODEL (a torch.export .pt2, or a Hugging Face model folder or its .zip /
     .tar.gz) as a compression job; print the job id."""
-    config = _read_config(config_source)
+    config = job_config(config_source, settings)
     console = _stderr_console()
     with _client_errors(), _connect(server, api_key) as client:
         job = _upload(client, console, model, config, data)
@@ -102,11 +100,13 @@ def list_jobs(
     from rich.console import Console
     from rich.table import Table
 
+    # STAGE is where a job is: its stage while it runs, its outcome once finished (a finished
+    # job's `stage` is only the last one it ran).
     table = Table("ID", "STATUS", "STAGE", "PROGRESS", "CREATED", "ERROR", box=None)
     table.columns[0].no_wrap = True
     for job in jobs:
         table.add_row(
-            job.id, job.status, job.stage or "", f"{job.progress:.0%}", _when(job.created_at),
+            job.id, job.status, job.phase, f"{job.progress:.0%}", _when(job.created_at),
             job.error.code if job.error else "",
         )
     Console(width=max(120, Console().width)).print(table if jobs else "No jobs.")
@@ -125,7 +125,7 @@ def status(job_id: str, as_json: bool, server: str, api_key: str | None) -> None
         click.echo(json.dumps(job.raw, indent=2))
         return
     rows = [
-        ("id", job.id), ("status", job.status), ("stage", job.stage or "-"),
+        ("id", job.id), ("status", job.status), ("stage", job.phase),
         ("progress", f"{job.progress:.0%}"), ("created", _when(job.created_at)),
         ("started", _when(job.started_at)), ("finished", _when(job.finished_at)),
     ]
@@ -238,28 +238,6 @@ def _connect(server: str, api_key: str | None) -> Client:
     return Client(server, api_key=api_key)
 
 
-def _read_config(source: str | None) -> str | None:
-    """Return the config as JSON text from a file or inline JSON; exit 2 if it is not JSON."""
-    if source is None:
-        return None
-    inline = source.lstrip().startswith("{")
-    if inline:
-        text = source
-    else:
-        try:
-            text = Path(source).read_text()
-        except OSError as exc:
-            raise click.BadParameter(f"cannot read {source}: {exc.strerror}",
-                                     param_hint="--config") from None
-    try:
-        json.loads(text)
-    except ValueError as exc:
-        where = "the inline JSON" if inline else source
-        raise click.BadParameter(f"{where} is not valid JSON: {exc}",
-                                 param_hint="--config") from None
-    return text
-
-
 def _stderr_console() -> Console:
     from rich.console import Console
 
@@ -282,7 +260,7 @@ def _transfer_bar(console: Console) -> Any:
     )
 
 
-def _upload(client: Client, console: Console, model: Path, config: str | None,
+def _upload(client: Client, console: Console, model: Path, config: dict[str, Any] | None,
             data: Path | None) -> Job:
     with _transfer_bar(console) as bar:
         task = bar.add_task(f"Uploading {model.name}", total=None)

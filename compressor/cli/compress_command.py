@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import traceback
@@ -11,6 +10,7 @@ from typing import NoReturn
 
 import click
 
+from compressor.cli.job_config import config_options, job_config
 from compressor.vocabulary import JOB_LOG_ARTIFACT
 
 
@@ -53,38 +53,30 @@ def _summary_table(report: dict):
 
 @click.command("compress")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="job configuration (JSON); defaults for everything not given")
+@config_options
 @click.option("--data", type=click.Path(dir_okay=False, path_type=Path),
               help=".safetensors / .npz inputs named after the program's inputs; for a Hugging "
               "Face checkpoint also .txt (a sample a line) or .jsonl (a \"text\" field a line)")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="folder for model.onnx, report.json and job.log (and model-hf.zip for a "
               "Hugging Face checkpoint)")
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
-              help="override one config field, e.g. --set ratio=0.25 --set finetune.steps=50")
-def compress_cmd(model: Path, config_path: Path | None, data: Path | None, out_dir: Path,
-                 settings: tuple[str, ...]) -> None:
+def compress_cmd(model: Path, config_source: str | None, settings: tuple[str, ...],
+                 data: Path | None, out_dir: Path) -> None:
     """Compress MODEL (a torch.export .pt2, or a Hugging Face model folder or its .zip /
     .tar.gz) and write a verified ONNX file to --out."""
     from rich.console import Console
 
-    from compressor import CompressorError, InternalError, compress
-    from compressor.cli.progress_display import StageProgress
-
     console = Console(stderr=True)
     if not model.exists():
         raise click.BadParameter(f"{model} does not exist", param_hint="model")
-    for path, what in ((config_path, "config"), (data, "data")):
-        if path is not None and not path.is_file():
-            raise click.BadParameter(f"{path} does not exist or is not a file", param_hint=what)
-    try:
-        config = json.loads(config_path.read_text()) if config_path else {}
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"{config_path} is not valid JSON: {exc}",
-                                 param_hint="--config") from None
-    for item in settings:
-        _apply_setting(config, item)
+    if data is not None and not data.is_file():
+        raise click.BadParameter(f"{data} does not exist or is not a file", param_hint="data")
+    # A typo in the config is reported before the pipeline (onnx, the exporters) is imported.
+    config = _checked_config(console, job_config(config_source, settings) or {})
+
+    from compressor import CompressorError, InternalError, compress
+    from compressor.cli.progress_display import StageProgress
+
     try:
         with StageProgress(console) as display:
             result = compress(model, config, out_dir=out_dir, data=data, progress=display.update)
@@ -95,9 +87,20 @@ def compress_cmd(model: Path, config_path: Path | None, data: Path | None, out_d
         log_path = _write_traceback(exc, error_id)
         error = InternalError.wrapping(exc, log_name=str(log_path), error_id=error_id)
         _fail(console, error.code, error.message, log_path)
-    console.print(_headline(result.report))
+    console.print(_headline(result.report), soft_wrap=True)
     console.print(_summary_table(result.report))
-    console.print(f"wrote {result.model_path} and {result.report_path}")
+    console.print(f"wrote {result.model_path} and {result.report_path}", soft_wrap=True)
+
+
+def _checked_config(console, config: dict):
+    """Return `config` as a `CompressionConfig`; print what is wrong and exit 1 if it is not."""
+    from compressor.config import CompressionConfig
+    from compressor.errors import ConfigError
+
+    try:
+        return CompressionConfig.parse(config)
+    except ConfigError as exc:
+        _fail(console, exc.code, exc.message, None)
 
 
 def _headline(report: dict) -> str:
@@ -109,12 +112,16 @@ def _headline(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _fail(console, code: str, message: str, log_path: Path) -> NoReturn:
-    """Print the error's code and message and where the details are; exit 1."""
+def _fail(console, code: str, message: str, log_path: Path | None) -> NoReturn:
+    """Print the error's code and message and where the details are (if anywhere); exit 1.
+
+    Not wrapped at the terminal's width: the message may hold a recipe (an export call) to copy.
+    """
     from rich.markup import escape
 
-    console.print(f"[bold red]error[/] ({code}): {escape(message)}")
-    console.print(f"details: {escape(str(log_path))}")
+    console.print(f"[bold red]error[/] ({code}): {escape(message)}", soft_wrap=True)
+    if log_path is not None:
+        console.print(f"details: {escape(str(log_path))}", soft_wrap=True)
     sys.exit(1)
 
 
@@ -123,23 +130,6 @@ def _write_traceback(exc: BaseException, error_id: str) -> Path:
     path = Path(tempfile.gettempdir()) / f"compressor-error-{error_id}.log"
     path.write_text("".join(traceback.format_exception(exc)))
     return path
-
-
-def _apply_setting(config: dict, item: str) -> None:
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-        raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    node = config
-    *parents, leaf = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise click.BadParameter(f"{key}: {part} is not a section", param_hint="--set")
-    node[leaf] = value
 
 
 COMMANDS = [compress_cmd]

@@ -84,8 +84,10 @@ class Client:
         `model_path` may also be a Hugging Face model folder: it is packed into a temporary
         .zip first (links followed, hidden files left out). `config` is a dict or a JSON string
         (None: the server's defaults). The files stream from disk; `on_upload(bytes_sent,
-        total)` follows the upload.
+        total)` follows the upload. The credentials are checked first, so that a missing or
+        wrong key is refused (`AuthError`) before a byte of the files is sent.
         """
+        self._check_credentials()
         paths = {"model": Path(model_path)}
         if data_path is not None:
             paths["data"] = Path(data_path)
@@ -238,6 +240,10 @@ class Client:
         return lambda headers: self._stream("GET", path, headers=headers)
 
     # --- plumbing ---------------------------------------------------------------------------
+
+    def _check_credentials(self) -> None:
+        """Make the cheapest authenticated request (one job listed); raise what it answers."""
+        self._request("GET", "/v1/jobs", params={"limit": 1})
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from compressor.client.errors import ClientError
-from compressor.vocabulary import FINISHED_STATUSES
+from compressor.vocabulary import FINISHED_STATUSES, job_phase
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,11 @@ class Job:
             ),
             raw=data,
         )
+
+    @property
+    def phase(self) -> str:
+        """Where the job is: its stage while it runs, its status (the outcome) otherwise."""
+        return job_phase(self.status, self.stage)
 
     @property
     def finished(self) -> bool:

@@ -39,7 +39,7 @@ from torch.export import ExportedProgram
 
 from compressor.errors import ModelFormatError, UnsafeModelError, UnsupportedModelError
 from compressor.load.guards import drop_aliasing_guards_
-from compressor.vocabulary import HOW_TO_EXPORT
+from compressor.vocabulary import HOW_TO_EXPORT, HOW_TO_GIVE_CHECKPOINT
 
 __all__ = ["load_program"]
 
@@ -171,8 +171,10 @@ def _single_root(path: Path, archive: zipfile.ZipFile) -> str:
     roots = {name.split("/", 1)[0] if "/" in name else "" for name in archive.namelist()}
     if len(roots) != 1 or "" in roots:
         raise ModelFormatError(
-            f"{path.name} is a zip archive but not a .pt2 program: its members are not all in "
-            f"one top folder (found {sorted(roots)[:5]}). {HOW_TO_EXPORT}"
+            f"{path.name} is a zip archive but neither a .pt2 program nor a Hugging Face model "
+            f"folder: its members are not all in one top folder (found {sorted(roots)[:5]}) and "
+            f"none is a config.json at its top. {HOW_TO_GIVE_CHECKPOINT} Not a Hugging Face model? "
+            f"{HOW_TO_EXPORT}"
         )
     return roots.pop()
 
@@ -185,11 +187,20 @@ def _has(archive: zipfile.ZipFile, name: str) -> bool:
     return True
 
 
+def _some_members(archive: zipfile.ZipFile, shown: int = 5) -> str:
+    """Return the first few member names of `archive`, for a message."""
+    names = archive.namelist()
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def _refuse_other_zip(path: Path, archive: zipfile.ZipFile, root: str) -> None:
     if not _has(archive, f"{root}/data.pkl"):
         raise ModelFormatError(
-            f"{path.name} is a zip archive but not a .pt2 program (it has no archive_format "
-            f"member). {HOW_TO_EXPORT}"
+            f"{path.name} is a zip archive but neither a .pt2 program (it has no archive_format "
+            f"member) nor a Hugging Face model folder (it has no config.json at its top; it "
+            f"holds {_some_members(archive)}). {HOW_TO_GIVE_CHECKPOINT} Not a Hugging Face model? "
+            f"{HOW_TO_EXPORT}"
         )
     try:  # the restricted unpickler: builds tensors and containers, runs nothing
         content = torch.load(path, weights_only=True, map_location="cpu")

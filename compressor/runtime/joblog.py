@@ -1,18 +1,35 @@
-"""job.log: a human-readable account of one job, written next to its artifacts as it runs."""
+"""job.log: a human-readable account of one job, written next to its artifacts as it runs.
+
+While a job runs (`JobLog.capture_library_output`), what the libraries it calls say on their
+own goes to its job.log instead of the user's terminal: Python warnings (torch's
+FutureWarnings, the ONNX exporter's UserWarnings), the records of the torch, ONNX, transformers
+and Hugging Face Hub loggers, and transformers' progress bars (left out). The routing follows
+the job's thread (a context variable), so jobs running side by side in one service process
+each keep their own lines, and outside a job everything is shown as before.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
 import logging
+import sys
 import time
 import traceback
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from compressor.runtime.memory import PeakMemory, format_bytes
 
 _logger = logging.getLogger("compressor")
+# The loggers whose records are the libraries' own noise, with every logger under them.
+LIBRARY_LOGGERS = ("torch", "onnx", "onnxscript", "onnx_ir", "onnxruntime", "transformers",
+                   "huggingface_hub")
+_current_log: contextvars.ContextVar[JobLog | None] = contextvars.ContextVar(
+    "compressor_job_log", default=None)
 
 
 class JobLog:
@@ -56,6 +73,8 @@ class JobLog:
         """Time the enclosed block as stage `name`, measure its peak memory, and log its start
         and end."""
         self.info(f"stage {name}: started")
+        if _current_log.get() is self:
+            route_library_output()  # libraries imported by the previous stage
         self._memory.reset()
         start = time.monotonic()
         try:
@@ -70,6 +89,90 @@ class JobLog:
             self.stage_peak_rss_bytes[name] = max(self.stage_peak_rss_bytes.get(name, 0), peak)
             self.info(f"stage {name}: {elapsed:.2f}s, peak memory {format_bytes(peak)}")
 
+    @contextlib.contextmanager
+    def capture_library_output(self) -> Iterator[None]:
+        """Send the libraries' warnings, log records and progress bars of the enclosed block
+        (in this thread) to this log instead of the terminal."""
+        route_library_output()
+        token = _current_log.set(self)
+        try:
+            yield
+        finally:
+            _current_log.reset(token)
+
     def close(self) -> None:
         """Finish the file (safe to call twice)."""
         self._file.close()
+
+
+def route_library_output() -> None:
+    """Install the routing of library output to the running job's log (idempotent).
+
+    Run at a job's start and at each stage's, so that loggers and hooks of libraries imported
+    during the job (transformers, by a Hugging Face checkpoint) are routed from the next stage on.
+    """
+    if not getattr(warnings.showwarning, "_routes_to_job_log", False):
+        warnings.showwarning = _warning_router(warnings.showwarning)
+    for logger in [logging.root, *_library_loggers()]:  # records may propagate to the root's
+        for handler in logger.handlers:
+            if _OUTSIDE_JOBS not in handler.filters and not isinstance(handler, _JobLogHandler):
+                handler.addFilter(_OUTSIDE_JOBS)
+        # A record reaches the handlers of its logger and of the ancestors it propagates to:
+        # one router where propagation stops (or at the library's top) logs it once.
+        top = "." not in logger.name
+        if logger is not logging.root and (top or not logger.propagate) and not any(
+                isinstance(h, _JobLogHandler) for h in logger.handlers):
+            logger.addHandler(_JobLogHandler())
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None and getattr(hf_logging, "_tqdm_hook", None) is None:
+        hf_logging.set_tqdm_hook(_quiet_progress_bar)
+
+
+def _library_loggers() -> list[logging.Logger]:
+    names = [name for name in logging.root.manager.loggerDict
+             if name.split(".", 1)[0] in LIBRARY_LOGGERS]
+    loggers = [logging.getLogger(name) for name in {*names, *LIBRARY_LOGGERS}]
+    return [logger for logger in loggers if isinstance(logger, logging.Logger)]
+
+
+class _OutsideJobs(logging.Filter):
+    """Hold back a library's record inside a job (the job's log has it); pass everything else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (_current_log.get() is None
+                or record.name.split(".", 1)[0] not in LIBRARY_LOGGERS)
+
+
+_OUTSIDE_JOBS = _OutsideJobs()
+
+
+class _JobLogHandler(logging.Handler):
+    """Write a library's record to the log of the job running in this thread, if any."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log = _current_log.get()
+        if log is not None:
+            log.info(f"{record.name} {record.levelname.lower()}: {record.getMessage()}")
+
+
+def _warning_router(show: Callable[..., None]) -> Callable[..., None]:
+    """Wrap `warnings.showwarning`: a warning raised in a job goes to its log."""
+
+    def show_in_job_log(message: Warning | str, category: type[Warning], filename: str,
+                        lineno: int, file: Any = None, line: str | None = None) -> None:
+        log = _current_log.get()
+        if log is None or file is not None:
+            show(message, category, filename, lineno, file, line)
+            return
+        log.info(f"{category.__name__}: {message} ({filename}:{lineno})")
+
+    show_in_job_log._routes_to_job_log = True  # type: ignore[attr-defined]
+    return show_in_job_log
+
+
+def _quiet_progress_bar(factory: Callable[..., Any], args: tuple[Any, ...],
+                        kwargs: dict[str, Any]) -> Any:
+    """transformers' tqdm hook: no progress bar inside a job (its stages report progress)."""
+    if _current_log.get() is not None:
+        kwargs = {**kwargs, "disable": True}
+    return factory(*args, **kwargs)

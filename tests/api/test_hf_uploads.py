@@ -45,7 +45,9 @@ def test_checkpoint_archives_and_text_data_reach_the_job(make_client, model, dat
     response = client.post("/v1/jobs", files={"model": ("model.tar.gz", model), "data": data})
     assert response.status_code == 202, response.text
     wait_for_job(client, response.json()["id"])
-    assert fake.calls[0]["data"].name == f"data{suffix}"
+    # as the client named them, so that the job's messages do too; the data keeps its suffix
+    assert fake.calls[0]["model"].name == "model.tar.gz"
+    assert fake.calls[0]["data"].name == data[0] and data[0].endswith(suffix)
 
 
 def test_a_text_file_that_is_not_text_is_415(make_client, data_dir) -> None:

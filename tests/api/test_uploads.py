@@ -22,8 +22,8 @@ MIB = 1 << 20
 
 
 def jobs_on_disk(data_dir: Path) -> list[Path]:
-    """Return every file under the data directory's jobs folder."""
-    return [p for p in (data_dir / "jobs").rglob("*") if p.is_file()]
+    """Return every file under the data directory's jobs folder (not the links to them)."""
+    return [p for p in (data_dir / "jobs").rglob("*") if p.is_file() and not p.is_symlink()]
 
 
 def zip_bytes(size: int) -> bytes:
@@ -126,15 +126,17 @@ def test_missing_model_is_422_naming_it(client, data_dir) -> None:
     ("content", "status", "phrase"),
     [
         (b"\x80\x02}q\x00.", 415, "torch.export.save"),  # a legacy pickle
-        (b"ONNX-ish bytes that are no zip", 415, "not a .pt2 program"),
-        (b"", 422, "the model file is empty"),
+        (b"ONNX-ish bytes that are no zip", 415, "'model.pt' is not a .pt2 program"),
+        (b"", 422, "the model file 'model.pt' is empty"),
         (b"PK", 415, "not a .pt2 program"),
     ],
 )
 def test_wrong_model_type_says_how_to_export(client, data_dir, content, status, phrase) -> None:
     response = client.post("/v1/jobs", files={"model": ("model.pt", content)})
     assert response.status_code == status, response.text
-    assert phrase in response.json()["error"]["message"]
+    error = response.json()["error"]
+    assert phrase in error["message"] and "Hugging Face model folder" in error["message"]
+    assert error["code"] == "invalid_model"  # what `compressor compress` says of the same file
     assert jobs_on_disk(data_dir) == []
 
 
@@ -144,7 +146,8 @@ def test_data_file_must_be_safetensors_or_npz(client, fake_pt2, data_dir) -> Non
         files={"model": ("m.pt2", fake_pt2.read_bytes()), "data": ("d.csv", b"x,y\n1,2\n")},
     )
     assert response.status_code == 415
-    assert "neither .safetensors nor .npz" in response.json()["error"]["message"]
+    assert response.json()["error"]["code"] == "invalid_data"
+    assert "'d.csv' is neither .safetensors nor .npz" in response.json()["error"]["message"]
     assert jobs_on_disk(data_dir) == []
 
 
@@ -158,7 +161,7 @@ def test_data_file_reaches_the_job_by_its_format(make_client, fake_pt2, data, su
     )
     assert response.status_code == 202
     wait_for_job(client, response.json()["id"])
-    assert fake.calls[0]["data"].name == f"data{suffix}"
+    assert fake.calls[0]["data"].name == f"d.bin{suffix}"  # as sent, with its format's suffix
 
 
 def test_not_multipart_is_415(client) -> None:
@@ -238,6 +241,8 @@ def test_an_upload_just_under_the_limit_is_accepted(client, data_dir) -> None:
     assert response.status_code == 202
     [stored] = jobs_on_disk(data_dir)
     assert stored.name == "model.pt2" and stored.stat().st_size > MIB - 4096
+    # the job reads it by the name it was sent as, so that its messages name the user's file
+    assert (stored.parent / "sent" / "model.pt2" / "m.pt2").resolve() == stored.resolve()
 
 
 # --- room on the data directory's disk ---------------------------------------------------------

@@ -45,13 +45,14 @@ from compressor.client import (
 from compressor.errors import CancelledError, DataError
 from compressor.pipeline import Result
 from compressor.runtime.progress import STAGES, ProgressEvent, overall_progress
+from compressor.vocabulary import SUCCEEDED
 from tests.support.network import free_port
 from tests.support.tiny_models import make_pt2
 
 KEY_A, KEY_B = "tenant-a-key", "tenant-b-key"
 
 # The scripted runner picks its behaviour from the job's `finetune.seed`.
-SUCCEED, FAIL, RUN_UNTIL_CANCELLED = 0, 1, 2
+SUCCEED, FAIL, RUN_UNTIL_CANCELLED, FAIL_NAMING_THE_FILES = 0, 1, 2, 3
 # A report shaped like the pipeline's (a few of its sections).
 REPORT = {
     "parameters": {"targeted_weights_before": 76288, "targeted_weights_after": 37864},
@@ -78,6 +79,8 @@ def scripted_compress(model: Path, config: dict[str, Any], *, out_dir: Path,
             raise CancelledError("the job was cancelled")
     if scenario == FAIL:
         raise DataError("data: tensor 'x' has 3 columns, the model takes 32; fix the data file")
+    if scenario == FAIL_NAMING_THE_FILES:  # as the core's loaders do: by the paths' names
+        raise DataError(f"model {model.name}, data file {data.name if data else None}")
     out_dir = Path(out_dir)
     report = REPORT
     (out_dir / "model.onnx").write_bytes(hashlib.sha512(model.read_bytes()).digest() * 4096)
@@ -414,6 +417,48 @@ def test_cli_jobs_status_and_cancel(server: str, model_file: Path) -> None:
     assert again.exit_code == 1 and "already succeeded" in again.stderr
 
 
+def test_cli_jobs_shows_a_finished_jobs_outcome_not_its_last_stage(
+        server: str, model_file: Path) -> None:
+    with Client(server, api_key=KEY_A) as client:
+        done = client.wait(client.submit(model_file, scenario(SUCCEED)).id, timeout=30)
+        failed_id = client.submit(model_file, scenario(FAIL)).id
+        with pytest.raises(JobFailed):
+            client.wait(failed_id, timeout=30)
+        failed = client.get(failed_id)
+    assert done.stage is not None and done.stage != SUCCEEDED  # the last stage it ran
+    assert (done.raw["phase"], failed.raw["phase"]) == ("succeeded", "failed")  # the API's field
+    table = run_cli(server, "jobs", "--limit", "50")
+    rows = {line.split()[0]: line.split() for line in table.stdout.splitlines()[1:]}
+    assert rows[done.id][1:3] == ["succeeded", "succeeded"]
+    assert rows[failed_id][1:3] == ["failed", "failed"]
+    assert re.search(r"^stage +succeeded$", run_cli(server, "status", done.id).stdout, re.M)
+
+
+def test_cli_submit_takes_set_and_inline_json_like_compress(server: str, model_file: Path,
+                                                            tmp_path: Path) -> None:
+    result = run_cli(server, "submit", str(model_file), "--config",
+                     json.dumps({"ratio": 0.3, **scenario(SUCCEED)}),
+                     "--set", "ratio=0.25", "--set", "finetune.steps=2")
+    assert result.exit_code == 0, result.output
+    with Client(server, api_key=KEY_A) as client:
+        config = client.get(result.stdout.strip()).config
+    assert config["ratio"] == 0.25 and config["finetune"]["steps"] == 2
+    only_set = run_cli(server, "submit", str(model_file), "--set", "finetune.seed=0")
+    assert only_set.exit_code == 0, only_set.output
+    bad = run_cli(server, "submit", str(model_file), "--set", "ratio")
+    assert bad.exit_code == 2 and "is not KEY=VALUE" in bad.stderr
+
+
+def test_a_jobs_error_names_the_files_as_the_user_sent_them(client: Client, model_file: Path,
+                                                           tmp_path: Path) -> None:
+    model, data = tmp_path / "pickled.pt2", tmp_path / "wrongnames.safetensors"
+    model.write_bytes(model_file.read_bytes())
+    data.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")  # a safetensors header
+    with pytest.raises(JobFailed) as failed:
+        client.wait(client.submit(model, scenario(FAIL_NAMING_THE_FILES), data).id, timeout=30)
+    assert failed.value.message.endswith(": model pickled.pt2, data file wrongnames.safetensors")
+
+
 def test_cli_download_saves_an_artifact(server: str, model_file: Path, tmp_path: Path) -> None:
     with Client(server, api_key=KEY_A) as client:
         job = client.wait(client.submit(model_file, scenario(SUCCEED)).id, timeout=30)
@@ -503,6 +548,26 @@ def test_error_bodies_that_are_not_ours_still_give_a_message(
     with mock_client(lambda request: response) as client, pytest.raises(ClientError) as raised:
         client.get(JOB_ID)
     assert raised.value.message == message and raised.value.code is None
+
+
+def test_a_keyless_upload_to_a_keyed_server_is_refused_before_its_body_is_sent(
+        tmp_path: Path) -> None:
+    model = tmp_path / "m.pt2"
+    model.write_bytes(b"PK\x03\x04" + bytes(1 << 20))
+    requests: list[tuple[str, int]] = []
+
+    def keyed_server(request: httpx.Request) -> httpx.Response:
+        requests.append((request.method, len(request.read())))
+        if "authorization" not in request.headers:
+            return httpx.Response(401, json={"error": {"code": "unauthorized",
+                                                       "message": "missing API key"}})
+        return httpx.Response(202, json=job_json())
+
+    transport = httpx.MockTransport(keyed_server)
+    with Client("http://service.test", transport=transport) as client, \
+            pytest.raises(AuthError, match="missing API key"):
+        client.submit(model)
+    assert requests == [("GET", 0)]  # the credentials were checked; no upload was started
 
 
 def test_submit_streams_the_files_in_chunks_with_upload_progress(tmp_path: Path) -> None:

@@ -1,7 +1,11 @@
 """`compressor compress`: artifacts, a summary, and clear non-zero exits on bad input."""
 
 import json
+import os
 import re
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -139,3 +143,79 @@ def test_a_failure_outside_the_job_is_reported_with_a_log_not_a_traceback(progra
     found = re.search(r"details: (\S+compressor-error-[0-9a-f]{8}\.log)", said)
     assert found and "internal_error" in said and "OSError: disk on fire" in said
     assert "disk on fire" in Path(found.group(1)).read_text()
+
+
+def test_config_takes_inline_json_and_set_overrides_it(program, tmp_path):
+    result = CliRunner().invoke(main, [
+        "compress", str(program), "--out", str(tmp_path / "out"),
+        "--config", '{"ratio": 2, "finetune": {"steps": 1}}', "--set", "finetune.stepz=1"])
+    said = _said(result)
+    assert result.exit_code == 1 and "error (invalid_config)" in said
+    assert "ratio:" in said and "finetune.stepz: unknown field" in said
+    assert "details:" not in said  # no job ran, so there is no job.log to look at
+    result = CliRunner().invoke(main, ["compress", str(program), "--out", str(tmp_path),
+                                       "--config", '["ratio"]'])
+    assert result.exit_code == 2 and "not an object" in result.output
+
+
+def test_a_config_typo_is_reported_before_the_pipeline_is_imported(program, tmp_path):
+    script = (
+        "import sys\n"
+        "from compressor.cli import main\n"
+        "try:\n"
+        f"    main(['compress', {str(program)!r}, '--out', {str(tmp_path / 'out')!r},\n"
+        "          '--set', 'finetune.stepz=3'])\n"
+        "except SystemExit as exc:\n"
+        "    print('exit', exc.code)\n"
+        "print('loaded', sorted(m for m in ('compressor.pipeline', 'onnx', 'onnxruntime')\n"
+        "                       if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert "finetune.stepz: unknown field" in done.stderr, done.stderr
+    assert done.stdout.split("\n")[:2] == ["exit 1", "loaded []"], done.stdout
+
+
+def test_an_error_is_not_wrapped_so_its_recipe_can_be_copied(tmp_path):
+    model = tmp_path / "random.bin"
+    model.write_bytes(bytes(range(256)) * 8)
+    result = CliRunner().invoke(main, ["compress", str(model), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    recipe = ("program = torch.export.export(model, args, dynamic_shapes={'x': {0: "
+              "torch.export.Dim('batch')}}) with one entry per input, then "
+              "torch.export.save(program, 'model.pt2')")
+    assert any(recipe in line for line in result.output.splitlines()), result.output
+    assert "upload" not in result.output  # nothing is uploaded by `compress`
+
+
+def test_a_zip_or_folder_that_is_not_a_model_says_what_would_have_worked(tmp_path):
+    folder = tmp_path / "notamodel"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("hello")
+    archive = tmp_path / "notamodel.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.write(folder / "readme.txt", "notamodel/readme.txt")
+    zip_said = _said(CliRunner().invoke(main, ["compress", str(archive), "--out",
+                                               str(tmp_path / "out")]))
+    assert "error (invalid_model): notamodel.zip is a zip archive but neither" in zip_said
+    assert "A Hugging Face model folder is accepted too, as a folder or zipped" in zip_said
+    assert "torch.export.save(program, 'model.pt2')" in zip_said
+    folder_said = _said(CliRunner().invoke(main, ["compress", str(folder), "--out",
+                                                  str(tmp_path / "out")]))
+    assert "no config.json found" in folder_said and "save_pretrained" in folder_said
+    assert "Not a Hugging Face model? Export the model as a program" in folder_said
+
+
+@pytest.mark.slow
+def test_a_runs_terminal_holds_no_library_warnings(program, tmp_path):
+    compressor = Path(sys.executable).with_name("compressor")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    done = subprocess.run(
+        [str(compressor), "compress", str(program), "--out", str(tmp_path / "out"),
+         "--set", "ratio=0.5", "--set", "finetune.steps=2", "--set", "export.latency_seconds=0",
+         "--set", "data.synthetic_samples=16"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    for noise in ("FutureWarning", "UserWarning", "Warning:", "it/s]"):
+        assert noise not in done.stderr and noise not in done.stdout, done.stderr
+    assert (tmp_path / "out" / "model.onnx").is_file()

@@ -21,3 +21,34 @@ def test_each_line_is_readable_before_the_log_closes(tmp_path: Path) -> None:
     assert [line.split("] ", 1)[1] for line in lines][:2] == ["first", "stage loading: started"]
     assert lines[-1].split("] ", 1)[1].startswith("stage loading: ")
     assert set(log.stage_seconds) == {"loading"}
+
+
+def test_library_noise_in_a_job_goes_to_its_log_not_the_terminal(tmp_path: Path, capfd,
+                                                                  monkeypatch) -> None:
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    shown: list[str] = []  # what the terminal would show
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *args: shown.append(str(message)))
+    log = JobLog(tmp_path / "job.log")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with log.capture_library_output():
+            warnings.warn("isinstance(treespec, LeafSpec) is deprecated", FutureWarning,
+                          stacklevel=1)
+            logging.getLogger("torch.export").warning("a torch record")
+            logging.getLogger("transformers.modeling_utils").warning("a transformers record")
+            for _ in hf_logging.tqdm(range(3), desc="Writing model shards"):
+                pass
+        warnings.warn("said outside a job", UserWarning, stacklevel=1)
+    log.close()
+    text = (tmp_path / "job.log").read_text()
+    assert "FutureWarning: isinstance(treespec, LeafSpec) is deprecated" in text
+    assert text.count("torch.export warning: a torch record") == 1
+    assert text.count("transformers.modeling_utils warning: a transformers record") == 1
+    terminal = capfd.readouterr()
+    assert not any(word in terminal.out + terminal.err
+                   for word in ("LeafSpec", "record", "Writing model shards"))
+    assert shown == ["said outside a job"]  # outside a job, nothing is hidden

@@ -26,6 +26,7 @@ from torch.export import Dim, ExportedProgram
 
 from compressor.errors import ModelFormatError, UnsafeModelError
 from compressor.load.data import InputSpec
+from compressor.vocabulary import HOW_TO_EXPORT
 
 __all__ = ["Checkpoint", "TextModel", "find_root", "read_checkpoint"]
 
@@ -111,7 +112,7 @@ def find_root(folder: Path) -> Path:
     raise ModelFormatError(
         f"no config.json found in the checkpoint (it holds {sorted(p.name for p in entries)[:10]}"
         f"); a Hugging Face model folder has config.json and model.safetensors at its top: "
-        f"{HOW_TO_SAVE}")
+        f"{HOW_TO_SAVE}. Not a Hugging Face model? {HOW_TO_EXPORT}")
 
 
 def read_checkpoint(folder: Path) -> Checkpoint:
