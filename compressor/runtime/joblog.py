@@ -122,7 +122,7 @@ def route_library_output() -> None:
         top = "." not in logger.name
         if logger is not logging.root and (top or not logger.propagate) and not any(
                 isinstance(h, _JobLogHandler) for h in logger.handlers):
-            logger.addHandler(_JobLogHandler())
+            logger.addHandler(_JobLogHandler(logging.WARNING))
     hf_logging = sys.modules.get("transformers.utils.logging")
     if hf_logging is not None and getattr(hf_logging, "_tqdm_hook", None) is None:
         hf_logging.set_tqdm_hook(_quiet_progress_bar)
@@ -147,7 +147,12 @@ _OUTSIDE_JOBS = _OutsideJobs()
 
 
 class _JobLogHandler(logging.Handler):
-    """Write a library's record to the log of the job running in this thread, if any."""
+    """Write a library's record to the log of the job running in this thread, if any.
+
+    Made at WARNING: what would have reached the terminal moves to the job's log, and a
+    library's debug records (torch's `__trace` logger emits them whether or not anything
+    listens) stay out of it.
+    """
 
     def emit(self, record: logging.LogRecord) -> None:
         log = _current_log.get()

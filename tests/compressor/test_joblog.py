@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from compressor.runtime.joblog import JobLog
@@ -52,3 +53,21 @@ def test_library_noise_in_a_job_goes_to_its_log_not_the_terminal(tmp_path: Path,
     assert not any(word in terminal.out + terminal.err
                    for word in ("LeafSpec", "record", "Writing model shards"))
     assert shown == ["said outside a job"]  # outside a job, nothing is hidden
+
+
+def test_a_librarys_debug_and_info_records_stay_out_of_the_job_log(tmp_path):
+    log = JobLog(tmp_path / "job.log")
+    with log.capture_library_output():
+        trace = logging.getLogger("torch.__trace")
+        level = trace.level
+        trace.setLevel(logging.DEBUG)  # as torch sets it, listened to or not
+        try:
+            trace.debug("a structured trace record")
+        finally:
+            trace.setLevel(level)
+        logging.getLogger("transformers.modeling_utils").info("an info record")
+        logging.getLogger("torch.export").warning("a torch warning")
+    log.close()
+    text = (tmp_path / "job.log").read_text()
+    assert "a torch warning" in text
+    assert "structured trace" not in text and "an info record" not in text
