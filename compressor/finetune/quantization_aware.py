@@ -7,10 +7,11 @@ runs under `Int8Simulation`, which computes every op onnxruntime quantizes as on
 with fake quantization (values rounded to the int8 / uint8 grid, gradients passed straight
 through the rounding, as ModelOpt's and PyTorch's QAT do):
 
-- MatMul with a constant weight (a Linear, exported as MatMul then Add; a tensor times a
-  parameter): the weight symmetric int8 per output column, its input uint8 per tensor, range
+- MatMul with a constant weight (a Linear or GPT-2's Conv1D, exported as MatMul then Add; a
+  tensor times a parameter): the weight symmetric int8 per output column, its input uint8 per tensor, range
   from the tensor itself (DynamicQuantizeLinear).
-- Conv (ConvInteger): the weight symmetric int8 per tensor, its input uint8 per tensor.
+- Conv, 2-D or 1-D (ConvInteger): the weight symmetric int8 per tensor, its input uint8 per
+  tensor.
 - Gather from a constant table (an embedding): the table uint8 per tensor; the rows looked up
   stay on that grid, so a MatMul that reads them is not quantized again.
 
@@ -36,9 +37,10 @@ _INT8_MAX = 127.0  # symmetric int8 weights: [-127, 127]
 _UINT8_MAX = 255.0  # asymmetric uint8 activations and tables: [0, 255]
 
 _LINEAR = (torch.ops.aten.linear.default, F.linear)
-_CONV2D = (torch.ops.aten.conv2d.default, F.conv2d)
+_CONV = (torch.ops.aten.conv2d.default, F.conv2d, torch.ops.aten.conv1d.default, F.conv1d)
 _EMBEDDING_ATEN = (torch.ops.aten.embedding.default,)  # (weight, ids, ...)
 _EMBEDDING_FUNCTIONAL = (F.embedding,)  # (ids, weight, ...)
+_ADDMM = (torch.ops.aten.addmm.default, torch.addmm)  # (bias, x, weight (in, out))
 _MATMUL = (torch.ops.aten.matmul.default, torch.matmul, torch.Tensor.matmul,
            torch.Tensor.__matmul__)
 
@@ -98,8 +100,10 @@ class Int8Simulation(TorchFunctionMode):
             return self._linear(func, *args, **kwargs)
         if func in _MATMUL:
             return self._matmul(func, *args, **kwargs)
-        if func in _CONV2D:
-            return self._conv2d(func, *args, **kwargs)
+        if func in _ADDMM:
+            return self._addmm(func, *args, **kwargs)
+        if func in _CONV:
+            return self._conv(func, *args, **kwargs)
         if func in _EMBEDDING_ATEN:
             return self._embedding(func, args[0], args[1], args[2:], kwargs, weight_first=True)
         if func in _EMBEDDING_FUNCTIONAL:
@@ -122,7 +126,12 @@ class Int8Simulation(TorchFunctionMode):
             return func(x, weight, *rest, **kwargs)
         return func(self._input(x), fake_int8_symmetric(weight, axis=-1), *rest, **kwargs)
 
-    def _conv2d(self, func, x, weight, *rest, **kwargs):  # noqa: ANN001
+    def _addmm(self, func, bias, x, weight, *rest, **kwargs):  # noqa: ANN001
+        if not self._constant(weight) or weight.dim() != 2:
+            return func(bias, x, weight, *rest, **kwargs)
+        return func(bias, self._input(x), fake_int8_symmetric(weight, axis=-1), *rest, **kwargs)
+
+    def _conv(self, func, x, weight, *rest, **kwargs):  # noqa: ANN001
         if not self._constant(weight):
             return func(x, weight, *rest, **kwargs)
         return func(self._input(x), fake_int8_symmetric(weight, axis=None), *rest, **kwargs)

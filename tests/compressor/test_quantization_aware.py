@@ -24,15 +24,23 @@ from compressor.runtime.context import JobContext
 from compressor.runtime.joblog import JobLog
 from compressor.runtime.outputs import run_outputs
 from compressor.runtime.progress import JobControl
+from tests.support.tiny_checkpoints import save_checkpoint
 from tests.support.tiny_models import make_pt2
 
 FACTORIZED = {"ratio": 0.5, "min_layer_params": 0, "export": {"form": "factorized"}}
+CHECKPOINTS = ("gpt2",)  # GPT-2's Conv1D: addmm, the weight stored (in, out)
 
 
 def _student(kind, tmp_path):
-    """A tiny model's original and its student at ratio 0.5, lowrank, as initialized."""
-    pt2 = make_pt2(kind, tmp_path / f"{kind}.pt2")
-    config = CompressionConfig.parse(FACTORIZED)
+    """A tiny model's original and its student at ratio 0.5, lowrank, as initialized (every
+    layer of a Hugging Face checkpoint compressed alike)."""
+    if kind in CHECKPOINTS:
+        pt2 = save_checkpoint(kind, tmp_path / kind)
+        config = CompressionConfig.parse({**FACTORIZED, "allocation": "uniform",
+                                          "data": {"max_length": 16}})
+    else:
+        pt2 = make_pt2(kind, tmp_path / f"{kind}.pt2")
+        config = CompressionConfig.parse(FACTORIZED)
     log = JobLog(tmp_path / "job.log")
     control = JobControl(None, None, 3600)
     loaded = load(pt2, None, config, tmp_path, control, log)
@@ -45,10 +53,10 @@ def _relative_l2(actual, expected):
     return float((actual.double() - expected.double()).norm() / expected.double().norm())
 
 
-@pytest.mark.parametrize("kind", ["mlp", "conv", "text"])
+@pytest.mark.parametrize("kind", ["mlp", "conv", "text", "gpt2"])
 def test_the_simulation_computes_what_onnxruntime_int8_computes(kind, tmp_path):
-    # Linear (MatMul), Conv (ConvInteger), an embedding (Gather of a uint8 table) and each
-    # one's compact form: the simulated student and the real int8 artifact agree to float
+    # Linear and Conv1D (MatMul), Conv (ConvInteger), an embedding (Gather of a uint8 table)
+    # and each one's compact form: the simulated student and the real int8 artifact agree to float
     # rounding, where the float student is a quantization error away from it.
     loaded, plan_, student = _student(kind, tmp_path)
     assert plan_.compressed
