@@ -83,6 +83,10 @@ def load(model: Path, data: Path | None, config: CompressionConfig, workdir: Pat
         control.report(LOADING, 0.0, f"loading {model.name}")
         check_resources(model, workdir)
         inputs = _load_inputs(model, data, config, workdir)
+        if inputs.checkpoint is not None and inputs.checkpoint.max_length < config.data.max_length:
+            log.info(f"data.max_length {config.data.max_length} is more than the model's "
+                     f"{inputs.checkpoint.max_length} positions: samples are "
+                     f"{inputs.checkpoint.max_length} tokens at most")
         log.info(f"inputs: {[(s.name, s.shape, str(s.dtype)) for s in inputs.specs]}; "
                  f"data: {inputs.train.source} ({len(inputs.train)} train, "
                  f"{len(inputs.held_out)} held-out)")

@@ -419,3 +419,22 @@ def test_static_batch_is_refused(tmp_path):
     message = caught.value.message
     assert "static.pt2" in message and "input 'x'" in message and "(4, 32)" in message
     assert "dynamic_shapes={'x': {0: torch.export.Dim(\"batch\")}}" in message
+
+
+def test_a_checkpoint_with_fewer_positions_than_max_length_gets_samples_it_can_take(tmp_path):
+    # A tiny GPT-2 has 64 positions; the default data.max_length is 128. Sampling 128 token
+    # positions would index past its position table (an internal error): samples are cut to 64.
+    from compressor.config import CompressionConfig
+    from compressor.load.stage import load
+    from compressor.runtime.joblog import JobLog
+    from compressor.runtime.progress import JobControl
+    from tests.support.tiny_checkpoints import save_checkpoint
+
+    folder = save_checkpoint("gpt2", tmp_path / "gpt2")
+    config = CompressionConfig.parse({"data": {"synthetic_samples": 16}})
+    assert config.data.max_length == 128
+    log = JobLog(tmp_path / "job.log")
+    loaded = load(folder, None, config, tmp_path, JobControl(None, None, 600), log)
+    log.close()
+    assert loaded.held_out.take(torch.arange(1))["input_ids"].shape[1] == 64
+    assert "more than the model's 64 positions" in (tmp_path / "job.log").read_text()

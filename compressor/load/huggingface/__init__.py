@@ -41,6 +41,9 @@ class LoadedCheckpoint:
     program: ExportedProgram
     specs: list[InputSpec]
     checkpoint: Checkpoint
+    # Tokens per sample: `data.max_length`, or the model's own maximum (its position table's
+    # rows) when that is fewer: a longer sequence would index past the table.
+    max_length: int
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -69,7 +72,12 @@ def load_checkpoint(path: Path, workdir: Path, max_length: int) -> LoadedCheckpo
     The unpacked files are deleted before this returns: the model's weights and the small
     files to hand back (tokenizer, sentence-transformers settings) are then held in memory.
     """
-    from compressor.load.huggingface.checkpoint import export_program, input_specs, read_checkpoint
+    from compressor.load.huggingface.checkpoint import (
+        export_program,
+        input_specs,
+        most_positions,
+        read_checkpoint,
+    )
 
     path = Path(path)
     if path.is_dir():
@@ -82,8 +90,9 @@ def load_checkpoint(path: Path, workdir: Path, max_length: int) -> LoadedCheckpo
             checkpoint = read_checkpoint(unpacked)
         finally:
             shutil.rmtree(unpacked, ignore_errors=True)
+    max_length = min(max_length, most_positions(checkpoint) or max_length)
     program = export_program(checkpoint, max_length)
-    return LoadedCheckpoint(program, input_specs(checkpoint, max_length), checkpoint)
+    return LoadedCheckpoint(program, input_specs(checkpoint, max_length), checkpoint, max_length)
 
 
 def checkpoint_data(loaded: LoadedCheckpoint, data: Path | None, config: DataConfig,
@@ -95,5 +104,5 @@ def checkpoint_data(loaded: LoadedCheckpoint, data: Path | None, config: DataCon
     if data is None:
         return synthesize_data(loaded.specs, config.synthetic_samples, seed)
     if Path(data).suffix.lower() in TEXT_SUFFIXES:
-        return tokenize(loaded.checkpoint, Path(data), config.max_length, config.max_samples)
+        return tokenize(loaded.checkpoint, Path(data), loaded.max_length, config.max_samples)
     return load_data(data, loaded.specs, config.max_samples)

@@ -162,6 +162,12 @@ def input_specs(checkpoint: Checkpoint, length: int) -> list[InputSpec]:
                       example_shape=(2, length)) for name in checkpoint.input_names]
 
 
+def most_positions(checkpoint: Checkpoint) -> int | None:
+    """Return the most tokens the model takes (`max_position_embeddings`, GPT-2's
+    `n_positions`), or None when its config does not say."""
+    return int(getattr(checkpoint.hf_model.config, "max_position_embeddings", 0) or 0) or None
+
+
 def export_program(checkpoint: Checkpoint, length: int) -> ExportedProgram:
     """Export the wrapper with a dynamic batch and sequence length."""
     specs = input_specs(checkpoint, length)
@@ -171,7 +177,7 @@ def export_program(checkpoint: Checkpoint, length: int) -> ExportedProgram:
                "token_type_ids": torch.zeros(2, length, dtype=torch.int64)}
     kwargs = {spec.name: example[spec.name] for spec in specs}
     batch = Dim("batch", min=1, max=2**20)
-    most = int(getattr(checkpoint.hf_model.config, "max_position_embeddings", 0) or 0) or 2**16
+    most = most_positions(checkpoint) or 2**16
     sequence = Dim("sequence", min=_SEQUENCE_MIN, max=max(most, length))
     shapes = {name: {0: batch, 1: sequence} for name in kwargs}
     try:
