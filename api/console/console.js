@@ -681,6 +681,8 @@ function resultSummary(job) {
   const fidelity = report.fidelity || {};
   const score = judged(fidelity.artifact || fidelity.final);
   if (score) parts.push(`${score.figure.replace("_", " ")} ${sig(score.value, 4)}`);
+  const lm = score && (fidelity.artifact || fidelity.final)[score.output];
+  if (lm && typeof lm.perplexity === "number") parts.push(`perplexity ${sig(lm.original_perplexity, 4)} → ${sig(lm.perplexity, 4)}`);
   return el("span", { class: "summary" }, parts.join(" · ") || "—");
 }
 
@@ -748,16 +750,22 @@ function resultCards(report) {
   const fidelity = report.fidelity || {};
   if (fidelity.initialization && fidelity.final) {
     const rows = [];
+    const perplexity = [];
     for (const [output, metrics] of Object.entries(fidelity.final)) {
+      const initial = fidelity.initialization[output] || {};
       for (const [metric, value] of Object.entries(metrics)) {
-        if (typeof value !== "number") continue;  // the output's kind: in the row names' detail
-        const before = (fidelity.initialization[output] || {})[metric];
-        rows.push({ label: `${output} ${metric.replace("_", " ")}`, detail: metrics.kind, values: [before, value] });
+        // The output's kind is in the row names' detail; perplexity has its own scale, below.
+        if (typeof value !== "number" || PERPLEXITY_FIGURES.has(metric)) continue;
+        rows.push({ label: `${output} ${metric.replaceAll("_", " ")}`, detail: metrics.kind, values: [initial[metric], value] });
       }
+      if (typeof metrics.perplexity === "number") perplexity.push(...perplexityRows(output, metrics, initial, (fidelity.artifact || {})[output]));
     }
     cards.push(el("div", { class: "card", id: "plot-fidelity" }, el("h2", {}, "Fidelity: initialization → after fine-tuning"),
-      el("p", { class: "muted" }, "Against the original on the held-out split (cosine and top-1 agreement: higher is better; relative L2: lower)."),
-      hbars(rows, (v) => sig(v, 4), [["at initialization", "a"], ["final", "b"]])));
+      el("p", { class: "muted" }, "Against the original on the held-out split (cosine, top-1 and next-token agreement: higher is better; relative L2 and KL divergence: lower)."),
+      hbars(rows, (v) => sig(v, 4), [["at initialization", "a"], ["final", "b"]]),
+      perplexity.length ? el("div", { id: "plot-perplexity" },
+        el("p", { class: "muted" }, "Held-out perplexity of the real next tokens, padding excluded (lower is better)."),
+        hbars(perplexity, (v) => sig(v, 4), null)) : null));
   }
   const size = [];
   if (report.onnx_bytes) size.push({ label: "ONNX file", values: [report.onnx_bytes.original, report.onnx_bytes.artifact], fmt: bytes });
@@ -777,6 +785,17 @@ function resultCards(report) {
         el("span", {}, el("i", { style: "background:#3056d3" }), "compressed"))));
   }
   return cards;
+}
+
+// A language model's figures that are not fractions: drawn on a scale of their own.
+const PERPLEXITY_FIGURES = new Set(["perplexity", "original_perplexity", "next_tokens"]);
+
+// Perplexity of the original, of the compressed model (initialization → final) and of the file.
+function perplexityRows(output, final, initial, artifact) {
+  const rows = [{ label: `${output} original`, values: [final.original_perplexity] },
+    { label: `${output} compressed`, detail: "init → tuned", values: [initial.perplexity, final.perplexity] }];
+  if (artifact && typeof artifact.perplexity === "number") rows.push({ label: `${output} artifact`, detail: "onnxruntime", values: [artifact.perplexity] });
+  return rows;
 }
 
 async function sha256Hex(blob) {

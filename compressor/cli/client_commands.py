@@ -192,9 +192,14 @@ def report_summary(report: dict[str, Any] | None) -> list[tuple[str, str]]:
                      + (f" (original {_size(original)})" if original else "")))
     for output, figures in ((report.get("fidelity") or {}).get("final") or {}).items():
         parts = [f"{name} {figures[key]:.4g}" for key, name in
-                 (("cosine", "cosine"), ("relative_l2", "rel. L2"), ("top1_agreement", "top-1"))
+                 (("cosine", "cosine"), ("relative_l2", "rel. L2"), ("top1_agreement", "top-1"),
+                  ("next_token_agreement", "next-token top-1"), ("kl_divergence", "KL"))
                  if isinstance(figures.get(key), int | float)]
         rows.append((f"fidelity {output}", ", ".join(parts)))
+        shipped = ((report.get("fidelity") or {}).get("artifact") or {}).get(output, figures)
+        if isinstance(shipped.get("perplexity"), int | float):
+            rows.append((f"perplexity {output}", f"{shipped['perplexity']:.4g} (original "
+                                                 f"{figures['original_perplexity']:.4g})"))
     parity = report.get("onnx_parity") or {}
     if "passed" in parity:
         worst = max((parity.get("max_abs_diff") or {}).values(), default=None)

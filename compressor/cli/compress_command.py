@@ -35,20 +35,28 @@ def _summary_table(report: dict):
         table.add_row(f"onnxruntime {key.replace('_', ' ')}",
                       f"{report['latency']['original'][key]:.3f}",
                       f"{report['latency']['compressed'][key]:.3f}")
+    artifact = report["fidelity"].get("artifact", {})
     for name, fid in report["fidelity"]["final"].items():
         init = report["fidelity"]["initialization"][name]
-        cells = [f"cos {fid['cosine']:.4f}", f"relL2 {fid['relative_l2']:.4f}"]
-        before = [f"cos {init['cosine']:.4f}", f"relL2 {init['relative_l2']:.4f}"]
-        if "top1_agreement" in fid:
-            cells.append(f"top1 {fid['top1_agreement']:.3f}")
-            before.append(f"top1 {init['top1_agreement']:.3f}")
-        table.add_row(f"{name} vs original (init → tuned)", " ".join(before), " ".join(cells))
-    for name, fid in report["fidelity"].get("artifact", {}).items():
-        cells = [f"cos {fid['cosine']:.4f}", f"relL2 {fid['relative_l2']:.4f}"]
-        if "top1_agreement" in fid:
-            cells.append(f"top1 {fid['top1_agreement']:.3f}")
-        table.add_row(f"{name}, int8 file vs original", "", " ".join(cells))
+        if "perplexity" in fid:  # a language model's: what its users judge it by
+            shipped = artifact.get(name, fid)
+            table.add_row(f"{name} held-out perplexity", f"{fid['original_perplexity']:.4g}",
+                          f"{shipped['perplexity']:.4g}")
+        table.add_row(f"{name} vs original (init → tuned)", _fidelity_cells(init),
+                      _fidelity_cells(fid))
+    quantized = (report.get("config") or {}).get("export", {}).get("quantize")
+    for name, fid in artifact.items():
+        table.add_row(f"{name}, {quantized or 'ONNX'} file vs original", "", _fidelity_cells(fid))
     return table
+
+
+def _fidelity_cells(fid: dict) -> str:
+    cells = [f"cos {fid['cosine']:.4f}", f"relL2 {fid['relative_l2']:.4f}"]
+    if "top1_agreement" in fid:
+        cells.append(f"top1 {fid['top1_agreement']:.3f}")
+    if "perplexity" in fid:
+        cells += [f"ppl {fid['perplexity']:.4g}", f"KL {fid['kl_divergence']:.3g}"]
+    return " ".join(cells)
 
 
 @click.command("compress")

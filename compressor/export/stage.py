@@ -4,9 +4,9 @@ Exporting measures what each form costs (parameters, FLOPs), exports the origina
 baseline) and the student in the configured form (`rewrite.forms`: dense weights materialized,
 or the compact form), writes the Hugging Face folder for a checkpoint's dense result and stacks
 int8 quantization when asked. Verifying runs onnxruntime against PyTorch on the held-out inputs
-(and the Hugging Face folder, reloaded, against onnxruntime), and scores a quantized artifact
-against the original. Everything is written in a staging folder; the reporting stage moves the
-artifacts in place.
+(and the Hugging Face folder, reloaded, against onnxruntime), and scores a quantized artifact,
+or a language model's (whose perplexity is a figure of its own), against the original.
+Everything is written in a staging folder; the reporting stage moves the artifacts in place.
 """
 
 from __future__ import annotations
@@ -27,7 +27,13 @@ from compressor.errors import ExportError
 from compressor.export import huggingface
 from compressor.export.onnx import export_onnx, move_onnx, onnx_bytes
 from compressor.export.quantize import quantize_int8, verify_quantized
-from compressor.export.verify import TorchOutputs, onnx_outputs, torch_outputs, verify_onnx
+from compressor.export.verify import (
+    TorchOutputs,
+    onnx_session,
+    run_onnx,
+    torch_outputs,
+    verify_onnx,
+)
 from compressor.finetune.loop import HeldOut
 from compressor.finetune.stage import TrainedJob
 from compressor.load.stage import LoadedJob
@@ -119,8 +125,9 @@ class VerifiedJob:
     """What verifying measured: onnxruntime against PyTorch, and against the original."""
 
     parity: dict[str, Any]
-    # The quantized artifact's fidelity against the original (None: the artifact is the
-    # verified float student, whose fidelity the finetuning stage measured).
+    # The artifact's fidelity against the original, measured with onnxruntime when it is
+    # quantized or is a language model (its perplexity is a figure of its own); None: the
+    # artifact is the verified float student, whose fidelity the finetuning stage measured.
     artifact_fidelity: list[OutputFidelity] | None
     # What a user would pick instead: onnxruntime's int8 quantization of the original, scored
     # on the same held-out inputs (None when the original was not exported).
@@ -156,7 +163,7 @@ def verify(exported: ExportedJob, trained: TrainedJob, loaded: LoadedJob, config
                 exported.huggingface, exported.model, loaded.held_out, exported.huggingface_zip,
                 config.atol, config.rtol)
         job.log.info(f"onnxruntime parity: {parity['max_abs_diff']}")
-        artifact_fidelity = None  # differs from the student's only when the artifact is quantized
+        artifact_fidelity = None
         if exported.quantized is not None:
             job.control.report(VERIFYING, 0.5, "checking the int8 model")
             parity["quantized"] = verify_quantized(exported.quantized, exported.torch_reference,
@@ -164,17 +171,22 @@ def verify(exported: ExportedJob, trained: TrainedJob, loaded: LoadedJob, config
             job.log.info(f"int8 against the compressed model: "
                          f"{parity['quantized']['relative_l2']}")
             move_onnx(exported.quantized, exported.model)
-            artifact_fidelity = onnx_fidelity(exported.model, trained.held_out, loaded.kinds)
+        if exported.quantized is not None or any(loaded.next_token):
+            job.control.report(VERIFYING, 0.6, "scoring the artifact on the held-out split")
+            artifact_fidelity = onnx_fidelity(exported.model, trained.held_out, loaded.kinds,
+                                              loaded.next_token)
         baseline = None
         if exported.original is not None:
             job.control.report(VERIFYING, 0.8, "scoring onnxruntime int8 of the original")
-            baseline = int8_baseline(exported.original, trained.held_out, loaded.kinds)
+            baseline = int8_baseline(exported.original, trained.held_out, loaded.kinds,
+                                     loaded.next_token)
         exported.torch_reference = trained.held_out = None  # onnxruntime's latency sessions
         gc.collect()  # get their memory
     return VerifiedJob(parity, artifact_fidelity, baseline)
 
 
-def int8_baseline(original: Path, held_out: HeldOut, kinds: list[str]) -> Baseline:
+def int8_baseline(original: Path, held_out: HeldOut, kinds: list[str],
+                  next_token: list[bool] | None = None) -> Baseline:
     """Quantize the original's export to int8 (what a user would do instead of compressing)
     and score it against the original on the held-out split."""
     model = original.parent / "int8" / ONNX_ARTIFACT
@@ -183,7 +195,7 @@ def int8_baseline(original: Path, held_out: HeldOut, kinds: list[str]) -> Baseli
         quantize_int8(original, model)
     except ExportError as exc:
         return Baseline(None, None, None, exc.message)
-    return Baseline(model, onnx_bytes(model), onnx_fidelity(model, held_out, kinds))
+    return Baseline(model, onnx_bytes(model), onnx_fidelity(model, held_out, kinds, next_token))
 
 
 def materialized(student: fx.GraphModule, teacher: fx.GraphModule, plan: Plan,
@@ -196,12 +208,15 @@ def materialized(student: fx.GraphModule, teacher: fx.GraphModule, plan: Plan,
     return materialize(student, teacher, plan, consume=True).eval()
 
 
-def onnx_fidelity(path: Path, held_out: HeldOut, kinds: list[str]) -> list[OutputFidelity]:
-    """Return per-output fidelity of the ONNX model at `path` against the original's outputs."""
-    meter = FidelityMeter(kinds)
-    for actual, expected in zip(onnx_outputs(path, held_out.data, held_out.batch_size),
-                                held_out.reference, strict=True):
-        meter.add([torch.from_numpy(a) for a in actual], expected)
+def onnx_fidelity(path: Path, held_out: HeldOut, kinds: list[str],
+                  next_token: list[bool] | None = None) -> list[OutputFidelity]:
+    """Return per-output fidelity of the ONNX model at `path` against the original's outputs
+    (and, for the outputs `next_token` marks, against the held-out text: `FidelityMeter`)."""
+    meter = FidelityMeter(kinds, next_token)
+    session = onnx_session(path, prepack=False)
+    # One batch's outputs at a time: a decoder's logits over the whole split are never held.
+    for batch, expected in zip(held_out.batches(), held_out.reference, strict=True):
+        meter.add([torch.from_numpy(a) for a in run_onnx(session, batch)], expected, batch)
     return meter.result()
 
 

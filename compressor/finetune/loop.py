@@ -120,8 +120,8 @@ def held_out_score(student: nn.Module, held_out: HeldOut, kinds: list[str],
 
     The same objective training minimizes: scoring with another one (say, relative L2 of the
     logits while training also fits their softmax) can reject every improvement. `meter`, when
-    given, is fed the same outputs (fidelity from the same pass). `batches` may give the
-    held-out batches already on the student's device.
+    given, is fed the same outputs and batches (fidelity from the same pass). `batches` may give
+    the held-out batches already on the student's device.
     """
     total, rows = 0.0, 0
     batches = held_out.batches() if batches is None else batches
@@ -129,7 +129,7 @@ def held_out_score(student: nn.Module, held_out: HeldOut, kinds: list[str],
         for batch, reference in zip(batches, held_out.reference, strict=True):
             outputs = run_outputs(student, batch)
             if meter is not None:
-                meter.add(outputs, reference)
+                meter.add(outputs, reference, batch)
             count = reference[0].shape[0]
             total += float(distillation_loss(outputs, reference, kinds)) * count
             rows += count

@@ -54,7 +54,7 @@ def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: Fin
         batch_size = job.costs.evaluation_batch(EVAL_BATCH)
         job.log.info(f"{job.costs.describe()}; held-out batches of {batch_size}")
         held_out = HeldOut.of(loaded.teacher, loaded.held_out, batch_size)
-        initial, initial_score = fidelity(student, held_out, loaded.kinds)
+        initial, initial_score = fidelity(student, held_out, loaded.kinds, loaded.next_token)
         lesson = Distillation(loaded.teacher, loaded.kinds, loaded.train, held_out)
         summary = finetune_on_device_(student, plan, lesson, config, job.control, initial_score)
         if summary.skipped is not None:
@@ -65,17 +65,18 @@ def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: Fin
                      f"(best step {summary.best_step})")
         # Best step 0: θ is the initialization's, restored exactly, and so are its outputs.
         final = initial if summary.best_step == 0 else fidelity(
-            student, held_out, loaded.kinds)[0]
+            student, held_out, loaded.kinds, loaded.next_token)[0]
         samples = min(len(loaded.held_out), job.costs.layer_error_samples(LAYER_ERROR_SAMPLES))
         errors = layer_errors(loaded.teacher, student, plan,
                               loaded.held_out.take(torch.arange(samples)))
     return TrainedJob(student, held_out, summary, initial, final, errors)
 
 
-def fidelity(student: fx.GraphModule, held_out: HeldOut,
-             kinds: list[str]) -> tuple[list[OutputFidelity], float]:
-    """Return per-output fidelity of `student` against the original's held-out outputs, and
-    its held-out score (`held_out_score`, which feeds the fidelity meter from the same pass)."""
-    meter = FidelityMeter(kinds)
+def fidelity(student: fx.GraphModule, held_out: HeldOut, kinds: list[str],
+             next_token: list[bool] | None = None) -> tuple[list[OutputFidelity], float]:
+    """Return per-output fidelity of `student` against the original's held-out outputs (and,
+    for the outputs `next_token` marks, against the held-out text: `FidelityMeter`), and its
+    held-out score (`held_out_score`, which feeds the fidelity meter from the same pass)."""
+    meter = FidelityMeter(kinds, next_token)
     score = held_out_score(student, held_out, kinds, meter)
     return meter.result(), score

@@ -9,7 +9,7 @@ sample of the model costs (`SampleCosts`, which sizes every later stage's batche
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -59,6 +59,9 @@ class LoadedJob:
     kinds: list[str]  # each output's kind: logits, embedding, regression, ignored
     costs: SampleCosts
     checkpoint: LoadedCheckpoint | None = None  # set when the model is a Hugging Face folder
+    # Whether each output is a causal language model's next-token logits, scored by perplexity
+    # on the held-out text too (empty: none is).
+    next_token: list[bool] = field(default_factory=list)
 
     @property
     def model_bytes(self) -> int:
@@ -93,23 +96,48 @@ def load(model: Path, data: Path | None, config: CompressionConfig, workdir: Pat
         # The student made later shares every tensor it does not change with this original:
         # one copy of the weights in memory.
         teacher = shallow_copy(inputs.program.module()).eval()
-        names, kinds = output_kinds(teacher, inputs.held_out, config)
-        log.info(f"outputs: {dict(zip(names, kinds, strict=True))}")
+        names, kinds, next_token = output_kinds(teacher, inputs.held_out, config,
+                                                inputs.checkpoint)
+        log.info(f"outputs: {dict(zip(names, kinds, strict=True))}"
+                 + "".join(f"; {name}: next-token logits, scored by perplexity too"
+                           for name, lm in zip(names, next_token, strict=True) if lm))
         costs = SampleCosts.measure(teacher, inputs.train.take(torch.arange(1)))
     return LoadedJob(teacher, inputs.specs, inputs.train, inputs.held_out,
-                     names, kinds, costs, inputs.checkpoint)
+                     names, kinds, costs, inputs.checkpoint, next_token)
 
 
 def output_kinds(teacher: fx.GraphModule, held_out: Dataset, config: CompressionConfig,
-                 ) -> tuple[list[str], list[str]]:
-    """Return each output's ONNX name and kind (logits, embedding, regression, ignored): the
-    kind decides its loss and how it is scored. One run of the original on two samples."""
+                 checkpoint: LoadedCheckpoint | None = None,
+                 ) -> tuple[list[str], list[str], list[bool]]:
+    """Return each output's ONNX name, kind (logits, embedding, regression, ignored: the
+    kind decides its loss and how it is scored) and whether it is next-token logits
+    (`next_token_outputs`). One run of the original on two samples."""
     sample = held_out.take(torch.arange(min(2, len(held_out))))
     with torch.no_grad():
         raw = call(teacher, sample)
     outputs = [leaf for leaf in tree_leaves(raw) if isinstance(leaf, torch.Tensor)]
     names = onnx_output_names(raw)
-    return names, detect_output_kinds(teacher, raw, outputs, config.finetune.loss, names)
+    kinds = detect_output_kinds(teacher, raw, outputs, config.finetune.loss, names)
+    return names, kinds, next_token_outputs(checkpoint, kinds, outputs, sample)
+
+
+def next_token_outputs(checkpoint: LoadedCheckpoint | None, kinds: list[str],
+                       outputs: list[torch.Tensor], sample: dict[str, torch.Tensor],
+                       ) -> list[bool]:
+    """Return which outputs are a causal language model's next-token logits: those of kind
+    logits, shaped (batch, sequence, vocabulary) over `input_ids`, of a Hugging Face checkpoint
+    that transformers lists as a causal LM (GPT2LMHeadModel, LlamaForCausalLM, ...) and that
+    takes an `attention_mask`. A `.pt2` program does not say whether it is causal: none of its
+    outputs is."""
+    if checkpoint is None or "input_ids" not in sample or "attention_mask" not in sample:
+        return [False] * len(outputs)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if checkpoint.checkpoint.model_class not in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+        return [False] * len(outputs)
+    ids = sample["input_ids"]
+    return [kind == "logits" and out.dim() == 3 and out.shape[:2] == ids.shape
+            for kind, out in zip(kinds, outputs, strict=True)]
 
 
 def check_resources(model: Path, out_dir: Path) -> None:

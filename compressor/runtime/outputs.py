@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -60,8 +61,9 @@ def onnx_output_names(raw_outputs: object) -> list[str]:
     return output_names(len(paths))
 
 
-# Output vectors converted to float64 at a time when fidelity is scored.
-_VECTORS_PER_CHUNK = 4096
+# Output values converted to float64 at a time when fidelity is scored: a decoder's logits
+# (49,152 a position) are never copied whole, nor is a batch of them.
+_VALUES_PER_CHUNK = 1 << 21
 
 
 @dataclass
@@ -70,40 +72,63 @@ class OutputFidelity:
 
     `cosine` is per sample (per position for outputs of 3+ dimensions), averaged; top-1
     agreement, likewise per sample or position, is given for logits only, where it means
-    something.
+    something. A causal language model's next-token logits also get the language-model figures
+    (None for any other output), over the held-out positions whose next token is text, not
+    padding (`attention_mask` 1 at both): the perplexity of the model and of the reference
+    (exp of the mean negative log-likelihood of the real next token), how often both predict
+    the same next token, and the mean per-token KL(reference || model) in nats.
     """
 
     kind: str
     cosine: float
     relative_l2: float
     top1_agreement: float | None
+    perplexity: float | None = None
+    original_perplexity: float | None = None
+    next_token_agreement: float | None = None
+    kl_divergence: float | None = None
+    next_tokens: int | None = None  # how many next tokens the figures above are over
 
 
 class FidelityMeter:
     """Accumulate, batch by batch, how close outputs are to the reference outputs.
 
-    `kinds` holds each output's kind (see `compressor.runtime.objectives`). An output is seen as vectors
-    along its last dimension (a sequence of logits: one vector per position); cosine and top-1
-    agreement are averaged over those vectors. Sums run in float64 over `_VECTORS_PER_CHUNK`
-    vectors at a time, so a decoder's logits are never copied whole.
+    `kinds` holds each output's kind (see `compressor.runtime.objectives`); `next_token` says
+    which outputs are a causal language model's next-token logits, (batch, sequence, vocabulary)
+    over the batch's `input_ids`: those are also scored against the text itself, so `add` needs
+    the batch. An output is seen as vectors along its last dimension (a sequence of logits: one
+    vector per position); cosine and top-1 agreement are averaged over those vectors. Sums run
+    in float64 over `_VALUES_PER_CHUNK` values at a time.
     """
 
-    def __init__(self, kinds: list[str]) -> None:
+    def __init__(self, kinds: list[str], next_token: list[bool] | None = None) -> None:
         self._kinds = list(kinds)
         n = len(kinds)
         self._err, self._ref, self._cos, self._agree = [0.0] * n, [0.0] * n, [0.0] * n, [0] * n
         self._vectors = [0] * n
         self._logits = [kind == "logits" for kind in kinds]
+        self._next_token = list(next_token) if next_token else [False] * n
+        if len(self._next_token) != n:
+            raise ValueError(f"next_token has {len(self._next_token)} entries for {n} outputs")
+        self._text = [_NextTokenSums() for _ in range(n)]
 
-    def add(self, outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> None:
-        """Add one batch of outputs and their reference outputs."""
+    def add(self, outputs: list[torch.Tensor], reference: list[torch.Tensor],
+            batch: dict[str, torch.Tensor] | None = None) -> None:
+        """Add one batch of outputs, their reference outputs and (for next-token logits) the
+        inputs they were computed from."""
         for i, (out, ref) in enumerate(zip(outputs, reference, strict=True)):
             width = out.shape[-1] if out.dim() >= 2 else 1
             flat_out = out.detach().reshape(-1, width)
             flat_ref = ref.detach().reshape(-1, width)
-            for start in range(0, flat_ref.shape[0], _VECTORS_PER_CHUNK):
-                self._add_vectors(i, flat_out[start:start + _VECTORS_PER_CHUNK],
-                                  flat_ref[start:start + _VECTORS_PER_CHUNK])
+            step = max(1, _VALUES_PER_CHUNK // width)
+            for start in range(0, flat_ref.shape[0], step):
+                self._add_vectors(i, flat_out[start:start + step], flat_ref[start:start + step])
+            if self._next_token[i]:
+                if batch is None:
+                    raise ValueError(f"output {i} is a language model's next-token logits: "
+                                     "pass the batch its input_ids and attention_mask came in")
+                self._text[i].add(out.detach(), ref.detach(), batch["input_ids"],
+                                  batch["attention_mask"])
 
     def _add_vectors(self, i: int, out: torch.Tensor, ref: torch.Tensor) -> None:
         out, ref = out.double(), ref.double()
@@ -124,6 +149,49 @@ class FidelityMeter:
                 relative_l2=(self._err[i] / max(self._ref[i], 1e-30)) ** 0.5,
                 top1_agreement=(self._agree[i] / max(1, self._vectors[i])
                                 if self._logits[i] else None),
+                **(self._text[i].figures() if self._next_token[i] else {}),
             )
             for i in range(len(self._err))
         ]
+
+
+class _NextTokenSums:
+    """Sums over the positions of a language model's logits whose next token is text: the
+    model's and the reference's negative log-likelihood of that token, KL(reference || model),
+    and top-1 agreement."""
+
+    def __init__(self) -> None:
+        self.nll = self.reference_nll = self.kl = 0.0
+        self.agree = self.tokens = 0
+
+    def add(self, out: torch.Tensor, ref: torch.Tensor, ids: torch.Tensor,
+            mask: torch.Tensor) -> None:
+        # Position t predicts token t + 1; both must be text for it to count.
+        if out.dim() != 3 or out.shape[:2] != ids.shape:
+            raise ValueError(f"next-token logits must be (batch, sequence, vocabulary) over "
+                             f"input_ids {tuple(ids.shape)}; got {tuple(out.shape)}")
+        kept = (mask[:, :-1] != 0) & (mask[:, 1:] != 0)
+        batch, position = kept.nonzero(as_tuple=True)
+        rows = (batch * ids.shape[1] + position).to(out.device)
+        targets = ids[batch, position + 1].to(out.device)
+        width = out.shape[-1]
+        flat_out, flat_ref = out.reshape(-1, width), ref.reshape(-1, width)
+        step = max(1, _VALUES_PER_CHUNK // width)
+        for start in range(0, rows.shape[0], step):
+            chunk, target = rows[start:start + step], targets[start:start + step, None]
+            log_p = flat_out[chunk].double().log_softmax(-1)
+            log_q = flat_ref[chunk].double().log_softmax(-1)
+            self.nll -= float(log_p.gather(1, target).sum())
+            self.reference_nll -= float(log_q.gather(1, target).sum())
+            self.kl += float((log_q.exp() * (log_q - log_p)).sum())
+            self.agree += int((log_p.argmax(-1) == log_q.argmax(-1)).sum())
+        self.tokens += int(rows.shape[0])
+
+    def figures(self) -> dict[str, float | int | None]:
+        if not self.tokens:  # no text followed by text: nothing to score
+            return {"next_tokens": 0}
+        return {"perplexity": math.exp(self.nll / self.tokens),
+                "original_perplexity": math.exp(self.reference_nll / self.tokens),
+                "next_token_agreement": self.agree / self.tokens,
+                "kl_divergence": self.kl / self.tokens,
+                "next_tokens": self.tokens}

@@ -333,3 +333,34 @@ def test_a_real_models_page_reads_cleanly_at_any_width(
         header = page.locator("header").bounding_box()
         assert header is not None and header["x"] + header["width"] <= 420
     context.close()
+
+
+def test_a_language_models_page_shows_perplexity_on_a_scale_of_its_own(
+    browser, server: ServerProcess
+) -> None:
+    """Perplexity of the original, the compressed model and the file, apart from the fractions."""
+    from playwright.sync_api import expect
+
+    job_id = "1" * 32
+    job = finished_hf_job(job_id)
+    lm = {"kind": "logits", "cosine": 0.99, "relative_l2": 0.12, "top1_agreement": 0.91,
+          "perplexity": 30.52, "original_perplexity": 27.4, "next_token_agreement": 0.88,
+          "kl_divergence": 0.043, "next_tokens": 5120}
+    job["report"]["fidelity"] = {"initialization": {"logits": {**lm, "perplexity": 181.8}},
+                                 "final": {"logits": lm},
+                                 "artifact": {"logits": {**lm, "perplexity": 30.61}}}
+    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    page.route(f"**/v1/jobs/{job_id}", lambda route: route.fulfill(json=job))
+    page.route(f"**/v1/jobs/{job_id}/artifacts/job.log",
+               lambda route: route.fulfill(body="[12:00:10] loading\n"))
+    page.goto(server.client.base_url.join("/").__str__())
+    use_key(page, ALICE)
+    page.goto(f"{server.client.base_url}/#/jobs/{job_id}")
+    perplexity = page.locator("#plot-perplexity")
+    expect(perplexity).to_contain_text("27.4")
+    expect(perplexity).to_contain_text("181.8 → 30.52")
+    expect(perplexity).to_contain_text("30.61")
+    fractions = page.locator("#plot-fidelity > div > .hbars > .label").all_text_contents()
+    assert any("next token agreement" in row for row in fractions), fractions
+    assert not any("perplexity" in row or "tokens" in row for row in fractions), fractions
+    page.context.close()

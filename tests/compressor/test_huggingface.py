@@ -113,6 +113,8 @@ def test_a_zipped_classifier_without_data_keeps_its_head_and_says_inputs_were_sa
     assert is_checkpoint(archive)
     result = compressor.compress(archive, FAST, out_dir=tmp_path / "out")
     assert result.report["data"]["synthetic"] and "sampled" in result.report["data"]["note"]
+    for stage in result.report["fidelity"].values():  # a classifier's logits: no next token
+        assert not {"perplexity", "original_perplexity", "next_tokens"} & set(stage["logits"])
     ids, mask = some_tokens(2, 7)
     _, outputs, logits = onnx_run(result.model_path, ids, mask)
     assert outputs == ["logits"] and logits.shape == (2, 3)
@@ -139,6 +141,94 @@ def test_a_decoder_as_tar_gz_with_jsonl_text_round_trips(folders, tmp_path) -> N
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4, rtol=1e-3)
+
+
+def next_token_nll(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the log-probabilities (float64) a transformers LM gives every vocabulary entry at
+    each position whose next token is text, and the mean NLL of that real next token."""
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    kept = (mask[:, :-1] == 1) & (mask[:, 1:] == 1)
+    log_p = logits[:, :-1][kept].double().log_softmax(-1)
+    nll = -log_p.gather(1, ids[:, 1:][kept][:, None]).mean()
+    return log_p, nll
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_decoders_report_gives_held_out_perplexity_over_text_tokens_only(
+    folders, tmp_path, quantize
+) -> None:
+    from transformers import LlamaForCausalLM
+
+    # With int8, the original is exported too (the baseline: int8 of the original).
+    config = {**FAST, "method": "lowrank", "ratio": 0.5,
+              "export": {"latency_seconds": 0 if quantize is None else 0.01,
+                         "quantize": quantize}}
+    data = write_text(tmp_path / "lines.txt")
+    result = compressor.compress(folders["llama"], config, data=data, out_dir=tmp_path / "out")
+    fidelity = result.report["fidelity"]
+    assert set(fidelity) == {"initialization", "final", "artifact"}  # the ONNX file scored too
+    # The held-out split the job made, scored here by transformers itself in float64.
+    parsed = CompressionConfig.parse(config)
+    loaded = load_checkpoint(folders["llama"], tmp_path / "work", parsed.data.max_length)
+    _, held_out = checkpoint_data(loaded, data, parsed.data, parsed.finetune.seed).split(
+        parsed.data.holdout_fraction, parsed.finetune.seed)
+    ids, mask = held_out.inputs["input_ids"], held_out.inputs["attention_mask"]
+    assert (mask == 0).any()  # padded rows: their padding must not count
+    original = LlamaForCausalLM.from_pretrained(folders["llama"]).eval()
+    log_q, nll = next_token_nll(original, ids, mask)
+    assert log_q.shape[0] < ids[:, 1:].numel()
+    for stage in fidelity.values():
+        figures = stage["logits"]
+        assert figures["next_tokens"] == log_q.shape[0]
+        assert figures["original_perplexity"] == pytest.approx(float(nll.exp()), rel=1e-5)
+        assert 0 <= figures["next_token_agreement"] <= 1 and figures["kl_divergence"] >= 0
+    final, artifact = fidelity["final"]["logits"], fidelity["artifact"]["logits"]
+    assert final["perplexity"] != pytest.approx(final["original_perplexity"], rel=1e-4)
+    # The compressed model, as the folder written back holds it: its own perplexity against
+    # the real next tokens (not the original's predictions), KL(original || it), agreement.
+    small = LlamaForCausalLM.from_pretrained(unzip(tmp_path / "out" / "model-hf.zip",
+                                                   tmp_path / "small")).eval()
+    log_p, small_nll = next_token_nll(small, ids, mask)
+    assert final["perplexity"] == pytest.approx(float(small_nll.exp()), rel=1e-5)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1).mean()
+    assert final["kl_divergence"] == pytest.approx(float(kl), rel=1e-3, abs=1e-7)
+    agreement = (log_p.argmax(-1) == log_q.argmax(-1)).double().mean()
+    assert final["next_token_agreement"] == pytest.approx(float(agreement))
+    # The artifact, run by onnxruntime: the same model in float32, int8 a little off it.
+    assert artifact["perplexity"] == pytest.approx(final["perplexity"],
+                                                   rel=1e-5 if quantize is None else 0.05)
+    if quantize is not None:
+        assert artifact["perplexity"] != final["perplexity"]
+        baseline = result.report["baseline"]["fidelity"]["logits"]  # int8 of the original
+        assert baseline["original_perplexity"] == final["original_perplexity"]
+        assert baseline["perplexity"] == pytest.approx(final["original_perplexity"], rel=0.05)
+
+
+@pytest.mark.parametrize(("kind", "next_token"), [("llama", True), ("gpt2", True),
+                                                  ("masked", False), ("classifier", False)])
+def test_only_a_causal_lms_sequence_logits_are_scored_by_perplexity(
+    folders, tmp_path, kind, next_token
+) -> None:
+    """A masked LM's logits have the same shape as a causal LM's, but no next token."""
+    from compressor.load.stage import next_token_outputs
+    from compressor.runtime.objectives import detect_output_kinds
+    from compressor.runtime.outputs import call, run_outputs
+
+    folder = folders.get(kind) or save_checkpoint(kind, tmp_path / kind)
+    loaded = load_checkpoint(folder, tmp_path / "work", 8)
+    module = loaded.program.module()
+    ids, mask = some_tokens(2, 8)
+    sample = {"input_ids": ids, "attention_mask": mask}
+    if "token_type_ids" in loaded.checkpoint.input_names:
+        sample["token_type_ids"] = torch.zeros_like(ids)
+    outputs = run_outputs(module, sample)
+    kinds = detect_output_kinds(module, call(module, sample), outputs, "auto", ["logits"])
+    assert kinds == ["logits"]
+    assert next_token_outputs(loaded, kinds, outputs, sample) == [next_token]
+    assert next_token_outputs(None, kinds, outputs, sample) == [False]  # a .pt2: not known
 
 
 def test_the_factorized_form_gives_no_hugging_face_folder(folders, tmp_path) -> None:

@@ -116,12 +116,50 @@ def test_fidelity_is_the_same_whatever_the_chunking(monkeypatch):
     output = reference + 0.3 * torch.randn(3, 50, 7)
     whole = FidelityMeter(["logits"])
     whole.add([output], [reference])
-    monkeypatch.setattr(outputs, "_VECTORS_PER_CHUNK", 16)
+    monkeypatch.setattr(outputs, "_VALUES_PER_CHUNK", 16)
     chunked = FidelityMeter(["logits"])
     chunked.add([output], [reference])
     a, b = whole.result()[0], chunked.result()[0]
     assert (a.top1_agreement, a.cosine) == pytest.approx((b.top1_agreement, b.cosine), rel=1e-12)
     assert a.relative_l2 == pytest.approx(b.relative_l2, rel=1e-12)
+
+
+def test_next_token_figures_count_text_followed_by_text_and_do_not_depend_on_chunking(
+        monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(2, 5, 7, generator=generator)
+    output = reference + 0.5 * torch.randn(2, 5, 7, generator=generator)
+    ids = torch.randint(0, 7, (2, 5), generator=generator)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])  # right padding: 4 + 2 next tokens
+    batch = {"input_ids": ids, "attention_mask": mask}
+    log_p = output[:, :-1].double().log_softmax(-1)
+    log_q = reference[:, :-1].double().log_softmax(-1)
+    kept = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    target = ids[:, 1:, None]
+    nll = -log_p.gather(2, target)[kept].mean()
+    reference_nll = -log_q.gather(2, target)[kept].mean()
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)[kept].mean()
+    agreement = (log_p.argmax(-1) == log_q.argmax(-1))[kept].double().mean()
+    results = []
+    for chunk in (1 << 21, 10):  # whole, then one or two positions at a time
+        monkeypatch.setattr(outputs, "_VALUES_PER_CHUNK", chunk)
+        meter = FidelityMeter(["logits", "embedding"], [True, False])
+        meter.add([output, reference[:, 0]], [reference, reference[:, 0]], batch)
+        results.append(meter.result())
+    for lm, embedding in results:
+        assert lm.next_tokens == 6
+        assert lm.perplexity == pytest.approx(float(nll.exp()), rel=1e-12)
+        assert lm.original_perplexity == pytest.approx(float(reference_nll.exp()), rel=1e-12)
+        assert lm.kl_divergence == pytest.approx(float(kl), rel=1e-12)
+        assert lm.next_token_agreement == pytest.approx(float(agreement))
+        assert lm.top1_agreement is not None  # per position, as for any logits
+        assert (embedding.perplexity, embedding.next_tokens) == (None, None)
+
+
+def test_next_token_logits_need_the_batch_they_came_from():
+    logits = torch.zeros(1, 3, 4)
+    with pytest.raises(ValueError, match="input_ids and attention_mask"):
+        FidelityMeter(["logits"], [True]).add([logits], [logits])
 
 
 def test_a_loss_map_may_name_outputs_by_their_onnx_names():

@@ -46,9 +46,10 @@ def bert_config(**extra):
 
 
 def save_checkpoint(kind: str, folder: Path) -> Path:
-    """Save a tiny `kind` checkpoint (sentence, classifier, llama, gpt2) with a tokenizer in
-    `folder`."""
+    """Save a tiny `kind` checkpoint (sentence, classifier, masked, llama, gpt2) with a
+    tokenizer in `folder`."""
     from transformers import (
+        BertForMaskedLM,
         BertForSequenceClassification,
         BertModel,
         GPT2Config,
@@ -63,6 +64,8 @@ def save_checkpoint(kind: str, folder: Path) -> Path:
         model = BertModel(bert_config(), add_pooling_layer=False)
     elif kind == "classifier":
         model = BertForSequenceClassification(bert_config(num_labels=3))
+    elif kind == "masked":  # sequence logits over the vocabulary, as a causal LM's, not causal
+        model = BertForMaskedLM(bert_config())
     elif kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(
             vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
