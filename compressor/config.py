@@ -154,6 +154,11 @@ class ExportConfig(_Strict):
         default=None,
         description="int8: quantize the exported weights to int8 (onnxruntime dynamic "
         "quantization, per channel), on either form")
+    int8_smoothing: float | None = Field(
+        default=0.5, ge=0, le=1,
+        description="with quantize: move the activations' outlier channels into the weights "
+        "before int8 (SmoothQuant's α: each MatMul input channel divided by max|x|^α / "
+        "max|w|^(1-α), the weight's column multiplied by it); null: quantize as is")
     quantized_tolerance: float = Field(
         default=0.3, gt=0, le=1,
         description="with quantize: the largest relative L2 difference accepted between the "
@@ -266,6 +271,9 @@ class CompressionConfig(_Strict):
                                                    or self.export.form != "factorized"):
             raise ValueError("finetune.quantization_aware simulates the int8 compact form: set "
                              "export.quantize 'int8' and export.form 'factorized', or remove it")
+        if self.finetune.quantization_aware and self.export.int8_smoothing is not None:
+            raise ValueError("finetune.quantization_aware simulates int8 without smoothing: set "
+                             "export.int8_smoothing null, or remove it")
         return self
 
     @classmethod

@@ -27,6 +27,7 @@ from compressor.errors import ExportError
 from compressor.export import huggingface
 from compressor.export.onnx import export_onnx, move_onnx, onnx_bytes
 from compressor.export.quantize import quantize_int8, verify_quantized
+from compressor.export.smoothing import smoothed_for_int8
 from compressor.export.verify import (
     TorchOutputs,
     onnx_session,
@@ -43,6 +44,11 @@ from compressor.runtime.context import JobContext
 from compressor.runtime.costs import count_flops, count_parameters
 from compressor.runtime.outputs import FidelityMeter, OutputFidelity
 from compressor.vocabulary import EXPORTING, HF_ARTIFACT, ONNX_ARTIFACT, VERIFYING
+
+# Training samples int8 smoothing measures each MatMul input's channels on, at most, and how
+# many at a time.
+SMOOTHING_SAMPLES = 64
+SMOOTHING_BATCH = 16
 
 
 @dataclass
@@ -107,6 +113,14 @@ def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportCo
             hf_folder = staging / "huggingface"
             huggingface.write_checkpoint(loaded.checkpoint.checkpoint, artifact_module, hf_folder)
             loaded.checkpoint = None  # the original transformers model is done with
+        source = model  # what int8 quantizes: the artifact, or its smoothed copy
+        if config.quantize == "int8" and config.int8_smoothing is not None:
+            job.control.report(EXPORTING, 0.8, "smoothing the activations for int8")
+            source = staging / "smoothed" / ONNX_ARTIFACT
+            source.parent.mkdir()
+            export_onnx(smoothed_for_int8(artifact_module, smoothing_batches(loaded),
+                                          config.int8_smoothing),
+                        sample, loaded.specs, source, config.opset)
         # onnxruntime, then the reloaded Hugging Face folder, get the memory these held
         del artifact_module
         gc.collect()
@@ -115,7 +129,7 @@ def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportCo
             job.control.report(EXPORTING, 0.9, "quantizing to int8")
             quantized = staging / "int8" / ONNX_ARTIFACT
             quantized.parent.mkdir()
-            quantize_int8(model, quantized)
+            quantize_int8(source, quantized)
     return ExportedJob(model, original, quantized, hf_folder, staging / HF_ARTIFACT, reference,
                        sizes)
 
@@ -196,6 +210,14 @@ def int8_baseline(original: Path, held_out: HeldOut, kinds: list[str],
     except ExportError as exc:
         return Baseline(None, None, None, exc.message)
     return Baseline(model, onnx_bytes(model), onnx_fidelity(model, held_out, kinds, next_token))
+
+
+def smoothing_batches(loaded: LoadedJob) -> list[dict[str, torch.Tensor]]:
+    """Return the training samples int8 smoothing measures activations on: at most
+    `SMOOTHING_SAMPLES`, `SMOOTHING_BATCH` at a time."""
+    count = min(SMOOTHING_SAMPLES, len(loaded.train))
+    return [loaded.train.take(torch.arange(start, min(start + SMOOTHING_BATCH, count)))
+            for start in range(0, count, SMOOTHING_BATCH)]
 
 
 def materialized(student: fx.GraphModule, teacher: fx.GraphModule, plan: Plan,

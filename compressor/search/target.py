@@ -36,7 +36,8 @@ from compressor.config import CompressionConfig, ExportConfig, TargetConfig
 from compressor.errors import ConfigError, TargetNotMetError
 from compressor.export.onnx import export_onnx, onnx_bytes
 from compressor.export.quantize import quantize_int8
-from compressor.export.stage import materialized, onnx_fidelity
+from compressor.export.smoothing import smoothed_for_int8
+from compressor.export.stage import materialized, onnx_fidelity, smoothing_batches
 from compressor.finetune.loop import HeldOut
 from compressor.finetune.stage import EVAL_BATCH, TrainedJob, fidelity, finetune
 from compressor.load.stage import LoadedJob
@@ -132,8 +133,8 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
         planned = PlannedJob(candidate.plan, dict(stats))
         student = rewrite(loaded, planned, config.finetune.grad_reduction, job)
         # an int8 candidate learns through the int8 arithmetic it will run in
-        through_int8 = config.finetune.model_copy(
-            update={"quantization_aware": candidate.quantize == "int8"})
+        through_int8 = config.finetune.model_copy(update={"quantization_aware": (
+            candidate.quantize == "int8" and config.export.int8_smoothing is None)})
         trained = finetune(loaded, candidate.plan, student, through_int8, job)
         del student
         if candidate.quantize is None:
@@ -321,7 +322,7 @@ class _Scout:
                            ) -> tuple[dict[str, dict[str, Any]], int]:
         """Export `student`'s compact form, quantize it to int8 and score it in onnxruntime;
         return its fidelity and its bytes. The student is left as it was."""
-        with self._exported(student, plan) as exported:
+        with self._exported(student, plan, smoothed=True) as exported:
             quantized = exported.parent / "int8" / ONNX_ARTIFACT
             quantized.parent.mkdir()
             quantize_int8(exported, quantized)
@@ -334,9 +335,14 @@ class _Scout:
             return onnx_bytes(exported)
 
     @contextlib.contextmanager
-    def _exported(self, student: fx.GraphModule, plan: Plan) -> Iterator[Path]:
-        """Export `student`'s compact form into a scratch folder, removed after."""
+    def _exported(self, student: fx.GraphModule, plan: Plan,
+                  smoothed: bool = False) -> Iterator[Path]:
+        """Export `student`'s compact form (`smoothed`: as int8 will quantize it, see
+        `export.int8_smoothing`) into a scratch folder, removed after."""
         module = materialized(student, self.loaded.teacher, plan, "factorized")
+        alpha = self.config.export.int8_smoothing
+        if smoothed and alpha is not None:
+            module = smoothed_for_int8(module, smoothing_batches(self.loaded), alpha)
         held_out = self.loaded.held_out
         sample = held_out.take(torch.arange(min(2, len(held_out))))
         scratch = Path(tempfile.mkdtemp(prefix=".target-", dir=self.workdir))

@@ -105,7 +105,7 @@ def test_the_compact_form_trains_the_students_own_theta(tmp_path):
 def test_a_ratio_job_fine_tunes_through_int8_when_asked(tmp_path):
     pt2 = make_pt2("text", tmp_path / "text.pt2")
     config = {**FACTORIZED, "export": {"form": "factorized", "quantize": "int8",
-                                       "latency_seconds": 0},
+                                       "int8_smoothing": None, "latency_seconds": 0},
               "finetune": {"steps": 6, "eval_every": 3, "quantization_aware": True},
               "data": {"synthetic_samples": 64}}
     result = compressor.compress(pt2, config, out_dir=tmp_path / "out")
@@ -120,6 +120,8 @@ def test_a_ratio_job_fine_tunes_through_int8_when_asked(tmp_path):
     ({"finetune": {"quantization_aware": True}, "export": {"quantize": "int8"}},
      "export.form 'factorized'"),
     ({"finetune": {"quantization_aware": True}, "target": {}}, "target mode fine-tunes"),
+    ({"finetune": {"quantization_aware": True},
+      "export": {"quantize": "int8", "form": "factorized"}}, "export.int8_smoothing null"),
 ])
 def test_quantization_aware_fine_tuning_needs_an_int8_compact_export(config, message):
     with pytest.raises(ConfigError, match=message):

@@ -41,6 +41,9 @@ class LowRankWeight(nn.Module):
 class LowRankLinear(nn.Module):
     """Compute a Linear layer as two matmuls: x Bᵀ, then (·) Aᵀ + bias."""
 
+    # The weight its first matmul applies to its input (`compressor.export.smoothing`).
+    int8_input_weight = "B"
+
     def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.A = nn.Parameter(A.detach(), requires_grad=False)
