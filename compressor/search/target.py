@@ -307,7 +307,8 @@ class _Scout:
 
     def _float(self, fraction: float, plan: Plan) -> Candidate:
         student = self._student(plan)
-        scored = _fidelity_dict(fidelity(student, self.held_out, self.loaded.kinds)[0],
+        scored = _fidelity_dict(fidelity(student, self.held_out, self.loaded.kinds,
+                                         self.loaded.next_token)[0],
                                 self.loaded.output_names)
         parameters = self._parameters(plan)
         return Candidate(fraction, None, parameters, 4 * parameters, scored,
@@ -326,7 +327,8 @@ class _Scout:
             quantized = exported.parent / "int8" / ONNX_ARTIFACT
             quantized.parent.mkdir()
             quantize_int8(exported, quantized)
-            scored = onnx_fidelity(quantized, self.held_out, self.loaded.kinds)
+            scored = onnx_fidelity(quantized, self.held_out, self.loaded.kinds,
+                                   self.loaded.next_token)
             return _fidelity_dict(scored, self.loaded.output_names), onnx_bytes(quantized)
 
     def exported_bytes(self, student: fx.GraphModule, plan: Plan) -> int:
