@@ -157,8 +157,8 @@ class ExportConfig(_Strict):
     int8_smoothing: float | None = Field(
         default=0.5, ge=0, le=1,
         description="with quantize: move the activations' outlier channels into the weights "
-        "before int8 (SmoothQuant's α: each MatMul input channel divided by max|x|^α / "
-        "max|w|^(1-α), the weight's column multiplied by it); null: quantize as is")
+        "before int8 (each MatMul input channel divided by (max|x| / the median channel's)^α, "
+        "the weight's column multiplied by it); null: quantize as is")
     quantized_tolerance: float = Field(
         default=0.3, gt=0, le=1,
         description="with quantize: the largest relative L2 difference accepted between the "
