@@ -59,16 +59,18 @@ def smoothed_for_int8(module: fx.GraphModule, batches: Iterable[dict[str, torch.
     its factors measured on `batches`; `module` is left as it was."""
     clone = shallow_copy(module)
     uses = _uses_by_input(clone)
-    if not uses:
+    batches = list(batches)
+    if not uses or not batches:
         return clone
-    ranges = _input_ranges(clone, uses.keys(), batches)
+    ranges, dtypes = _input_ranges(clone, uses.keys(), batches)
+    order = {node: index for index, node in enumerate(clone.graph.nodes)}
     for index, (source, readers) in enumerate(uses.items()):
         scale = _scale(ranges[source], alpha)
         for use in readers:
             use.scale_(scale)
         name = f"int8_smoothing_{index}"
-        clone.register_buffer(name, (1.0 / scale).to(torch.float32))
-        first = min(readers, key=lambda use: _position(clone.graph, use.node)).node
+        clone.register_buffer(name, (1.0 / scale).to(dtypes[source]))
+        first = min(readers, key=lambda use: order[use.node]).node
         with clone.graph.inserting_before(first):
             divisor = clone.graph.get_attr(name)
             smoothed = clone.graph.call_function(torch.ops.aten.mul.Tensor, (source, divisor))
@@ -126,27 +128,27 @@ def _use(module: fx.GraphModule, node: fx.Node) -> _Use | None:
     return None
 
 
-def _position(graph: fx.Graph, node: fx.Node) -> int:
-    return next(i for i, n in enumerate(graph.nodes) if n is node)
-
-
 def _input_ranges(module: fx.GraphModule, sources: Iterable[fx.Node],
-                  batches: Iterable[dict[str, torch.Tensor]]) -> dict[fx.Node, torch.Tensor]:
-    """Return each source activation's largest magnitude per channel (its last dimension)."""
+                  batches: Iterable[dict[str, torch.Tensor]],
+                  ) -> tuple[dict[fx.Node, torch.Tensor], dict[fx.Node, torch.dtype]]:
+    """Return each source activation's largest magnitude per channel (its last dimension),
+    and its dtype."""
     wanted = set(sources)
     ranges: dict[fx.Node, torch.Tensor] = {}
+    dtypes: dict[fx.Node, torch.dtype] = {}
     with torch.no_grad():
         for batch in batches:
             stepper = GraphStepper(module, batch)
             for node in stepper.nodes():
                 stepper.step(node)
                 if node in wanted:
+                    dtypes[node] = stepper.value(node).dtype
                     value = stepper.value(node).detach().float()
                     most = value.abs().reshape(-1, value.shape[-1]).amax(dim=0)
                     ranges[node] = most if node not in ranges else torch.maximum(ranges[node],
                                                                                  most)
             stepper.clear()
-    return ranges
+    return ranges, dtypes
 
 
 def _scale(activation: torch.Tensor, alpha: float) -> torch.Tensor:
