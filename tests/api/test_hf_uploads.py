@@ -76,7 +76,7 @@ def test_a_zipped_checkpoint_with_text_gives_a_downloadable_hugging_face_folder(
     assert job["status"] == "succeeded", job["error"]
     assert [a["name"] for a in job["artifacts"]] == ["model.onnx", "report.json", "job.log",
                                                       "model-hf.zip"]
-    assert job["report"]["data"]["source"] == "data.txt"
+    assert job["report"]["data"]["source"] == "lines.txt"  # the name it was sent as
     download = client.get(f"/v1/jobs/{job['id']}/artifacts/model-hf.zip")
     assert download.status_code == 200
     assert download.headers["etag"] == f'"{hashlib.sha256(download.content).hexdigest()}"'

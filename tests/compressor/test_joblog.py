@@ -33,6 +33,10 @@ def test_library_noise_in_a_job_goes_to_its_log_not_the_terminal(tmp_path: Path,
 
     shown: list[str] = []  # what the terminal would show
     monkeypatch.setattr(warnings, "showwarning", lambda message, *args: shown.append(str(message)))
+    # another test (or a job's loading) may have quieted transformers' logger
+    monkeypatch.setattr(logging.getLogger("transformers"), "level", logging.WARNING)
+    monkeypatch.setattr(logging.getLogger("transformers.modeling_utils"), "level",
+                        logging.NOTSET)
     log = JobLog(tmp_path / "job.log")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
