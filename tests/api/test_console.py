@@ -233,6 +233,19 @@ HF_LAYERS = [f"model.encoder.layer.{i}.attention.self.{part}" for i in range(2)
              for part in ("query", "key", "value")]
 
 
+def open_faked_job(browser, server: ServerProcess, job: dict):  # noqa: ANN001, ANN201
+    """Return a page showing `job` (plain data, as the API gives it) from a route that answers
+    in the API's place, with a one-line job.log."""
+    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    page.route(f"**/v1/jobs/{job['id']}", lambda route: route.fulfill(json=job))
+    page.route(f"**/v1/jobs/{job['id']}/artifacts/job.log",
+               lambda route: route.fulfill(body="[12:00:10] loading\n"))
+    page.goto(server.client.base_url.join("/").__str__())
+    use_key(page, ALICE)
+    page.goto(f"{server.client.base_url}/#/jobs/{job['id']}")
+    return page
+
+
 def finished_hf_job(job_id: str) -> dict:
     """Return a succeeded job as the API answers it, shaped like a small BERT's: long layer
     names, a dense layer, a loss that stays within 0.0012..0.0021, fidelity with its kind."""
@@ -276,14 +289,8 @@ def test_a_real_models_page_reads_cleanly_at_any_width(
 
     job_id = "0" * 32
     job = finished_hf_job(job_id)
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.route(f"**/v1/jobs/{job_id}", lambda route: route.fulfill(json=job))
-    page.route(f"**/v1/jobs/{job_id}/artifacts/job.log",
-               lambda route: route.fulfill(body="[12:00:10] loading\n"))
-    page.goto(server.client.base_url.join("/").__str__())
-    use_key(page, ALICE)
-    page.goto(f"{server.client.base_url}/#/jobs/{job_id}")
+    page = open_faked_job(browser, server, job)
+    context = page.context
     expect(page.locator("#plot-layers")).to_be_visible()
 
     # The loss axis and the hover legend: labels that differ wherever the values do.
@@ -349,13 +356,7 @@ def test_a_language_models_page_shows_perplexity_on_a_scale_of_its_own(
     job["report"]["fidelity"] = {"initialization": {"logits": {**lm, "perplexity": 181.8}},
                                  "final": {"logits": lm},
                                  "artifact": {"logits": {**lm, "perplexity": 30.61}}}
-    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-    page.route(f"**/v1/jobs/{job_id}", lambda route: route.fulfill(json=job))
-    page.route(f"**/v1/jobs/{job_id}/artifacts/job.log",
-               lambda route: route.fulfill(body="[12:00:10] loading\n"))
-    page.goto(server.client.base_url.join("/").__str__())
-    use_key(page, ALICE)
-    page.goto(f"{server.client.base_url}/#/jobs/{job_id}")
+    page = open_faked_job(browser, server, job)
     perplexity = page.locator("#plot-perplexity")
     expect(perplexity).to_contain_text("27.4")
     expect(perplexity).to_contain_text("181.8 → 30.52")
