@@ -12,6 +12,7 @@ plan, the student, the trained student, the exported files, the parity figures.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,9 @@ from compressor.rewrite.stage import rewrite
 from compressor.runtime.context import JobContext
 from compressor.runtime.failures import known_failure
 from compressor.runtime.joblog import JobLog
+from compressor.runtime.memory import format_bytes
 from compressor.runtime.progress import JobControl, ProgressCallback, StopCheck
+from compressor.runtime.resume import RESUME_FOLDER, ResumeFolder
 from compressor.search.target import search
 from compressor.vocabulary import JOB_LOG_ARTIFACT
 
@@ -64,8 +67,10 @@ def compress(
     control = JobControl(progress, should_stop, config.timeout_s)
     try:
         with log.capture_library_output():  # torch's and transformers' own noise: to job.log
-            return _run(Path(model), config, out_dir, None if data is None else Path(data),
-                        control, log)
+            result = _run(Path(model), config, out_dir, None if data is None else Path(data),
+                          control, log)
+        shutil.rmtree(out_dir / RESUME_FOLDER, ignore_errors=True)  # done: nothing to resume
+        return result
     except CompressorError as exc:
         log.info(f"failed ({exc.code}): {exc.message}")
         raise
@@ -84,8 +89,12 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
          control: JobControl, log: JobLog) -> Result:
     torch.manual_seed(config.finetune.seed)
     log.info(f"config: {config.to_json()}")
+    resume = ResumeFolder(out_dir / RESUME_FOLDER, model, data, config.to_dict())
+    if resume.path.is_dir():
+        log.info(f"{RESUME_FOLDER}/ holds {format_bytes(resume.size_bytes())} kept by an earlier "
+                 "try of this job: each product is used only if it checks (inputs, digests)")
     loaded = load(model, data, config, out_dir, control, log)
-    job = JobContext(loaded.costs, control, log)
+    job = JobContext(loaded.costs, control, log, resume)
     calibrated = calibrate_layers(loaded, config, job)
     if config.target is None:
         planned = plan(loaded, calibrated, config, job)

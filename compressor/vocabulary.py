@@ -103,6 +103,9 @@ REPORT_ARTIFACT = "report.json"
 JOB_LOG_ARTIFACT = "job.log"
 ARTIFACT_NAMES = (ONNX_ARTIFACT, ONNX_DATA_ARTIFACT, REPORT_ARTIFACT, JOB_LOG_ARTIFACT,
                   HF_ARTIFACT)
+# The folder, beside the artifacts, where a job keeps its products for a retry to resume from
+# (`compressor.runtime.resume`); deleted when the job is over.
+RESUME_FOLDER = "resume"
 
 
 def sha256_of(path: Path, chunk_size: int = 1 << 20) -> str:

@@ -2,7 +2,8 @@
 
 Uploads stream in chunks into a hidden temporary file that is renamed into place only when
 complete, so a reader never sees half a file; the core writes artifacts to `out/` the same way.
-Deleting a job deletes its directory.
+Deleting a job deletes its directory. What a try keeps for the next one (`out/resume/`, see
+`compressor.runtime.resume`) survives a retry and is deleted once the job is over.
 
 An input is kept under its fixed name (`inputs/model.pt2`) and, when the client named its file,
 also reached through a link named as the client sent it (`inputs/sent/model.pt2/pickled.pt2`):
@@ -17,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from compressor.vocabulary import ARTIFACT_NAMES, sha256_of
+from compressor.vocabulary import ARTIFACT_NAMES, RESUME_FOLDER, sha256_of
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 # model.pt2 holds the model upload: a .pt2 program, or a Hugging Face checkpoint archive
@@ -91,11 +92,23 @@ class JobFolders:
         return path
 
     def fresh_out_dir(self, job_id: str) -> Path:
-        """Return an empty artifact directory for a new attempt (a retry starts clean)."""
+        """Return the artifact directory for a new attempt, emptied of all but the products
+        earlier attempts kept for a retry (`out/resume/`): a retry starts clean, and resumes
+        from what the core finds there and trusts."""
         path = self.job_dir(job_id) / "out"
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
+        path.mkdir(parents=True, exist_ok=True)
+        for entry in path.iterdir():
+            if entry.name == RESUME_FOLDER:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
         return path
+
+    def delete_kept_products(self, job_id: str) -> None:
+        """Delete what the job kept for a retry (it will not run again)."""
+        shutil.rmtree(self.job_dir(job_id) / "out" / RESUME_FOLDER, ignore_errors=True)
 
     def open_upload(self, job_id: str, name: str, sent_as: str = "") -> UploadSink:
         """Start receiving the input `name` of a job, which the client sent as `sent_as`."""

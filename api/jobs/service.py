@@ -157,16 +157,22 @@ def find_job(store: JobDatabase, job_id: str, tenant: str) -> JobRecord:
     return job
 
 
-def cancel_job(store: JobDatabase, job: JobRecord) -> JobRecord:
-    """Cancel a queued job now, or ask a running one to stop; return it as it is afterwards."""
+def cancel_job(services: Services, job: JobRecord) -> JobRecord:
+    """Cancel a queued job now, or ask a running one to stop; return it as it is afterwards.
+
+    A queued job cancelled may be a retry: what its earlier tries kept for it is deleted (a
+    running one's worker deletes it when the job stops).
+    """
     if job.is_finished:
         raise JobAlreadyFinished(job)
     with _reaching("job store"):
-        updated = store.request_cancel(job.id)
+        updated = services.store.request_cancel(job.id)
     if updated is None:
         raise JobNotFound(job.id)
     if updated.is_finished and updated.status != CANCELLED:  # it finished in the meantime
         raise JobAlreadyFinished(updated)
+    if updated.status == CANCELLED:
+        services.files.delete_kept_products(job.id)
     return updated
 
 

@@ -84,6 +84,8 @@ class BackgroundWork:
             log.warning("job %s: %s -> %s", reaped.id, reaped.reason, reaped.status)
             if reaped.status == QUEUED:
                 self.services.metrics.count_requeued("lease_expired")
+            else:  # over: what its tries kept for a retry goes
+                self.services.files.delete_kept_products(reaped.id)
 
     def sweep_once(self) -> None:
         """Re-enqueue queued jobs that have no queue message (see `JobDatabase.requeue_lost`)."""

@@ -274,6 +274,7 @@ class JobRunner:
             job.id, running.worker_id, status, error=error, report=report, artifacts=artifacts
         ):
             self.files.delete_inputs(job.id)
+            self.files.delete_kept_products(job.id)
             self.metrics.count_finished(status)
             log.info("job %s: %s%s", job.id, status, f" ({error['code']})" if error else "")
         elif self.store.get(job.id) is None:

@@ -13,6 +13,7 @@ from torch import fx, nn
 
 from compressor.config import FinetuneConfig
 from compressor.errors import ConfigError
+from compressor.finetune.checkpoints import FinetuneCheckpoints
 from compressor.finetune.loop import Distillation, FinetuneSummary, finetune_
 from compressor.plan.planning import Plan
 from compressor.runtime.progress import JobControl
@@ -20,17 +21,20 @@ from compressor.runtime.progress import JobControl
 
 def finetune_on_device_(student: fx.GraphModule, plan: Plan, lesson: Distillation,
                         config: FinetuneConfig, control: JobControl,
-                        initial_score: float) -> FinetuneSummary:
+                        initial_score: float,
+                        checkpoints: FinetuneCheckpoints | None = None) -> FinetuneSummary:
     """Fine-tune `student` in place, on CUDA when `config.device` picks it (θ is copied there
-    and back). `initial_score` is the student's held-out score before fine-tuning."""
+    and back). `initial_score` is the student's held-out score before fine-tuning;
+    `checkpoints`, where the run keeps its checkpoints (None: nowhere)."""
     device = resolve_device(config.device)
     if device.type == "cpu":
-        return finetune_(student, plan, lesson, config, control, device, initial_score)
+        return finetune_(student, plan, lesson, config, control, device, initial_score,
+                         checkpoints)
     teacher_on_device, student_on_device = on_device(lesson.teacher, student, device)
     on_device_lesson = Distillation(teacher_on_device, lesson.kinds, lesson.train,
                                     lesson.held_out.to(device))
     summary = finetune_(student_on_device, plan, on_device_lesson, config, control, device,
-                        initial_score)
+                        initial_score, checkpoints)
     copy_back_(student, lesson.teacher, student_on_device)
     return summary
 

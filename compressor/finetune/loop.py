@@ -25,6 +25,7 @@ from compressor.finetune.activation_checkpointing import (
     saved_activation_bytes,
     wanted,
 )
+from compressor.finetune.checkpoints import FinetuneCheckpoints, TrainingState
 from compressor.finetune.quantization_aware import quantization_aware
 from compressor.load.data import Dataset
 from compressor.plan.planning import Plan
@@ -73,6 +74,8 @@ class FinetuneSummary:
     # Whether θ trained through onnxruntime's int8 arithmetic, simulated (the losses and
     # held-out scores are then the simulated int8 model's).
     quantization_aware: bool = False
+    # The step a kept checkpoint let this run go on after (None: it started from step 1).
+    resumed_at_step: int | None = None
 
 
 @dataclass
@@ -265,7 +268,8 @@ def _step_activation_bytes(forward: Callable[[dict], list[torch.Tensor]], studen
 
 def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: FinetuneConfig,
               control: JobControl, device: torch.device = _CPU,
-              initial_score: float | None = None) -> FinetuneSummary:
+              initial_score: float | None = None,
+              checkpoints: FinetuneCheckpoints | None = None) -> FinetuneSummary:
     """Distill `lesson.teacher` into the parametrized `student` in place; keep the best θ seen.
 
     With `config.quantization_aware`, the student's compact form trains (and is scored) under
@@ -277,6 +281,10 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
     high for this model), θ goes back to the best state and the learning rate is halved.
     `initial_score` may give the student's held-out score as it is (`held_out_score`),
     computed elsewhere.
+
+    With `checkpoints`, the run's whole state is kept every `checkpoint_every` steps or
+    `checkpoint_minutes` (and when it ends), and a run that finds a checkpoint made for the
+    same inputs goes on from it: same θ at the end as a run never stopped.
     """
     teacher, train, kinds, held_out = lesson.teacher, lesson.train, lesson.kinds, lesson.held_out
     if config.quantization_aware:  # θ trains through int8 as onnxruntime will compute it
@@ -305,9 +313,19 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
     schedule = _schedule(config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_scale * schedule(s))
     generator = torch.Generator().manual_seed(config.seed)
+    resumed = None if checkpoints is None else checkpoints.load(params)
+    step = 0  # the last step taken
+    if resumed is not None:
+        best_state = resumed.restore_(params, optimizer, scheduler, generator, device)
+        best, lr_scale, step = resumed.best, resumed.lr_scale, resumed.step
+        summary.best_step, summary.history = resumed.best_step, resumed.history
+        summary.resumed_at_step = step
+        checkpoints.log(_resumed_message(resumed, config.steps))
+        control.report("finetuning", step / config.steps, f"resumed at step {step}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    started = time.monotonic()
-    for step in range(1, config.steps + 1):
+    started, first = time.monotonic(), step + 1
+    for step in range(first, config.steps + 1 if resumed is None or not resumed.finished
+                      else first):
         index = torch.randint(0, len(train), (min(config.batch_size, len(train)),),
                               generator=generator)
         batch = _to(train.take(index), device)
@@ -344,12 +362,32 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
                 lr_scale /= 2
                 entry["backoff"] = f"rolled back to step {summary.best_step}, lr × {lr_scale:g}"
             summary.history.append(entry)
-        left = time_left(time.monotonic() - started, step, config.steps)
+        if checkpoints is not None and step < config.steps and checkpoints.due(step):
+            checkpoints.save(TrainingState.capture(
+                step=step, finished=False, params=params, best_theta=best_state, best=best,
+                best_step=summary.best_step, lr_scale=lr_scale, history=summary.history,
+                optimizer=optimizer, sampler=generator, device=device))
+        left = time_left(time.monotonic() - started, step - first + 1, config.steps - first + 1)
         control.report("finetuning", step / config.steps, f"step {step}/{config.steps}{left}",
                        loss_value)
+    if checkpoints is not None and (resumed is None or not resumed.finished):
+        checkpoints.save(TrainingState.capture(  # a retry interrupted later skips training
+            step=step, finished=True, params=params, best_theta=best_state, best=best,
+            best_step=summary.best_step, lr_scale=lr_scale, history=summary.history,
+            optimizer=optimizer, sampler=generator, device=device))
     _restore(params, best_state)
     summary.best_score = best
     return summary
+
+
+def _resumed_message(state: TrainingState, steps: int) -> str:
+    reused = (f"θ, AdamW's state, the best θ (step {state.best_step}), the learning-rate "
+              "back-off, the random states and the held-out history")
+    if state.finished:
+        return (f"fine-tuning: a finished run was kept (step {state.step} of {steps}); reused "
+                f"{reused}: no step is taken again")
+    return (f"fine-tuning: resumed after step {state.step} of {steps} from its checkpoint; "
+            f"reused {reused}")
 
 
 def time_left(elapsed_s: float, done: int, total: int) -> str:

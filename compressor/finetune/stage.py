@@ -3,7 +3,9 @@
 The original's outputs on the held-out split are computed once (`HeldOut`); the student is
 scored on them before and after fine-tuning (fidelity per output, and the held-out
 distillation loss fine-tuning keeps its best θ by), and each trained layer against the
-original's (`report.figures.layer_errors`).
+original's (`report.figures.layer_errors`). A job that keeps products for a retry
+(`JobContext.resume`) keeps fine-tuning checkpoints, and goes on from one it finds
+(`compressor.finetune.checkpoints`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch import fx
 
 from compressor.config import FinetuneConfig
+from compressor.finetune.checkpoints import FinetuneCheckpoints
 from compressor.finetune.device import finetune_on_device_
 from compressor.finetune.layer_errors import layer_errors
 from compressor.finetune.loop import Distillation, FinetuneSummary, HeldOut, held_out_score
@@ -56,7 +59,10 @@ def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: Fin
         held_out = HeldOut.of(loaded.teacher, loaded.held_out, batch_size)
         initial, initial_score = fidelity(student, held_out, loaded.kinds, loaded.next_token)
         lesson = Distillation(loaded.teacher, loaded.kinds, loaded.train, held_out)
-        summary = finetune_on_device_(student, plan, lesson, config, job.control, initial_score)
+        checkpoints = None if job.resume is None else FinetuneCheckpoints.for_run(
+            job.resume, plan, config, job.log.info)
+        summary = finetune_on_device_(student, plan, lesson, config, job.control, initial_score,
+                                      checkpoints)
         if summary.skipped is not None:
             job.log.info(summary.skipped)
         blocks = ", blocks checkpointed" if summary.activation_checkpointing else ""

@@ -7,12 +7,14 @@ from dataclasses import dataclass, field
 from compressor.runtime.costs import SampleCosts
 from compressor.runtime.joblog import JobLog
 from compressor.runtime.progress import JobControl
+from compressor.runtime.resume import ResumeFolder
 
 
 @dataclass
 class JobContext:
     """One job's progress reporting and stopping (`control`), its log, and what one sample of
-    its model costs (`costs`, which sizes every stage's batches).
+    its model costs (`costs`, which sizes every stage's batches), and where it keeps its
+    products for a retry (`resume`; None: it keeps none).
 
     A library call that wants none of the reporting makes one with `JobContext.quiet(costs)`:
     a control that never stops the job and a log that writes no file.
@@ -21,6 +23,7 @@ class JobContext:
     costs: SampleCosts
     control: JobControl = field(default_factory=JobControl)
     log: JobLog = field(default_factory=lambda: JobLog(None))
+    resume: ResumeFolder | None = None
 
     @classmethod
     def quiet(cls, costs: SampleCosts) -> JobContext:

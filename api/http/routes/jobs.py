@@ -124,9 +124,9 @@ async def read_job(job: JobDep) -> JobPublic:
     responses=error_responses(404, 409),
     summary="Cancel a job",
 )
-def cancel_job(job: JobDep, store: StoreDep) -> JobPublic:
+def cancel_job(job: JobDep, services: ServicesDep) -> JobPublic:
     """Cancel a queued job now, or ask a running one to stop (it does within seconds)."""
-    return JobPublic.from_record(service.cancel_job(store, job))
+    return JobPublic.from_record(service.cancel_job(services, job))
 
 
 @router.delete(
