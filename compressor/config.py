@@ -35,6 +35,8 @@ from compressor.methods import (
 from compressor.vocabulary import describe_validation_error
 
 CONFIG_VERSION = 2
+# The kept fraction of a job that sizes itself without giving `ratio` (see `with_mode_chosen`).
+RATIO_WITHOUT_TARGET = 0.5
 
 
 class _Strict(BaseModel):
@@ -141,6 +143,13 @@ class FinetuneConfig(_Strict):
         "fidelity int8 costs; needs export.quantize 'int8' and export.form 'factorized'. Target "
         "mode does this for its int8 candidates itself")
     seed: int = Field(default=0, ge=0, description="seeds data splits, sampling and batches")
+    checkpoint_every: int = Field(
+        default=100, ge=0,
+        description="steps between fine-tuning checkpoints kept in the job's folder (resume/), "
+        "from which a retried job goes on; 0: keep none")
+    checkpoint_minutes: float = Field(
+        default=10, gt=0,
+        description="a checkpoint is also written when this many minutes passed since the last")
 
 
 class ExportConfig(_Strict):
@@ -162,7 +171,8 @@ class ExportConfig(_Strict):
     quantized_tolerance: float = Field(
         default=0.3, gt=0, le=1,
         description="with quantize: the largest relative L2 difference accepted between the "
-        "int8 model and the compressed PyTorch model, per output")
+        "int8 model and the compressed PyTorch model, per output (target mode judges its int8 "
+        "model by the target's floors instead)")
     opset: int = Field(default=18, ge=18, le=23, description="ONNX opset version")
     atol: float = Field(default=1e-4, gt=0,
                         description="onnxruntime vs PyTorch: absolute tolerance")
@@ -213,6 +223,22 @@ class TargetConfig(_Strict):
         return {"top1_agreement": self.top1_agreement, "cosine": self.cosine,
                 "relative_l2": self.relative_l2}
 
+    def margin(self, figures: dict[str, Any]) -> float:
+        """How far above its floor one output's fidelity figures are (negative: below it;
+        an output of a kind without a floor: inf)."""
+        kind = figures["kind"]
+        if kind == "logits":
+            return figures["top1_agreement"] - self.top1_agreement
+        if kind == "embedding":
+            return figures["cosine"] - self.cosine
+        if kind == "regression":
+            return self.relative_l2 - figures["relative_l2"]
+        return float("inf")
+
+    def met_by(self, fidelity: dict[str, dict[str, Any]]) -> bool:
+        """Whether every output's figures (by output name) keep their kind's floor."""
+        return all(self.margin(figures) >= 0 for figures in fidelity.values())
+
 
 class CompressionConfig(_Strict):
     """One compression job."""
@@ -225,14 +251,19 @@ class CompressionConfig(_Strict):
         examples=["lowrank", {"name": "tie_rows", "init": "kmeans"}],
         description="compression method (and its options) for every targeted layer")
     ratio: float = Field(
-        default=0.5, gt=0, le=1, description="fraction of the targeted layers' weights kept"
-    )
+        default=RATIO_WITHOUT_TARGET, gt=0, le=1,
+        description="fraction of the targeted layers' weights kept (an expert setting: giving "
+        "it turns target mode off unless `target` is given too)")
     target: TargetConfig | None = Field(
-        default=None, examples=[{}, {"cosine": 0.995}],
-        description="target mode instead of a ratio: the smallest model (lowrank, compact form, "
-        "int8 stacked where it pays) whose held-out fidelity meets every floor; `{}` uses the "
-        "default floors; `ratio` is then only where the sensitivities are measured and "
-        "export.form is chosen (factorized). null: compress to `ratio`")
+        default_factory=TargetConfig, examples=[{}, {"cosine": 0.995}, None],
+        description="target mode, the default: the smallest model (lowrank, compact form, int8 "
+        "stacked where it pays) whose held-out fidelity meets every floor; `{}` uses the "
+        "default floors; `ratio`, if given too, is then only where the sensitivities are "
+        "measured, and export.form is chosen (factorized). null: compress to `ratio`. When "
+        "`target` is not given, a config that sizes the job itself (`ratio`, `overrides`, a "
+        "method other than lowrank or lowrank's `rank`, `allocation` 'uniform', "
+        "`export.form`, `export.quantize`, `finetune.quantization_aware`, or a version-1 "
+        "config) compresses to `ratio` (0.5 unless given); any other runs target mode")
     layers: LayerSelection = Field(default_factory=LayerSelection)
     overrides: list[LayerOverride] = Field(default_factory=list)
     allocation: Literal["sensitivity", "uniform"] = Field(
@@ -250,8 +281,8 @@ class CompressionConfig(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _read_version_1(cls, data: Any) -> Any:
-        return upgrade_version_1(data)
+    def _read_version_1_and_choose_mode(cls, data: Any) -> Any:
+        return with_mode_chosen(upgrade_version_1(data), was_version_1=_is_version_1(data))
 
     @model_validator(mode="after")
     def _one_way_to_size(self) -> CompressionConfig:
@@ -302,9 +333,43 @@ class CompressionConfig(_Strict):
         return json.loads(self.to_json())
 
 
+def with_mode_chosen(data: Any, *, was_version_1: bool = False) -> Any:
+    """Return a config (plain data) with `target` stated: as given, or null when the config sizes
+    the job itself, or absent (target mode with the default floors) otherwise.
+
+    A config sizes the job itself when it gives `ratio`, `overrides`, a method other than
+    lowrank (or lowrank's `rank`), `allocation` 'uniform', `export.form`, `export.quantize` or
+    `finetune.quantization_aware`, or is a version-1 config: each is a choice target mode makes
+    for the user, so a config making it asks for what it says (`ratio` 0.5 unless given).
+    """
+    if not isinstance(data, dict) or "target" in data:
+        return data
+    if was_version_1 or _sizes_the_job(data):
+        return {**data, "target": None}
+    return data
+
+
+def _sizes_the_job(data: dict[str, Any]) -> bool:
+    method = data.get("method")
+    if isinstance(method, dict):
+        other_method = method.get("name") != "lowrank" or method.get("rank") is not None
+    else:
+        other_method = method is not None and method != "lowrank"
+    export = data.get("export") if isinstance(data.get("export"), dict) else {}
+    finetune = data.get("finetune") if isinstance(data.get("finetune"), dict) else {}
+    return ("ratio" in data or bool(data.get("overrides")) or other_method
+            or data.get("allocation") == "uniform" or "form" in export
+            or export.get("quantize") is not None
+            or bool(finetune.get("quantization_aware")))
+
+
 # Top-level fields of version 1 that became method options in version 2.
 _V1_FIELDS = ("init", "per_output_scale")
 _V1_SIZES = ("rank", "groups", "values")
+
+
+def _is_version_1(data: Any) -> bool:
+    return isinstance(data, dict) and upgrade_version_1(data) is not data
 
 
 def upgrade_version_1(data: Any) -> Any:

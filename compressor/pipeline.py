@@ -108,6 +108,6 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
     del calibrated
     with staging_folder(out_dir) as staging:
         exported = export_(loaded, planned.plan, trained, export_config, staging, job)
-        verified = verify(exported, trained, loaded, export_config, job)
+        verified = verify(exported, trained, loaded, export_config, job, config.target)
         return report(config, loaded, planned.plan, trained, exported, verified, found,
                       out_dir, job)

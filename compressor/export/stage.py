@@ -15,15 +15,15 @@ import contextlib
 import gc
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import fx
 
-from compressor.config import ExportConfig
-from compressor.errors import ExportError
+from compressor.config import ExportConfig, TargetConfig
+from compressor.errors import ExportError, VerificationError
 from compressor.export import huggingface
 from compressor.export.onnx import export_onnx, move_onnx, onnx_bytes
 from compressor.export.quantize import quantize_int8, verify_quantized
@@ -42,7 +42,7 @@ from compressor.plan.planning import Plan
 from compressor.rewrite.forms import factorize, materialize
 from compressor.runtime.context import JobContext
 from compressor.runtime.costs import count_flops, count_parameters
-from compressor.runtime.outputs import FidelityMeter, OutputFidelity
+from compressor.runtime.outputs import FidelityMeter, OutputFidelity, describe_fidelity
 from compressor.vocabulary import EXPORTING, HF_ARTIFACT, ONNX_ARTIFACT, VERIFYING
 
 # Training samples int8 smoothing measures each MatMul input's channels on, at most, and how
@@ -159,11 +159,14 @@ class Baseline:
 
 
 def verify(exported: ExportedJob, trained: TrainedJob, loaded: LoadedJob, config: ExportConfig,
-           job: JobContext) -> VerifiedJob:
+           job: JobContext, target: TargetConfig | None = None) -> VerifiedJob:
     """Return the onnxruntime parity figures, a quantized artifact's fidelity against the
     original, and the baseline's.
 
-    Raises `VerificationError` when onnxruntime and PyTorch disagree past the tolerance. Leaves
+    Raises `VerificationError` when onnxruntime and PyTorch disagree past the tolerance. In
+    target mode an int8 artifact is judged by its floors on the held-out split, not by
+    `quantized_tolerance` (the search chose it on its fidelity to the original, measured on
+    the same split): missing one raises too. Leaves
     the artifact to hand back at `exported.model` (the int8 form, when quantized), and drops
     the outputs it compared (`exported.torch_reference`, `trained.held_out`).
     """
@@ -180,8 +183,9 @@ def verify(exported: ExportedJob, trained: TrainedJob, loaded: LoadedJob, config
         artifact_fidelity = None
         if exported.quantized is not None:
             job.control.report(VERIFYING, 0.5, "checking the int8 model")
-            parity["quantized"] = verify_quantized(exported.quantized, exported.torch_reference,
-                                                   config.quantized_tolerance)
+            parity["quantized"] = verify_quantized(
+                exported.quantized, exported.torch_reference,
+                None if target is not None else config.quantized_tolerance)
             job.log.info(f"int8 against the compressed model: "
                          f"{parity['quantized']['relative_l2']}")
             move_onnx(exported.quantized, exported.model)
@@ -189,6 +193,8 @@ def verify(exported: ExportedJob, trained: TrainedJob, loaded: LoadedJob, config
             job.control.report(VERIFYING, 0.6, "scoring the artifact on the held-out split")
             artifact_fidelity = onnx_fidelity(exported.model, trained.held_out, loaded.kinds,
                                               loaded.next_token)
+            if target is not None:
+                _check_floors(artifact_fidelity, loaded.output_names, target)
         baseline = None
         if exported.original is not None:
             job.control.report(VERIFYING, 0.8, "scoring onnxruntime int8 of the original")
@@ -199,6 +205,15 @@ def verify(exported: ExportedJob, trained: TrainedJob, loaded: LoadedJob, config
     return VerifiedJob(parity, artifact_fidelity, baseline)
 
 
+def _check_floors(fidelity: list[OutputFidelity], names: list[str], target: TargetConfig) -> None:
+    figures = {name: asdict(f) for name, f in zip(names, fidelity, strict=True)}
+    if not target.met_by(figures):
+        raise VerificationError(
+            f"the artifact misses the target on the held-out split ({describe_fidelity(figures)};"
+            f" floors: {target.floors()}) although the search measured it meeting them: report "
+            "this with job.log; set `ratio` to compress to a size you choose meanwhile")
+
+
 def int8_baseline(original: Path, held_out: HeldOut, kinds: list[str],
                   next_token: list[bool] | None = None) -> Baseline:
     """Quantize the original's export to int8 (what a user would do instead of compressing)
@@ -206,7 +221,7 @@ def int8_baseline(original: Path, held_out: HeldOut, kinds: list[str],
     model = original.parent / "int8" / ONNX_ARTIFACT
     model.parent.mkdir()
     try:
-        quantize_int8(original, model)
+        quantize_int8(original, model, onnxruntime_defaults=True)
     except ExportError as exc:
         return Baseline(None, None, None, exc.message)
     return Baseline(model, onnx_bytes(model), onnx_fidelity(model, held_out, kinds, next_token))

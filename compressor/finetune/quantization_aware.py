@@ -8,10 +8,10 @@ with fake quantization (values rounded to the int8 / uint8 grid, gradients passe
 through the rounding, as ModelOpt's and PyTorch's QAT do):
 
 - MatMul with a constant weight (a Linear or GPT-2's Conv1D, exported as MatMul then Add; a
-  tensor times a parameter): the weight symmetric int8 per output column, its input uint8 per tensor, range
-  from the tensor itself (DynamicQuantizeLinear).
-- Conv, 2-D or 1-D (ConvInteger): the weight symmetric int8 per tensor, its input uint8 per
-  tensor.
+  tensor times a parameter): the weight symmetric int8 per output column (7 bits, [-64, 64]:
+  see `quantize_int8`), its input uint8 per tensor, range from the tensor itself
+  (DynamicQuantizeLinear).
+- Conv stays float: the product's int8 leaves convolutions alone (`quantize_int8`).
 - Gather from a constant table (an embedding): the table uint8 per tensor; the rows looked up
   stay on that grid, so a MatMul that reads them is not quantized again.
 
@@ -33,11 +33,10 @@ from torch.overrides import TorchFunctionMode
 from compressor.plan.planning import Plan
 from compressor.rewrite.forms import COMPACT_PREFIX, factorize
 
-_INT8_MAX = 127.0  # symmetric int8 weights: [-127, 127]
+_INT8_MAX = 64.0  # symmetric 7-bit weights: [-64, 64] (`quantize_int8`: reduce_range)
 _UINT8_MAX = 255.0  # asymmetric uint8 activations and tables: [0, 255]
 
 _LINEAR = (torch.ops.aten.linear.default, F.linear)
-_CONV = (torch.ops.aten.conv2d.default, F.conv2d, torch.ops.aten.conv1d.default, F.conv1d)
 _EMBEDDING_ATEN = (torch.ops.aten.embedding.default,)  # (weight, ids, ...)
 _EMBEDDING_FUNCTIONAL = (F.embedding,)  # (ids, weight, ...)
 _ADDMM = (torch.ops.aten.addmm.default, torch.addmm)  # (bias, x, weight (in, out))
@@ -102,8 +101,6 @@ class Int8Simulation(TorchFunctionMode):
             return self._matmul(func, *args, **kwargs)
         if func in _ADDMM:
             return self._addmm(func, *args, **kwargs)
-        if func in _CONV:
-            return self._conv(func, *args, **kwargs)
         if func in _EMBEDDING_ATEN:
             return self._embedding(func, args[0], args[1], args[2:], kwargs, weight_first=True)
         if func in _EMBEDDING_FUNCTIONAL:
@@ -130,11 +127,6 @@ class Int8Simulation(TorchFunctionMode):
         if not self._constant(weight) or weight.dim() != 2:
             return func(bias, x, weight, *rest, **kwargs)
         return func(bias, self._input(x), fake_int8_symmetric(weight, axis=-1), *rest, **kwargs)
-
-    def _conv(self, func, x, weight, *rest, **kwargs):  # noqa: ANN001
-        if not self._constant(weight):
-            return func(x, weight, *rest, **kwargs)
-        return func(self._input(x), fake_int8_symmetric(weight, axis=None), *rest, **kwargs)
 
     def _embedding(self, func, weight, ids, rest, kwargs, weight_first: bool):  # noqa: ANN001
         quantized = self._constant(weight)

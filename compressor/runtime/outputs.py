@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -195,3 +196,17 @@ class _NextTokenSums:
                 "next_token_agreement": self.agree / self.tokens,
                 "kl_divergence": self.kl / self.tokens,
                 "next_tokens": self.tokens}
+
+
+def describe_fidelity(fidelity: dict[str, dict[str, Any]]) -> str:
+    """Return each output's judged figure (by output name) as one line of text."""
+    parts = []
+    for name, figures in fidelity.items():
+        kind = figures["kind"]
+        if kind == "logits":
+            parts.append(f"{name} top-1 agreement {figures['top1_agreement']:.4f}")
+        elif kind == "embedding":
+            parts.append(f"{name} cosine {figures['cosine']:.4f}")
+        elif kind == "regression":
+            parts.append(f"{name} relative L2 {figures['relative_l2']:.4f}")
+    return ", ".join(parts) or "no scored output"

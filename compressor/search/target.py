@@ -47,7 +47,7 @@ from compressor.plan.stage import PlannedJob
 from compressor.rewrite.stage import build_student, rewrite
 from compressor.runtime.context import JobContext
 from compressor.runtime.costs import count_parameters
-from compressor.runtime.outputs import OutputFidelity
+from compressor.runtime.outputs import OutputFidelity, describe_fidelity
 from compressor.vocabulary import ONNX_ARTIFACT, PLANNING
 
 # The kept fractions of the targeted weights the search tries, smallest first.
@@ -144,12 +144,12 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
                 candidate.bytes_estimated = False
         else:
             reached = scout.quantized_fidelity(trained.student, candidate.plan)[0]
-        ok = meets(reached, target)
+        ok = target.met_by(reached)
         tries.append({"kept_fraction": candidate.kept_fraction, "quantize": candidate.quantize,
                       "bytes": candidate.bytes, "fidelity": reached, "meets_floor": ok})
         job.log.info(f"target: candidate kept {candidate.kept_fraction:g}"
                      f"{' int8' if candidate.quantize else ''} after fine-tuning: "
-                     f"{'meets' if ok else 'misses'} the floor ({_describe(reached)})")
+                     f"{'meets' if ok else 'misses'} the floor ({describe_fidelity(reached)})")
         if ok:
             export = config.export.model_copy(update={"form": "factorized",
                                                       "quantize": candidate.quantize})
@@ -171,7 +171,7 @@ def _finalists(candidates: list[Candidate], target: TargetConfig) -> list[Candid
 def within_reach(fidelity: dict[str, dict[str, Any]], target: TargetConfig) -> bool:
     """Whether every scored output is at most `REACH` below its kind's floor."""
     for figures in fidelity.values():
-        margin = _margin(figures, target)
+        margin = target.margin(figures)
         reach = (REACH_RELATIVE_L2 * target.relative_l2 if figures["kind"] == "regression"
                  else REACH)
         if margin < -reach:
@@ -179,47 +179,17 @@ def within_reach(fidelity: dict[str, dict[str, Any]], target: TargetConfig) -> b
     return True
 
 
-def meets(fidelity: dict[str, dict[str, Any]], target: TargetConfig) -> bool:
-    """Whether every scored output keeps its kind's floor."""
-    return all(_margin(figures, target) >= 0 for figures in fidelity.values())
-
-
-def _margin(figures: dict[str, Any], target: TargetConfig) -> float:
-    """How far above its floor one output is (negative: below it; ignored outputs: inf)."""
-    kind = figures["kind"]
-    if kind == "logits":
-        return figures["top1_agreement"] - target.top1_agreement
-    if kind == "embedding":
-        return figures["cosine"] - target.cosine
-    if kind == "regression":
-        return target.relative_l2 - figures["relative_l2"]
-    return float("inf")
-
-
-def _describe(fidelity: dict[str, dict[str, Any]]) -> str:
-    parts = []
-    for name, figures in fidelity.items():
-        kind = figures["kind"]
-        if kind == "logits":
-            parts.append(f"{name} top-1 agreement {figures['top1_agreement']:.4f}")
-        elif kind == "embedding":
-            parts.append(f"{name} cosine {figures['cosine']:.4f}")
-        elif kind == "regression":
-            parts.append(f"{name} relative L2 {figures['relative_l2']:.4f}")
-    return ", ".join(parts) or "no scored output"
-
-
 def _not_met(candidates: list[Candidate], target: TargetConfig, fine_tuned: bool,
              tries: list[dict[str, Any]] | None = None) -> str:
-    best = max(candidates, key=lambda c: min(_margin(f, target) for f in c.fidelity.values()))
+    best = max(candidates, key=lambda c: min(target.margin(f) for f in c.fidelity.values()))
     floors = ", ".join(f"{k} {v:g}" for k, v in target.floors().items())
     after = ""
     if fine_tuned and tries:
         after = ("; after fine-tuning the smallest candidates that met it reached "
-                 + "; ".join(f"{_describe(t['fidelity'])} at {t['bytes']:,} bytes"
+                 + "; ".join(f"{describe_fidelity(t['fidelity'])} at {t['bytes']:,} bytes"
                              for t in tries))
     return (f"no candidate meets the target ({floors}): the best reached "
-            f"{_describe(best.fidelity)} keeping {best.kept_fraction:g} of the targeted weights"
+            f"{describe_fidelity(best.fidelity)} keeping {best.kept_fraction:g} of the targeted weights"
             f"{' with int8' if best.quantize else ''} ({best.bytes:,} bytes){after}. Lower the "
             "floors in `target`, give more data or more `finetune.steps`, or set `ratio` to "
             "choose the size yourself")
@@ -294,7 +264,7 @@ class _Scout:
         candidates.append(self._int8(1.0, dense))
         for c in candidates:
             self.job.log.info(f"target: kept {c.kept_fraction:g}{' int8' if c.quantize else ''}"
-                              f", {c.bytes:,} bytes: {_describe(c.fidelity)}"
+                              f", {c.bytes:,} bytes: {describe_fidelity(c.fidelity)}"
                               f"{' (meets the floor)' if c.meets_floor else ''}")
         return candidates
 
@@ -312,12 +282,12 @@ class _Scout:
                                 self.loaded.output_names)
         parameters = self._parameters(plan)
         return Candidate(fraction, None, parameters, 4 * parameters, scored,
-                         meets(scored, self.target), bytes_estimated=True, plan=plan)
+                         self.target.met_by(scored), bytes_estimated=True, plan=plan)
 
     def _int8(self, fraction: float, plan: Plan) -> Candidate:
         scored, size = self.quantized_fidelity(self._student(plan), plan)
         return Candidate(fraction, "int8", self._parameters(plan), size, scored,
-                         meets(scored, self.target), plan=plan)
+                         self.target.met_by(scored), plan=plan)
 
     def quantized_fidelity(self, student: fx.GraphModule, plan: Plan,
                            ) -> tuple[dict[str, dict[str, Any]], int]:

@@ -25,7 +25,7 @@ JOBS = 30
 REAL_JOBS = 12  # the rest upload a state_dict: refused at load, so they run and end in a blink
 LOST_MESSAGES = 3
 CONFIG = json.dumps({
-    "finetune": {"steps": 3, "eval_every": 3}, "export": {"latency_seconds": 0},
+    "ratio": 0.5, "finetune": {"steps": 3, "eval_every": 3}, "export": {"latency_seconds": 0},
     "data": {"synthetic_samples": 16},
 })
 FINAL = ("succeeded", "failed", "cancelled")

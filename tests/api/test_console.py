@@ -25,7 +25,7 @@ CHROMIUM_ARGS = [
 ]
 ALICE, BOB = "alice-console-key-0123456789", "bob-console-key-9876543210"
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-ENDLESS = json.dumps({"finetune": {"steps": 1_000_000, "eval_every": 1000}})
+ENDLESS = json.dumps({"ratio": 0.5, "finetune": {"steps": 1_000_000, "eval_every": 1000}})
 
 
 @pytest.fixture(scope="module")

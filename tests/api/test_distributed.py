@@ -17,7 +17,7 @@ from tests.support.service import wait_for_job
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 KEY = "distributed-test-key-0123"
-CONFIG = json.dumps({"finetune": {"steps": 5}, "export": {"latency_seconds": 0}})
+CONFIG = json.dumps({"ratio": 0.5, "finetune": {"steps": 5}, "export": {"latency_seconds": 0}})
 JOBS = 4
 
 

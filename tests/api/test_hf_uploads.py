@@ -66,7 +66,7 @@ def test_a_zipped_checkpoint_with_text_gives_a_downloadable_hugging_face_folder(
     client = make_client(compressor.compress)
     archive = zip_folder(save_checkpoint("classifier", tmp_path / "model"), tmp_path / "m.zip")
     text = write_text(tmp_path / "lines.txt")
-    config = {"finetune": {"steps": 4}, "export": {"latency_seconds": 0},
+    config = {"ratio": 0.5, "finetune": {"steps": 4}, "export": {"latency_seconds": 0},
               "data": {"max_length": 16}}
     response = client.post(
         "/v1/jobs", data={"config": json.dumps(config)},

@@ -25,8 +25,8 @@ from tests.support.tiny_models import TinyMLP
 pytestmark = pytest.mark.slow
 
 KEY = "serve-test-key-0123456789"
-CONFIG = json.dumps({"finetune": {"steps": 5}, "export": {"latency_seconds": 0}})
-ENDLESS = json.dumps({"finetune": {"steps": 1_000_000}})
+CONFIG = json.dumps({"ratio": 0.5, "finetune": {"steps": 5}, "export": {"latency_seconds": 0}})
+ENDLESS = json.dumps({"ratio": 0.5, "finetune": {"steps": 1_000_000}})
 
 
 @pytest.fixture

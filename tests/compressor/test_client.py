@@ -140,7 +140,7 @@ def client(server: str) -> Iterator[Client]:
 
 
 def scenario(seed: int) -> dict[str, Any]:
-    return {"finetune": {"seed": seed, "steps": 1}}
+    return {"ratio": 0.5, "finetune": {"seed": seed, "steps": 1}}
 
 
 # --- against the real service -------------------------------------------------------------------
@@ -915,7 +915,7 @@ def test_real_job_produces_an_onnx_model_that_onnxruntime_runs(
 
     with serving(tmp_path / "data", None, worker_concurrency=1) as url, \
             Client(url, api_key=KEY_A) as client:
-        job = client.submit(model_file, {"finetune": {"steps": 5}})
+        job = client.submit(model_file, {"ratio": 0.5, "finetune": {"steps": 5}})
         done = client.wait(job.id, timeout=300)
         saved = client.download(job.id, "model.onnx", tmp_path)
     assert done.status == "succeeded"

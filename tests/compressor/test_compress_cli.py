@@ -23,7 +23,7 @@ def program(tmp_path_factory):
 @pytest.mark.slow
 def test_compress_command_writes_the_artifacts_and_a_summary(program, tmp_path):
     config = tmp_path / "plan.json"
-    config.write_text(json.dumps({"finetune": {"steps": 3}}))
+    config.write_text(json.dumps({"ratio": 0.5, "finetune": {"steps": 3}}))
     result = CliRunner().invoke(main, [
         "compress", str(program), "--config", str(config), "--out", str(tmp_path / "out"),
         "--set", "ratio=0.25", "--set", "export.form=factorized",
@@ -40,7 +40,8 @@ def test_compress_command_writes_the_artifacts_and_a_summary(program, tmp_path):
 @pytest.mark.slow
 def test_the_summary_works_without_the_baseline_and_shows_the_int8_fidelity(program, tmp_path):
     result = CliRunner().invoke(main, [
-        "compress", str(program), "--out", str(tmp_path / "out"), "--set", "finetune.steps=2",
+        "compress", str(program), "--out", str(tmp_path / "out"), "--set", "ratio=0.5",
+        "--set", "finetune.steps=2",
         "--set", "export.latency_seconds=0", "--set", "export.quantize=int8"])
     assert result.exit_code == 0, result.output
     assert "int8 file" in result.output
@@ -97,7 +98,8 @@ def test_the_program_of_issue_13_compresses_from_the_command_line(tmp_path):
     model = _corpus_program("decoder exported from a slice ids[:2, :64] (issue 13)",
                             tmp_path / "decoder.pt2")
     result = CliRunner().invoke(main, [
-        "compress", str(model), "--out", str(tmp_path / "out"), "--set", "finetune.steps=2",
+        "compress", str(model), "--out", str(tmp_path / "out"), "--set", "ratio=0.5",
+        "--set", "finetune.steps=2",
         "--set", "export.latency_seconds=0", "--set", "data.synthetic_samples=16"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "model.onnx").is_file()

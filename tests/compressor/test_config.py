@@ -17,7 +17,12 @@ import re
 
 import pytest
 
-from compressor.config import CONFIG_VERSION, CompressionConfig
+from compressor.config import (
+    CONFIG_VERSION,
+    RATIO_WITHOUT_TARGET,
+    CompressionConfig,
+    TargetConfig,
+)
 from compressor.errors import ConfigError
 from compressor.methods import available_methods, method_class
 
@@ -86,7 +91,8 @@ def test_a_version_1_config_parses_into_its_exact_version_2_equivalent(old, new)
     given = copy.deepcopy(old)
     upgraded = CompressionConfig.parse(old)
     assert old == given  # the caller's dict (and its overrides) are not rewritten
-    expected = CompressionConfig.parse(new)
+    # Version 1 had no target mode: a version-1 config compresses to its ratio.
+    expected = CompressionConfig.parse({**new, "target": None})
     assert upgraded == expected
     assert upgraded.to_dict() == expected.to_dict()
     assert upgraded.version == CONFIG_VERSION
@@ -248,6 +254,42 @@ def test_the_round_trip_keeps_a_non_default_value_of_every_top_level_section():
     for field in CompressionConfig.model_fields:
         if field != "version":
             assert any(getattr(c, field) != getattr(default, field) for c in configs), field
+
+
+# -- which mode a config runs in ------------------------------------------------------------------
+
+@pytest.mark.parametrize("given", [
+    {}, {"finetune": {"steps": 50}}, {"method": "lowrank"},
+    {"method": {"name": "lowrank", "init": "svd"}}, {"export": {"int8_smoothing": None}},
+    {"export": {"quantize": None}}, {"layers": {"exclude": ["classifier"]}},
+    {"target": {"cosine": 0.995}, "ratio": 0.3},
+])
+def test_a_config_that_does_not_size_the_job_runs_target_mode(given):
+    config = CompressionConfig.parse(given)
+    assert config.target is not None
+    assert config.target.cosine == given.get("target", {}).get("cosine", 0.99)
+
+
+@pytest.mark.parametrize("given", [
+    {"ratio": 0.3}, {"method": "tie_rows"}, {"method": {"name": "lowrank", "rank": 16}},
+    {"overrides": [{"match": "fc*", "skip": True}]}, {"allocation": "uniform"},
+    {"export": {"form": "dense"}}, {"export": {"quantize": "int8"}},
+    {"export": {"quantize": "int8", "form": "factorized", "int8_smoothing": None},
+     "finetune": {"quantization_aware": True}},
+    {"target": None}, {"init": "svd"},  # version 1: no target mode then
+])
+def test_a_config_that_sizes_the_job_itself_compresses_to_its_ratio(given):
+    config = CompressionConfig.parse(given)
+    assert config.target is None
+    assert config.ratio == given.get("ratio", RATIO_WITHOUT_TARGET)
+    # What the service stores (every default filled) reads back in the same mode.
+    assert CompressionConfig.parse(config.to_dict()).target is None
+
+
+def test_target_mode_read_back_from_its_stored_form_stays_target_mode():
+    stored = CompressionConfig.parse({}).to_dict()
+    assert stored["ratio"] == RATIO_WITHOUT_TARGET  # present, yet the stored target wins
+    assert CompressionConfig.parse(stored).target == TargetConfig()
 
 
 def test_a_parsed_config_passes_through_parse_unchanged():

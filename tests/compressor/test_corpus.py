@@ -30,7 +30,7 @@ from compressor.plan.planning import plan_layers
 from compressor.runtime.outputs import run_outputs
 from tests.support.corpus_programs import CASES, Case, export, save
 
-FAST = {"finetune": {"steps": 2, "eval_every": 2, "batch_size": 8},
+FAST = {"ratio": 0.5, "finetune": {"steps": 2, "eval_every": 2, "batch_size": 8},
         "export": {"latency_seconds": 0}, "data": {"synthetic_samples": 24},
         "min_layer_params": 256}
 

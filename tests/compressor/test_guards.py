@@ -13,7 +13,7 @@ from compressor.load.guards import guard_failure
 from compressor.load.program import load_program
 from tests.support.corpus_programs import CASES, MLP, TinyLlama, save
 
-FAST = {"finetune": {"steps": 1}, "export": {"latency_seconds": 0}}
+FAST = {"ratio": 0.5, "finetune": {"steps": 1}, "export": {"latency_seconds": 0}}
 
 
 @pytest.fixture(scope="module")

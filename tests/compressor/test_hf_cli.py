@@ -18,7 +18,8 @@ def test_compress_takes_a_model_folder_and_a_text_file(tmp_path) -> None:
     folder = save_checkpoint("classifier", tmp_path / "model")
     result = CliRunner().invoke(main, [
         "compress", str(folder), "--data", str(write_text(tmp_path / "lines.txt")),
-        "--out", str(tmp_path / "out"), "--set", "finetune.steps=3",
+        "--out", str(tmp_path / "out"), "--set", "ratio=0.5",
+        "--set", "finetune.steps=3",
         "--set", "export.latency_seconds=0", "--set", "data.max_length=16"])
     assert result.exit_code == 0, result.output
     assert {p.name for p in (tmp_path / "out").iterdir()} == {
@@ -51,7 +52,8 @@ def test_a_decoders_summary_gives_its_held_out_perplexity(tmp_path) -> None:
     folder = save_checkpoint("llama", tmp_path / "model")
     result = CliRunner().invoke(main, [
         "compress", str(folder), "--data", str(write_text(tmp_path / "lines.txt")),
-        "--out", str(tmp_path / "out"), "--set", "finetune.steps=2",
+        "--out", str(tmp_path / "out"), "--set", "ratio=0.5",
+        "--set", "finetune.steps=2",
         "--set", "export.latency_seconds=0", "--set", "data.max_length=16"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())

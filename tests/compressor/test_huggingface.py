@@ -26,7 +26,7 @@ from tests.support.tiny_checkpoints import (
     zip_folder,
 )
 
-FAST = {"finetune": {"steps": 4, "eval_every": 2}, "export": {"latency_seconds": 0},
+FAST = {"ratio": 0.5, "finetune": {"steps": 4, "eval_every": 2}, "export": {"latency_seconds": 0},
         "min_layer_params": 0, "data": {"max_length": 16, "synthetic_samples": 32}}
 
 

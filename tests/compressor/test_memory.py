@@ -121,7 +121,7 @@ def test_a_model_the_machine_cannot_hold_is_refused_up_front(tmp_path, monkeypat
     _, path = _program(tmp_path)
     monkeypatch.setattr(load_stage, "available_memory_bytes", lambda: 1000)
     with pytest.raises(ResourceError) as caught:
-        compressor.compress(path, {"finetune": {"steps": 0}}, out_dir=tmp_path / "out")
+        compressor.compress(path, {"ratio": 0.5, "finetune": {"steps": 0}}, out_dir=tmp_path / "out")
     assert caught.value.code == "insufficient_resources"
     assert "needs about" in caught.value.message and "more memory" in caught.value.message
     assert not (tmp_path / "out" / "model.onnx").exists()
@@ -153,7 +153,7 @@ def test_weights_past_the_protobuf_limit_go_to_a_data_file_served_beside_the_mod
     _, path = _program(tmp_path)
     monkeypatch.setattr("compressor.export.onnx._PROTOBUF_LIMIT", 0)  # every model counts as big
     out = tmp_path / "out"
-    result = compressor.compress(path, {"finetune": {"steps": 0},
+    result = compressor.compress(path, {"ratio": 0.5, "finetune": {"steps": 0},
                                         "export": {"latency_seconds": 0}}, out_dir=out)
     data = out / "model.onnx.data"
     assert data.is_file() and data.stat().st_size > (out / "model.onnx").stat().st_size
@@ -223,7 +223,7 @@ def test_checking_sessions_do_not_prepack_weights(tmp_path, monkeypatch):
 
     _, path = _program(tmp_path)
     monkeypatch.setattr("compressor.export.verify.ort.InferenceSession", recording)
-    compressor.compress(path, {"finetune": {"steps": 0}, "export": {"latency_seconds": 0.01}},
+    compressor.compress(path, {"ratio": 0.5, "finetune": {"steps": 0}, "export": {"latency_seconds": 0.01}},
                         out_dir=tmp_path / "out")
     # the checks (verification, the int8 baseline's fidelity) without pre-packing; the latency
     # figures (original, compressed, baseline) with it

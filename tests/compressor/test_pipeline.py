@@ -14,7 +14,7 @@ from compressor.report.figures import sha256_of
 from compressor.vocabulary import JOB_STAGES
 from tests.support.tiny_models import MODEL_CLASSES, TinyMLP, example_inputs, make_pt2
 
-FAST = {"finetune": {"steps": 4, "eval_every": 2}, "export": {"latency_seconds": 0}}
+FAST = {"ratio": 0.5, "finetune": {"steps": 4, "eval_every": 2}, "export": {"latency_seconds": 0}}
 
 
 def fast(**overrides):

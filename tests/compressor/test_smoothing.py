@@ -58,7 +58,8 @@ def test_the_smoothed_model_computes_the_same_and_loses_less_to_int8(tmp_path):
         errors[name] = _relative_l2(int8, reference)
         with torch.no_grad():  # the int8 simulation stays exact on the smoothed graph
             assert _relative_l2(run_outputs(SimulatedInt8(model), batch)[0], int8) < 1e-5
-    assert errors["smoothed"] < 0.6 * errors["plain"]  # 0.025 against 0.046
+    # 0.032 against 0.045 with 7-bit weights (0.025 against 0.046 with 8-bit ones)
+    assert errors["smoothed"] < 0.8 * errors["plain"]
 
 
 def test_one_division_per_input_and_shared_weights_left_alone():
