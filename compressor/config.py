@@ -174,10 +174,21 @@ class ExportConfig(_Strict):
         "int8 model and the compressed PyTorch model, per output (target mode judges its int8 "
         "model by the target's floors instead)")
     opset: int = Field(default=18, ge=18, le=23, description="ONNX opset version")
-    atol: float = Field(default=1e-4, gt=0,
-                        description="onnxruntime vs PyTorch: absolute tolerance")
-    rtol: float = Field(default=1e-3, ge=0,
-                        description="onnxruntime vs PyTorch: relative tolerance")
+    atol: float = Field(
+        default=1e-4, gt=0,
+        description="onnxruntime vs PyTorch: absolute tolerance, the floor of every output's "
+        "tolerance (atol + rtol·|value| + noise_multiple × the output's float32 noise floor)")
+    rtol: float = Field(
+        default=1e-3, ge=0,
+        description="onnxruntime vs PyTorch: relative tolerance (rtol·|value| is added to "
+        "atol)")
+    noise_multiple: float = Field(
+        default=8, ge=0,
+        description="onnxruntime vs PyTorch: how many times an output's float32 noise floor is "
+        "added to atol + rtol·|value| (the noise floor: the largest |difference| between the "
+        "model in float32 and in float64, or perturbed float32 where float64 does not fit, on "
+        "the verified samples; it grows with depth and magnitude: a deep model's rounding is "
+        "not a bug); 0: atol and rtol alone")
     latency_seconds: float = Field(
         default=1.0, ge=0, le=60,
         description="onnxruntime time spent on each latency figure of the report; 0 skips the "

@@ -29,6 +29,7 @@ from compressor.export.onnx import export_onnx, move_onnx, onnx_bytes
 from compressor.export.quantize import quantize_int8, verify_quantized
 from compressor.export.smoothing import smoothed_for_int8
 from compressor.export.verify import (
+    NOISE_FLOPS,
     TorchOutputs,
     onnx_session,
     run_onnx,
@@ -106,7 +107,8 @@ def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportCo
         model = staging / ONNX_ARTIFACT
         export_onnx(artifact_module, sample, loaded.specs, model, config.opset)
         reference = torch_outputs(artifact_module, loaded.held_out,
-                                  batch_size=trained.held_out.batch_size)
+                                  batch_size=trained.held_out.batch_size,
+                                  noise_flops=NOISE_FLOPS if config.noise_multiple else 0)
         hf_folder = None
         if loaded.checkpoint is not None and config.form == "dense":
             job.control.report(EXPORTING, 0.7, "writing the Hugging Face folder")
@@ -173,12 +175,13 @@ def verify(exported: ExportedJob, trained: TrainedJob, loaded: LoadedJob, config
     with job.log.stage(VERIFYING):
         job.control.report(VERIFYING, 0.0, "comparing onnxruntime with PyTorch")
         parity: dict[str, Any] = verify_onnx(exported.model, exported.torch_reference,
-                                             config.atol, config.rtol)
+                                             config.atol, config.rtol, config.noise_multiple)
         if exported.huggingface is not None:
             job.control.report(VERIFYING, 0.3, "checking the Hugging Face folder")
             parity["huggingface"] = huggingface.check_checkpoint(
                 exported.huggingface, exported.model, loaded.held_out, exported.huggingface_zip,
-                config.atol, config.rtol)
+                config.atol, config.rtol,
+                config.noise_multiple * max(parity["noise_floor"].values(), default=0.0))
         job.log.info(f"onnxruntime parity: {parity['max_abs_diff']}")
         artifact_fidelity = None
         if exported.quantized is not None:
