@@ -105,6 +105,7 @@ class FinetuneCheckpoints:
         self.every_steps = every_steps
         self.every_s = every_s
         self.log = log
+        self.enabled = True  # off once the disk cannot take them
         self._last = time.monotonic()
 
     @classmethod
@@ -127,10 +128,22 @@ class FinetuneCheckpoints:
 
     def due(self, step: int) -> bool:
         """Return whether a checkpoint is due after `step`: every N steps or M minutes."""
-        return step % self.every_steps == 0 or time.monotonic() - self._last >= self.every_s
+        return self.enabled and (step % self.every_steps == 0
+                                 or time.monotonic() - self._last >= self.every_s)
+
+    def _turn_off(self, reason: str) -> None:
+        self.enabled = False
+        self.log(f"fine-tuning checkpoints off for the rest of this run: {reason}; a retry goes "
+                 "on from the last one kept, if any")
 
     def save(self, state: TrainingState) -> None:
-        """Write `state` as the run's checkpoint (atomically, replacing the previous one)."""
+        """Write `state` as the run's checkpoint (atomically, replacing the previous one).
+
+        A checkpoint the disk cannot take turns checkpoints off for the rest of the run (the
+        log says why) instead of failing the job: only a retry would lose by it.
+        """
+        if not self.enabled:
+            return
         started = time.monotonic()
         tensors = {f"theta.{i}": t for i, t in enumerate(state.theta)}
         tensors.update({f"best.{i}": t for i, t in enumerate(state.best_theta)})
@@ -150,7 +163,18 @@ class FinetuneCheckpoints:
                   "best_step": state.best_step, "lr_scale": state.lr_scale,
                   "history": state.history, "optimizer_groups": groups, "device": state.device,
                   "theta": [[list(t.shape), str(t.dtype)] for t in state.theta]}
-        size = write_product(self.folder, self.key, tensors, record)
+        needed = sum(t.numel() * t.element_size() for t in tensors.values())
+        free = free_disk_bytes(self.folder)
+        if free is not None and 2 * needed > free:
+            self._turn_off(f"one takes {format_bytes(needed)} and the disk has "
+                           f"{format_bytes(free)} free (a checkpoint is written only when as "
+                           "much again stays free for the job's artifacts)")
+            return
+        try:
+            size = write_product(self.folder, self.key, tensors, record)
+        except OSError as exc:  # a full disk, say: the job goes on, only its retry loses
+            self._turn_off(f"writing one failed ({exc})")
+            return
         self._last = time.monotonic()
         self.log(f"fine-tuning checkpoint at step {state.step}"
                  f"{' (finished)' if state.finished else ''}: {format_bytes(size)} in "
@@ -203,6 +227,17 @@ def _read_state(path: Path, record: dict[str, Any], params: list[nn.Parameter]) 
         if isinstance(exc, UntrustedProduct):
             raise
         raise UntrustedProduct(f"it does not hold a whole fine-tuning state ({exc!r})") from None
+
+
+def free_disk_bytes(folder: Path) -> int | None:
+    """Return the free bytes of the disk `folder` is (or will be) on; None if unknown."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            try:
+                return shutil.disk_usage(path).free
+            except OSError:
+                return None
+    return None
 
 
 def _fitting(tensor: torch.Tensor, param: nn.Parameter) -> torch.Tensor:

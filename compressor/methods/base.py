@@ -12,7 +12,8 @@ to, whether it needs input statistics, and offering
 - its size arithmetic, so one global `ratio` budget can be turned into per-layer sizes;
 - optional hooks the stages call without naming the method: `prepare` (what calibration keeps
   of a layer for the allocation and the initialization: an `Approximation` pricing every size
-  lets the sensitivity allocation spread the budget), `correct_` (the sequential correction of
+  lets the sensitivity allocation spread the budget), with `kept_tensors` / `from_kept_tensors`
+  (that product as tensors, kept for a retried job), `correct_` (the sequential correction of
   θ on the compressed model's own inputs).
 """
 
@@ -110,6 +111,18 @@ class Method:
         `needs_input_stats`, its statistics; `size` is the planned one. An `Approximation`
         prices every size, which lets the sensitivity allocation move this layer's size."""
         return None
+
+    def kept_tensors(self, prepared: Approximation) -> dict[str, torch.Tensor] | None:
+        """Return the tensors `prepared` (what `prepare` made) is rebuilt from by
+        `from_kept_tensors`, so a retried job keeps it instead of preparing it again; None:
+        it is not kept."""
+        return None
+
+    def from_kept_tensors(self, layer: LayerInfo, weight: torch.Tensor,
+                          tensors: dict[str, torch.Tensor]) -> Approximation:
+        """Return what `prepare` made, from the tensors `kept_tensors` gave and the layer's
+        `weight`. Raises `ValueError` when the tensors do not fit the layer."""
+        raise NotImplementedError
 
     def break_even_size(self, layer: LayerInfo) -> int:
         """Return the largest size that stores fewer numbers than the dense weight."""

@@ -16,6 +16,7 @@ import torch
 from torch import fx
 
 from compressor.load.data import Dataset
+from compressor.plan.kept import KeptPreparations
 from compressor.plan.layers import layer_calls, layer_input, run_recording
 from compressor.plan.planning import Plan
 from compressor.runtime.context import JobContext
@@ -48,11 +49,14 @@ def calibrate(teacher: fx.GraphModule, plan: Plan, train: Dataset,
     (`Method.prepare`) get it in `stats[name].prepared`, which both the allocation and the
     initialization read, and their Gram matrix is dropped as soon as it is used. When every
     calibration sample fits in memory at once, each layer is prepared as the calibration pass
-    reaches it, so one Gram matrix is alive at a time.
+    reaches it, so one Gram matrix is alive at a time. A job that keeps products for a retry
+    (`job.resume`) keeps each layer's as it is made, and takes those an earlier try kept
+    (`compressor.plan.kept`) instead of preparing them again.
     """
     stats: dict[str, LayerStats] = {}
     preparing = {p.layer.name: p for p in plan.compressed if p.method.prepares}
     prepared = 0
+    kept: KeptPreparations | None = None  # what a retried job's earlier tries prepared
 
     def complete(name: str, entry_stats: LayerStats) -> None:
         nonlocal prepared
@@ -64,13 +68,19 @@ def calibrate(teacher: fx.GraphModule, plan: Plan, train: Dataset,
         job.control.report(CALIBRATING, 0.1 + 0.8 * prepared / len(preparing),
                            f"decomposing layer {prepared}/{len(preparing)}: {name}")
         weight = layer_weight(teacher, entry.layer).detach()
-        product = entry.method.prepare(
-            entry.layer, weight, entry_stats if entry.method.needs_input_stats else None,
-            entry.size)
+        product = None if kept is None else kept.load(entry, weight)
+        if product is None:
+            product = entry.method.prepare(
+                entry.layer, weight, entry_stats if entry.method.needs_input_stats else None,
+                entry.size)
+            if kept is not None:
+                kept.save(entry, product)
         # Its own statistics, without the Gram matrix (others reading it may still use it).
         stats[name] = LayerStats(None, entry_stats.rows, entry_stats.row_counts, product)
 
     needing = [p.layer for p in plan.compressed if p.method.needs_input_stats]
+    if job.resume is not None and preparing:
+        kept = KeptPreparations(job.resume, "no statistics", job.log.info)
     if needing:
         job.control.report(CALIBRATING, 0.05, f"calibrating {len(needing)} layers")
         wanted = min(len(train), CALIBRATION_SAMPLES)
@@ -79,12 +89,17 @@ def calibrate(teacher: fx.GraphModule, plan: Plan, train: Dataset,
         job.log.info(f"calibrating on {samples} of {wanted} samples, {batch_size} at a time"
                      + (" (each layer decomposed as it is reached)"
                         if batch_size >= samples else ""))
+        if kept is not None:
+            kept.calibration = f"{samples} samples, {batch_size} at a time"
         calibration = train.take(torch.arange(samples))
         batches = list(Dataset(calibration, train.synthetic, train.source).batches(batch_size))
         collect_layer_stats(teacher, needing, batches, complete)
     for name in preparing:
         if name not in stats:  # no statistics (svd init, or a layer too wide for a Gram)
             complete(name, LayerStats(None))
+    if kept is not None and kept.reused:
+        job.log.info(f"calibration: reused {len(kept.reused)} of {len(preparing)} layers' "
+                     "prepared products (decompositions) kept by an earlier try")
     return stats
 
 

@@ -85,6 +85,10 @@ class ResumeFolder:
         """Return the bytes the kept products take on disk."""
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
+    def delete_product(self, folder: Path) -> None:
+        """Delete one product (it must not be trusted)."""
+        shutil.rmtree(folder, ignore_errors=True)
+
     def delete(self) -> None:
         """Delete every kept product (the job is over, or they must not be trusted)."""
         shutil.rmtree(self.path, ignore_errors=True)
@@ -101,17 +105,23 @@ def write_product(folder: Path, key: str, tensors: dict[str, torch.Tensor],
     """
     folder.mkdir(parents=True, exist_ok=True)
     name = f"tensors-{secrets.token_hex(4)}.safetensors"
-    temp = folder / f".{name}.tmp"
-    save_file({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, str(temp))
-    _fsync(temp)
-    os.replace(temp, folder / name)
-    document = {**record, "format": PRODUCT_FORMAT, "key": key, "tensor_names": sorted(tensors),
-                "tensors": {"file": name, "bytes": (folder / name).stat().st_size,
-                            "sha256": sha256_of(folder / name)}}
-    temp = folder / f".{_RECORD}.tmp"
-    temp.write_text(json.dumps(document))
-    _fsync(temp)
-    os.replace(temp, folder / _RECORD)
+    temps = [folder / f".{name}.tmp", folder / f".{_RECORD}.tmp"]
+    try:
+        save_file({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()},
+                  str(temps[0]))
+        _fsync(temps[0])
+        os.replace(temps[0], folder / name)
+        document = {**record, "format": PRODUCT_FORMAT, "key": key,
+                    "tensor_names": sorted(tensors),
+                    "tensors": {"file": name, "bytes": (folder / name).stat().st_size,
+                                "sha256": sha256_of(folder / name)}}
+        temps[1].write_text(json.dumps(document))
+        _fsync(temps[1])
+        os.replace(temps[1], folder / _RECORD)
+    except BaseException:
+        for path in (*temps, folder / name):  # the product before this write stays as it was
+            path.unlink(missing_ok=True)
+        raise
     _fsync(folder)
     for stale in folder.iterdir():  # the earlier product's tensors, temporary files of a kill
         if stale.name not in (name, _RECORD):

@@ -85,7 +85,7 @@ def test_a_job_shut_down_mid_finetuning_resumes_on_its_retry_with_the_same_artif
     job_id = create_job(services, mlp_pt2)
     first.run(job_id)
     assert (services.store.get(job_id).status, requeued) == (QUEUED, [job_id])
-    (product,) = kept(services, job_id).iterdir()
+    (product,) = kept(services, job_id).glob("finetune-*")
     assert json.loads((product / "product.json").read_text())["step"] == 4
 
     JobRunner(services.settings, services.store, services.files, services.metrics,
@@ -154,7 +154,7 @@ def test_a_worker_killed_mid_finetuning_has_its_job_resume_with_the_same_artifac
         record = data_dir / "jobs" / job_id / "out" / RESUME_FOLDER
         deadline = time.monotonic() + 120
         while not any(not json.loads(p.read_text())["finished"]
-                      for p in record.glob("*/product.json")):
+                      for p in record.glob("finetune-*/product.json")):
             assert time.monotonic() < deadline, server.client.get(f"/v1/jobs/{job_id}").json()
             time.sleep(0.02)
         store = JobDatabase(f"sqlite:///{data_dir / 'jobs.db'}")

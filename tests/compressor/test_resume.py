@@ -1,6 +1,7 @@
 """A job run again in the same out_dir resumes from the fine-tuning checkpoint it kept, and ends
 with the very artifact an uninterrupted run makes; a damaged or foreign checkpoint is discarded."""
 
+import errno
 import json
 import shutil
 import signal
@@ -10,9 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import compressor
 from compressor.errors import CancelledError
+from compressor.finetune import checkpoints as checkpoints_module
+from compressor.finetune.checkpoints import FinetuneCheckpoints, TrainingState
 from compressor.runtime.resume import UntrustedProduct, read_product, write_product
 from compressor.vocabulary import RESUME_FOLDER, sha256_of
 from tests.support.tiny_models import make_pt2
@@ -49,7 +53,7 @@ def stopping_at(stage: str, message_start: str = ""):
 
 
 def product_folder(out_dir: Path) -> Path:
-    (folder,) = (out_dir / RESUME_FOLDER).iterdir()
+    (folder,) = (out_dir / RESUME_FOLDER).glob("finetune-*")
     return folder
 
 
@@ -89,6 +93,7 @@ def test_a_job_killed_mid_finetuning_resumes_from_its_checkpoint_with_the_same_a
     log = result.log_path.read_text()
     assert "fine-tuning: resumed after step 4 of 8 from its checkpoint" in log
     assert "fine-tuning checkpoint at step 2:" not in log  # steps 1-4 were not taken again
+    assert "calibration: reused 2 of 2 layers' prepared products" in log
     assert result.report["finetune"]["resumed_at_step"] == 4
     assert sha256_of(result.model_path) == uninterrupted
     assert not (tmp_path / RESUME_FOLDER).exists()
@@ -103,6 +108,19 @@ def test_a_job_stopped_after_finetuning_does_not_train_again(program, uninterrup
     log = result.log_path.read_text()
     assert "fine-tuning: a finished run was kept (step 8 of 8)" in log
     assert "fine-tuning checkpoint at step" not in log
+    assert sha256_of(result.model_path) == uninterrupted
+
+
+def test_a_job_stopped_in_calibration_keeps_the_layers_it_prepared(
+        program, uninterrupted, tmp_path):
+    progress, stop = stopping_at("calibrating", "decomposing layer 2/")
+    with pytest.raises(CancelledError):
+        compressor.compress(program, CONFIG, out_dir=tmp_path, progress=progress,
+                            should_stop=stop)
+    assert len(list((tmp_path / RESUME_FOLDER / "calibration").iterdir())) == 1
+    result = compressor.compress(program, CONFIG, out_dir=tmp_path)
+    log = result.log_path.read_text()
+    assert "calibration: reused 1 of 2 layers' prepared products" in log
     assert sha256_of(result.model_path) == uninterrupted
 
 
@@ -173,3 +191,47 @@ def test_a_product_stays_whole_when_its_next_write_is_cut_short(tmp_path):
     assert len(list(tmp_path.glob("tensors-*"))) == 1
     assert read_product(tmp_path, "key")[1]["step"] == 2
     assert read_product(tmp_path / "none", "key") is None
+
+
+def _state(param: nn.Parameter, step: int) -> TrainingState:
+    optimizer = torch.optim.AdamW([param])
+    param.grad = torch.ones_like(param)
+    optimizer.step()
+    return TrainingState.capture(
+        step=step, finished=False, params=[param], best_theta=[param.detach().clone()],
+        best=1.0, best_step=0, lr_scale=1.0, history=[], optimizer=optimizer,
+        sampler=torch.Generator(), device=torch.device("cpu"))
+
+
+def test_a_checkpoint_the_disk_cannot_take_turns_checkpoints_off_not_the_job(
+        tmp_path, monkeypatch):
+    lines, param = [], nn.Parameter(torch.ones(3))
+    checkpoints = FinetuneCheckpoints(tmp_path / "run", "key", 1, 600, lines.append)
+    checkpoints.save(_state(param, 1))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints_module, "write_product", full_disk)
+    checkpoints.save(_state(param, 2))
+    assert "checkpoints off for the rest of this run: writing one failed" in lines[-1]
+    assert not checkpoints.due(3)
+    assert checkpoints.load([param]).step == 1  # the last one kept is whole, and still used
+
+    monkeypatch.setattr(checkpoints_module, "free_disk_bytes", lambda folder: 100)
+    low = FinetuneCheckpoints(tmp_path / "low", "key", 1, 600, lines.append)
+    low.save(_state(param, 1))
+    assert "the disk has 100 B free" in lines[-1] and not (tmp_path / "low").exists()
+
+
+def test_a_damaged_calibration_product_is_prepared_again(
+        program, uninterrupted, stopped, tmp_path):
+    shutil.copytree(stopped, tmp_path, dirs_exist_ok=True)
+    first, _ = sorted((tmp_path / RESUME_FOLDER / "calibration").iterdir())
+    _truncate(first)
+    result = compressor.compress(program, CONFIG, out_dir=tmp_path)
+    log = result.log_path.read_text()
+    assert "calibration: the kept product of layer" in log and "truncated or altered" in log
+    assert "calibration: reused 1 of 2 layers' prepared products" in log
+    assert "resumed after step 4 of 8" in log  # the same decomposition: the plan still matches
+    assert sha256_of(result.model_path) == uninterrupted

@@ -116,6 +116,21 @@ class LowRank(Method):
         keep = max(self.break_even_size(layer), size or 0)
         return self.factorize(layer, weight, stats).truncated(keep)
 
+    def kept_tensors(self, prepared: LowRankFactors) -> dict[str, torch.Tensor]:
+        # B is kept exactly when it cannot be made again from W (`LowRankFactors.truncated`).
+        return {"A": prepared.A, "energy": prepared.energy,
+                **({} if prepared.B is None else {"B": prepared.B})}
+
+    def from_kept_tensors(self, layer: LayerInfo, weight: torch.Tensor,
+                          tensors: dict[str, torch.Tensor]) -> LowRankFactors:
+        matrix = weight.detach().reshape(weight.shape[0], -1)
+        A, B, energy = tensors["A"], tensors.get("B"), tensors["energy"]
+        if (A.dim() != 2 or A.shape[0] != matrix.shape[0] or energy.dim() != 1
+                or (B is not None and B.shape != (A.shape[1], matrix.shape[1]))):
+            raise ValueError(f"kept factors of {layer.name!r} do not fit its "
+                             f"{tuple(matrix.shape)} weight")
+        return LowRankFactors(A, B, energy, None if B is not None else matrix)
+
     def correct_(self, layer: LayerInfo, theta: tuple[torch.Tensor, ...], weight: torch.Tensor,
                  moments: InputMoments) -> float:
         A, B = theta
