@@ -207,17 +207,24 @@ class DataConfig(_Strict):
     max_samples: int = Field(default=100_000, ge=8, description="rows of a data file used")
     max_length: int = Field(
         default=128, ge=2, le=8192,
-        description="Hugging Face checkpoints: tokens per sample; text is truncated to this and "
-        "padded to its longest sample, sampled token ids are this long")
+        description="Hugging Face checkpoints: tokens per sample; a causal LM's text is cut into "
+        "windows this long (every token counts), any other model's truncated to it; padded to "
+        "the longest sample; sampled token ids are this long")
 
 
 class TargetConfig(_Strict):
     """Target mode: the fidelity the compressed model must keep, per output kind, and what to
     make as small as possible while keeping it."""
 
-    objective: Literal["size"] = Field(
+    objective: Literal["size", "latency"] = Field(
         default="size",
-        description="size: the smallest artifact (bytes of its ONNX file) that meets every floor")
+        description="size: the smallest artifact (bytes of its ONNX file) that meets every "
+        "floor; latency: the fastest (onnxruntime CPU latency at `latency_batch`, measured on "
+        "each candidate that meets the floors or is within fine-tuning's reach of them)")
+    latency_batch: int = Field(
+        default=32, ge=1, le=4096,
+        description="objective latency: the batch size latency is measured at (batch 1 when "
+        "one run at this batch would cost too much compute or memory)")
     top1_agreement: float = Field(
         default=0.99, ge=0, le=1,
         description="logits: the least share of samples (positions) whose top-1 class agrees "

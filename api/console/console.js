@@ -652,7 +652,8 @@ function sizing(config) {
   const target = config.target;
   if (!target) return `ratio ${config.ratio}, export ${(config.export || {}).form}`;
   const floors = Object.entries(JUDGED).map(([kind, [figure, higher]]) => `${kind} ${figure} ${higher ? "≥" : "≤"} ${target[figure]}`);
-  return `target: smallest ${target.objective === "size" ? "size" : target.objective} with ${floors.join(", ")}`;
+  const goal = target.objective === "latency" ? `fastest at batch ${target.latency_batch}` : "smallest";
+  return `target: ${goal} with ${floors.join(", ")}`;
 }
 
 function methodName(config) {

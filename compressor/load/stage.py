@@ -131,9 +131,9 @@ def next_token_outputs(checkpoint: LoadedCheckpoint | None, kinds: list[str],
     outputs is."""
     if checkpoint is None or "input_ids" not in sample or "attention_mask" not in sample:
         return [False] * len(outputs)
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from compressor.load.huggingface.checkpoint import is_causal_lm
 
-    if checkpoint.checkpoint.model_class not in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+    if not is_causal_lm(checkpoint.checkpoint):
         return [False] * len(outputs)
     ids = sample["input_ids"]
     return [kind == "logits" and out.dim() == 3 and out.shape[:2] == ids.shape

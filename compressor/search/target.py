@@ -1,4 +1,4 @@
-"""Target mode: the smallest model that keeps a stated fidelity, found by one search.
+"""Target mode: the smallest (or fastest) model that keeps a stated fidelity, found by one search.
 
 A job with a `target` states what it must keep (a floor per output kind) instead of a ratio.
 The search calibrates and decomposes once, then walks the candidates that calibration makes
@@ -15,6 +15,10 @@ simulated (`compressor.finetune.quantization_aware`); each is checked again afte
 (an int8 one on its real int8 model), and the first that meets the floor is the one handed on
 to export. When none does, the job fails with `target_not_met`, giving the best fidelity
 reached and at what size.
+
+With objective `latency` the order is by onnxruntime latency at the target's batch size
+instead of bytes: every candidate that meets the floor or is within reach of it is exported
+(int8 ones already are) and timed, and the fastest is fine-tuned first.
 
 The search drives the stages (`plan`, `rewrite`, `finetune`); it does not live inside them.
 """
@@ -44,6 +48,7 @@ from compressor.load.stage import LoadedJob
 from compressor.plan.allocation import allocate_by_sensitivity, sensitivities_of
 from compressor.plan.planning import Plan
 from compressor.plan.stage import PlannedJob
+from compressor.report.figures import onnx_latency_ms
 from compressor.rewrite.stage import build_student, rewrite
 from compressor.runtime.context import JobContext
 from compressor.runtime.costs import count_parameters
@@ -61,6 +66,8 @@ REACH = 0.01
 REACH_RELATIVE_L2 = 0.5
 # Candidates within reach tried at most before the smallest that meets the floor.
 REACH_TRIES = 2
+# onnxruntime time spent on each candidate's latency (objective latency).
+CANDIDATE_LATENCY_SECONDS = 0.5
 
 
 @dataclass
@@ -74,7 +81,16 @@ class Candidate:
     fidelity: dict[str, dict[str, Any]]  # per output, of the initialized candidate
     meets_floor: bool
     bytes_estimated: bool = False
+    # onnxruntime latency (ms) at the target's latency batch: objective latency only, and
+    # only for candidates that meet the floor or are within reach of it
+    latency_ms: float | None = None
     plan: Plan | None = field(default=None, repr=False)
+
+    def cost(self, objective: str) -> float:
+        """What the objective minimizes: bytes, or milliseconds (unmeasured: inf)."""
+        if objective == "latency":
+            return self.latency_ms if self.latency_ms is not None else float("inf")
+        return float(self.bytes)
 
     def summary(self) -> dict[str, Any]:
         """Return the candidate as plain data for the report."""
@@ -158,13 +174,16 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
 
 
 def _finalists(candidates: list[Candidate], target: TargetConfig) -> list[Candidate]:
-    """Return the candidates to fine-tune, in order: those within fine-tuning's reach that are
-    smaller than the smallest meeting the floor (smallest first, at most `REACH_TRIES`), then
-    those meeting it, smallest first."""
-    meeting = sorted((c for c in candidates if c.meets_floor), key=lambda c: c.bytes)
-    smallest = meeting[0].bytes if meeting else float("inf")
-    near = sorted((c for c in candidates if not c.meets_floor and c.bytes < smallest
-                   and within_reach(c.fidelity, target)), key=lambda c: c.bytes)
+    """Return the candidates to fine-tune, in order: those within fine-tuning's reach that
+    cost less (by the objective: smaller, or faster) than the cheapest meeting the floor
+    (cheapest first, at most `REACH_TRIES`), then those meeting it, cheapest first."""
+    def cost(candidate: Candidate) -> float:
+        return candidate.cost(target.objective)
+
+    meeting = sorted((c for c in candidates if c.meets_floor), key=cost)
+    cheapest = cost(meeting[0]) if meeting else float("inf")
+    near = sorted((c for c in candidates if not c.meets_floor and cost(c) < cheapest
+                   and within_reach(c.fidelity, target)), key=cost)
     return near[:REACH_TRIES] + meeting
 
 
@@ -262,11 +281,35 @@ class _Scout:
         # is the honest answer (and the bar every compressed candidate has to clear)
         self.job.control.report(PLANNING, 0.95, "scoring the original with int8")
         candidates.append(self._int8(1.0, dense))
+        if self.target.objective == "latency":
+            self._time_floats(candidates)
         for c in candidates:
+            timed = f", {c.latency_ms:.3g} ms" if c.latency_ms is not None else ""
             self.job.log.info(f"target: kept {c.kept_fraction:g}{' int8' if c.quantize else ''}"
-                              f", {c.bytes:,} bytes: {describe_fidelity(c.fidelity)}"
+                              f", {c.bytes:,} bytes{timed}: {describe_fidelity(c.fidelity)}"
                               f"{' (meets the floor)' if c.meets_floor else ''}")
         return candidates
+
+    def _time_floats(self, candidates: list[Candidate]) -> None:
+        """Export and time each float candidate the objective may pick: those that meet the
+        floor or are within reach of it (the int8 ones were timed as they were scored)."""
+        timed = [c for c in candidates if c.quantize is None and c.latency_ms is None
+                 and (c.meets_floor or within_reach(c.fidelity, self.target))]
+        for index, candidate in enumerate(timed):
+            self.job.control.report(PLANNING, 0.96 + 0.04 * index / len(timed),
+                                    f"timing the candidate keeping {candidate.kept_fraction:g}")
+            with self._exported(self._student(candidate.plan), candidate.plan) as exported:
+                candidate.latency_ms = self._latency_ms(exported)
+                candidate.bytes, candidate.bytes_estimated = onnx_bytes(exported), False
+
+    def _latency_ms(self, path: Path) -> float:
+        """Return onnxruntime's latency (ms) of the model at `path` at the target's batch size
+        (batch 1 when one run at it costs too much), on held-out samples."""
+        kept, _ = self.job.costs.latency_batches((self.target.latency_batch,))
+        size = kept[0] if kept else 1
+        held_out = self.loaded.held_out
+        batch = held_out.take(torch.arange(size) % len(held_out))
+        return onnx_latency_ms(path, batch, CANDIDATE_LATENCY_SECONDS)
 
     def _student(self, plan: Plan) -> fx.GraphModule:
         return build_student(self.loaded, PlannedJob(plan, dict(self.stats)),
@@ -285,21 +328,26 @@ class _Scout:
                          self.target.met_by(scored), bytes_estimated=True, plan=plan)
 
     def _int8(self, fraction: float, plan: Plan) -> Candidate:
-        scored, size = self.quantized_fidelity(self._student(plan), plan)
+        scored, size, latency = self.quantized_fidelity(self._student(plan), plan)
         return Candidate(fraction, "int8", self._parameters(plan), size, scored,
-                         self.target.met_by(scored), plan=plan)
+                         self.target.met_by(scored), latency_ms=latency, plan=plan)
 
     def quantized_fidelity(self, student: fx.GraphModule, plan: Plan,
-                           ) -> tuple[dict[str, dict[str, Any]], int]:
+                           ) -> tuple[dict[str, dict[str, Any]], int, float | None]:
         """Export `student`'s compact form, quantize it to int8 and score it in onnxruntime;
-        return its fidelity and its bytes. The student is left as it was."""
+        return its fidelity, its bytes and (objective latency, when it is within reach of the
+        floor) its latency. The student is left as it was."""
         with self._exported(student, plan, smoothed=True) as exported:
             quantized = exported.parent / "int8" / ONNX_ARTIFACT
             quantized.parent.mkdir()
             quantize_int8(exported, quantized)
-            scored = onnx_fidelity(quantized, self.held_out, self.loaded.kinds,
-                                   self.loaded.next_token)
-            return _fidelity_dict(scored, self.loaded.output_names), onnx_bytes(quantized)
+            scored = _fidelity_dict(onnx_fidelity(quantized, self.held_out, self.loaded.kinds,
+                                                  self.loaded.next_token),
+                                    self.loaded.output_names)
+            latency = None
+            if self.target.objective == "latency" and within_reach(scored, self.target):
+                latency = self._latency_ms(quantized)
+            return scored, onnx_bytes(quantized), latency
 
     def exported_bytes(self, student: fx.GraphModule, plan: Plan) -> int:
         """Return the bytes of `student`'s compact form exported to ONNX."""

@@ -263,6 +263,23 @@ def test_text_is_tokenized_truncated_and_padded_with_valid_masks(folders, tmp_pa
     assert ids[1, -1].item() == 3  # [SEP] kept at the truncation
 
 
+def test_a_causal_lms_long_text_is_cut_into_windows_so_every_token_counts(folders, tmp_path):
+    config = CompressionConfig.parse({**FAST, "data": {"max_length": 6}})
+    loaded = load_checkpoint(folders["llama"], tmp_path, config.data.max_length)
+    words = "return value list string number file path module object the a of".split()
+    lines = ["the a", " ".join(words)]
+    data = checkpoint_data(loaded, write_text(tmp_path / "t.txt", lines), config.data, seed=0)
+    ids, mask = data.inputs["input_ids"], data.inputs["attention_mask"]
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folders["llama"] / "tokenizer.json"))
+    whole = [tokenizer.encode(line).ids for line in lines]
+    # The short text is one row; the long one's tokens fill windows of 6, none dropped.
+    assert ids.shape[1] == 6 and len(ids) == 1 + -(-len(whole[1]) // 6)
+    assert ids[0][mask[0].bool()].tolist() == whole[0]
+    assert ids[1:][mask[1:].bool()].tolist() == whole[1]
+
+
 @pytest.mark.parametrize(("lines", "phrase"), [
     (['{"txt": "x"}', '{"text": "y"}'], 'no string field "text"'),
     (["not json", "{}"], "is not JSON"),

@@ -51,6 +51,22 @@ def test_an_easy_target_hands_back_the_smallest_candidate(easy):
     assert not any("not smaller" in warning for warning in easy.report["warnings"])
 
 
+def test_the_latency_objective_times_every_candidate_in_reach_and_hands_back_the_fastest(
+    mlp, tmp_path
+):
+    target = {"relative_l2": 10.0, "objective": "latency", "latency_batch": 8}
+    result = compressor.compress(mlp, {**FAST, "target": target}, out_dir=tmp_path / "out")
+    search = result.report["target"]
+    assert search["objective"] == "latency"
+    # every candidate meets this floor: each was exported and timed, its real bytes measured
+    assert all(c["latency_ms"] > 0 and not c["bytes_estimated"] for c in search["candidates"])
+    assert search["chosen"]["latency_ms"] == min(c["latency_ms"] for c in search["candidates"])
+
+
+def test_the_size_objective_times_nothing(easy):
+    assert all(c["latency_ms"] is None for c in easy.report["target"]["candidates"])
+
+
 def test_a_floor_only_the_largest_budget_meets_picks_it(easy, mlp, tmp_path):
     floats = [c for c in easy.report["target"]["candidates"] if c["quantize"] is None]
     assert [c["kept_fraction"] for c in floats] == sorted(c["kept_fraction"] for c in floats)

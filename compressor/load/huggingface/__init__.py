@@ -99,10 +99,12 @@ def checkpoint_data(loaded: LoadedCheckpoint, data: Path | None, config: DataCon
                     seed: int) -> Dataset:
     """Return the job's inputs: tokenized text, a tensor file, or sampled token ids."""
     from compressor.load.data import load_data, synthesize_data
+    from compressor.load.huggingface.checkpoint import is_causal_lm
     from compressor.load.huggingface.text import TEXT_SUFFIXES, tokenize
 
     if data is None:
         return synthesize_data(loaded.specs, config.synthetic_samples, seed)
     if Path(data).suffix.lower() in TEXT_SUFFIXES:
-        return tokenize(loaded.checkpoint, Path(data), loaded.max_length, config.max_samples)
+        return tokenize(loaded.checkpoint, Path(data), loaded.max_length, config.max_samples,
+                        windows=is_causal_lm(loaded.checkpoint))
     return load_data(data, loaded.specs, config.max_samples)

@@ -28,7 +28,7 @@ from compressor.errors import ModelFormatError, UnsafeModelError
 from compressor.load.data import InputSpec
 from compressor.vocabulary import HOW_TO_EXPORT
 
-__all__ = ["Checkpoint", "TextModel", "find_root", "read_checkpoint"]
+__all__ = ["Checkpoint", "TextModel", "find_root", "is_causal_lm", "read_checkpoint"]
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a checkpoint is read from its folder, never the Hub
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -59,6 +59,14 @@ class Checkpoint:
     config: dict[str, Any]  # config.json as uploaded
     files: dict[str, bytes] = field(default_factory=dict)  # tokenizer and sentence files
     pad_token_id: int = 0
+
+
+def is_causal_lm(checkpoint: Checkpoint) -> bool:
+    """Whether transformers lists the checkpoint's class as a causal language model
+    (GPT2LMHeadModel, LlamaForCausalLM, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return checkpoint.model_class in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 class TextModel(nn.Module):

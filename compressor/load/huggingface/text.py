@@ -2,7 +2,10 @@
 
 `.txt`: one sample a line (blank lines skipped). `.jsonl`: one JSON object a line with a string
 `text` field. Each sample is tokenized by `tokenizer.json` (the `tokenizers` library, which reads
-data and runs no code), truncated to `max_length` tokens and padded to the longest sample.
+data and runs no code) and padded to the longest sample. A text longer than `max_length` tokens
+is cut into windows of `max_length` for a causal language model, so that every token is
+trained on and every held-out token counts in the perplexity; for any other model (an encoder
+reads a text whole: a window would be another text) it is truncated.
 """
 
 from __future__ import annotations
@@ -68,8 +71,11 @@ def _jsonl_text(path: Path, number: int, line: str) -> str:
     return text
 
 
-def tokenize(checkpoint: Checkpoint, path: Path, max_length: int, max_samples: int) -> Dataset:
-    """Tokenize the text file at `path` into the checkpoint's inputs."""
+def tokenize(checkpoint: Checkpoint, path: Path, max_length: int, max_samples: int,
+             *, windows: bool = False) -> Dataset:
+    """Tokenize the text file at `path` into the checkpoint's inputs: at most `max_samples`
+    rows, each text's tokens past `max_length` in windows of their own when `windows`,
+    truncated otherwise."""
     from tokenizers import Tokenizer
 
     if "tokenizer.json" not in checkpoint.files:
@@ -85,6 +91,9 @@ def tokenize(checkpoint: Checkpoint, path: Path, max_length: int, max_samples: i
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length=max_length)
     encodings = tokenizer.encode_batch(texts)
+    if windows:
+        encodings = [window for e in encodings for window in (e, *e.overflowing)]
+        encodings = encodings[:max_samples]
     longest = max(2, max(len(e.ids) for e in encodings))  # the program's least length: 2
     rows = len(encodings)
     ids = torch.full((rows, longest), checkpoint.pad_token_id, dtype=torch.int64)
