@@ -163,17 +163,10 @@ class FinetuneCheckpoints:
                   "best_step": state.best_step, "lr_scale": state.lr_scale,
                   "history": state.history, "optimizer_groups": groups, "device": state.device,
                   "theta": [[list(t.shape), str(t.dtype)] for t in state.theta]}
-        needed = sum(t.numel() * t.element_size() for t in tensors.values())
-        free = free_disk_bytes(self.folder)
-        if free is not None and 2 * needed > free:
-            self._turn_off(f"one takes {format_bytes(needed)} and the disk has "
-                           f"{format_bytes(free)} free (a checkpoint is written only when as "
-                           "much again stays free for the job's artifacts)")
-            return
         try:
             size = write_product(self.folder, self.key, tensors, record)
         except OSError as exc:  # a full disk, say: the job goes on, only its retry loses
-            self._turn_off(f"writing one failed ({exc})")
+            self._turn_off(f"one was not written ({exc.strerror or exc})")
             return
         self._last = time.monotonic()
         self.log(f"fine-tuning checkpoint at step {state.step}"
@@ -227,17 +220,6 @@ def _read_state(path: Path, record: dict[str, Any], params: list[nn.Parameter]) 
         if isinstance(exc, UntrustedProduct):
             raise
         raise UntrustedProduct(f"it does not hold a whole fine-tuning state ({exc!r})") from None
-
-
-def free_disk_bytes(folder: Path) -> int | None:
-    """Return the free bytes of the disk `folder` is (or will be) on; None if unknown."""
-    for path in (folder, *folder.parents):
-        if path.exists():
-            try:
-                return shutil.disk_usage(path).free
-            except OSError:
-                return None
-    return None
 
 
 def _fitting(tensor: torch.Tensor, param: nn.Parameter) -> torch.Tensor:

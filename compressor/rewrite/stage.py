@@ -9,6 +9,7 @@ from torch import fx
 from compressor.load.stage import LoadedJob
 from compressor.methods import GradReduction
 from compressor.plan.stage import PlannedJob
+from compressor.rewrite.kept import KeptInitialization, theta
 from compressor.rewrite.parametrize import parametrize_
 from compressor.rewrite.sequential import correct_sequentially_
 from compressor.runtime.context import JobContext
@@ -25,14 +26,18 @@ def rewrite(loaded: LoadedJob, planned: PlannedJob, grad_reduction: GradReductio
     parametrizations, θ initialized. `planned.stats` is consumed (emptied)."""
     with job.log.stage(REWRITING):
         job.control.report(REWRITING, 0.0, f"initializing {len(planned.plan.compressed)} layers")
-        return build_student(loaded, planned, grad_reduction, job, report_progress=True)
+        return build_student(loaded, planned, grad_reduction, job, report_progress=True,
+                             keep=True)
 
 
 def build_student(loaded: LoadedJob, planned: PlannedJob, grad_reduction: GradReduction,
-                  job: JobContext, report_progress: bool = False) -> fx.GraphModule:
+                  job: JobContext, report_progress: bool = False,
+                  keep: bool = False) -> fx.GraphModule:
     """Return the initialized student of `planned` (what `rewrite` does, inside whichever
     stage calls it: the target search scores candidates this way). `planned.stats` is
-    consumed (emptied)."""
+    consumed (emptied). With `keep`, in a job that keeps products for a retry, θ is kept once
+    corrected, and taken from an earlier try instead of corrected again
+    (`compressor.rewrite.kept`)."""
     plan, teacher = planned.plan, loaded.teacher
     student = shallow_copy(teacher)
 
@@ -47,6 +52,13 @@ def build_student(loaded: LoadedJob, planned: PlannedJob, grad_reduction: GradRe
             job.control.report(REWRITING, 0.5, "re-solving each layer on the compressed model")
         wanted = min(len(loaded.train), SEQUENTIAL_SAMPLES)
         samples = job.costs.sequential_samples(wanted)
+        kept = (KeptInitialization(job.resume, plan, f"{grad_reduction}, {samples} samples",
+                                   job.log.info)
+                if keep and job.resume is not None else None)
+        if kept is not None and kept.load_(theta(student, plan)):
+            return student
         job.log.info(f"sequential correction on {samples} of {wanted} samples")
         correct_sequentially_(student, teacher, plan, loaded.train.take(torch.arange(samples)))
+        if kept is not None:
+            kept.save(theta(student, plan))
     return student

@@ -19,6 +19,7 @@ could as well replace the upload).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from compressor.runtime.memory import format_bytes
 from compressor.vocabulary import RESUME_FOLDER, sha256_of
 
 __all__ = ["RESUME_FOLDER", "ResumeFolder", "UntrustedProduct", "read_product", "write_product"]
@@ -102,7 +104,15 @@ def write_product(folder: Path, key: str, tensors: dict[str, torch.Tensor],
 
     Until the new `product.json` replaces the old one, the old product stays whole and
     readable, so a kill at any point leaves one complete product (or none, the first time).
+    Raises `OSError` (ENOSPC) without writing when the disk would keep less free than the
+    product's size: kept products must never take the room the job's artifacts need.
     """
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    free = free_disk_bytes(folder)
+    if free is not None and 2 * needed > free:
+        raise OSError(errno.ENOSPC, f"it takes {format_bytes(needed)} and the disk has "
+                      f"{format_bytes(free)} free; a product is kept only when as much again "
+                      "stays free for the job's artifacts")
     folder.mkdir(parents=True, exist_ok=True)
     name = f"tensors-{secrets.token_hex(4)}.safetensors"
     temps = [folder / f".{name}.tmp", folder / f".{_RECORD}.tmp"]
@@ -168,6 +178,17 @@ def read_product(folder: Path, key: str) -> tuple[Path, dict[str, Any]] | None:
     if names != set(record.get("tensor_names", names)):
         raise UntrustedProduct("its tensors file does not hold the tensors recorded")
     return tensors_file, record
+
+
+def free_disk_bytes(folder: Path) -> int | None:
+    """Return the free bytes of the disk `folder` is (or will be) on; None if unknown."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            try:
+                return shutil.disk_usage(path).free
+            except OSError:
+                return None
+    return None
 
 
 def tree_sha256(path: Path) -> str:

@@ -17,6 +17,7 @@ import compressor
 from compressor.errors import CancelledError
 from compressor.finetune import checkpoints as checkpoints_module
 from compressor.finetune.checkpoints import FinetuneCheckpoints, TrainingState
+from compressor.runtime import resume as resume_module
 from compressor.runtime.resume import UntrustedProduct, read_product, write_product
 from compressor.vocabulary import RESUME_FOLDER, sha256_of
 from tests.support.tiny_models import make_pt2
@@ -94,6 +95,7 @@ def test_a_job_killed_mid_finetuning_resumes_from_its_checkpoint_with_the_same_a
     assert "fine-tuning: resumed after step 4 of 8 from its checkpoint" in log
     assert "fine-tuning checkpoint at step 2:" not in log  # steps 1-4 were not taken again
     assert "calibration: reused 2 of 2 layers' prepared products" in log
+    assert "rewriting: reused θ as an earlier try corrected it" in log
     assert result.report["finetune"]["resumed_at_step"] == 4
     assert sha256_of(result.model_path) == uninterrupted
     assert not (tmp_path / RESUME_FOLDER).exists()
@@ -214,11 +216,12 @@ def test_a_checkpoint_the_disk_cannot_take_turns_checkpoints_off_not_the_job(
 
     monkeypatch.setattr(checkpoints_module, "write_product", full_disk)
     checkpoints.save(_state(param, 2))
-    assert "checkpoints off for the rest of this run: writing one failed" in lines[-1]
+    assert "checkpoints off for the rest of this run: one was not written (No space" in lines[-1]
     assert not checkpoints.due(3)
     assert checkpoints.load([param]).step == 1  # the last one kept is whole, and still used
 
-    monkeypatch.setattr(checkpoints_module, "free_disk_bytes", lambda folder: 100)
+    monkeypatch.undo()
+    monkeypatch.setattr(resume_module, "free_disk_bytes", lambda folder: 100)
     low = FinetuneCheckpoints(tmp_path / "low", "key", 1, 600, lines.append)
     low.save(_state(param, 1))
     assert "the disk has 100 B free" in lines[-1] and not (tmp_path / "low").exists()
@@ -234,4 +237,15 @@ def test_a_damaged_calibration_product_is_prepared_again(
     assert "calibration: the kept product of layer" in log and "truncated or altered" in log
     assert "calibration: reused 1 of 2 layers' prepared products" in log
     assert "resumed after step 4 of 8" in log  # the same decomposition: the plan still matches
+    assert sha256_of(result.model_path) == uninterrupted
+
+
+def test_a_damaged_initialization_is_corrected_again(program, uninterrupted, stopped, tmp_path):
+    shutil.copytree(stopped, tmp_path, dirs_exist_ok=True)
+    (kept,) = (tmp_path / RESUME_FOLDER).glob("rewrite-*")
+    _flip_a_byte(kept)
+    result = compressor.compress(program, CONFIG, out_dir=tmp_path)
+    log = result.log_path.read_text()
+    assert "rewriting: the kept θ discarded" in log and "sequential correction on" in log
+    assert "resumed after step 4 of 8" in log
     assert sha256_of(result.model_path) == uninterrupted
