@@ -108,7 +108,8 @@ def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportCo
         export_onnx(artifact_module, sample, loaded.specs, model, config.opset)
         reference = torch_outputs(artifact_module, loaded.held_out,
                                   batch_size=trained.held_out.batch_size,
-                                  noise_flops=NOISE_FLOPS if config.noise_multiple else 0)
+                                  noise_flops=NOISE_FLOPS if config.noise_multiple else 0,
+                                  spill=staging / "torch_outputs")
         hf_folder = None
         if loaded.checkpoint is not None and config.form == "dense":
             job.control.report(EXPORTING, 0.7, "writing the Hugging Face folder")

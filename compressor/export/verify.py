@@ -15,6 +15,7 @@ that noise of PyTorch; a wrong weight or a wrongly exported operator lands far o
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,41 +104,75 @@ def run_onnx(session: ort.InferenceSession, batch: dict[str, torch.Tensor]) -> l
     return session.run(None, {k: v.cpu().numpy() for k, v in batch.items() if k in wanted})
 
 
+class SpilledOutputs(Sequence):
+    """Outputs kept on disk, a batch at a time: `append` writes a batch's outputs as `.npy`
+    files in `folder`, indexing reads one batch back. What verification compares for a decoder
+    (64 samples × 128 positions × 49,152 logits: 1.6 GB in float32) is then never held whole."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.counts: list[int] = []  # outputs per batch
+
+    def append(self, outputs: list[np.ndarray]) -> None:
+        """Write one batch's outputs after the ones written so far."""
+        for i, output in enumerate(outputs):
+            np.save(self._path(len(self.counts), i), output, allow_pickle=False)
+        self.counts.append(len(outputs))
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __getitem__(self, batch: int) -> list[np.ndarray]:
+        if not -len(self) <= batch < len(self):
+            raise IndexError(batch)
+        batch %= len(self)
+        return [np.load(self._path(batch, i)) for i in range(self.counts[batch])]
+
+    def _path(self, batch: int, output: int) -> Path:
+        return self.folder / f"batch{batch}_output{output}.npy"
+
+
 @dataclass
 class TorchOutputs:
     """The compressed PyTorch model's outputs on the verification samples, computed once, so
-    onnxruntime is checked after the PyTorch model has been freed: batch 1, then the rest; and
-    the model's own float32 noise on each output (`measure_noise`)."""
+    onnxruntime is checked after the PyTorch model has been freed: batch 1, then the rest (in
+    memory, or on disk a batch at a time: `SpilledOutputs`); and the model's own float32 noise
+    on each output (`measure_noise`)."""
 
     batches: list[dict[str, torch.Tensor]]
-    outputs: list[list[np.ndarray]]
+    outputs: list[list[np.ndarray]] | SpilledOutputs
     noise: NoiseFloor = field(default_factory=lambda: NoiseFloor.none(0))
 
     @property
     def samples(self) -> int:
-        return sum(len(o[0]) if o and o[0].shape else 1 for o in self.outputs)
+        return sum(len(next(iter(batch.values()))) for batch in self.batches)
 
 
 def torch_outputs(module: nn.Module, held_out: Dataset, max_samples: int = 64,
                   batch_size: int | None = None, noise_flops: int = NOISE_FLOPS,
-                  ) -> TorchOutputs:
+                  spill: Path | None = None) -> TorchOutputs:
     """Run `module` on up to `max_samples` held-out rows: at batch 1, then the rest (in batches
     of `batch_size` when given); measure its float32 noise on them (`measure_noise`; 0
-    `noise_flops`: not measured)."""
+    `noise_flops`: not measured). With `spill`, the outputs are written in that folder as each
+    batch is run (`SpilledOutputs`) rather than held."""
     rows = torch.arange(min(len(held_out), max_samples))
     rest = rows[1:]
     step = max(1, len(rest) if batch_size is None else batch_size)
     batches = [held_out.take(rows[:1])] + [held_out.take(rest[i:i + step])
                                            for i in range(0, len(rest), step)]
+    outputs: list[list[np.ndarray]] | SpilledOutputs = [] if spill is None else (
+        SpilledOutputs(spill))
     with torch.no_grad():
-        outputs = [[t.numpy() for t in run_outputs(module, batch)] for batch in batches]
+        for batch in batches:
+            outputs.append([t.numpy() for t in run_outputs(module, batch)])
     noise = (measure_noise(module, batches, outputs, noise_flops) if noise_flops
              else NoiseFloor.none(len(outputs[0])))
     return TorchOutputs(batches, outputs, noise)
 
 
 def measure_noise(module: nn.Module, batches: list[dict[str, torch.Tensor]],
-                  outputs: list[list[np.ndarray]], flops: int = NOISE_FLOPS) -> NoiseFloor:
+                  outputs: Sequence[list[np.ndarray]], flops: int = NOISE_FLOPS) -> NoiseFloor:
     """Return `module`'s float32 noise on each output: the largest |float32 − reference| over
     the samples of `batches` (whose float32 `outputs` these are), one sample at a time, until
     the reference passes have cost `flops` (at least `MIN_NOISE_SAMPLES` samples).
@@ -164,7 +199,7 @@ def measure_noise(module: nn.Module, batches: list[dict[str, torch.Tensor]],
 
 
 def _largest_differences(module: nn.Module, batches: list[dict[str, torch.Tensor]],
-                         outputs: list[list[np.ndarray]], flops: int,
+                         outputs: Sequence[list[np.ndarray]], flops: int,
                          mode: type[TorchDispatchMode]) -> tuple[list[float], int]:
     """Return max |float32 − reference| per output and the samples it was measured on."""
     worst = [0.0] * len(outputs[0])
@@ -196,13 +231,16 @@ def _largest_differences(module: nn.Module, batches: list[dict[str, torch.Tensor
 
 
 def _largest_finite_difference(plain: torch.Tensor, reference: torch.Tensor) -> float:
-    """Return max |plain − reference| over the values both have finite (0 for an output that
-    is not float: ids or a mask have no rounding)."""
+    """Return max |plain − reference| over the values where it is finite (0 for an output that
+    is not float: ids or a mask have no rounding), in float64 `_ELEMENTS_PER_CHUNK` at a time."""
     if not plain.is_floating_point():
         return 0.0
-    diff = (plain.double() - reference.double()).abs_()
-    diff = diff[torch.isfinite(diff)]
-    return float(diff.max()) if diff.numel() else 0.0
+    worst = 0.0
+    for a, b in zip(plain.reshape(-1).split(_ELEMENTS_PER_CHUNK),
+                    reference.reshape(-1).split(_ELEMENTS_PER_CHUNK), strict=True):
+        diff = (a.double() - b.double()).abs_().nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        worst = max(worst, float(diff.max()))
+    return worst
 
 
 def _float64_fits(module: nn.Module) -> bool:

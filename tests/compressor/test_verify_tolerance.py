@@ -6,7 +6,8 @@ measured on it (float64, or the perturbed-rounding fallback); the same export wi
 off by 1 % (in the first, a middle or the last layer) fails, and its message says where, by how
 much, against what tolerance and noise floor, and what to do; the noise floor is measured
 without a float64 copy of the model and falls back when that copy would not fit or float64 is
-refused; an output that is not float has no noise.
+refused; an output that is not float has no noise. With `spill`, the verified outputs are
+written to disk a batch at a time, and verification reads back what it would have held.
 """
 
 from __future__ import annotations
@@ -211,3 +212,21 @@ def test_an_output_that_is_not_float_has_no_noise():
     assert verify._largest_finite_difference(ids, ids.double() + 0.5) == 0.0
     plain = torch.tensor([1.0, float("inf"), 2.0])
     assert verify._largest_finite_difference(plain, torch.tensor([1.5, 0.0, 2.0])) == 0.5
+
+
+# -- outputs on disk, a batch at a time ------------------------------------------------------------
+
+
+def test_spilled_outputs_verify_as_held_ones_do(deep, reference, tmp_path):
+    spilled = deep.reference(spill=tmp_path / "outputs")
+    assert isinstance(spilled.outputs, verify.SpilledOutputs) and len(spilled.outputs) == 3
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == [
+        f"batch{b}_output0.npy" for b in range(3)]
+    for held, read in zip(reference.outputs, spilled.outputs, strict=True):
+        np.testing.assert_array_equal(held[0], read[0])
+    assert spilled.samples == SAMPLES and spilled.noise == reference.noise
+    assert verify_onnx(deep.path, spilled, ATOL, RTOL) == verify_onnx(deep.path, reference,
+                                                                      ATOL, RTOL)
+    with pytest.raises(IndexError):
+        spilled.outputs[3]
+
