@@ -19,6 +19,7 @@ unsmoothed model onnxruntime was verified against, and the int8 one is still che
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -100,12 +101,15 @@ def _uses_by_input(module: fx.GraphModule) -> dict[fx.Node, list[_Use]]:
         if node.op == "call_module":
             key = (id(module.get_submodule(node.target)), "")
             reads[key] = reads.get(key, 0) + 1
+    # a tensor two modules hold (a tied head's factors, read by its embedding too)
+    holders = Counter(id(p) for m in module.modules() for p in m._parameters.values()
+                      if p is not None)
     uses: dict[fx.Node, list[_Use]] = {}
     unsafe: set[fx.Node] = set()
     for use in found:
         source = use.node.args[0]
         shared = (reads.get((id(use.owner), use.name), 0) > 1
-                  or reads.get((id(use.owner), ""), 0) > 1)
+                  or reads.get((id(use.owner), ""), 0) > 1 or holders[id(use.weight)] > 1)
         if shared or use.weight.dim() != 2:
             unsafe.add(source)
         uses.setdefault(source, []).append(use)

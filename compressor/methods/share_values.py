@@ -83,6 +83,15 @@ class SharedValuesLayer(nn.Module):
         weight = _gather(self.codebook, self.idx, tuple(self.idx.shape))
         return self.layer.spec.apply(self.layer, x, weight, self.bias)
 
+    def tied_embedding(self) -> SharedValuesEmbedding:
+        """The input-embedding use of this layer's weight (a tied LM head): the same codebook
+        and indices (one copy in the export), the token's index rows gathered."""
+        rows = SharedValuesEmbedding.__new__(SharedValuesEmbedding)
+        nn.Module.__init__(rows)
+        rows.codebook = self.codebook
+        rows.register_buffer("idx", self.idx)
+        return rows
+
 
 class SharedValuesEmbedding(nn.Module):
     """Look up the small-integer index rows of the tokens, then their values in the codebook."""

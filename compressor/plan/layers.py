@@ -63,13 +63,29 @@ def owner_name(target: str) -> str | None:
     return owner if owner and attr == "weight" else None
 
 
+def tied_embedding_call(node: fx.Node) -> bool:
+    """Whether `node` is the input-embedding use of a weight a linear layer also reads (an LM's
+    head tied to its input table): that weight is one layer, the linear one, and this call
+    reads it as its tied embedding."""
+    if node.target not in KIND_OF_OP or KIND_OF_OP[node.target].name != "embedding":
+        return False
+    weight = node.args[KIND_OF_OP[node.target].weight_arg]
+    if not isinstance(weight, fx.Node) or weight.op != "get_attr" or len(weight.users) != 2:
+        return False
+    kinds = sorted(KIND_OF_OP[u.target].name if u.target in KIND_OF_OP else "" for u in weight.users)
+    return kinds == ["embedding", "linear"]
+
+
 def find_layers(module: fx.GraphModule) -> tuple[list[LayerInfo], list[SkippedLayer]]:
     """Return the compressible layers of `module` (every registered kind), and the others."""
     attr_uses = Counter(n.target for n in module.graph.nodes if n.op == "get_attr"
                         for _ in n.users)
+    tied = {weight_target(n) for n in layer_nodes(module.graph) if tied_embedding_call(n)}
     layers: list[LayerInfo] = []
     skipped: list[SkippedLayer] = []
     for node in layer_nodes(module.graph):
+        if tied_embedding_call(node):
+            continue  # its weight is the linear head's, found as that layer
         target = weight_target(node)
         if target is None:
             skipped.append(SkippedLayer(node.name, "its weight is computed in the graph, not a parameter"))
@@ -78,7 +94,7 @@ def find_layers(module: fx.GraphModule) -> tuple[list[LayerInfo], list[SkippedLa
         if name is None:
             skipped.append(SkippedLayer(target, "its weight is not a submodule's `weight`"))
             continue
-        if attr_uses[target] != 1:
+        if attr_uses[target] != 1 and target not in tied:
             skipped.append(SkippedLayer(name, "its weight is shared with other operations"))
             continue
         kind = KIND_OF_OP[node.target]
@@ -88,7 +104,8 @@ def find_layers(module: fx.GraphModule) -> tuple[list[LayerInfo], list[SkippedLa
             continue
         weight = kind.weight_of(module.get_parameter(target))
         layers.append(LayerInfo(name, kind.name, tuple(weight.shape),
-                                produces_output=_produces_output(node), **facts))
+                                produces_output=_produces_output(node),
+                                tied_embedding=target in tied, **facts))
     skipped = _unique(skipped + _unsupported_layers(module.graph))
     return layers, skipped + _unlisted_weights(module, layers, skipped)
 
@@ -147,9 +164,12 @@ def _unique(skipped: list[SkippedLayer]) -> list[SkippedLayer]:
 
 
 def layer_calls(module: fx.GraphModule) -> dict[fx.Node, str]:
-    """Return each layer call of the graph with the dotted name of the module owning its weight."""
+    """Return each layer call of the graph with the dotted name of the module owning its weight
+    (a tied head's embedding call is not its layer's call: its input is token ids)."""
     calls = {}
     for node in layer_nodes(module.graph):
+        if tied_embedding_call(node):
+            continue
         target = weight_target(node)
         name = owner_name(target) if target else None
         if name is not None:

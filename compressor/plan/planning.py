@@ -80,6 +80,7 @@ class Plan:
                  "size_field": p.method.size_field,
                  "weights_before": p.layer.numel, "weights_after": round(p.compact_numel),
                  "share": p.compact_numel / max(1, p.layer.numel),
+                 **({"tied_embedding": True} if p.layer.tied_embedding else {}),
                  **({"sensitivity": p.sensitivity} if p.sensitivity is not None else {}),
                  **({"reason": p.reason} if p.reason else {})}
                 for p in self.layers
@@ -165,6 +166,9 @@ def _exclusion(layer: LayerInfo, method: Method, override: LayerOverride | None,
         return "not selected by layers.include / layers.exclude"
     if layer.kind not in method.layer_kinds:
         return f"method {method.name!r} does not apply to {layer.kind} layers"
+    if layer.tied_embedding and "embedding" not in method.layer_kinds:
+        return (f"its weight is also the input embedding table (tied), and method "
+                f"{method.name!r} does not apply to embeddings")
     if layer.produces_output and method.ties_output_rows and not (override and override.method):
         return (f"{method.name} would make some of the model's outputs identical (this layer "
                 "produces an output); name the method in an override to force it")

@@ -10,7 +10,13 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from compressor.plan.layers import layer_input, layer_nodes, owner_name, weight_target
+from compressor.plan.layers import (
+    layer_input,
+    layer_nodes,
+    owner_name,
+    tied_embedding_call,
+    weight_target,
+)
 from compressor.plan.planning import Plan
 from compressor.rewrite.parametrize import parametrization_of, theta_of
 from compressor.runtime.graph import shallow_copy
@@ -59,13 +65,25 @@ def materialize(student: nn.Module, base: fx.GraphModule, plan: Plan,
     sit beside all of θ (the student cannot run afterwards).
     """
     dense = _with_student_state(student, base)
+    aliases = _aliases(base)
     with torch.no_grad():
         for entry in plan.compressed:
             weight = student.get_submodule(entry.layer.name).weight.detach()
-            _set_tensor(dense, f"{entry.layer.name}.weight", weight)
+            name = f"{entry.layer.name}.weight"
+            for alias in aliases.get(name, (name,)):  # a tied table: every name it goes by
+                _set_tensor(dense, alias, weight)
             if consume:
                 release_theta_(student, entry.layer.name)
     return dense
+
+
+def _aliases(module: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Return, for each parameter name, every name the same tensor goes by (a tied LM head and
+    its input table: `lm_head.weight` is `wte.weight`)."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(tensor), []).append(name)
+    return {name: tuple(group) for group in names.values() for name in group}
 
 
 def factorize(student: nn.Module, base: fx.GraphModule, plan: Plan) -> fx.GraphModule:
@@ -86,7 +104,9 @@ def factorize(student: nn.Module, base: fx.GraphModule, plan: Plan) -> fx.GraphM
 def replace_layers_(module: fx.GraphModule, compact: dict[str, nn.Module]) -> None:
     """Replace each named layer's linear/conv call with a call to its compact module, in place.
 
-    The layer's dense weight and bias leave the module, so the export holds only θ.
+    A tied head's embedding call gets the module its compact module gives for its rows
+    (`tied_embedding`), reading the same θ. The layer's dense weight and bias leave the module,
+    so the export holds only θ.
     """
     for node in layer_nodes(module.graph):
         target = weight_target(node)
@@ -94,7 +114,11 @@ def replace_layers_(module: fx.GraphModule, compact: dict[str, nn.Module]) -> No
         if name not in compact:
             continue
         slot = COMPACT_PREFIX + name.replace(".", "__")
-        module.add_submodule(slot, compact[name])
+        if tied_embedding_call(node):
+            slot, layer_module = slot + "__rows", compact[name].tied_embedding()
+        else:
+            layer_module = compact[name]
+        module.add_submodule(slot, layer_module)
         with module.graph.inserting_before(node):
             call = module.graph.call_module(slot, (layer_input(node),))
         node.replace_all_uses_with(call)

@@ -46,6 +46,10 @@ class LayerInfo:
     dilation: tuple[int, ...] = (1, 1)
     groups: int = 1
     produces_output: bool = False  # its result is one of the model's outputs, as is
+    # An embedding call reads this weight too: an LM's output head tied to its input table.
+    # One θ serves both uses (rows gathered for the input, a matmul for the head), and its
+    # gradient is the sum of both uses' gradients.
+    tied_embedding: bool = False
 
     def __post_init__(self) -> None:
         kind = LAYER_KINDS.get(self.kind)

@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -263,6 +264,37 @@ def test_text_is_tokenized_truncated_and_padded_with_valid_masks(folders, tmp_pa
     assert ids[1, -1].item() == 3  # [SEP] kept at the truncation
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["dense", "factorized"])
+def test_a_tied_head_and_input_table_are_compressed_once_and_stay_tied(tmp_path, form):
+    from transformers import GPT2LMHeadModel
+
+    folder = save_checkpoint("gpt2", tmp_path / "gpt2")
+    config = {**FAST, "ratio": 0.5, "allocation": "uniform", "export": {
+        "form": form, "latency_seconds": 0}}
+    result = compressor.compress(folder, config, data=write_text(tmp_path / "lines.txt"),
+                                 out_dir=tmp_path / "out")
+    plan = result.report["plan"]
+    head = next(layer for layer in plan["layers"] if layer["name"] == "model.lm_head")
+    assert head["tied_embedding"] and head["method"] == "lowrank"
+    assert plan["skipped"] == []  # the table is the head's weight: nothing left unmentioned
+    assert not any(layer["name"].endswith("wte") for layer in plan["layers"])
+    assert result.report["onnx_parity"]["passed"]  # both uses, verified in onnxruntime
+    if form == "factorized":
+        shapes = [list(i.dims) for i in onnx.load(result.model_path).graph.initializer]
+        # no dense table for either use: the rows and the head read the factors (the exporter
+        # folds the head's transpose of A into a copy of its own, A as (r, vocab))
+        assert [96, 32] not in shapes and [32, 96] not in shapes
+        return
+    with zipfile.ZipFile(tmp_path / "out" / "model-hf.zip") as archive:
+        archive.extractall(tmp_path / "hf")
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
+    assert model.config.tie_word_embeddings  # the tie is kept in the folder written back
+    assert model.lm_head.weight is model.transformer.wte.weight
+    original = GPT2LMHeadModel.from_pretrained(folder)
+    assert not torch.equal(model.lm_head.weight, original.lm_head.weight)  # compressed
+
+
 def test_a_causal_lms_long_text_is_cut_into_windows_so_every_token_counts(folders, tmp_path):
     config = CompressionConfig.parse({**FAST, "data": {"max_length": 6}})
     loaded = load_checkpoint(folders["llama"], tmp_path, config.data.max_length)
@@ -437,9 +469,8 @@ def test_a_gpt2_folder_has_every_conv1d_compressed_and_written_back_in_its_own_l
         fan_in, fan_out = module.weight.shape  # stored (in, out)
         assert layer["kind"] == "addmm" and layer["shape"] == [fan_out, fan_in], layer
         assert layer["method"] == "lowrank" and layer["size"] < min(fan_in, fan_out), layer
-    skipped = {entry["name"].removeprefix("model."): entry["reason"]
-               for entry in report["plan"]["skipped"]}
-    assert "shared" in skipped["lm_head"]  # the tied table (issue 27 point 3, not yet)
+    assert report["plan"]["skipped"] == []
+    assert planned["lm_head"]["tied_embedding"]  # the tied table: compressed once
     assert report["plan"]["kept_weights"] < report["plan"]["targeted_weights"]
     assert report["parameters"]["factorized_form"] < report["parameters"]["before"]
     assert report["onnx_parity"]["passed"] and report["onnx_parity"]["huggingface"]["passed"]

@@ -180,8 +180,8 @@ DISCOVERIES = [
         m, (torch.randn(2, 5, 8),))), ("c_fc", "c_proj"), ("c_proj",), {}),
     Discovery("gpt2", _gpt2,
               ("transformer.wpe", "transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
-               "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"), (),
-              {"lm_head": "shared with other operations"}),
+               "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj", "lm_head"),
+              ("lm_head",), {}),  # the tied table: the head's weight, one layer
     Discovery("bare_parameters", lambda: (m := _BareParameters(), lambda: _program_module(
         m, (torch.randn(2, 5, 8),))), ("fc",), ("fc",),
               {"proj": "(8, 8) parameter is read by aten.matmul",
@@ -196,8 +196,7 @@ DISCOVERIES = [
                         "direction": "(64, 32) parameter is read by aten.div.Tensor, "
                                      "aten.linalg_vector_norm"}),
     Discovery("tied_head", lambda: (m := _TiedHead(), lambda: _program_module(
-        m, (torch.randint(0, 50, (2, 5)),))), ("mid",), (),
-              {"head": "shared with other operations"}),
+        m, (torch.randint(0, 50, (2, 5)),))), ("mid", "head"), ("head",), {}),
 ]
 
 

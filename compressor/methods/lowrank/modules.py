@@ -53,6 +53,14 @@ class LowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.B), self.A, self.bias)
 
+    def tied_embedding(self) -> LowRankEmbedding:
+        """The input-embedding use of this layer's weight (a tied LM head): the same A and B
+        (the same parameters, one copy in the export), its rows gathered: A[ids] @ B."""
+        rows = LowRankEmbedding.__new__(LowRankEmbedding)
+        nn.Module.__init__(rows)
+        rows.A, rows.B = self.A, self.B
+        return rows
+
 
 class LowRankEmbedding(nn.Module):
     """Look up rows of a narrow table A (rows × r), then project them: A[ids] @ B."""
