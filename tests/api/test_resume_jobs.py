@@ -30,7 +30,8 @@ from compressor.vocabulary import (
     RESUME_FOLDER,
     SUCCEEDED,
 )
-from tests.support.processes import ServerProcess
+from tests.support.backends import distributed_backend
+from tests.support.processes import ServerProcess, ServiceProcess
 from tests.support.service import make_settings, wait_for_job
 
 CONFIG = {"ratio": 0.5, "finetune": {"steps": 8, "eval_every": 2, "checkpoint_every": 2},
@@ -133,46 +134,81 @@ def test_a_job_out_of_attempts_loses_what_it_kept(services: Services, fake_pt2: 
     assert services.store.get(job_id).status == FAILED
 
 
+# Long enough to be caught between two checkpoints, short enough to finish in seconds.
+KILLABLE = json.dumps({"ratio": 0.5, "export": {"latency_seconds": 0}, "finetune": {
+    "steps": 400, "eval_every": 50, "checkpoint_every": 50}})
+
+
+def submit(server: ServerProcess, model: Path) -> str:
+    response = server.client.post("/v1/jobs", data={"config": KILLABLE},
+                                  files={"model": ("mlp.pt2", model.read_bytes())})
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def wait_for_a_checkpoint(server: ServerProcess, data_dir: Path, job_id: str) -> Path:
+    """Wait until the job kept a fine-tuning checkpoint (not its last); return resume/."""
+    kept_dir = data_dir / "jobs" / job_id / "out" / RESUME_FOLDER
+    deadline = time.monotonic() + 120
+    while not any(not json.loads(p.read_text())["finished"]
+                  for p in kept_dir.glob("finetune-*/product.json")):
+        assert time.monotonic() < deadline, server.client.get(f"/v1/jobs/{job_id}").json()
+        time.sleep(0.02)
+    return kept_dir
+
+
+def assert_resumed_like_an_uninterrupted_job(server: ServerProcess, model: Path, job_id: str,
+                                             kept_dir: Path) -> None:
+    job = wait_for_job(server.client, job_id, timeout=180)
+    assert (job["status"], job["attempts"]) == ("succeeded", 2), job
+    log = server.client.get(f"/v1/jobs/{job_id}/artifacts/job.log").text
+    assert "fine-tuning: resumed after step" in log
+    assert "calibration: reused 2 of 2 layers' prepared products" in log
+    assert not kept_dir.exists()
+    plain = wait_for_job(server.client, submit(server, model), timeout=180)
+    sha256 = {job["id"]: {a["name"]: a["sha256"] for a in job["artifacts"]}["model.onnx"]
+              for job in (job, plain)}
+    assert sha256[job_id] == sha256[plain["id"]]
+
+
 @pytest.mark.slow
 def test_a_worker_killed_mid_finetuning_has_its_job_resume_with_the_same_artifact(
         data_dir: Path, mlp_pt2: Path) -> None:
-    # Long enough to be caught between two checkpoints, short enough to finish in seconds.
-    config = json.dumps({"ratio": 0.5, "export": {"latency_seconds": 0}, "finetune": {
-        "steps": 3000, "eval_every": 100, "checkpoint_every": 100}})
     server = ServerProcess({"COMPRESSOR_DATA_DIR": str(data_dir), "COMPRESSOR_API_KEYS": KEY},
                            data_dir.parent / "serve.log", api_key=KEY)
     try:
         server.wait_ready(path="/readyz")
-
-        def submit() -> str:
-            response = server.client.post("/v1/jobs", data={"config": config},
-                                          files={"model": ("mlp.pt2", mlp_pt2.read_bytes())})
-            assert response.status_code == 202, response.text
-            return response.json()["id"]
-
-        job_id = submit()
-        record = data_dir / "jobs" / job_id / "out" / RESUME_FOLDER
-        deadline = time.monotonic() + 120
-        while not any(not json.loads(p.read_text())["finished"]
-                      for p in record.glob("finetune-*/product.json")):
-            assert time.monotonic() < deadline, server.client.get(f"/v1/jobs/{job_id}").json()
-            time.sleep(0.02)
+        job_id = submit(server, mlp_pt2)
+        kept_dir = wait_for_a_checkpoint(server, data_dir, job_id)
         store = JobDatabase(f"sqlite:///{data_dir / 'jobs.db'}")
         try:
             worker_id = store.get(job_id).worker_id or ""
         finally:
             store.close()
         os.kill(int(worker_id.rsplit("-", 3)[1]), signal.SIGKILL)  # host-pid-random-thread
-
-        job = wait_for_job(server.client, job_id, timeout=180)
-        assert (job["status"], job["attempts"]) == ("succeeded", 2), job
-        log = server.client.get(f"/v1/jobs/{job_id}/artifacts/job.log").text
-        assert "fine-tuning: resumed after step" in log
-        assert not record.exists()
-        plain = wait_for_job(server.client, submit(), timeout=180)
-        sha256 = {job["id"]: {a["name"]: a["sha256"] for a in job["artifacts"]}["model.onnx"]
-                  for job in (job, plain)}
-        assert sha256[job_id] == sha256[plain["id"]]
+        assert_resumed_like_an_uninterrupted_job(server, mlp_pt2, job_id, kept_dir)
     finally:
         if server.process.poll() is None:
             server.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.services
+def test_on_postgresql_and_redis_a_killed_workers_job_resumes_on_another_worker(
+        data_dir: Path, mlp_pt2: Path) -> None:
+    with distributed_backend(data_dir) as backend:
+        env = {**backend.env(), "COMPRESSOR_API_KEYS": KEY}
+        logs = backend.data_dir.parent
+        api = ServerProcess(env, logs / "api.log", "--workers", "0", api_key=KEY)
+        workers = [ServiceProcess(["worker"], env, logs / "worker-1.log")]
+        try:
+            api.wait_ready(path="/healthz")
+            job_id = submit(api, mlp_pt2)
+            kept_dir = wait_for_a_checkpoint(api, backend.data_dir, job_id)
+            workers[0].kill()  # SIGKILL: the job is left running until its lease expires
+            workers.append(ServiceProcess(["worker"], env, logs / "worker-2.log"))
+            assert_resumed_like_an_uninterrupted_job(api, mlp_pt2, job_id, kept_dir)
+        finally:
+            for process in (api, *workers):
+                if process.process.poll() is None:
+                    process.kill()
