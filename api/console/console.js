@@ -407,7 +407,7 @@ async function submitView(view) {
       el("div", { class: "field", "data-field": "data" }, el("label", { for: "data-file" }, "data (optional)"), data,
         el("div", { class: "hint" }, ".safetensors or .npz, tensors named after the program's inputs"))),
     el("div", { class: "card" }, el("h2", {}, "Configuration"),
-      el("p", { class: "muted" }, "Every field shows its default; only the fields you change are sent."), fieldsBox),
+      el("p", { class: "muted" }, "Every field shows its default; only the fields you touch are sent. With none of the sizes (ratio, overrides, method size, export form or quantize) the job runs in target mode: the smallest model that keeps the target's floors."), fieldsBox),
     general,
     el("div", { class: "toolbar" }, send, el("div", { style: "width: 260px" }, bar), uploadState));
   view.append(el("h1", {}, "Submit a job"), form);
@@ -453,11 +453,12 @@ async function submitView(view) {
   function readConfig() {
     const config = {};
     let bad = false;
-    for (const [name, { input, path, value }] of inputs) {
+    for (const [name, { input, path, value, box }] of inputs) {
       let parsed;
       try { parsed = readField(input, value); }
       catch (error) { markField(name, error.message); bad = true; continue; }
-      if (JSON.stringify(parsed) !== JSON.stringify(value)) setPath(config, path, parsed);
+      // A touched field is sent even at its default: `ratio` 0.5 typed asks for ratio mode.
+      if (JSON.stringify(parsed) !== JSON.stringify(value) || box.classList.contains("changed")) setPath(config, path, parsed);
     }
     return bad ? null : config;
   }

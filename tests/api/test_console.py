@@ -106,7 +106,9 @@ def test_console_submits_follows_plots_downloads_and_refuses(
     expect(field_error).to_contain_text("greater than or equal to 0")
     assert uploads == []
 
-    # A tiny job through the form, followed to the end.
+    # A tiny job through the form, followed to the end: `ratio` typed at its default value
+    # is sent, and sizes the job (target mode otherwise).
+    page.locator('[id="cfg-ratio"]').fill("0.5")
     steps.fill("30")
     page.locator('[id="cfg-finetune.eval_every"]').fill("5")
     page.locator('[id="cfg-export.latency_seconds"]').fill("0.05")
@@ -122,6 +124,7 @@ def test_console_submits_follows_plots_downloads_and_refuses(
     expect(page.locator('#job-head [data-status="succeeded"]')).to_be_visible(timeout=120_000)
     job = server.client.get(f"/v1/jobs/{job_id}").json()
     assert job["config"]["finetune"]["steps"] == 30  # the form sent what was typed
+    assert job["config"]["ratio"] == 0.5 and job["config"]["target"] is None
 
     expect(page.locator("#timeline .done")).to_have_count(len(JOB_STAGES))
     # Each stage box shows when the server says the stage started, not when the page saw it.

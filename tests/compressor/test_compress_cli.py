@@ -121,7 +121,8 @@ def test_an_internal_error_prints_its_id_and_job_log_holds_the_traceback(program
         raise RuntimeError("the planner fell over")
 
     monkeypatch.setattr("compressor.plan.stage.allocate", broken_planner)
-    result = CliRunner().invoke(main, ["compress", str(program), "--out", str(tmp_path)])
+    result = CliRunner().invoke(main, ["compress", str(program), "--out", str(tmp_path),
+                                       "--set", "ratio=0.5"])
     said = _said(result)
     assert result.exit_code == 1 and "Traceback" not in result.output
     found = re.search(r"error \(internal_error\): internal error ([0-9a-f]{8}) in stage "
@@ -139,7 +140,8 @@ def test_a_failure_outside_the_job_is_reported_with_a_log_not_a_traceback(progra
         raise OSError("disk on fire")
 
     monkeypatch.setattr("compressor.pipeline.JobLog", broken)
-    result = CliRunner().invoke(main, ["compress", str(program), "--out", str(tmp_path)])
+    result = CliRunner().invoke(main, ["compress", str(program), "--out", str(tmp_path),
+                                       "--set", "ratio=0.5"])
     said = _said(result)
     assert result.exit_code == 1 and "Traceback" not in result.output
     found = re.search(r"details: (\S+compressor-error-[0-9a-f]{8}\.log)", said)
