@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from compressor.config import CompressionConfig
-from compressor.errors import CompressorError, InternalError
+from compressor.errors import CancelledError, CompressorError, InternalError, JobTimeoutError
 from compressor.export.stage import export_, staging_folder, verify
 from compressor.finetune.stage import finetune
 from compressor.load.stage import load
@@ -59,6 +59,9 @@ def compress(
     (an unexpected one is an `InternalError` whose traceback job.log holds under its id);
     artifacts are written atomically, so `out_dir` never holds a half-written file, and
     model.onnx / report.json exist only when the job succeeded. job.log is written either way.
+    What the job makes on the way is kept in `out_dir/resume/` (`compressor.runtime.resume`)
+    until it succeeds or fails for good: run again with the same `out_dir` after it was
+    stopped, timed out or crashed (or killed), the job resumes from what it finds there.
     """
     config = CompressionConfig.parse(config)
     out_dir = Path(out_dir)
@@ -73,6 +76,7 @@ def compress(
         return result
     except CompressorError as exc:
         log.info(f"failed ({exc.code}): {exc.message}")
+        _keep_for_a_retry(out_dir, exc, log)
         raise
     except Exception as exc:
         error = known_failure(exc)
@@ -80,9 +84,26 @@ def compress(
             error = InternalError.wrapping(exc, log.failed_stage)
             log.traceback(exc, error.error_id)
         log.info(f"failed ({error.code}): {error.message}")
+        _keep_for_a_retry(out_dir, error, log)
         raise error from exc
     finally:
         log.close()
+
+
+# Failures a run of the same job again may get past (stopped, out of time, a crash): what the
+# job kept is left for it. Any other failure would come again: what it kept goes.
+_RETRYABLE = (CancelledError, JobTimeoutError, InternalError)
+
+
+def _keep_for_a_retry(out_dir: Path, error: CompressorError, log: JobLog) -> None:
+    kept = out_dir / RESUME_FOLDER
+    if not kept.is_dir():
+        return
+    if isinstance(error, _RETRYABLE):
+        log.info(f"{RESUME_FOLDER}/ keeps what this try made: the job run again with this "
+                 "out_dir resumes from it")
+    else:
+        shutil.rmtree(kept, ignore_errors=True)
 
 
 def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | None,
