@@ -12,8 +12,10 @@ through the rounding, as ModelOpt's and PyTorch's QAT do):
   see `quantize_int8`), its input uint8 per tensor, range from the tensor itself
   (DynamicQuantizeLinear).
 - Conv stays float: the product's int8 leaves convolutions alone (`quantize_int8`).
-- Gather from a constant table (an embedding): the table uint8 per tensor; the rows looked up
-  stay on that grid, so a MatMul that reads them is not quantized again.
+- Gather from a constant table (an embedding, a tied table's rows): the table uint8 per
+  tensor; the rows looked up stay on that grid, so a MatMul that reads them is not quantized
+  again, and a MatMul reading the table itself as its weight (a tied head's Aᵀ) reuses that
+  uint8 quantization.
 
 The compact modules' θ tensors share storage with the parametrized student's θ, so what this
 trains is what the student, and then the exported artifact, holds. The int8 artifact is still
@@ -39,6 +41,7 @@ _UINT8_MAX = 255.0  # asymmetric uint8 activations and tables: [0, 255]
 _LINEAR = (torch.ops.aten.linear.default, F.linear)
 _EMBEDDING_ATEN = (torch.ops.aten.embedding.default,)  # (weight, ids, ...)
 _EMBEDDING_FUNCTIONAL = (F.embedding,)  # (ids, weight, ...)
+_INDEX_SELECT = (torch.index_select, torch.ops.aten.index_select.default)  # (table, dim, ids)
 _ADDMM = (torch.ops.aten.addmm.default, torch.addmm)  # (bias, x, weight (in, out))
 _MATMUL = (torch.ops.aten.matmul.default, torch.matmul, torch.Tensor.matmul,
            torch.Tensor.__matmul__)
@@ -92,6 +95,9 @@ class Int8Simulation(TorchFunctionMode):
         self.constants = {id(t) for t in constants}
         # Outputs already on a uint8 grid (looked-up rows), held so that their ids stay theirs.
         self.on_grid: dict[int, torch.Tensor] = {}
+        # Constant tables rows were gathered from: onnxruntime quantizes such an initializer
+        # once, uint8 per tensor, and a MatMul reading it as is (a tied head's Aᵀ) reuses that.
+        self.tables: set[int] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -105,6 +111,11 @@ class Int8Simulation(TorchFunctionMode):
             return self._embedding(func, args[0], args[1], args[2:], kwargs, weight_first=True)
         if func in _EMBEDDING_FUNCTIONAL:
             return self._embedding(func, args[1], args[0], args[2:], kwargs, weight_first=False)
+        if func in _INDEX_SELECT and self._constant(args[0]):  # a tied table's rows
+            self.tables.add(id(args[0]))
+            out = func(fake_uint8_asymmetric(args[0]), *args[1:], **kwargs)
+            self.on_grid[id(out)] = out
+            return out
         return func(*args, **kwargs)
 
     def _constant(self, tensor: Any) -> bool:
@@ -121,6 +132,8 @@ class Int8Simulation(TorchFunctionMode):
     def _matmul(self, func, x, weight, *rest, **kwargs):  # noqa: ANN001
         if not self._constant(weight) or weight.dim() != 2:
             return func(x, weight, *rest, **kwargs)
+        if id(weight) in self.tables:
+            return func(self._input(x), fake_uint8_asymmetric(weight), *rest, **kwargs)
         return func(self._input(x), fake_int8_symmetric(weight, axis=-1), *rest, **kwargs)
 
     def _addmm(self, func, bias, x, weight, *rest, **kwargs):  # noqa: ANN001
@@ -131,6 +144,7 @@ class Int8Simulation(TorchFunctionMode):
     def _embedding(self, func, weight, ids, rest, kwargs, weight_first: bool):  # noqa: ANN001
         quantized = self._constant(weight)
         if quantized:
+            self.tables.add(id(weight))
             weight = fake_uint8_asymmetric(weight)
         out = func(weight, ids, *rest, **kwargs) if weight_first else func(
             ids, weight, *rest, **kwargs)

@@ -281,10 +281,14 @@ def test_a_tied_head_and_input_table_are_compressed_once_and_stay_tied(tmp_path,
     assert not any(layer["name"].endswith("wte") for layer in plan["layers"])
     assert result.report["onnx_parity"]["passed"]  # both uses, verified in onnxruntime
     if form == "factorized":
-        shapes = [list(i.dims) for i in onnx.load(result.model_path).graph.initializer]
-        # no dense table for either use: the rows and the head read the factors (the exporter
-        # folds the head's transpose of A into a copy of its own, A as (r, vocab))
-        assert [96, 32] not in shapes and [32, 96] not in shapes
+        rank = head["size"]
+        stored = {i.name: list(i.dims) for i in onnx.load(result.model_path).graph.initializer}
+        # No dense table for either use, and each factor once: the rows and the head read the
+        # same Aᵀ (rank × vocab) and Bᵀ (dim × rank), no transposed copy beside them.
+        assert [96, 32] not in stored.values() and [32, 96] not in stored.values()
+        assert list(stored.values()).count([rank, 96]) == 1
+        assert {n: d for n, d in stored.items() if "lm_head" in n} == {
+            "compact__model__lm_head.At": [rank, 96], "compact__model__lm_head.Bt": [32, rank]}
         return
     with zipfile.ZipFile(tmp_path / "out" / "model-hf.zip") as archive:
         archive.extractall(tmp_path / "hf")

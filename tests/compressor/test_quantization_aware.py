@@ -71,10 +71,10 @@ def test_the_simulation_computes_what_onnxruntime_int8_computes(kind, tmp_path):
     for real, as_float, as_simulated in zip(int8, floats, simulated, strict=True):
         assert _relative_l2(as_float, real) > 1e-3
         if kind in CHECKPOINTS:
-            # On an AVX2 CPU without VNNI (AMD EPYC, this suite's machine) GPT-2's simulation
-            # is 0.0086 from the real int8 model, against the float's 0.022 (cause not found;
-            # on a VNNI CPU it matched to 1e-7): closer than the float, not exact.
-            assert _relative_l2(as_simulated, real) < 0.5 * _relative_l2(as_float, real)
+            # GPT-2 (its tied head compressed, the table's rows and the head reading one Aᵀ):
+            # the simulation is 0.0007 from the real int8 model against the float's 0.030 on
+            # an AVX2 CPU without VNNI (this suite's machine); what is left is not found.
+            assert _relative_l2(as_simulated, real) < 0.1 * _relative_l2(as_float, real)
         else:
             assert _relative_l2(as_simulated, real) < 1e-5
 

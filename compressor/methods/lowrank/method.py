@@ -26,6 +26,7 @@ from compressor.methods.lowrank.modules import (
     LowRankEmbedding,
     LowRankLinear,
     LowRankWeight,
+    TiedLowRankHead,
 )
 from compressor.methods.lowrank.sequential import correct_second_factor_
 from compressor.runtime.layers import (
@@ -158,4 +159,6 @@ class LowRank(Method):
             return LowRankEmbedding(A, B)
         if layer.spec.has_kernel:
             return _CONV_MODULES[len(layer.kernel_size)](layer, A, B, bias)
+        if layer.tied_embedding:  # its rows are the input table's: `tied_embedding()`
+            return TiedLowRankHead(A, B, bias)
         return LowRankLinear(A, B, bias)  # W = A @ B as (out, in), whatever the stored layout

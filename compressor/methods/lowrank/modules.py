@@ -53,13 +53,44 @@ class LowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.B), self.A, self.bias)
 
-    def tied_embedding(self) -> LowRankEmbedding:
-        """The input-embedding use of this layer's weight (a tied LM head): the same A and B
-        (the same parameters, one copy in the export), its rows gathered: A[ids] @ B."""
-        rows = LowRankEmbedding.__new__(LowRankEmbedding)
-        nn.Module.__init__(rows)
-        rows.A, rows.B = self.A, self.B
-        return rows
+
+
+class TiedLowRankHead(nn.Module):
+    """A tied LM head in compact form, (x Bᵀ) Aᵀ + bias, holding Aᵀ and Bᵀ (views of θ) as its
+    matmuls take them, so that the input table's rows (`tied_embedding`) read the same two
+    tensors and the export keeps each factor once (an A read by a Gather and by a MatMul
+    would be stored twice: A, and the transpose the exporter folds for the MatMul)."""
+
+    # Its factors are the input table's too: int8 smoothing must leave them alone.
+    int8_input_weight = None
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.At = nn.Parameter(A.detach().t(), requires_grad=False)
+        self.Bt = nn.Parameter(B.detach().t(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.matmul(torch.matmul(x, self.Bt), self.At)
+        return out if self.bias is None else out + self.bias
+
+    def tied_embedding(self) -> TiedLowRankRows:
+        """The input table's use of this weight: its rows, A[ids] @ B, from the same tensors."""
+        return TiedLowRankRows(self)
+
+
+class TiedLowRankRows(nn.Module):
+    """The rows of a tied table, A[ids] @ B = (Bᵀ Aᵀ[:, ids])ᵀ, read from its head's Aᵀ and Bᵀ
+    (the same parameters)."""
+
+    def __init__(self, head: TiedLowRankHead) -> None:
+        super().__init__()
+        self.At, self.Bt = head.At, head.Bt
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        columns = torch.index_select(self.At, 1, ids.reshape(-1))  # (r, tokens)
+        rows = torch.matmul(self.Bt, columns).transpose(0, 1)  # (tokens, dim)
+        return rows.reshape(*ids.shape, self.Bt.shape[0])
 
 
 class LowRankEmbedding(nn.Module):
