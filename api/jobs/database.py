@@ -28,6 +28,7 @@ from compressor.vocabulary import (
     FINISHED_STATUSES,
     JOB_STATUSES,
     QUEUED,
+    REPORTING,
     RUNNING,
     SUCCEEDED,
     ErrorCode,
@@ -351,8 +352,8 @@ class JobDatabase:
             "status": status, "error": error, "report": report, "artifacts": artifacts or [],
             "finished_at": now, "lease_expires_at": None,
         }
-        if status == SUCCEEDED:
-            values["progress"] = 1.0
+        if status == SUCCEEDED:  # every stage ran; progress events may have been throttled
+            values["progress"], values["stage"] = 1.0, REPORTING
         return self._update_own(job_id, worker_id, **values)
 
     def release(

@@ -30,7 +30,7 @@ def test_submit_answers_202_with_location_and_the_filled_config(make_client, fak
     assert job["config"]["export"]["form"] == "dense"
     done = wait_for_job(client, job["id"])
     assert done["status"] == "succeeded"
-    assert done["progress"] == 1.0
+    assert done["progress"] == 1.0 and done["stage"] == "reporting"  # the last, not the last sent
     assert done["started_at"] and done["finished_at"] and done["attempts"] == 1
     assert [a["name"] for a in done["artifacts"]] == ["model.onnx", "report.json", "job.log"]
     assert done["report"]["fake"] is True
