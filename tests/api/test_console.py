@@ -93,6 +93,7 @@ def test_console_submits_follows_plots_downloads_and_refuses(
     # A refused config: the server's message appears next to the field as it is typed, and
     # submitting uploads nothing. The method is chosen from the registry's names.
     page.goto(f"{server.client.base_url}/#/submit")
+    expect(page.locator('[id="cfg-method.name"]')).to_be_visible()  # the defaults have loaded
     methods = page.locator('[id="cfg-method.name"] option').all_text_contents()
     assert methods == ["lowrank", "share_values", "tie_inputs", "tie_rows"]
     steps = page.locator('[id="cfg-finetune.steps"]')
