@@ -300,7 +300,8 @@ class CompressionConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _read_version_1_and_choose_mode(cls, data: Any) -> Any:
-        return with_mode_chosen(upgrade_version_1(data), was_version_1=_is_version_1(data))
+        upgraded = upgrade_version_1(data)
+        return with_mode_chosen(upgraded, was_version_1=upgraded is not data)
 
     @model_validator(mode="after")
     def _one_way_to_size(self) -> CompressionConfig:
@@ -384,10 +385,6 @@ def _sizes_the_job(data: dict[str, Any]) -> bool:
 # Top-level fields of version 1 that became method options in version 2.
 _V1_FIELDS = ("init", "per_output_scale")
 _V1_SIZES = ("rank", "groups", "values")
-
-
-def _is_version_1(data: Any) -> bool:
-    return isinstance(data, dict) and upgrade_version_1(data) is not data
 
 
 def upgrade_version_1(data: Any) -> Any:

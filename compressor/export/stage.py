@@ -15,7 +15,7 @@ import contextlib
 import gc
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,12 @@ from compressor.plan.planning import Plan
 from compressor.rewrite.forms import factorize, materialize
 from compressor.runtime.context import JobContext
 from compressor.runtime.costs import count_flops, count_parameters
-from compressor.runtime.outputs import FidelityMeter, OutputFidelity, describe_fidelity
+from compressor.runtime.outputs import (
+    FidelityMeter,
+    OutputFidelity,
+    describe_fidelity,
+    fidelity_by_output,
+)
 from compressor.vocabulary import EXPORTING, HF_ARTIFACT, ONNX_ARTIFACT, VERIFYING
 
 # Training samples int8 smoothing measures each MatMul input's channels on, at most, and how
@@ -210,7 +215,7 @@ def verify(exported: ExportedJob, trained: TrainedJob, loaded: LoadedJob, config
 
 
 def _check_floors(fidelity: list[OutputFidelity], names: list[str], target: TargetConfig) -> None:
-    figures = {name: asdict(f) for name, f in zip(names, fidelity, strict=True)}
+    figures = fidelity_by_output(fidelity, names)
     if not target.met_by(figures):
         raise VerificationError(
             f"the artifact misses the target on the held-out split ({describe_fidelity(figures)};"

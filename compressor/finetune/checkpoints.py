@@ -33,6 +33,7 @@ from compressor.runtime.memory import format_bytes
 from compressor.runtime.resume import (
     ResumeFolder,
     UntrustedProduct,
+    fitting,
     read_product,
     write_product,
 )
@@ -195,8 +196,8 @@ def _read_state(path: Path, record: dict[str, Any], params: list[nn.Parameter]) 
     try:
         with safe_open(str(path), framework="pt") as kept:
             names = set(kept.keys())
-            theta = [_fitting(kept.get_tensor(f"theta.{i}"), p) for i, p in enumerate(params)]
-            best = [_fitting(kept.get_tensor(f"best.{i}"), p) for i, p in enumerate(params)]
+            theta = [fitting(kept.get_tensor(f"theta.{i}"), p) for i, p in enumerate(params)]
+            best = [fitting(kept.get_tensor(f"best.{i}"), p) for i, p in enumerate(params)]
             moments: dict[int, dict[str, torch.Tensor]] = {}
             for name in sorted(n for n in names if n.startswith("optimizer.")):
                 _, index, field = name.split(".", 2)
@@ -210,7 +211,7 @@ def _read_state(path: Path, record: dict[str, Any], params: list[nn.Parameter]) 
         for index, state in moments.items():
             for field in ("exp_avg", "exp_avg_sq"):
                 if field in state:
-                    _fitting(state[field], params[index])
+                    fitting(state[field], params[index])
         return TrainingState(
             int(record["step"]), bool(record["finished"]), theta, best, float(record["best"]),
             int(record["best_step"]), float(record["lr_scale"]), list(record["history"]),
@@ -220,10 +221,3 @@ def _read_state(path: Path, record: dict[str, Any], params: list[nn.Parameter]) 
         if isinstance(exc, UntrustedProduct):
             raise
         raise UntrustedProduct(f"it does not hold a whole fine-tuning state ({exc!r})") from None
-
-
-def _fitting(tensor: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
-    if tensor.shape != param.shape or tensor.dtype != param.dtype:
-        raise UntrustedProduct(f"a kept tensor is {tuple(tensor.shape)} {tensor.dtype}, its "
-                               f"parameter {tuple(param.shape)} {param.dtype}")
-    return tensor

@@ -18,13 +18,13 @@ from safetensors import safe_open
 from torch import nn
 
 from compressor.plan.planning import Plan
-from compressor.runtime.resume import ResumeFolder, UntrustedProduct, read_product, write_product
-
-
-def theta(student: nn.Module, plan: Plan) -> list[nn.Parameter]:
-    """Return θ of every compressed layer of `student`, in plan order."""
-    return [param for entry in plan.compressed for param in
-            student.get_submodule(entry.layer.name).parametrizations.weight.parameters()]
+from compressor.runtime.resume import (
+    ResumeFolder,
+    UntrustedProduct,
+    fitting,
+    read_product,
+    write_product,
+)
 
 
 class KeptInitialization:
@@ -47,15 +47,11 @@ class KeptInitialization:
             if found is None:
                 return False
             with safe_open(str(found[0]), framework="pt") as kept:
-                tensors = [kept.get_tensor(f"theta.{i}") for i in range(len(params))]
+                tensors = [fitting(kept.get_tensor(f"theta.{i}"), param)
+                           for i, param in enumerate(params)]
                 if len(kept.keys()) != len(params):
                     raise UntrustedProduct(f"it holds {len(kept.keys())} tensors, θ has "
                                            f"{len(params)}")
-            for tensor, param in zip(tensors, params, strict=True):
-                if tensor.shape != param.shape or tensor.dtype != param.dtype:
-                    raise UntrustedProduct(f"a kept tensor is {tuple(tensor.shape)} "
-                                           f"{tensor.dtype}, θ's {tuple(param.shape)} "
-                                           f"{param.dtype}")
         except (UntrustedProduct, KeyError, ValueError) as exc:
             self.log(f"rewriting: the kept θ discarded: {exc}; θ is corrected again")
             self.resume.delete_product(self.folder)

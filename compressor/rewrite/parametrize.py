@@ -78,17 +78,25 @@ def theta_of(module: nn.Module, name: str) -> tuple[torch.Tensor, ...]:
     return tuple(getattr(plist, f"original{i}") for i in range(count))
 
 
+def compressed_theta(module: nn.Module, plan: Plan,
+                     with_biases: bool = False) -> list[nn.Parameter]:
+    """Return θ of every compressed layer of `module`, in plan order (each layer's bias after
+    its θ, when `with_biases`)."""
+    params: list[nn.Parameter] = []
+    for entry in plan.compressed:
+        owner = module.get_submodule(entry.layer.name)
+        params.extend(owner.parametrizations.weight.parameters())
+        if with_biases and getattr(owner, "bias", None) is not None:
+            params.append(owner.bias)
+    return params
+
+
 def trainable_parameters(module: nn.Module, plan: Plan, train_biases: bool) -> list[nn.Parameter]:
     """Return θ of every compressed layer (plus their biases when `train_biases`), and make
     exactly these the parameters of `module` that require a gradient."""
     for param in module.parameters():
         param.requires_grad_(False)
-    params: list[nn.Parameter] = []
-    for entry in plan.compressed:
-        owner = module.get_submodule(entry.layer.name)
-        params.extend(owner.parametrizations.weight.parameters())
-        if train_biases and getattr(owner, "bias", None) is not None:
-            params.append(owner.bias)
+    params = compressed_theta(module, plan, with_biases=train_biases)
     for param in params:
         param.requires_grad_(True)
     return params

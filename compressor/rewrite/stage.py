@@ -9,8 +9,8 @@ from torch import fx
 from compressor.load.stage import LoadedJob
 from compressor.methods import GradReduction
 from compressor.plan.stage import PlannedJob
-from compressor.rewrite.kept import KeptInitialization, theta
-from compressor.rewrite.parametrize import parametrize_
+from compressor.rewrite.kept import KeptInitialization
+from compressor.rewrite.parametrize import compressed_theta, parametrize_
 from compressor.rewrite.sequential import correct_sequentially_
 from compressor.runtime.context import JobContext
 from compressor.runtime.graph import shallow_copy
@@ -55,10 +55,10 @@ def build_student(loaded: LoadedJob, planned: PlannedJob, grad_reduction: GradRe
         kept = (KeptInitialization(job.resume, plan, f"{grad_reduction}, {samples} samples",
                                    job.log.info)
                 if keep and job.resume is not None else None)
-        if kept is not None and kept.load_(theta(student, plan)):
+        if kept is not None and kept.load_(compressed_theta(student, plan)):
             return student
         job.log.info(f"sequential correction on {samples} of {wanted} samples")
         correct_sequentially_(student, teacher, plan, loaded.train.take(torch.arange(samples)))
         if kept is not None:
-            kept.save(theta(student, plan))
+            kept.save(compressed_theta(student, plan))
     return student

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -196,6 +196,11 @@ class _NextTokenSums:
                 "next_token_agreement": self.agree / self.tokens,
                 "kl_divergence": self.kl / self.tokens,
                 "next_tokens": self.tokens}
+
+
+def fidelity_by_output(fidelity: list[OutputFidelity], names: list[str]) -> dict[str, dict]:
+    """Return per-output fidelity as plain data (every figure), keyed by output name."""
+    return {name: asdict(f) for name, f in zip(names, fidelity, strict=True)}
 
 
 def describe_fidelity(fidelity: dict[str, dict[str, Any]]) -> str:

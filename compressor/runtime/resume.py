@@ -180,6 +180,15 @@ def read_product(folder: Path, key: str) -> tuple[Path, dict[str, Any]] | None:
     return tensors_file, record
 
 
+def fitting(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Return a kept tensor that has its parameter's shape and dtype; raise `UntrustedProduct`
+    otherwise."""
+    if tensor.shape != param.shape or tensor.dtype != param.dtype:
+        raise UntrustedProduct(f"a kept tensor is {tuple(tensor.shape)} {tensor.dtype}, its "
+                               f"parameter {tuple(param.shape)} {param.dtype}")
+    return tensor
+
+
 def free_disk_bytes(folder: Path) -> int | None:
     """Return the free bytes of the disk `folder` is (or will be) on; None if unknown."""
     for path in (folder, *folder.parents):

@@ -52,7 +52,7 @@ from compressor.report.figures import onnx_latency_ms
 from compressor.rewrite.stage import build_student, rewrite
 from compressor.runtime.context import JobContext
 from compressor.runtime.costs import count_parameters
-from compressor.runtime.outputs import OutputFidelity, describe_fidelity
+from compressor.runtime.outputs import describe_fidelity, fidelity_by_output
 from compressor.vocabulary import ONNX_ARTIFACT, PLANNING
 
 # The kept fractions of the targeted weights the search tries, smallest first.
@@ -154,7 +154,7 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
         trained = finetune(loaded, candidate.plan, student, through_int8, job)
         del student
         if candidate.quantize is None:
-            reached = _fidelity_dict(trained.final, loaded.output_names)
+            reached = fidelity_by_output(trained.final, loaded.output_names)
             if candidate.bytes_estimated:  # its real size, now that it may ship
                 candidate.bytes = scout.exported_bytes(trained.student, candidate.plan)
                 candidate.bytes_estimated = False
@@ -234,10 +234,6 @@ def _dense(plan: Plan) -> Plan:
     layers = tuple(replace(p, size=None, compact_numel=float(p.layer.numel),
                            reason="kept dense: int8 of the original") for p in plan.layers)
     return replace(plan, layers=layers, budget=float(plan.targeted_numel), layer_ratio=1.0)
-
-
-def _fidelity_dict(fidelity: list[OutputFidelity], names: list[str]) -> dict[str, dict]:
-    return {name: asdict(f) for name, f in zip(names, fidelity, strict=True)}
 
 
 class _Scout:
@@ -320,7 +316,7 @@ class _Scout:
 
     def _float(self, fraction: float, plan: Plan) -> Candidate:
         student = self._student(plan)
-        scored = _fidelity_dict(fidelity(student, self.held_out, self.loaded.kinds,
+        scored = fidelity_by_output(fidelity(student, self.held_out, self.loaded.kinds,
                                          self.loaded.next_token)[0],
                                 self.loaded.output_names)
         parameters = self._parameters(plan)
@@ -341,7 +337,7 @@ class _Scout:
             quantized = exported.parent / "int8" / ONNX_ARTIFACT
             quantized.parent.mkdir()
             quantize_int8(exported, quantized)
-            scored = _fidelity_dict(onnx_fidelity(quantized, self.held_out, self.loaded.kinds,
+            scored = fidelity_by_output(onnx_fidelity(quantized, self.held_out, self.loaded.kinds,
                                                   self.loaded.next_token),
                                     self.loaded.output_names)
             latency = None
