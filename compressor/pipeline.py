@@ -22,7 +22,7 @@ from compressor.config import CompressionConfig
 from compressor.errors import CancelledError, CompressorError, InternalError, JobTimeoutError
 from compressor.export.stage import export_, staging_folder, verify
 from compressor.finetune.stage import finetune
-from compressor.load.stage import load
+from compressor.load.stage import artifact_bytes, load
 from compressor.plan.stage import calibrate_layers, plan
 from compressor.report.stage import Result, report
 from compressor.rewrite.stage import rewrite
@@ -115,6 +115,7 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
         log.info(f"{RESUME_FOLDER}/ holds {format_bytes(resume.size_bytes())} kept by an earlier "
                  "try of this job: each product is used only if it checks (inputs, digests)")
     loaded = load(model, data, config, out_dir, control, log)
+    resume.reserve_bytes = artifact_bytes(loaded.model_bytes)  # kept products leave it free
     job = JobContext(loaded.costs, control, log, resume)
     calibrated = calibrate_layers(loaded, config, job)
     if config.target is None:

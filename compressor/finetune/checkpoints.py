@@ -100,12 +100,13 @@ class FinetuneCheckpoints:
     """
 
     def __init__(self, folder: Path, key: str, every_steps: int, every_s: float,
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], reserve: int | None = None) -> None:
         self.folder = folder
         self.key = key
         self.every_steps = every_steps
         self.every_s = every_s
         self.log = log
+        self.reserve = reserve  # disk a checkpoint leaves free for the artifacts (`write_product`)
         self.enabled = True  # off once the disk cannot take them
         self._last = time.monotonic()
 
@@ -125,7 +126,8 @@ class FinetuneCheckpoints:
                          default=str)
         slot = hashlib.sha256(run.encode()).hexdigest()[:16]
         return cls(resume.product(f"finetune-{slot}"), resume.key("finetune", run),
-                   config.checkpoint_every, 60 * config.checkpoint_minutes, log)
+                   config.checkpoint_every, 60 * config.checkpoint_minutes, log,
+                   resume.reserve_bytes)
 
     def due(self, step: int) -> bool:
         """Return whether a checkpoint is due after `step`: every N steps or M minutes."""
@@ -165,7 +167,7 @@ class FinetuneCheckpoints:
                   "history": state.history, "optimizer_groups": groups, "device": state.device,
                   "theta": [[list(t.shape), str(t.dtype)] for t in state.theta]}
         try:
-            size = write_product(self.folder, self.key, tensors, record)
+            size = write_product(self.folder, self.key, tensors, record, self.reserve)
         except OSError as exc:  # a full disk, say: the job goes on, only its retry loses
             self._turn_off(f"one was not written ({exc.strerror or exc})")
             return

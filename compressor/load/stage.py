@@ -8,7 +8,6 @@ sample of the model costs (`SampleCosts`, which sizes every later stage's batche
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from compressor.load.data import Dataset, InputSpec, input_specs, load_data, syn
 from compressor.load.guards import check_guards
 from compressor.load.huggingface import LoadedCheckpoint
 from compressor.load.program import load_program
+from compressor.methods import method_class
 from compressor.runtime.costs import SampleCosts
 from compressor.runtime.graph import shallow_copy
 from compressor.runtime.joblog import JobLog
@@ -39,7 +39,11 @@ from compressor.runtime.memory import (
 from compressor.runtime.objectives import detect_output_kinds
 from compressor.runtime.outputs import call
 from compressor.runtime.progress import JobControl
+from compressor.runtime.resume import free_disk_bytes, kept_bytes_estimate
 from compressor.vocabulary import LOADING
+
+# The artifacts (model.onnx, a Hugging Face folder's copy, ...) take about the weights again.
+ARTIFACT_BYTES_PER_WEIGHT_BYTE = 2
 
 
 @dataclass
@@ -84,7 +88,7 @@ def load(model: Path, data: Path | None, config: CompressionConfig, workdir: Pat
     cannot hold up front. A Hugging Face archive is unpacked inside `workdir`."""
     with log.stage(LOADING):
         control.report(LOADING, 0.0, f"loading {model.name}")
-        check_resources(model, workdir)
+        check_resources(model, workdir, config)
         inputs = _load_inputs(model, data, config, workdir)
         if inputs.checkpoint is not None and inputs.checkpoint.max_length < config.data.max_length:
             log.info(f"data.max_length {config.data.max_length} is more than the model's "
@@ -140,12 +144,15 @@ def next_token_outputs(checkpoint: LoadedCheckpoint | None, kinds: list[str],
             for kind, out in zip(kinds, outputs, strict=True)]
 
 
-def check_resources(model: Path, out_dir: Path) -> None:
-    """Refuse a job up front when the machine cannot hold the model or its artifacts.
+def check_resources(model: Path, out_dir: Path, config: CompressionConfig | None = None) -> None:
+    """Refuse a job up front when the machine cannot hold the model, its artifacts or what it
+    keeps for a retry.
 
     The estimate is from the upload's weights as they will be loaded (float32): the peak memory
     a job reaches (`memory.model_memory_estimate`) against what the machine has available, and
-    the artifacts (about the weights again) against the free space of `out_dir`.
+    the artifacts (`ARTIFACT_BYTES_PER_WEIGHT_BYTE` × the weights) plus the products the job
+    keeps in `out_dir/resume/` (`resume.kept_bytes_estimate`; for `config`, all defaults when
+    None) against the free space of `out_dir`.
     """
     weights = loaded_weight_bytes(model)
     needed = model_memory_estimate(weights)
@@ -157,12 +164,38 @@ def check_resources(model: Path, out_dir: Path) -> None:
             f"{format_bytes(weights)} of float32 weights) and this machine has "
             f"{format_bytes(available)} available; run the job on a machine (or worker) with "
             "more memory, or free memory and retry")
-    free = shutil.disk_usage(out_dir).free
-    if 2 * weights > free:
+    config = config or CompressionConfig()
+    artifacts = artifact_bytes(weights)
+    kept = kept_bytes_estimate(weights, theta_share(config),
+                               config.finetune.steps > 0 and config.finetune.checkpoint_every > 0)
+    free = free_disk_bytes(out_dir)
+    if free is not None and artifacts + sum(kept.values()) > free:
+        parts = ", ".join(f"{name} {format_bytes(size)}" for name, size in kept.items())
+        advice = ("" if "fine-tuning checkpoints" not in kept else
+                  ", or set finetune.checkpoint_every 0 to keep no fine-tuning checkpoints (a "
+                  "retried job then trains from its first step)")
         raise ResourceError(
-            f"the job's artifacts need about {format_bytes(2 * weights)} of disk and "
-            f"{out_dir} has {format_bytes(free)} free; free some space (or delete old jobs) "
-            "and retry")
+            f"the job needs about {format_bytes(artifacts + sum(kept.values()))} of disk and "
+            f"{out_dir} has {format_bytes(free)} free: its artifacts about "
+            f"{format_bytes(artifacts)}, and what it keeps for a retry until it ends ({parts}); "
+            f"free some space (or delete old jobs) and retry{advice}")
+
+
+def artifact_bytes(weight_bytes: int) -> int:
+    """Return the disk a job's artifacts take at most, for `weight_bytes` of float weights."""
+    return ARTIFACT_BYTES_PER_WEIGHT_BYTE * weight_bytes
+
+
+def theta_share(config: CompressionConfig) -> float:
+    """Return the most θ can take, as a share of the model's weights: `ratio` for a job whose
+    every layer is sized by it, else all of them (target mode, overrides, a method's own size;
+    a layer whose θ would be larger than its weight stays dense)."""
+    method = config.method
+    size_field = method_class(method.name).size_field
+    own_size = size_field is not None and getattr(method, size_field, None) is not None
+    if config.target is None and not config.overrides and not own_size:
+        return min(1.0, config.ratio)
+    return 1.0
 
 
 def _load_inputs(model: Path, data: Path | None, config: CompressionConfig,

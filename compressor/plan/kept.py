@@ -71,7 +71,8 @@ class KeptPreparations:
             return
         folder, key = self._where(entry)
         try:
-            write_product(folder, key, tensors, {"layer": entry.layer.name})
+            write_product(folder, key, tensors, {"layer": entry.layer.name},
+                          self.resume.reserve_bytes)
         except OSError as exc:
             self.enabled = False
             self.log(f"calibration: products no longer kept ({exc}); a retry prepares the "

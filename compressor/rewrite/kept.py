@@ -66,6 +66,7 @@ class KeptInitialization:
         """Keep θ as it is now (a write that fails is logged; the job goes on)."""
         try:
             write_product(self.folder, self.key,
-                          {f"theta.{i}": p.detach() for i, p in enumerate(params)}, {})
+                          {f"theta.{i}": p.detach() for i, p in enumerate(params)}, {},
+                          self.resume.reserve_bytes)
         except OSError as exc:
             self.log(f"rewriting: θ not kept ({exc}); a retry corrects it again")

@@ -36,12 +36,15 @@ from safetensors.torch import save_file
 from compressor.runtime.memory import format_bytes
 from compressor.vocabulary import RESUME_FOLDER, sha256_of
 
-__all__ = ["RESUME_FOLDER", "ResumeFolder", "UntrustedProduct", "read_product", "write_product"]
+__all__ = ["RESUME_FOLDER", "ResumeFolder", "UntrustedProduct", "kept_bytes_estimate",
+           "read_product", "write_product"]
 PRODUCT_FORMAT = 1  # bumped when a product's layout changes: older products are discarded
 _RECORD = "product.json"
 # Config fields that cannot change any product: a retry that changes them still resumes.
 _NOT_INPUTS = {"timeout_s": True,
                "finetune": {"checkpoint_every": True, "checkpoint_minutes": True}}
+# Tensors the size of θ in a fine-tuning checkpoint: θ, AdamW's two moments, the best θ.
+CHECKPOINT_THETA_COPIES = 4
 
 
 class UntrustedProduct(Exception):
@@ -56,11 +59,14 @@ class ResumeFolder:
     are hashed once, when a product is first written or read.
     """
 
-    def __init__(self, path: Path, model: Path, data: Path | None, config: dict[str, Any]) -> None:
+    def __init__(self, path: Path, model: Path, data: Path | None, config: dict[str, Any],
+                 reserve_bytes: int | None = None) -> None:
         self.path = path
         self._model = model
         self._data = data
         self._config = config
+        # Disk a product must leave free beside it (the job's artifacts); None: its own size.
+        self.reserve_bytes = reserve_bytes
 
     @cached_property
     def inputs_digest(self) -> str:
@@ -96,23 +102,43 @@ class ResumeFolder:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def kept_bytes_estimate(weight_bytes: int, theta_share: float,
+                        checkpoints: bool) -> dict[str, int]:
+    """Return the most disk a job's kept products take at once, by product, for a model of
+    `weight_bytes` float weights whose θ is at most `theta_share` of them (`checkpoints`:
+    fine-tuning keeps checkpoints).
+
+    Calibration's decompositions take at most the weights' bytes (lowrank keeps a layer's A up
+    to its break-even rank, and B only where A and B together store fewer numbers than W); θ
+    as corrected, at most `theta_share` of them; a checkpoint, `CHECKPOINT_THETA_COPIES` × θ,
+    twice over while the next one replaces it (the old one goes once the new one is whole).
+    """
+    theta = int(theta_share * weight_bytes)
+    estimate = {"decompositions": weight_bytes, "θ": theta}
+    if checkpoints:
+        estimate["fine-tuning checkpoints"] = 2 * CHECKPOINT_THETA_COPIES * theta
+    return estimate
+
+
 def write_product(folder: Path, key: str, tensors: dict[str, torch.Tensor],
-                  record: dict[str, Any]) -> int:
+                  record: dict[str, Any], reserve: int | None = None) -> int:
     """Write a product atomically: `tensors` as safetensors, then `record` (JSON) naming them
     with their sha256 under `key`; remove the product's earlier tensors file. Return the bytes
     of the tensors file.
 
     Until the new `product.json` replaces the old one, the old product stays whole and
     readable, so a kill at any point leaves one complete product (or none, the first time).
-    Raises `OSError` (ENOSPC) without writing when the disk would keep less free than the
-    product's size: kept products must never take the room the job's artifacts need.
+    Raises `OSError` (ENOSPC) without writing when the disk would keep less than `reserve`
+    free beside it (None: the product's own size): kept products must never take the room the
+    job's artifacts need.
     """
     needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    reserve = needed if reserve is None else reserve
     free = free_disk_bytes(folder)
-    if free is not None and 2 * needed > free:
+    if free is not None and needed + reserve > free:
         raise OSError(errno.ENOSPC, f"it takes {format_bytes(needed)} and the disk has "
-                      f"{format_bytes(free)} free; a product is kept only when as much again "
-                      "stays free for the job's artifacts")
+                      f"{format_bytes(free)} free; a product is kept only when "
+                      f"{format_bytes(reserve)} more stays free for the job's artifacts")
     folder.mkdir(parents=True, exist_ok=True)
     name = f"tensors-{secrets.token_hex(4)}.safetensors"
     temps = [folder / f".{name}.tmp", folder / f".{_RECORD}.tmp"]
