@@ -11,7 +11,9 @@ uniform plan spent on these layers. Buying past a layer's break-even size leaves
 
 from __future__ import annotations
 
+import hashlib
 import heapq
+import json
 from dataclasses import dataclass, replace
 
 import torch
@@ -27,6 +29,7 @@ from compressor.plan.sensitivity import (
 )
 from compressor.runtime.context import JobContext
 from compressor.runtime.layers import LayerStats
+from compressor.runtime.resume import KeptRecord
 
 # Sensitivities are measured (or predicted) on up to this many calibration samples.
 SENSITIVITY_SAMPLES = 32
@@ -73,19 +76,41 @@ def sensitivities_of(teacher: fx.GraphModule, plan: Plan, stats: dict[str, Layer
     one = train.take(torch.arange(1))
     samples = min(len(train), SENSITIVITY_SAMPLES)
     probe_flops = len(prepared) * samples * job.costs.flops_per_sample
-    if probe_flops <= PROBE_FLOPS:
-        batch = train.take(torch.arange(samples))
-        sensitivities = measure_sensitivities(teacher, plan, prepared, batch, kinds)
-        how = f"measured: {len(prepared)} probes of {samples} samples"
-    else:
+    measured = probe_flops <= PROBE_FLOPS
+    if not measured:
         memory = ESTIMATE_BYTES_PER_MODEL_BYTE * job.costs.model_bytes
         samples = max(1, min(samples, int(memory // probe_bytes_per_sample(teacher, plan, one))))
-        batch = train.take(torch.arange(samples))
+    how = (f"measured: {len(prepared)} probes of {samples} samples" if measured else
+           f"predicted from one backward pass on {samples} samples (probing each layer "
+           f"would cost {probe_flops / 1e12:.0f} TFLOP)")
+    kept = None if job.resume is None else _kept_sensitivities(plan, prepared, how, job)
+    sensitivities = None if kept is None else kept.load()
+    if sensitivities is not None:
+        job.log.info(f"sensitivities reused from an earlier try ({how})")
+        return prepared, sensitivities
+    batch = train.take(torch.arange(samples))
+    if measured:
+        sensitivities = measure_sensitivities(teacher, plan, prepared, batch, kinds)
+    else:
         sensitivities = estimate_sensitivities(teacher, plan, prepared, batch, kinds)
-        how = (f"predicted from one backward pass on {samples} samples (probing each layer "
-               f"would cost {probe_flops / 1e12:.0f} TFLOP)")
     job.log.info(f"sensitivities {how}")
+    if kept is not None:
+        kept.save(sensitivities)
     return prepared, sensitivities
+
+
+def _kept_sensitivities(plan: Plan, prepared: dict[str, Approximation], how: str,
+                        job: JobContext) -> KeptRecord:
+    """Return where the sensitivities of `plan`'s layers are kept for a retry: keyed by the
+    plan, how they are found, and each layer's error at its planned size (which tells apart
+    decompositions made from other calibration samples or batches)."""
+    errors = {p.layer.name: repr(prepared[p.layer.name].error(p.size))
+              for p in plan.compressed if p.layer.name in prepared}
+    described = json.dumps({"plan": plan.to_dict(), "errors": errors}, sort_keys=True,
+                           default=str)
+    slot = hashlib.sha256(described.encode()).hexdigest()[:16]
+    return KeptRecord(job.resume, f"sensitivities-{slot}", (described, how), "sensitivities",
+                      job.log.info)
 
 
 def _options(index: int, entry: LayerPlan, size: int, cap: int, prepared: Approximation,

@@ -25,6 +25,7 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,8 @@ from safetensors.torch import save_file
 from compressor.runtime.memory import format_bytes
 from compressor.vocabulary import RESUME_FOLDER, sha256_of
 
-__all__ = ["RESUME_FOLDER", "ResumeFolder", "UntrustedProduct", "kept_bytes_estimate",
-           "read_product", "write_product"]
+__all__ = ["RESUME_FOLDER", "KeptRecord", "ResumeFolder", "UntrustedProduct",
+           "kept_bytes_estimate", "read_product", "write_product"]
 PRODUCT_FORMAT = 1  # bumped when a product's layout changes: older products are discarded
 _RECORD = "product.json"
 # Config fields that cannot change any product: a retry that changes them still resumes.
@@ -67,6 +68,9 @@ class ResumeFolder:
         self._config = config
         # Disk a product must leave free beside it (the job's artifacts); None: its own size.
         self.reserve_bytes = reserve_bytes
+        # What this try took from an earlier one, in the order it was taken (for the job's
+        # progress: where it resumed, what it reused).
+        self.reused: list[str] = []
 
     @cached_property
     def inputs_digest(self) -> str:
@@ -204,6 +208,49 @@ def read_product(folder: Path, key: str) -> tuple[Path, dict[str, Any]] | None:
     if names != set(record.get("tensor_names", names)):
         raise UntrustedProduct("its tensors file does not hold the tensors recorded")
     return tensors_file, record
+
+
+class KeptRecord:
+    """A product that is plain data (its record's `data`, JSON; no tensors): what a stage
+    decided or measured, kept so that a retry does not decide or measure it again.
+
+    `name` is its folder in `resume/`, `parts` what it depends on beyond the job's inputs (its
+    key covers them), `what` names it in the log lines of `log`.
+    """
+
+    def __init__(self, resume: ResumeFolder, name: str, parts: tuple[str, ...], what: str,
+                 log: Callable[[str], None]) -> None:
+        self.resume = resume
+        self.folder = resume.product(name)
+        self.key = resume.key(name, *parts)
+        self.what = what
+        self.log = log
+
+    def load(self) -> Any | None:
+        """Return the kept data, or None when none is kept or it cannot be trusted (then it is
+        deleted and the log says why)."""
+        try:
+            found = read_product(self.folder, self.key)
+            if found is None:
+                return None
+            if "data" not in found[1]:
+                raise UntrustedProduct("its record holds no data")
+        except UntrustedProduct as exc:
+            self.log(f"{self.what}: the kept one discarded: {exc}; computed again")
+            self.resume.delete_product(self.folder)
+            return None
+        return found[1]["data"]
+
+    def save(self, data: Any) -> None:
+        """Keep `data` (JSON-able), replacing what was kept; a write that fails is logged."""
+        try:
+            write_product(self.folder, self.key, {}, {"data": data}, reserve=0)
+        except OSError as exc:
+            self.log(f"{self.what}: not kept ({exc.strerror or exc}); a retry computes it again")
+
+    def delete(self) -> None:
+        """Drop what is kept."""
+        self.resume.delete_product(self.folder)
 
 
 def fitting(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,7 @@ from compressor.rewrite.stage import build_student, rewrite
 from compressor.runtime.context import JobContext
 from compressor.runtime.costs import count_parameters
 from compressor.runtime.outputs import describe_fidelity, fidelity_by_output
+from compressor.search.kept import KeptSearch
 from compressor.vocabulary import ONNX_ARTIFACT, PLANNING
 
 # The kept fractions of the targeted weights the search tries, smallest first.
@@ -137,7 +138,12 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
         held_out = HeldOut.of(loaded.teacher, loaded.held_out,
                               job.costs.evaluation_batch(EVAL_BATCH))
         scout = _Scout(loaded, stats, held_out, config, target, workdir, job)
-        candidates = scout.walk(_budget_plans(plan, prepared, sensitivities), _dense(plan))
+        plans, dense = _budget_plans(plan, prepared, sensitivities), _dense(plan)
+        kept = KeptSearch(job, plans, dense, held_out.batch_size)  # what a retry reuses
+        candidates = kept.candidates(Candidate)
+        if candidates is None:
+            candidates = scout.walk(plans, dense)
+            kept.save_candidates(candidates)
     if not candidates:
         raise TargetNotMetError("no candidate smaller than the original could be planned for "
                                 "this model; set `ratio` to compress it to a size you choose")
@@ -146,6 +152,12 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
         raise TargetNotMetError(_not_met(candidates, target, fine_tuned=False))
     tries: list[dict[str, Any]] = []
     for candidate in finalists:
+        if (missed := kept.missed_before(candidate)) is not None:
+            tries.append(missed)
+            job.log.info(f"target: candidate kept {candidate.kept_fraction:g}"
+                         f"{' int8' if candidate.quantize else ''} missed the floor after "
+                         "fine-tuning in an earlier try: not fine-tuned again")
+            continue
         planned = PlannedJob(candidate.plan, dict(stats))
         student = rewrite(loaded, planned, config.finetune.grad_reduction, job)
         # an int8 candidate learns through the int8 arithmetic it will run in
@@ -170,6 +182,7 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
             export = config.export.model_copy(update={"form": "factorized",
                                                       "quantize": candidate.quantize})
             return SearchResult(planned, trained, export, candidate, candidates, tries, target)
+        kept.keep_miss(tries[-1])
     raise TargetNotMetError(_not_met(candidates, target, fine_tuned=True, tries=tries))
 
 

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 
 import compressor
+import compressor.errors
 from compressor.config import CompressionConfig
 from compressor.errors import ResourceError
 from compressor.load import stage as load_stage
 from compressor.load.stage import artifact_bytes, check_resources, theta_share
 from compressor.runtime.memory import loaded_weight_bytes
 from compressor.runtime.resume import kept_bytes_estimate
-from compressor.vocabulary import RESUME_FOLDER
+from compressor.vocabulary import RESUME_FOLDER, sha256_of
 from tests.support.tiny_models import make_pt2
 
 RATIO_JOB = {"ratio": 0.5, "finetune": {"steps": 8, "checkpoint_every": 2}}
@@ -81,3 +82,97 @@ def test_a_refused_job_fails_before_loading_and_keeps_nothing(program, tmp_path,
     log = (out / "job.log").read_text()
     assert "failed (insufficient_resources)" in log and "what it keeps for a retry" in log
     assert not (out / RESUME_FOLDER).exists() and not (out / "model.onnx").exists()
+
+
+# Target mode on the tiny MLP scored as a regression: every candidate meets relative L2 10.
+TARGET_JOB = {"finetune": {"steps": 8, "eval_every": 2, "checkpoint_every": 2,
+                           "loss": "regression"},
+              "min_layer_params": 0, "export": {"latency_seconds": 0},
+              "data": {"synthetic_samples": 64}, "target": {"relative_l2": 10.0}}
+
+
+def run(program: Path, config: dict, out: Path, stop_at: tuple[str, str, int] | None = None):
+    """Run the job; with `stop_at` (stage, message start, n), stop it at the n-th such event.
+    Return the result (None when stopped) and every progress message, by stage."""
+    events: list[tuple[str, str]] = []
+    seen = [0]
+
+    def progress(event) -> None:
+        events.append((event.stage, event.message))
+        if stop_at and event.stage == stop_at[0] and event.message.startswith(stop_at[1]):
+            seen[0] += 1
+
+    def stop() -> bool:
+        return stop_at is not None and seen[0] >= stop_at[2]
+
+    try:
+        return compressor.compress(program, config, out_dir=out, progress=progress,
+                                   should_stop=stop), events
+    except compressor.errors.CancelledError:
+        return None, events
+
+
+def scorings(events: list[tuple[str, str]]) -> list[str]:
+    return [message for _, message in events if message.startswith("scoring the candidate")
+            or message.startswith("scoring the original")]
+
+
+@pytest.mark.slow
+def test_a_retried_target_job_does_not_score_its_candidates_again(program, tmp_path):
+    plain, plain_events = run(program, TARGET_JOB, tmp_path / "plain")
+    assert scorings(plain_events)  # the search scored its candidates
+    stopped, _ = run(program, TARGET_JOB, tmp_path / "retried", ("finetuning", "step 5/", 1))
+    assert stopped is None
+    retried, events = run(program, TARGET_JOB, tmp_path / "retried")
+    log = retried.log_path.read_text()
+    assert scorings(events) == []  # nothing scored again
+    assert "sensitivities reused from an earlier try" in log
+    candidates = len(plain.report["target"]["candidates"])
+    assert f"target: reused the {candidates} candidates an earlier try scored" in log
+    assert "fine-tuning: resumed after step" in log
+    assert retried.report["target"] == plain.report["target"]
+    assert sha256_of(retried.model_path) == sha256_of(plain.model_path)
+    assert not (tmp_path / "retried" / RESUME_FOLDER).exists()
+
+
+@pytest.mark.slow
+def test_a_finalist_that_missed_is_not_fine_tuned_again_and_its_products_go(program, tmp_path):
+    # Fine-tuning adds nothing at 0 steps: a finalist within reach of the floor misses it.
+    config = {**TARGET_JOB, "finetune": {"steps": 0, "loss": "regression"}}
+    easy, _ = run(program, config, tmp_path / "easy")
+    floats = [c for c in easy.report["target"]["candidates"] if c["quantize"] is None]
+    errors = [c["fidelity"]["output_0"]["relative_l2"] for c in floats]
+    config["target"] = {"relative_l2": (errors[-1] + errors[-2]) / 2}  # only the largest meets
+    plain, _ = run(program, config, tmp_path / "plain")
+    missed = [t for t in plain.report["target"]["tries"] if not t["meets_floor"]]
+    assert missed, "no finalist missed: the test needs a floor within reach"
+    # Stopped as the finalist after the first one starts fine-tuning: the first one's miss is kept.
+    stopped, _ = run(program, config, tmp_path / "retried", ("finetuning", "", 2))
+    assert stopped is None
+    kept = tmp_path / "retried" / RESUME_FOLDER
+    assert len(list(kept.glob("search-tries-*"))) == 1
+    assert len(list(kept.glob("rewrite-*"))) <= 1  # the missed finalist's θ went
+    retried, events = run(program, config, tmp_path / "retried")
+    log = retried.log_path.read_text()
+    assert "missed the floor after fine-tuning in an earlier try: not fine-tuned again" in log
+    assert scorings(events) == []
+    assert sum(stage == "finetuning" and not message for stage, message in events) == len(
+        plain.report["target"]["tries"]) - 1  # the missed finalist is not fine-tuned again
+    assert retried.report["target"]["tries"] == plain.report["target"]["tries"]
+    assert sha256_of(retried.model_path) == sha256_of(plain.model_path)
+
+
+def test_damaged_kept_sensitivities_are_measured_again(tmp_path):
+    from compressor.runtime.resume import KeptRecord, ResumeFolder
+
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"weights")
+    resume = ResumeFolder(tmp_path / RESUME_FOLDER, model, None, {"ratio": 0.5})
+    lines: list[str] = []
+    record = KeptRecord(resume, "sensitivities-0", ("plan",), "sensitivities", lines.append)
+    record.save({"fc1": 0.25, "fc2": float("inf")})
+    assert record.load() == {"fc1": 0.25, "fc2": float("inf")}
+    other = KeptRecord(resume, "sensitivities-0", ("another plan",), "sensitivities",
+                       lines.append)
+    assert other.load() is None and "made for other inputs" in lines[-1]
+    assert not record.folder.exists()  # discarded: the next write starts afresh
