@@ -1,6 +1,7 @@
 """A job killed halfway through fine-tuning, retried: its wall time against an uninterrupted job.
 
-    python -m benchmarks.bench_resume [--model PATH] [--steps 200] [--kill-at 0.5]
+    python -m benchmarks.bench_resume [--model PATH] [--data PATH] [--steps 200]
+                                      [--batch-size N] [--kill-at 0.5]
 
 Three runs of `compressor.compress`, each in its own process: the job uninterrupted; the same
 job SIGKILLed when fine-tuning reports step `kill-at × steps` (nothing of the process runs after
@@ -48,7 +49,7 @@ def _wide_mlp(folder: Path) -> Path:
     return export_pt2(Wide(), {"x": torch.randn(2, 1024)}, folder / "wide.pt2")
 
 
-def _child(model: str, config: str, out_dir: str, kill_step: int) -> None:
+def _child(model: str, config: str, out_dir: str, kill_step: int, data: str) -> None:
     """Run the job; SIGKILL this process when fine-tuning reports `kill_step` (0: never)."""
     import compressor
 
@@ -57,7 +58,8 @@ def _child(model: str, config: str, out_dir: str, kill_step: int) -> None:
                 f"step {kill_step}/"):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    compressor.compress(model, json.loads(config), out_dir=out_dir, progress=progress)
+    compressor.compress(model, json.loads(config), out_dir=out_dir, data=data or None,
+                        progress=progress)
 
 
 class _DiskPeak:
@@ -82,10 +84,19 @@ class _DiskPeak:
         return self.peak
 
 
-def _run(model: Path, config: dict, out_dir: Path, kill_step: int = 0) -> tuple[float, int]:
+def _loadavg() -> list[float]:
+    """Return the machine's 1-, 5- and 15-minute load averages (Linux), or [] elsewhere."""
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return []
+
+
+def _run(model: Path, config: dict, out_dir: Path, data: Path | None,
+         kill_step: int = 0) -> tuple[float, int]:
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "benchmarks.bench_resume", "--child", str(model),
-                           json.dumps(config), str(out_dir), str(kill_step)],
+                           json.dumps(config), str(out_dir), str(kill_step), str(data or "")],
                           capture_output=True, text=True)
     if done.returncode not in (0, -signal.SIGKILL):
         raise SystemExit(f"the job failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -95,13 +106,16 @@ def _run(model: Path, config: dict, out_dir: Path, kill_step: int = 0) -> tuple[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path)
+    parser.add_argument("--data", type=Path, help="the job's data file (default: sampled)")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, help="finetune.batch_size (default: the "
+                        "config's default)")
     parser.add_argument("--kill-at", type=float, default=0.5)
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        model, config, out_dir, kill_step = args.child
-        _child(model, config, out_dir, int(kill_step))
+        model, config, out_dir, kill_step, data = args.child
+        _child(model, config, out_dir, int(kill_step), data)
         return
     from compressor.vocabulary import RESUME_FOLDER, sha256_of
 
@@ -110,17 +124,22 @@ def main() -> None:
     config = {"ratio": 0.5, "export": {"latency_seconds": 0},
               "finetune": {"steps": args.steps, "eval_every": max(1, args.steps // 8),
                            "checkpoint_every": max(1, args.steps // 4)}}
+    if args.batch_size:
+        config["finetune"]["batch_size"] = args.batch_size
     kill_step = max(1, round(args.kill_at * args.steps))
     plain, resumed = work / "uninterrupted", work / "resumed"
-    plain_s, _ = _run(model, config, plain)
+    load_start = _loadavg()
+    plain_s, _ = _run(model, config, plain, args.data)
     watch = _DiskPeak(resumed / RESUME_FOLDER)
-    killed_s, code = _run(model, config, resumed, kill_step)
+    killed_s, code = _run(model, config, resumed, args.data, kill_step)
     assert code == -signal.SIGKILL, "the job ended before it was killed: raise --steps"
-    retry_s, _ = _run(model, config, resumed)
+    retry_s, _ = _run(model, config, resumed, args.data)
     peak = watch.stop()
     log = (resumed / "job.log").read_text()
     result = {
-        "model": str(args.model or "wide MLP, 25.2M parameters"), "steps": args.steps,
+        "model": str(args.model or "wide MLP, 25.2M parameters"),
+        "data": str(args.data or "sampled"), "steps": args.steps,
+        "batch_size": config["finetune"].get("batch_size", "default"),
         "killed_at_step": kill_step, "checkpoint_every": config["finetune"]["checkpoint_every"],
         "uninterrupted_s": round(plain_s, 1), "killed_run_s": round(killed_s, 1),
         "retry_s": round(retry_s, 1),
@@ -132,6 +151,9 @@ def main() -> None:
         "retry_stage_seconds": json.loads((resumed / "report.json").read_text())
         ["stage_seconds"],
         "cores": os.cpu_count(),
+        # 1-, 5- and 15-minute load averages before the first run and after the last: other
+        # processes on the machine slow the runs unevenly
+        "loadavg_start": load_start, "loadavg_end": _loadavg(),
     }
     print(json.dumps(result, indent=2))
     RESULTS.parent.mkdir(exist_ok=True)
