@@ -88,6 +88,11 @@ class CancelledError(CompressorError):
     code = ErrorCode.CANCELLED
 
 
+class InterruptedJobError(CancelledError):
+    """The job was stopped to be run again (its worker shuts down): what it made so far is
+    kept for the retry, fine-tuning's state included."""
+
+
 class JobTimeoutError(CompressorError):
     """The job ran past its `timeout_s`."""
 

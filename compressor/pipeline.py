@@ -55,8 +55,9 @@ def compress(
     .safetensors / .npz file of inputs named after the program's inputs (for a checkpoint, also
     .txt / .jsonl text). `progress` receives a
     `ProgressEvent` per update; `should_stop` is polled at every step and a True answer raises
-    `CancelledError`. Every failure raises a `CompressorError` subclass with a stable `code`
-    (an unexpected one is an `InternalError` whose traceback job.log holds under its id);
+    `CancelledError`; `StopReason.INTERRUPT` stops the job to be run again
+    (`InterruptedJobError`), fine-tuning keeping a checkpoint of the step it reached first.
+    Every failure raises a `CompressorError` subclass with a stable `code` (an unexpected one is an `InternalError` whose traceback job.log holds under its id);
     artifacts are written atomically, so `out_dir` never holds a half-written file, and
     model.onnx / report.json exist only when the job succeeded. job.log is written either way.
     What the job makes on the way is kept in `out_dir/resume/` (`compressor.runtime.resume`)

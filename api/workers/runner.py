@@ -29,7 +29,7 @@ from api.jobs.folders import JobFolders
 from api.metrics import Metrics
 from api.settings import Settings
 from compressor.errors import CancelledError, CompressorError, InternalError
-from compressor.runtime.progress import ProgressEvent
+from compressor.runtime.progress import ProgressEvent, StopReason
 from compressor.vocabulary import (
     CANCELLED,
     FAILED,
@@ -124,10 +124,14 @@ class _RunningJob:
             except Exception:  # the store may be briefly unreachable; the lease covers that
                 log.exception("job %s: heartbeat failed", self.job.id)
 
-    def should_stop(self) -> bool:
-        """Return True when the job must stop: cancelled, lost, or the worker shuts down."""
-        if self.lost or self.runner.shutting_down.is_set():
+    def should_stop(self) -> bool | StopReason:
+        """Return whether the job must stop: True when it is cancelled or lost (another worker
+        may own it now: nothing more is written for it), `StopReason.INTERRUPT` when the worker
+        shuts down (the job goes back to the queue, and fine-tuning keeps a checkpoint first)."""
+        if self.lost:
             return True
+        if self.runner.shutting_down.is_set():
+            return StopReason.INTERRUPT
         now = time.monotonic()
         if now - self._last_cancel_check >= self.runner.settings.cancel_poll_s:
             self._last_cancel_check = now

@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 
 from compressor.config import FinetuneConfig
+from compressor.errors import InterruptedJobError
 from compressor.finetune.activation_checkpointing import (
     BlockCheckpointing,
     saved_activation_bytes,
@@ -362,14 +363,26 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
                 lr_scale /= 2
                 entry["backoff"] = f"rolled back to step {summary.best_step}, lr × {lr_scale:g}"
             summary.history.append(entry)
-        if checkpoints is not None and step < config.steps and checkpoints.due(step):
+        kept_now = checkpoints is not None and step < config.steps and checkpoints.due(step)
+        if kept_now:
             checkpoints.save(TrainingState.capture(
                 step=step, finished=False, params=params, best_theta=best_state, best=best,
                 best_step=summary.best_step, lr_scale=lr_scale, history=summary.history,
                 optimizer=optimizer, sampler=generator, device=device))
         left = time_left(time.monotonic() - started, step - first + 1, config.steps - first + 1)
-        control.report("finetuning", step / config.steps, f"step {step}/{config.steps}{left}",
-                       loss_value)
+        try:
+            control.report("finetuning", step / config.steps,
+                           f"step {step}/{config.steps}{left}", loss_value)
+        except InterruptedJobError:  # to be run again: the retry goes on after this step
+            if checkpoints is not None and not kept_now:
+                checkpoints.log(f"fine-tuning stopped after step {step} to be run again: "
+                                "checkpoint kept first")
+                checkpoints.save(TrainingState.capture(
+                    step=step, finished=step == config.steps, params=params,
+                    best_theta=best_state, best=best, best_step=summary.best_step,
+                    lr_scale=lr_scale, history=summary.history, optimizer=optimizer,
+                    sampler=generator, device=device))
+            raise
     if checkpoints is not None and (resumed is None or not resumed.finished):
         checkpoints.save(TrainingState.capture(  # a retry interrupted later skips training
             step=step, finished=True, params=params, best_theta=best_state, best=best,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
-from compressor.errors import CancelledError, JobTimeoutError
+from compressor.errors import CancelledError, InterruptedJobError, JobTimeoutError
 from compressor.vocabulary import JOB_STAGES as STAGES
 
 # Share of the whole job each stage stands for, used to turn stage fractions into `overall`.
@@ -33,8 +34,17 @@ class ProgressEvent:
     loss: float | None = None
 
 
+class StopReason(Enum):
+    """What a `should_stop` answer other than False means: the job is abandoned (`CANCEL`,
+    what True means too), or stopped to be run again (`INTERRUPT`: a worker shutting down),
+    when fine-tuning first keeps a checkpoint of the step it reached."""
+
+    CANCEL = "cancel"
+    INTERRUPT = "interrupt"
+
+
 ProgressCallback = Callable[[ProgressEvent], None]
-StopCheck = Callable[[], bool]
+StopCheck = Callable[[], "bool | StopReason"]
 
 
 def overall_progress(stage: str, fraction: float) -> float:
@@ -51,8 +61,9 @@ class JobControl:
     """Report progress and stop the job when it is cancelled or past its deadline.
 
     `check()` is called at every step boundary (every fine-tuning step, every stage); it raises
-    `CancelledError` once `should_stop()` answers True and `JobTimeoutError` once `timeout_s` has
-    passed since the control was made.
+    `CancelledError` once `should_stop()` answers True (or `StopReason.CANCEL`),
+    `InterruptedJobError` once it answers `StopReason.INTERRUPT`, and `JobTimeoutError` once
+    `timeout_s` has passed since the control was made.
     """
 
     def __init__(
@@ -68,7 +79,11 @@ class JobControl:
 
     def check(self) -> None:
         """Raise if the job was cancelled or ran past its timeout."""
-        if self._should_stop is not None and self._should_stop():
+        answer = self._should_stop() if self._should_stop is not None else False
+        if answer is StopReason.INTERRUPT:
+            raise InterruptedJobError("the job was stopped to be run again; what it made so far "
+                                      "is kept for the retry")
+        if answer:
             raise CancelledError("the job was cancelled")
         if self._timeout_s is not None and time.monotonic() - self._started > self._timeout_s:
             raise JobTimeoutError(

@@ -87,12 +87,13 @@ def test_a_job_shut_down_mid_finetuning_resumes_on_its_retry_with_the_same_artif
     first.run(job_id)
     assert (services.store.get(job_id).status, requeued) == (QUEUED, [job_id])
     (product,) = kept(services, job_id).glob("finetune-*")
-    assert json.loads((product / "product.json").read_text())["step"] == 4
+    # A graceful stop: fine-tuning kept the step it reached, not only step 4's checkpoint.
+    assert json.loads((product / "product.json").read_text())["step"] == 5
 
     JobRunner(services.settings, services.store, services.files, services.metrics,
               requeue=requeued.append).run(job_id)
     log = services.files.artifact_path(job_id, "job.log").read_text()
-    assert "fine-tuning: resumed after step 4 of 8 from its checkpoint" in log
+    assert "fine-tuning: resumed after step 5 of 8 from its checkpoint" in log
     assert model_sha256(services, job_id) == model_sha256(services, plain)
     assert not kept(services, job_id).exists()
 

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 import compressor
-from compressor.errors import CancelledError
+from compressor.errors import CancelledError, InterruptedJobError
 from compressor.finetune import checkpoints as checkpoints_module
 from compressor.finetune.checkpoints import FinetuneCheckpoints, TrainingState
 from compressor.runtime import resume as resume_module
+from compressor.runtime.progress import StopReason
 from compressor.runtime.resume import UntrustedProduct, read_product, write_product
 from compressor.vocabulary import RESUME_FOLDER, sha256_of
 from tests.support.tiny_models import make_pt2
@@ -123,6 +124,24 @@ def test_a_job_stopped_in_calibration_keeps_the_layers_it_prepared(
     result = compressor.compress(program, CONFIG, out_dir=tmp_path)
     log = result.log_path.read_text()
     assert "calibration: reused 1 of 2 layers' prepared products" in log
+    assert sha256_of(result.model_path) == uninterrupted
+
+
+def test_a_job_stopped_to_run_again_keeps_a_checkpoint_of_the_step_it_reached(
+        program, uninterrupted, stopped, tmp_path):
+    # `stopped` was cancelled (True) when step 5 was reported: no checkpoint beyond step 4.
+    record = json.loads((product_folder(stopped) / "product.json").read_text())
+    assert record["step"] == 4
+    progress, stop = stopping_at("finetuning", "step 5/")
+    with pytest.raises(InterruptedJobError):
+        compressor.compress(program, CONFIG, out_dir=tmp_path, progress=progress,
+                            should_stop=lambda: StopReason.INTERRUPT if stop() else False)
+    record = json.loads((product_folder(tmp_path) / "product.json").read_text())
+    assert (record["step"], record["finished"]) == (5, False)
+    assert "fine-tuning stopped after step 5 to be run again: checkpoint kept first" in (
+        tmp_path / "job.log").read_text()
+    result = compressor.compress(program, CONFIG, out_dir=tmp_path)
+    assert "fine-tuning: resumed after step 5 of 8" in result.log_path.read_text()
     assert sha256_of(result.model_path) == uninterrupted
 
 
