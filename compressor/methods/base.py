@@ -129,10 +129,12 @@ class Method:
         raise NotImplementedError
 
     def correct_(self, layer: LayerInfo, theta: tuple[torch.Tensor, ...], weight: torch.Tensor,
-                 moments: InputMoments) -> float:
+                 moments: InputMoments, check: InputMoments | None = None) -> float:
         """Re-solve θ in place so that the layer fits the original's outputs on the
         compressed model's inputs (`moments`); return the output error after / before.
-        `weight` is the original's, as an (out × in) matrix."""
+        `weight` is the original's, as an (out × in) matrix. With `check` (the moments of
+        inputs it is not fitted on), the refit is kept only when it fits those better, and
+        is then made on both; the errors returned are `check`'s."""
         raise NotImplementedError
 
     def compact_numel(self, layer: LayerInfo, size: int) -> float:

@@ -36,9 +36,12 @@ SENSITIVITY_SAMPLES = 32
 # Measuring each layer's sensitivity (a forward pass per layer) is done up to this many FLOPs;
 # past it the sensitivities are predicted in one pass (about 2 minutes on 2 cores).
 PROBE_FLOPS = 10**13
-# The one-pass prediction keeps every probed layer's input for the backward pass: it runs on as
-# many samples as fit in this fraction of the model's bytes (at least one).
+# The prediction keeps every probed layer's input for the backward pass: it runs as many
+# samples at a time as fit in this fraction of the model's bytes (at least one), ...
 ESTIMATE_BYTES_PER_MODEL_BYTE = 0.3
+# ... and as many batches as these FLOPs afford (forward and backward), up to
+# `SENSITIVITY_SAMPLES` samples: one sample is not a measurement (at least one sample).
+ESTIMATE_FLOPS = 10**13
 
 
 @dataclass(frozen=True)
@@ -77,22 +80,29 @@ def sensitivities_of(teacher: fx.GraphModule, plan: Plan, stats: dict[str, Layer
     samples = min(len(train), SENSITIVITY_SAMPLES)
     probe_flops = len(prepared) * samples * job.costs.flops_per_sample
     measured = probe_flops <= PROBE_FLOPS
+    batch_size = samples
     if not measured:
+        # A forward and a backward pass cost about three forward passes.
+        samples = max(1, min(samples, ESTIMATE_FLOPS // max(1, 3 * job.costs.flops_per_sample)))
         memory = ESTIMATE_BYTES_PER_MODEL_BYTE * job.costs.model_bytes
-        samples = max(1, min(samples, int(memory // probe_bytes_per_sample(teacher, plan, one))))
+        batch_size = max(1, min(samples,
+                                int(memory // probe_bytes_per_sample(teacher, plan, one))))
+    passes = -(-samples // batch_size)
     how = (f"measured: {len(prepared)} probes of {samples} samples" if measured else
-           f"predicted from one backward pass on {samples} samples (probing each layer "
-           f"would cost {probe_flops / 1e12:.0f} TFLOP)")
+           f"predicted from {passes} backward pass{'es' if passes > 1 else ''} on {samples} "
+           f"samples ({batch_size} at a time; probing each layer would cost "
+           f"{probe_flops / 1e12:.0f} TFLOP)")
     kept = None if job.resume is None else _kept_sensitivities(plan, prepared, how, job)
     sensitivities = None if kept is None else kept.load()
     if sensitivities is not None:
         job.log.info(f"sensitivities reused from an earlier try ({how})")
         return prepared, sensitivities
-    batch = train.take(torch.arange(samples))
     if measured:
-        sensitivities = measure_sensitivities(teacher, plan, prepared, batch, kinds)
+        sensitivities = measure_sensitivities(teacher, plan, prepared,
+                                              train.take(torch.arange(samples)), kinds)
     else:
-        sensitivities = estimate_sensitivities(teacher, plan, prepared, batch, kinds)
+        batches = [train.take(part) for part in torch.arange(samples).split(batch_size)]
+        sensitivities = estimate_sensitivities(teacher, plan, prepared, batches, kinds)
     job.log.info(f"sensitivities {how}")
     if kept is not None:
         kept.save(sensitivities)

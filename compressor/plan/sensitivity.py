@@ -70,11 +70,15 @@ def measure_sensitivities(teacher: fx.GraphModule, plan: Plan,
 
 
 def estimate_sensitivities(teacher: fx.GraphModule, plan: Plan,
-                           prepared: dict[str, Approximation], batch: dict[str, torch.Tensor],
+                           prepared: dict[str, Approximation],
+                           batches: list[dict[str, torch.Tensor]] | dict[str, torch.Tensor],
                            kinds: list[str], seed: int = 0) -> dict[str, float]:
     """Return each prepared layer's predicted loss per unit of squared output error at its
     planned size (see the module docstring), on the same scale as `measure_sensitivities` up
-    to a factor common to all layers. The teacher is unchanged afterwards."""
+    to a factor common to all layers: one forward and backward pass per batch of `batches`
+    (one batch, or several: their predictions are averaged, weighted by their samples). The teacher is unchanged afterwards."""
+    if isinstance(batches, dict):
+        batches = [batches]
     layers = {p.layer.name: (p.layer, p.size) for p in plan.compressed if p.layer.name in prepared}
     predicted = dict.fromkeys(layers, 0.0)
 
@@ -82,21 +86,27 @@ def estimate_sensitivities(teacher: fx.GraphModule, plan: Plan,
         layer, rank = layers[name]
         weight = layer_weight(teacher, layer).detach().reshape(layer.out_features, -1)
         residual = weight - prepared[name].product(rank)  # one at a time
-        predicted[name] += _predicted_loss(layer, residual, x, gradient.detach())
+        predicted[name] += share * _predicted_loss(layer, residual, x, gradient.detach())
 
+    share = 1.0
     generator = torch.Generator().manual_seed(seed)
     parameters = [p for p in teacher.parameters() if p.requires_grad]
     for parameter in parameters:  # no weight gradients: only the layers' output gradients
         parameter.requires_grad_(False)
     try:
-        with torch.enable_grad():
-            probe = _GradientProbe(teacher, set(layers), on_gradient)
-            outputs = probe.run_batch(batch)
-            surrogate = sum((out * _output_gradient(out.detach(), kind, generator)).sum()
-                            for out, kind in zip(outputs, kinds, strict=True)
-                            if kind != IGNORED and out.requires_grad)
-            if isinstance(surrogate, torch.Tensor):
-                surrogate.backward()
+        probe = _GradientProbe(teacher, set(layers), on_gradient)
+        sizes = [len(next(iter(batch.values()))) for batch in batches]
+        for batch, size in zip(batches, sizes, strict=True):
+            share = size / sum(sizes)  # each batch's loss is a mean: the whole's is their mean
+            with torch.enable_grad():
+                outputs = probe.run_batch(batch)
+                surrogate = sum((out * _output_gradient(out.detach(), kind, generator)).sum()
+                                for out, kind in zip(outputs, kinds, strict=True)
+                                if kind != IGNORED and out.requires_grad)
+                del outputs
+                if isinstance(surrogate, torch.Tensor):
+                    surrogate.backward()
+                del surrogate
     finally:
         for parameter in parameters:
             parameter.requires_grad_(True)

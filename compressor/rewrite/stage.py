@@ -11,7 +11,12 @@ from compressor.methods import GradReduction
 from compressor.plan.stage import PlannedJob
 from compressor.rewrite.kept import KeptInitialization
 from compressor.rewrite.parametrize import compressed_theta, parametrize_
-from compressor.rewrite.sequential import correct_sequentially_
+from compressor.rewrite.sequential import (
+    checking_batches,
+    correct_sequentially_,
+    correction_batches,
+    correction_bytes_per_sample,
+)
 from compressor.runtime.context import JobContext
 from compressor.runtime.graph import shallow_copy
 from compressor.vocabulary import REWRITING
@@ -51,14 +56,22 @@ def build_student(loaded: LoadedJob, planned: PlannedJob, grad_reduction: GradRe
         if report_progress:
             job.control.report(REWRITING, 0.5, "re-solving each layer on the compressed model")
         wanted = min(len(loaded.train), SEQUENTIAL_SAMPLES)
-        samples = job.costs.sequential_samples(wanted)
+        samples = job.costs.sequential_samples(wanted, correction_bytes_per_sample(
+            teacher, plan, loaded.train.take(torch.arange(1))))
         kept = (KeptInitialization(job.resume, plan, f"{grad_reduction}, {samples} samples",
                                    job.log.info)
                 if keep and job.resume is not None else None)
         if kept is not None and kept.load_(compressed_theta(student, plan)):
             return student
-        job.log.info(f"sequential correction on {samples} of {wanted} samples")
-        correct_sequentially_(student, teacher, plan, loaded.train.take(torch.arange(samples)))
+        batches = correction_batches(loaded.train, samples)
+        checks = len(checking_batches(len(batches)))
+        job.log.info(f"sequential correction on {samples} of {wanted} samples in "
+                     f"{len(batches)} batches" + (f", {checks} of them checking each refit"
+                                                  if checks else ""))
+        gains = correct_sequentially_(student, teacher, plan, batches)
+        job.log.info(f"sequential correction: {sum(g < 1 for g in gains.values())} of "
+                     f"{len(gains)} layers refitted"
+                     + (", each fitting the checking batches better" if checks else ""))
         if kept is not None:
             kept.save(compressed_theta(student, plan))
     return student

@@ -58,10 +58,13 @@ class SampleCosts:
             live, outputs = live_bytes(module, sample)
         return cls(int(counter.get_total_flops()), live, tensor_bytes(module), outputs)
 
-    def _affordable(self, wanted: int, flops: int | None, models: int = 1) -> int:
+    def _affordable(self, wanted: int, flops: int | None, models: int = 1,
+                    activation_bytes: int | None = None) -> int:
         by_compute = wanted if flops is None else max(
             MIN_SAMPLES, flops // max(1, self.flops_per_sample))
-        by_memory = max(1, int(self._memory() // max(1, models * self.activation_bytes_per_sample)))
+        per_sample = (self.activation_bytes_per_sample if activation_bytes is None
+                      else activation_bytes)
+        by_memory = max(1, int(self._memory() // max(1, models * per_sample)))
         return max(1, min(wanted, by_compute, by_memory))
 
     def calibration_samples(self, wanted: int) -> int:
@@ -75,9 +78,12 @@ class SampleCosts:
         affordable = self._affordable(samples, None)
         return affordable if affordable >= samples else min(affordable, CALIBRATION_BATCH)
 
-    def sequential_samples(self, wanted: int) -> int:
-        """Samples the sequential correction affords: both models hold their activations."""
-        return self._affordable(wanted, SEQUENTIAL_FLOPS, models=2)
+    def sequential_samples(self, wanted: int, activation_bytes: int | None = None) -> int:
+        """Samples the sequential correction affords: both models hold their activations
+        (`activation_bytes` per sample, measured up to its last layer, when given: a decoder's
+        correction stops before its logits)."""
+        return self._affordable(wanted, SEQUENTIAL_FLOPS, models=2,
+                                activation_bytes=activation_bytes)
 
     def layer_error_samples(self, wanted: int) -> int:
         """Held-out samples the report's per-layer errors are measured on (one more pass of

@@ -110,10 +110,11 @@ class GraphStepper:
         self.env.clear()
 
 
-def live_bytes(module: fx.GraphModule, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+def live_bytes(module: fx.GraphModule, batch: dict[str, torch.Tensor],
+               stop_before: fx.Node | None = None) -> tuple[int, int]:
     """Run `module` on `batch` one node at a time, freeing each value after its last use; return
     the most bytes of intermediate tensors alive at once (weights not counted) and the bytes of
-    its outputs."""
+    its outputs. With `stop_before`, only the nodes before that one run (no outputs: 0)."""
     stepper = GraphStepper(module, batch)
     weights = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
 
@@ -125,6 +126,8 @@ def live_bytes(module: fx.GraphModule, batch: dict[str, torch.Tensor]) -> tuple[
     peak = 0
     with torch.no_grad():
         for node in module.graph.nodes:
+            if node is stop_before:
+                return peak, 0
             if node.op == "output":
                 return peak, held(stepper.value(n) for n in node.all_input_nodes)
             stepper.step(node)

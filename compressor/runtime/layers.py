@@ -152,6 +152,13 @@ class InputMoments:
         return cls(add_product_(gram, x, x), add_product_(cross, x, x_student),
                    add_product_(student_gram, x_student, x_student))
 
+    def add_(self, other: InputMoments) -> InputMoments:
+        """Add `other`'s moments (more rows of the same layer's inputs) to these, in place."""
+        self.gram += other.gram
+        self.cross += other.cross
+        self.student_gram += other.student_gram
+        return self
+
 
 @dataclass(frozen=True)
 class LayerKind:

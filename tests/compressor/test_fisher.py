@@ -56,6 +56,22 @@ def test_on_a_quadratic_loss_the_prediction_is_the_measured_loss():
     assert all(p.requires_grad for p in teacher.parameters())
 
 
+def test_a_prediction_made_in_several_batches_measures_the_same():
+    # Memory takes a large model's probe a few samples at a time: the batches' predictions
+    # are averaged (each batch's loss is a mean), so they estimate the same sensitivities.
+    teacher = _linear_program()
+    plan, factors = _plan_and_factors(teacher)
+    (name,) = [n.target for n in teacher.graph.nodes if n.op == "placeholder"]
+    inputs = torch.randn(3000, 16, generator=torch.Generator().manual_seed(1))
+    measured = measure_sensitivities(teacher, plan, factors, {name: inputs}, ["regression"])
+    batches = [{name: part} for part in inputs.split([1000, 1200, 800])]
+    predicted = estimate_sensitivities(teacher, plan, factors, batches, ["regression"], seed=0)
+    one = estimate_sensitivities(teacher, plan, factors, batches[:1], ["regression"], seed=0)
+    for name, value in measured.items():
+        assert predicted[name] == pytest.approx(value, rel=0.15)
+        assert predicted[name] != one[name]  # every batch counted
+
+
 def test_predictions_follow_the_measured_sensitivities_on_a_transformer(tmp_path):
     # Logits and an embedding, attention, an embedding table: the second-order prediction
     # stays within a factor of 3 of each measured sensitivity, which spans orders of magnitude.

@@ -6,7 +6,7 @@ import torch
 
 from compressor.config import CompressionConfig
 from compressor.methods import LayerStats, get_method
-from compressor.methods.lowrank.sequential import _LayerFit
+from compressor.methods.lowrank.sequential import _LayerFit, correct_second_factor_
 from compressor.plan.calibration import collect_layer_stats
 from compressor.plan.layers import find_layers, layer_calls
 from compressor.plan.planning import plan_layers
@@ -64,10 +64,11 @@ def test_the_fit_works_from_moments_without_forming_outputs():
     moments = InputMoments.of(x, x_student)
     torch.testing.assert_close(moments.cross, x.double().T @ x_student.double(),
                                rtol=1e-12, atol=1e-9)
-    fit = _LayerFit.of(A, W, moments)
+    fit = _LayerFit.of(A, W)
     X, Xs, W64, A64 = x.double(), x_student.double(), W.double(), A.double()
     direct = (Xs @ (A64 @ B.double()).T - X @ W64.T).pow(2).sum()
-    torch.testing.assert_close(fit.squared_error(B, moments), direct, rtol=1e-9, atol=0)
+    torch.testing.assert_close(fit.squared_error(B, moments, fit.reference(moments)), direct,
+                               rtol=1e-9, atol=0)
     # The closed form of SVD-LLM's update: B = (AᵀA)⁻¹ Aᵀ W C (G' + λI)⁻¹.
     gram = moments.student_gram
     damped = gram + 1e-3 * gram.diagonal().mean() * torch.eye(12, dtype=torch.float64)
@@ -111,7 +112,7 @@ def test_any_method_with_a_sequential_update_is_corrected_through_its_hook(tmp_p
         def corrects_sequentially(self) -> bool:
             return True
 
-        def correct_(self, layer, theta, weight, moments):
+        def correct_(self, layer, theta, weight, moments, check=None):
             calls.append((layer.name, len(theta), tuple(moments.cross.shape)))
             return 1.0
 
@@ -129,3 +130,78 @@ def test_any_method_with_a_sequential_update_is_corrected_through_its_hook(tmp_p
     assert linear and gains == {layer.name: 1.0 for layer in linear}
     assert sorted(calls) == sorted((layer.name, 1, (layer.in_features, layer.in_features))
                                    for layer in linear)
+
+
+class _FakeLayer:
+    """What `factorize` reads of a layer: nothing but the weight it is given."""
+
+
+def _moments(x, x_student):
+    return InputMoments.of(x, x_student)
+
+
+def test_a_refit_that_fits_its_rows_but_not_others_is_refused():
+    # The fitting rows see the student's inputs doubled, the checking rows as they are: the
+    # refit halves B, exact on the rows it was fitted on and wrong on the others. It is refused.
+    torch.manual_seed(0)
+    W = torch.randn(40, 12)
+    factors = get_method("lowrank").factorize(_FakeLayer, W, None)
+    A, B = factors.A[:, :6].clone(), factors.B[:6].clone()
+    x, x_check = torch.randn(300, 12), torch.randn(300, 12)
+    fit, check = _moments(x, 2 * x), _moments(x_check, x_check)
+    kept = B.clone()
+    gain = correct_second_factor_(A, B, W, fit, check)
+    assert gain == 1.0
+    torch.testing.assert_close(B, kept, rtol=0, atol=0)
+    # Unchecked, the same refit is taken (it fits its own rows better).
+    assert correct_second_factor_(A, B, W, fit) < 1.0
+    assert not torch.equal(B, kept)
+
+
+def test_a_refit_that_holds_on_the_checking_rows_is_made_again_on_all_rows():
+    torch.manual_seed(0)
+    W = torch.randn(40, 12)
+    factors = get_method("lowrank").factorize(_FakeLayer, W, None)
+    A, B = factors.A[:, :6].clone(), factors.B[:6].clone()
+    x, x_check = torch.randn(300, 12), torch.randn(100, 12)
+    shift = torch.randn(12, 12) * 0.2  # what upstream compression does to the inputs
+    fit, check = _moments(x, x + x @ shift), _moments(x_check, x_check + x_check @ shift)
+    gain = correct_second_factor_(A, B, W, fit, check)
+    assert 0 < gain < 1
+    both = _moments(torch.cat([x, x_check]), torch.cat([x + x @ shift, x_check + x_check @ shift]))
+    expected = _LayerFit.of(A, W).best_second_factor(both)
+    torch.testing.assert_close(B.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_several_batches_run_in_lockstep_and_the_last_checks(tmp_path):
+    """Each layer's moments add up over the fitting batches; every fourth batch, counted from
+    the last, checks instead; one weight product is made once for all batches."""
+    from compressor.methods import method_class
+
+    seen: list[tuple[str, InputMoments, InputMoments | None]] = []
+
+    class Recorded(method_class("lowrank")):
+        def correct_(self, layer, theta, weight, moments, check=None):
+            seen.append((layer.name, moments, check))
+            return 1.0  # θ unchanged: both models' inputs stay the original's up to each layer
+
+    teacher = torch.export.load(str(make_pt2("text", tmp_path / "text.pt2"))).module()
+    config = CompressionConfig.parse({"ratio": 0.5, "min_layer_params": 0,
+                                      "allocation": "uniform"})
+    plan = plan_layers(*find_layers(teacher), config)
+    from dataclasses import replace
+    plan = replace(plan, layers=tuple(replace(p, method=Recorded()) for p in plan.layers))
+    student = copy.deepcopy(teacher)
+    parametrize_(student, plan, {}, config.finetune.grad_reduction)
+    batches = [example_inputs(MODEL_CLASSES["text"](), batch=3, seed=s) for s in range(5)]
+    assert sequential.checking_batches(5) == {4, 0}
+    gains = correct_sequentially_(student, teacher, plan, batches)
+    assert gains and all(g == 1.0 for g in gains.values())
+    name, fit, check = seen[0]
+    layer = next(p.layer for p in plan.compressed if p.layer.name == name)
+    fitting = collect_layer_stats(student, [layer], batches[1:4])[name].gram
+    checking = collect_layer_stats(student, [layer], [batches[0], batches[4]])[name].gram
+    torch.testing.assert_close(fit.student_gram, fitting.double(), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(check.student_gram, checking.double(), rtol=1e-9, atol=1e-9)
+    assert sequential.checking_batches(1) == set()
+    assert sequential.checking_batches(2) == {1}

@@ -133,9 +133,9 @@ class LowRank(Method):
         return LowRankFactors(A, B, energy, None if B is not None else matrix)
 
     def correct_(self, layer: LayerInfo, theta: tuple[torch.Tensor, ...], weight: torch.Tensor,
-                 moments: InputMoments) -> float:
+                 moments: InputMoments, check: InputMoments | None = None) -> float:
         A, B = theta
-        return correct_second_factor_(A, B, weight, moments)
+        return correct_second_factor_(A, B, weight, moments, check)
 
     def parametrization(self, layer: LayerInfo, weight: torch.Tensor, size: int,
                         stats: LayerStats | None, grad_reduction: GradReduction = "sum",
