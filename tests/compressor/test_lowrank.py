@@ -219,3 +219,37 @@ def test_an_embeddings_row_weighted_factors_keep_b():
     kept = factors.truncated(5)
     assert kept.B is not None and kept.weight is None
     torch.testing.assert_close(kept.second(5), factors.B[:5], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stats", ["plain", "whitened", "rows"])
+def test_a_tall_weight_is_decomposed_a_chunk_of_rows_at_a_time_as_a_whole_one_is(stats):
+    # A vocabulary-sized table or head is never taken to float64 whole: its decomposition,
+    # made from chunks of rows, is the SVD of the whole (weighted or whitened) matrix.
+    from compressor.methods.lowrank import factors as module
+
+    torch.manual_seed(8)
+    rows, cols = 2 * module._ROWS_PER_CHUNK + 37, 24
+    weight = torch.randn(rows, cols) * torch.linspace(0.2, 2, cols)
+    info = LayerInfo("head", "embedding" if stats == "rows" else "linear", (rows, cols), False)
+    x = torch.randn(500, cols, dtype=torch.float64) * torch.linspace(3, 0.1, cols,
+                                                                     dtype=torch.float64)
+    counts = torch.randint(0, 5, (rows,)).double()
+    given = {"plain": None, "whitened": LayerStats(x.T @ x, 500),
+             "rows": LayerStats(None, 1000, row_counts=counts)}[stats]
+    factors = LOWRANK.factorize(info, weight, given)
+    rank = 7
+    if stats == "plain":
+        U, S, Vh = torch.linalg.svd(weight.double(), full_matrices=False)
+        want = (U[:, :rank] * S[:rank]) @ Vh[:rank]
+    elif stats == "rows":
+        scale = (counts / counts.mean() + 1.0).sqrt()[:, None]
+        U, S, Vh = torch.linalg.svd(weight.double() * scale, full_matrices=False)
+        want = (U[:, :rank] * S[:rank]) @ Vh[:rank] / scale
+    else:
+        gram = x.T @ x
+        L = torch.linalg.cholesky(gram + 1e-4 * gram.diagonal().mean() * torch.eye(cols))
+        U, S, Vh = torch.linalg.svd(weight.double() @ L, full_matrices=False)
+        want = torch.linalg.solve_triangular(L.T, ((U[:, :rank] * S[:rank]) @ Vh[:rank]).T,
+                                             upper=True).T
+    torch.testing.assert_close(factors.energy, S.pow(2), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(factors.product(rank).double(), want, rtol=1e-4, atol=1e-4)

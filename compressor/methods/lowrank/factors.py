@@ -111,21 +111,64 @@ def decompose(matrix: torch.Tensor, gram: torch.Tensor | None,
     With an input Gram G = L Lᵀ: the SVD of W L, mapped back through L⁻¹. With row read counts
     (an embedding): the SVD of D W with D the row weights, mapped back through D⁻¹. Neither:
     the plain SVD. Factors come back in float32, the energies in float64.
+
+    A tall W (more rows than columns: a vocabulary table or head, an up projection) is taken
+    to float64 a chunk of rows at a time (`_tall_factors`): a 262,144-row table is 1.3 GB in
+    float64, and the whole-matrix route held three such copies at once.
     """
     original = matrix.detach()
-    matrix = original.to(torch.float64)
     chol = None if gram is None else damped_cholesky(gram, _GRAM_DAMPING)
-    if chol is not None:
-        whitened = _svd_factors(matrix @ chol)
-        # B = (B L) L⁻¹, solved rather than inverted: Lᵀ Bᵀ = (B L)ᵀ.
-        B = torch.linalg.solve_triangular(chol.T, whitened.B.T, upper=True).T
-        factors = LowRankFactors(whitened.A, B, whitened.energy)
-    elif row_counts is not None:
+    row_weight = None
+    if chol is None and row_counts is not None:
         counts = row_counts.to(torch.float64)
-        weight = (counts / counts.mean().clamp(min=1e-12) + _UNSEEN_ROW_WEIGHT).sqrt()
-        weighted = _svd_factors(matrix * weight[:, None])
-        factors = LowRankFactors(weighted.A / weight[:, None], weighted.B, weighted.energy)
+        row_weight = (counts / counts.mean().clamp(min=1e-12) + _UNSEEN_ROW_WEIGHT).sqrt()
+    if original.shape[0] > original.shape[1]:
+        A, B, energy = _tall_factors(original, chol, row_weight)
     else:
+        matrix = original.to(torch.float64)
+        if chol is not None:
+            matrix = matrix @ chol
+        elif row_weight is not None:
+            matrix = matrix * row_weight[:, None]
         factors = _svd_factors(matrix)
-    return LowRankFactors(factors.A.float(), factors.B.float(), factors.energy,
+        A, B, energy = factors.A, factors.B, factors.energy
+        if row_weight is not None:
+            A = A / row_weight[:, None]
+    if chol is not None:  # B = (B L) L⁻¹, solved rather than inverted: Lᵀ Bᵀ = (B L)ᵀ.
+        B = torch.linalg.solve_triangular(chol.T, B.T, upper=True).T
+    return LowRankFactors(A.float(), B.float(), energy,
                           None if row_counts is not None else original)
+
+
+def _tall_factors(weight: torch.Tensor, chol: torch.Tensor | None,
+                  row_weight: torch.Tensor | None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return A (float32), B and the energies of the SVD of M = D W L (D the row weights, L
+    the whitening; either may be absent) for a W with more rows than columns, as
+    `_svd_factors` gives them (A = M V / √S, B = √S Vᵀ from the eigendecomposition of MᵀM),
+    with M made in float64 a chunk of `_ROWS_PER_CHUNK` rows at a time."""
+    rows, cols = weight.shape
+
+    def chunk(start: int) -> torch.Tensor:
+        m = weight[start:start + _ROWS_PER_CHUNK].double()
+        if chol is not None:
+            m = m @ chol
+        if row_weight is not None:
+            m = m * row_weight[start:start + _ROWS_PER_CHUNK, None]
+        return m
+
+    starts = range(0, rows, _ROWS_PER_CHUNK)
+    gram = torch.zeros(cols, cols, dtype=torch.float64)
+    for start in starts:
+        m = chunk(start)
+        gram += m.T @ m
+    energy, vectors = torch.linalg.eigh(gram)
+    energy, vectors = energy.flip(0).clamp(min=0), vectors.flip(1)  # decreasing
+    root = energy.clamp(min=float(energy[0]) * 1e-30 + 1e-300).pow(0.25)  # as `_svd_factors`
+    A = torch.empty(rows, cols, dtype=torch.float32)
+    for start in starts:
+        a = (chunk(start) @ vectors) / root
+        if row_weight is not None:
+            a = a / row_weight[start:start + _ROWS_PER_CHUNK, None]
+        A[start:start + _ROWS_PER_CHUNK] = a
+    return A, root[:, None] * vectors.T, energy
