@@ -871,6 +871,7 @@ async function jobView(view, jobId) {
         el("span", { class: "muted" }, `${Math.round(job.progress * 100)}%`), ...actions),
       el("div", { class: "muted" }, `submitted ${when(job.created_at)} · started ${when(job.started_at)} · finished ${when(job.finished_at)} · attempt ${job.attempts}`),
       job.retry_reason ? el("div", { class: "muted" }, `re-queued: ${job.retry_reason}`) : null,
+      job.resumed ? el("div", { class: "muted", id: "resumed" }, job.resumed) : null,
       el("div", { class: "muted mono" }, `${job.model_name ? job.model_name + ": " : ""}method ${methodName(job.config)}, ${sizing(job.config)}, ${((job.config.finetune || {}).steps)} fine-tuning steps`),
     ].filter(Boolean));
     timelineBox.lastChild.replaceWith(timeline(job));

@@ -72,6 +72,14 @@ class JobPublic(BaseModel):
     artifacts: list[ArtifactPublic]
     attempts: int = Field(description="runs started; above 1 when a worker died mid-job")
     retry_reason: str | None = Field(description="why the job was re-queued, if it was")
+    resumed: str | None = Field(
+        default=None,
+        description="where the latest run resumed and what it reused of what an earlier try "
+        "kept (decompositions, θ, sensitivities, the target search, fine-tuning's state); "
+        "null when it started from the beginning",
+        examples=["resumed at fine-tuning step 400 of 1000; reused: decompositions (84 of 84 "
+                  "layers), θ as corrected, sensitivities, fine-tuning's state"],
+    )
     loss_curve: list[tuple[int, float]] = Field(
         default_factory=list,
         description="fine-tuning's training loss as [step, loss] points, evenly spaced over the "
@@ -106,6 +114,7 @@ class JobPublic(BaseModel):
             ],
             attempts=job.attempts,
             retry_reason=job.retry_reason,
+            resumed=job.resumed,
             loss_curve=[(int(step), float(loss)) for step, loss in job.loss_curve],
             stage_times={
                 stage: datetime.fromtimestamp(at, UTC) for stage, at in job.stage_times.items()

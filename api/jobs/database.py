@@ -75,6 +75,7 @@ class JobRecord:
     loss_curve: list[list[float]]
     stage_times: dict[str, float]  # when each stage of this run was first reported (store clock)
     model_name: str | None  # the uploaded model file's name, as the client sent it
+    resumed: str | None = None  # where this run resumed, what it reused (None: from the start)
 
     @property
     def is_finished(self) -> bool:
@@ -274,6 +275,7 @@ class JobDatabase:
                     status=RUNNING, worker_id=worker_id, started_at=now, updated_at=now,
                     lease_expires_at=now + lease_s, attempts=jobs.c.attempts + 1,
                     stage=None, progress=0.0, loss_curve=None, stage_times=None,
+                    resumed=None,
                 )
             ).rowcount
         return self.get(job_id) if claimed == 1 else None
@@ -304,8 +306,10 @@ class JobDatabase:
         stage: str,
         progress: float,
         loss_curve: list[list[float]] | None = None,
+        resumed: str | None = None,
     ) -> bool:
-        """Record the running job's stage, overall progress and (if given) its recent loss points.
+        """Record the running job's stage, overall progress and (if given) its recent loss points
+        and where it resumed (`resumed`, replacing what was stored).
 
         `loss_curve` replaces the stored points: [[step, loss], ...], at most LOSS_POINTS.
         The first report of a stage records its start in `stage_times`, on the store's clock.
@@ -316,6 +320,8 @@ class JobDatabase:
             if len(loss_curve) > LOSS_POINTS:
                 raise ValueError(f"at most {LOSS_POINTS} loss points, got {len(loss_curve)}")
             values["loss_curve"] = loss_curve
+        if resumed is not None:
+            values["resumed"] = resumed
         owned = self._owned(job_id, worker_id)
         with self._writer.begin() as conn:
             row = conn.execute(sa.select(jobs.c.stage_times, self._now).where(owned)).first()

@@ -41,6 +41,8 @@ jobs = sa.Table(
     sa.Column("stage_times", sa.JSON, nullable=True),
     # The uploaded model file's name as the client sent it (shown to its owner, never a path).
     sa.Column("model_name", sa.String(255), nullable=True),
+    # Where the current run resumed and what it reused from an earlier try's kept products.
+    sa.Column("resumed", sa.Text, nullable=True),
     sa.Index("ix_jobs_owner_seq", "owner", "seq"),
     sa.Index("ix_jobs_status_lease", "status", "lease_expires_at"),
     sqlite_autoincrement=True,

@@ -153,13 +153,15 @@ class _RunningJob:
         if new_stage:
             self._close_stage()
             self.stage, self.stage_started = event.stage, now
-        if not new_stage and now - self._last_write < self.runner.settings.progress_interval_s:
+        if (not new_stage and event.resumed is None
+                and now - self._last_write < self.runner.settings.progress_interval_s):
             return
         self._last_write = now
         curve = self.losses.points if self.losses.changed else None
         try:
             if not self.runner.store.update_progress(
-                self.job.id, self.worker_id, event.stage, round(event.overall, 4), curve
+                self.job.id, self.worker_id, event.stage, round(event.overall, 4), curve,
+                event.resumed,
             ):
                 self.lost = True
             self.losses.changed = False

@@ -129,6 +129,8 @@ def status(job_id: str, as_json: bool, server: str, api_key: str | None) -> None
         ("progress", f"{job.progress:.0%}"), ("created", _when(job.created_at)),
         ("started", _when(job.started_at)), ("finished", _when(job.finished_at)),
     ]
+    if job.resumed:
+        rows.append(("resumed", job.resumed))
     if job.error:
         rows.append(("error", f"{job.error.code}: {job.error.message}"))
     rows += [(f"artifact {a.name}", _size(a.size)) for a in job.artifacts]

@@ -43,6 +43,8 @@ class Job:
     error: JobError | None = None
     report: dict[str, Any] | None = None
     artifacts: tuple[Artifact, ...] = ()
+    # where the latest run resumed and what it reused of an earlier try's products (None: no)
+    resumed: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -67,6 +69,7 @@ class Job:
                 Artifact(a["name"], a.get("size"), a.get("sha256"), a.get("url"))
                 for a in data.get("artifacts") or () if isinstance(a, dict) and "name" in a
             ),
+            resumed=data.get("resumed"),
             raw=data,
         )
 

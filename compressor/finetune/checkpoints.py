@@ -107,6 +107,8 @@ class FinetuneCheckpoints:
         self.every_s = every_s
         self.log = log
         self.reserve = reserve  # disk a checkpoint leaves free for the artifacts (`write_product`)
+        # Told (what was reused, where the job resumed) when the run goes on from a checkpoint.
+        self.on_resume: Callable[[str, str], None] | None = None
         self.enabled = True  # off once the disk cannot take them
         self._last = time.monotonic()
 

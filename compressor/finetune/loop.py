@@ -323,6 +323,10 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
         summary.resumed_at_step = step
         checkpoints.log(_resumed_message(resumed, config.steps))
         control.report("finetuning", step / config.steps, f"resumed at step {step}")
+        if checkpoints.on_resume is not None:
+            checkpoints.on_resume(
+                "the finished fine-tuning run" if resumed.finished else "fine-tuning's state",
+                f"fine-tuning step {step} of {config.steps}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     started, first = time.monotonic(), step + 1
     for step in range(first, config.steps + 1 if resumed is None or not resumed.finished

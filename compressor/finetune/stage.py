@@ -61,6 +61,8 @@ def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: Fin
         lesson = Distillation(loaded.teacher, loaded.kinds, loaded.train, held_out)
         checkpoints = None if job.resume is None else FinetuneCheckpoints.for_run(
             job.resume, plan, config, job.log.info)
+        if checkpoints is not None:
+            checkpoints.on_resume = job.reused
         summary = finetune_on_device_(student, plan, lesson, config, job.control, initial_score,
                                       checkpoints)
         if summary.skipped is not None:

@@ -96,6 +96,7 @@ def sensitivities_of(teacher: fx.GraphModule, plan: Plan, stats: dict[str, Layer
     sensitivities = None if kept is None else kept.load()
     if sensitivities is not None:
         job.log.info(f"sensitivities reused from an earlier try ({how})")
+        job.reused("sensitivities")
         return prepared, sensitivities
     if measured:
         sensitivities = measure_sensitivities(teacher, plan, prepared,

@@ -100,6 +100,7 @@ def calibrate(teacher: fx.GraphModule, plan: Plan, train: Dataset,
     if kept is not None and kept.reused:
         job.log.info(f"calibration: reused {len(kept.reused)} of {len(preparing)} layers' "
                      "prepared products (decompositions) kept by an earlier try")
+        job.reused(f"decompositions ({len(kept.reused)} of {len(preparing)} layers)")
     return stats
 
 

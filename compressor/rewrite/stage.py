@@ -62,6 +62,7 @@ def build_student(loaded: LoadedJob, planned: PlannedJob, grad_reduction: GradRe
                                    job.log.info)
                 if keep and job.resume is not None else None)
         if kept is not None and kept.load_(compressed_theta(student, plan)):
+            job.reused("θ as corrected")
             return student
         batches = correction_batches(loaded.train, samples)
         checks = len(checking_batches(len(batches)))

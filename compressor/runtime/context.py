@@ -25,6 +25,18 @@ class JobContext:
     log: JobLog = field(default_factory=lambda: JobLog(None))
     resume: ResumeFolder | None = None
 
+    def reused(self, what: str, at: str | None = None) -> None:
+        """Record that this try took `what` from an earlier try's kept products (`at`: where it
+        resumed, e.g. "fine-tuning step 4 of 8"), and tell the job's progress (what the
+        service shows) and its log where it resumed and all it reused so far."""
+        if self.resume is None:
+            return
+        self.resume.reused.append(what)
+        self.resume.resumed_at = at or self.resume.resumed_at
+        summary = self.resume.summary()
+        self.log.info(summary)
+        self.control.resumed(summary)
+
     @classmethod
     def quiet(cls, costs: SampleCosts) -> JobContext:
         """Return a context that reports nowhere and never stops."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from compressor.errors import CancelledError, InterruptedJobError, JobTimeoutError
@@ -32,6 +32,10 @@ class ProgressEvent:
     overall: float
     message: str = ""
     loss: float | None = None
+    # Set when this try of the job took products an earlier try kept: where it resumed and what
+    # it reused ("resumed at fine-tuning step 4 of 8; reused: decompositions (2 of 2 layers),
+    # ..."), growing as each stage reuses more.
+    resumed: str | None = None
 
 
 class StopReason(Enum):
@@ -76,6 +80,7 @@ class JobControl:
         self._should_stop = should_stop
         self._timeout_s = timeout_s
         self._started = time.monotonic()
+        self._last = ProgressEvent(STAGES[0], 0.0, 0.0)
 
     def check(self) -> None:
         """Raise if the job was cancelled or ran past its timeout."""
@@ -95,7 +100,14 @@ class JobControl:
         self, stage: str, fraction: float, message: str = "", loss: float | None = None
     ) -> None:
         """Send a progress event for `stage` (if anyone listens) and check for a stop."""
+        self._last = ProgressEvent(stage, fraction, overall_progress(stage, fraction), message,
+                                   loss)
         if self._progress is not None:
-            event = ProgressEvent(stage, fraction, overall_progress(stage, fraction), message, loss)
-            self._progress(event)
+            self._progress(self._last)
         self.check()
+
+    def resumed(self, summary: str) -> None:
+        """Send where the job resumed and what it reused (`ProgressEvent.resumed`), at the stage
+        and progress last reported."""
+        if self._progress is not None:
+            self._progress(replace(self._last, message=summary, loss=None, resumed=summary))

@@ -68,9 +68,10 @@ class ResumeFolder:
         self._config = config
         # Disk a product must leave free beside it (the job's artifacts); None: its own size.
         self.reserve_bytes = reserve_bytes
-        # What this try took from an earlier one, in the order it was taken (for the job's
-        # progress: where it resumed, what it reused).
+        # What this try took from an earlier one, in the order it was taken, and where it
+        # resumed (`summary`).
         self.reused: list[str] = []
+        self.resumed_at: str | None = None
 
     @cached_property
     def inputs_digest(self) -> str:
@@ -92,6 +93,14 @@ class ResumeFolder:
     def product(self, name: str) -> Path:
         """Return the folder of the product `name` (not created)."""
         return self.path / name
+
+    def summary(self) -> str | None:
+        """Return where this try resumed and what it reused ("resumed at fine-tuning step 4 of
+        8; reused: decompositions (2 of 2 layers), θ as corrected"), or None: nothing yet."""
+        if not self.reused:
+            return None
+        where = f"resumed at {self.resumed_at}" if self.resumed_at else "resumed"
+        return f"{where}; reused: {', '.join(self.reused)}"
 
     def size_bytes(self) -> int:
         """Return the bytes the kept products take on disk."""

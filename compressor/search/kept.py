@@ -68,8 +68,7 @@ class KeptSearch:
             return None
         self.job.log.info(f"target: reused the {len(candidates)} candidates an earlier try "
                           "scored (none is scored again)")
-        if self.job.resume is not None:
-            self.job.resume.reused.append("the search's candidates")
+        self.job.reused(f"the search's {len(candidates)} scored candidates")
         return candidates
 
     def save_candidates(self, candidates: list[Candidate]) -> None:
@@ -86,6 +85,8 @@ class KeptSearch:
         for tried in self.missed:
             if (tried.get("kept_fraction"), tried.get("quantize")) == (
                     candidate.kept_fraction, candidate.quantize):
+                self.job.reused(f"the fine-tuned finalist kept {candidate.kept_fraction:g}"
+                                f"{' int8' if candidate.quantize else ''} (it missed)")
                 return tried
         return None
 

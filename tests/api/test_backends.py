@@ -216,7 +216,7 @@ def test_migrations_run_once_and_reopen_cleanly(backend: Backend, store: JobData
         assert again.get(job_id) is not None
         with again._reader.connect() as conn:  # noqa: SLF001 (checking the schema itself)
             version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one()
-        assert version == "0003"
+        assert version == "0004"
     finally:
         again.close()
 

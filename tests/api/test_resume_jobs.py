@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 import compressor
+from api.http.schemas import JobPublic
 from api.jobs import service
 from api.jobs.database import JobDatabase
 from api.jobs.tables import jobs
@@ -95,6 +96,12 @@ def test_a_job_shut_down_mid_finetuning_resumes_on_its_retry_with_the_same_artif
     log = services.files.artifact_path(job_id, "job.log").read_text()
     assert "fine-tuning: resumed after step 5 of 8 from its checkpoint" in log
     assert model_sha256(services, job_id) == model_sha256(services, plain)
+    # What the API, its event stream, the console and `compressor status` show:
+    shown = JobPublic.from_record(services.store.get(job_id)).model_dump(mode="json")
+    assert shown["resumed"] == (
+        "resumed at fine-tuning step 5 of 8; reused: decompositions (2 of 2 layers), "
+        "sensitivities, θ as corrected, fine-tuning's state")
+    assert JobPublic.from_record(services.store.get(plain)).resumed is None
     assert not kept(services, job_id).exists()
 
 
@@ -162,6 +169,9 @@ def assert_resumed_like_an_uninterrupted_job(server: ServerProcess, model: Path,
                                              kept_dir: Path) -> None:
     job = wait_for_job(server.client, job_id, timeout=180)
     assert (job["status"], job["attempts"]) == ("succeeded", 2), job
+    assert job["resumed"].startswith("resumed at fine-tuning step "), job["resumed"]
+    assert "reused: decompositions (2 of 2 layers), sensitivities, θ as corrected" in (
+        job["resumed"])
     log = server.client.get(f"/v1/jobs/{job_id}/artifacts/job.log").text
     assert "fine-tuning: resumed after step" in log
     assert "calibration: reused 2 of 2 layers' prepared products" in log
