@@ -28,14 +28,13 @@ class JobContext:
     def reused(self, what: str, at: str | None = None) -> None:
         """Record that this try took `what` from an earlier try's kept products (`at`: where it
         resumed, e.g. "fine-tuning step 4 of 8"), and tell the job's progress (what the
-        service shows) and its log where it resumed and all it reused so far."""
+        service shows) where it resumed and all it reused so far (each stage's own log line
+        says it in job.log)."""
         if self.resume is None:
             return
         self.resume.reused.append(what)
         self.resume.resumed_at = at or self.resume.resumed_at
-        summary = self.resume.summary()
-        self.log.info(summary)
-        self.control.resumed(summary)
+        self.control.resumed(self.resume.summary())
 
     @classmethod
     def quiet(cls, costs: SampleCosts) -> JobContext:

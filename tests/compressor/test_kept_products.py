@@ -121,7 +121,8 @@ def scorings(events: list[tuple[str, str]]) -> list[str]:
 def test_a_retried_target_job_does_not_score_its_candidates_again(program, tmp_path):
     plain, plain_events = run(program, TARGET_JOB, tmp_path / "plain")
     assert scorings(plain_events)  # the search scored its candidates
-    stopped, _ = run(program, TARGET_JOB, tmp_path / "retried", ("finetuning", "step 5/", 1))
+    # Stopped as the first finalist starts fine-tuning: the search is over, its outcome kept.
+    stopped, _ = run(program, TARGET_JOB, tmp_path / "retried", ("finetuning", "", 1))
     assert stopped is None
     retried, events = run(program, TARGET_JOB, tmp_path / "retried")
     log = retried.log_path.read_text()
@@ -129,7 +130,9 @@ def test_a_retried_target_job_does_not_score_its_candidates_again(program, tmp_p
     assert "sensitivities reused from an earlier try" in log
     candidates = len(plain.report["target"]["candidates"])
     assert f"target: reused the {candidates} candidates an earlier try scored" in log
-    assert "fine-tuning: resumed after step" in log
+    resumed = [message for stage, message in events if message.startswith("resumed")]
+    assert resumed[-1].startswith("resumed; reused: decompositions (")
+    assert f"sensitivities, the search's {candidates} scored candidates" in resumed[-1]
     assert retried.report["target"] == plain.report["target"]
     assert sha256_of(retried.model_path) == sha256_of(plain.model_path)
     assert not (tmp_path / "retried" / RESUME_FOLDER).exists()
