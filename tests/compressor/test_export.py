@@ -1,4 +1,5 @@
-"""The ONNX export and its checks on tiny models: names, dynamic batch, tolerances, int8, files.
+"""The ONNX export and its checks on tiny models: names, dynamic batch, tolerances, int8, int4,
+files.
 
 Pinned: the ONNX model takes the program's inputs by the program's names (in order, dtypes
 kept) and names its outputs `output_<i>` (a dict's keys when the model returns one); its batch
@@ -6,9 +7,11 @@ dimension is symbolic and onnxruntime runs it at batch 1 and 5 as PyTorch does; 
 passes an export within `atol + rtol·|torch|` and raises `VerificationError` naming the output
 once one value is past it (in any batch), on a NaN, or on a shape mismatch; `differences` counts
 a NaN (in either array, in any chunk) as out of tolerance; `quantize_int8` writes a smaller
-model that runs and stays within `verify_quantized`'s tolerance; an export or quantization that
-fails leaves nothing behind; a model past protobuf's limit keeps its weights in `<name>.data`,
-and `move_onnx` / `remove_onnx` / `onnx_bytes` treat the two files as one.
+model that runs and stays within `verify_quantized`'s tolerance; `quantize_int4` turns every
+Linear into MatMulNBits (smaller than int8, within the same tolerance), says what to use instead
+on a model without MatMul weights; an export or quantization that fails leaves nothing behind;
+a model past protobuf's limit keeps its weights in `<name>.data`, and `move_onnx` /
+`remove_onnx` / `onnx_bytes` treat the two files as one (int8 and int4 keep theirs beside them).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from compressor.export.onnx import (
     onnx_output_names,
     remove_onnx,
 )
-from compressor.export.quantize import quantize_int8, verify_quantized
+from compressor.export.quantize import quantize_int4, quantize_int8, verify_quantized
 from compressor.export.verify import (
     differences,
     onnx_outputs,
@@ -247,6 +250,115 @@ def test_a_failed_quantization_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.onnx"]
 
 
+# -- int4 ----------------------------------------------------------------------------------------
+
+
+class WideMLP(torch.nn.Module):
+    """A few big Linear layers: where weight-only int4 pays."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(256, 512)
+        self.mid = torch.nn.Linear(512, 512)
+        self.head = torch.nn.Linear(512, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mid(torch.relu(self.up(x)))))
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """The wide MLP exported (its Linears are Gemm: 2-D inputs), with held-out references."""
+    folder = tmp_path_factory.mktemp("wide")
+    torch.manual_seed(0)
+    x = torch.randn(8, 256)
+    program = torch.export.export(WideMLP().eval(), (), {"x": x},
+                                  dynamic_shapes={"x": {0: Dim("batch")}})
+    module = shallow_copy(program.module())
+    path = folder / "wide.onnx"
+    export_onnx(module, {"x": x[:2]}, input_specs(program), path, opset=18)
+    held_out = Dataset({"x": torch.randn(32, 256, generator=torch.Generator().manual_seed(5))},
+                       False, "test")
+    return path, torch_outputs(module, held_out, batch_size=8)
+
+
+def _op_types(path: Path) -> list[str]:
+    return [node.op_type for node in onnx.load(str(path)).graph.node]
+
+
+def test_int4_turns_every_linear_into_matmulnbits_smaller_than_int8(wide, tmp_path):
+    path, reference = wide
+    assert _op_types(path).count("Gemm") == 3
+    quantize_int8(path, tmp_path / "int8.onnx")
+    target = tmp_path / "int4" / "model.onnx"
+    target.parent.mkdir()
+    quantize_int4(path, target)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model.onnx"]  # no scratch left
+    ops = _op_types(target)
+    assert ops.count("MatMulNBits") == 3 and "Gemm" not in ops and "MatMul" not in ops
+    # 4 bits a weight and a scale and zero point per 32: under two thirds of int8's bytes
+    assert onnx_bytes(target) < 0.7 * onnx_bytes(tmp_path / "int8.onnx")
+    assert onnx_bytes(target) < 0.2 * onnx_bytes(path)
+    session = onnx_session(target)
+    for batch in (1, 5):
+        (got,) = run_onnx(session, {"x": torch.randn(batch, 256)})
+        assert got.shape == (batch, 10) and np.isfinite(got).all()
+    int8 = verify_quantized(tmp_path / "int8.onnx", reference, None)["relative_l2"]["output_0"]
+    checked = verify_quantized(target, reference, 0.3, "int4")
+    error = checked["relative_l2"]["output_0"]
+    assert int8 < error <= 0.3  # measured: int8 0.016, int4 0.12 on random weights
+    with pytest.raises(VerificationError, match="the int4 model differs"):
+        verify_quantized(target, reference, 1e-3, "int4")
+
+
+def test_int4_with_the_quantizers_defaults_quantizes_matmuls_only_in_blocks_of_128(
+        exported, tmp_path):
+    model = exported["text"]  # its projections are MatMul, its table a Gather
+    ours, defaults = tmp_path / "ours.onnx", tmp_path / "defaults.onnx"
+    quantize_int4(model.path, ours)
+    quantize_int4(model.path, defaults, onnxruntime_defaults=True)
+    assert "GatherBlockQuantized" in _op_types(ours) and "Gather" not in _op_types(ours)
+    assert "GatherBlockQuantized" not in _op_types(defaults) and "Gather" in _op_types(defaults)
+    blocks = {attribute.i for node in onnx.load(str(defaults)).graph.node
+              if node.op_type == "MatMulNBits"
+              for attribute in node.attribute if attribute.name == "block_size"}
+    assert blocks == {128}
+    reference = model.reference(9)
+    for path in (ours, defaults):
+        errors = verify_quantized(path, reference, 0.3, "int4")["relative_l2"]
+        assert all(0 < e <= 0.3 for e in errors.values())
+
+
+def test_int4_of_a_convolution_only_model_says_what_to_use_instead(tmp_path):
+    class ConvOnly(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 8, 3)
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return self.conv(image).mean((2, 3))
+
+    image = torch.randn(2, 1, 12, 12)
+    program = torch.export.export(ConvOnly().eval(), (), {"image": image},
+                                  dynamic_shapes={"image": {0: Dim("batch")}})
+    path = tmp_path / "conv.onnx"
+    export_onnx(shallow_copy(program.module()), {"image": image}, input_specs(program), path,
+                opset=18)
+    with pytest.raises(ExportError) as caught:
+        quantize_int4(path, tmp_path / "int4.onnx")
+    message = caught.value.message
+    assert "MatMul" in message and "export.quantize 'int8'" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv.onnx"]
+
+
+def test_a_failed_int4_quantization_leaves_nothing(tmp_path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(ExportError, match="int4 quantization .* failed"):
+        quantize_int4(broken, tmp_path / "int4.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.onnx"]
+
+
 # -- files ---------------------------------------------------------------------------------------
 
 
@@ -297,6 +409,16 @@ def test_weights_past_the_limit_live_in_a_data_file_counted_with_the_model(exter
     assert onnx_bytes(external.with_name("int8.onnx")) < onnx_bytes(external)
     (got,) = run_onnx(onnx_session(external.with_name("int8.onnx")),
                       exported["mlp"].inputs(2))
+    assert got.shape == (2, 10)
+
+
+def test_int4_of_weights_past_the_limit_keeps_a_data_file_beside_it(external, exported):
+    target = external.with_name("int4.onnx")
+    quantize_int4(external, target)
+    assert target.with_name("int4.onnx.data").is_file()
+    assert "MatMulNBits" in _op_types(target)
+    assert onnx_bytes(target) < onnx_bytes(external)
+    (got,) = run_onnx(onnx_session(target), exported["mlp"].inputs(2))
     assert got.shape == (2, 10)
 
 
