@@ -697,16 +697,22 @@ function outcomeCard(report) {
     warnings.map((w) => errorBox(`Warning: ${w}`, { class: "warning" })));
 }
 
+// A target-mode candidate's color in the frontier plot, by what it stacks on its compact form.
+const CANDIDATE_FILLS = { float: "#3056d3", int8: "#e07b00", int4: "#1f9d55" };
+
 function frontierCard(report) {
   const search = report.target;
   if (!search || !search.candidates || !search.candidates.length) return null;
   const points = search.candidates.map((c) => ({ ...c, score: judged(c.fidelity) })).filter((c) => c.score);
-  const baseline = report.baseline && report.baseline.fidelity ? judged(report.baseline.fidelity) : null;
+  // onnxruntime's quantizations of the original: what a user could pick instead
+  const baselines = [["baseline", "int8", "frontier-baseline", "#98a2b3"], ["baseline_int4", "int4", "frontier-baseline-int4", "#5b6474"]]
+    .map(([key, quantize, id, fill]) => ({ quantize, id, fill, bytes: (report[key] || {}).onnx_bytes, score: report[key] && report[key].fidelity ? judged(report[key].fidelity) : null }))
+    .filter((b) => b.bytes && b.score);
   if (!points.length) return null;
   const { figure, higher } = points[0].score;
   const floor = search.floors[figure];
   const all = points.map((p) => ({ x: p.bytes, y: p.score.value }));
-  if (baseline && report.baseline.onnx_bytes) all.push({ x: report.baseline.onnx_bytes, y: baseline.value });
+  for (const b of baselines) all.push({ x: b.bytes, y: b.score.value });
   const xs = all.map((p) => Math.log10(p.x)), ys = all.map((p) => p.y).concat([floor]);
   const [x0, x1] = [Math.min(...xs), Math.max(...xs) + 1e-9], [y0, y1] = [Math.min(...ys), Math.max(...ys) + 1e-9];
   const W = 560, H = 260, L = 64, B = 34;
@@ -715,11 +721,11 @@ function frontierCard(report) {
   const chosen = search.chosen;
   const marks = points.map((p) => svg("circle", {
     cx: px(p.bytes), cy: py(p.score.value), r: p.kept_fraction === chosen.kept_fraction && p.quantize === chosen.quantize ? 7 : 4,
-    fill: p.quantize ? "#e07b00" : "#3056d3", stroke: p.meets_floor ? "#111" : "none", "data-candidate": `${p.kept_fraction}-${p.quantize || "float"}`,
-  }, svg("title", {}, `kept ${p.kept_fraction}${p.quantize ? " int8" : ""}: ${bytes(p.bytes)}, ${figure} ${sig(p.score.value, 4)}`)));
-  if (baseline && report.baseline.onnx_bytes) {
-    marks.push(svg("rect", { x: px(report.baseline.onnx_bytes) - 5, y: py(baseline.value) - 5, width: 10, height: 10, fill: "#98a2b3", id: "frontier-baseline" },
-      svg("title", {}, `onnxruntime int8 of the original: ${bytes(report.baseline.onnx_bytes)}, ${figure} ${sig(baseline.value, 4)}`)));
+    fill: CANDIDATE_FILLS[p.quantize || "float"] || "#e07b00", stroke: p.meets_floor ? "#111" : "none", "data-candidate": `${p.kept_fraction}-${p.quantize || "float"}`,
+  }, svg("title", {}, `kept ${p.kept_fraction}${p.quantize ? " " + p.quantize : ""}: ${bytes(p.bytes)}, ${figure} ${sig(p.score.value, 4)}`)));
+  for (const b of baselines) {
+    marks.push(svg("rect", { x: px(b.bytes) - 5, y: py(b.score.value) - 5, width: 10, height: 10, fill: b.fill, id: b.id },
+      svg("title", {}, `onnxruntime ${b.quantize} of the original: ${bytes(b.bytes)}, ${figure} ${sig(b.score.value, 4)}`)));
   }
   const plot = svg("svg", { viewBox: `0 0 ${W} ${H}`, width: "100%", id: "frontier", role: "img" },
     svg("line", { x1: L, x2: W - 8, y1: py(floor), y2: py(floor), stroke: "#c00", "stroke-dasharray": "4 3" }),
@@ -732,7 +738,7 @@ function frontierCard(report) {
     el("td", {}, bytes(c.bytes) + (c.bytes_estimated ? " (est.)" : "")), el("td", {}, sig((judged(c.fidelity) || {}).value, 4)),
     el("td", {}, c.meets_floor ? "meets" : "misses")));
   return el("div", { class: "card", id: "plot-frontier" }, el("h2", {}, "Target search: size against fidelity"),
-    el("p", { class: "muted" }, `Every candidate as initialized (blue: float, orange: int8, ringed: meets the floor, large: chosen); gray square: onnxruntime int8 of the original. ${search.objective} objective.`),
+    el("p", { class: "muted" }, `Every candidate as initialized (blue: float, orange: int8, green: int4, ringed: meets the floor, large: chosen); gray squares: onnxruntime int8 (light) and int4 (dark) of the original. ${search.objective} objective.`),
     plot, el("table", { id: "candidates" }, el("thead", {}, el("tr", {}, ["kept", "form", "ONNX size", figure, "floor"].map((h) => el("th", {}, h)))), el("tbody", {}, rows)));
 }
 

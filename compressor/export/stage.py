@@ -5,7 +5,8 @@ baseline) and the student in the configured form (`rewrite.forms`: dense weights
 or the compact form), writes the Hugging Face folder for a checkpoint's dense result and stacks
 int8 quantization when asked. Verifying runs onnxruntime against PyTorch on the held-out inputs
 (and the Hugging Face folder, reloaded, against onnxruntime), and scores a quantized artifact,
-or a language model's (whose perplexity is a figure of its own), against the original.
+or a language model's (whose perplexity is a figure of its own), against the original, and the
+baselines a user would pick instead (onnxruntime int8 and int4 of the original).
 Everything is written in a staging folder; the reporting stage moves the artifacts in place.
 """
 
@@ -26,7 +27,7 @@ from compressor.config import ExportConfig, TargetConfig
 from compressor.errors import ExportError, VerificationError
 from compressor.export import huggingface
 from compressor.export.onnx import export_onnx, move_onnx, onnx_bytes
-from compressor.export.quantize import quantize_int8, verify_quantized
+from compressor.export.quantize import quantize_int4, quantize_int8, verify_quantized
 from compressor.export.smoothing import smoothed_for_int8
 from compressor.export.verify import (
     NOISE_FLOPS,
@@ -51,6 +52,10 @@ from compressor.runtime.outputs import (
 )
 from compressor.vocabulary import EXPORTING, HF_ARTIFACT, ONNX_ARTIFACT, VERIFYING
 
+# export.quantize's quantizers, by name: each writes a model's quantized form (`source`,
+# `target`, `onnxruntime_defaults=`), and each is a baseline of the report, in this order.
+QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
+
 # Training samples int8 smoothing measures each MatMul input's channels on, at most, and how
 # many at a time.
 SMOOTHING_SAMPLES = 64
@@ -61,9 +66,9 @@ SMOOTHING_BATCH = 16
 class ExportedJob:
     """What the exporting stage wrote in the staging folder, and what verifying compares."""
 
-    model: Path  # the exported model (float; replaced by its int8 form once that is verified)
+    model: Path  # the exported model (float; replaced by its quantized form once verified)
     original: Path | None  # the original's export, the latency baseline (None: not measured)
-    quantized: Path | None  # the int8 form, when asked for
+    quantized: Path | None  # the int8 or int4 form, when asked for
     huggingface: Path | None  # the Hugging Face folder written, for a checkpoint's dense result
     huggingface_zip: Path  # where the checked folder is zipped
     torch_reference: TorchOutputs | None  # PyTorch's outputs of the exported module
@@ -133,11 +138,11 @@ def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportCo
         del artifact_module
         gc.collect()
         quantized = None
-        if config.quantize == "int8":
-            job.control.report(EXPORTING, 0.9, "quantizing to int8")
-            quantized = staging / "int8" / ONNX_ARTIFACT
+        if config.quantize is not None:
+            job.control.report(EXPORTING, 0.9, f"quantizing to {config.quantize}")
+            quantized = staging / config.quantize / ONNX_ARTIFACT
             quantized.parent.mkdir()
-            quantize_int8(source, quantized)
+            QUANTIZERS[config.quantize](source, quantized)
     return ExportedJob(model, original, quantized, hf_folder, staging / HF_ARTIFACT, reference,
                        sizes)
 
@@ -151,15 +156,18 @@ class VerifiedJob:
     # quantized or is a language model (its perplexity is a figure of its own); None: the
     # artifact is the verified float student, whose fidelity the finetuning stage measured.
     artifact_fidelity: list[OutputFidelity] | None
-    # What a user would pick instead: onnxruntime's int8 quantization of the original, scored
-    # on the same held-out inputs (None when the original was not exported).
-    baseline: Baseline | None
+    # What a user would pick instead, by quantization ("int8", "int4"): onnxruntime's
+    # quantization of the original, scored on the same held-out inputs (none when the
+    # original was not exported).
+    baselines: dict[str, Baseline]
 
 
 @dataclass
 class Baseline:
-    """onnxruntime's dynamic int8 quantization of the original, in the staging folder."""
+    """onnxruntime's quantization of the original (int8 dynamic, or int4 weight-only), with
+    its defaults, in the staging folder."""
 
+    quantize: str  # "int8" or "int4"
     model: Path | None  # None: the quantizer refused the original (`error` says why)
     bytes: int | None
     fidelity: list[OutputFidelity] | None
@@ -169,13 +177,13 @@ class Baseline:
 def verify(exported: ExportedJob, trained: TrainedJob, loaded: LoadedJob, config: ExportConfig,
            job: JobContext, target: TargetConfig | None = None) -> VerifiedJob:
     """Return the onnxruntime parity figures, a quantized artifact's fidelity against the
-    original, and the baseline's.
+    original, and the baselines'.
 
     Raises `VerificationError` when onnxruntime and PyTorch disagree past the tolerance. In
-    target mode an int8 artifact is judged by its floors on the held-out split, not by
+    target mode a quantized artifact is judged by its floors on the held-out split, not by
     `quantized_tolerance` (the search chose it on its fidelity to the original, measured on
     the same split): missing one raises too. Leaves
-    the artifact to hand back at `exported.model` (the int8 form, when quantized), and drops
+    the artifact to hand back at `exported.model` (the quantized form, when quantized), and drops
     the outputs it compared (`exported.torch_reference`, `trained.held_out`).
     """
     with job.log.stage(VERIFYING):
@@ -191,11 +199,11 @@ def verify(exported: ExportedJob, trained: TrainedJob, loaded: LoadedJob, config
         job.log.info(f"onnxruntime parity: {parity['max_abs_diff']}")
         artifact_fidelity = None
         if exported.quantized is not None:
-            job.control.report(VERIFYING, 0.5, "checking the int8 model")
+            job.control.report(VERIFYING, 0.5, f"checking the {config.quantize} model")
             parity["quantized"] = verify_quantized(
                 exported.quantized, exported.torch_reference,
-                None if target is not None else config.quantized_tolerance)
-            job.log.info(f"int8 against the compressed model: "
+                None if target is not None else config.quantized_tolerance, config.quantize)
+            job.log.info(f"{config.quantize} against the compressed model: "
                          f"{parity['quantized']['relative_l2']}")
             move_onnx(exported.quantized, exported.model)
         if exported.quantized is not None or any(loaded.next_token):
@@ -204,14 +212,17 @@ def verify(exported: ExportedJob, trained: TrainedJob, loaded: LoadedJob, config
                                               loaded.next_token)
             if target is not None:
                 _check_floors(artifact_fidelity, loaded.output_names, target)
-        baseline = None
+        baselines = {}
         if exported.original is not None:
-            job.control.report(VERIFYING, 0.8, "scoring onnxruntime int8 of the original")
-            baseline = int8_baseline(exported.original, trained.held_out, loaded.kinds,
-                                     loaded.next_token)
+            for index, quantize in enumerate(QUANTIZERS):
+                job.control.report(VERIFYING, 0.8 + 0.1 * index,
+                                   f"scoring onnxruntime {quantize} of the original")
+                baselines[quantize] = quantized_baseline(exported.original, quantize,
+                                                         trained.held_out, loaded.kinds,
+                                                         loaded.next_token)
         exported.torch_reference = trained.held_out = None  # onnxruntime's latency sessions
         gc.collect()  # get their memory
-    return VerifiedJob(parity, artifact_fidelity, baseline)
+    return VerifiedJob(parity, artifact_fidelity, baselines)
 
 
 def _check_floors(fidelity: list[OutputFidelity], names: list[str], target: TargetConfig) -> None:
@@ -223,17 +234,19 @@ def _check_floors(fidelity: list[OutputFidelity], names: list[str], target: Targ
             "this with job.log; set `ratio` to compress to a size you choose meanwhile")
 
 
-def int8_baseline(original: Path, held_out: HeldOut, kinds: list[str],
-                  next_token: list[bool] | None = None) -> Baseline:
-    """Quantize the original's export to int8 (what a user would do instead of compressing)
-    and score it against the original on the held-out split."""
-    model = original.parent / "int8" / ONNX_ARTIFACT
+def quantized_baseline(original: Path, quantize: str, held_out: HeldOut, kinds: list[str],
+                       next_token: list[bool] | None = None) -> Baseline:
+    """Quantize the original's export with onnxruntime's defaults (`quantize`: "int8" dynamic,
+    "int4" weight-only: what a user would do instead of compressing) and score it against the
+    original on the held-out split."""
+    model = original.parent / quantize / ONNX_ARTIFACT
     model.parent.mkdir()
     try:
-        quantize_int8(original, model, onnxruntime_defaults=True)
+        QUANTIZERS[quantize](original, model, onnxruntime_defaults=True)
     except ExportError as exc:
-        return Baseline(None, None, None, exc.message)
-    return Baseline(model, onnx_bytes(model), onnx_fidelity(model, held_out, kinds, next_token))
+        return Baseline(quantize, None, None, None, exc.message)
+    return Baseline(quantize, model, onnx_bytes(model),
+                    onnx_fidelity(model, held_out, kinds, next_token))
 
 
 def smoothing_batches(loaded: LoadedJob) -> list[dict[str, torch.Tensor]]:

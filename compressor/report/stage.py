@@ -34,6 +34,17 @@ from compressor.vocabulary import (
 
 # The batch sizes latency is measured at.
 LATENCY_BATCHES = (1, 32)
+# Where each baseline (onnxruntime's quantization of the original) goes in the report, and its
+# latency in `latency`.
+_BASELINE_KEYS = {"int8": "baseline", "int4": "baseline_int4"}
+_BASELINE_WHAT = {
+    "int8": "onnxruntime dynamic int8 quantization of the original (quantize_dynamic, per "
+            "channel): what a user could pick instead, measured on the same held-out inputs",
+    "int4": "onnxruntime int4 weight-only quantization of the original (MatMulNBitsQuantizer "
+            "with its defaults: MatMul weights in blocks of 128, asymmetric; Gemm rewritten as "
+            "MatMul first, as quantize_dynamic does): what a user could pick instead, measured "
+            "on the same held-out inputs",
+}
 
 
 @dataclass(frozen=True)
@@ -51,13 +62,14 @@ def report(config: CompressionConfig, loaded: LoadedJob, plan: Plan, trained: Tr
            exported: ExportedJob, verified: VerifiedJob, found: SearchResult | None,
            out_dir: Path, job: JobContext) -> Result:
     """Measure latency, move the artifacts into `out_dir`, end the log and write report.json."""
-    baseline = verified.baseline
+    baselines = verified.baselines
     with job.log.stage(REPORTING):
         job.control.report(REPORTING, 0.0, "measuring latency")
         measured = {**exported.sizes,
                     **latency_figures(exported.original, loaded.held_out, exported.model,
                                       config.export.latency_seconds, job.costs,
-                                      None if baseline is None else baseline.model)}
+                                      {_BASELINE_KEYS[q]: b.model for q, b in baselines.items()
+                                       if b.model is not None})}
         if exported.huggingface_zip.exists():
             os.replace(exported.huggingface_zip, out_dir / HF_ARTIFACT)
         move_onnx(exported.model, out_dir / ONNX_ARTIFACT)
@@ -69,7 +81,8 @@ def report(config: CompressionConfig, loaded: LoadedJob, plan: Plan, trained: Tr
                 "final": figures.fidelity_dict(trained.final, names)}
     if verified.artifact_fidelity is not None:
         fidelity["artifact"] = figures.fidelity_dict(verified.artifact_fidelity, names)
-    baseline_figures = _baseline_figures(baseline, measured["latency"], names)
+    baseline_figures = {_BASELINE_KEYS[q]: _baseline_figures(b, measured["latency"], names)
+                        for q, b in baselines.items()}
     outcome = outcome_of(measured, fidelity.get("artifact", fidelity["final"]), baseline_figures,
                          found)
     document = {
@@ -85,7 +98,7 @@ def report(config: CompressionConfig, loaded: LoadedJob, plan: Plan, trained: Tr
         "fidelity": fidelity,
         "finetune": asdict(trained.summary),
         "onnx_parity": verified.parity,
-        **({"baseline": baseline_figures} if baseline_figures is not None else {}),
+        **baseline_figures,
         **({"target": found.summary()} if found is not None else {}),
         "stage_seconds": job.log.stage_seconds,
         "memory": _memory_figures(job.log, loaded.model_bytes),
@@ -103,10 +116,10 @@ def report(config: CompressionConfig, loaded: LoadedJob, plan: Plan, trained: Tr
 
 def latency_figures(original_path: Path | None, held_out: Dataset, artifact_path: Path,
                     seconds: float, costs: SampleCosts,
-                    baseline_path: Path | None = None) -> dict[str, Any]:
+                    baselines: dict[str, Path] | None = None) -> dict[str, Any]:
     """Return the ONNX file sizes and onnxruntime latency, before (the original's export at
     `original_path`, None when latency is not measured) and after, `seconds` per figure, and
-    the baseline's (int8 of the original at `baseline_path`) when there is one. Batch sizes
+    the `baselines`' (quantizations of the original, by report key) when there are any. Batch sizes
     whose one run would pass `compressor.runtime.costs.LATENCY_FLOPS` are left out, and listed
     as such."""
     latency: dict[str, Any] = {"original": {}, "compressed": {}, "seconds_per_figure": seconds,
@@ -127,28 +140,25 @@ def latency_figures(original_path: Path | None, held_out: Dataset, artifact_path
         key = f"batch_{batch_size}_ms"
         latency["original"][key] = figures.onnx_latency_ms(original_path, batch, seconds)
         latency["compressed"][key] = figures.onnx_latency_ms(artifact_path, batch, seconds)
-        if baseline_path is not None:
-            latency.setdefault("baseline", {})[key] = figures.onnx_latency_ms(
-                baseline_path, batch, seconds)
+        for name, path in (baselines or {}).items():
+            latency.setdefault(name, {})[key] = figures.onnx_latency_ms(path, batch, seconds)
     return {"onnx_bytes": sizes, "latency": latency}
 
 
-def _baseline_figures(baseline: Baseline | None, latency: dict[str, Any],
-                      names: list[str]) -> dict[str, Any] | None:
-    if baseline is None:
-        return None
-    what = ("onnxruntime dynamic int8 quantization of the original (quantize_dynamic, per "
-            "channel): what a user could pick instead, measured on the same held-out inputs")
+def _baseline_figures(baseline: Baseline, latency: dict[str, Any],
+                      names: list[str]) -> dict[str, Any]:
+    what = _BASELINE_WHAT[baseline.quantize]
     if baseline.error is not None:
         return {"what": what, "error": baseline.error}
     return {"what": what, "onnx_bytes": baseline.bytes,
-            "latency": latency.get("baseline", {}),
+            "latency": latency.get(_BASELINE_KEYS[baseline.quantize], {}),
             "fidelity": figures.fidelity_dict(baseline.fidelity, names)}
 
 
-def outcome_of(measured: dict[str, Any], fidelity: dict[str, dict], baseline: dict | None,
-               found: SearchResult | None) -> dict[str, Any]:
-    """Return how the artifact compares with the original (and the baseline): a headline a
+def outcome_of(measured: dict[str, Any], fidelity: dict[str, dict],
+               baselines: dict[str, dict], found: SearchResult | None) -> dict[str, Any]:
+    """Return how the artifact compares with the original (and the `baselines`, by report
+    key: `baseline`, `baseline_int4`): a headline a
     user reads first, the ratios behind it, and warnings for an artifact that is not smaller
     or not faster than the original."""
     sizes, latency = measured["onnx_bytes"], measured["latency"]
@@ -176,10 +186,12 @@ def outcome_of(measured: dict[str, Any], fidelity: dict[str, dict], baseline: di
         outcome["meets_target"] = True
         parts.append(f"meets the target ({_floors_met(fidelity, found.target.floors())})")
     headline = "the artifact is " + ", ".join(parts) if parts else "the artifact is verified"
-    if baseline is not None and baseline.get("onnx_bytes") and sizes["original"]:
-        headline += (f"; onnxruntime int8 of the original: "
-                     f"{sizes['original'] / baseline['onnx_bytes']:.2f}× smaller, "
-                     f"{_floors_met(baseline['fidelity'], None)}")
+    for quantize, key in _BASELINE_KEYS.items():
+        baseline = baselines.get(key)
+        if baseline is not None and baseline.get("onnx_bytes") and sizes["original"]:
+            headline += (f"; onnxruntime {quantize} of the original: "
+                         f"{sizes['original'] / baseline['onnx_bytes']:.2f}× smaller, "
+                         f"{_floors_met(baseline['fidelity'], None)}")
     outcome["headline"] = headline
     return outcome
 

@@ -3,22 +3,23 @@
 A job with a `target` states what it must keep (a floor per output kind) instead of a ratio.
 The search calibrates and decomposes once, then walks the candidates that calibration makes
 cheap to build: each budget (kept fraction of the targeted weights, spread by sensitivity along
-the allocation's greedy path), in float or with onnxruntime's int8 quantization stacked on its
-compact form, and int8 of the original itself (kept fraction 1: when it keeps the floor and
-nothing smaller does, it is what a user should take). Each candidate is initialized (θ from
-the decompositions, corrected sequentially) and scored on the held-out split against the
-original: in PyTorch for the float form, on the real int8 ONNX model for the quantized one.
-Fine-tuning then goes to the finalists, smallest first: candidates that miss the floor by
-little as initialized (within fine-tuning's reach, `REACH`) and are smaller than the smallest
-that meets it, then those that meet it. An int8 finalist trains through int8 arithmetic,
-simulated (`compressor.finetune.quantization_aware`); each is checked again after fine-tuning
-(an int8 one on its real int8 model), and the first that meets the floor is the one handed on
-to export. When none does, the job fails with `target_not_met`, giving the best fidelity
-reached and at what size.
+the allocation's greedy path), in float or with onnxruntime's quantization stacked on its
+compact form (int8 dynamic, int4 weight-only), and int8 and int4 of the original itself (kept
+fraction 1: when one keeps the floor and nothing smaller does, it is what a user should take).
+Each candidate is initialized (θ from the decompositions, corrected sequentially) and scored
+on the held-out split against the original: in PyTorch for the float form, on the real
+quantized ONNX model for the others. Fine-tuning then goes to the finalists, smallest first:
+candidates that miss the floor by little as initialized (within fine-tuning's reach, `REACH`)
+and are smaller than the smallest that meets it, then those that meet it. An int8 finalist
+trains through int8 arithmetic, simulated (`compressor.finetune.quantization_aware`), when it
+is quantized unsmoothed; an int4 one trains in float (nothing simulates MatMulNBits' 4-bit
+blocks). Each is checked again after fine-tuning (a quantized one on its real quantized
+model), and the first that meets the floor is the one handed on to export. When none does,
+the job fails with `target_not_met`, giving the best fidelity reached and at what size.
 
 With objective `latency` the order is by onnxruntime latency at the target's batch size
 instead of bytes: every candidate that meets the floor or is within reach of it is exported
-(int8 ones already are) and timed, and the fastest is fine-tuned first.
+(quantized ones already are) and timed, and the fastest is fine-tuned first.
 
 The search drives the stages (`plan`, `rewrite`, `finetune`); it does not live inside them.
 """
@@ -37,11 +38,10 @@ import torch
 from torch import fx
 
 from compressor.config import CompressionConfig, ExportConfig, TargetConfig
-from compressor.errors import ConfigError, TargetNotMetError
+from compressor.errors import ConfigError, ExportError, TargetNotMetError
 from compressor.export.onnx import export_onnx, onnx_bytes
-from compressor.export.quantize import quantize_int8
 from compressor.export.smoothing import smoothed_for_int8
-from compressor.export.stage import materialized, onnx_fidelity, smoothing_batches
+from compressor.export.stage import QUANTIZERS, materialized, onnx_fidelity, smoothing_batches
 from compressor.finetune.loop import HeldOut
 from compressor.finetune.stage import EVAL_BATCH, TrainedJob, fidelity, finetune
 from compressor.load.stage import LoadedJob
@@ -58,8 +58,9 @@ from compressor.vocabulary import ONNX_ARTIFACT, PLANNING
 
 # The kept fractions of the targeted weights the search tries, smallest first.
 KEPT_FRACTIONS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-# Quantized candidates tried at most (each is exported and run in onnxruntime).
+# Quantized candidates tried at most, each kind (each is exported and run in onnxruntime).
 INT8_TRIES = 4
+INT4_TRIES = 3
 # Candidates that miss the floor by at most this as initialized (top-1 agreement, cosine; a
 # relative L2 this share above its floor) are within fine-tuning's reach: smaller ones are
 # fine-tuned first, before the smallest that meets the floor as initialized.
@@ -69,6 +70,13 @@ REACH_RELATIVE_L2 = 0.5
 REACH_TRIES = 2
 # onnxruntime time spent on each candidate's latency (objective latency).
 CANDIDATE_LATENCY_SECONDS = 0.5
+# How a finalist was fine-tuned, by what it runs in (the report's `tries`).
+_FINE_TUNED_IN = {
+    "float": "in float",
+    "int8": "through int8 arithmetic, simulated (quantization-aware)",
+    "int4": "in float: nothing simulates int4 (MatMulNBits' 4-bit blocks); scored on the real "
+            "int4 model after",
+}
 
 
 @dataclass
@@ -76,7 +84,7 @@ class Candidate:
     """One point of the search: a budget, a form, and what it measured."""
 
     kept_fraction: float  # of the targeted weights (the allocation's budget)
-    quantize: str | None  # None or "int8"
+    quantize: str | None  # None, "int8" or "int4"
     parameters: int  # of the compact form
     bytes: int  # of its ONNX file: as exported, or 4 bytes a parameter (`bytes_estimated`)
     fidelity: dict[str, dict[str, Any]]  # per output, of the initialized candidate
@@ -86,6 +94,11 @@ class Candidate:
     # only for candidates that meet the floor or are within reach of it
     latency_ms: float | None = None
     plan: Plan | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        """Return how the log names the candidate: its kept fraction and quantization."""
+        return f"kept {self.kept_fraction:g}{f' {self.quantize}' if self.quantize else ''}"
 
     def cost(self, objective: str) -> float:
         """What the objective minimizes: bytes, or milliseconds (unmeasured: inf)."""
@@ -154,16 +167,17 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
     for candidate in finalists:
         if (missed := kept.missed_before(candidate)) is not None:
             tries.append(missed)
-            job.log.info(f"target: candidate kept {candidate.kept_fraction:g}"
-                         f"{' int8' if candidate.quantize else ''} missed the floor after "
+            job.log.info(f"target: candidate {candidate.name} missed the floor after "
                          "fine-tuning in an earlier try: not fine-tuned again")
             continue
         planned = PlannedJob(candidate.plan, dict(stats))
         student = rewrite(loaded, planned, config.finetune.grad_reduction, job)
-        # an int8 candidate learns through the int8 arithmetic it will run in
-        through_int8 = config.finetune.model_copy(update={"quantization_aware": (
-            candidate.quantize == "int8" and config.export.int8_smoothing is None)})
-        trained = finetune(loaded, candidate.plan, student, through_int8, job)
+        # An unsmoothed int8 candidate learns through the int8 arithmetic it will run in;
+        # every other one in float (int4 too: nothing simulates MatMulNBits' 4-bit blocks, so
+        # an int4 finalist is judged on its real int4 model after).
+        through_int8 = (candidate.quantize == "int8" and config.export.int8_smoothing is None)
+        trained = finetune(loaded, candidate.plan, student, config.finetune.model_copy(
+            update={"quantization_aware": through_int8}), job)
         del student
         if candidate.quantize is None:
             reached = fidelity_by_output(trained.final, loaded.output_names)
@@ -171,12 +185,15 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
                 candidate.bytes = scout.exported_bytes(trained.student, candidate.plan)
                 candidate.bytes_estimated = False
         else:
-            reached = scout.quantized_fidelity(trained.student, candidate.plan)[0]
+            reached = scout.quantized_fidelity(trained.student, candidate.plan,
+                                               candidate.quantize)[0]
         ok = target.met_by(reached)
         tries.append({"kept_fraction": candidate.kept_fraction, "quantize": candidate.quantize,
+                      "fine_tuned": _FINE_TUNED_IN["int8" if through_int8 else
+                                                   "int4" if candidate.quantize == "int4"
+                                                   else "float"],
                       "bytes": candidate.bytes, "fidelity": reached, "meets_floor": ok})
-        job.log.info(f"target: candidate kept {candidate.kept_fraction:g}"
-                     f"{' int8' if candidate.quantize else ''} after fine-tuning: "
+        job.log.info(f"target: candidate {candidate.name} after fine-tuning: "
                      f"{'meets' if ok else 'misses'} the floor ({describe_fidelity(reached)})")
         if ok:
             export = config.export.model_copy(update={"form": "factorized",
@@ -195,8 +212,9 @@ def _finalists(candidates: list[Candidate], target: TargetConfig) -> list[Candid
 
     meeting = sorted((c for c in candidates if c.meets_floor), key=cost)
     cheapest = cost(meeting[0]) if meeting else float("inf")
+    # the original quantized (kept fraction 1) has no θ: fine-tuning cannot bring it nearer
     near = sorted((c for c in candidates if not c.meets_floor and cost(c) < cheapest
-                   and within_reach(c.fidelity, target)), key=cost)
+                   and c.kept_fraction < 1.0 and within_reach(c.fidelity, target)), key=cost)
     return near[:REACH_TRIES] + meeting
 
 
@@ -222,7 +240,8 @@ def _not_met(candidates: list[Candidate], target: TargetConfig, fine_tuned: bool
                              for t in tries))
     return (f"no candidate meets the target ({floors}): the best reached "
             f"{describe_fidelity(best.fidelity)} keeping {best.kept_fraction:g} of the targeted weights"
-            f"{' with int8' if best.quantize else ''} ({best.bytes:,} bytes){after}. Lower the "
+            f"{f' with {best.quantize}' if best.quantize else ''} ({best.bytes:,} bytes)"
+            f"{after}. Lower the "
             "floors in `target`, give more data or more `finetune.steps`, or set `ratio` to "
             "choose the size yourself")
 
@@ -245,7 +264,7 @@ def _budget_plans(plan: Plan, prepared: dict, sensitivities: dict[str, float],
 def _dense(plan: Plan) -> Plan:
     """Return `plan` with every layer left dense (the original's weights as they are)."""
     layers = tuple(replace(p, size=None, compact_numel=float(p.layer.numel),
-                           reason="kept dense: int8 of the original") for p in plan.layers)
+                           reason="kept dense: the original, quantized") for p in plan.layers)
     return replace(plan, layers=layers, budget=float(plan.targeted_numel), layer_ratio=1.0)
 
 
@@ -262,7 +281,8 @@ class _Scout:
     def walk(self, plans: list[tuple[float, Plan]], dense: Plan) -> list[Candidate]:
         """Score every budget in float, then int8 from the smallest float candidate within
         fine-tuning's reach of the floor upward (int8 only loses fidelity), until one meets it
-        or the tries run out."""
+        or the tries run out; then int4 the same way (`_walk_int4`); then int8 and int4 of
+        the original."""
         candidates = []
         for index, (fraction, plan) in enumerate(plans):
             self.job.control.report(PLANNING, index / (2 * len(plans)),
@@ -270,7 +290,7 @@ class _Scout:
             candidates.append(self._float(fraction, plan))
         passing = [i for i, c in enumerate(candidates) if c.meets_floor]
         reach = [i for i, c in enumerate(candidates) if within_reach(c.fidelity, self.target)]
-        if passing:  # the float finalist's real size, to weigh against the int8 ones
+        if passing:  # the float finalist's real size, to weigh against the quantized ones
             smallest = candidates[passing[0]]
             smallest.bytes = self.exported_bytes(self._student(smallest.plan), smallest.plan)
             smallest.bytes_estimated = False
@@ -278,30 +298,79 @@ class _Scout:
             for other in candidates:
                 if other.bytes_estimated:
                     other.bytes = 4 * other.parameters + overhead
-        start = reach[0] if reach else len(plans) - INT8_TRIES
-        for fraction, plan in plans[max(0, start):][:INT8_TRIES]:
-            self.job.control.report(PLANNING, 0.5 + 0.5 * len(candidates) / (3 * len(plans)),
-                                    f"scoring the candidate keeping {fraction:g} with int8")
-            candidate = self._int8(fraction, plan)
+        start = max(0, reach[0] if reach else len(plans) - INT8_TRIES)
+        for fraction, plan in plans[start:][:INT8_TRIES]:
+            self._report(candidates, plans, f"scoring the candidate keeping {fraction:g} "
+                                            "with int8")
+            candidate = self._quantized(fraction, plan, "int8")
             candidates.append(candidate)
             if candidate.meets_floor:
                 break
-        # int8 of the original itself: when it keeps the floor and no candidate is smaller, it
-        # is the honest answer (and the bar every compressed candidate has to clear)
-        self.job.control.report(PLANNING, 0.95, "scoring the original with int8")
-        candidates.append(self._int8(1.0, dense))
+        self._walk_int4(candidates, plans[start:])
+        # int8 and int4 of the original itself: when one keeps the floor and no candidate is
+        # smaller, it is the honest answer (and the bar every compressed candidate has to clear)
+        for quantize in QUANTIZERS:
+            self._report(candidates, plans, f"scoring the original with {quantize}")
+            try:
+                candidates.append(self._quantized(1.0, dense, quantize))
+            except ExportError as exc:
+                if quantize != "int4":
+                    raise
+                # int4 is an option, not a requirement (a model without MatMul weights)
+                self.job.log.info(f"target: int4 of the original not scored: {exc.message}")
         if self.target.objective == "latency":
             self._time_floats(candidates)
         for c in candidates:
             timed = f", {c.latency_ms:.3g} ms" if c.latency_ms is not None else ""
-            self.job.log.info(f"target: kept {c.kept_fraction:g}{' int8' if c.quantize else ''}"
-                              f", {c.bytes:,} bytes{timed}: {describe_fidelity(c.fidelity)}"
+            self.job.log.info(f"target: {c.name}, {c.bytes:,} bytes{timed}: "
+                              f"{describe_fidelity(c.fidelity)}"
                               f"{' (meets the floor)' if c.meets_floor else ''}")
         return candidates
 
+    def _walk_int4(self, candidates: list[Candidate], plans: list[tuple[float, Plan]]) -> None:
+        """Score int4 candidates from the first budget int8 was scored at upward, appending
+        them to `candidates`: at most `INT4_TRIES`, until one meets the floor or costs no less
+        (by the objective) than the cheapest candidate that already does (a larger budget only
+        costs more).
+
+        int4 loses more than int8 at the same budget (all-MiniLM-L6-v2's original: held-out
+        cosine 0.972 to int8's 0.991; the tiny test models' relative L2 0.11 to 0.016), so a
+        budget whose int8 candidate is beyond fine-tuning's reach of the floor is skipped.
+        int4 applies to MatMul weights and tables only: on a model with none, it is skipped.
+        """
+        int8 = {c.kept_fraction: c for c in candidates if c.quantize == "int8"}
+        tried = 0
+        for fraction, plan in plans:
+            if tried == INT4_TRIES:
+                break
+            scored = int8.get(fraction)
+            if scored is not None and not (scored.meets_floor
+                                           or within_reach(scored.fidelity, self.target)):
+                continue
+            tried += 1
+            self._report(candidates, plans, f"scoring the candidate keeping {fraction:g} "
+                                            "with int4")
+            try:
+                candidate = self._quantized(fraction, plan, "int4")
+            except ExportError as exc:  # e.g. no MatMul weight in the compact form either
+                self.job.log.info(f"target: no int4 candidates scored: {exc.message}")
+                return
+            candidates.append(candidate)
+            objective = self.target.objective
+            cheapest = min((c.cost(objective) for c in candidates if c.meets_floor),
+                           default=float("inf"))
+            cost = candidate.cost(objective)
+            if candidate.meets_floor or cheapest <= cost < float("inf"):
+                break
+
+    def _report(self, candidates: list[Candidate], plans: list, message: str) -> None:
+        """Report the planning stage's progress while quantized candidates are scored."""
+        self.job.control.report(PLANNING, min(0.95, 0.5 + 0.5 * len(candidates)
+                                              / (3 * max(1, len(plans)))), message)
+
     def _time_floats(self, candidates: list[Candidate]) -> None:
         """Export and time each float candidate the objective may pick: those that meet the
-        floor or are within reach of it (the int8 ones were timed as they were scored)."""
+        floor or are within reach of it (the quantized ones were timed as they were scored)."""
         timed = [c for c in candidates if c.quantize is None and c.latency_ms is None
                  and (c.meets_floor or within_reach(c.fidelity, self.target))]
         for index, candidate in enumerate(timed):
@@ -336,20 +405,20 @@ class _Scout:
         return Candidate(fraction, None, parameters, 4 * parameters, scored,
                          self.target.met_by(scored), bytes_estimated=True, plan=plan)
 
-    def _int8(self, fraction: float, plan: Plan) -> Candidate:
-        scored, size, latency = self.quantized_fidelity(self._student(plan), plan)
-        return Candidate(fraction, "int8", self._parameters(plan), size, scored,
+    def _quantized(self, fraction: float, plan: Plan, quantize: str) -> Candidate:
+        scored, size, latency = self.quantized_fidelity(self._student(plan), plan, quantize)
+        return Candidate(fraction, quantize, self._parameters(plan), size, scored,
                          self.target.met_by(scored), latency_ms=latency, plan=plan)
 
-    def quantized_fidelity(self, student: fx.GraphModule, plan: Plan,
+    def quantized_fidelity(self, student: fx.GraphModule, plan: Plan, quantize: str,
                            ) -> tuple[dict[str, dict[str, Any]], int, float | None]:
-        """Export `student`'s compact form, quantize it to int8 and score it in onnxruntime;
-        return its fidelity, its bytes and (objective latency, when it is within reach of the
-        floor) its latency. The student is left as it was."""
-        with self._exported(student, plan, smoothed=True) as exported:
-            quantized = exported.parent / "int8" / ONNX_ARTIFACT
+        """Export `student`'s compact form, quantize it (`quantize`: "int8" or "int4") and
+        score it in onnxruntime; return its fidelity, its bytes and (objective latency, when it
+        is within reach of the floor) its latency. The student is left as it was."""
+        with self._exported(student, plan, smoothed=quantize == "int8") as exported:
+            quantized = exported.parent / quantize / ONNX_ARTIFACT
             quantized.parent.mkdir()
-            quantize_int8(exported, quantized)
+            QUANTIZERS[quantize](exported, quantized)
             scored = fidelity_by_output(onnx_fidelity(quantized, self.held_out, self.loaded.kinds,
                                                   self.loaded.next_token),
                                     self.loaded.output_names)

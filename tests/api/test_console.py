@@ -226,9 +226,10 @@ def test_a_target_jobs_page_shows_the_outcome_and_every_candidate(
     expect(page.locator("#frontier circle")).to_have_count(len(candidates))
     expect(page.locator("#candidates tbody tr")).to_have_count(len(candidates))
     chosen = report["target"]["chosen"]
-    key = f'{chosen["kept_fraction"]}-{chosen["quantize"] or "float"}'
+    key = f'{chosen["kept_fraction"]:g}-{chosen["quantize"] or "float"}'  # as JavaScript writes 1.0
     assert page.locator(f'#frontier circle[data-candidate="{key}"]').get_attribute("r") == "7"
     expect(page.locator("#frontier-baseline")).to_have_count(1)  # onnxruntime int8, beside them
+    expect(page.locator("#frontier-baseline-int4")).to_have_count(1)  # and int4
     screenshot(page, "console-target.png", tmp_path)
 
 

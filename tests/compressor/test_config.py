@@ -155,7 +155,8 @@ def _names_field(message: str, field: str) -> bool:
     ({"finetune": {"train_biases": "sometimes"}}, "finetune.train_biases"),
     ({"layers": {"include": "*"}}, "layers.include"),
     ({"overrides": {"match": "a"}}, "overrides"),
-    ({"export": {"quantize": "int4"}}, "export.quantize"),
+    ({"export": {"quantize": "int2"}}, "export.quantize"),
+    ({"export": {"quantize": 4}}, "export.quantize"),
     # out of range
     ({"ratio": 0}, "ratio"),
     ({"ratio": 1.5}, "ratio"),
@@ -274,6 +275,7 @@ def test_a_config_that_does_not_size_the_job_runs_target_mode(given):
     {"ratio": 0.3}, {"method": "tie_rows"}, {"method": {"name": "lowrank", "rank": 16}},
     {"overrides": [{"match": "fc*", "skip": True}]}, {"allocation": "uniform"},
     {"export": {"form": "dense"}}, {"export": {"quantize": "int8"}},
+    {"export": {"quantize": "int4"}},
     {"export": {"quantize": "int8", "form": "factorized", "int8_smoothing": None},
      "finetune": {"quantization_aware": True}},
     {"target": None}, {"init": "svd"},  # version 1: no target mode then

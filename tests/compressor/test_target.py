@@ -15,7 +15,7 @@ from compressor.plan.stage import calibrate_layers, plan
 from compressor.runtime.context import JobContext
 from compressor.runtime.joblog import JobLog
 from compressor.runtime.progress import JobControl
-from compressor.search.target import KEPT_FRACTIONS
+from compressor.search.target import INT4_TRIES, KEPT_FRACTIONS
 from tests.support.tiny_models import make_pt2
 
 # An MLP scored as a regression (relative L2), so floors can be set anywhere; no fine-tuning,
@@ -87,7 +87,8 @@ def test_a_floor_only_the_largest_budget_meets_picks_it(easy, mlp, tmp_path):
 def test_int8_of_the_original_is_a_candidate_and_wins_when_nothing_smaller_keeps_the_floor(
         easy, mlp, tmp_path):
     dense = [c for c in easy.report["target"]["candidates"] if c["kept_fraction"] == 1.0]
-    assert [c["quantize"] for c in dense] == ["int8"]
+    assert [c["quantize"] for c in dense] == ["int8", "int4"]
+    dense = dense[:1]
     smaller = [c for c in easy.report["target"]["candidates"] if c["bytes"] < dense[0]["bytes"]]
     floor = min(_relative_l2(c) for c in smaller) / 2  # none of them keeps it
     assert _relative_l2(dense[0]) <= floor  # int8 loses far less than any rank cut here
@@ -96,6 +97,35 @@ def test_int8_of_the_original_is_a_candidate_and_wins_when_nothing_smaller_keeps
     chosen = result.report["target"]["chosen"]
     assert (chosen["kept_fraction"], chosen["quantize"]) == (1.0, "int8")
     assert all(entry["method"] == "dense" for entry in result.report["plan"]["layers"])
+
+
+def test_int4_candidates_are_scored_on_their_real_int4_models_and_reported(easy):
+    candidates = easy.report["target"]["candidates"]
+    int8 = {c["kept_fraction"]: c for c in candidates if c["quantize"] == "int8"}
+    int4 = [c for c in candidates if c["quantize"] == "int4"]
+    assert [c["kept_fraction"] for c in int4][-1] == 1.0  # int4 of the original too
+    assert any(c["kept_fraction"] < 1.0 for c in int4)  # stacked on a budget
+    assert len(int4) <= INT4_TRIES + 1
+    for candidate in int4:
+        assert not candidate["bytes_estimated"] and _relative_l2(candidate) > 0
+        # where int8 was scored (every int8 meets this floor: so does the first int4, and the
+        # walk stops there), and smaller than int8 of the same weights
+        assert candidate["bytes"] < int8[candidate["kept_fraction"]]["bytes"]
+
+
+def test_an_int4_finalist_is_fine_tuned_in_float_and_ships_as_the_real_int4_model(easy):
+    import onnx
+
+    search = easy.report["target"]
+    chosen = search["chosen"]
+    assert chosen["quantize"] == "int4"  # 4-bit weights are the smallest form every one meets
+    assert search["export"] == {"form": "factorized", "quantize": "int4"}
+    assert search["tries"][-1]["fine_tuned"].startswith("in float: nothing simulates int4")
+    ops = {node.op_type for node in onnx.load(str(easy.model_path)).graph.node}
+    assert "MatMulNBits" in ops
+    assert easy.report["onnx_bytes"]["artifact"] == chosen["bytes"]
+    # verified on the artifact itself against the floor, on the held-out split
+    assert _relative_l2({"fidelity": easy.report["fidelity"]["artifact"]}) <= 10.0
 
 
 def test_an_unreachable_floor_fails_with_the_best_figures_reached(mlp, tmp_path):
@@ -137,6 +167,7 @@ def test_an_explicit_ratio_plans_exactly_as_without_a_target(mlp, tmp_path):
 @pytest.mark.parametrize("config, says", [
     ({"target": {}, "overrides": [{"match": "fc1", "rank": 4}]}, "`overrides`"),
     ({"target": {}, "export": {"quantize": "int8"}}, "export.quantize"),
+    ({"target": {}, "export": {"quantize": "int4"}}, "export.quantize"),
     ({"target": {"cosine": 2}}, "target.cosine"),
     ({"target": {"objective": "speed"}}, "target.objective"),
 ])
@@ -157,3 +188,14 @@ def test_the_command_line_takes_a_target_and_prints_the_outcome_first(mlp, tmp_p
     said = " ".join(result.output.split())
     assert said.index("smaller") < said.index("compression summary")  # the headline first
     assert report["target"]["chosen"]["meets_floor"] and report["outcome"]["meets_target"]
+    # the baselines a user would pick instead, measured in the same job on the same inputs
+    for key, quantize in (("baseline", "int8"), ("baseline_int4", "int4")):
+        baseline = report[key]
+        assert quantize in baseline["what"] and baseline["onnx_bytes"] > 0
+        assert baseline["onnx_bytes"] < report["onnx_bytes"]["original"]
+        assert set(baseline["latency"]) == set(report["latency"]["original"])
+        assert 0 < baseline["fidelity"]["output_0"]["relative_l2"] < 1
+        assert f"onnxruntime {quantize} of the original" in said
+    # int4 costs more fidelity than int8 (blocks of 128 under the quantizer's defaults)
+    assert (report["baseline_int4"]["fidelity"]["output_0"]["relative_l2"]
+            > report["baseline"]["fidelity"]["output_0"]["relative_l2"])
