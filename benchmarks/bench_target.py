@@ -6,9 +6,11 @@
 Each model (see `benchmarks/real_models.py`) is compressed with the default config, only
 `finetune.steps` set: target mode with the default floors (cosine ≥ 0.99 for MiniLM's
 embeddings, top-1 agreement ≥ 0.99 for EfficientNet's logits). The job measures, on its own held-out split, the
-artifact, the original and onnxruntime int8 of the original (the baseline a user would pick
-instead): sizes, fidelity and latency come from one run, on the same inputs. The results go to
-`benchmarks/results/target.json` and the table in `benchmarks/README.md`.
+artifact, the original and onnxruntime int8 and int4 of the original (the baselines a user would
+pick instead: `quantize_dynamic` and `MatMulNBitsQuantizer` with their defaults): sizes,
+fidelity and latency come from one run, on the same inputs. The results go to
+`benchmarks/results/target.json`; the table printed at the end is the one in
+`benchmarks/README.md`.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def run(name: str, steps: int) -> dict:
             "outcome": report["outcome"], "warnings": report["warnings"],
             "onnx_bytes": report["onnx_bytes"], "latency": report["latency"],
             "fidelity": report["fidelity"], "baseline": report.get("baseline"),
+            "baseline_int4": report.get("baseline_int4"),
             "target": report["target"], "stage_seconds": report["stage_seconds"]}
 
 
@@ -63,6 +66,55 @@ def main() -> None:
     for entry in runs:
         print(entry["model"], f"{entry['wall_s']:.0f} s",
               entry.get("outcome", {}).get("headline") or entry.get("error"))
+    print("\n".join(table(runs)))
+
+
+def table(runs: list[dict]) -> list[str]:
+    """Return the markdown table of benchmarks/README.md: per model the original, onnxruntime
+    int8 and int4 of it (the baselines) and the default job's artifact."""
+    lines = ["| model | artifact | ONNX size | fidelity | ORT b1 ms | ORT b32 ms | wall |",
+             "|---|---|---|---|---|---|---|"]
+    for entry in runs:
+        name = entry["model"]
+        if "error" in entry:
+            lines.append(f"| {name}, default job | {entry['error']['code']} | | | | | "
+                         f"{entry['wall_s']:.0f} s |")
+            continue
+        latency, sizes = entry["latency"], entry["onnx_bytes"]
+        chosen = entry["target"]["chosen"]
+        kept = f"kept {chosen['kept_fraction']:g}" + (f" + {chosen['quantize']}"
+                                                      if chosen["quantize"] else "")
+        rows = [(f"{name} original", "—", sizes["original"], "reference", latency["original"],
+                 ""),
+                *((f"{name}, onnxruntime {quantize} of the original",
+                   "not made" if (entry.get(key) or {}).get("error") else "—",
+                   (entry.get(key) or {}).get("onnx_bytes"),
+                   (entry.get(key) or {}).get("fidelity"), latency.get(key, {}), "")
+                  for key, quantize in (("baseline", "int8"), ("baseline_int4", "int4"))),
+                (f"**{name}, default job**", kept, sizes["artifact"],
+                 entry["fidelity"].get("artifact", entry["fidelity"]["final"]),
+                 latency["compressed"], f"{entry['wall_s']:.0f} s")]
+        for label, artifact, size, fidelity, ms, wall in rows:
+            lines.append(f"| {label} | {artifact} | {_megabytes(size)} | {_judged(fidelity)} | "
+                         f"{_ms(ms, 'batch_1_ms')} | {_ms(ms, 'batch_32_ms')} | {wall} |")
+    return lines
+
+
+def _megabytes(size: int | None) -> str:
+    return "—" if not size else f"{size / 1e6:.3g} MB"
+
+
+def _judged(fidelity: dict | str | None) -> str:
+    """Return the figure each output is judged by (as given when it is a word; — if none)."""
+    if fidelity is None or isinstance(fidelity, str):
+        return fidelity or "—"
+    figure = {"logits": "top1_agreement", "embedding": "cosine", "regression": "relative_l2"}
+    return ", ".join(f"{figure[f['kind']].replace('_', ' ')} {f[figure[f['kind']]]:.4f}"
+                     for f in fidelity.values() if f.get("kind") in figure)
+
+
+def _ms(latency: dict, key: str) -> str:
+    return f"{latency[key]:.4g}" if key in latency else "—"
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import onnx
 import pytest
 from click.testing import CliRunner
 
@@ -38,13 +39,23 @@ def test_compress_command_writes_the_artifacts_and_a_summary(program, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_summary_works_without_the_baseline_and_shows_the_int8_fidelity(program, tmp_path):
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_the_summary_works_without_the_baseline_and_shows_the_quantized_fidelity(
+        program, tmp_path, quantize):
     result = CliRunner().invoke(main, [
         "compress", str(program), "--out", str(tmp_path / "out"), "--set", "ratio=0.5",
-        "--set", "finetune.steps=2",
-        "--set", "export.latency_seconds=0", "--set", "export.quantize=int8"])
+        "--set", "finetune.steps=2", "--set", "export.form=factorized",
+        "--set", "export.latency_seconds=0", "--set", f"export.quantize={quantize}"])
     assert result.exit_code == 0, result.output
-    assert "int8 file" in result.output
+    assert f"{quantize} file" in result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    # verified against the compressed model within export.quantized_tolerance
+    checked = report["onnx_parity"]["quantized"]
+    assert checked["quantized_tolerance"] == 0.3
+    assert all(0 < error <= 0.3 for error in checked["relative_l2"].values())
+    assert "baseline" not in report and "baseline_int4" not in report  # latency_seconds 0
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node}
+    assert ({"MatMulNBits"} if quantize == "int4" else {"MatMulInteger"}) <= ops
 
 
 @pytest.mark.parametrize(
