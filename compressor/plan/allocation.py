@@ -41,7 +41,7 @@ PROBE_FLOPS = 10**13
 ESTIMATE_BYTES_PER_MODEL_BYTE = 0.3
 # ... and as many batches as these FLOPs afford (forward and backward), up to
 # `SENSITIVITY_SAMPLES` samples: one sample is not a measurement (at least one sample).
-ESTIMATE_FLOPS = 10**13
+ESTIMATE_FLOPS = 5 * 10**12
 
 
 @dataclass(frozen=True)
