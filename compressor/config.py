@@ -297,14 +297,26 @@ class CompressionConfig(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    timeout_s: float = Field(default=3600, gt=0, le=7 * 24 * 3600,
-                             description="the job fails with code `timeout` past this")
+    timeout_s: float = Field(
+        default=3600, gt=0, le=7 * 24 * 3600,
+        description="the job fails with code `timeout` past this; when only `max_minutes` is "
+        "given, twice the budget (at least 3600)")
+    max_minutes: float | None = Field(
+        default=None, gt=0, lt=7 * 24 * 60, examples=[None, 20],
+        description="a time budget: the job ends within about this many minutes with the best "
+        "verified model it can make in them. Calibration takes fewer samples, target mode's "
+        "search scores fewer candidates and fine-tunes fewer finalists, fine-tuning stops "
+        "before its last step, each keeping time for export, verification and the report; "
+        "report.json's `budget` lists what was cut. Must end before `timeout_s`. null (the "
+        "default): no budget, nothing is cut, the same config gives the same model on any "
+        "machine")
 
     @model_validator(mode="before")
     @classmethod
     def _read_version_1_and_choose_mode(cls, data: Any) -> Any:
         upgraded = upgrade_version_1(data)
-        return with_mode_chosen(upgraded, was_version_1=upgraded is not data)
+        return with_timeout_for_budget(with_mode_chosen(upgraded,
+                                                        was_version_1=upgraded is not data))
 
     @model_validator(mode="after")
     def _one_way_to_size(self) -> CompressionConfig:
@@ -327,6 +339,13 @@ class CompressionConfig(_Strict):
         if self.finetune.quantization_aware and self.export.int8_smoothing is not None:
             raise ValueError("finetune.quantization_aware simulates int8 without smoothing: set "
                              "export.int8_smoothing null, or remove it")
+        if self.max_minutes is not None and self.max_minutes * 60 >= self.timeout_s:
+            raise ValueError(
+                f"max_minutes {self.max_minutes:g} ({self.max_minutes * 60:g} s) must end before "
+                f"timeout_s {self.timeout_s:g}: the budget is where the job stops itself with "
+                "a result, the timeout where it fails. Raise timeout_s above "
+                f"{self.max_minutes * 60:g} (or leave it out: twice the budget), or lower "
+                f"max_minutes below {self.timeout_s / 60:g}")
         return self
 
     @classmethod
@@ -369,6 +388,18 @@ def with_mode_chosen(data: Any, *, was_version_1: bool = False) -> Any:
     if was_version_1 or _sizes_the_job(data):
         return {**data, "target": None}
     return data
+
+
+def with_timeout_for_budget(data: Any) -> Any:
+    """Return a config (plain data) that gives `max_minutes` but no `timeout_s` with
+    `timeout_s` twice the budget (at least its default, 3600; at most its maximum), so a
+    budget past an hour does not need a timeout too; anything else unchanged."""
+    if not isinstance(data, dict) or "timeout_s" in data:
+        return data
+    budget = data.get("max_minutes")
+    if not isinstance(budget, int | float) or isinstance(budget, bool) or budget <= 0:
+        return data  # none, or invalid: validation names it
+    return {**data, "timeout_s": min(7 * 24 * 3600, max(3600, 2 * 60 * budget))}
 
 
 def _sizes_the_job(data: dict[str, Any]) -> bool:

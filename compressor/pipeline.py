@@ -26,6 +26,7 @@ from compressor.load.stage import artifact_bytes, load
 from compressor.plan.stage import calibrate_layers, plan
 from compressor.report.stage import Result, report
 from compressor.rewrite.stage import rewrite
+from compressor.runtime.budget import finishing_reserve_s
 from compressor.runtime.context import JobContext
 from compressor.runtime.failures import known_failure
 from compressor.runtime.joblog import JobLog
@@ -68,7 +69,7 @@ def compress(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = JobLog(out_dir / JOB_LOG_ARTIFACT)
-    control = JobControl(progress, should_stop, config.timeout_s)
+    control = JobControl(progress, should_stop, config.timeout_s, config.max_minutes)
     try:
         with log.capture_library_output():  # torch's and transformers' own noise: to job.log
             result = _run(Path(model), config, out_dir, None if data is None else Path(data),
@@ -117,6 +118,12 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
                  "try of this job: each product is used only if it checks (inputs, digests)")
     loaded = load(model, data, config, out_dir, control, log)
     resume.reserve_bytes = artifact_bytes(loaded.model_bytes)  # kept products leave it free
+    control.budget.reserve_s = finishing_reserve_s(loaded.model_bytes,
+                                                   config.export.latency_seconds)
+    if control.budget.limited:
+        log.info(f"time budget: max_minutes {config.max_minutes:g}, of which "
+                 f"{control.budget.reserve_s:.0f} s are kept for export, verification and the "
+                 "report; calibration, the search and fine-tuning fit in the rest")
     job = JobContext(loaded.costs, control, log, resume)
     calibrated = calibrate_layers(loaded, config, job)
     if config.target is None:

@@ -112,11 +112,16 @@ def _checked_config(console, config: dict):
 
 
 def _headline(report: dict) -> str:
-    """Return the outcome's headline, then each warning, as rich markup."""
+    """Return the outcome's headline, then each warning and what the time budget cut, as rich
+    markup."""
     from rich.markup import escape
 
     lines = [f"[bold]{escape(report['outcome']['headline'])}[/]"]
     lines += [f"[yellow]warning[/]: {escape(w)}" for w in report.get("warnings", [])]
+    budget = report.get("budget") or {}
+    if budget.get("cut"):
+        lines.append(f"[yellow]cut to fit max_minutes {budget['max_minutes']:g}[/]: "
+                     + escape("; ".join(budget["cut"])))
     return "\n".join(lines)
 
 

@@ -77,6 +77,10 @@ class FinetuneSummary:
     quantization_aware: bool = False
     # The step a kept checkpoint let this run go on after (None: it started from step 1).
     resumed_at_step: int | None = None
+    # The last step θ took (`steps` when none was cut; fewer when the time budget, a
+    # divergence or a lack of memory stopped it), and why the budget stopped it, or None.
+    steps_run: int = 0
+    cut_by_budget: str | None = None
 
 
 @dataclass
@@ -286,6 +290,11 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
     With `checkpoints`, the run's whole state is kept every `checkpoint_every` steps or
     `checkpoint_minutes` (and when it ends), and a run that finds a checkpoint made for the
     same inputs goes on from it: same θ at the end as a run never stopped.
+
+    With a time budget (`control.budget`), a step is taken only when the budget left, less
+    what export, verification and the report need, covers one more step at the pace so far
+    (the first only when anything is left at all); a run cut short is scored on the held-out
+    split where it stopped, keeps the best θ as always, and says so (`cut_by_budget`).
     """
     teacher, train, kinds, held_out = lesson.teacher, lesson.train, lesson.kinds, lesson.held_out
     if config.quantization_aware:  # θ trains through int8 as onnxruntime will compute it
@@ -329,8 +338,21 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
                 f"fine-tuning step {step} of {config.steps}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     started, first = time.monotonic(), step + 1
+    budget, budget_started = control.budget, control.budget.elapsed_s()
     for step in range(first, config.steps + 1 if resumed is None or not resumed.finished
                       else first):
+        pace = (budget.elapsed_s() - budget_started) / max(1, step - first)
+        if not budget.affords(pace):  # the first step: only while anything is left
+            summary.cut_by_budget = _cut(step - 1, config.steps, pace, budget)
+            step -= 1  # the last step taken
+            scored = bool(summary.history) and summary.history[-1]["step"] == step
+            if step >= first and not scored:  # θ where it stopped may be the best
+                current = held_out_score(student, held_out, kinds, batches=eval_batches)
+                summary.history.append({"step": step, "held_out": current, "note": "budget"})
+                if current < best:
+                    best, summary.best_step = current, step
+                    best_state = [p.detach().clone() for p in params]
+            break
         index = torch.randint(0, len(train), (min(config.batch_size, len(train)),),
                               generator=generator)
         batch = _to(train.take(index), device)
@@ -393,8 +415,17 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
             best_step=summary.best_step, lr_scale=lr_scale, history=summary.history,
             optimizer=optimizer, sampler=generator, device=device))
     _restore(params, best_state)
-    summary.best_score = best
+    summary.best_score, summary.steps_run = best, step
     return summary
+
+
+def _cut(last: int, steps: int, pace: float, budget) -> str:
+    """Record in `budget` that fine-tuning stopped after step `last` of `steps`; return why."""
+    budget.cut(f"fine-tuning stopped at step {last} of {steps}")
+    pace_text = f"a step takes {pace:.2g} s, " if last > 0 else ""
+    return (f"fine-tuning stopped at step {last} of {steps} to fit the time budget "
+            f"({budget.describe()}; {pace_text}{budget.reserve_s:.0f} s are kept for export, "
+            "verification and the report); raise max_minutes for all the steps")
 
 
 def _resumed_message(state: TrainingState, steps: int) -> str:

@@ -65,8 +65,9 @@ def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: Fin
             checkpoints.on_resume = job.reused
         summary = finetune_on_device_(student, plan, lesson, config, job.control, initial_score,
                                       checkpoints)
-        if summary.skipped is not None:
-            job.log.info(summary.skipped)
+        for why in (summary.skipped, summary.cut_by_budget):
+            if why is not None:
+                job.log.info(why)
         blocks = ", blocks checkpointed" if summary.activation_checkpointing else ""
         job.log.info(f"fine-tuning on {summary.device}{blocks}: held-out loss "
                      f"{summary.initial_score:.4f} -> {summary.best_score:.4f} "

@@ -20,6 +20,7 @@ from compressor.plan.kept import KeptPreparations
 from compressor.plan.layers import layer_calls, layer_input, run_recording
 from compressor.plan.planning import Plan
 from compressor.runtime.context import JobContext
+from compressor.runtime.costs import MIN_SAMPLES, SampleCosts
 from compressor.runtime.layers import (
     LayerInfo,
     LayerStats,
@@ -28,6 +29,7 @@ from compressor.runtime.layers import (
     layer_weight,
     rows_layout,
 )
+from compressor.runtime.outputs import call
 from compressor.vocabulary import CALIBRATING
 
 # Activation-aware init keeps an (in × in) float64 Gram per layer; past this it falls back to SVD.
@@ -38,6 +40,8 @@ GRAM_FLOAT64_BYTES = 1 << 28
 GRAM_FLOAT64_PER_MODEL_BYTE = 0.5
 # Calibration samples wanted, at most (the sample costs may afford fewer).
 CALIBRATION_SAMPLES = 512
+# Samples a forward pass is timed on, to size calibration to a time budget.
+PACE_SAMPLES = 4
 
 
 def calibrate(teacher: fx.GraphModule, plan: Plan, train: Dataset,
@@ -84,7 +88,7 @@ def calibrate(teacher: fx.GraphModule, plan: Plan, train: Dataset,
     if needing:
         job.control.report(CALIBRATING, 0.05, f"calibrating {len(needing)} layers")
         wanted = min(len(train), CALIBRATION_SAMPLES)
-        samples = job.costs.calibration_samples(wanted)
+        samples = _within_budget(teacher, train, job.costs.calibration_samples(wanted), job)
         batch_size = job.costs.calibration_batch(samples)
         job.log.info(f"calibrating on {samples} of {wanted} samples, {batch_size} at a time"
                      + (" (each layer decomposed as it is reached)"
@@ -102,6 +106,28 @@ def calibrate(teacher: fx.GraphModule, plan: Plan, train: Dataset,
                      "prepared products (decompositions) kept by an earlier try")
         job.reused(f"decompositions ({len(kept.reused)} of {len(preparing)} layers)")
     return stats
+
+
+def _within_budget(teacher: fx.GraphModule, train: Dataset, samples: int,
+                   job: JobContext) -> int:
+    """Return `samples`, or fewer when the job's time budget would not cover them: a forward
+    pass on a few samples is timed, and calibration takes what that pace affords in its share
+    of the budget left (`SampleCosts.calibration_samples_in`), recording the cut."""
+    budget = job.control.budget
+    if not budget.limited or samples <= MIN_SAMPLES:
+        return samples
+    probe = train.take(torch.arange(min(samples, PACE_SAMPLES)))
+    started = budget.elapsed_s()
+    with torch.no_grad():
+        call(teacher, probe)
+    per_sample = (budget.elapsed_s() - started) / len(next(iter(probe.values())))
+    left = budget.left_s() - budget.reserve_s
+    affordable = SampleCosts.calibration_samples_in(left, per_sample, samples)
+    if affordable < samples:
+        budget.cut(f"calibration on {affordable} of {samples} samples")
+        job.log.info(f"calibration: {affordable} of {samples} samples fit the time budget "
+                     f"({budget.describe()}; a forward pass takes {per_sample:.2g} s a sample)")
+    return affordable
 
 
 def collect_layer_stats(module: fx.GraphModule, layers: list[LayerInfo],

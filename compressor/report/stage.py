@@ -100,6 +100,7 @@ def report(config: CompressionConfig, loaded: LoadedJob, plan: Plan, trained: Tr
         "onnx_parity": verified.parity,
         **baseline_figures,
         **({"target": found.summary()} if found is not None else {}),
+        "budget": job.control.budget.summary(),
         "stage_seconds": job.log.stage_seconds,
         "memory": _memory_figures(job.log, loaded.model_bytes),
         "versions": figures.versions(),

@@ -39,6 +39,11 @@ EVALUATION_COPIES = 8
 CALIBRATION_BATCH = 16
 # A compute budget never cuts a stage below this many samples.
 MIN_SAMPLES = 8
+# With a time budget (`max_minutes`), calibration may spend this share of what is left of it
+# (beside what export, verification and the report need); one of its samples costs about this
+# many forward passes (the pass and the Gram products of the layers' inputs).
+CALIBRATION_BUDGET_SHARE = 0.25
+CALIBRATION_PASSES = 2
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,15 @@ class SampleCosts:
         """Samples calibration affords (compute), of the `wanted` ones."""
         return max(1, min(wanted, max(MIN_SAMPLES,
                                       CALIBRATION_FLOPS // max(1, self.flops_per_sample))))
+
+    @staticmethod
+    def calibration_samples_in(seconds: float, forward_s_per_sample: float, wanted: int) -> int:
+        """Samples calibration affords in `seconds` of a time budget, at a forward pass's measured
+        `forward_s_per_sample` (`CALIBRATION_BUDGET_SHARE` of them, `CALIBRATION_PASSES` passes
+        a sample), of the `wanted` ones; never fewer than `MIN_SAMPLES`."""
+        per_sample = CALIBRATION_PASSES * max(forward_s_per_sample, 1e-9)
+        affordable = int(CALIBRATION_BUDGET_SHARE * max(0.0, seconds) / per_sample)
+        return max(1, min(wanted, max(MIN_SAMPLES, affordable)))
 
     def calibration_batch(self, samples: int) -> int:
         """Samples calibration runs at a time (memory): all `samples` when they fit (each

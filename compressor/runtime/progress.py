@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
+from time import monotonic
 
 from compressor.errors import CancelledError, InterruptedJobError, JobTimeoutError
+from compressor.runtime.budget import TimeBudget
 from compressor.vocabulary import JOB_STAGES as STAGES
 
 # Share of the whole job each stage stands for, used to turn stage fractions into `overall`.
@@ -67,7 +68,8 @@ class JobControl:
     `check()` is called at every step boundary (every fine-tuning step, every stage); it raises
     `CancelledError` once `should_stop()` answers True (or `StopReason.CANCEL`),
     `InterruptedJobError` once it answers `StopReason.INTERRUPT`, and `JobTimeoutError` once
-    `timeout_s` has passed since the control was made.
+    `timeout_s` has passed since the control was made. `budget` is the job's `max_minutes`
+    from the same moment, on the same clock (`monotonic`, this module's: tests replace it).
     """
 
     def __init__(
@@ -75,11 +77,12 @@ class JobControl:
         progress: ProgressCallback | None = None,
         should_stop: StopCheck | None = None,
         timeout_s: float | None = None,
+        max_minutes: float | None = None,
     ) -> None:
         self._progress = progress
         self._should_stop = should_stop
         self._timeout_s = timeout_s
-        self._started = time.monotonic()
+        self.budget = TimeBudget(max_minutes, _now)
         self._last = ProgressEvent(STAGES[0], 0.0, 0.0)
 
     def check(self) -> None:
@@ -90,10 +93,11 @@ class JobControl:
                                       "is kept for the retry")
         if answer:
             raise CancelledError("the job was cancelled")
-        if self._timeout_s is not None and time.monotonic() - self._started > self._timeout_s:
+        if self._timeout_s is not None and self.budget.elapsed_s() > self._timeout_s:
             raise JobTimeoutError(
                 f"the job ran past its timeout_s={self._timeout_s:g} s; raise `timeout_s` in the "
-                "config, or lower `finetune.steps`"
+                "config, lower `finetune.steps`, or give `max_minutes` (below timeout_s) for the "
+                "best model the job can make in that time"
             )
 
     def report(
@@ -111,3 +115,8 @@ class JobControl:
         and progress last reported."""
         if self._progress is not None:
             self._progress(replace(self._last, message=summary, loss=None, resumed=summary))
+
+
+def _now() -> float:
+    """Return the job's clock, in seconds (looked up at each call, so a test can replace it)."""
+    return monotonic()

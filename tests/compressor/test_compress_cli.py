@@ -58,6 +58,18 @@ def test_the_summary_works_without_the_baseline_and_shows_the_quantized_fidelity
     assert ({"MatMulNBits"} if quantize == "int4" else {"MatMulInteger"}) <= ops
 
 
+@pytest.mark.slow
+def test_the_summary_says_what_the_time_budget_cut(program, tmp_path):
+    # 30 s: less than what export, verification and the report are kept, so no step is taken
+    result = CliRunner().invoke(main, [
+        "compress", str(program), "--out", str(tmp_path / "out"), "--set", "ratio=0.5",
+        "--set", "finetune.steps=3", "--set", "export.latency_seconds=0",
+        "--set", "max_minutes=0.5"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"cut to fit max_minutes 0\.5: .*fine-tuning stopped at step 0 of 3",
+                     " ".join(result.output.split()))
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

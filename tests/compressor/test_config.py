@@ -233,6 +233,7 @@ ROUND_TRIPS = [
     {"init": "svd", "overrides": [{"match": "a", "rank": 4}]},  # version 1
     {"target": {"objective": "size", "top1_agreement": 0.9, "cosine": 0.995,
                 "relative_l2": 0.1}, "ratio": 0.3},
+    {"max_minutes": 12.5},
 ]
 
 
@@ -349,3 +350,37 @@ def test_an_unknown_method_is_refused_listing_every_registered_one(config, field
 def test_a_method_without_a_name_is_refused_saying_so():
     with pytest.raises(ConfigError, match=re.escape("give the method's `name`")):
         CompressionConfig.parse({"method": {"rank": 3}})
+
+
+# -- the time budget -----------------------------------------------------------------------------
+
+def test_no_time_budget_by_default():
+    assert CompressionConfig.parse({}).max_minutes is None
+
+
+@pytest.mark.parametrize(("given", "timeout_s"), [
+    ({"max_minutes": 20}, 3600),  # the default timeout already leaves room
+    ({"max_minutes": 90}, 2 * 90 * 60),  # twice the budget when only the budget is given
+    ({"max_minutes": 20, "timeout_s": 1300}, 1300),  # both given: as given
+])
+def test_a_budget_ends_before_the_timeout(given, timeout_s):
+    config = CompressionConfig.parse(given)
+    assert config.max_minutes == given["max_minutes"] and config.timeout_s == timeout_s
+    assert CompressionConfig.parse(config.to_dict()) == config  # what the workers read
+
+
+@pytest.mark.parametrize("given", [{"max_minutes": 20, "timeout_s": 1200},
+                                   {"max_minutes": 61, "timeout_s": 3600}])
+def test_a_budget_not_before_the_timeout_is_refused_saying_what_to_change(given):
+    with pytest.raises(ConfigError) as raised:
+        CompressionConfig.parse(given)
+    message = raised.value.message
+    assert f"max_minutes {given['max_minutes']:g}" in message
+    assert f"timeout_s {given['timeout_s']:g}" in message
+    assert "Raise timeout_s above" in message and "lower max_minutes below" in message
+
+
+@pytest.mark.parametrize("bad", [0, -5, "soon", 7 * 24 * 60])
+def test_a_bad_budget_is_refused_naming_the_field(bad):
+    with pytest.raises(ConfigError, match="max_minutes"):
+        CompressionConfig.parse({"max_minutes": bad})

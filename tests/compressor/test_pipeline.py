@@ -1,6 +1,7 @@
 """The whole job through `compressor.compress`, on tiny models, with exact checks."""
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -208,3 +209,90 @@ def test_an_int8_model_too_far_from_the_compressed_one_is_refused(programs, tmp_
     with pytest.raises(VerificationError, match="int8 model differs"):
         compressor.compress(programs["text"], config, out_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.log"]
+
+
+# -- the time budget (max_minutes), on a clock the test moves --------------------------------------
+
+@pytest.fixture
+def clock(monkeypatch):
+    """The job's clock (`compressor.runtime.progress.monotonic`), moved only by the test: each
+    fine-tuning step reported costs `clock.step_s` seconds."""
+    from compressor.runtime import progress as progress_module
+
+    class Clock:
+        now, step_s = 1000.0, 10.0
+
+        def tick(self, event):
+            if event.stage == "finetuning" and event.message.startswith("step "):
+                self.now += self.step_s
+
+    fake = Clock()
+    monkeypatch.setattr(progress_module, "monotonic", lambda: fake.now)
+    return fake
+
+
+def test_a_budget_that_runs_out_mid_fine_tuning_stops_it_and_the_artifact_is_still_verified(
+    programs, tmp_path, clock
+):
+    # 3 minutes: 60 s (and a little) kept for export, verification and the report leave 120 s,
+    # about 11 steps of 10 s of the 50 asked for.
+    result = compressor.compress(programs["mlp"], fast(finetune={"steps": 50, "eval_every": 5},
+                                                       max_minutes=3),
+                                 out_dir=tmp_path, progress=clock.tick)
+    report, finetune = result.report, result.report["finetune"]
+    assert 0 < finetune["steps_run"] < 50 and finetune["steps"] == 50
+    stopped = f"fine-tuning stopped at step {finetune['steps_run']} of 50"
+    assert finetune["cut_by_budget"].startswith(stopped)
+    assert "raise max_minutes" in finetune["cut_by_budget"]
+    assert report["budget"]["max_minutes"] == 3 and report["budget"]["cut"] == [stopped]
+    assert report["budget"]["elapsed_s"] <= 3 * 60
+    # θ where it stopped was scored, and the best θ is what ships
+    assert finetune["history"][-1]["step"] == finetune["steps_run"]
+    assert finetune["best_score"] == min([finetune["initial_score"]]
+                                         + [h["held_out"] for h in finetune["history"]])
+    assert report["onnx_parity"]["passed"]
+    assert report["artifacts"]["model.onnx"]["sha256"] == sha256_of(result.model_path)
+    assert stopped in (tmp_path / "job.log").read_text()
+
+
+def test_without_a_budget_nothing_is_cut(programs, tmp_path, clock):
+    result = compressor.compress(programs["mlp"], fast(finetune={"steps": 12, "eval_every": 6}),
+                                 out_dir=tmp_path, progress=clock.tick)
+    assert result.report["finetune"]["steps_run"] == 12
+    assert result.report["finetune"]["cut_by_budget"] is None
+    assert result.report["budget"]["max_minutes"] is None and result.report["budget"]["cut"] == []
+
+
+def test_a_budget_too_small_for_anything_still_ends_with_a_verified_artifact(programs, tmp_path):
+    # 30 s is less than what export, verification and the report are kept: no step is taken,
+    # calibration takes its fewest samples, and the job says so (real clock: nothing to move).
+    result = compressor.compress(programs["mlp"], fast(finetune={"steps": 50}, max_minutes=0.5),
+                                 out_dir=tmp_path)
+    report = result.report
+    assert report["finetune"]["steps_run"] == 0
+    assert "fine-tuning stopped at step 0 of 50" in report["budget"]["cut"]
+    assert any(cut.startswith("calibration on 8 of ") for cut in report["budget"]["cut"])
+    assert report["onnx_parity"]["passed"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.log", "model.onnx", "report.json"]
+
+
+def test_calibration_takes_the_samples_its_share_of_the_budget_affords(programs, tmp_path,
+                                                                        clock, monkeypatch):
+    from compressor.plan import calibration
+
+    real_call = calibration.call
+
+    def timed_call(module, batch):  # the pace probe: 1 s for its samples
+        clock.now += 1.0
+        return real_call(module, batch)
+
+    monkeypatch.setattr(calibration, "call", timed_call)
+    result = compressor.compress(programs["mlp"], fast(finetune={"steps": 0}, max_minutes=2),
+                                 out_dir=tmp_path)
+    # 120 s - 1 s (the probe) - 60 s kept: a quarter of 59 s at 2 × 0.25 s a sample
+    [cut] = result.report["budget"]["cut"]
+    taken, wanted = (int(n) for n in re.match(r"calibration on (\d+) of (\d+) samples",
+                                             cut).groups())
+    assert taken == 29 < wanted
+    assert f"calibrating on {taken} of" in (tmp_path / "job.log").read_text()
+    assert result.report["onnx_parity"]["passed"]

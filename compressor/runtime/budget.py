@@ -1,0 +1,77 @@
+"""A job's time budget (`max_minutes`): what is left of it, and what the stages cut to fit it.
+
+`timeout_s` is a deadline: past it the job fails. `max_minutes` is a budget: the stages that can
+trade time for quality (calibration's samples, target mode's search, fine-tuning's steps) stop
+early so that the job ends, with a verified artifact, within it. Each keeps `reserve_s` aside
+for what must still run after it (export, verification, the report: `finishing_reserve_s`) and
+records what it cut (`TimeBudget.cut`), which the report lists under `budget`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+# What export, verification and the report are estimated to need: a fixed part (a small model's
+# export, onnxruntime sessions, the baseline's export and quantization: MiniLM's took 16-26 s,
+# 6-16 s and 7 s on 2 cores), and per GiB of weights (a 4.4 GB decoder: export 132 s,
+# verification 91 s, about 50 s a GiB), and the report's latency figures.
+FINISHING_FIXED_S = 60.0
+FINISHING_PER_GIB_S = 60.0
+# Latency figures the report measures at most (batches 1 and 32 of the original, the artifact
+# and the baselines), each `export.latency_seconds` long.
+LATENCY_FIGURES = 8
+
+
+def finishing_reserve_s(model_bytes: int, latency_seconds: float) -> float:
+    """Return the seconds kept for export, verification and the report of a model of
+    `model_bytes` whose report spends `latency_seconds` on each latency figure."""
+    return (FINISHING_FIXED_S + FINISHING_PER_GIB_S * model_bytes / 2**30
+            + LATENCY_FIGURES * latency_seconds)
+
+
+class TimeBudget:
+    """`max_minutes` from `clock()` at construction (None: no budget, nothing is ever cut),
+    with `reserve_s` of it kept for what follows the stages that cut (set once the model's
+    size is known)."""
+
+    def __init__(self, max_minutes: float | None, clock: Callable[[], float]) -> None:
+        self.max_minutes = max_minutes
+        self._clock = clock
+        self._started = clock()
+        self.reserve_s = 0.0
+        self.cuts: list[str] = []
+
+    @property
+    def limited(self) -> bool:
+        """Whether the job has a budget at all."""
+        return self.max_minutes is not None
+
+    def elapsed_s(self) -> float:
+        """Return the seconds since the job started."""
+        return self._clock() - self._started
+
+    def left_s(self) -> float:
+        """Return the seconds of the budget not yet spent, the reserve included (inf: no
+        budget; negative: overspent)."""
+        if self.max_minutes is None:
+            return math.inf
+        return self.max_minutes * 60 - self.elapsed_s()
+
+    def affords(self, seconds: float) -> bool:
+        """Whether `seconds` more of work still leave the reserve for what follows."""
+        return self.left_s() - self.reserve_s >= seconds
+
+    def cut(self, what: str) -> None:
+        """Record that a stage did less than it would have, to fit (what the report lists)."""
+        self.cuts.append(what)
+
+    def summary(self) -> dict[str, Any]:
+        """Return the budget as the report shows it."""
+        return {"max_minutes": self.max_minutes, "elapsed_s": round(self.elapsed_s(), 1),
+                "reserve_s": round(self.reserve_s, 1), "cut": list(self.cuts)}
+
+    def describe(self) -> str:
+        """Return what the budget is, for messages: 'max_minutes 5 (120 s left)'."""
+        return f"max_minutes {self.max_minutes:g} ({max(0.0, self.left_s()):.0f} s left)"
