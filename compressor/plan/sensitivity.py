@@ -16,6 +16,9 @@ output gradient g_l then has covariance H_l. The predicted loss is ½ Σ_rows (g
 over each output row (a token, a pixel of a conv's output), which drops only the cross-row terms.
 Divided by the layer's squared error at the same rank it is the layer's sensitivity, on the same
 scale as the measured one up to a factor common to all layers, which the allocation ignores.
+A tied head's table is also its model's input embedding: the rows its truncation changes cost
+the embedding's outputs too, and both uses' predicted losses add up (the measured sensitivity
+sees both, since the weight they read is one).
 """
 
 from __future__ import annotations
@@ -28,7 +31,14 @@ from torch import fx
 from torch.nn import functional as F
 
 from compressor.methods import Approximation
-from compressor.plan.layers import layer_calls, layer_input, run_recording
+from compressor.plan.layers import (
+    layer_calls,
+    layer_input,
+    owner_name,
+    run_recording,
+    tied_embedding_call,
+    weight_target,
+)
 from compressor.plan.planning import Plan
 from compressor.runtime.graph import GraphStepper
 from compressor.runtime.layers import LayerInfo, layer_weight
@@ -82,11 +92,19 @@ def estimate_sensitivities(teacher: fx.GraphModule, plan: Plan,
     layers = {p.layer.name: (p.layer, p.size) for p in plan.compressed if p.layer.name in prepared}
     predicted = dict.fromkeys(layers, 0.0)
 
-    def on_gradient(name: str, x: torch.Tensor, gradient: torch.Tensor) -> None:
+    tied: dict[str, torch.Tensor] = {}  # a tied head's residual, until its table's rows use it
+
+    def on_gradient(name: str, x: torch.Tensor, gradient: torch.Tensor, rows: bool) -> None:
         layer, rank = layers[name]
-        weight = layer_weight(teacher, layer).detach().reshape(layer.out_features, -1)
-        residual = weight - prepared[name].product(rank)  # one at a time
-        predicted[name] += share * _predicted_loss(layer, residual, x, gradient.detach())
+        residual = tied.pop(name, None)
+        if residual is None:
+            weight = layer_weight(teacher, layer).detach().reshape(layer.out_features, -1)
+            residual = weight - prepared[name].product(rank)  # one at a time
+            if layer.tied_embedding and not rows:  # the table's rows come next (backward)
+                tied[name] = residual
+        loss = (_predicted_rows_loss(residual, x, gradient.detach()) if rows
+                else _predicted_loss(layer, residual, x, gradient.detach()))
+        predicted[name] += share * loss
 
     share = 1.0
     generator = torch.Generator().manual_seed(seed)
@@ -134,36 +152,44 @@ def probe_bytes_per_sample(teacher: fx.GraphModule, plan: Plan,
 
 class _GradientProbe:
     """Run the graph with autograd, handing each named layer's input and output gradient to
-    `on_gradient(name, input, gradient)` during the backward pass."""
+    `on_gradient(name, input, gradient, rows)` during the backward pass. A tied head's table is
+    read by its input embedding too: that call hands its token ids and its output gradient
+    with `rows` True (the head's truncation changes the rows it reads)."""
 
     def __init__(self, module: fx.GraphModule, names: set[str],
-                 on_gradient: Callable[[str, torch.Tensor, torch.Tensor], None]) -> None:
+                 on_gradient: Callable[[str, torch.Tensor, torch.Tensor, bool], None]) -> None:
         self.module = module
-        self._calls = {node: name for node, name in layer_calls(module).items() if name in names}
+        self._calls = {node: (name, False) for node, name in layer_calls(module).items()
+                       if name in names}
+        for node in module.graph.nodes:
+            if node.op == "call_function" and tied_embedding_call(node):
+                name = owner_name(weight_target(node))
+                if name in names:
+                    self._calls[node] = (name, True)
         self._on_gradient = on_gradient
 
     def run_batch(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         stepper = GraphStepper(self.module, batch)
         try:
             for node in stepper.nodes():
-                name = self._calls.get(node)
+                name, rows = self._calls.get(node, (None, False))
                 x = None if name is None else stepper.value(layer_input(node)).detach()
                 stepper.step(node)
                 if name is not None:
-                    stepper.env[node] = self._hooked(name, x, stepper.value(node))
+                    stepper.env[node] = self._hooked(name, x, stepper.value(node), rows)
             return stepper.outputs()
         finally:
             # The stepper keeps the outputs, whose autograd graph holds the hooks: a cycle
             # through C++ that Python's collector cannot see, which kept every factor alive.
             stepper.clear()
 
-    def _hooked(self, name: str, x: torch.Tensor, result: object) -> object:
+    def _hooked(self, name: str, x: torch.Tensor, result: object, rows: bool) -> object:
         if not isinstance(result, torch.Tensor):
             return result
         if not result.requires_grad:  # nothing before it is probed: the backward starts here
             result = result.detach().requires_grad_()
         on_gradient = self._on_gradient
-        result.register_hook(lambda gradient: on_gradient(name, x, gradient))
+        result.register_hook(lambda gradient: on_gradient(name, x, gradient, rows))
         return result
 
 
@@ -178,6 +204,21 @@ def _predicted_loss(layer: LayerInfo, residual: torch.Tensor, x: torch.Tensor,
         delta = layer.spec.effect(layer, part, residual)
         products = (delta.double() * gradients[start:start + _ROWS_PER_CHUNK].double()).sum(1)
         total += 0.5 * float(products.pow(2).sum())
+    return total
+
+
+def _predicted_rows_loss(residual: torch.Tensor, ids: torch.Tensor,
+                         gradient: torch.Tensor) -> float:
+    """Return ½ Σ_samples (Σ_positions gᵀ δ)² for a table read by token ids (δ: the residual's
+    row each token reads). A token read at several positions carries the same δ to each, so
+    the cross-position terms do not cancel as they do for a layer's distinct rows: they are
+    kept, within each sample (samples do not interact)."""
+    ids = ids.reshape(ids.shape[0], -1) if ids.dim() > 1 else ids.reshape(1, -1)
+    gradients = gradient.reshape(*ids.shape, -1)
+    total = 0.0
+    for sample in range(ids.shape[0]):
+        delta = residual[ids[sample]].double()
+        total += 0.5 * float((delta * gradients[sample].double()).sum().pow(2))
     return total
 
 

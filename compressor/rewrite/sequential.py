@@ -8,7 +8,8 @@ both models' inputs to that layer to their second moments (`InputMoments`) and l
 re-solve θ on them (`Method.correct_`: lowrank re-solves B in closed form), so each layer also
 absorbs the error of the layers upstream. The compressed model then carries on from the
 corrected layer. A kind that reads rows by index (an embedding) reads token ids, the same in
-both models, and is left as it is.
+both models, and is left as it is; so is a tied head (an LM's output layer whose table is its
+input embedding): its refit would change the rows every layer upstream was corrected on.
 
 A closed-form refit on few tokens fits them, not the layer: with 128 tokens a 2048-wide layer's
 input Gram is rank 128, and the refit that is exact on them can be worse everywhere else. So the
@@ -53,7 +54,8 @@ def correct_sequentially_(student: fx.GraphModule, teacher: fx.GraphModule, plan
         batches = [batches]
     targets: dict[str, LayerPlan] = {p.layer.name: p for p in plan.compressed
                                      if p.method.corrects_sequentially
-                                     and not p.layer.spec.reads_rows}
+                                     and not p.layer.spec.reads_rows
+                                     and not p.layer.tied_embedding}
     if not targets or not batches:
         return {}
     checking = checking_batches(len(batches))
@@ -109,8 +111,8 @@ def correction_bytes_per_sample(teacher: fx.GraphModule, plan: Plan,
                                 sample: dict[str, torch.Tensor]) -> int:
     """Return the most bytes one sample's activations hold in the original up to the last
     layer the correction reaches (measured on `sample`): what each model holds per sample."""
-    names = {p.layer.name for p in plan.compressed
-             if p.method.corrects_sequentially and not p.layer.spec.reads_rows}
+    names = {p.layer.name for p in plan.compressed if p.method.corrects_sequentially
+             and not p.layer.spec.reads_rows and not p.layer.tied_embedding}
     calls = [node for node, name in layer_calls(teacher).items() if name in names]
     order = {node: i for i, node in enumerate(teacher.graph.nodes)}
     last = max(calls, key=order.__getitem__, default=None)

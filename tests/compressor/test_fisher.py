@@ -105,3 +105,42 @@ def test_the_prediction_keeps_nothing_alive():
     del factors
     gc.collect()
     assert kept and all(ref() is None for ref in kept)
+
+
+def test_a_tied_heads_prediction_counts_the_rows_its_input_embedding_reads(monkeypatch):
+    # An LM whose head is its input table: a change to the table changes both the logits and
+    # every token's input vector. The measured sensitivity sees both; the prediction adds the
+    # input embedding's rows to the head's, and without them it would see half the loss.
+    from torch.export import Dim
+
+    from compressor.plan import sensitivity
+    from tests.support.corpus_programs import TinyLlama
+
+    torch.manual_seed(0)
+    model = TinyLlama(vocab=96, dim=32, layers=2, tied=True).eval()
+    ids = torch.randint(0, 96, (64, 24), generator=torch.Generator().manual_seed(1))
+    teacher = torch.export.export(model, (ids[:2],), dynamic_shapes=(
+        {0: Dim("batch"), 1: Dim("tokens", max=128)},)).module()
+    config = CompressionConfig.parse({"ratio": 0.5, "min_layer_params": 0,
+                                      "allocation": "uniform", "layers": {"include": ["lm_head"]}})
+    plan = plan_layers(*find_layers(teacher), config)
+    assert [(p.layer.name, p.layer.tied_embedding) for p in plan.compressed] == [("lm_head", True)]
+    weight = model.lm_head.weight.detach().clone()
+
+    class SmallChange:  # second order holds for a small change: 2 % of the weights' scale
+        change = 0.02 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(3))
+
+        def error(self, size):
+            return float(self.change.pow(2).sum())
+
+        def product(self, size):
+            return weight + self.change
+
+    factors = {"lm_head": SmallChange()}
+    batch = {"input_ids": ids}
+    measured = measure_sensitivities(teacher, plan, factors, batch, ["logits"])["lm_head"]
+    predicted = estimate_sensitivities(teacher, plan, factors, batch, ["logits"])["lm_head"]
+    monkeypatch.setattr(sensitivity, "tied_embedding_call", lambda node: False)
+    head_only = estimate_sensitivities(teacher, plan, factors, batch, ["logits"])["lm_head"]
+    assert 0.7 < predicted / measured < 1.3
+    assert head_only / measured < 0.5

@@ -205,3 +205,25 @@ def test_several_batches_run_in_lockstep_and_the_last_checks(tmp_path):
     torch.testing.assert_close(check.student_gram, checking.double(), rtol=1e-9, atol=1e-9)
     assert sequential.checking_batches(1) == set()
     assert sequential.checking_batches(2) == {1}
+
+
+def test_a_tied_head_is_not_refitted():
+    """Its table is the input embedding every corrected layer upstream was fitted on."""
+    from torch.export import Dim
+
+    from tests.support.corpus_programs import TinyLlama
+
+    torch.manual_seed(0)
+    model = TinyLlama(vocab=96, dim=32, layers=1, tied=True).eval()
+    ids = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(1))
+    teacher = torch.export.export(model, (ids[:2],), dynamic_shapes=(
+        {0: Dim("batch"), 1: Dim("tokens", max=128)},)).module()
+    config = CompressionConfig.parse({"ratio": 0.5, "min_layer_params": 0,
+                                      "allocation": "uniform"})
+    plan = plan_layers(*find_layers(teacher), config)
+    assert any(p.layer.tied_embedding for p in plan.compressed)
+    student = copy.deepcopy(teacher)
+    parametrize_(student, plan, {}, config.finetune.grad_reduction)
+    gains = correct_sequentially_(student, teacher, plan, [{"input_ids": ids[:4]},
+                                                           {"input_ids": ids[4:]}])
+    assert gains and "lm_head" not in gains
