@@ -21,6 +21,11 @@ With objective `latency` the order is by onnxruntime latency at the target's bat
 instead of bytes: every candidate that meets the floor or is within reach of it is exported
 (quantized ones already are) and timed, and the fastest is fine-tuned first.
 
+With a time budget (`max_minutes`), scoring stops once less than half the work time the search
+started with is left (the rest is the finalists'), and once the budget is spent no finalist is
+tried but the cheapest that met the floor as initialized, untrained; what was cut is recorded
+for the report, and a `target_not_met` says the budget cut the search.
+
 The search drives the stages (`plan`, `rewrite`, `finetune`); it does not live inside them.
 """
 
@@ -50,6 +55,7 @@ from compressor.plan.planning import Plan
 from compressor.plan.stage import PlannedJob
 from compressor.report.figures import onnx_latency_ms
 from compressor.rewrite.stage import build_student, rewrite
+from compressor.runtime.budget import TimeBudget
 from compressor.runtime.context import JobContext
 from compressor.runtime.costs import count_parameters
 from compressor.runtime.outputs import describe_fidelity, fidelity_by_output
@@ -68,6 +74,9 @@ REACH = 0.01
 REACH_RELATIVE_L2 = 0.5
 # Candidates within reach tried at most before the smallest that meets the floor.
 REACH_TRIES = 2
+# With a time budget, scoring candidates stops when less than this share of the work time the
+# search started with is left: the rest is for its finalists (rewriting, fine-tuning).
+FINALISTS_SHARE = 0.5
 # onnxruntime time spent on each candidate's latency (objective latency).
 CANDIDATE_LATENCY_SECONDS = 0.5
 # How a finalist was fine-tuned, by what it runs in (the report's `tries`).
@@ -156,20 +165,31 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
         candidates = kept.candidates(Candidate)
         if candidates is None:
             candidates = scout.walk(plans, dense)
-            kept.save_candidates(candidates)
+            if not scout.cut:  # a search the budget cut is not what a retry should reuse
+                kept.save_candidates(candidates)
+    budget = job.control.budget
     if not candidates:
-        raise TargetNotMetError("no candidate smaller than the original could be planned for "
-                                "this model; set `ratio` to compress it to a size you choose")
+        raise TargetNotMetError(
+            ("no candidate was scored" if scout.cut else "no candidate smaller than the "
+             "original could be planned for this model; set `ratio` to compress it to a size "
+             "you choose") + _cut_note(budget))
     finalists = _finalists(candidates, target)
     if not finalists:
-        raise TargetNotMetError(_not_met(candidates, target, fine_tuned=False))
+        raise TargetNotMetError(_not_met(candidates, target, fine_tuned=False)
+                                + _cut_note(budget))
     tries: list[dict[str, Any]] = []
+    late = False  # a finalist was tried with the budget spent: no other will be
     for candidate in finalists:
         if (missed := kept.missed_before(candidate)) is not None:
             tries.append(missed)
             job.log.info(f"target: candidate {candidate.name} missed the floor after "
                          "fine-tuning in an earlier try: not fine-tuned again")
             continue
+        if not budget.affords(0):  # only one that met the floor as initialized, untrained
+            if late or not candidate.meets_floor:
+                budget.cut(f"target search: finalist {candidate.name} not tried")
+                continue
+            late = True
         planned = PlannedJob(candidate.plan, dict(stats))
         student = rewrite(loaded, planned, config.finetune.grad_reduction, job)
         # An unsmoothed int8 candidate learns through the int8 arithmetic it will run in;
@@ -200,7 +220,16 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
                                                       "quantize": candidate.quantize})
             return SearchResult(planned, trained, export, candidate, candidates, tries, target)
         kept.keep_miss(tries[-1])
-    raise TargetNotMetError(_not_met(candidates, target, fine_tuned=True, tries=tries))
+    raise TargetNotMetError(_not_met(candidates, target, fine_tuned=True, tries=tries)
+                            + _cut_note(budget))
+
+
+def _cut_note(budget: TimeBudget) -> str:
+    """Return what the time budget cut, for a `target_not_met` message ('' when nothing)."""
+    if not budget.cuts:
+        return ""
+    return (f". The time budget cut the search ({budget.describe()}: "
+            f"{'; '.join(budget.cuts)}): raise max_minutes to let it go further")
 
 
 def _finalists(candidates: list[Candidate], target: TargetConfig) -> list[Candidate]:
@@ -277,6 +306,24 @@ class _Scout:
         self.loaded, self.stats, self.held_out = loaded, stats, held_out
         self.config, self.target, self.workdir, self.job = config, target, workdir, job
         self.other_parameters = count_parameters(loaded.teacher)
+        budget = job.control.budget
+        self.work_s = max(0.0, budget.left_s() - budget.reserve_s)  # inf: no budget
+        self.cut = False  # whether the time budget stopped the scoring
+
+    def _affords(self, candidates: list[Candidate], what: str) -> bool:
+        """Whether the time budget leaves room to score `what` (`FINALISTS_SHARE` of the work
+        time the search started with is kept for its finalists); the first time it does not,
+        the cut is recorded."""
+        budget = self.job.control.budget
+        if not self.cut and budget.affords(FINALISTS_SHARE * self.work_s):
+            return True
+        if not self.cut:
+            self.cut = True
+            budget.cut(f"target search stopped after {len(candidates)} candidates, before "
+                       f"{what}")
+            self.job.log.info(f"target: the time budget stops the search before {what} "
+                              f"({budget.describe()})")
+        return False
 
     def walk(self, plans: list[tuple[float, Plan]], dense: Plan) -> list[Candidate]:
         """Score every budget in float, then int8 from the smallest float candidate within
@@ -285,6 +332,8 @@ class _Scout:
         the original."""
         candidates = []
         for index, (fraction, plan) in enumerate(plans):
+            if not self._affords(candidates, f"the candidate keeping {fraction:g}"):
+                break
             self.job.control.report(PLANNING, index / (2 * len(plans)),
                                     f"scoring the candidate keeping {fraction:g}")
             candidates.append(self._float(fraction, plan))
@@ -300,6 +349,8 @@ class _Scout:
                     other.bytes = 4 * other.parameters + overhead
         start = max(0, reach[0] if reach else len(plans) - INT8_TRIES)
         for fraction, plan in plans[start:][:INT8_TRIES]:
+            if not self._affords(candidates, f"the candidate keeping {fraction:g} with int8"):
+                break
             self._report(candidates, plans, f"scoring the candidate keeping {fraction:g} "
                                             "with int8")
             candidate = self._quantized(fraction, plan, "int8")
@@ -310,6 +361,8 @@ class _Scout:
         # int8 and int4 of the original itself: when one keeps the floor and no candidate is
         # smaller, it is the honest answer (and the bar every compressed candidate has to clear)
         for quantize in QUANTIZERS:
+            if not self._affords(candidates, f"the original with {quantize}"):
+                break
             self._report(candidates, plans, f"scoring the original with {quantize}")
             try:
                 candidates.append(self._quantized(1.0, dense, quantize))
@@ -347,6 +400,8 @@ class _Scout:
             if scored is not None and not (scored.meets_floor
                                            or within_reach(scored.fidelity, self.target)):
                 continue
+            if not self._affords(candidates, f"the candidate keeping {fraction:g} with int4"):
+                break
             tried += 1
             self._report(candidates, plans, f"scoring the candidate keeping {fraction:g} "
                                             "with int4")
@@ -374,6 +429,9 @@ class _Scout:
         timed = [c for c in candidates if c.quantize is None and c.latency_ms is None
                  and (c.meets_floor or within_reach(c.fidelity, self.target))]
         for index, candidate in enumerate(timed):
+            if not self._affords(candidates, f"timing the candidate keeping "
+                                             f"{candidate.kept_fraction:g}"):
+                break
             self.job.control.report(PLANNING, 0.96 + 0.04 * index / len(timed),
                                     f"timing the candidate keeping {candidate.kept_fraction:g}")
             with self._exported(self._student(candidate.plan), candidate.plan) as exported:

@@ -13,6 +13,7 @@ import compressor
 from compressor.errors import CancelledError, JobTimeoutError, ModelFormatError, VerificationError
 from compressor.report.figures import sha256_of
 from compressor.vocabulary import JOB_STAGES
+from tests.support.clock import JobClock
 from tests.support.tiny_models import MODEL_CLASSES, TinyMLP, example_inputs, make_pt2
 
 FAST = {"ratio": 0.5, "finetune": {"steps": 4, "eval_every": 2}, "export": {"latency_seconds": 0}}
@@ -215,20 +216,8 @@ def test_an_int8_model_too_far_from_the_compressed_one_is_refused(programs, tmp_
 
 @pytest.fixture
 def clock(monkeypatch):
-    """The job's clock (`compressor.runtime.progress.monotonic`), moved only by the test: each
-    fine-tuning step reported costs `clock.step_s` seconds."""
-    from compressor.runtime import progress as progress_module
-
-    class Clock:
-        now, step_s = 1000.0, 10.0
-
-        def tick(self, event):
-            if event.stage == "finetuning" and event.message.startswith("step "):
-                self.now += self.step_s
-
-    fake = Clock()
-    monkeypatch.setattr(progress_module, "monotonic", lambda: fake.now)
-    return fake
+    """The job's clock, moved only by the test: each fine-tuning step reported costs 10 s."""
+    return JobClock(monkeypatch, "finetuning", "step ", 10.0)
 
 
 def test_a_budget_that_runs_out_mid_fine_tuning_stops_it_and_the_artifact_is_still_verified(

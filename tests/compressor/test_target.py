@@ -16,6 +16,8 @@ from compressor.runtime.context import JobContext
 from compressor.runtime.joblog import JobLog
 from compressor.runtime.progress import JobControl
 from compressor.search.target import INT4_TRIES, KEPT_FRACTIONS
+from compressor.vocabulary import PLANNING
+from tests.support.clock import JobClock
 from tests.support.tiny_models import make_pt2
 
 # An MLP scored as a regression (relative L2), so floors can be set anywhere; no fine-tuning,
@@ -199,3 +201,62 @@ def test_the_command_line_takes_a_target_and_prints_the_outcome_first(mlp, tmp_p
     # int4 costs more fidelity than int8 (blocks of 128 under the quantizer's defaults)
     assert (report["baseline_int4"]["fidelity"]["output_0"]["relative_l2"]
             > report["baseline"]["fidelity"]["output_0"]["relative_l2"])
+
+
+# -- the time budget (max_minutes), on a clock the test moves --------------------------------------
+
+def _scoring_clock(monkeypatch, seconds):
+    """The job's clock, moved only by the test: each candidate scored costs `seconds`."""
+    return JobClock(monkeypatch, PLANNING, "scoring the candidate", seconds)
+
+
+def test_a_budget_that_runs_out_while_scoring_hands_back_the_best_candidate_scored(
+        easy, mlp, tmp_path, monkeypatch):
+    # 3 minutes, about 60 s kept for export, verification and the report: the scoring stops
+    # when less than half of the other 120 s is left, after 6 candidates of 10 s.
+    clock = _scoring_clock(monkeypatch, 10.0)
+    result = compressor.compress(mlp, {**FAST, "target": {"relative_l2": 10.0},
+                                       "max_minutes": 3},
+                                 out_dir=tmp_path / "out", progress=clock.tick)
+    search, budget = result.report["target"], result.report["budget"]
+    everything = easy.report["target"]["candidates"]
+    assert len(search["candidates"]) == 6 < len(everything)
+    assert search["candidates"] == everything[:6]  # the same walk, cut short
+    following = everything[6]  # the walk's next: a larger budget, or a quantized one
+    quantized = f" with {following['quantize']}" if following["quantize"] else ""
+    assert budget["cut"] == [f"target search stopped after 6 candidates, before the candidate "
+                             f"keeping {following['kept_fraction']:g}{quantized}"]
+    assert search["chosen"]["bytes"] == min(c["bytes"] for c in search["candidates"])
+    assert result.report["onnx_parity"]["passed"] and result.model_path.exists()
+
+
+def test_a_search_cut_by_the_budget_that_meets_no_floor_says_to_raise_max_minutes(
+        mlp, tmp_path, monkeypatch):
+    clock = _scoring_clock(monkeypatch, 10.0)
+    with pytest.raises(TargetNotMetError) as caught:
+        compressor.compress(mlp, {**FAST, "target": {"relative_l2": 1e-9}, "max_minutes": 3},
+                            out_dir=tmp_path / "out", progress=clock.tick)
+    message = caught.value.message
+    assert "the best reached output_0 relative L2" in message  # the figures, as without a budget
+    assert "The time budget cut the search (max_minutes 3" in message
+    assert "target search stopped after 6 candidates" in message
+    assert "raise max_minutes" in message
+    assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_with_the_budget_spent_by_the_search_the_cheapest_candidate_meeting_the_floor_ships_untrained(
+        easy, mlp, tmp_path, monkeypatch):
+    # the first candidate scored takes the whole budget: it met the floor as initialized, and
+    # is handed back without a fine-tuning step
+    first = easy.report["target"]["candidates"][0]["kept_fraction"]  # the smallest budget
+    clock = _scoring_clock(monkeypatch, 130.0)
+    config = {**FAST, "finetune": {"steps": 5, "loss": "regression"},
+              "target": {"relative_l2": 10.0}, "max_minutes": 3}
+    result = compressor.compress(mlp, config, out_dir=tmp_path / "out", progress=clock.tick)
+    search, budget = result.report["target"], result.report["budget"]
+    assert [c["kept_fraction"] for c in search["candidates"]] == [first]
+    assert search["chosen"]["kept_fraction"] == first
+    assert result.report["finetune"]["steps_run"] == 0
+    assert budget["cut"][0].startswith("target search stopped after 1 candidates")
+    assert budget["cut"][1:] == ["fine-tuning stopped at step 0 of 5"]
+    assert result.report["onnx_parity"]["passed"] and result.model_path.exists()
