@@ -691,10 +691,14 @@ function resultSummary(job) {
 function outcomeCard(report) {
   const outcome = report.outcome || {};
   const warnings = report.warnings || [];
-  if (!outcome.headline && !warnings.length) return null;
+  // what the job's time budget (max_minutes) cut to fit
+  const budget = report.budget || {};
+  const cuts = budget.cut || [];
+  if (!outcome.headline && !warnings.length && !cuts.length) return null;
   return el("div", { class: "card", id: "outcome" }, el("h2", {}, "Outcome"),
     outcome.headline ? el("p", { id: "outcome-headline" }, outcome.headline) : null,
-    warnings.map((w) => errorBox(`Warning: ${w}`, { class: "warning" })));
+    warnings.map((w) => errorBox(`Warning: ${w}`, { class: "warning" })),
+    cuts.length ? el("p", { class: "muted", id: "budget-cut" }, `Cut to fit max_minutes ${budget.max_minutes}: ${cuts.join("; ")}.`) : null);
 }
 
 // A target-mode candidate's color in the frontier plot, by what it stacks on its compact form.

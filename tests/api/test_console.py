@@ -233,6 +233,27 @@ def test_a_target_jobs_page_shows_the_outcome_and_every_candidate(
     screenshot(page, "console-target.png", tmp_path)
 
 
+def test_a_jobs_page_says_what_its_time_budget_cut(
+    browser, server: ServerProcess, mlp_pt2: Path, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    # 30 s: less than what export, verification and the report are kept, so no step is taken
+    config = {"ratio": 0.5, "finetune": {"steps": 3}, "export": {"latency_seconds": 0},
+              "max_minutes": 0.5}
+    job_id = server.client.post(
+        "/v1/jobs", files={"model": ("m.pt2", mlp_pt2.read_bytes())},
+        data={"config": json.dumps(config)}).json()["id"]
+    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    page.goto(server.client.base_url.join("/").__str__())
+    use_key(page, ALICE)
+    page.goto(f"{server.client.base_url}/#/jobs/{job_id}")
+    expect(page.locator('#job-head [data-status="succeeded"]')).to_be_visible(timeout=180_000)
+    expect(page.locator("#budget-cut")).to_contain_text(
+        "Cut to fit max_minutes 0.5: calibration on 8 of")
+    expect(page.locator("#budget-cut")).to_contain_text("fine-tuning stopped at step 0 of 3")
+
+
 # Layer names as a real Hugging Face encoder has them.
 HF_LAYERS = [f"model.encoder.layer.{i}.attention.self.{part}" for i in range(2)
              for part in ("query", "key", "value")]
