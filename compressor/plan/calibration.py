@@ -116,7 +116,9 @@ def _within_budget(teacher: fx.GraphModule, train: Dataset, samples: int,
     budget = job.control.budget
     if not budget.limited or samples <= MIN_SAMPLES:
         return samples
-    probe = train.take(torch.arange(min(samples, PACE_SAMPLES)))
+    # no more samples at once than calibration itself runs (memory)
+    probe = train.take(torch.arange(min(samples, PACE_SAMPLES,
+                                        job.costs.calibration_batch(samples))))
     started = budget.elapsed_s()
     with torch.no_grad():
         call(teacher, probe)
