@@ -108,7 +108,8 @@ def quantize_int4(source: Path, target: Path, *, onnxruntime_defaults: bool = Fa
                 quantizer = MatMulNBitsQuantizer(model.model)
             else:
                 quantizer = MatMulNBitsQuantizer(model.model, block_size=INT4_BLOCK_SIZE,
-                                                 op_types_to_quantize=("MatMul", "Gather"))
+                                                 op_types_to_quantize=("MatMul", "Gather"),
+                                                 nodes_to_exclude=_shared_tables(model.model))
             del model
             with contextlib.redirect_stdout(io.StringIO()):
                 quantizer.process()
@@ -132,6 +133,25 @@ def quantize_int4(source: Path, target: Path, *, onnxruntime_defaults: bool = Fa
             "without export.quantize")
     move_onnx(tmp, target)
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _shared_tables(model) -> list[str]:
+    """Return the Gather nodes whose table another node also reads, and those other nodes: a
+    tied LM head's factor is a MatMul's weight and its table's rows at once. The quantizer packs
+    a weight one way for MatMulNBits and another for GatherBlockQuantized and would give both
+    the one it made last (an invalid model onnxruntime refuses to load), so such a weight stays
+    float, stored once."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    readers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            if name in initializers:
+                readers.setdefault(name, []).append(node)
+    excluded = []
+    for nodes in readers.values():
+        if len(nodes) > 1 and any(node.op_type == "Gather" for node in nodes):
+            excluded += [node.name for node in nodes]
+    return excluded
 
 
 def _count_ops(graph, op_types: set[str]) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch.export import Dim
 
 from compressor.errors import ExportError, VerificationError
@@ -465,3 +466,30 @@ def test_remove_onnx_removes_both_files_and_tolerates_missing_ones(external, tmp
     remove_onnx(tmp_path / "orphan.onnx")
     assert not orphan.exists()
     assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))
+
+
+def test_int4_of_a_tied_factorized_head_keeps_the_shared_factor_float(tmp_path):
+    # The compact tied head reads one factor as its MatMul's weight and as its table's rows;
+    # quantizing it for both (two packings) made a model onnxruntime refused to load.
+    import compressor
+    from tests.support.corpus_programs import TinyLlama
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 96, (64, 16), generator=torch.Generator().manual_seed(1))
+    program = torch.export.export(TinyLlama(tied=True).eval(), (ids[:2],), dynamic_shapes=(
+        {0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens", max=128)},))
+    torch.export.save(program, tmp_path / "tied.pt2")
+    save_file({"input_ids": ids}, tmp_path / "ids.safetensors")
+    result = compressor.compress(
+        tmp_path / "tied.pt2", {"ratio": 0.5, "min_layer_params": 0, "finetune": {"steps": 0},
+                                "export": {"form": "factorized", "quantize": "int4"}},
+        data=tmp_path / "ids.safetensors", out_dir=tmp_path / "out")
+    assert result.report["plan"]["layers"][-1].get("tied_embedding")
+    graph = onnx.load(str(result.model_path)).graph
+    ops = [node.op_type for node in graph.node]
+    assert "MatMulNBits" in ops  # the blocks' projections are 4-bit
+    shared = [name for name in {i for n in graph.node if n.op_type == "Gather" for i in n.input}
+              if sum(name in n.input for n in graph.node) > 1]
+    assert shared  # the head's factor, read by its MatMul and its rows' Gather, stays float
+    (logits,) = run_onnx(onnx_session(result.model_path), {"input_ids": ids[:3]})
+    assert logits.shape == (3, 16, 96) and np.isfinite(logits).all()
