@@ -251,9 +251,9 @@ def test_progress_writes_are_throttled_but_every_stage_is_stored(
     writes: list[tuple[str, float]] = []
     original = services.store.update_progress
 
-    def counting(job: str, worker: str, stage: str, progress: float, curve=None) -> bool:
+    def counting(job: str, worker: str, stage: str, progress: float, *args, **kwargs) -> bool:
         writes.append((stage, progress))
-        return original(job, worker, stage, progress, curve)
+        return original(job, worker, stage, progress, *args, **kwargs)
 
     monkeypatch.setattr(services.store, "update_progress", counting)
     fake = FakeJob(1.2)  # about 60 progress events over 1.2 s
