@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -46,13 +47,9 @@ def export_onnx(module: nn.Module, sample: dict[str, torch.Tensor], specs: list[
     """
     path = Path(path)
     module.eval()  # before the scratch folder exists: a module that refuses leaves nothing
-    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
-    tmp = scratch / path.name
-    quiet = io.StringIO()
     try:
-        with torch.no_grad(), contextlib.redirect_stdout(quiet), _exporter_logs_quiet():
+        with (writing_onnx(path) as tmp, torch.no_grad(),
+              contextlib.redirect_stdout(io.StringIO()), logs_quiet("torch.onnx")):
             args, kwargs = call_arguments(module, sample)
             program = torch.onnx.export(
                 module, args, kwargs=kwargs, dynamo=True, opset_version=opset,
@@ -62,23 +59,50 @@ def export_onnx(module: nn.Module, sample: dict[str, torch.Tensor], specs: list[
             weights = list(program.model.graph.initializers.values())
             if optimize:
                 program.optimize()
-        _strip_debug_metadata(program.model)
-        size = sum(int(t.numel() * t.element_size()) for t in module.state_dict().values())
-        if size > _PROTOBUF_LIMIT:
-            program.save(tmp, external_data=True)
-        else:
-            save_single_file(program.model, tmp)
-        _release_weights(program.model, weights)
-        del program, weights
-        move_onnx(tmp, path)
+            _strip_debug_metadata(program.model)
+            size = sum(int(t.numel() * t.element_size()) for t in module.state_dict().values())
+            if size > _PROTOBUF_LIMIT:
+                program.save(tmp, external_data=True)
+            else:
+                save_single_file(program.model, tmp)
+            _release_weights(program.model, weights)
+            del program, weights
     except Exception as exc:  # the exporter raises many types; all mean the same to the user
-        shutil.rmtree(scratch, ignore_errors=True)
         reason = _exporter_reason(exc)
         raise ExportError(
             f"the model could not be exported to ONNX (opset {opset}): {reason}. Try "
             "export.form='dense', another export.opset, or check that the program runs with "
             "torch.onnx.export on its own") from exc
+
+
+@contextlib.contextmanager
+def writing_onnx(target: Path) -> Iterator[Path]:
+    """Yield where to write the ONNX model that becomes `target` (and its data file beside it):
+    a path in a scratch folder next to `target`, moved into place when the block ends without
+    an exception (`move_onnx`). The scratch folder is removed either way, so a failed write
+    leaves nothing."""
+    target = Path(target)
+    scratch = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        yield scratch / target.name
+        move_onnx(scratch / target.name, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def logs_quiet(name: str | None = None) -> Iterator[None]:
+    """Show only the errors of the logger `name` (the root logger when None) in the block:
+    the exporter's and the quantizers' advice is not the user's to act on."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def save_single_file(model: ir.Model, path: Path) -> None:
@@ -178,14 +202,3 @@ def _strip_debug_metadata(model) -> None:
             node.metadata_props.clear()
     for value in model.graph.inputs:
         value.metadata_props.clear()
-
-
-@contextlib.contextmanager
-def _exporter_logs_quiet():
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)

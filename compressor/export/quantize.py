@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from compressor.errors import ExportError, VerificationError
-from compressor.export.onnx import data_file, move_onnx
+from compressor.export.onnx import data_file, logs_quiet, writing_onnx
 from compressor.export.verify import TorchOutputs, float64_chunks, paired_outputs
 
 # int4 weights are quantized in blocks of this many consecutive inputs (rows of a MatMul's
@@ -47,27 +44,13 @@ def quantize_int8(source: Path, target: Path, *, onnxruntime_defaults: bool = Fa
     op_types = (None if onnxruntime_defaults
                 else sorted(op for op in IntegerOpsRegistry if op != "Conv"))
 
-    target = Path(target)
-    scratch = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
-    tmp = scratch / target.name
     try:
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # its advice to pre-process is for static quantization
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                quantize_dynamic(source, tmp, weight_type=QuantType.QInt8, per_channel=True,
-                                 op_types_to_quantize=op_types,
-                                 reduce_range=not onnxruntime_defaults,
-                                 use_external_data_format=data_file(Path(source)).is_file())
-        finally:
-            root.setLevel(level)
-        move_onnx(tmp, target)
-        shutil.rmtree(scratch, ignore_errors=True)
+        # logs_quiet: its advice to pre-process is for static quantization
+        with writing_onnx(target) as tmp, logs_quiet(), contextlib.redirect_stdout(io.StringIO()):
+            quantize_dynamic(source, tmp, weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=op_types, reduce_range=not onnxruntime_defaults,
+                             use_external_data_format=data_file(Path(source)).is_file())
     except Exception as exc:  # onnxruntime's quantizer raises many types
-        shutil.rmtree(scratch, ignore_errors=True)
         raise ExportError(f"int8 quantization of the ONNX model failed: {exc}. Export without "
                           "export.quantize, or try export.form='dense'") from exc
 
@@ -92,47 +75,34 @@ def quantize_int4(source: Path, target: Path, *, onnxruntime_defaults: bool = Fa
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     from onnxruntime.quantization.onnx_model import ONNXModel
 
-    target = Path(target)
-    scratch = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
-    tmp = scratch / target.name
     try:
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # it warns that it raises the opset for int4 tables
-        try:
-            model = ONNXModel(onnx.load(str(source)))
-            model.replace_gemm_with_matmul()
-            if onnxruntime_defaults:
-                quantizer = MatMulNBitsQuantizer(model.model)
-            else:
-                quantizer = MatMulNBitsQuantizer(model.model, block_size=INT4_BLOCK_SIZE,
-                                                 op_types_to_quantize=("MatMul", "Gather"),
-                                                 nodes_to_exclude=_shared_tables(model.model))
-            del model
-            with contextlib.redirect_stdout(io.StringIO()):
+        # logs_quiet: it warns that it raises the opset for int4 tables
+        with writing_onnx(target) as tmp:
+            with logs_quiet(), contextlib.redirect_stdout(io.StringIO()):
+                model = ONNXModel(onnx.load(str(source)))
+                model.replace_gemm_with_matmul()
+                if onnxruntime_defaults:
+                    quantizer = MatMulNBitsQuantizer(model.model)
+                else:
+                    quantizer = MatMulNBitsQuantizer(
+                        model.model, block_size=INT4_BLOCK_SIZE,
+                        op_types_to_quantize=("MatMul", "Gather"),
+                        nodes_to_exclude=_shared_tables(model.model))
+                del model
                 quantizer.process()
-        finally:
-            root.setLevel(level)
-        quantized = _count_ops(quantizer.model.model.graph,
-                               {"MatMulNBits", "GatherBlockQuantized"})
-        if quantized:
+            if not _count_ops(quantizer.model.model.graph, {"MatMulNBits", "GatherBlockQuantized"}):
+                raise ExportError(
+                    "int4 quantizes the constant weights of MatMul (Linear layers, the compact "
+                    "form's matmuls) and Gather (embedding tables) only, and this model has none "
+                    "(its weights are convolutions, or computed at run time): use "
+                    "export.quantize 'int8', or export without export.quantize")
             quantizer.model.save_model_to_file(
                 str(tmp), use_external_data_format=data_file(Path(source)).is_file())
+    except ExportError:
+        raise
     except Exception as exc:  # onnxruntime's quantizer raises many types
-        shutil.rmtree(scratch, ignore_errors=True)
         raise ExportError(f"int4 quantization of the ONNX model failed: {exc}. Try "
                           "export.quantize 'int8', or export without export.quantize") from exc
-    if not quantized:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise ExportError(
-            "int4 quantizes the constant weights of MatMul (Linear layers, the compact form's "
-            "matmuls) and Gather (embedding tables) only, and this model has none (its weights "
-            "are convolutions, or computed at run time): use export.quantize 'int8', or export "
-            "without export.quantize")
-    move_onnx(tmp, target)
-    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _shared_tables(model) -> list[str]:
