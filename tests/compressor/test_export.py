@@ -472,12 +472,11 @@ def test_int4_of_a_tied_factorized_head_keeps_the_shared_factor_float(tmp_path):
     # The compact tied head reads one factor as its MatMul's weight and as its table's rows;
     # quantizing it for both (two packings) made a model onnxruntime refused to load.
     import compressor
-    from tests.support.corpus_programs import TinyLlama
+    from tests.support.corpus_programs import TinyLlama, exported_decoder
 
     torch.manual_seed(0)
     ids = torch.randint(0, 96, (64, 16), generator=torch.Generator().manual_seed(1))
-    program = torch.export.export(TinyLlama(tied=True).eval(), (ids[:2],), dynamic_shapes=(
-        {0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens", max=128)},))
+    program = exported_decoder(TinyLlama(tied=True), ids)
     torch.export.save(program, tmp_path / "tied.pt2")
     save_file({"input_ids": ids}, tmp_path / "ids.safetensors")
     result = compressor.compress(

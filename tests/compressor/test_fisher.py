@@ -111,16 +111,13 @@ def test_a_tied_heads_prediction_counts_the_rows_its_input_embedding_reads(monke
     # An LM whose head is its input table: a change to the table changes both the logits and
     # every token's input vector. The measured sensitivity sees both; the prediction adds the
     # input embedding's rows to the head's, and without them it would see half the loss.
-    from torch.export import Dim
-
     from compressor.plan import sensitivity
-    from tests.support.corpus_programs import TinyLlama
+    from tests.support.corpus_programs import TinyLlama, exported_decoder
 
     torch.manual_seed(0)
     model = TinyLlama(vocab=96, dim=32, layers=2, tied=True).eval()
     ids = torch.randint(0, 96, (64, 24), generator=torch.Generator().manual_seed(1))
-    teacher = torch.export.export(model, (ids[:2],), dynamic_shapes=(
-        {0: Dim("batch"), 1: Dim("tokens", max=128)},)).module()
+    teacher = exported_decoder(model, ids).module()
     config = CompressionConfig.parse({"ratio": 0.5, "min_layer_params": 0,
                                       "allocation": "uniform", "layers": {"include": ["lm_head"]}})
     plan = plan_layers(*find_layers(teacher), config)

@@ -136,19 +136,20 @@ class _FakeLayer:
     """What `factorize` reads of a layer: nothing but the weight it is given."""
 
 
-def _moments(x, x_student):
-    return InputMoments.of(x, x_student)
+def _rank_6_of_a_random_layer() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seed the generator; return a random 40 × 12 W and its best rank-6 factors A, B."""
+    torch.manual_seed(0)
+    W = torch.randn(40, 12)
+    factors = get_method("lowrank").factorize(_FakeLayer, W, None)
+    return W, factors.A[:, :6].clone(), factors.B[:6].clone()
 
 
 def test_a_refit_that_fits_its_rows_but_not_others_is_refused():
     # The fitting rows see the student's inputs doubled, the checking rows as they are: the
     # refit halves B, exact on the rows it was fitted on and wrong on the others. It is refused.
-    torch.manual_seed(0)
-    W = torch.randn(40, 12)
-    factors = get_method("lowrank").factorize(_FakeLayer, W, None)
-    A, B = factors.A[:, :6].clone(), factors.B[:6].clone()
+    W, A, B = _rank_6_of_a_random_layer()
     x, x_check = torch.randn(300, 12), torch.randn(300, 12)
-    fit, check = _moments(x, 2 * x), _moments(x_check, x_check)
+    fit, check = InputMoments.of(x, 2 * x), InputMoments.of(x_check, x_check)
     kept = B.clone()
     gain = correct_second_factor_(A, B, W, fit, check)
     assert gain == 1.0
@@ -159,16 +160,13 @@ def test_a_refit_that_fits_its_rows_but_not_others_is_refused():
 
 
 def test_a_refit_that_holds_on_the_checking_rows_is_made_again_on_all_rows():
-    torch.manual_seed(0)
-    W = torch.randn(40, 12)
-    factors = get_method("lowrank").factorize(_FakeLayer, W, None)
-    A, B = factors.A[:, :6].clone(), factors.B[:6].clone()
+    W, A, B = _rank_6_of_a_random_layer()
     x, x_check = torch.randn(300, 12), torch.randn(100, 12)
     shift = torch.randn(12, 12) * 0.2  # what upstream compression does to the inputs
-    fit, check = _moments(x, x + x @ shift), _moments(x_check, x_check + x_check @ shift)
+    fit, check = InputMoments.of(x, x + x @ shift), InputMoments.of(x_check, x_check + x_check @ shift)
     gain = correct_second_factor_(A, B, W, fit, check)
     assert 0 < gain < 1
-    both = _moments(torch.cat([x, x_check]), torch.cat([x + x @ shift, x_check + x_check @ shift]))
+    both = InputMoments.of(torch.cat([x, x_check]), torch.cat([x + x @ shift, x_check + x_check @ shift]))
     expected = _LayerFit.of(A, W).best_second_factor(both)
     torch.testing.assert_close(B.double(), expected, rtol=1e-5, atol=1e-6)
 
@@ -209,15 +207,12 @@ def test_several_batches_run_in_lockstep_and_the_last_checks(tmp_path):
 
 def test_a_tied_head_is_not_refitted():
     """Its table is the input embedding every corrected layer upstream was fitted on."""
-    from torch.export import Dim
-
-    from tests.support.corpus_programs import TinyLlama
+    from tests.support.corpus_programs import TinyLlama, exported_decoder
 
     torch.manual_seed(0)
     model = TinyLlama(vocab=96, dim=32, layers=1, tied=True).eval()
     ids = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(1))
-    teacher = torch.export.export(model, (ids[:2],), dynamic_shapes=(
-        {0: Dim("batch"), 1: Dim("tokens", max=128)},)).module()
+    teacher = exported_decoder(model, ids).module()
     config = CompressionConfig.parse({"ratio": 0.5, "min_layer_params": 0,
                                       "allocation": "uniform"})
     plan = plan_layers(*find_layers(teacher), config)

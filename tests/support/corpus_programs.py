@@ -193,6 +193,12 @@ class TinyLlama(nn.Module):
         return self.lm_head(self.norm(h))
 
 
+def exported_decoder(model: TinyLlama, ids: torch.Tensor) -> torch.export.ExportedProgram:
+    """Export a `TinyLlama` from two rows of `ids`, at a dynamic batch and sequence length."""
+    return torch.export.export(model.eval(), (ids[:2],), dynamic_shapes=(
+        {0: Dim("batch"), 1: Dim("tokens", max=128)},))
+
+
 class SharedLayer(nn.Module):
     """One Linear called twice (a shared module), between two plain layers."""
 
