@@ -119,6 +119,14 @@ class FinetuneConfig(_Strict):
         "logits (KL + MSE), embedding (cosine + MSE), regression (MSE); one kind for all "
         "outputs or a map from ONNX output name to kind")
     batch_size: int = Field(default=32, ge=1, le=65536, description="samples per step")
+    logits_top_k: Annotated[int, Field(ge=1, le=65536)] | Literal["auto"] | None = Field(
+        default="auto", examples=["auto", 64, None],
+        description="a language model's next-token logits are distilled on the original's k "
+        "most likely tokens per position plus one bucket for all the others: the KL divergence "
+        "over those (no MSE of every logit), with the original's top k kept once per training "
+        "sample so it does not run again at every step; auto: 64 when the vocabulary has more "
+        "than 1,024 tokens; null: the whole vocabulary (KL + MSE), the original run every step "
+        "when its outputs on the training split take more than 512 MiB")
     weight_decay: float = Field(default=0.0, ge=0, le=1.0, description="AdamW weight decay")
     warmup_steps: int = Field(default=10, ge=0, description="linear warm-up, then cosine decay")
     eval_every: int = Field(default=25, ge=1, description="steps between held-out evaluations")

@@ -32,8 +32,9 @@ from compressor.load.data import Dataset
 from compressor.plan.planning import Plan
 from compressor.rewrite.parametrize import trainable_parameters
 from compressor.runtime.memory import available_memory_bytes, format_bytes
-from compressor.runtime.objectives import distillation_backward, distillation_loss
+from compressor.runtime.objectives import Target, distillation_backward, distillation_loss
 from compressor.runtime.outputs import FidelityMeter, run_outputs
+from compressor.runtime.top_logits import TopKOutputs, concat, target_bytes
 from compressor.runtime.progress import JobControl
 
 # An evaluation this much worse than the best so far rolls θ back to the best and halves the lr.
@@ -75,6 +76,9 @@ class FinetuneSummary:
     # Whether θ trained through onnxruntime's int8 arithmetic, simulated (the losses and
     # held-out scores are then the simulated int8 model's).
     quantization_aware: bool = False
+    # The k of the original's most likely next tokens a language model's logits were
+    # distilled on (None: every output whole; `compressor.runtime.top_logits`).
+    logits_top_k: int | None = None
     # The step a kept checkpoint let this run go on after (None: it started from step 1).
     resumed_at_step: int | None = None
     # The last step θ took (`steps` when none was cut; fewer when the time budget, a
@@ -86,27 +90,38 @@ class FinetuneSummary:
 @dataclass
 class HeldOut:
     """The held-out split, scored a batch of `batch_size` at a time, with the original's
-    outputs on each of its batches (`reference`, computed once)."""
+    outputs on each of its batches (`reference`, computed once), and what the distillation loss
+    compares with (`targets`: the same outputs, or the top k of those `top_k` names)."""
 
     data: Dataset
     batch_size: int
     reference: list[list[torch.Tensor]]
+    targets: list[list[Target]]
+    top_k: TopKOutputs | None = None
 
     @classmethod
-    def of(cls, teacher: nn.Module, data: Dataset, batch_size: int) -> HeldOut:
+    def of(cls, teacher: nn.Module, data: Dataset, batch_size: int,
+           top_k: TopKOutputs | None = None) -> HeldOut:
         """Run the original on every held-out batch once."""
         with torch.no_grad():
             reference = [run_outputs(teacher, batch) for batch in data.batches(batch_size)]
-        return cls(data, batch_size, reference)
+        targets = reference if top_k is None else [top_k.compact(outs) for outs in reference]
+        return cls(data, batch_size, reference, targets, top_k)
 
     def batches(self) -> list[dict[str, torch.Tensor]]:
         """Return the held-out batches, in the order of `reference`."""
         return list(self.data.batches(self.batch_size))
 
+    def compact(self, outputs: list[torch.Tensor]) -> list[Target]:
+        """Return the training targets for the original's `outputs` (as `targets` are made)."""
+        return outputs if self.top_k is None else self.top_k.compact(outputs)
+
     def to(self, device: torch.device) -> HeldOut:
         """Return the same split with the original's outputs on `device`."""
-        return HeldOut(self.data, self.batch_size,
-                       [[t.to(device) for t in batch] for batch in self.reference])
+        reference = [[t.to(device) for t in batch] for batch in self.reference]
+        targets = (reference if self.targets is self.reference
+                   else [[t.to(device) for t in batch] for batch in self.targets])
+        return HeldOut(self.data, self.batch_size, reference, targets, self.top_k)
 
 
 @dataclass
@@ -134,12 +149,13 @@ def held_out_score(student: nn.Module, held_out: HeldOut, kinds: list[str],
     total, rows = 0.0, 0
     batches = held_out.batches() if batches is None else batches
     with torch.no_grad():
-        for batch, reference in zip(batches, held_out.reference, strict=True):
+        for batch, reference, targets in zip(batches, held_out.reference, held_out.targets,
+                                             strict=True):
             outputs = run_outputs(student, batch)
             if meter is not None:
                 meter.add(outputs, reference, batch)
             count = reference[0].shape[0]
-            total += float(distillation_loss(outputs, reference, kinds)) * count
+            total += float(distillation_loss(outputs, targets, kinds)) * count
             rows += count
     return total / max(1, rows)
 
@@ -174,17 +190,21 @@ def parameter_groups(params: list[nn.Parameter], config: FinetuneConfig) -> list
     return groups
 
 
-def _teacher_targets(teacher: nn.Module, train: Dataset, device: torch.device):
-    """Return the original's outputs on every training sample when they fit in memory, else None.
+def _teacher_targets(teacher: nn.Module, train: Dataset, device: torch.device,
+                     held_out: HeldOut) -> list[Target] | None:
+    """Return the training targets (`held_out.compact` of the original's outputs) on every
+    training sample when they fit in memory, else None.
 
-    Fine-tuning then runs the original once per sample instead of once per step.
+    Fine-tuning then runs the original once per sample instead of once per step. The original
+    runs on as many samples at a time as fit in the cache's size whole (one at least).
     """
     probe = run_outputs(teacher, _to(train.take(torch.arange(1)), device))
-    per_sample = _nbytes(probe)
-    if per_sample * len(train) > _TEACHER_CACHE_BYTES:
+    if target_bytes(held_out.compact(probe)) * len(train) > _TEACHER_CACHE_BYTES:
         return None
-    chunks = [run_outputs(teacher, _to(b, device)) for b in train.batches(64)]
-    return [torch.cat(parts) for parts in zip(*chunks, strict=True)]
+    batch = max(1, min(64, _TEACHER_CACHE_BYTES // max(1, _nbytes(probe))))
+    chunks = [held_out.compact(run_outputs(teacher, _to(b, device)))
+              for b in train.batches(batch)]
+    return [concat(parts) for parts in zip(*chunks, strict=True)]
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
@@ -307,10 +327,12 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
             if initial_score is None else initial_score)
     summary = FinetuneSummary(config.steps, str(device), best, best, 0,
                               quantization_aware=config.quantization_aware)
+    if held_out.top_k is not None and held_out.reference:
+        summary.logits_top_k = held_out.top_k.used(held_out.reference[0])
     if config.steps == 0 or not params:
         return summary
     with torch.no_grad():
-        cached = _teacher_targets(teacher, train, device)
+        cached = _teacher_targets(teacher, train, device, held_out)
     summary.teacher_outputs_cached = cached is not None
     forward = training_forward(student, train, config, device, params, summary)
     summary.skipped = unaffordable(summary, params, free_memory_bytes(device))
@@ -360,7 +382,7 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
         with autocast:
             if cached is None:
                 with torch.no_grad():
-                    targets = run_outputs(teacher, batch)
+                    targets = held_out.compact(run_outputs(teacher, batch))
             else:
                 targets = [t[index.to(t.device)] for t in cached]
             outputs = forward(batch)

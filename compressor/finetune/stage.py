@@ -23,7 +23,9 @@ from compressor.finetune.loop import Distillation, FinetuneSummary, HeldOut, hel
 from compressor.load.stage import LoadedJob
 from compressor.plan.planning import Plan
 from compressor.runtime.context import JobContext
+from compressor.runtime.objectives import KL_TEMPERATURE
 from compressor.runtime.outputs import FidelityMeter, OutputFidelity
+from compressor.runtime.top_logits import TopKOutputs
 from compressor.vocabulary import FINETUNING
 
 # Held-out samples per evaluation batch (fidelity, fine-tuning's held-out score), at most:
@@ -56,7 +58,8 @@ def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: Fin
         job.control.report(FINETUNING, 0.0)
         batch_size = job.costs.evaluation_batch(EVAL_BATCH)
         job.log.info(f"{job.costs.describe()}; held-out batches of {batch_size}")
-        held_out = HeldOut.of(loaded.teacher, loaded.held_out, batch_size)
+        top_k = TopKOutputs(config.logits_top_k, tuple(loaded.next_token), KL_TEMPERATURE)
+        held_out = HeldOut.of(loaded.teacher, loaded.held_out, batch_size, top_k)
         initial, initial_score = fidelity(student, held_out, loaded.kinds, loaded.next_token)
         lesson = Distillation(loaded.teacher, loaded.kinds, loaded.train, held_out)
         checkpoints = None if job.resume is None else FinetuneCheckpoints.for_run(
@@ -68,8 +71,10 @@ def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: Fin
         for why in (summary.skipped, summary.cut_by_budget):
             if why is not None:
                 job.log.info(why)
-        blocks = ", blocks checkpointed" if summary.activation_checkpointing else ""
-        job.log.info(f"fine-tuning on {summary.device}{blocks}: held-out loss "
+        how = ", blocks checkpointed" if summary.activation_checkpointing else ""
+        if summary.logits_top_k is not None:
+            how += f", next-token logits distilled on the original's top {summary.logits_top_k}"
+        job.log.info(f"fine-tuning on {summary.device}{how}: held-out loss "
                      f"{summary.initial_score:.4f} -> {summary.best_score:.4f} "
                      f"(best step {summary.best_step})")
         # Best step 0: θ is the initialization's, restored exactly, and so are its outputs.

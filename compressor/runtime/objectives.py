@@ -3,7 +3,8 @@
 An output is one of
 - `logits`: (batch, classes) scores read through a softmax (or batch × positions × classes: one
   softmax per position); matched by a tempered KL divergence plus a normalized MSE, scored by
-  top-1 agreement;
+  top-1 agreement (a language model's next-token logits may be matched on the original's top k
+  tokens instead: `compressor.runtime.top_logits`);
 - `embedding`: a feature vector per sample (a sentence embedding, hidden states); matched by
   cosine distance plus a normalized MSE, scored by cosine;
 - `regression`: anything else that is a float (a scalar per sample, a loss); normalized MSE;
@@ -27,11 +28,15 @@ from torch.nn import functional as F
 from torch.utils._pytree import keystr, tree_flatten_with_path
 
 from compressor.errors import ConfigError
+from compressor.runtime.top_logits import TopLogits, top_logits_kl
 
 OutputKind = Literal["logits", "embedding", "regression"]
 OUTPUT_KINDS: tuple[str, ...] = ("logits", "embedding", "regression")
 IGNORED = "ignored"
 KL_TEMPERATURE = 2.0
+# What an output is matched against: the original's output, or its top k (a language model's
+# next-token logits, `compressor.runtime.top_logits`).
+Target = torch.Tensor | TopLogits
 # Losses are computed on about this many output values at a time where they can be.
 _CHUNK_VALUES = 1 << 22
 _LOGIT_NAMES = ("logit", "scores", "prediction")
@@ -133,8 +138,12 @@ def normalized_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(out, target) / (target.var(unbiased=False) + 1e-8)
 
 
-def output_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Return the distillation loss of one output against the original's, for its kind."""
+def output_loss(out: torch.Tensor, target: Target, kind: str) -> torch.Tensor:
+    """Return the distillation loss of one output against the original's, for its kind (for
+    targets kept as their top k, `top_logits_kl` averaged over the positions)."""
+    if isinstance(target, TopLogits):
+        rows = out.reshape(-1, out.shape[-1])
+        return top_logits_kl(rows, target.rows()) / rows.shape[0]
     out, target = out.float(), target.float()
     loss = normalized_mse(out, target)
     if kind == "logits":  # a softmax over the last axis, averaged over every position
@@ -149,7 +158,7 @@ def output_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Ten
     return loss
 
 
-def distillation_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor],
+def distillation_loss(outputs: list[torch.Tensor], targets: list[Target],
                       kinds: list[str]) -> torch.Tensor:
     """Return the sum over outputs of the loss that fits each one's kind (ignored ones skipped).
 
@@ -168,7 +177,7 @@ def distillation_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor],
     return total
 
 
-def distillation_backward(outputs: list[torch.Tensor], targets: list[torch.Tensor],
+def distillation_backward(outputs: list[torch.Tensor], targets: list[Target],
                           kinds: list[str], chunk_values: int = _CHUNK_VALUES) -> torch.Tensor:
     """Backpropagate `distillation_loss(outputs, targets, kinds)` through the graph that
     computed `outputs`, a chunk of rows at a time, and return the loss (detached).
@@ -190,7 +199,7 @@ def distillation_backward(outputs: list[torch.Tensor], targets: list[torch.Tenso
     return total
 
 
-def _chunk_losses(outputs: list[torch.Tensor], targets: list[torch.Tensor], kinds: list[str],
+def _chunk_losses(outputs: list[torch.Tensor], targets: list[Target], kinds: list[str],
                   chunk_values: int) -> Iterator[torch.Tensor]:
     """Yield `distillation_loss` in parts that sum to it: for an output of 2 or more
     dimensions, a chunk of rows (positions) at a time, about `chunk_values` values each.
@@ -204,12 +213,24 @@ def _chunk_losses(outputs: list[torch.Tensor], targets: list[torch.Tensor], kind
         if out.dim() < 2:
             yield output_loss(out, target, kind)
             continue
+        if isinstance(target, TopLogits):
+            yield from _top_logits_chunks(out.reshape(-1, out.shape[-1]), target.rows(),
+                                          chunk_values)
+            continue
         out_rows, target_rows = out.reshape(-1, out.shape[-1]), target.reshape(-1, target.shape[-1])
         variance = target.float().var(unbiased=False)
         step = max(1, chunk_values // out.shape[-1])
         for start in range(0, out_rows.shape[0], step):
             yield _rows_loss(out_rows[start:start + step], target_rows[start:start + step], kind,
                              out.numel(), out_rows.shape[0], variance)
+
+
+def _top_logits_chunks(out_rows: torch.Tensor, target_rows: TopLogits,
+                       chunk_values: int) -> Iterator[torch.Tensor]:
+    step = max(1, chunk_values // out_rows.shape[-1])
+    for start in range(0, out_rows.shape[0], step):
+        yield top_logits_kl(out_rows[start:start + step],
+                            target_rows[start:start + step]) / out_rows.shape[0]
 
 
 def _rows_loss(out: torch.Tensor, target: torch.Tensor, kind: str, values: int, rows: int,

@@ -1,0 +1,145 @@
+"""Distillation on a language model's top-k next tokens (`compressor.runtime.top_logits`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import compressor
+from compressor.finetune import loop
+from compressor.finetune.loop import HeldOut
+from compressor.load.data import Dataset
+from compressor.runtime.objectives import (
+    KL_TEMPERATURE,
+    distillation_backward,
+    distillation_loss,
+)
+from compressor.runtime.top_logits import AUTO_TOP_K, TopKOutputs, TopLogits, top_logits_kl
+from tests.support.tiny_checkpoints import save_checkpoint, write_text
+
+
+def logits(*shape: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def coarse_kl(student: torch.Tensor, teacher: torch.Tensor, k: int, t: float) -> torch.Tensor:
+    """KL over the teacher's top k classes and one outcome for the rest, written out."""
+    p, q = (teacher / t).softmax(-1).double(), (student / t).softmax(-1).double()
+    top = p.topk(k, dim=-1).indices
+    p_top, q_top = p.gather(-1, top), q.gather(-1, top)
+    p_all = torch.cat([p_top, 1 - p_top.sum(-1, keepdim=True)], -1)
+    q_all = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
+    return (p_all * (p_all / q_all).log()).sum() * t**2
+
+
+def test_the_loss_is_the_kl_over_the_top_k_and_one_outcome_for_the_rest() -> None:
+    teacher, student = logits(12, 50), logits(12, 50, seed=1)
+    target = TopLogits.of(teacher, 8, KL_TEMPERATURE)
+    assert target.indices.shape == (12, 8) and target.rest.shape == (12,)
+    expected = coarse_kl(student, teacher, 8, KL_TEMPERATURE)
+    assert float(top_logits_kl(student, target)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_it_never_exceeds_the_full_kl_and_reaches_it_when_the_rest_has_no_mass() -> None:
+    teacher, student = logits(12, 50), logits(12, 50, seed=1)
+    full = F.kl_div((student / KL_TEMPERATURE).log_softmax(-1),
+                    (teacher / KL_TEMPERATURE).log_softmax(-1), log_target=True,
+                    reduction="sum") * KL_TEMPERATURE**2
+    partial = top_logits_kl(student, TopLogits.of(teacher, 8, KL_TEMPERATURE))
+    assert 0 < float(partial) < float(full)
+    peaked = teacher.clone()
+    peaked[:, 5:] -= 1000  # the teacher puts all its mass on the first 5 classes
+    full = F.kl_div((student / KL_TEMPERATURE).log_softmax(-1),
+                    (peaked / KL_TEMPERATURE).log_softmax(-1), log_target=True,
+                    reduction="sum") * KL_TEMPERATURE**2
+    exact = top_logits_kl(student, TopLogits.of(peaked, 5, KL_TEMPERATURE))
+    assert float(exact) == pytest.approx(float(full), rel=1e-5)
+
+
+def test_a_student_equal_to_the_teacher_has_no_loss_and_no_gradient() -> None:
+    teacher = logits(6, 40)
+    student = teacher.clone().requires_grad_()
+    loss = top_logits_kl(student, TopLogits.of(teacher, 4, KL_TEMPERATURE))
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(0, abs=1e-5)
+    assert float(student.grad.abs().max()) < 1e-5
+
+
+def test_chunked_backpropagation_gives_the_same_loss_and_gradient_as_one_pass() -> None:
+    teacher = logits(3, 10, 40)
+    target = TopKOutputs(16, (True,), KL_TEMPERATURE).compact([teacher])
+    assert isinstance(target[0], TopLogits)
+    weight = logits(40, 40, seed=2, scale=0.2).requires_grad_()
+    hidden = logits(3, 10, 40, seed=3)
+    whole = distillation_loss([hidden @ weight], target, ["logits"])
+    whole.backward()
+    expected = weight.grad.clone()
+    weight.grad = None
+    chunked = distillation_backward([hidden @ weight], target, ["logits"], chunk_values=80)
+    assert float(chunked) == pytest.approx(float(whole.detach()), rel=1e-6)
+    torch.testing.assert_close(weight.grad, expected, rtol=1e-5, atol=1e-7)
+    # Without a gradient (held-out scoring) the chunked sum is the same too.
+    with torch.no_grad():
+        assert float(distillation_loss([hidden @ weight], target, ["logits"])) == pytest.approx(
+            float(whole.detach()), rel=1e-6)
+
+
+def test_targets_select_and_concatenate_by_sample_as_the_outputs_do() -> None:
+    teacher = logits(4, 6, 30)
+    target = TopLogits.of(teacher, 5, KL_TEMPERATURE)
+    index = torch.tensor([2, 0])
+    picked = target[index]
+    torch.testing.assert_close(picked.log_probs,
+                               TopLogits.of(teacher[index], 5, KL_TEMPERATURE).log_probs)
+    joined = TopLogits.cat([target[:1], target[1:]])
+    assert torch.equal(joined.indices, target.indices) and joined.nbytes == target.nbytes
+
+
+def test_the_original_is_kept_on_the_training_split_when_its_top_k_fit(monkeypatch) -> None:
+    """The cache is sized by what is kept: outputs too large whole fit as their top k."""
+    torch.manual_seed(0)  # a toy language model: token ids to (batch, positions, 300) logits
+    batch = torch.export.Dim("batch")
+    teacher = torch.export.export(torch.nn.Embedding(300, 300),
+                                  (torch.zeros(2, 8, dtype=torch.int64),),
+                                  dynamic_shapes=({0: batch},)).module()
+    train = Dataset({"input": torch.randint(0, 300, (40, 8))}, synthetic=True, source="synthetic")
+    held_out = HeldOut.of(teacher, train, 8, TopKOutputs(16, (True,), KL_TEMPERATURE))
+    whole = 8 * 300 * 4  # bytes of one sample's logits
+    monkeypatch.setattr(loop, "_TEACHER_CACHE_BYTES", len(train) * whole // 2)
+    cached = loop._teacher_targets(teacher, train, torch.device("cpu"), held_out)
+    assert isinstance(cached[0], TopLogits) and cached[0].indices.shape == (40, 8, 16)
+    with torch.no_grad():
+        expected = TopLogits.of(teacher(train.inputs["input"]), 16, KL_TEMPERATURE)
+    torch.testing.assert_close(cached[0].log_probs, expected.log_probs)
+    whole_outputs = HeldOut.of(teacher, train, 8)  # no top k: too large to keep
+    assert loop._teacher_targets(teacher, train, torch.device("cpu"), whole_outputs) is None
+
+
+@pytest.mark.parametrize(("setting", "next_token", "classes", "k"), [
+    ("auto", True, 32_000, AUTO_TOP_K),  # a language model's vocabulary
+    ("auto", True, 96, None),  # a tiny vocabulary: kept whole
+    ("auto", False, 32_000, None),  # not next-token logits (a masked LM, a classifier)
+    (16, True, 96, 16),
+    (200, True, 96, None),  # k not below the classes: the whole distribution
+    (None, True, 32_000, None),
+])
+def test_which_outputs_are_kept_as_their_top_k(setting, next_token, classes, k) -> None:
+    assert TopKOutputs(setting, (next_token,), KL_TEMPERATURE).k_for(0, classes) == k
+
+
+@pytest.mark.slow
+def test_a_language_models_job_distills_on_the_top_k_without_running_the_original_each_step(
+    tmp_path, monkeypatch
+) -> None:
+    folder = save_checkpoint("llama", tmp_path / "llama")
+    config = {"ratio": 0.5, "min_layer_params": 0, "export": {"latency_seconds": 0},
+              "data": {"max_length": 16},
+              "finetune": {"steps": 6, "eval_every": 3, "logits_top_k": 16}}
+    result = compressor.compress(folder, config, data=write_text(tmp_path / "lines.txt"),
+                                 out_dir=tmp_path / "out")
+    summary = result.report["finetune"]
+    assert summary["logits_top_k"] == 16 and summary["teacher_outputs_cached"]
+    assert summary["best_score"] <= summary["initial_score"]
+    log = (tmp_path / "out" / "job.log").read_text()
+    assert "distilled on the original's top 16" in log
