@@ -119,6 +119,12 @@ class FinetuneConfig(_Strict):
         "logits (KL + MSE), embedding (cosine + MSE), regression (MSE); one kind for all "
         "outputs or a map from ONNX output name to kind")
     batch_size: int = Field(default=32, ge=1, le=65536, description="samples per step")
+    tokens_per_step: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        default="auto", examples=["auto", 4096, None],
+        description="for text (an input_ids input), a step takes at most this many tokens: "
+        "fewer samples than batch_size when its windows are long (a 135M language model's step "
+        "of 32 × 128 tokens is several TFLOP, minutes on a CPU); auto: 1,024 on the CPU, no "
+        "limit on CUDA; null: no limit")
     logits_top_k: Annotated[int, Field(ge=1, le=65536)] | Literal["auto"] | None = Field(
         default="auto", examples=["auto", 64, None],
         description="a language model's next-token logits are distilled on the original's k "

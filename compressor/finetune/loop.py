@@ -46,6 +46,9 @@ _TRAINING_COPIES = 4
 # A step's outputs are held about this many times over: the student's, the original's, the
 # gradient of the student's, and a chunk of the loss's softmaxes (at most their size).
 _OUTPUT_COPIES = 4
+# `finetune.tokens_per_step: "auto"` on the CPU: a step of a 135M language model on this many
+# tokens takes seconds there, so a few hundred steps fit in an hour.
+_CPU_TOKENS_PER_STEP = 1024
 # Training plans on this share of the free memory; the rest is for the allocator's slack.
 _TRAINING_FREE_SHARE = 0.9
 _CPU = torch.device("cpu")
@@ -76,6 +79,10 @@ class FinetuneSummary:
     # Whether θ trained through onnxruntime's int8 arithmetic, simulated (the losses and
     # held-out scores are then the simulated int8 model's).
     quantization_aware: bool = False
+    # Samples a step trains on (`batch_size`, or fewer to keep to `tokens_per_step`), and
+    # the tokens they hold when the inputs are text (None: not text).
+    samples_per_step: int = 0
+    tokens_per_step: int | None = None
     # The k of the original's most likely next tokens a language model's logits were
     # distilled on (None: every output whole; `compressor.runtime.top_logits`).
     logits_top_k: int | None = None
@@ -207,6 +214,27 @@ def _teacher_targets(teacher: nn.Module, train: Dataset, device: torch.device,
     return [concat(parts) for parts in zip(*chunks, strict=True)]
 
 
+def samples_per_step(config: FinetuneConfig, train: Dataset,
+                     device: torch.device) -> tuple[int, int | None]:
+    """Return how many samples a step takes, and the tokens they hold when the inputs are text
+    (an `input_ids` input: its second dimension is the window's length), else None.
+
+    `batch_size` samples, or fewer when they would hold more than `tokens_per_step` tokens
+    (auto: `_CPU_TOKENS_PER_STEP` on the CPU, no limit elsewhere); one at least, and never more
+    than the training split holds."""
+    samples = min(config.batch_size, len(train))
+    ids = train.inputs.get("input_ids")
+    if ids is None or ids.dim() < 2:
+        return samples, None
+    length = ids.shape[1]
+    limit = config.tokens_per_step
+    if limit == "auto":
+        limit = _CPU_TOKENS_PER_STEP if device.type == "cpu" else None
+    if limit is not None:
+        samples = max(1, min(samples, int(limit) // length))
+    return samples, samples * length
+
+
 def free_memory_bytes(device: torch.device) -> int | None:
     """Return the memory still free on `device` (None when it cannot be read)."""
     if device.type == "cuda":
@@ -226,7 +254,7 @@ def training_forward(student: nn.Module, train: Dataset, config: FinetuneConfig,
     runner = BlockCheckpointing(student) if isinstance(student, fx.GraphModule) else None
     if runner is None or not runner.blocks:
         return plain
-    activations, outputs = _step_activation_bytes(plain, student, train, config, device)
+    activations, outputs = _step_activation_bytes(plain, student, train, summary, device)
     summary.activation_bytes_per_step = activations
     summary.step_bytes = activations + _OUTPUT_COPIES * outputs
     if config.activation_checkpointing == "off":
@@ -262,17 +290,18 @@ def unaffordable(summary: FinetuneSummary, params: list[nn.Parameter],
             f"and {format_bytes(free_bytes)} is free, of which training plans on "
             f"{_TRAINING_FREE_SHARE:.0%} ({format_bytes(_TRAINING_FREE_SHARE * free_bytes)}, "
             "the rest is the allocator's slack); θ stays as initialized. Run the job on a "
-            "GPU worker or a machine with more memory, lower finetune.batch_size or the ratio, "
+            "GPU worker or a machine with more memory, lower finetune.batch_size (or "
+            "tokens_per_step) or the ratio, "
             "or set finetune.steps 0 to skip it on purpose")
 
 
 def _step_activation_bytes(forward: Callable[[dict], list[torch.Tensor]], student: nn.Module,
-                           train: Dataset, config: FinetuneConfig,
+                           train: Dataset, summary: FinetuneSummary,
                            device: torch.device) -> tuple[int, int]:
     """Return the activations a plain training step keeps, from forward passes on one sample
     and on two (what one more sample adds times the batch, plus what does not grow with it:
     each W = f(θ), computed once per step), and the bytes of a step's outputs."""
-    batch = min(config.batch_size, len(train))
+    batch = summary.samples_per_step
     kept, output_bytes = [], []
 
     def measured(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -327,6 +356,7 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
             if initial_score is None else initial_score)
     summary = FinetuneSummary(config.steps, str(device), best, best, 0,
                               quantization_aware=config.quantization_aware)
+    summary.samples_per_step, summary.tokens_per_step = samples_per_step(config, train, device)
     if held_out.top_k is not None and held_out.reference:
         summary.logits_top_k = held_out.top_k.used(held_out.reference[0])
     if config.steps == 0 or not params:
@@ -375,8 +405,7 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
                     best, summary.best_step = current, step
                     best_state = [p.detach().clone() for p in params]
             break
-        index = torch.randint(0, len(train), (min(config.batch_size, len(train)),),
-                              generator=generator)
+        index = torch.randint(0, len(train), (summary.samples_per_step,), generator=generator)
         batch = _to(train.take(index), device)
         optimizer.zero_grad(set_to_none=True)
         with autocast:

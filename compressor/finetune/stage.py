@@ -71,7 +71,9 @@ def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: Fin
         for why in (summary.skipped, summary.cut_by_budget):
             if why is not None:
                 job.log.info(why)
-        how = ", blocks checkpointed" if summary.activation_checkpointing else ""
+        how = f", {summary.samples_per_step} samples a step" + (
+            "" if summary.tokens_per_step is None else f" ({summary.tokens_per_step} tokens)")
+        how += ", blocks checkpointed" if summary.activation_checkpointing else ""
         if summary.logits_top_k is not None:
             how += f", next-token logits distilled on the original's top {summary.logits_top_k}"
         job.log.info(f"fine-tuning on {summary.device}{how}: held-out loss "

@@ -173,7 +173,7 @@ def test_a_steps_activations_are_predicted_from_one_sample_and_two(llama):
     teacher, student, plan = _student(llama)
     params = trainable_parameters(student, plan, train_biases=False)
     config = CompressionConfig.parse({"finetune": {"batch_size": 6}}).finetune
-    summary = FinetuneSummary(1, "cpu", 0.0, 0.0, 0)
+    summary = FinetuneSummary(1, "cpu", 0.0, 0.0, 0, samples_per_step=6)
     training_forward(student, Dataset(_tokens(8), False, "test"), config, torch.device("cpu"),
                      params, summary)
     measured = saved_activation_bytes(lambda b: run_outputs(student, b), _tokens(6), student)

@@ -8,7 +8,14 @@ import torch
 from compressor.config import CompressionConfig
 from compressor.errors import ConfigError
 from compressor.finetune.device import copy_back_, on_device, resolve_device
-from compressor.finetune.loop import Distillation, HeldOut, finetune_, parameter_groups, time_left
+from compressor.finetune.loop import (
+    Distillation,
+    HeldOut,
+    finetune_,
+    parameter_groups,
+    samples_per_step,
+    time_left,
+)
 from compressor.load.data import Dataset
 from compressor.methods import available_methods, method_class
 from compressor.plan.layers import find_layers
@@ -167,3 +174,19 @@ def test_each_steps_progress_says_about_how_long_the_rest_will_take():
     assert time_left(10.0, 2, 8) == ", about 30 s left"
     assert time_left(90.0, 3, 5) == ", about 1.0 min left"
     assert time_left(90.0, 5, 5) == ""  # done
+
+
+@pytest.mark.parametrize(("setting", "device", "length", "expected"), [
+    ("auto", "cpu", 128, (8, 1024)),  # 1,024 tokens a step on the CPU: 8 windows of 128
+    ("auto", "cuda", 128, (32, 4096)),  # no limit on CUDA: batch_size
+    ("auto", "cpu", 16, (32, 512)),  # short windows: batch_size is the smaller
+    (100, "cpu", 128, (1, 128)),  # one sample at least
+    (None, "cpu", 128, (32, 4096)),
+])
+def test_a_step_on_text_takes_at_most_tokens_per_step(setting, device, length, expected):
+    config = CompressionConfig.parse({"finetune": {"tokens_per_step": setting}}).finetune
+    text = Dataset({"input_ids": torch.ones(40, length, dtype=torch.int64),
+                    "attention_mask": torch.ones(40, length, dtype=torch.int64)}, False, "test")
+    assert samples_per_step(config, text, torch.device(device)) == expected
+    pictures = Dataset({"x": torch.ones(40, 3, 8, 8)}, False, "test")  # not text: batch_size
+    assert samples_per_step(config, pictures, torch.device(device)) == (32, None)
