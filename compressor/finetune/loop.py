@@ -92,6 +92,10 @@ class FinetuneSummary:
     # divergence or a lack of memory stopped it), and why the budget stopped it, or None.
     steps_run: int = 0
     cut_by_budget: str | None = None
+    # The step the learning rate's cosine ends at: `steps`, or, under a time budget, the last
+    # step the budget affords at the pace so far (updated every step), so a run the budget
+    # cuts still ends at a small learning rate.
+    schedule_steps: int = 0
 
 
 @dataclass
@@ -171,11 +175,13 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {name: t.to(device, non_blocking=True) for name, t in batch.items()}
 
 
-def _schedule(config: FinetuneConfig):
+def _schedule(config: FinetuneConfig, summary: FinetuneSummary):
+    """Return the learning rate's factor at each step: a linear warm-up, then a cosine that
+    ends at `summary.schedule_steps` (`finetune.steps`, or where a time budget will stop)."""
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / (config.warmup_steps + 1)
-        span = max(1, config.steps - config.warmup_steps)
+        span = max(1, summary.schedule_steps - config.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - config.warmup_steps) / span)))
     return factor
 
@@ -372,7 +378,8 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
     optimizer = torch.optim.AdamW(parameter_groups(params, config),
                                   weight_decay=config.weight_decay)
     lr_scale = 1.0
-    schedule = _schedule(config)
+    summary.schedule_steps = config.steps
+    schedule = _schedule(config, summary)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_scale * schedule(s))
     generator = torch.Generator().manual_seed(config.seed)
     resumed = None if checkpoints is None else checkpoints.load(params)
@@ -394,6 +401,9 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
     for step in range(first, config.steps + 1 if resumed is None or not resumed.finished
                       else first):
         pace = (budget.elapsed_s() - budget_started) / max(1, step - first)
+        if budget.limited and step > first:  # the cosine ends where the budget will stop
+            affordable = int(max(0.0, budget.left_s() - budget.reserve_s) / max(pace, 1e-9))
+            summary.schedule_steps = min(config.steps, step - 1 + affordable)
         if not budget.affords(pace):  # the first step: only while anything is left
             summary.cut_by_budget = _cut(step - 1, config.steps, pace, budget)
             step -= 1  # the last step taken

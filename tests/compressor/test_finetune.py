@@ -190,3 +190,15 @@ def test_a_step_on_text_takes_at_most_tokens_per_step(setting, device, length, e
     assert samples_per_step(config, text, torch.device(device)) == expected
     pictures = Dataset({"x": torch.ones(40, 3, 8, 8)}, False, "test")  # not text: batch_size
     assert samples_per_step(config, pictures, torch.device(device)) == (32, None)
+
+
+def test_the_learning_rates_cosine_ends_where_the_schedule_says():
+    from compressor.finetune.loop import FinetuneSummary, _schedule
+
+    config = CompressionConfig.parse({"finetune": {"steps": 100, "warmup_steps": 10}}).finetune
+    summary = FinetuneSummary(100, "cpu", 0.0, 0.0, 0, schedule_steps=100)
+    factor = _schedule(config, summary)
+    assert factor(0) == pytest.approx(1 / 11) and factor(10) == pytest.approx(1.0)
+    assert factor(55) == pytest.approx(0.5) and factor(100) == pytest.approx(0.0, abs=1e-12)
+    summary.schedule_steps = 40  # a time budget will stop the run at step 40
+    assert factor(25) == pytest.approx(0.5) and factor(40) == pytest.approx(0.0, abs=1e-12)

@@ -230,6 +230,8 @@ def test_a_budget_that_runs_out_mid_fine_tuning_stops_it_and_the_artifact_is_sti
                                  out_dir=tmp_path, progress=clock.tick)
     report, finetune = result.report, result.report["finetune"]
     assert 0 < finetune["steps_run"] < 50 and finetune["steps"] == 50
+    # the learning rate's cosine was shortened to end where the budget stopped the run
+    assert finetune["schedule_steps"] == finetune["steps_run"]
     stopped = f"fine-tuning stopped at step {finetune['steps_run']} of 50"
     assert finetune["cut_by_budget"].startswith(stopped)
     assert "raise max_minutes" in finetune["cut_by_budget"]
@@ -248,6 +250,7 @@ def test_without_a_budget_nothing_is_cut(programs, tmp_path, clock):
     result = compressor.compress(programs["mlp"], fast(finetune={"steps": 12, "eval_every": 6}),
                                  out_dir=tmp_path, progress=clock.tick)
     assert result.report["finetune"]["steps_run"] == 12
+    assert result.report["finetune"]["schedule_steps"] == 12
     assert result.report["finetune"]["cut_by_budget"] is None
     assert result.report["budget"]["max_minutes"] is None and result.report["budget"]["cut"] == []
 
