@@ -26,7 +26,7 @@ from torch import fx
 from compressor.plan.layers import layer_calls, layer_input
 from compressor.plan.planning import LayerPlan, Plan
 from compressor.rewrite.parametrize import theta_of
-from compressor.runtime.graph import GraphStepper, live_bytes, run_node
+from compressor.runtime.graph import GraphStepper, last_uses, live_bytes, run_node
 from compressor.runtime.layers import InputMoments, layer_weight, rows_layout
 
 # One batch in this many checks the refit of every layer instead of fitting it.
@@ -56,19 +56,25 @@ def correct_sequentially_(student: fx.GraphModule, teacher: fx.GraphModule, plan
                                      if p.method.corrects_sequentially
                                      and not p.layer.spec.reads_rows
                                      and not p.layer.tied_embedding}
-    if not targets or not batches:
+    last = _last_call(student, targets)
+    if last is None or not batches:
         return {}
     checking = checking_batches(len(batches))
     student_calls = layer_calls(student)
     remaining = sum(1 for name in student_calls.values() if name in targets)
-    pairs = [(GraphStepper(teacher, batch), GraphStepper(student, batch)) for batch in batches]
+    # Neither model runs the last corrected layer or anything after it: a value is freed after
+    # its last use before it (a tied table the head reads again is not held for the head).
+    teacher_nodes = {node.name: node for node in teacher.graph.nodes}
+    student_freed = last_uses(student.graph, last)
+    teacher_freed = last_uses(teacher.graph, teacher_nodes[last.name])
+    pairs = [(GraphStepper(teacher, batch, freed=teacher_freed),
+              GraphStepper(student, batch, freed=student_freed)) for batch in batches]
     gains: dict[str, float] = {}
     moments: dict[tuple, tuple[InputMoments, InputMoments | None]] = {}
     with torch.no_grad():
         # The two graphs hold the same nodes by name; only where weights are read may differ
         # (the student reads each where it is used, see `rewrite.sink_weight_reads_`): the
         # original reads them as its nodes need them.
-        teacher_nodes = {node.name: node for node in teacher.graph.nodes}
         for s_node in student.graph.nodes:
             if s_node.op == "output":
                 break
@@ -94,9 +100,10 @@ def correct_sequentially_(student: fx.GraphModule, teacher: fx.GraphModule, plan
                 if remaining == 0:  # what follows the last corrected layer is never needed
                     break
             _read_weights_once(student, s_node, [stepper for _, stepper in pairs])
+            if s_node.op == "get_attr":  # read once above, for every batch
+                continue
             for teacher_stepper, student_stepper in pairs:
-                if t_node.op != "get_attr":
-                    teacher_stepper.step(t_node)
+                teacher_stepper.step(t_node)
                 student_stepper.step(s_node)
     return gains
 
@@ -111,21 +118,25 @@ def correction_bytes_per_sample(teacher: fx.GraphModule, plan: Plan,
                                 sample: dict[str, torch.Tensor]) -> int:
     """Return the most bytes one sample's activations hold in the original up to the last
     layer the correction reaches (measured on `sample`): what each model holds per sample."""
-    names = {p.layer.name for p in plan.compressed if p.method.corrects_sequentially
-             and not p.layer.spec.reads_rows and not p.layer.tied_embedding}
-    calls = [node for node, name in layer_calls(teacher).items() if name in names]
-    order = {node: i for i, node in enumerate(teacher.graph.nodes)}
-    last = max(calls, key=order.__getitem__, default=None)
-    return live_bytes(teacher, sample, stop_before=last)[0]
+    targets = {p.layer.name: p for p in plan.compressed if p.method.corrects_sequentially
+               and not p.layer.spec.reads_rows and not p.layer.tied_embedding}
+    return live_bytes(teacher, sample, stop_before=_last_call(teacher, targets))[0]
+
+
+def _last_call(module: fx.GraphModule, targets: dict[str, LayerPlan]) -> fx.Node | None:
+    """Return the last node of `module`'s graph that calls one of the `targets` layers."""
+    calls = [node for node, name in layer_calls(module).items() if name in targets]
+    order = {node: i for i, node in enumerate(module.graph.nodes)}
+    return max(calls, key=order.__getitem__, default=None)
 
 
 def _read_weights_once(student: fx.GraphModule, node: fx.Node,
                        steppers: list[GraphStepper]) -> None:
-    """Compute each weight `node` reads that no stepper has read yet once, for all of them: a
-    parametrized weight is W = f(θ) (a tied vocabulary table's product alone is hundreds of
-    MFLOP per row block), not to be made again for every batch."""
+    """Compute each weight `node` is or reads that no stepper has read yet once, for all of
+    them: a parametrized weight is W = f(θ), a new tensor at every read (a tied vocabulary
+    table's product is as large as the table), not to be made and held again for every batch."""
     env = steppers[0].env
-    for used in node.all_input_nodes:
+    for used in (node, *node.all_input_nodes):
         if used.op == "get_attr" and used not in env:
             value = run_node(student, used, env)
             for stepper in steppers:

@@ -24,10 +24,16 @@ def graph_inputs(module: fx.GraphModule, batch: dict[str, torch.Tensor]) -> list
     return [batch[n.target] for n in module.graph.nodes if n.op == "placeholder"]
 
 
-def last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
-    """Return, for each node, the nodes whose last use it is (they may be freed after it)."""
+def last_uses(graph: fx.Graph, stop_before: fx.Node | None = None,
+              ) -> dict[fx.Node, list[fx.Node]]:
+    """Return, for each node, the nodes whose last use it is (they may be freed after it).
+    With `stop_before`, only the nodes before that one are run: a use at or after it is none
+    (a value read there, such as a tied table read again by the head, is freed after its last
+    use before it)."""
     last: dict[fx.Node, fx.Node] = {}
     for node in graph.nodes:
+        if node is stop_before:
+            break
         for used in node.all_input_nodes:
             last[used] = node
     freed: dict[fx.Node, list[fx.Node]] = {}
@@ -115,7 +121,7 @@ def live_bytes(module: fx.GraphModule, batch: dict[str, torch.Tensor],
     """Run `module` on `batch` one node at a time, freeing each value after its last use; return
     the most bytes of intermediate tensors alive at once (weights not counted) and the bytes of
     its outputs. With `stop_before`, only the nodes before that one run (no outputs: 0)."""
-    stepper = GraphStepper(module, batch)
+    stepper = GraphStepper(module, batch, freed=last_uses(module.graph, stop_before))
     weights = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
 
     def held(values) -> int:
