@@ -2,9 +2,10 @@
 
 Only θ (and optionally the biases) train, with AdamW under a warmup + cosine schedule, on CUDA
 with bf16 autocast when there is one, and with the model's blocks under activation checkpointing
-when a step's activations would not fit (`compressor.finetune.activation_checkpointing`; the loss is then
-backpropagated a chunk of rows at a time, so its softmaxes over the vocabulary are not all held
-at once either). The held-out split is scored every `eval_every` steps and
+when a step's activations would not fit (`compressor.finetune.activation_checkpointing`). The
+loss is backpropagated a chunk of rows at a time then, and whenever an output is larger than
+a chunk (a language model's logits), so its softmaxes over the vocabulary and their gradients
+are never all held at once. The held-out split is scored every `eval_every` steps and
 the best θ seen, the initialization included, is what the model keeps: fine-tuning never hands
 back a model worse than the one it started from.
 """
@@ -32,10 +33,15 @@ from compressor.load.data import Dataset
 from compressor.plan.planning import Plan
 from compressor.rewrite.parametrize import trainable_parameters
 from compressor.runtime.memory import available_memory_bytes, format_bytes
-from compressor.runtime.objectives import Target, distillation_backward, distillation_loss
+from compressor.runtime.objectives import (
+    Target,
+    distillation_backward,
+    distillation_loss,
+    larger_than_a_chunk,
+)
 from compressor.runtime.outputs import FidelityMeter, run_outputs
-from compressor.runtime.top_logits import TopKOutputs, concat, target_bytes
 from compressor.runtime.progress import JobControl
+from compressor.runtime.top_logits import TopKOutputs, concat, target_bytes
 
 # An evaluation this much worse than the best so far rolls θ back to the best and halves the lr.
 _BACKOFF_MARGIN = 0.05
@@ -425,8 +431,8 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
             else:
                 targets = [t[index.to(t.device)] for t in cached]
             outputs = forward(batch)
-            loss = None if summary.activation_checkpointing else distillation_loss(
-                outputs, targets, kinds)
+            chunked = summary.activation_checkpointing or larger_than_a_chunk(outputs)
+            loss = None if chunked else distillation_loss(outputs, targets, kinds)
         if loss is None:  # saving memory: the loss's softmaxes too, a chunk of rows at a time
             loss = distillation_backward(outputs, targets, kinds)
         else:

@@ -177,6 +177,13 @@ def distillation_loss(outputs: list[torch.Tensor], targets: list[Target],
     return total
 
 
+def larger_than_a_chunk(outputs: list[torch.Tensor]) -> bool:
+    """Whether any of `outputs` holds more values than the loss takes at a time: its loss is
+    then cheaper in memory through `distillation_backward` (a language model's logits, whose
+    softmaxes and their gradients would otherwise be held over the whole batch at once)."""
+    return any(out.numel() > _CHUNK_VALUES for out in outputs)
+
+
 def distillation_backward(outputs: list[torch.Tensor], targets: list[Target],
                           kinds: list[str], chunk_values: int = _CHUNK_VALUES) -> torch.Tensor:
     """Backpropagate `distillation_loss(outputs, targets, kinds)` through the graph that

@@ -7,14 +7,17 @@ import torch
 from torch.nn import functional as F
 
 import compressor
+from compressor.config import CompressionConfig
 from compressor.finetune import loop
-from compressor.finetune.loop import HeldOut
+from compressor.finetune.loop import Distillation, HeldOut, finetune_
 from compressor.load.data import Dataset
+from compressor.plan.planning import Plan
 from compressor.runtime.objectives import (
     KL_TEMPERATURE,
     distillation_backward,
     distillation_loss,
 )
+from compressor.runtime.progress import JobControl
 from compressor.runtime.top_logits import AUTO_TOP_K, TopKOutputs, TopLogits, top_logits_kl
 from tests.support.tiny_checkpoints import save_checkpoint, write_text
 
@@ -143,3 +146,38 @@ def test_a_language_models_job_distills_on_the_top_k_without_running_the_origina
     assert summary["best_score"] <= summary["initial_score"]
     log = (tmp_path / "out" / "job.log").read_text()
     assert "distilled on the original's top 16" in log
+
+
+def test_a_step_whose_outputs_are_larger_than_a_chunk_backpropagates_the_loss_in_chunks(
+    monkeypatch
+) -> None:
+    """A language model's logits: the loss's softmaxes are not held over the whole batch."""
+    from compressor.runtime import objectives
+
+    chunked = []
+    real = loop.distillation_backward
+
+    def spy(*args, **kwargs):
+        chunked.append(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "distillation_backward", spy)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 40))
+
+    def exported():
+        return torch.export.export(model, (torch.zeros(2, 8),),
+                                   dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+
+    teacher, student = exported(), exported()
+    data = Dataset({"input": torch.randn(16, 8)}, synthetic=True, source="synthetic")
+    config = CompressionConfig.parse({"finetune": {"steps": 2, "batch_size": 8}}).finetune
+    plan = Plan(layers=(), skipped=(), budget=1.0, layer_ratio=1.0)
+    params = [student.get_parameter("1.weight")]
+    monkeypatch.setattr(loop, "trainable_parameters", lambda *args: params)
+    lesson = Distillation(teacher, ["logits"], data, HeldOut.of(teacher, data, 8))
+    finetune_(student, plan, lesson, config, JobControl())
+    assert not chunked  # 8 × 40 logits: one pass
+    monkeypatch.setattr(objectives, "_CHUNK_VALUES", 100)
+    finetune_(student, plan, lesson, config, JobControl())
+    assert chunked == [True, True]
