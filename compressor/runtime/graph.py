@@ -27,15 +27,15 @@ def graph_inputs(module: fx.GraphModule, batch: dict[str, torch.Tensor]) -> list
 def last_uses(graph: fx.Graph, stop_before: fx.Node | None = None,
               ) -> dict[fx.Node, list[fx.Node]]:
     """Return, for each node, the nodes whose last use it is (they may be freed after it).
-    With `stop_before`, only the nodes before that one are run: a use at or after it is none
-    (a value read there, such as a tied table read again by the head, is freed after its last
-    use before it)."""
+    With `stop_before`, nothing after that node runs: a use after it is none (a value read
+    there, such as a tied table read again by the head, is freed after its last use up to it).
+    The stop's own inputs are kept: they are read there (the last corrected layer's input)."""
     last: dict[fx.Node, fx.Node] = {}
     for node in graph.nodes:
-        if node is stop_before:
-            break
         for used in node.all_input_nodes:
             last[used] = node
+        if node is stop_before:
+            break
     freed: dict[fx.Node, list[fx.Node]] = {}
     for used, user in last.items():
         freed.setdefault(user, []).append(used)

@@ -66,3 +66,22 @@ def test_a_shallow_copy_shares_every_tensor_and_copies_the_graph(tmp_path):
     originals = dict(module.named_parameters())
     for name, tensor in copied.named_parameters():
         assert tensor is originals[name]
+
+
+def test_a_stop_keeps_its_own_inputs_and_frees_what_only_later_nodes_read():
+    class TwoOutputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            hidden = torch.relu(self.a(x))
+            return hidden.sum(), self.b(hidden)  # hidden: read by sum, then by the stop
+
+    module = torch.export.export(TwoOutputs(), (torch.randn(2, 4),)).module()
+    nodes = {node.name: node for node in module.graph.nodes}
+    stop = next(u for u in nodes["relu"].users if u.name != "sum_1")  # b's linear
+    freed = last_uses(module.graph, stop)
+    # relu's last use is the stop itself (not sum): it is still there when the stop runs
+    assert nodes["relu"] in freed.get(stop, [])
+    assert not any(nodes["relu"] in values for user, values in freed.items() if user is not stop)
