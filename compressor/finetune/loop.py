@@ -41,7 +41,7 @@ from compressor.runtime.objectives import (
 )
 from compressor.runtime.outputs import FidelityMeter, run_outputs
 from compressor.runtime.progress import JobControl
-from compressor.runtime.top_logits import TopKOutputs, concat, target_bytes
+from compressor.runtime.top_logits import TopKOutputs, concat, kept_k, target_bytes
 
 # An evaluation this much worse than the best so far rolls θ back to the best and halves the lr.
 _BACKOFF_MARGIN = 0.05
@@ -369,8 +369,7 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
     summary = FinetuneSummary(config.steps, str(device), best, best, 0,
                               quantization_aware=config.quantization_aware)
     summary.samples_per_step, summary.tokens_per_step = samples_per_step(config, train, device)
-    if held_out.top_k is not None and held_out.reference:
-        summary.logits_top_k = held_out.top_k.used(held_out.reference[0])
+    summary.logits_top_k = kept_k(held_out.targets[0]) if held_out.targets else None
     if config.steps == 0 or not params:
         return summary
     with torch.no_grad():

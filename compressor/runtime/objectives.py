@@ -20,6 +20,7 @@ overrides the detection.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from typing import Literal
 
 import torch
@@ -143,7 +144,7 @@ def output_loss(out: torch.Tensor, target: Target, kind: str) -> torch.Tensor:
     targets kept as their top k, `top_logits_kl` averaged over the positions)."""
     if isinstance(target, TopLogits):
         rows = out.reshape(-1, out.shape[-1])
-        return top_logits_kl(rows, target.rows()) / rows.shape[0]
+        return _top_logits_rows_loss(rows, target.rows(), rows.shape[0])
     out, target = out.float(), target.float()
     loss = normalized_mse(out, target)
     if kind == "logits":  # a softmax over the last axis, averaged over every position
@@ -220,24 +221,23 @@ def _chunk_losses(outputs: list[torch.Tensor], targets: list[Target], kinds: lis
         if out.dim() < 2:
             yield output_loss(out, target, kind)
             continue
+        out_rows = out.reshape(-1, out.shape[-1])
+        rows = out_rows.shape[0]
         if isinstance(target, TopLogits):
-            yield from _top_logits_chunks(out.reshape(-1, out.shape[-1]), target.rows(),
-                                          chunk_values)
-            continue
-        out_rows, target_rows = out.reshape(-1, out.shape[-1]), target.reshape(-1, target.shape[-1])
-        variance = target.float().var(unbiased=False)
+            target_rows, rows_loss = target.rows(), partial(_top_logits_rows_loss, rows=rows)
+        else:
+            target_rows = target.reshape(-1, target.shape[-1])
+            rows_loss = partial(_rows_loss, kind=kind, values=out.numel(), rows=rows,
+                                variance=target.float().var(unbiased=False))
         step = max(1, chunk_values // out.shape[-1])
-        for start in range(0, out_rows.shape[0], step):
-            yield _rows_loss(out_rows[start:start + step], target_rows[start:start + step], kind,
-                             out.numel(), out_rows.shape[0], variance)
+        for start in range(0, rows, step):
+            yield rows_loss(out_rows[start:start + step], target_rows[start:start + step])
 
 
-def _top_logits_chunks(out_rows: torch.Tensor, target_rows: TopLogits,
-                       chunk_values: int) -> Iterator[torch.Tensor]:
-    step = max(1, chunk_values // out_rows.shape[-1])
-    for start in range(0, out_rows.shape[0], step):
-        yield top_logits_kl(out_rows[start:start + step],
-                            target_rows[start:start + step]) / out_rows.shape[0]
+def _top_logits_rows_loss(out: torch.Tensor, target: TopLogits, rows: int) -> torch.Tensor:
+    """Return these rows' share of `output_loss` over an output of `rows` rows whose targets
+    are the original's top k."""
+    return top_logits_kl(out, target) / rows
 
 
 def _rows_loss(out: torch.Tensor, target: torch.Tensor, kind: str, values: int, rows: int,

@@ -145,10 +145,10 @@ class TopKOutputs:
             compacted.append(output if k is None else TopLogits.of(output, k, self.temperature))
         return compacted
 
-    def used(self, outputs: list[torch.Tensor]) -> int | None:
-        """Return the k any of `outputs` is kept at (None: every output whole)."""
-        found = [self.k_for(i, o.shape[-1]) for i, o in enumerate(outputs) if o.dim() >= 2]
-        return next((k for k in found if k is not None), None)
+
+def kept_k(targets: list[torch.Tensor | TopLogits]) -> int | None:
+    """Return the k the first output kept as its top k is kept at (None: all kept whole)."""
+    return next((t.indices.shape[-1] for t in targets if isinstance(t, TopLogits)), None)
 
 
 def target_bytes(targets: list[torch.Tensor | TopLogits]) -> int:

@@ -207,20 +207,27 @@ def test_several_batches_run_in_lockstep_and_the_last_checks(tmp_path):
     assert sequential.checking_batches(2) == {1}
 
 
-def test_a_tied_head_is_not_refitted():
-    """Its table is the input embedding every corrected layer upstream was fitted on."""
+def _tied_decoder(layers: int, samples: int):
+    """Return a tiny tied-head decoder (the original), its plan at ratio 0.5 (every layer, the
+    tied table included), a parametrized student of it, and `samples` × 16 token ids."""
     from tests.support.corpus_programs import TinyLlama, exported_decoder
 
     torch.manual_seed(0)
-    model = TinyLlama(vocab=96, dim=32, layers=1, tied=True).eval()
-    ids = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(1))
+    model = TinyLlama(vocab=96, dim=32, layers=layers, tied=True).eval()
+    ids = torch.randint(0, 96, (samples, 16), generator=torch.Generator().manual_seed(1))
     teacher = exported_decoder(model, ids).module()
     config = CompressionConfig.parse({"ratio": 0.5, "min_layer_params": 0,
                                       "allocation": "uniform"})
     plan = plan_layers(*find_layers(teacher), config)
-    assert any(p.layer.tied_embedding for p in plan.compressed)
     student = copy.deepcopy(teacher)
     parametrize_(student, plan, {}, config.finetune.grad_reduction)
+    return teacher, plan, student, ids
+
+
+def test_a_tied_head_is_not_refitted():
+    """Its table is the input embedding every corrected layer upstream was fitted on."""
+    teacher, plan, student, ids = _tied_decoder(layers=1, samples=8)
+    assert any(p.layer.tied_embedding for p in plan.compressed)
     gains = correct_sequentially_(student, teacher, plan, [{"input_ids": ids[:4]},
                                                            {"input_ids": ids[4:]}])
     assert gains and "lm_head" not in gains
@@ -234,18 +241,8 @@ def test_lockstep_batches_share_one_product_of_a_tied_table_and_drop_it_after_th
     end: 8 × 671 MB on Gemma-3 270M)."""
     import weakref
 
-    from tests.support.corpus_programs import TinyLlama, exported_decoder
-
-    torch.manual_seed(0)
-    model = TinyLlama(vocab=96, dim=32, layers=2, tied=True).eval()
-    ids = torch.randint(0, 96, (12, 16), generator=torch.Generator().manual_seed(1))
-    teacher = exported_decoder(model, ids).module()
-    config = CompressionConfig.parse({"ratio": 0.5, "min_layer_params": 0,
-                                      "allocation": "uniform"})
-    plan = plan_layers(*find_layers(teacher), config)
+    teacher, plan, student, ids = _tied_decoder(layers=2, samples=12)
     tied = next(p.layer.name for p in plan.compressed if p.layer.tied_embedding)
-    student = copy.deepcopy(teacher)
-    parametrize_(student, plan, {}, config.finetune.grad_reduction)
     products: list[weakref.ref] = []
     student.get_submodule(tied).parametrizations.weight.register_forward_hook(
         lambda module, args, out: products.append(weakref.ref(out)))
