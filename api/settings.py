@@ -80,7 +80,8 @@ class Settings(BaseSettings):
     disk_reserve_bytes: int = Field(
         default=1 * GIB, ge=0,
         description="free space an upload must leave on the data directory's disk besides "
-        "itself and its job's artifacts (2x the upload): 507 before storing it otherwise",
+        "itself and what its job will keep (its artifacts, 2x the upload, and the products kept "
+        "for a retry): 507 otherwise",
     )
     max_jobs_in_flight: int = Field(
         default=8, ge=1, description="queued + running jobs per tenant before 429"

@@ -70,7 +70,10 @@ class JobPublic(BaseModel):
     error: JobError | None = Field(description="set when the job failed or was cancelled")
     report: dict[str, Any] | None = Field(description="report.json, once the job succeeded")
     artifacts: list[ArtifactPublic]
-    attempts: int = Field(description="runs started; above 1 when a worker died mid-job")
+    attempts: int = Field(
+        description="the job's runs that count toward COMPRESSOR_MAX_ATTEMPTS: each run "
+        "started, except one a worker gave back when it shut down (the job is re-queued with "
+        "retry_reason saying so, and resumes); above 1 when a worker died mid-job")
     retry_reason: str | None = Field(description="why the job was re-queued, if it was")
     resumed: str | None = Field(
         default=None,

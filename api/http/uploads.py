@@ -8,8 +8,12 @@ first bytes. On any failure everything written for the job is deleted (and the e
 closes the connection, see `api.http.errors`, so the rest of the body is not received).
 
 Before a byte is stored, the data directory must have room for the upload, for its job's
-artifacts and for a reserve (`check_free_space`): 507 otherwise. A disk that fills up all the
-same (another upload, another process) answers the same 507, and the partial file is deleted.
+artifacts and for a reserve (`check_free_space`): 507 otherwise. Once the job's config is known
+(its part ended, or the body ended without one), the room is checked again against everything the
+job will keep on disk (`check_job_space`: the core's own estimate, which the job applies again
+when it starts), so a job that could never run is refused at upload, not after. A disk that fills
+up all the same (another upload, another process) answers the same 507, and the partial file is
+deleted.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from api.http.errors import ApiError
 from api.jobs.folders import JobFolders, UploadSink
 from api.jobs.service import Submission
 from compressor.config import CompressionConfig
+from compressor.load.stage import describe_disk_bytes, disk_advice, job_disk_bytes
 from compressor.runtime.memory import format_bytes
 from compressor.vocabulary import (
     HOW_TO_EXPORT,
@@ -113,6 +118,29 @@ def check_free_space(free: int, upload_bytes: int | None, reserve: int) -> None:
         raise no_room(upload_bytes, free, reserve)
 
 
+def check_job_space(free: int, upload_bytes: int, written: int, config: CompressionConfig,
+                    reserve: int) -> None:
+    """Answer 507 unless `free` bytes hold the rest of the upload (`upload_bytes`, of which
+    `written` are stored), what the job with `config` will keep on disk and the reserve.
+
+    The job's disk is the core's estimate (`job_disk_bytes`) with the upload's bytes as its
+    weights; the job checks it again on the weights as loaded when it starts.
+    """
+    disk = job_disk_bytes(upload_bytes, config)
+    needed = max(0, upload_bytes - written) + sum(disk.values()) + reserve
+    if needed <= free:
+        return
+    raise ApiError(
+        507, ErrorCode.INSUFFICIENT_RESOURCES,
+        f"the server's data directory has {format_bytes(free)} ({free} bytes) free and this job "
+        f"needs {format_bytes(needed)} ({needed} bytes) more: for an upload of "
+        f"{format_bytes(upload_bytes)}, {describe_disk_bytes(disk)}, and "
+        f"{format_bytes(reserve)} kept free (COMPRESSOR_DISK_RESERVE_BYTES); nothing was kept. "
+        "Delete finished jobs you no longer need (DELETE /v1/jobs/{id}) or ask the operator to "
+        f"give COMPRESSOR_DATA_DIR more space, then submit again{disk_advice(disk)}",
+    )
+
+
 def _boundary(request: Request) -> bytes:
     content_type, params = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data":
@@ -141,10 +169,13 @@ class _FormReceiver:
 
     FILE_PARTS = ("model", "data")
 
-    def __init__(self, files: JobFolders, job_id: str, limit: int, boundary: bytes) -> None:
+    def __init__(self, files: JobFolders, job_id: str, limit: int, boundary: bytes,
+                 declared: int | None = None, reserve: int = 0) -> None:
         self.files = files
         self.job_id = job_id
         self.limit = limit
+        self.declared = declared  # the body's Content-Length, when the client sent one
+        self.reserve = reserve
         self.file_bytes = 0
         self.body_bytes = 0
         self.parts: dict[str, _Part] = {}
@@ -227,6 +258,8 @@ class _FormReceiver:
         if part.name == "config":
             if part.complete:
                 self.config = validate_config(bytes(part.buffer))
+                if self.declared is not None:  # the files are at most the body
+                    await self.check_room(self.declared)
             return
         if not part.checked and (len(part.head) >= _MAGIC_BYTES or part.complete):
             self._check_file_type(part)
@@ -236,6 +269,14 @@ class _FormReceiver:
             await anyio.to_thread.run_sync(self._write, part, chunk)
         if part.complete and part.sink is not None:
             await anyio.to_thread.run_sync(part.sink.commit)
+
+    async def check_room(self, upload_bytes: int) -> None:
+        """507 unless the disk holds the rest of an upload of `upload_bytes` and what its job
+        (its config, or the defaults) will keep; nothing of the job is kept then."""
+        config = CompressionConfig.model_validate(self.config or {})
+        free = await anyio.to_thread.run_sync(self.files.free_bytes)
+        written = sum(part.sink.size for part in self.parts.values() if part.sink is not None)
+        check_job_space(free, upload_bytes, written, config, self.reserve)
 
     def _write(self, part: _Part, chunk: bytearray) -> None:
         if part.sink is None:
@@ -327,17 +368,19 @@ async def receive_job(
 ) -> Submission:
     """Stream the form of `request` into the job's inputs and return its validated parts.
 
-    `limit` caps the files' bytes (413); the data directory must hold the upload, its job's
-    artifacts and `reserve` bytes more (507).
+    `limit` caps the files' bytes (413); the data directory must hold the upload, what its job
+    will keep on disk and `reserve` bytes more (507).
     """
     declared = check_content_length(request, limit)
     check_free_space(await anyio.to_thread.run_sync(files.free_bytes), declared, reserve)
-    receiver = _FormReceiver(files, job_id, limit, _boundary(request))
+    receiver = _FormReceiver(files, job_id, limit, _boundary(request), declared, reserve)
     try:
         async for chunk in request.stream():
             if chunk:
                 await receiver.feed(chunk)
-        return receiver.finish()
+        submission = receiver.finish()
+        await receiver.check_room(receiver.file_bytes)
+        return submission
     except ClientDisconnect:
         receiver.abort()
         raise ApiError(400, ErrorCode.CLIENT_DISCONNECTED, "the client went away mid-upload") from None

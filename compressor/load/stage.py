@@ -164,26 +164,43 @@ def check_resources(model: Path, out_dir: Path, config: CompressionConfig | None
             f"{format_bytes(weights)} of float32 weights) and this machine has "
             f"{format_bytes(available)} available; run the job on a machine (or worker) with "
             "more memory, or free memory and retry")
-    config = config or CompressionConfig()
-    artifacts = artifact_bytes(weights)
-    kept = kept_bytes_estimate(weights, theta_share(config),
-                               config.finetune.steps > 0 and config.finetune.checkpoint_every > 0)
+    disk = job_disk_bytes(weights, config or CompressionConfig())
     free = free_disk_bytes(out_dir)
-    if free is not None and artifacts + sum(kept.values()) > free:
-        parts = ", ".join(f"{name} {format_bytes(size)}" for name, size in kept.items())
-        advice = ("" if "fine-tuning checkpoints" not in kept else
-                  ", or set finetune.checkpoint_every 0 to keep no fine-tuning checkpoints (a "
-                  "retried job then trains from its first step)")
+    if free is not None and sum(disk.values()) > free:
         raise ResourceError(
-            f"the job needs about {format_bytes(artifacts + sum(kept.values()))} of disk and "
-            f"{out_dir} has {format_bytes(free)} free: its artifacts about "
-            f"{format_bytes(artifacts)}, and what it keeps for a retry until it ends ({parts}); "
-            f"free some space (or delete old jobs) and retry{advice}")
+            f"the job needs about {format_bytes(sum(disk.values()))} of disk and {out_dir} has "
+            f"{format_bytes(free)} free: {describe_disk_bytes(disk)}; free some space (or delete "
+            f"old jobs) and retry{disk_advice(disk)}")
 
 
 def artifact_bytes(weight_bytes: int) -> int:
     """Return the disk a job's artifacts take at most, for `weight_bytes` of float weights."""
     return ARTIFACT_BYTES_PER_WEIGHT_BYTE * weight_bytes
+
+
+def job_disk_bytes(weight_bytes: int, config: CompressionConfig) -> dict[str, int]:
+    """Return the most disk a job with `config` takes at once beside its inputs, by part, for
+    `weight_bytes` of float weights: its artifacts (key "artifacts") and each product it keeps
+    for a retry until it ends (`resume.kept_bytes_estimate`)."""
+    kept = kept_bytes_estimate(weight_bytes, theta_share(config),
+                               config.finetune.steps > 0 and config.finetune.checkpoint_every > 0)
+    return {"artifacts": artifact_bytes(weight_bytes), **kept}
+
+
+def describe_disk_bytes(disk: dict[str, int]) -> str:
+    """Say what `job_disk_bytes` counted, for an error message."""
+    kept = ", ".join(f"{name} {format_bytes(size)}" for name, size in disk.items()
+                     if name != "artifacts")
+    return (f"its artifacts about {format_bytes(disk['artifacts'])}, and what it keeps for a "
+            f"retry until it ends ({kept})")
+
+
+def disk_advice(disk: dict[str, int]) -> str:
+    """Return how a job could need less disk (", or ..."), or "" when there is no such knob."""
+    if "fine-tuning checkpoints" not in disk:
+        return ""
+    return (", or set finetune.checkpoint_every 0 to keep no fine-tuning checkpoints (a retried "
+            "job then trains from its first step)")
 
 
 def theta_share(config: CompressionConfig) -> float:

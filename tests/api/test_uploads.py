@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 
 from api.jobs.folders import UploadSink
+from compressor.config import CompressionConfig
 from compressor.errors import ResourceError
+from compressor.load.stage import job_disk_bytes
+from compressor.runtime.memory import format_bytes
 from tests.support.fakes import FakeJob
 from tests.support.service import wait_for_job
 
@@ -277,15 +280,62 @@ def test_an_upload_the_disk_has_no_room_for_is_507_before_storing(
     assert jobs_on_disk(data_dir) == []
 
 
-def test_an_upload_with_room_for_itself_its_artifacts_and_the_reserve_is_stored(
+def job_disk(upload_bytes: int, config: dict | None = None) -> int:
+    """Return the disk the core says a job of `config` keeps for `upload_bytes` of weights."""
+    return sum(job_disk_bytes(upload_bytes, CompressionConfig.model_validate(config or {}))
+               .values())
+
+
+def test_an_upload_with_room_for_itself_and_all_its_job_keeps_is_stored(
     client, data_dir, monkeypatch
 ) -> None:
     body = zip_bytes(512 << 10)
     declared = len(body) + 200  # the multipart framing around the file
-    disk_with_free(monkeypatch, 3 * declared + GIB)
+    # the disk's free space is mocked: it does not shrink as the upload is written
+    disk_with_free(monkeypatch, max(3 * declared, job_disk(len(body))) + GIB)
     response = client.post("/v1/jobs", files={"model": ("m.pt2", body)})
     assert response.status_code == 202, response.text
     assert [p.name for p in jobs_on_disk(data_dir)] == ["model.pt2"]
+
+
+def test_an_upload_whose_job_would_not_fit_is_507_at_upload_with_its_parts_and_a_knob(
+    client, data_dir, monkeypatch
+) -> None:
+    body = zip_bytes(512 << 10)
+    needed = job_disk(len(body)) + GIB  # the defaults: target mode, fine-tuning checkpoints
+    disk_with_free(monkeypatch, needed - 1)  # room for the upload and its artifacts, not more
+    response = client.post("/v1/jobs", files={"model": ("m.pt2", body)})
+    assert response.status_code == 507
+    error = response.json()["error"]
+    assert error["code"] == "insufficient_resources"
+    assert f"needs {format_bytes(needed)} ({needed} bytes) more" in error["message"]
+    assert "fine-tuning checkpoints" in error["message"]
+    assert "finetune.checkpoint_every 0" in error["message"]
+    assert jobs_on_disk(data_dir) == []  # what was received is gone
+    # the knob it names makes the same upload fit
+    lighter = {"ratio": 0.5, "finetune": {"checkpoint_every": 0}}
+    assert job_disk(len(body), lighter) + GIB < needed - 1
+    response = client.post("/v1/jobs", files={"model": ("m.pt2", body)},
+                           data={"config": json.dumps(lighter)})
+    assert response.status_code == 202, response.text
+
+
+def test_a_config_sent_before_the_model_is_judged_before_a_byte_of_the_model_is_stored(
+    client, data_dir, monkeypatch
+) -> None:
+    disk_with_free(monkeypatch, 3 * (600 << 10) + GIB)  # the first check passes
+    writes = []
+    monkeypatch.setattr(UploadSink, "write", lambda sink, chunk: writes.append(len(chunk)))
+    model = zip_bytes(512 << 10)
+    body = (b"--x\r\nContent-Disposition: form-data; name=\"config\"\r\n\r\n{}\r\n"
+            b"--x\r\nContent-Disposition: form-data; name=\"model\"; filename=\"m.pt2\""
+            b"\r\n\r\n" + model + b"\r\n--x--\r\n")
+    response = client.post("/v1/jobs", content=body,
+                           headers={"content-type": "multipart/form-data; boundary=x"})
+    assert response.status_code == 507
+    assert "what it keeps for a retry" in response.json()["error"]["message"]
+    assert writes == []
+    assert jobs_on_disk(data_dir) == []
 
 
 def test_an_upload_of_unknown_size_needs_the_reserve_free(client, data_dir, monkeypatch) -> None:
