@@ -45,8 +45,10 @@ from compressor.runtime.layers import LayerInfo, layer_weight
 from compressor.runtime.objectives import IGNORED, KL_TEMPERATURE, distillation_loss
 from compressor.runtime.outputs import run_outputs
 
-# Output rows of a layer multiplied out at a time (an output layer's rows are vocabulary-wide).
-_ROWS_PER_CHUNK = 1024
+# Output numbers of a layer multiplied out at a time: as many rows as hold this many (an output
+# layer's rows are vocabulary-wide: 1,024 of Gemma-3's took 1 GiB in float32 and 2 GiB in
+# float64, for the residual's effect and for the gradient each), at least one.
+_NUMBERS_PER_CHUNK = 1 << 22
 
 
 def measure_sensitivities(teacher: fx.GraphModule, plan: Plan,
@@ -198,11 +200,11 @@ def _predicted_loss(layer: LayerInfo, residual: torch.Tensor, x: torch.Tensor,
     """Return ½ Σ_rows (gᵀ δ)², δ = the residual's effect on each output row."""
     rows = layer.spec.input_rows(layer, x)
     gradients = layer.spec.output_rows(layer, gradient)
+    chunk = max(1, _NUMBERS_PER_CHUNK // max(1, gradients.shape[1]))
     total = 0.0
-    for start in range(0, gradients.shape[0], _ROWS_PER_CHUNK):
-        part = rows[start:start + _ROWS_PER_CHUNK]
-        delta = layer.spec.effect(layer, part, residual)
-        products = (delta.double() * gradients[start:start + _ROWS_PER_CHUNK].double()).sum(1)
+    for start in range(0, gradients.shape[0], chunk):
+        delta = layer.spec.effect(layer, rows[start:start + chunk], residual)
+        products = (delta.double() * gradients[start:start + chunk].double()).sum(1)
         total += 0.5 * float(products.pow(2).sum())
     return total
 

@@ -14,6 +14,7 @@ from compressor.plan.allocation import measure_sensitivities
 from compressor.plan.layers import find_layers, run_recording
 from compressor.plan.planning import plan_layers
 from compressor.plan.sensitivity import estimate_sensitivities, probe_bytes_per_sample
+from compressor.runtime.layers import LayerKind
 from tests.compressor.test_allocation import _setup
 
 LOWRANK = get_method("lowrank")
@@ -70,6 +71,27 @@ def test_a_prediction_made_in_several_batches_measures_the_same():
     for name, value in measured.items():
         assert predicted[name] == pytest.approx(value, rel=0.15)
         assert predicted[name] != one[name]  # every batch counted
+
+
+def test_a_wide_layers_prediction_is_the_same_a_few_rows_at_a_time(monkeypatch):
+    # A vocabulary-wide head's rows are multiplied out a chunk of numbers at a time, not a fixed
+    # count of rows (1,024 of Gemma-3's rows took 2 GiB in float64): the chunking changes the
+    # memory held, never the prediction.
+    teacher = _linear_program()
+    plan, factors = _plan_and_factors(teacher)
+    (name,) = [n.target for n in teacher.graph.nodes if n.op == "placeholder"]
+    batch = {name: torch.randn(300, 16, generator=torch.Generator().manual_seed(1))}
+    whole = estimate_sensitivities(teacher, plan, factors, batch, ["regression"], seed=0)
+    effects = []
+    effect = LayerKind.effect
+    monkeypatch.setattr(LayerKind, "effect", lambda self, layer, rows, weight: (
+        effects.append(rows.shape[0]), effect(self, layer, rows, weight))[1])
+    monkeypatch.setattr("compressor.plan.sensitivity._NUMBERS_PER_CHUNK", 70)
+    chunked = estimate_sensitivities(teacher, plan, factors, batch, ["regression"], seed=0)
+    assert max(effects) == 70 // 8  # the narrowest layer (8 outputs): 8 rows a chunk
+    assert min(effects) >= 1 and sum(effects) == 2 * 300  # every row of both layers, once
+    for layer, value in whole.items():
+        assert chunked[layer] == pytest.approx(value, rel=1e-12)
 
 
 def test_predictions_follow_the_measured_sensitivities_on_a_transformer(tmp_path):
