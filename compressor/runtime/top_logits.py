@@ -29,8 +29,9 @@ _ROWS_PER_CHUNK = 256
 @dataclass
 class TopLogits:
     """The original's k most likely classes at each position of an output of `classes`
-    classes: their log-probabilities at temperature `temperature` and indices, (..., k), and
-    `rest`, (...), the log of the mass of every other class."""
+    classes: their log-probabilities at temperature `temperature` and indices (int32: 8 bytes
+    a kept class instead of 12), (..., k), and `rest`, (...), the log of the mass of every other
+    class."""
 
     log_probs: torch.Tensor
     indices: torch.Tensor
@@ -90,12 +91,12 @@ def _top_rows(logits: torch.Tensor, k: int,
     log_p = (logits.float() / temperature).log_softmax(-1)
     top = log_p.topk(k, dim=-1)
     rest = _log_mass_outside(log_p, top.indices).clamp_min(_LOG_MASS_FLOOR)
-    return top.values, top.indices, rest
+    return top.values, top.indices.to(torch.int32), rest
 
 
 def _log_mass_outside(log_p: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Return log Σ exp(log_p) over the classes not in `indices`, row by row."""
-    return log_p.scatter(-1, indices, float("-inf")).logsumexp(-1)
+    return log_p.scatter(-1, indices.long(), float("-inf")).logsumexp(-1)
 
 
 def top_logits_kl(logits: torch.Tensor, target: TopLogits) -> torch.Tensor:
@@ -107,7 +108,7 @@ def top_logits_kl(logits: torch.Tensor, target: TopLogits) -> torch.Tensor:
                          f"{target.classes}")
     scaled = logits.float() / target.temperature
     normalizer = scaled.logsumexp(-1, keepdim=True)
-    log_q_top = scaled.gather(-1, target.indices) - normalizer
+    log_q_top = scaled.gather(-1, target.indices.long()) - normalizer
     log_q_rest = _log_mass_outside(scaled, target.indices) - normalizer[..., 0]
     top = (target.log_probs.exp() * (target.log_probs - log_q_top)).sum()
     rest = (target.rest.exp() * (target.rest - log_q_rest)).sum()

@@ -40,6 +40,7 @@ def test_the_loss_is_the_kl_over_the_top_k_and_one_outcome_for_the_rest() -> Non
     teacher, student = logits(12, 50), logits(12, 50, seed=1)
     target = TopLogits.of(teacher, 8, KL_TEMPERATURE)
     assert target.indices.shape == (12, 8) and target.rest.shape == (12,)
+    assert target.indices.dtype == torch.int32 and target.nbytes == 12 * (8 * (4 + 4) + 4)
     expected = coarse_kl(student, teacher, 8, KL_TEMPERATURE)
     assert float(top_logits_kl(student, target)) == pytest.approx(float(expected), rel=1e-5)
 
