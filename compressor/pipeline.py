@@ -71,9 +71,10 @@ def compress(
     log = JobLog(out_dir / JOB_LOG_ARTIFACT)
     control = JobControl(progress, should_stop, config.timeout_s, config.max_minutes)
     try:
-        with log.capture_library_output():  # torch's and transformers' own noise: to job.log
+        with (log.capture_library_output(),  # torch's and transformers' own noise: to job.log
+              staging_folder(out_dir, SCRATCH_FOLDER) as scratch):
             result = _run(Path(model), config, out_dir, None if data is None else Path(data),
-                          control, log)
+                          control, log, scratch)
         shutil.rmtree(out_dir / RESUME_FOLDER, ignore_errors=True)  # done: nothing to resume
         return result
     except CompressorError as exc:
@@ -92,6 +93,11 @@ def compress(
         log.close()
 
 
+# What stages hold on disk rather than in memory until the job ends (the original's held-out
+# logits of a language model): a folder in out_dir, emptied when a job starts and removed when
+# it ends.
+SCRATCH_FOLDER = ".scratch"
+
 # Failures a run of the same job again may get past (stopped, out of time, a crash): what the
 # job kept is left for it. Any other failure would come again: what it kept goes.
 _RETRYABLE = (CancelledError, JobTimeoutError, InternalError)
@@ -109,7 +115,7 @@ def _keep_for_a_retry(out_dir: Path, error: CompressorError, log: JobLog) -> Non
 
 
 def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | None,
-         control: JobControl, log: JobLog) -> Result:
+         control: JobControl, log: JobLog, scratch: Path) -> Result:
     torch.manual_seed(config.finetune.seed)
     log.info(f"config: {config.to_json()}")
     resume = ResumeFolder(out_dir / RESUME_FOLDER, model, data, config.to_dict())
@@ -124,7 +130,7 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
         log.info(f"time budget: max_minutes {config.max_minutes:g}, of which "
                  f"{control.budget.reserve_s:.0f} s are kept for export, verification and the "
                  "report; calibration, the search and fine-tuning fit in the rest")
-    job = JobContext(loaded.costs, control, log, resume)
+    job = JobContext(loaded.costs, control, log, resume, scratch)
     calibrated = calibrate_layers(loaded, config, job)
     if config.target is None:
         planned = plan(loaded, calibrated, config, job)

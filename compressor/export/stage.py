@@ -76,9 +76,9 @@ class ExportedJob:
 
 
 @contextlib.contextmanager
-def staging_folder(out_dir: Path) -> Iterator[Path]:
+def staging_folder(out_dir: Path, name: str = ".staging") -> Iterator[Path]:
     """Yield a new, empty staging folder in `out_dir`, removed with what is left in it."""
-    staging = out_dir / ".staging"
+    staging = out_dir / name
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:

@@ -32,6 +32,7 @@ from compressor.load.data import Dataset
 from compressor.runtime.costs import ACTIVATIONS_PER_MODEL_BYTE, MIN_ACTIVATION_BYTES
 from compressor.runtime.memory import tensor_bytes
 from compressor.runtime.outputs import run_outputs
+from compressor.runtime.spill import SpilledOutputs
 
 # Output values compared in float64 at a time when an export is verified.
 _ELEMENTS_PER_CHUNK = 1 << 22
@@ -102,35 +103,6 @@ def run_onnx(session: ort.InferenceSession, batch: dict[str, torch.Tensor]) -> l
     """Run the session on a batch of named torch inputs."""
     wanted = {i.name for i in session.get_inputs()}
     return session.run(None, {k: v.cpu().numpy() for k, v in batch.items() if k in wanted})
-
-
-class SpilledOutputs(Sequence):
-    """Outputs kept on disk, a batch at a time: `append` writes a batch's outputs as `.npy`
-    files in `folder`, indexing reads one batch back. What verification compares for a decoder
-    (64 samples × 128 positions × 49,152 logits: 1.6 GB in float32) is then never held whole."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.counts: list[int] = []  # outputs per batch
-
-    def append(self, outputs: list[np.ndarray]) -> None:
-        """Write one batch's outputs after the ones written so far."""
-        for i, output in enumerate(outputs):
-            np.save(self._path(len(self.counts), i), output, allow_pickle=False)
-        self.counts.append(len(outputs))
-
-    def __len__(self) -> int:
-        return len(self.counts)
-
-    def __getitem__(self, batch: int) -> list[np.ndarray]:
-        if not -len(self) <= batch < len(self):
-            raise IndexError(batch)
-        batch %= len(self)
-        return [np.load(self._path(batch, i)) for i in range(self.counts[batch])]
-
-    def _path(self, batch: int, output: int) -> Path:
-        return self.folder / f"batch{batch}_output{output}.npy"
 
 
 @dataclass

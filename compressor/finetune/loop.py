@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import fx, nn
@@ -41,12 +42,17 @@ from compressor.runtime.objectives import (
 )
 from compressor.runtime.outputs import FidelityMeter, run_outputs
 from compressor.runtime.progress import JobControl
+from compressor.runtime.spill import SpilledTensors
 from compressor.runtime.top_logits import TopKOutputs, concat, kept_k, target_bytes
 
 # An evaluation this much worse than the best so far rolls θ back to the best and halves the lr.
 _BACKOFF_MARGIN = 0.05
 # The original's outputs on the whole training split are computed once when they fit in this.
 _TEACHER_CACHE_BYTES = 512 * 1024**2
+# The original's held-out outputs are held in memory up to this many bytes; past it, when the
+# training targets are their top k (a language model's logits: 128 MiB a 128-token window of
+# Gemma-3's), they go to disk a batch at a time (`HeldOut.of`'s `spill`).
+_HELD_OUT_MEMORY_BYTES = 512 * 1024**2
 # Tensors the size of θ that training adds: gradients, AdamW's two moments, the best θ.
 _TRAINING_COPIES = 4
 # A step's outputs are held about this many times over: the student's, the original's, the
@@ -107,22 +113,41 @@ class FinetuneSummary:
 @dataclass
 class HeldOut:
     """The held-out split, scored a batch of `batch_size` at a time, with the original's
-    outputs on each of its batches (`reference`, computed once), and what the distillation loss
-    compares with (`targets`: the same outputs, or the top k of those `top_k` names)."""
+    outputs on each of its batches (`reference`, computed once: in memory, or on disk a batch at
+    a time), and what the distillation loss compares with (`targets`: the same outputs, or the
+    top k of those `top_k` names)."""
 
     data: Dataset
     batch_size: int
-    reference: list[list[torch.Tensor]]
-    targets: list[list[Target]]
+    reference: Sequence[list[torch.Tensor]]
+    targets: Sequence[list[Target]]
     top_k: TopKOutputs | None = None
 
     @classmethod
     def of(cls, teacher: nn.Module, data: Dataset, batch_size: int,
-           top_k: TopKOutputs | None = None) -> HeldOut:
-        """Run the original on every held-out batch once."""
+           top_k: TopKOutputs | None = None, spill: Path | None = None) -> HeldOut:
+        """Run the original on every held-out batch once.
+
+        With `spill` (a folder), outputs kept as their top k for training whose whole would
+        take more than `_HELD_OUT_MEMORY_BYTES` are written there a batch at a time instead of
+        held (the fidelity figures read them back one batch at a time).
+        """
+        batches = list(data.batches(batch_size))
+        reference: list[list[torch.Tensor]] | SpilledTensors = []
+        targets: list[list[Target]] = []
         with torch.no_grad():
-            reference = [run_outputs(teacher, batch) for batch in data.batches(batch_size)]
-        targets = reference if top_k is None else [top_k.compact(outs) for outs in reference]
+            for batch in batches:
+                outputs = run_outputs(teacher, batch)
+                compact = outputs if top_k is None else top_k.compact(outputs)
+                if (spill is not None and isinstance(reference, list) and not reference
+                        and target_bytes(compact) < target_bytes(outputs)
+                        and target_bytes(outputs) * len(batches) > _HELD_OUT_MEMORY_BYTES):
+                    reference = SpilledTensors(spill)
+                reference.append(outputs)
+                targets.append(compact)
+                del outputs
+        if top_k is None:
+            targets = reference
         return cls(data, batch_size, reference, targets, top_k)
 
     def batches(self) -> list[dict[str, torch.Tensor]]:
@@ -134,8 +159,10 @@ class HeldOut:
         return outputs if self.top_k is None else self.top_k.compact(outputs)
 
     def to(self, device: torch.device) -> HeldOut:
-        """Return the same split with the original's outputs on `device`."""
-        reference = [[t.to(device) for t in batch] for batch in self.reference]
+        """Return the same split with the original's outputs on `device` (outputs on disk are
+        read back onto it)."""
+        reference = (self.reference.on(device) if isinstance(self.reference, SpilledTensors)
+                     else [[t.to(device) for t in batch] for batch in self.reference])
         targets = (reference if self.targets is self.reference
                    else [[t.to(device) for t in batch] for batch in self.targets])
         return HeldOut(self.data, self.batch_size, reference, targets, self.top_k)

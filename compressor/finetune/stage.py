@@ -59,7 +59,7 @@ def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: Fin
         batch_size = job.costs.evaluation_batch(EVAL_BATCH)
         job.log.info(f"{job.costs.describe()}; held-out batches of {batch_size}")
         top_k = TopKOutputs(config.logits_top_k, tuple(loaded.next_token), KL_TEMPERATURE)
-        held_out = HeldOut.of(loaded.teacher, loaded.held_out, batch_size, top_k)
+        held_out = HeldOut.of(loaded.teacher, loaded.held_out, batch_size, top_k, job.scratch)
         initial, initial_score = fidelity(student, held_out, loaded.kinds, loaded.next_token)
         lesson = Distillation(loaded.teacher, loaded.kinds, loaded.train, held_out)
         checkpoints = None if job.resume is None else FinetuneCheckpoints.for_run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from compressor.runtime.costs import SampleCosts
 from compressor.runtime.joblog import JobLog
@@ -13,8 +14,9 @@ from compressor.runtime.resume import ResumeFolder
 @dataclass
 class JobContext:
     """One job's progress reporting and stopping (`control`), its log, and what one sample of
-    its model costs (`costs`, which sizes every stage's batches), and where it keeps its
-    products for a retry (`resume`; None: it keeps none).
+    its model costs (`costs`, which sizes every stage's batches), where it keeps its
+    products for a retry (`resume`; None: it keeps none), and a folder for what a stage holds
+    on disk rather than in memory until the job ends (`scratch`; None: everything in memory).
 
     A library call that wants none of the reporting makes one with `JobContext.quiet(costs)`:
     a control that never stops the job and a log that writes no file.
@@ -24,6 +26,7 @@ class JobContext:
     control: JobControl = field(default_factory=JobControl)
     log: JobLog = field(default_factory=lambda: JobLog(None))
     resume: ResumeFolder | None = None
+    scratch: Path | None = None
 
     def reused(self, what: str, at: str | None = None) -> None:
         """Record that this try took `what` from an earlier try's kept products (`at`: where it

@@ -182,3 +182,47 @@ def test_a_step_whose_outputs_are_larger_than_a_chunk_backpropagates_the_loss_in
     monkeypatch.setattr(objectives, "_CHUNK_VALUES", 100)
     finetune_(student, plan, lesson, config, JobControl())
     assert chunked == [True, True]
+
+
+def test_held_out_logits_too_large_to_hold_go_to_disk_and_score_the_same(
+        monkeypatch, tmp_path) -> None:
+    """A language model's held-out logits (128 MiB a window of Gemma-3's) are kept on disk a
+    batch at a time once their top k are the targets: the same scores and fidelity, the folder
+    gone with the split."""
+    import gc
+
+    from compressor.finetune.stage import fidelity
+    from compressor.runtime.spill import SpilledTensors
+
+    torch.manual_seed(0)
+    batch = torch.export.Dim("batch")
+    teacher = torch.export.export(torch.nn.Embedding(300, 300),
+                                  (torch.zeros(2, 8, dtype=torch.int64),),
+                                  dynamic_shapes=({0: batch},)).module()
+    torch.manual_seed(1)
+    student = torch.export.export(torch.nn.Embedding(300, 300),
+                                  (torch.zeros(2, 8, dtype=torch.int64),),
+                                  dynamic_shapes=({0: batch},)).module()
+    data = Dataset({"input": torch.randint(0, 300, (12, 8))}, synthetic=True, source="synthetic")
+    top_k = TopKOutputs(16, (True,), KL_TEMPERATURE)
+    in_memory = HeldOut.of(teacher, data, 4, top_k)
+    monkeypatch.setattr(loop, "_HELD_OUT_MEMORY_BYTES", 12 * 8 * 300 * 4 - 1)  # just too large
+    on_disk = HeldOut.of(teacher, data, 4, top_k, spill=tmp_path)
+    assert isinstance(on_disk.reference, SpilledTensors) and len(on_disk.reference) == 3
+    assert sorted(p.name for p in on_disk.reference.folder.iterdir()) == [
+        f"batch{i}_output0.npy" for i in range(3)]
+    assert isinstance(in_memory.reference, list)  # no folder given: held, whatever the size
+    for kept, spilled in zip(in_memory.reference, on_disk.reference, strict=True):
+        torch.testing.assert_close(spilled[0], kept[0], rtol=0, atol=0)
+    kinds = ["logits"]
+    assert fidelity(student, on_disk, kinds) == fidelity(student, in_memory, kinds)
+    moved = on_disk.to(torch.device("cpu"))
+    assert isinstance(moved.reference, SpilledTensors)
+    torch.testing.assert_close(moved.reference[2][0], in_memory.reference[2][0], rtol=0, atol=0)
+    folder = on_disk.reference.folder
+    del on_disk, moved
+    gc.collect()
+    assert not folder.exists()
+    # targets kept whole (no top k) stay in memory: spilling them would save nothing
+    whole = HeldOut.of(teacher, data, 4, None, spill=tmp_path)
+    assert isinstance(whole.reference, list) and whole.targets is whole.reference
