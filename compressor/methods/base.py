@@ -37,7 +37,8 @@ class Approximation(Protocol):
         """Return the squared output error of the layer at `size` (on the calibration inputs)."""
 
     def product(self, size: int) -> torch.Tensor:
-        """Return the layer's weight at `size`, as an (out × in) matrix."""
+        """Return the layer's weight at `size`, as an (out × in) matrix: a new tensor the
+        caller owns (it may write to it)."""
 
 
 class MethodOptions(BaseModel):

@@ -101,7 +101,9 @@ def estimate_sensitivities(teacher: fx.GraphModule, plan: Plan,
         residual = tied.pop(name, None)
         if residual is None:
             weight = layer_weight(teacher, layer).detach().reshape(layer.out_features, -1)
-            residual = weight - prepared[name].product(rank)  # one at a time
+            # W - product, in the product's own memory: one table-sized tensor, not two (the
+            # tied table's is 671 MB for Gemma-3); one layer at a time
+            residual = prepared[name].product(rank).neg_().add_(weight)
             if layer.tied_embedding and not rows:  # the table's rows come next (backward)
                 tied[name] = residual
         loss = (_predicted_rows_loss(residual, x, gradient.detach()) if rows
