@@ -3,6 +3,7 @@ model's logits over a held-out split)."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
 import weakref
@@ -44,12 +45,13 @@ class SpilledOutputs(Sequence):
 
 class SpilledTensors(Sequence):
     """A batch-by-batch list of torch outputs kept on disk (`SpilledOutputs`) in a folder of
-    its own made in `parent`, removed when this is dropped; items come back on `device`."""
+    its own made in `parent`, removed once neither this nor a view of it (`on`) is left; items
+    come back on `device`."""
 
     def __init__(self, parent: Path, device: torch.device | str = "cpu") -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="outputs-", dir=parent))
-        self._outputs = SpilledOutputs(self.folder)
-        self._remove = weakref.finalize(self, shutil.rmtree, self.folder, ignore_errors=True)
+        self._outputs = SpilledOutputs(self.folder)  # shared by every view
+        weakref.finalize(self._outputs, shutil.rmtree, self.folder, ignore_errors=True)
         self.device = torch.device(device)
 
     def append(self, outputs: list[torch.Tensor]) -> None:
@@ -57,12 +59,10 @@ class SpilledTensors(Sequence):
         self._outputs.append([t.detach().cpu().numpy() for t in outputs])
 
     def on(self, device: torch.device) -> SpilledTensors:
-        """Return the same outputs, read back onto `device` (the files are shared)."""
-        moved = object.__new__(SpilledTensors)
-        moved.folder, moved._outputs, moved._remove = self.folder, self._outputs, self._remove
-        moved._owner = self  # the folder lives as long as any view of it
-        moved.device = torch.device(device)
-        return moved
+        """Return a view of the same files whose items come back on `device`."""
+        view = copy.copy(self)
+        view.device = torch.device(device)
+        return view
 
     def __len__(self) -> int:
         return len(self._outputs)
