@@ -139,9 +139,7 @@ class HeldOut:
             for batch in batches:
                 outputs = run_outputs(teacher, batch)
                 compact = outputs if top_k is None else top_k.compact(outputs)
-                if (spill is not None and isinstance(reference, list) and not reference
-                        and target_bytes(compact) < target_bytes(outputs)
-                        and target_bytes(outputs) * len(batches) > _HELD_OUT_MEMORY_BYTES):
+                if spill is not None and not reference and _spilled(outputs, compact, batches):
                     reference = SpilledTensors(spill)
                 reference.append(outputs)
                 targets.append(compact)
@@ -166,6 +164,14 @@ class HeldOut:
         targets = (reference if self.targets is self.reference
                    else [[t.to(device) for t in batch] for batch in self.targets])
         return HeldOut(self.data, self.batch_size, reference, targets, self.top_k)
+
+
+def _spilled(outputs: list[torch.Tensor], targets: list[Target], batches: list) -> bool:
+    """Whether the original's held-out outputs go to disk, judged on the first batch's: training
+    needs only their top k (`targets` are smaller), and all `batches` of them would take more
+    than `_HELD_OUT_MEMORY_BYTES` held whole."""
+    whole = target_bytes(outputs)
+    return target_bytes(targets) < whole and whole * len(batches) > _HELD_OUT_MEMORY_BYTES
 
 
 @dataclass
