@@ -52,6 +52,10 @@ _FLUSH_BYTES = 1 << 20
 _MAGIC_BYTES = 262  # a zip (PK\3\4), gzip, safetensors (u64 length, "{"), tar ("ustar" at 257)
 _TEXT_SUFFIXES = ("txt", "jsonl")
 
+HOW_TO_MAKE_ROOM = (
+    "Delete finished jobs you no longer need (DELETE /v1/jobs/{id}) or ask the operator to give "
+    "COMPRESSOR_DATA_DIR more space, then submit again"
+)
 HOW_TO_UPLOAD_CHECKPOINT = (
     f"{HOW_TO_GIVE_CHECKPOINT} (`compressor submit model-dir/` zips a folder for you.)"
 )
@@ -102,9 +106,7 @@ def no_room(upload_bytes: int | None, free: int, reserve: int, *, received: int 
         f"{what}The server's data directory has {format_bytes(free)} ({free} bytes) free and "
         f"{size} needs {format_bytes(needed)} ({needed} bytes): the upload, about "
         f"{ARTIFACT_BYTES_PER_UPLOAD_BYTE}x its size for the job's artifacts, and "
-        f"{format_bytes(reserve)} kept free (COMPRESSOR_DISK_RESERVE_BYTES). Delete finished "
-        "jobs you no longer need (DELETE /v1/jobs/{id}) or ask the operator to give "
-        "COMPRESSOR_DATA_DIR more space, then submit again",
+        f"{format_bytes(reserve)} kept free (COMPRESSOR_DISK_RESERVE_BYTES). {HOW_TO_MAKE_ROOM}",
     )
 
 
@@ -136,8 +138,7 @@ def check_job_space(free: int, upload_bytes: int, written: int, config: Compress
         f"needs {format_bytes(needed)} ({needed} bytes) more: for an upload of "
         f"{format_bytes(upload_bytes)}, {describe_disk_bytes(disk)}, and "
         f"{format_bytes(reserve)} kept free (COMPRESSOR_DISK_RESERVE_BYTES); nothing was kept. "
-        "Delete finished jobs you no longer need (DELETE /v1/jobs/{id}) or ask the operator to "
-        f"give COMPRESSOR_DATA_DIR more space, then submit again{disk_advice(disk)}",
+        f"{HOW_TO_MAKE_ROOM}{disk_advice(disk)}",
     )
 
 
