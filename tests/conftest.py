@@ -8,6 +8,31 @@ from collections.abc import Iterator
 import pytest
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Build onnxscript's list of torchlib functions once per test process, not once per export.
+
+    torch.onnx.export (the exporter `compressor.export.onnx.export_onnx` calls) rebuilds its
+    registry at every export from `onnxscript._framework_apis.torch_2_11.get_torchlib_ops()`,
+    which re-parses the source of ~500 onnxscript functions each time (~3 s of a tiny model's
+    ~10 s job here). The list depends only on the installed onnxscript, so every export gets a
+    copy of the first one; the registry torch builds from it, and the exported models, are the
+    same.
+    """
+    try:
+        from onnxscript._framework_apis import torch_2_11 as apis
+    except ImportError:  # another onnxscript: its exports run as they are
+        return
+    build = apis.get_torchlib_ops
+    built: list[list[object]] = []
+
+    def get_torchlib_ops() -> list[object]:
+        if not built:
+            built.append(build())
+        return list(built[0])
+
+    apis.get_torchlib_ops = get_torchlib_ops
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     """After each test (its fixtures torn down), freeze what is still alive.
