@@ -32,6 +32,7 @@ from compressor.methods import (
     options_types,
     unknown_method_message,
 )
+from compressor.runtime.outputs import judged_figure
 from compressor.vocabulary import describe_validation_error
 
 CONFIG_VERSION = 2
@@ -244,31 +245,37 @@ class TargetConfig(_Strict):
         "one run at this batch would cost too much compute or memory)")
     top1_agreement: float = Field(
         default=0.99, ge=0, le=1,
-        description="logits: the least share of samples (positions) whose top-1 class agrees "
-        "with the original's")
+        description="logits (a language model's next-token logits are judged by "
+        "perplexity_ratio instead): the least share of samples (positions) whose top-1 class "
+        "agrees with the original's")
     cosine: float = Field(
         default=0.99, ge=-1, le=1,
         description="embeddings: the least mean cosine similarity to the original's vectors")
     relative_l2: float = Field(
         default=0.05, gt=0,
         description="other outputs: the most relative L2 difference from the original's")
+    perplexity_ratio: float = Field(
+        default=1.05, ge=1,
+        description="a causal language model's next-token logits (judged by this instead of "
+        "top1_agreement): the most its held-out perplexity may be, as a multiple of the "
+        "original's (1.05: at most 5 % higher)")
 
     def floors(self) -> dict[str, float]:
-        """Return the floor of each output kind's figure, by figure."""
+        """Return the floor of each judged figure, by figure."""
         return {"top1_agreement": self.top1_agreement, "cosine": self.cosine,
-                "relative_l2": self.relative_l2}
+                "relative_l2": self.relative_l2, "perplexity_ratio": self.perplexity_ratio}
 
     def margin(self, figures: dict[str, Any]) -> float:
-        """How far above its floor one output's fidelity figures are (negative: below it;
-        an output of a kind without a floor: inf)."""
-        kind = figures["kind"]
-        if kind == "logits":
-            return figures["top1_agreement"] - self.top1_agreement
-        if kind == "embedding":
-            return figures["cosine"] - self.cosine
-        if kind == "regression":
-            return self.relative_l2 - figures["relative_l2"]
-        return float("inf")
+        """How far one output's judged figure (`judged_figure`: a language model's next-token
+        logits by perplexity, other logits by top-1 agreement, embeddings by cosine, any other
+        float output by relative L2) is on the right side of its floor (negative: on the wrong
+        side; an output judged by nothing: inf)."""
+        judged = judged_figure(figures)
+        if judged is None:
+            return float("inf")
+        figure, value, lower_is_better = judged
+        floor = self.floors()[figure]
+        return floor - value if lower_is_better else value - floor
 
     def met_by(self, fidelity: dict[str, dict[str, Any]]) -> bool:
         """Whether every output's figures (by output name) keep their kind's floor."""

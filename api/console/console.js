@@ -638,11 +638,15 @@ function svg(tag, attrs, ...children) {
   return node;
 }
 
-// The figure each output kind is judged by in target mode, and whether higher is better.
+// The figure each output kind is judged by in target mode, and whether higher is better. A
+// causal language model's next-token logits are judged by their perplexity over the original's.
 const JUDGED = { logits: ["top1_agreement", true], embedding: ["cosine", true], regression: ["relative_l2", false] };
 
 function judged(fidelity) {
   for (const [output, figures] of Object.entries(fidelity || {})) {
+    if (typeof figures.perplexity === "number" && figures.original_perplexity) {
+      return { output, figure: "perplexity_ratio", higher: false, value: figures.perplexity / figures.original_perplexity };
+    }
     const rule = JUDGED[figures.kind];
     if (rule) return { output, figure: rule[0], higher: rule[1], value: figures[rule[0]] };
   }
@@ -653,6 +657,7 @@ function sizing(config) {
   const target = config.target;
   if (!target) return `ratio ${config.ratio}, export ${(config.export || {}).form}`;
   const floors = Object.entries(JUDGED).map(([kind, [figure, higher]]) => `${kind} ${figure} ${higher ? "≥" : "≤"} ${target[figure]}`);
+  if (typeof target.perplexity_ratio === "number") floors.push(`next-token logits perplexity_ratio ≤ ${target.perplexity_ratio}`);
   const goal = target.objective === "latency" ? `fastest at batch ${target.latency_batch}` : "smallest";
   return `target: ${goal} with ${floors.join(", ")}`;
 }

@@ -22,6 +22,7 @@ from compressor.runtime.context import JobContext
 from compressor.runtime.costs import SampleCosts
 from compressor.runtime.joblog import JobLog
 from compressor.runtime.memory import format_bytes
+from compressor.runtime.outputs import FIGURE_LABELS, judged_figure
 from compressor.search.target import SearchResult
 from compressor.vocabulary import (
     HF_ARTIFACT,
@@ -198,17 +199,15 @@ def outcome_of(measured: dict[str, Any], fidelity: dict[str, dict],
 
 
 def _floors_met(fidelity: dict[str, dict], floors: dict[str, float] | None) -> str:
-    """Return each output's figure that its kind is judged by (and its floor, when given)."""
+    """Return each output's figure that it is judged by (and its floor, when given)."""
     parts = []
     for name, figures_ in fidelity.items():
-        kind = figures_["kind"]
-        figure = {"logits": "top1_agreement", "embedding": "cosine",
-                  "regression": "relative_l2"}.get(kind)
-        if figure is None:
+        judged = judged_figure(figures_)
+        if judged is None:
             continue
-        floor = "" if floors is None else (
-            f" {'≤' if figure == 'relative_l2' else '≥'} {floors[figure]:g}")
-        parts.append(f"{name} {figure.replace('_', ' ')} {figures_[figure]:.4f}{floor}")
+        figure, value, lower_is_better = judged
+        floor = "" if floors is None else f" {'≤' if lower_is_better else '≥'} {floors[figure]:g}"
+        parts.append(f"{name} {FIGURE_LABELS[figure]} {value:.4f}{floor}")
     return ", ".join(parts)
 
 

@@ -203,15 +203,36 @@ def fidelity_by_output(fidelity: list[OutputFidelity], names: list[str]) -> dict
     return {name: asdict(f) for name, f in zip(names, fidelity, strict=True)}
 
 
+# The figure each output kind is judged by in target mode, and whether lower is better.
+JUDGED_FIGURES = {"logits": ("top1_agreement", False), "embedding": ("cosine", False),
+                  "regression": ("relative_l2", True)}
+# A causal language model's next-token logits are judged by this instead: held-out perplexity
+# over the original's (people judge a language model by its perplexity, and its per-position
+# top-1 agreement is far below any classifier's even for onnxruntime's int8 of the original).
+PERPLEXITY_RATIO = "perplexity_ratio"
+# How each judged figure is named in messages.
+FIGURE_LABELS = {"top1_agreement": "top-1 agreement", "cosine": "cosine",
+                 "relative_l2": "relative L2", PERPLEXITY_RATIO: "perplexity × the original's"}
+
+
+def judged_figure(figures: dict[str, Any]) -> tuple[str, float, bool] | None:
+    """Return the figure one output's fidelity `figures` is judged by in target mode: its name,
+    its value, and whether lower is better. None: an output of a kind judged by nothing (an
+    integer output), or a language model's with no next token scored."""
+    if figures.get("perplexity") is not None and figures.get("original_perplexity"):
+        return PERPLEXITY_RATIO, figures["perplexity"] / figures["original_perplexity"], True
+    judged = JUDGED_FIGURES.get(figures["kind"])
+    if judged is None or figures.get(judged[0]) is None:
+        return None
+    return judged[0], figures[judged[0]], judged[1]
+
+
 def describe_fidelity(fidelity: dict[str, dict[str, Any]]) -> str:
     """Return each output's judged figure (by output name) as one line of text."""
     parts = []
     for name, figures in fidelity.items():
-        kind = figures["kind"]
-        if kind == "logits":
-            parts.append(f"{name} top-1 agreement {figures['top1_agreement']:.4f}")
-        elif kind == "embedding":
-            parts.append(f"{name} cosine {figures['cosine']:.4f}")
-        elif kind == "regression":
-            parts.append(f"{name} relative L2 {figures['relative_l2']:.4f}")
+        judged = judged_figure(figures)
+        if judged is not None:
+            figure, value, _ = judged
+            parts.append(f"{name} {FIGURE_LABELS[figure]} {value:.4f}")
     return ", ".join(parts) or "no scored output"
