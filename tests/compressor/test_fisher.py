@@ -91,7 +91,9 @@ def test_a_wide_layers_prediction_is_the_same_a_few_rows_at_a_time(monkeypatch):
     assert max(effects) == 70 // 8  # the narrowest layer (8 outputs): 8 rows a chunk
     assert min(effects) >= 1 and sum(effects) == 2 * 300  # every row of both layers, once
     for layer, value in whole.items():
-        assert chunked[layer] == pytest.approx(value, rel=1e-12)
+        # the same sums in another order: equal to float rounding (a row lost or counted twice
+        # would move it by far more); 1e-12 held on one CPU and missed by 2e-9 on another
+        assert chunked[layer] == pytest.approx(value, rel=1e-7)
 
 
 def test_predictions_follow_the_measured_sensitivities_on_a_transformer(tmp_path):
