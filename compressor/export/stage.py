@@ -109,10 +109,16 @@ def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportCo
         job.control.report(EXPORTING, 0.5, f"exporting the {config.form} form")
         # The dense form takes each layer's θ as its W is made: the student is spent after.
         artifact_module = materialized(student, teacher, plan, config.form)
-        # Nothing reads the original's weights any more: those the artifact does not share are
-        # freed.
         del teacher, student
         loaded.teacher = trained.student = None
+        hf_folder = None
+        if loaded.checkpoint is not None and config.form == "dense":
+            job.control.report(EXPORTING, 0.6, "writing the Hugging Face folder")
+            hf_folder = staging / "huggingface"
+            huggingface.write_checkpoint(loaded.checkpoint.checkpoint, artifact_module, hf_folder)
+        # Nothing reads the original's weights any more (a checkpoint's transformers model holds
+        # them too, whatever the form): those the artifact does not share are freed.
+        loaded.checkpoint = None
         gc.collect()
         model = staging / ONNX_ARTIFACT
         export_onnx(artifact_module, sample, loaded.specs, model, config.opset)
@@ -120,12 +126,6 @@ def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportCo
                                   batch_size=trained.held_out.batch_size,
                                   noise_flops=NOISE_FLOPS if config.noise_multiple else 0,
                                   spill=staging / "torch_outputs")
-        hf_folder = None
-        if loaded.checkpoint is not None and config.form == "dense":
-            job.control.report(EXPORTING, 0.7, "writing the Hugging Face folder")
-            hf_folder = staging / "huggingface"
-            huggingface.write_checkpoint(loaded.checkpoint.checkpoint, artifact_module, hf_folder)
-            loaded.checkpoint = None  # the original transformers model is done with
         source = model  # what int8 quantizes: the artifact, or its smoothed copy
         if config.quantize == "int8" and config.int8_smoothing is not None:
             job.control.report(EXPORTING, 0.8, "smoothing the activations for int8")

@@ -232,12 +232,29 @@ def test_only_a_causal_lms_sequence_logits_are_scored_by_perplexity(
     assert next_token_outputs(None, kinds, outputs, sample) == [False]  # a .pt2: not known
 
 
-def test_the_factorized_form_gives_no_hugging_face_folder(folders, tmp_path) -> None:
+def test_the_factorized_form_gives_no_hugging_face_folder(folders, tmp_path,
+                                                          monkeypatch) -> None:
+    from transformers import PreTrainedModel
+
+    from compressor.export import stage
+
+    # The original transformers model holds the original's weights: it is gone before the
+    # artifact is exported, whatever the form (it held them through export and verification).
+    models_alive = []
+
+    def export_onnx(module, *args, **kwargs):
+        gc.collect()
+        models_alive.append(sum(isinstance(o, PreTrainedModel) for o in gc.get_objects()))
+        return stage_export_onnx(module, *args, **kwargs)
+
+    stage_export_onnx = stage.export_onnx
+    monkeypatch.setattr(stage, "export_onnx", export_onnx)
     config = {**FAST, "export": {"form": "factorized", "latency_seconds": 0}}
     result = compressor.compress(folders["classifier"], config, out_dir=tmp_path / "out")
     assert (tmp_path / "out" / "model.onnx").is_file()
     assert not (tmp_path / "out" / "model-hf.zip").exists()
     assert "huggingface" not in result.report["onnx_parity"]
+    assert models_alive == [0]
 
 
 def test_sampled_ids_stay_below_the_vocabulary_and_masks_are_ones(folders, tmp_path) -> None:
