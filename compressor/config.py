@@ -238,7 +238,9 @@ class TargetConfig(_Strict):
         default="size",
         description="size: the smallest artifact (bytes of its ONNX file) that meets every "
         "floor; latency: the fastest (onnxruntime CPU latency at `latency_batch`, measured on "
-        "each candidate that meets the floors or is within fine-tuning's reach of them)")
+        "each candidate that meets the floors or is within fine-tuning's reach of them; its "
+        "candidates are cut by multiply-adds, not stored numbers, and embedding tables stay "
+        "dense)")
     latency_batch: int = Field(
         default=32, ge=1, le=4096,
         description="objective latency: the batch size latency is measured at (batch 1 when "

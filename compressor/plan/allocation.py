@@ -7,6 +7,8 @@ so the predicted loss of a plan is the sum over layers of sensitivity × error(s
 then bought greedily, the method's `size_step` at a time (lowrank's ranks stay multiples of 8),
 always where they remove the most predicted loss per stored number, within the budget the
 uniform plan spent on these layers. Buying past a layer's break-even size leaves it dense.
+Target mode's latency objective prices a number by what it costs to run instead (`costs`: the
+multiply-adds one number of a layer's θ does per sample).
 """
 
 from __future__ import annotations
@@ -125,27 +127,31 @@ def _kept_sensitivities(plan: Plan, prepared: dict[str, Approximation], how: str
 
 
 def _options(index: int, entry: LayerPlan, size: int, cap: int, prepared: Approximation,
-             sensitivity: float) -> _Option | None:
+             sensitivity: float, number_cost: float) -> _Option | None:
     method, layer = entry.method, entry.layer
     if size < cap:
         next_size = min(size + method.size_step, cap)
         gain = sensitivity * (prepared.error(size) - prepared.error(next_size))
         cost = method.compact_numel(layer, next_size) - method.compact_numel(layer, size)
-        return _Option(index, next_size, float(cost), gain)
+        return _Option(index, next_size, number_cost * float(cost), gain)
     if size == cap:  # the last step: keep the dense weight
-        return _Option(index, None, float(layer.numel - method.compact_numel(layer, cap)),
+        return _Option(index, None,
+                       number_cost * float(layer.numel - method.compact_numel(layer, cap)),
                        sensitivity * prepared.error(cap))
     return None
 
 
 def allocate_by_sensitivity(plan: Plan, prepared: dict[str, Approximation],
-                            sensitivities: dict[str, float], budget: float | None = None) -> Plan:
+                            sensitivities: dict[str, float], budget: float | None = None,
+                            costs: dict[str, float] | None = None) -> Plan:
     """Return `plan` with the sizes of its adjustable prepared layers re-spread by sensitivity.
 
     The reallocated layers share `budget` numbers, by default exactly the numbers the uniform
     plan gave them; other layers (overrides, methods that prepare nothing) keep their plan.
-    Each layer keeps at least one `size_step` of its method; a budget too small for that
-    leaves `plan` as it was.
+    With `costs` (by layer name: what one number of the layer's θ costs, e.g. the
+    multiply-adds it does per sample), sizes are bought per unit of cost instead of per number
+    and `budget` is in those units (no default then). Each layer keeps at least one
+    `size_step` of its method; a budget too small for that leaves `plan` as it was.
     """
     chosen = [i for i, p in enumerate(plan.layers)
               if p.adjustable and p.layer.name in prepared and p.layer.name in sensitivities]
@@ -153,14 +159,19 @@ def allocate_by_sensitivity(plan: Plan, prepared: dict[str, Approximation],
         plan.layers[i].layer) for i in chosen}
     if not chosen:
         return plan
+    number_cost = {plan.layers[i].layer.name: 1.0 if costs is None
+                   else costs[plan.layers[i].layer.name] for i in chosen}
     if budget is None:
+        if costs is not None:
+            raise ValueError("a budget in units of `costs` must be given with them")
         budget = sum(plan.layers[i].compact_numel for i in chosen)
     ranks: dict[int, int | None] = {}
     spent = 0.0
     for i in chosen:
         entry = plan.layers[i]
         ranks[i] = min(entry.method.size_step, break_even[entry.layer.name])
-        spent += entry.method.compact_numel(entry.layer, ranks[i])
+        spent += (number_cost[entry.layer.name]
+                  * entry.method.compact_numel(entry.layer, ranks[i]))
     if spent > budget:
         return plan  # too tight to give every layer a minimum: the uniform plan stands
     heap: list[tuple[float, int, _Option]] = []
@@ -169,7 +180,7 @@ def allocate_by_sensitivity(plan: Plan, prepared: dict[str, Approximation],
         entry = plan.layers[i]
         name = entry.layer.name
         option = _options(i, entry, ranks[i], break_even[name], prepared[name],
-                          sensitivities[name])
+                          sensitivities[name], number_cost[name])
         if option is not None and option.cost > 0:
             heapq.heappush(heap, (-option.gain / option.cost, i, option))
 

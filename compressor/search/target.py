@@ -19,7 +19,9 @@ the job fails with `target_not_met`, giving the best fidelity reached and at wha
 
 With objective `latency` the order is by onnxruntime latency at the target's batch size
 instead of bytes: every candidate that meets the floor or is within reach of it is exported
-(quantized ones already are) and timed, and the fastest is fine-tuned first.
+(quantized ones already are) and timed, and the fastest is fine-tuned first. Its budgets are
+then shares of what the targeted layers cost to run (`_latency_costs`: multiply-adds, each
+layer's numbers weighed by its input rows), and embedding tables stay dense.
 
 With a time budget (`max_minutes`), scoring stops once less than half the work time the search
 started with is left (the rest is the finalists'), and once the budget is spent no finalist is
@@ -58,6 +60,7 @@ from compressor.rewrite.stage import build_student, rewrite
 from compressor.runtime.budget import TimeBudget
 from compressor.runtime.context import JobContext
 from compressor.runtime.costs import count_parameters
+from compressor.runtime.layers import LayerStats
 from compressor.runtime.outputs import (
     PERPLEXITY_RATIO,
     describe_fidelity,
@@ -168,7 +171,10 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
         held_out = HeldOut.of(loaded.teacher, loaded.held_out,
                               job.costs.evaluation_batch(EVAL_BATCH))
         scout = _Scout(loaded, stats, held_out, config, target, workdir, job)
-        plans, dense = _budget_plans(plan, prepared, sensitivities), _dense(plan)
+        dense, costs = _dense(plan), None
+        if target.objective == "latency":
+            plan, costs = _latency_costs(plan, stats, job)
+        plans = _budget_plans(plan, prepared, sensitivities, costs)
         kept = KeptSearch(job, plans, dense, held_out.batch_size)  # what a retry reuses
         candidates = kept.candidates(Candidate)
         if candidates is None:
@@ -284,18 +290,49 @@ def _not_met(candidates: list[Candidate], target: TargetConfig, fine_tuned: bool
 
 
 def _budget_plans(plan: Plan, prepared: dict, sensitivities: dict[str, float],
-                  ) -> list[tuple[float, Plan]]:
-    """Return the plan of every kept fraction the search tries, along the greedy path."""
+                  costs: dict[str, float] | None = None) -> list[tuple[float, Plan]]:
+    """Return the plan of every kept fraction the search tries, along the greedy path: of the
+    targeted weights, or with `costs` (by layer, what a number of its θ costs to run), of what
+    the targeted layers cost."""
     chosen = [p for p in plan.layers if p.adjustable and p.layer.name in prepared]
-    total = sum(p.layer.numel for p in chosen)
+    total = sum((1.0 if costs is None else costs[p.layer.name]) * p.layer.numel for p in chosen)
     others = sum(p.compact_numel for p in plan.layers if p not in chosen)
     plans = []
     for fraction in KEPT_FRACTIONS:
         budgeted = allocate_by_sensitivity(plan, prepared, sensitivities,
-                                           budget=fraction * total)
+                                           budget=fraction * total, costs=costs)
         if budgeted.allocation == "sensitivity" and budgeted.compressed:
-            plans.append((fraction, replace(budgeted, budget=others + fraction * total)))
+            numbers = others + fraction * total if costs is None else budgeted.kept_numel
+            plans.append((fraction, replace(budgeted, budget=numbers)))
     return plans
+
+
+def _latency_costs(plan: Plan, stats: dict[str, LayerStats], job: JobContext,
+                   ) -> tuple[Plan, dict[str, float] | None]:
+    """Return `plan` and what a number of each layer's θ costs to run, for the latency
+    objective: its multiply-adds on the calibration samples, which is its input rows there (a
+    Linear's tokens, a convolution's output positions), one multiply-add each.
+
+    An embedding table stays dense: a lookup does no multiply-adds and its factorized form
+    would add rank × width of them a token. Without every layer's rows (a method that reads
+    no statistics), numbers are priced alike, as for the size objective.
+    """
+    tables = {p.layer.name for p in plan.layers
+              if p.adjustable and p.layer.kind == "embedding" and not p.layer.tied_embedding}
+    layers = tuple(replace(p, size=None, compact_numel=float(p.layer.numel), adjustable=False,
+                           reason="kept dense: a table lookup does no multiply-adds, its "
+                                  "factorized form would add some (objective latency)")
+                   if p.layer.name in tables else p for p in plan.layers)
+    plan = replace(plan, layers=layers)
+    rows = {p.layer.name: stats[p.layer.name].rows if p.layer.name in stats else 0
+            for p in plan.layers if p.adjustable}
+    costs = None if not rows or min(rows.values()) <= 0 else {
+        name: float(count) for name, count in rows.items()}
+    job.log.info(f"target (objective latency): {len(tables)} embedding tables kept dense; "
+                 + ("budgets are shares of the targeted layers' multiply-adds" if costs else
+                    "budgets are shares of the targeted weights (not every layer's inputs "
+                    "were counted)"))
+    return plan, costs
 
 
 def _dense(plan: Plan) -> Plan:

@@ -50,7 +50,7 @@ def test_sensitivity_is_the_loss_one_truncated_layer_causes_per_unit_of_its_erro
     layer_factors = factors[entry.layer.name]
     with torch.no_grad():
         reference = run_outputs(teacher, batch)
-        weight.copy_(layer_factors.A[:, :entry.size] @ layer_factors.B[:entry.size])
+        weight.copy_(layer_factors.first(entry.size) @ layer_factors.second(entry.size))
         loss = float(distillation_loss(run_outputs(teacher, batch), reference, kinds))
         weight.copy_(before[f"{entry.layer.name}.weight"])
     assert sensitivities[entry.layer.name] == pytest.approx(
@@ -94,3 +94,33 @@ def test_break_even_rank_is_the_last_rank_that_saves_numbers():
     info = LayerInfo("l", "linear", (100, 10), False)
     rank = LOWRANK.break_even_size(info)
     assert rank * 110 < 1000 <= (rank + 1) * 110
+
+
+def test_with_costs_a_layer_whose_numbers_cost_more_to_run_is_cut_more(tmp_path):
+    # Target mode's latency objective prices a number by the multiply-adds it does a sample:
+    # the same budget share then cuts the layer that runs on more rows (a conv at a high
+    # resolution) deeper, and the budget is kept in those units.
+    teacher, plan, factors, _, _ = _setup(tmp_path, ratio=0.5)
+    sensitivities = {p.layer.name: 1.0 for p in plan.compressed}
+    adjustable = [p for p in plan.layers if p.adjustable and p.layer.name in factors]
+
+    def sizes(costs):
+        budget = 0.5 * sum(costs[p.layer.name] * p.layer.numel for p in adjustable)
+        allocated = allocate_by_sensitivity(plan, factors, sensitivities, budget, costs)
+        spent = sum(costs[p.layer.name] * p.compact_numel
+                    for p in allocated.layers if p.layer.name in costs)
+        assert allocated.allocation == "sensitivity" and spent <= budget
+        return {p.layer.name: p.size or LOWRANK.break_even_size(p.layer) + 1
+                for p in allocated.layers}
+
+    alike = sizes({p.layer.name: 1.0 for p in adjustable})
+    costly = max(alike, key=alike.get)  # the layer that kept the most
+    assert alike[costly] > RANK_MULTIPLE
+    priced = sizes({p.layer.name: 8.0 if p.layer.name == costly else 1.0 for p in adjustable})
+    assert priced[costly] < alike[costly]
+    assert all(priced[name] >= alike[name] for name in alike if name != costly)
+    # numbers priced alike by any constant spread exactly as without costs
+    assert sizes({p.layer.name: 3.0 for p in adjustable}) == alike == {
+        p.layer.name: p.size or LOWRANK.break_even_size(p.layer) + 1
+        for p in allocate_by_sensitivity(plan, factors, sensitivities,
+                                         0.5 * sum(p.layer.numel for p in adjustable)).layers}

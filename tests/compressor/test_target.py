@@ -16,7 +16,13 @@ from compressor.runtime.context import JobContext
 from compressor.runtime.joblog import JobLog
 from compressor.runtime.outputs import describe_fidelity
 from compressor.runtime.progress import JobControl
-from compressor.search.target import INT4_TRIES, KEPT_FRACTIONS, within_reach
+from compressor.search.target import (
+    INT4_TRIES,
+    KEPT_FRACTIONS,
+    _budget_plans,
+    _latency_costs,
+    within_reach,
+)
 from compressor.vocabulary import PLANNING
 from tests.support.clock import JobClock
 from tests.support.tiny_models import make_pt2
@@ -64,6 +70,40 @@ def test_the_latency_objective_times_every_candidate_in_reach_and_hands_back_the
     # every candidate meets this floor: each was exported and timed, its real bytes measured
     assert all(c["latency_ms"] > 0 and not c["bytes_estimated"] for c in search["candidates"])
     assert search["chosen"]["latency_ms"] == min(c["latency_ms"] for c in search["candidates"])
+
+
+def test_the_latency_objective_cuts_by_multiply_adds_and_leaves_embedding_tables_dense(tmp_path):
+    # A lookup does no multiply-adds: factorizing a table only adds some. Every other layer's
+    # numbers are priced by the rows it multiplies on the calibration samples.
+    config = CompressionConfig.parse({**FAST, "target": {"objective": "latency"}})
+    log = JobLog(tmp_path / "job.log")
+    control = JobControl()
+    loaded = load(make_pt2("text", tmp_path / "text.pt2"), None, config, tmp_path, control, log)
+    job = JobContext(loaded.costs, control, log)
+    calibrated = calibrate_layers(loaded, config, job)
+    tables = {p.layer.name for p in calibrated.plan.layers if p.layer.kind == "embedding"}
+    assert tables and all(p.adjustable for p in calibrated.plan.layers
+                          if p.layer.name in tables)  # the size objective would cut them
+    plan, costs = _latency_costs(calibrated.plan, calibrated.stats, job)
+    assert set(costs) == {p.layer.name for p in plan.layers if p.adjustable}
+    assert not tables & set(costs)
+    assert costs == {name: float(calibrated.stats[name].rows) for name in costs}
+    assert all(cost > 0 for cost in costs.values())
+    prepared = {name: s.prepared for name, s in calibrated.stats.items() if s.prepared}
+    budgets = _budget_plans(plan, prepared, dict.fromkeys(prepared, 1.0), costs)
+    assert budgets
+    total = sum(costs[p.layer.name] * p.layer.numel for p in plan.layers if p.adjustable)
+    for fraction, budgeted in budgets:
+        assert all(p.size is None and "objective latency" in p.reason
+                   for p in budgeted.layers if p.layer.name in tables)
+        spent = sum(costs[p.layer.name] * p.compact_numel
+                    for p in budgeted.layers if p.layer.name in costs)
+        assert spent <= fraction * total * (1 + 1e-9)
+        assert budgeted.budget == pytest.approx(budgeted.kept_numel)
+    log.close()
+    assert (f"target (objective latency): {len(tables)} embedding tables kept dense; budgets "
+            "are shares of the targeted layers' multiply-adds") in (
+        tmp_path / "job.log").read_text()
 
 
 def test_the_size_objective_times_nothing(easy):
