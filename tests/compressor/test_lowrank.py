@@ -134,7 +134,7 @@ def test_decomposition_energies_are_the_truncation_errors():
     info = LayerInfo("layer", "linear", (20, 16), False)
     factors = LOWRANK.factorize(info, weight, None)
     for rank in (0, 3, 16):
-        approx = factors.A[:, :rank].double() @ factors.B[:rank].double()
+        approx = factors.first(rank).double() @ factors.second(rank).double()
         assert factors.error(rank) == pytest.approx(float((weight - approx).pow(2).sum()),
                                                     rel=1e-4, abs=1e-6)
 
@@ -145,7 +145,7 @@ def test_activation_aware_energies_are_the_output_errors_on_the_calibration_inpu
     weight = torch.randn(12, 16, dtype=torch.float64)
     info = LayerInfo("layer", "linear", (12, 16), False)
     factors = LOWRANK.factorize(info, weight, LayerStats(x.T @ x, 200))
-    approx = factors.A[:, :4].double() @ factors.B[:4].double()
+    approx = factors.first(4).double() @ factors.second(4).double()
     output_error = float((x @ (weight - approx).T).pow(2).sum())
     assert factors.error(4) == pytest.approx(output_error, rel=1e-3)
 
@@ -160,7 +160,7 @@ def test_embedding_rows_read_often_are_kept_better():
     plain = LOWRANK.factorize(info, table, None)
 
     def frequent_error(factors):
-        return float((table[:10] - (factors.A[:10, :6] @ factors.B[:6])).pow(2).sum())
+        return float((table[:10] - factors.product(6)[:10]).pow(2).sum())
 
     assert frequent_error(weighted) < 0.5 * frequent_error(plain)
 
@@ -195,15 +195,15 @@ def test_ranks_round_down_to_multiples_of_8_when_that_is_cheap(shape, budget, ex
 
 
 @pytest.mark.parametrize("whitened", [False, True])
-def test_truncated_factors_keep_a_alone_and_make_b_again_from_w(whitened):
+def test_a_wide_weights_truncated_factors_keep_a_alone_and_make_b_again_from_w(whitened):
     torch.manual_seed(7)
-    x = torch.randn(300, 24) * torch.linspace(0.1, 3, 24)
-    weight = torch.randn(40, 24)
-    info = LayerInfo("layer", "linear", (40, 24), False)
+    x = torch.randn(300, 40) * torch.linspace(0.1, 3, 40)
+    weight = torch.randn(24, 40)
+    info = LayerInfo("layer", "linear", (24, 40), False)
     stats = LayerStats((x.T @ x).double(), 300) if whitened else None
     factors = LOWRANK.factorize(info, weight, stats)
     kept = factors.truncated(10)
-    assert kept.B is None and kept.A.shape == (40, 10)
+    assert kept.B is None and kept.A.shape == (24, 10)
     assert kept.weight.data_ptr() == weight.data_ptr()  # W itself, not a copy
     for rank in (1, 6, 10):
         torch.testing.assert_close(kept.second(rank), factors.B[:rank], rtol=1e-4, atol=1e-5)
@@ -211,11 +211,42 @@ def test_truncated_factors_keep_a_alone_and_make_b_again_from_w(whitened):
                                    rtol=1e-4, atol=1e-5)
 
 
-def test_an_embeddings_row_weighted_factors_keep_b():
+@pytest.mark.parametrize("stats", ["plain", "whitened", "rows"])
+def test_a_tall_weight_keeps_b_and_makes_a_again_from_w(stats):
+    # A vocabulary table's A is as large as the table: it is never kept, only two matrices
+    # of the table's width from which A = W @ weight_to_A is made when it is asked for.
+    torch.manual_seed(7)
+    x = torch.randn(300, 24) * torch.linspace(0.1, 3, 24)
+    weight = torch.randn(40, 24)
+    kind = "embedding" if stats == "rows" else "linear"
+    info = LayerInfo("layer", kind, (40, 24), False)
+    given = {"plain": None, "whitened": LayerStats((x.T @ x).double(), 300),
+             "rows": LayerStats(None, 80, torch.arange(40.0))}[stats]
+    factors = LOWRANK.factorize(info, weight, given)
+    assert factors.A is None and factors.weight_to_A.shape == (24, 24)
+    kept = factors.truncated(10)
+    assert kept.A is None and kept.B.shape == (10, 24) and kept.weight_to_A.shape == (24, 10)
+    assert kept.weight.data_ptr() == weight.data_ptr()  # W itself, not a copy
+    # The same decomposition as a matrix no taller than wide gives: W's transpose, transposed
+    # back, where no statistics weigh the rows or columns.
+    if stats == "plain":
+        wide = LOWRANK.factorize(LayerInfo("t", "linear", (24, 40), False), weight.T, None)
+        torch.testing.assert_close(kept.product(10), wide.product(10).T, rtol=1e-4, atol=1e-5)
+    for rank in (1, 6, 10):
+        A, B = kept.first(rank), kept.second(rank)
+        assert A.shape == (40, rank) and A.dtype == torch.float32
+        torch.testing.assert_close(A, factors.first(rank), rtol=0, atol=0)
+        torch.testing.assert_close(kept.product(rank), A @ B, rtol=1e-4, atol=1e-5)
+        assert kept.error(rank) == factors.error(rank)
+    # at full rank the product is W again
+    torch.testing.assert_close(factors.product(24), weight, rtol=1e-4, atol=1e-4)
+
+
+def test_a_wide_embeddings_row_weighted_factors_keep_b():
     torch.manual_seed(8)
-    table = torch.randn(50, 12)
-    info = LayerInfo("embed", "embedding", (50, 12), False)
-    factors = LOWRANK.factorize(info, table, LayerStats(None, 80, torch.arange(50.0)))
+    table = torch.randn(12, 50)
+    info = LayerInfo("embed", "embedding", (12, 50), False)
+    factors = LOWRANK.factorize(info, table, LayerStats(None, 80, torch.arange(12.0)))
     kept = factors.truncated(5)
     assert kept.B is not None and kept.weight is None
     torch.testing.assert_close(kept.second(5), factors.B[:5], rtol=0, atol=0)

@@ -143,7 +143,7 @@ def _rank_6_of_a_random_layer() -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     torch.manual_seed(0)
     W = torch.randn(40, 12)
     factors = get_method("lowrank").factorize(_FakeLayer, W, None)
-    return W, factors.A[:, :6].clone(), factors.B[:6].clone()
+    return W, factors.first(6).clone(), factors.second(6).clone()
 
 
 def test_a_refit_that_fits_its_rows_but_not_others_is_refused():

@@ -33,25 +33,45 @@ class LowRankFactors:
     was given), and `energy[r:].sum()` its squared output error on the calibration inputs (on W
     itself without them).
 
-    B need not be kept: with A = U √S from the SVD of W L (L the whitening, or the identity),
-    B = √S Vᵀ L⁻¹ = S⁻¹ Aᵀ W, whatever L was. So `truncated` keeps A alone, with W itself
-    (`weight`, the original's tensor, shared) to make B from when it is asked for (`second`):
-    between calibration and initialization a large model then holds A, not A and B (a down
-    projection's B is 2.75 times its A). An embedding, whose B comes from row-weighted W, keeps B.
+    Only the smaller factor is kept; the other is made from W itself (`weight`, the original's
+    tensor, shared) when it is asked for. With A = U √S from the SVD of W L (L the whitening, or
+    the identity) and B = √S Vᵀ L⁻¹:
+    - a wide W keeps A: B = S⁻¹ Aᵀ W, whatever L was (`second`; a down projection's B is 2.75
+      times its A);
+    - a tall W (a vocabulary table or head, an up projection) keeps B and `weight_to_A`,
+      L V S^{-1/2} (in × k): A = W L V S^{-1/2} (`first`), with row weights too. Gemma-3's tied
+      262,144 × 640 table then holds two 640 × 640 matrices between calibration and
+      initialization, not a 671 MB A.
+    An embedding whose W is wide keeps A and B (its B comes from row-weighted W).
     """
 
-    A: torch.Tensor  # (out, k)
+    A: torch.Tensor | None  # (out, k); None: made from `weight` (see `first`)
     B: torch.Tensor | None  # (k, in); None: made from `weight` (see `second`)
     energy: torch.Tensor  # (k,) float64, decreasing
-    weight: torch.Tensor | None = None  # (out, in): W, where B = S⁻¹ Aᵀ W holds
+    weight: torch.Tensor | None = None  # (out, in): W, where B = S⁻¹ Aᵀ W or A = W weight_to_A
+    weight_to_A: torch.Tensor | None = None  # (in, k) float64: A = W @ weight_to_A, for a tall W
+
+    @property
+    def kept_rank(self) -> int:
+        """How many directions the factors hold (the largest rank `first`/`second` give)."""
+        return (self.A if self.A is not None else self.weight_to_A).shape[1]
 
     def error(self, rank: int) -> float:
         """Return the squared output error of the rank-`rank` truncation."""
         return float(self.energy[rank:].sum())
 
     def first(self, rank: int) -> torch.Tensor:
-        """Return A's first `rank` columns."""
-        return self.A[:, :rank]
+        """Return A's first `rank` columns (made from W in float64, a chunk of rows at a time,
+        when A is not kept: a new tensor)."""
+        if self.A is not None:
+            return self.A[:, :rank]
+        rows = self.weight.shape[0]
+        A = torch.empty(rows, rank, dtype=torch.float32)
+        to_a = self.weight_to_A[:, :rank]
+        for start in range(0, rows, _ROWS_PER_CHUNK):
+            A[start:start + _ROWS_PER_CHUNK] = (
+                self.weight[start:start + _ROWS_PER_CHUNK].double() @ to_a)
+        return A
 
     def second(self, rank: int) -> torch.Tensor:
         """Return B's first `rank` rows (made from W in float64, a chunk of rows at a time,
@@ -67,12 +87,21 @@ class LowRankFactors:
         return (B / singular[:, None]).to(self.A.dtype)
 
     def product(self, rank: int) -> torch.Tensor:
-        """Return the best rank-`rank` product A[:, :rank] @ B[:rank]."""
+        """Return the best rank-`rank` product A[:, :rank] @ B[:rank] (float32; for a tall W,
+        W @ (weight_to_A[:, :rank] @ B[:rank]), A never made whole)."""
+        if self.A is None:
+            projection = self.weight_to_A[:, :rank] @ self.B[:rank].double()
+            return self.weight.float() @ projection.float()
         return self.first(rank) @ self.second(rank)
 
     def truncated(self, rank: int) -> LowRankFactors:
         """Return the factors kept up to `rank` (own copies; every energy is kept, so `error`
         still prices every rank). B is dropped where it can be made again from W."""
+        if self.A is None:  # a tall W: B and weight_to_A, both small
+            if rank >= self.kept_rank:
+                return self
+            return LowRankFactors(None, self.B[:rank].clone(), self.energy, self.weight,
+                                  self.weight_to_A[:, :rank].clone())
         keep_b = self.weight is None
         if rank >= self.A.shape[1] and (keep_b or self.B is None):
             return self
@@ -83,25 +112,22 @@ class LowRankFactors:
 
 
 def _svd_factors(matrix: torch.Tensor) -> LowRankFactors:
-    """Return the SVD of a float64 `matrix` as factors A = U √S, B = √S Vᵀ, energies S².
+    """Return the SVD of a float64 `matrix` no taller than wide as factors A = U √S, B = √S Vᵀ,
+    energies S².
 
-    Through the eigendecomposition of the smaller of M Mᵀ and Mᵀ M: 3-5× faster than
-    `torch.linalg.svd` on the layers of a billion-parameter model (a 2048×5632 weight: 2.5 s
-    against 11.5 s on 2 cores). In float64 the squared condition number costs nothing the
-    truncation keeps: a direction loses precision only where S² falls below ~1e-16 of the
-    largest, and such a direction carries no energy. A B equals M whatever the spectrum (A's
-    columns are orthogonal directions of M, B is M projected on them).
+    Through the eigendecomposition of M Mᵀ: 3-5× faster than `torch.linalg.svd` on the layers of
+    a billion-parameter model (a 2048×5632 weight: 2.5 s against 11.5 s on 2 cores). In float64
+    the squared condition number costs nothing the truncation keeps: a direction loses precision
+    only where S² falls below ~1e-16 of the largest, and such a direction carries no energy.
+    A B equals M whatever the spectrum (A's columns are orthogonal directions of M, B is M
+    projected on them). A taller matrix goes through `_tall_factors`.
     """
-    rows, cols = matrix.shape
-    wide = rows <= cols
-    energy, vectors = torch.linalg.eigh(matrix @ matrix.T if wide else matrix.T @ matrix)
+    energy, vectors = torch.linalg.eigh(matrix @ matrix.T)
     energy, vectors = energy.flip(0).clamp(min=0), vectors.flip(1)  # decreasing
     # √S, floored so that a direction of no energy divides by a tiny number, not by zero.
     root = energy.clamp(min=float(energy[0]) * 1e-30 + 1e-300).pow(0.25)
-    if wide:  # vectors = U: B = √S Vᵀ = Uᵀ M / √S
-        return LowRankFactors(vectors * root, (vectors.T @ matrix) / root[:, None], energy)
-    # vectors = V: A = U √S = M V / √S
-    return LowRankFactors((matrix @ vectors) / root, root[:, None] * vectors.T, energy)
+    # vectors = U: B = √S Vᵀ = Uᵀ M / √S
+    return LowRankFactors(vectors * root, (vectors.T @ matrix) / root[:, None], energy)
 
 
 def decompose(matrix: torch.Tensor, gram: torch.Tensor | None,
@@ -114,7 +140,8 @@ def decompose(matrix: torch.Tensor, gram: torch.Tensor | None,
 
     A tall W (more rows than columns: a vocabulary table or head, an up projection) is taken
     to float64 a chunk of rows at a time (`_tall_factors`): a 262,144-row table is 1.3 GB in
-    float64, and the whole-matrix route held three such copies at once.
+    float64, and the whole-matrix route held three such copies at once. Its A is not made
+    here (see `LowRankFactors`).
     """
     original = matrix.detach()
     chol = None if gram is None else damped_cholesky(gram, _GRAM_DAMPING)
@@ -122,8 +149,9 @@ def decompose(matrix: torch.Tensor, gram: torch.Tensor | None,
     if chol is None and row_counts is not None:
         counts = row_counts.to(torch.float64)
         row_weight = (counts / counts.mean().clamp(min=1e-12) + _UNSEEN_ROW_WEIGHT).sqrt()
-    if original.shape[0] > original.shape[1]:
-        A, B, energy = _tall_factors(original, chol, row_weight)
+    tall = original.shape[0] > original.shape[1]
+    if tall:
+        weight_to_A, B, energy = _tall_factors(original, chol, row_weight)
     else:
         matrix = original.to(torch.float64)
         if chol is not None:
@@ -136,6 +164,8 @@ def decompose(matrix: torch.Tensor, gram: torch.Tensor | None,
             A = A / row_weight[:, None]
     if chol is not None:  # B = (B L) L⁻¹, solved rather than inverted: Lᵀ Bᵀ = (B L)ᵀ.
         B = torch.linalg.solve_triangular(chol.T, B.T, upper=True).T
+    if tall:
+        return LowRankFactors(None, B.float(), energy, original, weight_to_A)
     return LowRankFactors(A.float(), B.float(), energy,
                           None if row_counts is not None else original)
 
@@ -143,32 +173,22 @@ def decompose(matrix: torch.Tensor, gram: torch.Tensor | None,
 def _tall_factors(weight: torch.Tensor, chol: torch.Tensor | None,
                   row_weight: torch.Tensor | None,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return A (float32), B and the energies of the SVD of M = D W L (D the row weights, L
-    the whitening; either may be absent) for a W with more rows than columns, as
-    `_svd_factors` gives them (A = M V / √S, B = √S Vᵀ from the eigendecomposition of MᵀM),
-    with M made in float64 a chunk of `_ROWS_PER_CHUNK` rows at a time."""
+    """Return `weight_to_A` (float64), B and the energies of the SVD of M = D W L (D the row
+    weights, L the whitening; either may be absent) for a W with more rows than columns, as
+    `_svd_factors` gives them (A = D⁻¹ M V / √S = W L V / √S, B = √S Vᵀ, from the
+    eigendecomposition of MᵀM), with M made in float64 a chunk of `_ROWS_PER_CHUNK` rows at a
+    time: A is not made (`LowRankFactors.first` makes it from W)."""
     rows, cols = weight.shape
-
-    def chunk(start: int) -> torch.Tensor:
+    gram = torch.zeros(cols, cols, dtype=torch.float64)
+    for start in range(0, rows, _ROWS_PER_CHUNK):
         m = weight[start:start + _ROWS_PER_CHUNK].double()
         if chol is not None:
             m = m @ chol
         if row_weight is not None:
             m = m * row_weight[start:start + _ROWS_PER_CHUNK, None]
-        return m
-
-    starts = range(0, rows, _ROWS_PER_CHUNK)
-    gram = torch.zeros(cols, cols, dtype=torch.float64)
-    for start in starts:
-        m = chunk(start)
         gram += m.T @ m
     energy, vectors = torch.linalg.eigh(gram)
     energy, vectors = energy.flip(0).clamp(min=0), vectors.flip(1)  # decreasing
     root = energy.clamp(min=float(energy[0]) * 1e-30 + 1e-300).pow(0.25)  # as `_svd_factors`
-    A = torch.empty(rows, cols, dtype=torch.float32)
-    for start in starts:
-        a = (chunk(start) @ vectors) / root
-        if row_weight is not None:
-            a = a / row_weight[start:start + _ROWS_PER_CHUNK, None]
-        A[start:start + _ROWS_PER_CHUNK] = a
-    return A, root[:, None] * vectors.T, energy
+    weight_to_A = (vectors if chol is None else chol @ vectors) / root
+    return weight_to_A, root[:, None] * vectors.T, energy

@@ -118,18 +118,30 @@ class LowRank(Method):
         return self.factorize(layer, weight, stats).truncated(keep)
 
     def kept_tensors(self, prepared: LowRankFactors) -> dict[str, torch.Tensor]:
-        # B is kept exactly when it cannot be made again from W (`LowRankFactors.truncated`).
-        return {"A": prepared.A, "energy": prepared.energy,
-                **({} if prepared.B is None else {"B": prepared.B})}
+        # What `LowRankFactors` keeps: A, or B and weight_to_A for a tall W (and B where it
+        # cannot be made again from W).
+        kept = {"A": prepared.A, "B": prepared.B, "weight_to_A": prepared.weight_to_A}
+        return {"energy": prepared.energy,
+                **{name: tensor for name, tensor in kept.items() if tensor is not None}}
 
     def from_kept_tensors(self, layer: LayerInfo, weight: torch.Tensor,
                           tensors: dict[str, torch.Tensor]) -> LowRankFactors:
         matrix = weight.detach().reshape(weight.shape[0], -1)
-        A, B, energy = tensors["A"], tensors.get("B"), tensors["energy"]
-        if (A.dim() != 2 or A.shape[0] != matrix.shape[0] or energy.dim() != 1
-                or (B is not None and B.shape != (A.shape[1], matrix.shape[1]))):
+        A, B, energy = tensors.get("A"), tensors.get("B"), tensors["energy"]
+        weight_to_A = tensors.get("weight_to_A")
+        # exactly one of A and weight_to_A, B beside weight_to_A, every shape fitting W
+        fits = (A is None) != (weight_to_A is None) and (A is not None or B is not None)
+        if fits:
+            rank = (A if A is not None else weight_to_A).shape[1]
+            expected = {"A": (matrix.shape[0], rank), "B": (rank, matrix.shape[1]),
+                        "weight_to_A": (matrix.shape[1], rank)}
+            fits = all(tensors[name].shape == shape for name, shape in expected.items()
+                       if name in tensors) and energy.dim() == 1
+        if not fits:
             raise ValueError(f"kept factors of {layer.name!r} do not fit its "
                              f"{tuple(matrix.shape)} weight")
+        if A is None:
+            return LowRankFactors(None, B, energy, matrix, weight_to_A)
         return LowRankFactors(A, B, energy, None if B is not None else matrix)
 
     def correct_(self, layer: LayerInfo, theta: tuple[torch.Tensor, ...], weight: torch.Tensor,

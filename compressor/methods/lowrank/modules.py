@@ -32,9 +32,10 @@ class LowRankWeight(nn.Module):
         factors, self.factors = self.factors, None  # only needed once: not kept alive
         if factors is None:
             factors = decompose(weight.detach().reshape(weight.shape[0], -1), None, None)
-        # Copies: θ must not share storage with the decomposition, which other copies reuse.
+        # Copies: θ must not share storage with the decomposition, which other copies reuse
+        # (A made from W for a tall one is a new tensor already: a table-sized copy saved).
         A, B = factors.first(self.rank), factors.second(self.rank)
-        return (A.to(weight.dtype, copy=True).contiguous(),
+        return (A.to(weight.dtype, copy=factors.A is not None).contiguous(),
                 B.to(weight.dtype, copy=True).contiguous())
 
 
