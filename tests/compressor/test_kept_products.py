@@ -179,3 +179,27 @@ def test_damaged_kept_sensitivities_are_measured_again(tmp_path):
                        lines.append)
     assert other.load() is None and "made for other inputs" in lines[-1]
     assert not record.folder.exists()  # discarded: the next write starts afresh
+
+
+def test_a_disk_that_fills_up_during_the_job_fails_it_as_insufficient_resources(
+        program, tmp_path, monkeypatch):
+    # Not an internal error: the user is told what ran out and what to do, and no artifact is
+    # left half-written.
+    import errno
+
+    from compressor.export import stage
+
+    def export_onnx(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x" / "model.onnx"))
+
+    monkeypatch.setattr(stage, "export_onnx", export_onnx)
+    out = tmp_path / "out"
+    with pytest.raises(ResourceError) as caught:
+        compressor.compress(program, {**RATIO_JOB, "finetune": {"steps": 0}}, out_dir=out)
+    assert caught.value.code == "insufficient_resources"
+    assert caught.value.message.startswith(
+        "the disk filled up while the job ran (No space left on device writing model.onnx): "
+        "free space")
+    assert str(tmp_path) not in caught.value.message
+    assert "failed (insufficient_resources): the disk filled up" in (out / "job.log").read_text()
+    assert not (out / "model.onnx").exists() and not (out / "report.json").exists()
