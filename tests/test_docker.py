@@ -29,6 +29,7 @@ from tests.support.command_service import (
     running_service,
     serve_available,
     service_env,
+    wait_until_healthy,
 )
 from tests.support.network import free_port
 
@@ -234,6 +235,10 @@ def test_image_command_serves_healthz_and_its_healthcheck_passes(tmp_path: Path)
         with pytest.raises(urllib.error.HTTPError) as refused:  # the keys are in force
             urllib.request.urlopen(f"{service.base_url}/v1/jobs", timeout=10)
         assert refused.value.code == 401
+        # The embedded job worker is up (it loads torch after the API answers, at a lower CPU
+        # priority): a SIGTERM while it still loads waits for the load, which on a busy machine
+        # (parallel tests) takes longer than docker's 10 s.
+        wait_until_healthy(service, path="/readyz")
         # `docker stop`: SIGTERM, then SIGKILL after 10 s. uvicorn finishes its shutdown, then
         # re-raises the signal, so "stopped by SIGTERM" is a clean exit here.
         assert service.stop(timeout=10) in (0, -signal.SIGTERM), service.output()[-3000:]

@@ -62,8 +62,11 @@ class CommandProcess:
             ) from None
 
 
-def wait_until_healthy(service: CommandProcess, timeout: float = 120.0) -> None:
-    """Poll `/healthz` until it answers 200; fail with the service's output if it never does."""
+def wait_until_healthy(
+    service: CommandProcess, timeout: float = 120.0, path: str = "/healthz"
+) -> None:
+    """Poll `path` until it answers 200 (/healthz: the API answers; /readyz: its job worker is
+    up too); fail with the service's output if it never does."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if service.process.poll() is not None:
@@ -72,13 +75,13 @@ def wait_until_healthy(service: CommandProcess, timeout: float = 120.0) -> None:
                 f"{service.output()[-3000:]}"
             )
         try:
-            with urllib.request.urlopen(f"{service.base_url}/healthz", timeout=2) as response:
+            with urllib.request.urlopen(f"{service.base_url}{path}", timeout=2) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.3)
-    raise AssertionError(f"/healthz did not answer within {timeout:g} s:\n{service.output()}")
+    raise AssertionError(f"{path} did not answer 200 within {timeout:g} s:\n{service.output()}")
 
 
 @contextmanager
