@@ -7,4 +7,6 @@ bash scripts/setup.sh
 command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 .venv/bin/ruff check .
 .venv/bin/hadolint Dockerfile
-.venv/bin/pytest --durations=20 "$@"
+# Two pytest-xdist workers, a test file each at a time (a file's module fixtures are built once);
+# `-n 0` after it runs the tests in this process.
+.venv/bin/pytest -n 2 --dist loadfile --durations=20 "$@"
