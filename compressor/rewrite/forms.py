@@ -106,8 +106,10 @@ def replace_layers_(module: fx.GraphModule, compact: dict[str, nn.Module]) -> No
 
     A tied head's embedding call gets the module its compact module gives for its rows
     (`tied_embedding`), reading the same θ. The layer's dense weight and bias leave the module,
-    so the export holds only θ.
+    under every name the weight goes by (a tied table's too), so that neither the export nor
+    the memory holds more than θ.
     """
+    aliases = _aliases(module)
     for node in layer_nodes(module.graph):
         target = weight_target(node)
         name = owner_name(target) if target else None
@@ -127,9 +129,18 @@ def replace_layers_(module: fx.GraphModule, compact: dict[str, nn.Module]) -> No
         for attr in attrs:
             if not attr.users:
                 module.graph.erase_node(attr)
+    for node in list(module.graph.nodes):  # a weight two replaced calls read
+        if node.op == "get_attr" and not node.users:
+            module.graph.erase_node(node)
+    read = {node.target for node in module.graph.nodes if node.op == "get_attr"}
     for name in compact:
         owner = module.get_submodule(name)
         for attr in ("weight", "bias"):
             if attr in owner._parameters:
                 delattr(owner, attr)
+        for alias in aliases.get(f"{name}.weight", ()):  # the input table a tied head reads
+            prefix, _, attr = alias.rpartition(".")
+            holder = module.get_submodule(prefix)
+            if alias not in read and attr in holder._parameters:
+                delattr(holder, attr)
     module.recompile()

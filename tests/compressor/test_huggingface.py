@@ -283,9 +283,20 @@ def test_text_is_tokenized_truncated_and_padded_with_valid_masks(folders, tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("form", ["dense", "factorized"])
-def test_a_tied_head_and_input_table_are_compressed_once_and_stay_tied(tmp_path, form):
+def test_a_tied_head_and_input_table_are_compressed_once_and_stay_tied(tmp_path, form,
+                                                                      monkeypatch):
     from transformers import GPT2LMHeadModel
 
+    from compressor.export import stage
+
+    exported_shapes = []  # of the tensors the module handed to the exporter holds
+
+    def export_onnx(module, *args, **kwargs):
+        exported_shapes.extend(tuple(t.shape) for t in module.state_dict().values())
+        return stage_export_onnx(module, *args, **kwargs)
+
+    stage_export_onnx = stage.export_onnx
+    monkeypatch.setattr(stage, "export_onnx", export_onnx)
     folder = save_checkpoint("gpt2", tmp_path / "gpt2")
     config = {**FAST, "ratio": 0.5, "allocation": "uniform", "export": {
         "form": form, "latency_seconds": 0}}
@@ -304,6 +315,8 @@ def test_a_tied_head_and_input_table_are_compressed_once_and_stay_tied(tmp_path,
         # same Aᵀ (rank × vocab) and Bᵀ (dim × rank), no transposed copy beside them.
         assert [96, 32] not in stored.values() and [32, 96] not in stored.values()
         assert list(stored.values()).count([rank, 96]) == 1
+        # nor in memory: the input table's own name for the dense table left the module too
+        assert (96, 32) not in exported_shapes and (32, 96) not in exported_shapes
         assert {n: d for n, d in stored.items() if "lm_head" in n} == {
             "compact__model__lm_head.At": [rank, 96], "compact__model__lm_head.Bt": [32, rank]}
         return
