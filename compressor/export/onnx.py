@@ -189,7 +189,12 @@ def _release_weights(model, exported: list) -> None:
     and that graph keeps even the values the optimizer removed from it: without this, every
     weight of the last export stays alive until the next one, through verification and beyond.
     """
-    for value in [*exported, *model.graph.initializers.values()]:
+    # The graph's input list counts its values in a Counter that keeps a removed one (at 0):
+    # the exporter lifts every weight as an input first, and a second name for a weight two
+    # modules share (a tied table's rows and head) is dropped from the graph but lives on
+    # there. onnx_ir's private field: where it is not, there is nothing to release.
+    dropped = getattr(model.graph.inputs, "_ref_counter", {})
+    for value in [*exported, *model.graph.initializers.values(), *dropped]:
         value.const_value = None
     model.graph.initializers.clear()
 

@@ -184,6 +184,43 @@ def test_an_exported_modules_weights_are_freed_with_it(tmp_path):
     assert got.shape == (3, 8)
 
 
+class _TiedRows(nn.Module):
+    """The rows a tied head's table gives the input: the same parameter, a second name."""
+
+    def __init__(self, table: nn.Parameter) -> None:
+        super().__init__()
+        self.At = table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.index_select(self.At, 1, ids.reshape(-1)).T.reshape(*ids.shape, -1)
+
+
+class _TiedHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.At = nn.Parameter(torch.randn(16, 50))
+        self.rows = _TiedRows(self.At)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rows(ids) @ self.At
+
+
+def test_a_weight_two_modules_share_is_freed_with_the_exported_module(tmp_path):
+    # The exporter lifts the second name as a graph input and drops it; onnx_ir's input list
+    # kept it (with the weight) for as long as onnxscript's rewrite rules keep that graph.
+    ids = torch.randint(0, 50, (2, 5))
+    module = shallow_copy(torch.export.export(_TiedHead().eval(), (), kwargs={"ids": ids})
+                          .module())
+    weight = weakref.ref(next(iter(module.parameters())))
+    export_onnx(module, {"ids": ids}, [InputSpec("ids", (None, 5), torch.int64)],
+                tmp_path / "model.onnx", 18)
+    del module
+    gc.collect()
+    assert weight() is None
+    (got,) = run_onnx(onnx_session(tmp_path / "model.onnx"), {"ids": ids})
+    assert got.shape == (2, 5, 50)
+
+
 def test_a_single_file_is_written_a_weight_at_a_time_and_reads_as_onnx_wrote_it():
     torch.manual_seed(0)
     module = TinyTextEncoder().eval()
