@@ -2,6 +2,7 @@
 
     pip install -e '.[bench]'
     python -m benchmarks.bench_target [--models minilm,efficientnet] [--steps 100]
+                                      [--objective size|latency]
 
 Each model (see `benchmarks/real_models.py`) is compressed with the default config, only
 `finetune.steps` set: target mode with the default floors (cosine ≥ 0.99 for MiniLM's
@@ -9,7 +10,8 @@ embeddings, top-1 agreement ≥ 0.99 for EfficientNet's logits). The job measure
 artifact, the original and onnxruntime int8 and int4 of the original (the baselines a user would
 pick instead: `quantize_dynamic` and `MatMulNBitsQuantizer` with their defaults): sizes,
 fidelity and latency come from one run, on the same inputs. The results go to
-`benchmarks/results/target.json`; the table printed at the end is the one in
+`benchmarks/results/target.json` (`target-latency.json` with `--objective latency`: the
+fastest candidate instead of the smallest); the table printed at the end is the one in
 `benchmarks/README.md`.
 """
 
@@ -32,20 +34,23 @@ CACHE = Path(__file__).parent / ".cache" / "target"
 RESULTS = Path(__file__).parent / "results" / "target.json"
 
 
-def run(name: str, steps: int) -> dict:
+def run(name: str, steps: int, objective: str = "size") -> dict:
     """Compress one real model in target mode; return its figures."""
     model = build(CACHE / "models", [name])[name]
-    out = CACHE / name
-    config = {"finetune": {"steps": steps}}  # no ratio: target mode, the default
+    out = CACHE / (name if objective == "size" else f"{name}-{objective}")
+    config: dict = {"finetune": {"steps": steps}}  # no ratio: target mode, the default
+    if objective != "size":
+        config["target"] = {"objective": objective}
     start = time.perf_counter()
     try:
         result = compressor.compress(model.program, config, data=model.data, out_dir=out)
     except CompressorError as exc:
-        return {"model": name, "steps": steps, "wall_s": time.perf_counter() - start,
+        return {"model": name, "steps": steps, "objective": objective,
+                "wall_s": time.perf_counter() - start,
                 "error": {"code": exc.code, "message": exc.message}}
     wall = time.perf_counter() - start
     report = result.report
-    return {"model": name, "steps": steps, "wall_s": wall,
+    return {"model": name, "steps": steps, "objective": objective, "wall_s": wall,
             "outcome": report["outcome"], "warnings": report["warnings"],
             "onnx_bytes": report["onnx_bytes"], "latency": report["latency"],
             "fidelity": report["fidelity"], "baseline": report.get("baseline"),
@@ -57,12 +62,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="minilm,efficientnet")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--objective", choices=["size", "latency"], default="size")
     args = parser.parse_args()
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()}
-    runs = [run(name, args.steps) for name in args.models.split(",")]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": machine, "runs": runs}, indent=1))
+    runs = [run(name, args.steps, args.objective) for name in args.models.split(",")]
+    results = (RESULTS if args.objective == "size"
+               else RESULTS.with_name(f"target-{args.objective}.json"))
+    results.parent.mkdir(parents=True, exist_ok=True)
+    machine["load_average_end"] = os.getloadavg()
+    results.write_text(json.dumps({"machine": machine, "runs": runs}, indent=1))
     for entry in runs:
         print(entry["model"], f"{entry['wall_s']:.0f} s",
               entry.get("outcome", {}).get("headline") or entry.get("error"))

@@ -41,9 +41,10 @@ from compressor.finetune.loop import HeldOut
 from compressor.finetune.stage import TrainedJob
 from compressor.load.stage import LoadedJob
 from compressor.plan.planning import Plan
-from compressor.rewrite.forms import factorize, materialize
+from compressor.rewrite.forms import factorize, materialize, own_copies_
 from compressor.runtime.context import JobContext
 from compressor.runtime.costs import count_flops, count_parameters
+from compressor.runtime.memory import format_bytes
 from compressor.runtime.outputs import (
     FidelityMeter,
     OutputFidelity,
@@ -109,6 +110,8 @@ def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportCo
         job.control.report(EXPORTING, 0.5, f"exporting the {config.form} form")
         # The dense form takes each layer's θ as its W is made: the student is spent after.
         artifact_module = materialized(student, teacher, plan, config.form)
+        originals = {t.untyped_storage().data_ptr()
+                     for t in teacher.state_dict(keep_vars=True).values()}
         del teacher, student
         loaded.teacher = trained.student = None
         hf_folder = None
@@ -119,6 +122,11 @@ def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportCo
         # Nothing reads the original's weights any more (a checkpoint's transformers model holds
         # them too, whatever the form): those the artifact does not share are freed.
         loaded.checkpoint = None
+        if config.form == "factorized":  # its few shared tensors: the original's file goes too
+            copied = own_copies_(artifact_module, originals)
+            job.log.info(f"export: the artifact's {format_bytes(copied)} of tensors shared with "
+                         "the original copied, so that the original is freed whole")
+        del originals
         gc.collect()
         model = staging / ONNX_ARTIFACT
         export_onnx(artifact_module, sample, loaded.specs, model, config.opset)

@@ -36,6 +36,32 @@ def _set_tensor(module: nn.Module, dotted: str, tensor: torch.Tensor) -> None:
         owner._buffers[name] = tensor
 
 
+def own_copies_(module: nn.Module, storages: set[int]) -> int:
+    """Give `module` its own copy of each tensor whose storage (`untyped_storage().data_ptr()`)
+    is in `storages`, in place, one name or many (a tied table's) for one copy; return the bytes
+    copied.
+
+    A checkpoint's weights are read from one memory-mapped file: the file stays mapped, every
+    page read still resident, while any of them is alive. The compact form shares only the
+    original's small tensors (norms, biases, layers left dense), so copying those releases the
+    whole file once the original is dropped.
+    """
+    copies: dict[int, torch.Tensor] = {}
+    copied = 0
+    named = [*module.named_parameters(remove_duplicate=False),
+             *module.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        if tensor.untyped_storage().data_ptr() not in storages:
+            continue
+        if id(tensor) not in copies:
+            copy = tensor.detach().clone()
+            copies[id(tensor)] = (nn.Parameter(copy, requires_grad=False)
+                                  if isinstance(tensor, nn.Parameter) else copy)
+            copied += tensor.numel() * tensor.element_size()
+        _set_tensor(module, name, copies[id(tensor)])
+    return copied
+
+
 def _with_student_state(student: nn.Module, base: fx.GraphModule) -> fx.GraphModule:
     """Return a shallow copy of the unparametrized `base` holding every plain tensor of
     `student` (shared, not copied).

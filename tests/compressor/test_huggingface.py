@@ -255,6 +255,8 @@ def test_the_factorized_form_gives_no_hugging_face_folder(folders, tmp_path,
     assert not (tmp_path / "out" / "model-hf.zip").exists()
     assert "huggingface" not in result.report["onnx_parity"]
     assert models_alive == [0]
+    # and the original's tensors the compact form shares were copied: its file is released
+    assert "so that the original is freed whole" in (tmp_path / "out" / "job.log").read_text()
 
 
 def test_sampled_ids_stay_below_the_vocabulary_and_masks_are_ones(folders, tmp_path) -> None:

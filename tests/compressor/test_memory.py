@@ -31,7 +31,7 @@ from compressor.plan.calibration import calibrate, collect_layer_stats
 from compressor.plan.layers import find_layers
 from compressor.plan.planning import plan_layers
 from compressor.plan.stage import PlannedJob
-from compressor.rewrite.forms import materialize
+from compressor.rewrite.forms import materialize, own_copies_
 from compressor.rewrite.parametrize import theta_of
 from compressor.rewrite.stage import rewrite
 from compressor.runtime import layers
@@ -92,6 +92,24 @@ def test_the_student_shares_every_tensor_it_does_not_change(tmp_path):
             assert attr == "weight" or student_state[name].data_ptr() != tensor.data_ptr()
         else:
             assert student_state[name] is tensor
+
+
+def test_what_the_compact_form_shares_with_the_original_is_copied_once_per_tensor():
+    # A checkpoint's weights share one memory-mapped file, released only with the last of them.
+    module = nn.Module()
+    module.a, module.b = nn.Linear(3, 4), nn.Module()
+    module.b.w = module.a.weight  # a second name for one tensor (a tied table)
+    module.register_buffer("scale", torch.ones(4))
+    original = module.a.weight
+    bias = module.a.bias
+    copied = own_copies_(module, {original.untyped_storage().data_ptr(),
+                                  module.scale.untyped_storage().data_ptr()})
+    assert copied == 4 * 3 * 4 + 4 * 4
+    assert module.a.weight is module.b.w and isinstance(module.a.weight, nn.Parameter)
+    assert module.a.weight.untyped_storage().data_ptr() != original.untyped_storage().data_ptr()
+    torch.testing.assert_close(module.a.weight, original, rtol=0, atol=0)
+    assert module.a.bias is bias  # not the original's: left as it was
+    assert "scale" in dict(module.named_buffers())
 
 
 def test_the_dense_form_takes_theta_as_it_makes_each_weight(tmp_path):
