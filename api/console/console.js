@@ -728,10 +728,12 @@ function frontierCard(report) {
   const px = (x) => L + (Math.log10(x) - x0) / (x1 - x0) * (W - L - 16);
   const py = (y) => 12 + (1 - (y - y0) / (y1 - y0)) * (H - B - 12);
   const chosen = search.chosen;
+  // int8 of the original is scored unsmoothed too under the latency objective
+  const form = (c) => (c.quantize || "float") + (c.unsmoothed ? " unsmoothed" : "");
   const marks = points.map((p) => svg("circle", {
-    cx: px(p.bytes), cy: py(p.score.value), r: p.kept_fraction === chosen.kept_fraction && p.quantize === chosen.quantize ? 7 : 4,
-    fill: CANDIDATE_FILLS[p.quantize || "float"] || "#e07b00", stroke: p.meets_floor ? "#111" : "none", "data-candidate": `${p.kept_fraction}-${p.quantize || "float"}`,
-  }, svg("title", {}, `kept ${p.kept_fraction}${p.quantize ? " " + p.quantize : ""}: ${bytes(p.bytes)}, ${figure} ${sig(p.score.value, 4)}`)));
+    cx: px(p.bytes), cy: py(p.score.value), r: p.kept_fraction === chosen.kept_fraction && form(p) === form(chosen) ? 7 : 4,
+    fill: CANDIDATE_FILLS[p.quantize || "float"] || "#e07b00", stroke: p.meets_floor ? "#111" : "none", "data-candidate": `${p.kept_fraction}-${form(p).replace(" ", "-")}`,
+  }, svg("title", {}, `kept ${p.kept_fraction} ${form(p)}: ${bytes(p.bytes)}, ${figure} ${sig(p.score.value, 4)}`)));
   for (const b of baselines) {
     marks.push(svg("rect", { x: px(b.bytes) - 5, y: py(b.score.value) - 5, width: 10, height: 10, fill: b.fill, id: b.id },
       svg("title", {}, `onnxruntime ${b.quantize} of the original: ${bytes(b.bytes)}, ${figure} ${sig(b.score.value, 4)}`)));
@@ -743,7 +745,7 @@ function frontierCard(report) {
     svg("text", { x: L, y: H - 8, "font-size": 11 }, bytes(10 ** x0)), svg("text", { x: W - 90, y: H - 8, "font-size": 11 }, bytes(10 ** x1)),
     svg("text", { x: 4, y: py(y1) + 4, "font-size": 11 }, distinct([y0, y1])[1]), svg("text", { x: 4, y: py(y0), "font-size": 11 }, distinct([y0, y1])[0]),
     marks);
-  const rows = search.candidates.map((c) => el("tr", {}, el("td", {}, String(c.kept_fraction)), el("td", {}, c.quantize || "float"),
+  const rows = search.candidates.map((c) => el("tr", {}, el("td", {}, String(c.kept_fraction)), el("td", {}, form(c)),
     el("td", {}, bytes(c.bytes) + (c.bytes_estimated ? " (est.)" : "")), el("td", {}, sig((judged(c.fidelity) || {}).value, 4)),
     el("td", {}, c.meets_floor ? "meets" : "misses")));
   return el("div", { class: "card", id: "plot-frontier" }, el("h2", {}, "Target search: size against fidelity"),

@@ -83,8 +83,9 @@ class KeptSearch:
     def missed_before(self, candidate: Candidate) -> dict[str, Any] | None:
         """Return what an earlier try's fine-tuning of `candidate` reached, when it missed."""
         for tried in self.missed:
-            if (tried.get("kept_fraction"), tried.get("quantize")) == (
-                    candidate.kept_fraction, candidate.quantize):
+            if (tried.get("kept_fraction"), tried.get("quantize"),
+                    tried.get("unsmoothed", False)) == (
+                    candidate.kept_fraction, candidate.quantize, candidate.unsmoothed):
                 self.job.reused(f"the fine-tuned finalist kept {candidate.kept_fraction:g}"
                                 f"{' int8' if candidate.quantize else ''} (it missed)")
                 return tried

@@ -21,7 +21,9 @@ With objective `latency` the order is by onnxruntime latency at the target's bat
 instead of bytes: every candidate that meets the floor or is within reach of it is exported
 (quantized ones already are) and timed, and the fastest is fine-tuned first. Its budgets are
 then shares of what the targeted layers cost to run (`_latency_costs`: multiply-adds, each
-layer's numbers weighed by its input rows), and embedding tables stay dense.
+layer's numbers weighed by its input rows), and embedding tables stay dense. int8 of the
+original is also scored unsmoothed: the smoothing's Mul nodes cost time, and where the floor
+holds without them, that int8 is the faster.
 
 With a time budget (`max_minutes`), scoring stops once less than half the work time the search
 started with is left (the rest is the finalists'), and once the budget is spent no finalist is
@@ -113,12 +115,21 @@ class Candidate:
     # onnxruntime latency (ms) at the target's latency batch: objective latency only, and
     # only for candidates that meet the floor or are within reach of it
     latency_ms: float | None = None
+    # int8 without the smoothing `export.int8_smoothing` asks for: objective latency scores the
+    # original's int8 both ways, the smoothing's Mul nodes costing time
+    unsmoothed: bool = False
     plan: Plan | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
         """Return how the log names the candidate: its kept fraction and quantization."""
-        return f"kept {self.kept_fraction:g}{f' {self.quantize}' if self.quantize else ''}"
+        return (f"kept {self.kept_fraction:g}{f' {self.quantize}' if self.quantize else ''}"
+                f"{' unsmoothed' if self.unsmoothed else ''}")
+
+    @property
+    def smoothed(self) -> bool:
+        """Whether its int8 model is quantized from a smoothed copy."""
+        return self.quantize == "int8" and not self.unsmoothed
 
     def cost(self, objective: str) -> float:
         """What the objective minimizes: bytes, or milliseconds (unmeasured: inf)."""
@@ -209,7 +220,8 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
         # An unsmoothed int8 candidate learns through the int8 arithmetic it will run in;
         # every other one in float (int4 too: nothing simulates MatMulNBits' 4-bit blocks, so
         # an int4 finalist is judged on its real int4 model after).
-        through_int8 = (candidate.quantize == "int8" and config.export.int8_smoothing is None)
+        smoothing = config.export.int8_smoothing if candidate.smoothed else None
+        through_int8 = candidate.quantize == "int8" and smoothing is None
         trained = finetune(loaded, candidate.plan, student, config.finetune.model_copy(
             update={"quantization_aware": through_int8}), job)
         del student
@@ -220,9 +232,10 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
                 candidate.bytes_estimated = False
         else:
             reached = scout.quantized_fidelity(trained.student, candidate.plan,
-                                               candidate.quantize)[0]
+                                               candidate.quantize, candidate.smoothed)[0]
         ok = target.met_by(reached)
         tries.append({"kept_fraction": candidate.kept_fraction, "quantize": candidate.quantize,
+                      "unsmoothed": candidate.unsmoothed,
                       "fine_tuned": _FINE_TUNED_IN["int8" if through_int8 else
                                                    "int4" if candidate.quantize == "int4"
                                                    else "float"],
@@ -230,8 +243,9 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
         job.log.info(f"target: candidate {candidate.name} after fine-tuning: "
                      f"{'meets' if ok else 'misses'} the floor ({describe_fidelity(reached)})")
         if ok:
-            export = config.export.model_copy(update={"form": "factorized",
-                                                      "quantize": candidate.quantize})
+            export = config.export.model_copy(update={
+                "form": "factorized", "quantize": candidate.quantize,
+                **({"int8_smoothing": None} if candidate.unsmoothed else {})})
             return SearchResult(planned, trained, export, candidate, candidates, tries, target)
         kept.keep_miss(tries[-1])
     raise TargetNotMetError(_not_met(candidates, target, fine_tuned=True, tries=tries)
@@ -416,6 +430,10 @@ class _Scout:
                     raise
                 # int4 is an option, not a requirement (a model without MatMul weights)
                 self.job.log.info(f"target: int4 of the original not scored: {exc.message}")
+        if (self.target.objective == "latency" and self.config.export.int8_smoothing is not None
+                and self._affords(candidates, "the original with int8, unsmoothed")):
+            # the fastest int8 of all may be the one without the smoothing's Mul nodes
+            candidates.append(self._quantized(1.0, dense, "int8", smoothed=False))
         if self.target.objective == "latency":
             self._time_floats(candidates)
         for c in candidates:
@@ -508,17 +526,22 @@ class _Scout:
         return Candidate(fraction, None, parameters, 4 * parameters, scored,
                          self.target.met_by(scored), bytes_estimated=True, plan=plan)
 
-    def _quantized(self, fraction: float, plan: Plan, quantize: str) -> Candidate:
-        scored, size, latency = self.quantized_fidelity(self._student(plan), plan, quantize)
+    def _quantized(self, fraction: float, plan: Plan, quantize: str,
+                   smoothed: bool = True) -> Candidate:
+        scored, size, latency = self.quantized_fidelity(self._student(plan), plan, quantize,
+                                                        smoothed)
         return Candidate(fraction, quantize, self._parameters(plan), size, scored,
-                         self.target.met_by(scored), latency_ms=latency, plan=plan)
+                         self.target.met_by(scored), latency_ms=latency,
+                         unsmoothed=quantize == "int8" and not smoothed, plan=plan)
 
     def quantized_fidelity(self, student: fx.GraphModule, plan: Plan, quantize: str,
+                           smoothed: bool = True,
                            ) -> tuple[dict[str, dict[str, Any]], int, float | None]:
-        """Export `student`'s compact form, quantize it (`quantize`: "int8" or "int4") and
-        score it in onnxruntime; return its fidelity, its bytes and (objective latency, when it
-        is within reach of the floor) its latency. The student is left as it was."""
-        with self._exported(student, plan, smoothed=quantize == "int8") as exported:
+        """Export `student`'s compact form, quantize it (`quantize`: "int8" or "int4"; int8
+        from a smoothed copy unless `smoothed` is False) and score it in onnxruntime; return
+        its fidelity, its bytes and (objective latency, when it is within reach of the floor)
+        its latency. The student is left as it was."""
+        with self._exported(student, plan, smoothed=smoothed and quantize == "int8") as exported:
             quantized = exported.parent / quantize / ONNX_ARTIFACT
             quantized.parent.mkdir()
             QUANTIZERS[quantize](exported, quantized)

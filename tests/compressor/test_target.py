@@ -2,6 +2,7 @@
 
 import json
 
+import onnx
 import pytest
 import torch
 from click.testing import CliRunner
@@ -21,6 +22,7 @@ from compressor.search.target import (
     KEPT_FRACTIONS,
     _budget_plans,
     _latency_costs,
+    _Scout,
     within_reach,
 )
 from compressor.vocabulary import PLANNING
@@ -70,6 +72,33 @@ def test_the_latency_objective_times_every_candidate_in_reach_and_hands_back_the
     # every candidate meets this floor: each was exported and timed, its real bytes measured
     assert all(c["latency_ms"] > 0 and not c["bytes_estimated"] for c in search["candidates"])
     assert search["chosen"]["latency_ms"] == min(c["latency_ms"] for c in search["candidates"])
+
+
+def _muls(path) -> int:
+    return sum(node.op_type == "Mul"
+               for node in onnx.load(path, load_external_data=False).graph.node)
+
+
+def test_the_latency_objective_scores_int8_of_the_original_unsmoothed_and_ships_it_when_fastest(
+    mlp, tmp_path, monkeypatch
+):
+    # timed as its Mul nodes: int8 from a smoothed copy has a Mul more per smoothed input
+    def latency_ms(self, path):
+        ops = {node.op_type for node in onnx.load(path, load_external_data=False).graph.node}
+        return float(_muls(path)) if "MatMulInteger" in ops else 100.0
+
+    monkeypatch.setattr(_Scout, "_latency_ms", latency_ms)
+    target = {"relative_l2": 10.0, "objective": "latency", "latency_batch": 8}
+    result = compressor.compress(mlp, {**FAST, "target": target}, out_dir=tmp_path / "out")
+    candidates = result.report["target"]["candidates"]
+    originals = {c["unsmoothed"]: c for c in candidates
+                 if (c["kept_fraction"], c["quantize"]) == (1.0, "int8")}
+    assert set(originals) == {False, True}  # int8 of the original, smoothed and not
+    assert not any(c["unsmoothed"] for c in candidates if c["kept_fraction"] < 1.0)
+    assert originals[True]["latency_ms"] < originals[False]["latency_ms"]
+    chosen = result.report["target"]["chosen"]
+    assert chosen["unsmoothed"] and chosen["latency_ms"] == originals[True]["latency_ms"]
+    assert _muls(result.model_path) == chosen["latency_ms"]  # what ships is the one timed
 
 
 def test_the_latency_objective_cuts_by_multiply_adds_and_leaves_embedding_tables_dense(tmp_path):
