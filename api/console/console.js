@@ -707,7 +707,7 @@ function outcomeCard(report) {
 }
 
 // A target-mode candidate's color in the frontier plot, by what it stacks on its compact form.
-const CANDIDATE_FILLS = { float: "#3056d3", int8: "#e07b00", int4: "#1f9d55" };
+const CANDIDATE_FILLS = { float: "#3056d3", int8: "#e07b00", int4: "#1f9d55", share_values: "#8e44ad" };
 
 function frontierCard(report) {
   const search = report.target;
@@ -729,10 +729,10 @@ function frontierCard(report) {
   const py = (y) => 12 + (1 - (y - y0) / (y1 - y0)) * (H - B - 12);
   const chosen = search.chosen;
   // int8 of the original is scored unsmoothed too under the latency objective
-  const form = (c) => (c.quantize || "float") + (c.unsmoothed ? " unsmoothed" : "");
+  const form = (c) => c.method === "share_values" ? "shared values" : (c.quantize || "float") + (c.unsmoothed ? " unsmoothed" : "");
   const marks = points.map((p) => svg("circle", {
     cx: px(p.bytes), cy: py(p.score.value), r: p.kept_fraction === chosen.kept_fraction && form(p) === form(chosen) ? 7 : 4,
-    fill: CANDIDATE_FILLS[p.quantize || "float"] || "#e07b00", stroke: p.meets_floor ? "#111" : "none", "data-candidate": `${p.kept_fraction}-${form(p).replace(" ", "-")}`,
+    fill: CANDIDATE_FILLS[p.method === "share_values" ? p.method : p.quantize || "float"] || "#e07b00", stroke: p.meets_floor ? "#111" : "none", "data-candidate": `${p.kept_fraction}-${form(p).replace(" ", "-")}`,
   }, svg("title", {}, `kept ${p.kept_fraction} ${form(p)}: ${bytes(p.bytes)}, ${figure} ${sig(p.score.value, 4)}`)));
   for (const b of baselines) {
     marks.push(svg("rect", { x: px(b.bytes) - 5, y: py(b.score.value) - 5, width: 10, height: 10, fill: b.fill, id: b.id },
@@ -749,7 +749,7 @@ function frontierCard(report) {
     el("td", {}, bytes(c.bytes) + (c.bytes_estimated ? " (est.)" : "")), el("td", {}, sig((judged(c.fidelity) || {}).value, 4)),
     el("td", {}, c.meets_floor ? "meets" : "misses")));
   return el("div", { class: "card", id: "plot-frontier" }, el("h2", {}, "Target search: size against fidelity"),
-    el("p", { class: "muted" }, `Every candidate as initialized (blue: float, orange: int8, green: int4, ringed: meets the floor, large: chosen); gray squares: onnxruntime int8 (light) and int4 (dark) of the original. ${search.objective} objective.`),
+    el("p", { class: "muted" }, `Every candidate as initialized (blue: float, orange: int8, green: int4, purple: shared values, ringed: meets the floor, large: chosen); gray squares: onnxruntime int8 (light) and int4 (dark) of the original. ${search.objective} objective.`),
     plot, el("table", { id: "candidates" }, el("thead", {}, el("tr", {}, ["kept", "form", "ONNX size", figure, "floor"].map((h) => el("th", {}, h)))), el("tbody", {}, rows)));
 }
 

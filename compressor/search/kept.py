@@ -37,12 +37,14 @@ class KeptSearch:
     keeps no products)."""
 
     def __init__(self, job: JobContext, plans: list[tuple[float, Plan]], dense: Plan,
-                 eval_batch: int) -> None:
+                 shared: Plan, eval_batch: int) -> None:
         self.job = job
         self._plans = {fraction: plan for fraction, plan in plans}
         self._plans[1.0] = dense  # int8 of the original
+        self._shared = shared  # the shared-values candidate's
         described = json.dumps({"plans": {str(f): p.to_dict() for f, p in self._plans.items()},
-                                "eval_batch": eval_batch}, sort_keys=True, default=str)
+                                "shared": shared.to_dict(), "eval_batch": eval_batch},
+                               sort_keys=True, default=str)
         slot = hashlib.sha256(described.encode()).hexdigest()[:16]
         self._candidates = self._misses = None
         if job.resume is not None:
@@ -59,7 +61,8 @@ class KeptSearch:
         if kept is None:
             return None
         try:
-            candidates = [make(**entry, plan=self._plans[entry["kept_fraction"]])
+            candidates = [make(**entry, plan=self._shared if entry.get("method") == "share_values"
+                               else self._plans[entry["kept_fraction"]])
                           for entry in kept]
         except (KeyError, TypeError) as exc:
             self.job.log.info(f"target: the kept candidates discarded: they do not fit this "
@@ -84,8 +87,9 @@ class KeptSearch:
         """Return what an earlier try's fine-tuning of `candidate` reached, when it missed."""
         for tried in self.missed:
             if (tried.get("kept_fraction"), tried.get("quantize"),
-                    tried.get("unsmoothed", False)) == (
-                    candidate.kept_fraction, candidate.quantize, candidate.unsmoothed):
+                    tried.get("unsmoothed", False), tried.get("method", "lowrank")) == (
+                    candidate.kept_fraction, candidate.quantize, candidate.unsmoothed,
+                    candidate.method):
                 self.job.reused(f"the fine-tuned finalist kept {candidate.kept_fraction:g}"
                                 f"{' int8' if candidate.quantize else ''} (it missed)")
                 return tried

@@ -20,6 +20,7 @@ from compressor.runtime.progress import JobControl
 from compressor.search.target import (
     INT4_TRIES,
     KEPT_FRACTIONS,
+    SHARED_VALUES,
     _budget_plans,
     _latency_costs,
     _Scout,
@@ -140,7 +141,8 @@ def test_the_size_objective_times_nothing(easy):
 
 
 def test_a_floor_only_the_largest_budget_meets_picks_it(easy, mlp, tmp_path):
-    floats = [c for c in easy.report["target"]["candidates"] if c["quantize"] is None]
+    floats = [c for c in easy.report["target"]["candidates"]
+              if c["quantize"] is None and c["method"] == "lowrank"]
     assert [c["kept_fraction"] for c in floats] == sorted(c["kept_fraction"] for c in floats)
     largest, runner_up = floats[-1], floats[-2]
     assert _relative_l2(largest) < _relative_l2(runner_up)
@@ -149,7 +151,8 @@ def test_a_floor_only_the_largest_budget_meets_picks_it(easy, mlp, tmp_path):
                                  out_dir=tmp_path / "out")
     search = result.report["target"]
     met = [c for c in search["candidates"] if c["meets_floor"]]
-    assert [c["kept_fraction"] for c in met if c["quantize"] is None] == [KEPT_FRACTIONS[-1]]
+    assert [c["kept_fraction"] for c in met
+            if c["quantize"] is None and c["method"] == "lowrank"] == [KEPT_FRACTIONS[-1]]
     chosen = search["chosen"]
     assert chosen["kept_fraction"] >= KEPT_FRACTIONS[-1] and _relative_l2(chosen) <= floor
     assert chosen["bytes"] == min(c["bytes"] for c in met)  # int8 of it, or of the original,
@@ -169,6 +172,22 @@ def test_int8_of_the_original_is_a_candidate_and_wins_when_nothing_smaller_keeps
     chosen = result.report["target"]["chosen"]
     assert (chosen["kept_fraction"], chosen["quantize"]) == (1.0, "int8")
     assert all(entry["method"] == "dense" for entry in result.report["plan"]["layers"])
+
+
+def test_shared_values_are_a_candidate_and_win_when_only_they_keep_the_floor(easy, mlp, tmp_path):
+    candidates = easy.report["target"]["candidates"]
+    [shared] = [c for c in candidates if c["method"] == "share_values"]
+    assert shared["quantize"] is None and not shared["bytes_estimated"]  # measured: 1-byte ids
+    others = [c for c in candidates if c["method"] != "share_values"]
+    assert _relative_l2(shared) < min(_relative_l2(c) for c in others)  # 256 values: near lossless
+    floor = (_relative_l2(shared) + min(_relative_l2(c) for c in others)) / 2
+    result = compressor.compress(mlp, {**FAST, "target": {"relative_l2": floor}},
+                                 out_dir=tmp_path / "out")
+    chosen = result.report["target"]["chosen"]
+    assert chosen["method"] == "share_values" and _relative_l2(chosen) <= floor
+    assert {entry["method"] for entry in result.report["plan"]["layers"]} == {"share_values"}
+    assert {entry["size"] for entry in result.report["plan"]["layers"]} == {SHARED_VALUES}
+    assert result.report["onnx_bytes"]["artifact"] == chosen["bytes"]  # what was measured ships
 
 
 def test_int4_candidates_are_scored_on_their_real_int4_models_and_reported(easy):
