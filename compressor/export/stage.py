@@ -110,8 +110,10 @@ def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportCo
         job.control.report(EXPORTING, 0.5, f"exporting the {config.form} form")
         # The dense form takes each layer's θ as its W is made: the student is spent after.
         artifact_module = materialized(student, teacher, plan, config.form)
-        originals = {t.untyped_storage().data_ptr()
-                     for t in teacher.state_dict(keep_vars=True).values()}
+        # the compact form's few tensors shared with the original, copied below
+        originals = ({t.untyped_storage().data_ptr()
+                      for t in teacher.state_dict(keep_vars=True).values()}
+                     if config.form == "factorized" else None)
         del teacher, student
         loaded.teacher = trained.student = None
         hf_folder = None
@@ -122,7 +124,7 @@ def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportCo
         # Nothing reads the original's weights any more (a checkpoint's transformers model holds
         # them too, whatever the form): those the artifact does not share are freed.
         loaded.checkpoint = None
-        if config.form == "factorized":  # its few shared tensors: the original's file goes too
+        if originals is not None:  # so that the original's file goes too
             copied = own_copies_(artifact_module, originals)
             job.log.info(f"export: the artifact's {format_bytes(copied)} of tensors shared with "
                          "the original copied, so that the original is freed whole")

@@ -138,11 +138,6 @@ class Candidate:
         return (f"kept {self.kept_fraction:g}{f' {self.quantize}' if self.quantize else ''}"
                 f"{' unsmoothed' if self.unsmoothed else ''}")
 
-    @property
-    def smoothed(self) -> bool:
-        """Whether its int8 model is quantized from a smoothed copy."""
-        return self.quantize == "int8" and not self.unsmoothed
-
     def cost(self, objective: str) -> float:
         """What the objective minimizes: bytes, or milliseconds (unmeasured: inf)."""
         if objective == "latency":
@@ -233,8 +228,8 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
         # An unsmoothed int8 candidate learns through the int8 arithmetic it will run in;
         # every other one in float (int4 too: nothing simulates MatMulNBits' 4-bit blocks, so
         # an int4 finalist is judged on its real int4 model after).
-        smoothing = config.export.int8_smoothing if candidate.smoothed else None
-        through_int8 = candidate.quantize == "int8" and smoothing is None
+        through_int8 = candidate.quantize == "int8" and (
+            candidate.unsmoothed or config.export.int8_smoothing is None)
         trained = finetune(loaded, candidate.plan, student, config.finetune.model_copy(
             update={"quantization_aware": through_int8}), job)
         del student
@@ -245,7 +240,8 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
                 candidate.bytes_estimated = False
         else:
             reached = scout.quantized_fidelity(trained.student, candidate.plan,
-                                               candidate.quantize, candidate.smoothed)[0]
+                                               candidate.quantize,
+                                               smoothed=not candidate.unsmoothed)[0]
         ok = target.met_by(reached)
         tries.append({"kept_fraction": candidate.kept_fraction, "quantize": candidate.quantize,
                       "unsmoothed": candidate.unsmoothed, "method": candidate.method,
@@ -552,11 +548,14 @@ class _Scout:
     def _parameters(self, plan: Plan) -> int:
         return round(self.other_parameters - plan.targeted_numel + plan.kept_numel)
 
+    def _scored(self, student: fx.GraphModule) -> dict[str, dict[str, Any]]:
+        """Return `student`'s fidelity to the original on the held-out split, in PyTorch."""
+        return fidelity_by_output(fidelity(student, self.held_out, self.loaded.kinds,
+                                           self.loaded.next_token)[0],
+                                  self.loaded.output_names)
+
     def _float(self, fraction: float, plan: Plan) -> Candidate:
-        student = self._student(plan)
-        scored = fidelity_by_output(fidelity(student, self.held_out, self.loaded.kinds,
-                                         self.loaded.next_token)[0],
-                                self.loaded.output_names)
+        scored = self._scored(self._student(plan))
         parameters = self._parameters(plan)
         return Candidate(fraction, None, parameters, 4 * parameters, scored,
                          self.target.met_by(scored), bytes_estimated=True, plan=plan)
@@ -565,9 +564,7 @@ class _Scout:
         """Score the shared-values candidate in float; its bytes are measured (one-byte
         indices: 4 bytes a number would count them four times)."""
         student = self._student(plan)
-        scored = fidelity_by_output(fidelity(student, self.held_out, self.loaded.kinds,
-                                         self.loaded.next_token)[0],
-                                self.loaded.output_names)
+        scored = self._scored(student)
         size = self.exported_bytes(student, plan)
         return Candidate(plan.kept_numel / max(1, plan.targeted_numel), None,
                          self._parameters(plan), size, scored, self.target.met_by(scored),
