@@ -7,7 +7,9 @@ loss is backpropagated a chunk of rows at a time then, and whenever an output is
 a chunk (a language model's logits), so its softmaxes over the vocabulary and their gradients
 are never all held at once. The held-out split is scored every `eval_every` steps and
 the best θ seen, the initialization included, is what the model keeps: fine-tuning never hands
-back a model worse than the one it started from.
+back a model worse than the one it started from. A lesson with a `FloorCheck` (target mode)
+ends at the first evaluation whose held-out fidelity keeps the floor: the steps left would buy
+margin the job did not ask for, at the time it did.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from compressor.runtime.objectives import (
     distillation_loss,
     larger_than_a_chunk,
 )
-from compressor.runtime.outputs import FidelityMeter, run_outputs
+from compressor.runtime.outputs import FidelityMeter, OutputFidelity, run_outputs
 from compressor.runtime.progress import JobControl
 from compressor.runtime.spill import SpilledTensors
 from compressor.runtime.top_logits import TopKOutputs, concat, kept_k, target_bytes
@@ -104,6 +106,9 @@ class FinetuneSummary:
     # divergence or a lack of memory stopped it), and why the budget stopped it, or None.
     steps_run: int = 0
     cut_by_budget: str | None = None
+    # The evaluation step at which the held-out fidelity kept the floor and fine-tuning ended
+    # (`Distillation.enough`), or None.
+    floor_kept_at: int | None = None
     # The step the learning rate's cosine ends at: `steps`, or, under a time budget, the last
     # step the budget affords at the pace so far (updated every step), so a run the budget
     # cuts still ends at a small learning rate.
@@ -174,16 +179,27 @@ def _spilled(outputs: list[torch.Tensor], targets: list[Target], batches: list) 
     return target_bytes(targets) < whole and whole * len(batches) > _HELD_OUT_MEMORY_BYTES
 
 
+@dataclass(frozen=True)
+class FloorCheck:
+    """When fine-tuning has done enough: at a held-out evaluation that is the best so far, the
+    student's fidelity there (`FidelityMeter`, `next_token` marking a language model's logits)
+    is what `kept` accepts (target mode: the floor, with the margin quantization will take)."""
+
+    next_token: list[bool] | None
+    kept: Callable[[list[OutputFidelity]], bool]
+
+
 @dataclass
 class Distillation:
     """What the student learns from: the original (`teacher`), each output's kind (hence its
     loss, `compressor.runtime.objectives`), the training split, and the held-out split with the
-    original's outputs on it."""
+    original's outputs on it; with `enough`, when it has learned enough (None: every step)."""
 
     teacher: nn.Module
     kinds: list[str]
     train: Dataset
     held_out: HeldOut
+    enough: FloorCheck | None = None
 
 
 def held_out_score(student: nn.Module, held_out: HeldOut, kinds: list[str],
@@ -477,11 +493,17 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
             summary.history.append({"step": step, "loss": loss_value, "note": "diverged"})
             break
         if step % config.eval_every == 0 or step == config.steps:
-            current = held_out_score(student, held_out, kinds, batches=eval_batches)
+            meter = None if lesson.enough is None else FidelityMeter(
+                kinds, lesson.enough.next_token)
+            current = held_out_score(student, held_out, kinds, meter, batches=eval_batches)
             entry = {"step": step, "loss": loss_value, "held_out": current}
             if current < best:
                 best, summary.best_step = current, step
                 best_state = [p.detach().clone() for p in params]
+                if meter is not None and step < config.steps and lesson.enough.kept(
+                        meter.result()):
+                    summary.floor_kept_at = step
+                    entry["note"] = "floor kept: fine-tuning ends here"
             elif current > best * (1 + _BACKOFF_MARGIN):
                 _restore(params, best_state)
                 optimizer.state.clear()
@@ -503,11 +525,14 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
                 checkpoints.log(f"fine-tuning stopped after step {step} to be run again: "
                                 "checkpoint kept first")
                 checkpoints.save(TrainingState.capture(
-                    step=step, finished=step == config.steps, params=params,
+                    step=step, finished=step in (config.steps, summary.floor_kept_at),
+                    params=params,
                     best_theta=best_state, best=best, best_step=summary.best_step,
                     lr_scale=lr_scale, history=summary.history, optimizer=optimizer,
                     sampler=generator, device=device))
             raise
+        if summary.floor_kept_at == step:
+            break
     if checkpoints is not None and (resumed is None or not resumed.finished):
         checkpoints.save(TrainingState.capture(  # a retry interrupted later skips training
             step=step, finished=True, params=params, best_theta=best_state, best=best,

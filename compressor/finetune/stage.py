@@ -19,7 +19,13 @@ from compressor.config import FinetuneConfig
 from compressor.finetune.checkpoints import FinetuneCheckpoints
 from compressor.finetune.device import finetune_on_device_
 from compressor.finetune.layer_errors import layer_errors
-from compressor.finetune.loop import Distillation, FinetuneSummary, HeldOut, held_out_score
+from compressor.finetune.loop import (
+    Distillation,
+    FinetuneSummary,
+    FloorCheck,
+    HeldOut,
+    held_out_score,
+)
 from compressor.load.stage import LoadedJob
 from compressor.plan.planning import Plan
 from compressor.runtime.context import JobContext
@@ -52,8 +58,8 @@ class TrainedJob:
 
 
 def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: FinetuneConfig,
-             job: JobContext) -> TrainedJob:
-    """Fine-tune `student` in place and score it."""
+             job: JobContext, enough: FloorCheck | None = None) -> TrainedJob:
+    """Fine-tune `student` in place and score it; with `enough`, only until it keeps a floor."""
     with job.log.stage(FINETUNING):
         job.control.report(FINETUNING, 0.0)
         batch_size = job.costs.evaluation_batch(EVAL_BATCH)
@@ -61,7 +67,7 @@ def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: Fin
         top_k = TopKOutputs(config.logits_top_k, tuple(loaded.next_token), KL_TEMPERATURE)
         held_out = HeldOut.of(loaded.teacher, loaded.held_out, batch_size, top_k, job.scratch)
         initial, initial_score = fidelity(student, held_out, loaded.kinds, loaded.next_token)
-        lesson = Distillation(loaded.teacher, loaded.kinds, loaded.train, held_out)
+        lesson = Distillation(loaded.teacher, loaded.kinds, loaded.train, held_out, enough)
         checkpoints = None if job.resume is None else FinetuneCheckpoints.for_run(
             job.resume, plan, config, job.log.info)
         if checkpoints is not None:
@@ -71,6 +77,9 @@ def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: Fin
         for why in (summary.skipped, summary.cut_by_budget):
             if why is not None:
                 job.log.info(why)
+        if summary.floor_kept_at is not None:
+            job.log.info(f"fine-tuning ended at step {summary.floor_kept_at} of {config.steps}: "
+                         "the held-out fidelity keeps the floor")
         how = f", {summary.samples_per_step} samples a step" + (
             "" if summary.tokens_per_step is None else f" ({summary.tokens_per_step} tokens)")
         how += ", blocks checkpointed" if summary.activation_checkpointing else ""

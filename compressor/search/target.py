@@ -13,7 +13,9 @@ candidates that miss the floor by little as initialized (within fine-tuning's re
 and are smaller than the smallest that meets it, then those that meet it. An int8 finalist
 trains through int8 arithmetic, simulated (`compressor.finetune.quantization_aware`), when it
 is quantized unsmoothed; an int4 one trains in float (nothing simulates MatMulNBits' 4-bit
-blocks). Each is checked again after fine-tuning (a quantized one on its real quantized
+blocks). A finalist's fine-tuning ends at the first held-out evaluation that keeps the floor
+(in float, by the margin its quantization took as initialized): `finetune.steps` is the most it
+takes. Each is checked again after fine-tuning (a quantized one on its real quantized
 model), and the first that meets the floor is the one handed on to export. When none does,
 the job fails with `target_not_met`, giving the best fidelity reached and at what size.
 
@@ -51,7 +53,7 @@ from compressor.errors import ConfigError, ExportError, TargetNotMetError
 from compressor.export.onnx import export_onnx, onnx_bytes
 from compressor.export.smoothing import smoothed_for_int8
 from compressor.export.stage import QUANTIZERS, materialized, onnx_fidelity, smoothing_batches
-from compressor.finetune.loop import HeldOut
+from compressor.finetune.loop import FloorCheck, HeldOut
 from compressor.finetune.stage import EVAL_BATCH, TrainedJob, fidelity, finetune
 from compressor.load.stage import LoadedJob
 from compressor.methods import configured
@@ -67,6 +69,7 @@ from compressor.runtime.costs import count_parameters
 from compressor.runtime.layers import LayerStats
 from compressor.runtime.outputs import (
     PERPLEXITY_RATIO,
+    OutputFidelity,
     describe_fidelity,
     fidelity_by_output,
     judged_figure,
@@ -231,7 +234,8 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
         through_int8 = candidate.quantize == "int8" and (
             candidate.unsmoothed or config.export.int8_smoothing is None)
         trained = finetune(loaded, candidate.plan, student, config.finetune.model_copy(
-            update={"quantization_aware": through_int8}), job)
+            update={"quantization_aware": through_int8}), job,
+            enough=_floor_check(candidate, candidates, target, loaded, through_int8))
         del student
         if candidate.quantize is None:
             reached = fidelity_by_output(trained.final, loaded.output_names)
@@ -248,6 +252,8 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
                       "fine_tuned": _FINE_TUNED_IN["int8" if through_int8 else
                                                    "int4" if candidate.quantize == "int4"
                                                    else "float"],
+                      "steps_run": trained.summary.steps_run,
+                      "floor_kept_at": trained.summary.floor_kept_at,
                       "bytes": candidate.bytes, "fidelity": reached, "meets_floor": ok})
         job.log.info(f"target: candidate {candidate.name} after fine-tuning: "
                      f"{'meets' if ok else 'misses'} the floor ({describe_fidelity(reached)})")
@@ -259,6 +265,28 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
         kept.keep_miss(tries[-1])
     raise TargetNotMetError(_not_met(candidates, target, fine_tuned=True, tries=tries)
                             + _cut_note(budget))
+
+
+def _floor_check(candidate: Candidate, candidates: list[Candidate], target: TargetConfig,
+                 loaded: LoadedJob, simulated: bool) -> FloorCheck | None:
+    """Return when `candidate`'s fine-tuning has done enough: its held-out fidelity keeps the
+    floor, by the margin its quantization took from the same budget as initialized when it
+    trains in float and ships quantized (`simulated`: it trains through the int8 it ships in,
+    no margin). None (every step) when that margin was not measured."""
+    needed = dict.fromkeys(candidate.fidelity, 0.0)
+    if candidate.quantize is not None and not simulated:
+        floats = [c for c in candidates if c.quantize is None and c.method == candidate.method
+                  and c.kept_fraction == candidate.kept_fraction]
+        if not floats:
+            return None
+        needed = {name: max(0.0, target.margin(floats[0].fidelity[name]) - target.margin(figures))
+                  for name, figures in candidate.fidelity.items()}
+
+    def kept(fidelity: list[OutputFidelity]) -> bool:
+        by_output = fidelity_by_output(fidelity, loaded.output_names)
+        return all(target.margin(figures) >= needed[name] for name, figures in by_output.items())
+
+    return FloorCheck(loaded.next_token, kept)
 
 
 def _cut_note(budget: TimeBudget) -> str:

@@ -202,3 +202,40 @@ def test_the_learning_rates_cosine_ends_where_the_schedule_says():
     assert factor(55) == pytest.approx(0.5) and factor(100) == pytest.approx(0.0, abs=1e-12)
     summary.schedule_steps = 40  # a time budget will stop the run at step 40
     assert factor(25) == pytest.approx(0.5) and factor(40) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_lesson_with_a_floor_check_ends_at_the_first_best_evaluation_that_keeps_it(tmp_path):
+    from compressor.finetune.loop import FloorCheck
+    from compressor.finetune.stage import fidelity
+
+    teacher = torch.export.load(str(make_pt2("mlp", tmp_path / "mlp.pt2"))).module()
+    config = CompressionConfig.parse({"ratio": 0.3, "finetune": {
+        "steps": 40, "eval_every": 5, "batch_size": 8, "loss": "regression"}})
+    plan = plan_layers(*find_layers(teacher), config)
+    data = Dataset(example_inputs(MODEL_CLASSES["mlp"](), batch=16), False, "test")
+    held_out = HeldOut.of(teacher, data, 64)
+
+    def trained(kept):
+        student = shallow_copy(teacher)
+        parametrize_(student, plan, {}, "sum")
+        lesson = Distillation(teacher, ["regression"], data, held_out,
+                              None if kept is None else FloorCheck(None, kept))
+        return student, finetune_(student, plan, lesson, config.finetune, JobControl(print))
+
+    _, everything = trained(None)
+    improving = [e["step"] for e in everything.history if e["held_out"] < everything.initial_score]
+    assert everything.steps_run == 40 and everything.floor_kept_at is None and improving
+    judged = []  # the relative L2 each best evaluation was judged by; the second keeps the floor
+
+    def kept(figures):
+        judged.append(figures[0].relative_l2)
+        return len(judged) == 2
+
+    student, summary = trained(kept)
+    stop = summary.floor_kept_at
+    assert stop is not None and stop < 40 and summary.steps_run == stop == summary.best_step
+    assert summary.history[-1]["step"] == stop
+    assert summary.history[-1]["note"] == "floor kept: fine-tuning ends here"
+    # the θ kept is the one the floor was judged on
+    assert fidelity(student, held_out, ["regression"])[0][0].relative_l2 == pytest.approx(
+        judged[-1], rel=1e-6)

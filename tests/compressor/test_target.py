@@ -21,7 +21,9 @@ from compressor.search.target import (
     INT4_TRIES,
     KEPT_FRACTIONS,
     SHARED_VALUES,
+    Candidate,
     _budget_plans,
+    _floor_check,
     _latency_costs,
     _Scout,
     within_reach,
@@ -217,6 +219,54 @@ def test_an_int4_finalist_is_fine_tuned_in_float_and_ships_as_the_real_int4_mode
     assert easy.report["onnx_bytes"]["artifact"] == chosen["bytes"]
     # verified on the artifact itself against the floor, on the held-out split
     assert _relative_l2({"fidelity": easy.report["fidelity"]["artifact"]}) <= 10.0
+
+
+def test_a_finalists_fine_tuning_ends_at_the_first_evaluation_that_keeps_the_floor(
+        easy, mlp, tmp_path):
+    candidates = easy.report["target"]["candidates"]
+    [shared] = [c for c in candidates if c["method"] == "share_values"]
+    others = [c for c in candidates if c["method"] != "share_values"]
+    floor = (_relative_l2(shared) + min(_relative_l2(c) for c in others)) / 2  # only it keeps it
+    config = {**FAST, "finetune": {"steps": 40, "eval_every": 5, "loss": "regression"},
+              "target": {"relative_l2": floor}}
+    result = compressor.compress(mlp, config, out_dir=tmp_path / "out")
+    tried = result.report["target"]["tries"][-1]
+    assert tried["method"] == "share_values" and tried["meets_floor"]
+    # it kept the floor as initialized: the first evaluation that improves on that ends it
+    stop = tried["floor_kept_at"]
+    assert stop is not None and stop % 5 == 0 and stop < 40 and tried["steps_run"] == stop
+    assert result.report["finetune"]["steps_run"] == stop
+    assert f"fine-tuning ended at step {stop} of 40: the held-out fidelity keeps the floor" in (
+        tmp_path / "out" / "job.log").read_text()
+
+
+def test_a_finalist_trained_in_float_keeps_the_floor_by_what_its_quantization_took(tmp_path):
+    from types import SimpleNamespace
+
+    from compressor.runtime.outputs import OutputFidelity
+
+    def figures(relative_l2):
+        return {"output_0": {"kind": "regression", "cosine": 0.9, "relative_l2": relative_l2,
+                             "top1_agreement": None}}
+
+    def candidate(quantize, relative_l2, fraction=0.5):
+        return Candidate(fraction, quantize, 10, 40, figures(relative_l2), False)
+
+    def student(relative_l2):
+        return [OutputFidelity("regression", 0.9, relative_l2, None)]
+
+    target = TargetConfig(relative_l2=0.1)
+    loaded = SimpleNamespace(output_names=["output_0"], next_token=[False])
+    int8 = candidate("int8", 0.13)  # int8 took 0.05 from the float 0.08
+    scored = [candidate(None, 0.08), candidate(None, 0.02, fraction=0.6), int8]
+    check = _floor_check(int8, scored, target, loaded, simulated=False)
+    assert check.kept(student(0.05)) and not check.kept(student(0.051))
+    # trained through the int8 it ships in: its own figures are judged, no margin
+    assert _floor_check(int8, scored, target, loaded, simulated=True).kept(student(0.1))
+    assert _floor_check(scored[0], scored, target, loaded, simulated=False).kept(student(0.1))
+    # no float candidate of that budget was scored: nothing to judge by, every step runs
+    assert _floor_check(candidate("int8", 0.13, fraction=0.7), scored, target, loaded,
+                        simulated=False) is None
 
 
 def test_an_unreachable_floor_fails_with_the_best_figures_reached(mlp, tmp_path):
