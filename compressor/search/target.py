@@ -6,8 +6,10 @@ cheap to build: each budget (kept fraction of the targeted weights, spread by se
 the allocation's greedy path), in float or with onnxruntime's quantization stacked on its
 compact form (int8 dynamic, int4 weight-only), and int8 and int4 of the original itself (kept
 fraction 1: when one keeps the floor and nothing smaller does, it is what a user should take).
-Each candidate is initialized (θ from the decompositions, corrected sequentially) and scored
-on the held-out split against the original: in PyTorch for the float form, on the real
+Budgets are scored largest first, down to the first beyond fine-tuning's reach of the floor
+(a smaller one only loses more; int8 and int4 of it more still). Each candidate is initialized
+(θ from the decompositions, corrected sequentially) and scored on the held-out split against
+the original: in PyTorch for the float form, on the real
 quantized ONNX model for the others. Fine-tuning then goes to the finalists, smallest first:
 candidates that miss the floor by little as initialized (within fine-tuning's reach, `REACH`)
 and are smaller than the smallest that meets it, then those that meet it. An int8 finalist
@@ -77,7 +79,8 @@ from compressor.runtime.outputs import (
 from compressor.search.kept import KeptSearch
 from compressor.vocabulary import ONNX_ARTIFACT, PLANNING
 
-# The kept fractions of the targeted weights the search tries, smallest first.
+# The kept fractions of the targeted weights the search tries (`_Scout._walk_floats`: largest
+# first).
 KEPT_FRACTIONS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # The shared-values candidate's codebook size: every targeted weight one of 256 values, its index
 # one byte (`share_values`). A quarter of the float bytes with the arithmetic left float: where
@@ -441,29 +444,26 @@ class _Scout:
 
     def walk(self, plans: list[tuple[float, Plan]], dense: Plan, shared: Plan,
              ) -> list[Candidate]:
-        """Score every budget in float, then int8 from the smallest float candidate within
-        fine-tuning's reach of the floor upward (int8 only loses fidelity), until one meets it
-        or the tries run out; then int4 the same way (`_walk_int4`); then int8 and int4 of
-        the original; then `shared`, the shared-values candidate."""
-        candidates = []
-        for index, (fraction, plan) in enumerate(plans):
-            if not self._affords(candidates, f"the candidate keeping {fraction:g}"):
-                break
-            self.job.control.report(PLANNING, index / (2 * len(plans)),
-                                    f"scoring the candidate keeping {fraction:g}")
-            candidates.append(self._float(fraction, plan))
-        passing = [i for i, c in enumerate(candidates) if c.meets_floor]
-        reach = [i for i, c in enumerate(candidates) if within_reach(c.fidelity, self.target)]
+        """Score the budgets in float, largest first, down to the first beyond fine-tuning's
+        reach of the floor (`_walk_floats`); then int8 from the smallest float candidate within
+        reach upward (int8 only loses fidelity), until one meets it or the tries run out; then
+        int4 the same way (`_walk_int4`); then int8 and int4 of the original; then `shared`,
+        the shared-values candidate."""
+        candidates = self._walk_floats(plans)
+        passing = [c for c in candidates if c.meets_floor]
         if passing:  # the float finalist's real size, to weigh against the quantized ones
-            smallest = candidates[passing[0]]
+            smallest = min(passing, key=lambda c: c.kept_fraction)
             smallest.bytes = self.exported_bytes(self._student(smallest.plan), smallest.plan)
             smallest.bytes_estimated = False
             overhead = smallest.bytes - 4 * smallest.parameters  # the graph, names, ...
             for other in candidates:
                 if other.bytes_estimated:
                     other.bytes = 4 * other.parameters + overhead
-        start = max(0, reach[0] if reach else len(plans) - INT8_TRIES)
-        for fraction, plan in plans[start:][:INT8_TRIES]:
+        # int8 only loses fidelity: from the smallest budget whose float candidate is within
+        # reach of the floor upward, and none where no float candidate is
+        reach = [c.kept_fraction for c in candidates if within_reach(c.fidelity, self.target)]
+        in_reach = [(f, p) for f, p in plans if reach and f >= min(reach)]
+        for fraction, plan in in_reach[:INT8_TRIES]:
             if not self._affords(candidates, f"the candidate keeping {fraction:g} with int8"):
                 break
             self._report(candidates, plans, f"scoring the candidate keeping {fraction:g} "
@@ -472,7 +472,7 @@ class _Scout:
             candidates.append(candidate)
             if candidate.meets_floor:
                 break
-        self._walk_int4(candidates, plans[start:])
+        self._walk_int4(candidates, in_reach)
         # int8 and int4 of the original itself: when one keeps the floor and no candidate is
         # smaller, it is the honest answer (and the bar every compressed candidate has to clear)
         for quantize in QUANTIZERS:
@@ -500,6 +500,26 @@ class _Scout:
             self.job.log.info(f"target: {c.name}, {c.bytes:,} bytes{timed}: "
                               f"{describe_fidelity(c.fidelity)}"
                               f"{' (meets the floor)' if c.meets_floor else ''}")
+        return candidates
+
+    def _walk_floats(self, plans: list[tuple[float, Plan]]) -> list[Candidate]:
+        """Score the budgets in float, largest first, down to the first that is beyond
+        fine-tuning's reach of the floor: a smaller budget only loses more, and no candidate
+        beyond reach is ever fine-tuned (nor is its int8 or int4, which lose more still)."""
+        candidates: list[Candidate] = []
+        for index, (fraction, plan) in enumerate(reversed(plans)):
+            if not self._affords(candidates, f"the candidate keeping {fraction:g}"):
+                break
+            self.job.control.report(PLANNING, index / (2 * len(plans)),
+                                    f"scoring the candidate keeping {fraction:g}")
+            candidates.append(self._float(fraction, plan))
+            if not within_reach(candidates[-1].fidelity, self.target):
+                left = len(plans) - index - 1
+                if left:
+                    self.job.log.info(f"target: the {left} smaller budgets are not scored: the "
+                                      f"candidate keeping {fraction:g} is beyond fine-tuning's "
+                                      "reach of the floor, and they only lose more")
+                break
         return candidates
 
     def _walk_int4(self, candidates: list[Candidate], plans: list[tuple[float, Plan]]) -> None:

@@ -145,16 +145,25 @@ def test_the_size_objective_times_nothing(easy):
 def test_a_floor_only_the_largest_budget_meets_picks_it(easy, mlp, tmp_path):
     floats = [c for c in easy.report["target"]["candidates"]
               if c["quantize"] is None and c["method"] == "lowrank"]
-    assert [c["kept_fraction"] for c in floats] == sorted(c["kept_fraction"] for c in floats)
-    largest, runner_up = floats[-1], floats[-2]
+    fractions = [c["kept_fraction"] for c in floats]  # scored largest first
+    assert fractions == sorted(fractions, reverse=True) and fractions[0] == KEPT_FRACTIONS[-1]
+    largest, runner_up = floats[0], floats[1]
     assert _relative_l2(largest) < _relative_l2(runner_up)
     floor = (_relative_l2(largest) + _relative_l2(runner_up)) / 2
     result = compressor.compress(mlp, {**FAST, "target": {"relative_l2": floor}},
                                  out_dir=tmp_path / "out")
     search = result.report["target"]
     met = [c for c in search["candidates"] if c["meets_floor"]]
+    floats = [c["kept_fraction"] for c in search["candidates"]
+              if c["quantize"] is None and c["method"] == "lowrank"]
     assert [c["kept_fraction"] for c in met
             if c["quantize"] is None and c["method"] == "lowrank"] == [KEPT_FRACTIONS[-1]]
+    # largest first, down to the first budget beyond fine-tuning's reach: smaller ones only lose
+    assert floats == fractions[:len(floats)] and len(floats) >= 2
+    assert not within_reach(search["candidates"][len(floats) - 1]["fidelity"],
+                            TargetConfig(relative_l2=floor))
+    assert all(within_reach(c["fidelity"], TargetConfig(relative_l2=floor))
+               for c in search["candidates"][:len(floats) - 1])
     chosen = search["chosen"]
     assert chosen["kept_fraction"] >= KEPT_FRACTIONS[-1] and _relative_l2(chosen) <= floor
     assert chosen["bytes"] == min(c["bytes"] for c in met)  # int8 of it, or of the original,
@@ -372,14 +381,16 @@ def test_a_budget_that_runs_out_while_scoring_hands_back_the_best_candidate_scor
 
 def test_a_search_cut_by_the_budget_that_meets_no_floor_says_to_raise_max_minutes(
         mlp, tmp_path, monkeypatch):
-    clock = _scoring_clock(monkeypatch, 10.0)
+    # no budget is within reach of this floor: the largest is scored, then the original
+    # quantized, each for 40 s (of the 120 s the search may spend half of)
+    clock = JobClock(monkeypatch, PLANNING, "scoring the", 40.0)
     with pytest.raises(TargetNotMetError) as caught:
         compressor.compress(mlp, {**FAST, "target": {"relative_l2": 1e-9}, "max_minutes": 3},
                             out_dir=tmp_path / "out", progress=clock.tick)
     message = caught.value.message
     assert "the best reached output_0 relative L2" in message  # the figures, as without a budget
     assert "The time budget cut the search (max_minutes 3" in message
-    assert "target search stopped after 6 candidates" in message
+    assert "target search stopped after 2 candidates, before the original with int4" in message
     assert "raise max_minutes" in message
     assert not (tmp_path / "out" / "model.onnx").exists()
 
