@@ -1,11 +1,12 @@
 """Target mode on real pretrained models: what the product hands back when told what to keep.
 
     pip install -e '.[bench]'
-    python -m benchmarks.bench_target [--models minilm,efficientnet] [--steps 100]
+    python -m benchmarks.bench_target [--models minilm,efficientnet] [--steps N]
                                       [--objective size|latency]
 
-Each model (see `benchmarks/real_models.py`) is compressed with the default config, only
-`finetune.steps` set: target mode with the default floors (cosine ≥ 0.99 for MiniLM's
+Each model (see `benchmarks/real_models.py`) is compressed with the default config (`--steps`
+sets `finetune.steps`, the most a finalist trains; default: the config's own): target mode with
+the default floors (cosine ≥ 0.99 for MiniLM's
 embeddings, top-1 agreement ≥ 0.99 for EfficientNet's logits). The job measures, on its own held-out split, the
 artifact, the original and onnxruntime int8 and int4 of the original (the baselines a user would
 pick instead: `quantize_dynamic` and `MatMulNBitsQuantizer` with their defaults): sizes,
@@ -34,11 +35,11 @@ CACHE = Path(__file__).parent / ".cache" / "target"
 RESULTS = Path(__file__).parent / "results" / "target.json"
 
 
-def run(name: str, steps: int, objective: str = "size") -> dict:
+def run(name: str, steps: int | None, objective: str = "size") -> dict:
     """Compress one real model in target mode; return its figures."""
     model = build(CACHE / "models", [name])[name]
     out = CACHE / (name if objective == "size" else f"{name}-{objective}")
-    config: dict = {"finetune": {"steps": steps}}  # no ratio: target mode, the default
+    config: dict = {} if steps is None else {"finetune": {"steps": steps}}  # target mode
     if objective != "size":
         config["target"] = {"objective": objective}
     start = time.perf_counter()
@@ -61,7 +62,7 @@ def run(name: str, steps: int, objective: str = "size") -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="minilm,efficientnet")
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--objective", choices=["size", "latency"], default="size")
     args = parser.parse_args()
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -91,8 +92,9 @@ def table(runs: list[dict]) -> list[str]:
             continue
         latency, sizes = entry["latency"], entry["onnx_bytes"]
         chosen = entry["target"]["chosen"]
-        kept = f"kept {chosen['kept_fraction']:g}" + (f" + {chosen['quantize']}"
-                                                      if chosen["quantize"] else "")
+        kept = ("shared values" if chosen.get("method") == "share_values"
+                else f"kept {chosen['kept_fraction']:g}") + (
+            f" + {chosen['quantize']}" if chosen["quantize"] else "")
         rows = [(f"{name} original", "—", sizes["original"], "reference", latency["original"],
                  ""),
                 *((f"{name}, onnxruntime {quantize} of the original",
