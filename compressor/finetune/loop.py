@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from compressor.config import FinetuneConfig
-from compressor.errors import InterruptedJobError
+from compressor.errors import InterruptedJobError, ResourceError
 from compressor.finetune.activation_checkpointing import (
     BlockCheckpointing,
     saved_activation_bytes,
@@ -44,6 +44,7 @@ from compressor.runtime.objectives import (
 )
 from compressor.runtime.outputs import FidelityMeter, OutputFidelity, run_outputs
 from compressor.runtime.progress import JobControl
+from compressor.runtime.resume import free_disk_bytes
 from compressor.runtime.spill import SpilledTensors
 from compressor.runtime.top_logits import TopKOutputs, concat, kept_k, target_bytes
 
@@ -145,6 +146,7 @@ class HeldOut:
                 outputs = run_outputs(teacher, batch)
                 compact = outputs if top_k is None else top_k.compact(outputs)
                 if spill is not None and not reference and _spilled(outputs, compact, batches):
+                    _check_disk_for(spill, target_bytes(outputs) * len(batches), batch_size)
                     reference = SpilledTensors(spill)
                 reference.append(outputs)
                 targets.append(compact)
@@ -177,6 +179,19 @@ def _spilled(outputs: list[torch.Tensor], targets: list[Target], batches: list) 
     than `_HELD_OUT_MEMORY_BYTES` held whole."""
     whole = target_bytes(outputs)
     return target_bytes(targets) < whole and whole * len(batches) > _HELD_OUT_MEMORY_BYTES
+
+
+def _check_disk_for(spill: Path, needed: int, batch_size: int) -> None:
+    """Refuse, before the first is written, held-out outputs the disk at `spill` cannot take
+    (`needed` bytes: the first batch's times the batches), rather than fill it up halfway."""
+    free = free_disk_bytes(spill)
+    if free is not None and needed > free:
+        raise ResourceError(
+            f"the original's outputs on the held-out split take about {format_bytes(needed)} "
+            f"on disk (a language model's logits, {batch_size} samples a batch) and the disk "
+            f"of {spill} has {format_bytes(free)} free: free space there, give the job "
+            "a folder on a larger disk, or hold out less text (data.holdout_fraction, "
+            "data.max_samples)")
 
 
 @dataclass(frozen=True)

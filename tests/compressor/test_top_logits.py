@@ -229,3 +229,25 @@ def test_held_out_logits_too_large_to_hold_go_to_disk_and_score_the_same(
     # targets kept whole (no top k) stay in memory: spilling them would save nothing
     whole = HeldOut.of(teacher, data, 4, None, spill=tmp_path)
     assert isinstance(whole.reference, list) and whole.targets is whole.reference
+
+
+def test_held_out_logits_the_disk_cannot_take_are_refused_before_any_is_written(
+        monkeypatch, tmp_path) -> None:
+    from compressor.errors import ResourceError
+
+    batch = torch.export.Dim("batch")
+    teacher = torch.export.export(torch.nn.Embedding(300, 300),
+                                  (torch.zeros(2, 8, dtype=torch.int64),),
+                                  dynamic_shapes=({0: batch},)).module()
+    data = Dataset({"input": torch.randint(0, 300, (12, 8))}, synthetic=True, source="synthetic")
+    top_k = TopKOutputs(16, (True,), KL_TEMPERATURE)
+    monkeypatch.setattr(loop, "_HELD_OUT_MEMORY_BYTES", 0)
+    needed = 12 * 8 * 300 * 4  # three batches of 4 windows, 8 positions, 300 logits
+    monkeypatch.setattr(loop, "free_disk_bytes", lambda folder: needed - 1)
+    with pytest.raises(ResourceError) as refused:
+        HeldOut.of(teacher, data, 4, top_k, spill=tmp_path)
+    assert refused.value.code == "insufficient_resources"
+    assert "data.holdout_fraction" in refused.value.message
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    monkeypatch.setattr(loop, "free_disk_bytes", lambda folder: needed)
+    assert len(HeldOut.of(teacher, data, 4, top_k, spill=tmp_path).reference) == 3
