@@ -14,6 +14,8 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
+import onnxscript.optimizer
+import onnxscript.rewriter.onnx_fusions
 import torch
 from torch import nn
 from torch.export import Dim
@@ -24,6 +26,9 @@ from compressor.runtime.outputs import call, call_arguments, onnx_output_names
 
 # onnx's protobuf limit: past this the weights must live in an external data file.
 _PROTOBUF_LIMIT = 2 * 1024**3 - 1024**2
+# The index dtypes constant folding does not widen (`_keeps_indices_narrow`).
+_NARROW_INTEGERS = frozenset({ir.DataType.UINT8, ir.DataType.INT8, ir.DataType.UINT16,
+                              ir.DataType.INT16})
 
 
 def dynamic_shapes(specs: list[InputSpec]) -> dict[str, dict[int, object]]:
@@ -58,7 +63,7 @@ def export_onnx(module: nn.Module, sample: dict[str, torch.Tensor], specs: list[
                 optimize=False, verbose=False, report=False)
             weights = list(program.model.graph.initializers.values())
             if optimize:
-                program.optimize()
+                optimize_onnx(program.model)
             _strip_debug_metadata(program.model)
             size = sum(int(t.numel() * t.element_size()) for t in module.state_dict().values())
             if size > _PROTOBUF_LIMIT:
@@ -73,6 +78,37 @@ def export_onnx(module: nn.Module, sample: dict[str, torch.Tensor], specs: list[
             f"the model could not be exported to ONNX (opset {opset}): {reason}. Try "
             "export.form='dense', another export.opset, or check that the program runs with "
             "torch.onnx.export on its own") from exc
+
+
+def optimize_onnx(model: ir.Model) -> None:
+    """Optimize the exported `model` in place as `ONNXProgram.optimize` does (onnxscript's
+    constant folding and rewrites, then its fusions), except that constant folding keeps
+    small-integer index tensors at their width (`_keeps_indices_narrow`)."""
+    onnxscript.optimizer.optimize_ir(model, should_fold=_keeps_indices_narrow)
+    onnxscript.rewriter.onnx_fusions.fuse(model)
+
+
+def _keeps_indices_narrow(node: ir.Node) -> bool | None:
+    """Return False for a Cast that widens a constant 8- or 16-bit integer tensor; None
+    (onnxscript's own rules) for any other node.
+
+    `share_values` stores each weight as a uint8 (uint16) index into a float codebook and
+    gathers W = codebook[idx] in the graph, casting the indices to int32 first. onnxscript
+    folds every node whose constant inputs hold at most 8192 elements: the cast, then the
+    Gather, so every small layer's W would land in the file as float32 (4 bytes a weight
+    instead of 1, more than the dense model), and a cast alone as int32. Left unfolded, the
+    file keeps the indices and the codebook, and onnxruntime gathers the same W from them.
+    Nothing else changes: a model without such constants is optimized as before.
+    """
+    if node.domain not in ("", "ai.onnx") or node.op_type != "Cast" or not node.inputs:
+        return None
+    source = node.inputs[0]
+    if source is None or source.const_value is None:
+        return None
+    to = node.attributes.get("to")
+    if source.const_value.dtype not in _NARROW_INTEGERS or to is None:
+        return None
+    return False if ir.DataType(to.as_int()).itemsize > source.const_value.dtype.itemsize else None
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ to ONNX (onnxruntime ≈ torch) in a file smaller than the dense weight; the siz
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,18 @@ from torch import nn
 from torch.export import Dim
 from torch.nn import functional as F
 
+from compressor.config import CompressionConfig
 from compressor.errors import ConfigError, ExportError
+from compressor.export.onnx import export_onnx, onnx_bytes
+from compressor.export.verify import onnx_session, run_onnx
+from compressor.load.data import input_specs
 from compressor.methods import LayerInfo, LayerStats, Method, get_method
 from compressor.methods._tying import kmeans_rows, kmeans_values
+from compressor.plan.layers import find_layers
+from compressor.plan.planning import plan_layers
+from compressor.rewrite.forms import factorize
+from compressor.rewrite.parametrize import parametrize_
+from compressor.runtime.graph import shallow_copy
 
 
 @dataclass(frozen=True)
@@ -270,6 +280,66 @@ def test_compact_module_exports_to_a_smaller_onnx(case: Case, tmp_path: Path) ->
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), compact(x), atol=1e-5, rtol=1e-5)
 
+
+
+class _SmallNet(nn.Module):
+    """Conv2d → pooled Linear → Linear: 648, 2304 and 3840 weights, each below the 8192
+    elements up to which onnxscript's constant folding evaluates a node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 24, 3, padding=1)
+        self.hidden = nn.Linear(24, 96)
+        self.head = nn.Linear(96, 40)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        pooled = torch.relu(self.conv(image)).mean((2, 3))
+        return self.head(torch.relu(self.hidden(pooled)))
+
+
+def test_share_values_onnx_keeps_small_layers_as_uint8_indices_and_a_codebook(
+        tmp_path: Path) -> None:
+    """The factorized form of small layers exports as idx (uint8, one byte a weight) and the
+    codebook: constant folding does not store W = codebook[idx] as float32, nor the indices
+    cast to int32, so the file is far below the float original's."""
+    torch.manual_seed(0)
+    model = _SmallNet().eval()
+    sample = {"image": torch.randn(3, 3, 6, 6)}
+    program = torch.export.export(model, (), kwargs=sample,
+                                  dynamic_shapes={"image": {0: Dim("batch", min=1, max=64)}})
+    teacher = shallow_copy(program.module()).eval()  # as the job loads it
+    config = CompressionConfig.parse({"target": None, "min_layer_params": 0,
+                                      "method": {"name": "share_values", "values": 256}})
+    plan = plan_layers(*find_layers(teacher), config)
+    targeted = {p.layer.name: p.layer.numel for p in plan.compressed}
+    assert targeted == {"conv": 648, "hidden": 2304, "head": 3840}
+    student = copy.deepcopy(teacher)
+    parametrize_(student, plan, {})
+    with torch.no_grad():
+        compact = factorize(student, teacher, plan)
+    specs = input_specs(program)
+    dense_path, compact_path = tmp_path / "dense.onnx", tmp_path / "shared.onnx"
+    export_onnx(teacher, sample, specs, dense_path, opset=18)
+    export_onnx(compact, sample, specs, compact_path, opset=18)
+
+    graph = onnx.load(str(compact_path)).graph
+    by_type: dict[int, list[int]] = {}
+    for init in graph.initializer:
+        by_type.setdefault(init.data_type, []).append(math.prod(init.dims))
+    floats = by_type.get(onnx.TensorProto.FLOAT, [])
+    assert not set(floats) & set(targeted.values()), f"a weight was folded to float: {floats}"
+    assert max(floats) <= 256  # codebooks and biases only
+    assert sum(by_type.get(onnx.TensorProto.UINT8, [])) == sum(targeted.values())
+    wide = by_type.get(onnx.TensorProto.INT32, []) + by_type.get(onnx.TensorProto.INT64, [])
+    assert max(wide, default=0) <= 8  # shapes, not indices cast to int32 / int64
+    dense_bytes, compact_bytes = onnx_bytes(dense_path), onnx_bytes(compact_path)
+    assert compact_bytes < 0.6 * dense_bytes, (compact_bytes, dense_bytes)
+
+    held_out = {"image": torch.randn(5, 3, 6, 6)}  # another batch size than the export's
+    (got,) = run_onnx(onnx_session(compact_path), held_out)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), student(**held_out),
+                                   atol=1e-5, rtol=1e-5)
 
 def test_parametrized_layer_with_mean_reduction_exports(tmp_path: Path) -> None:
     # The mean reduction lives in the autograd graph only: export sees an identity.
