@@ -156,8 +156,9 @@ class FinetuneConfig(_Strict):
         default=False,
         description="fine-tune through onnxruntime's int8 arithmetic, simulated (weights and "
         "activations fake-quantized, gradients straight through), so θ learns to keep the "
-        "fidelity int8 costs; needs export.quantize 'int8' and export.form 'factorized'. Target "
-        "mode does this for its int8 candidates itself")
+        "fidelity int8 costs, smoothed as export.int8_smoothing will smooth it; needs "
+        "export.quantize 'int8' and export.form 'factorized'. Target mode does this for its int8 "
+        "candidates itself")
     seed: int = Field(default=0, ge=0, description="seeds data splits, sampling and batches")
     checkpoint_every: int = Field(
         default=100, ge=0,
@@ -360,9 +361,6 @@ class CompressionConfig(_Strict):
                                                    or self.export.form != "factorized"):
             raise ValueError("finetune.quantization_aware simulates the int8 compact form: set "
                              "export.quantize 'int8' and export.form 'factorized', or remove it")
-        if self.finetune.quantization_aware and self.export.int8_smoothing is not None:
-            raise ValueError("finetune.quantization_aware simulates int8 without smoothing: set "
-                             "export.int8_smoothing null, or remove it")
         if self.max_minutes is not None and self.max_minutes * 60 >= self.timeout_s:
             raise ValueError(
                 f"max_minutes {self.max_minutes:g} ({self.max_minutes * 60:g} s) must end before "

@@ -20,7 +20,7 @@ import torch
 
 from compressor.config import CompressionConfig
 from compressor.errors import CancelledError, CompressorError, InternalError, JobTimeoutError
-from compressor.export.stage import export_, staging_folder, verify
+from compressor.export.stage import export_, int8_input_scales, staging_folder, verify
 from compressor.finetune.stage import finetune
 from compressor.load.stage import artifact_bytes, load
 from compressor.plan.stage import calibrate_layers, plan
@@ -135,7 +135,10 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
     if config.target is None:
         planned = plan(loaded, calibrated, config, job)
         student = rewrite(loaded, planned, config.finetune.grad_reduction, job)
-        trained = finetune(loaded, planned.plan, student, config.finetune, job)
+        scales = None if not config.finetune.quantization_aware else int8_input_scales(
+            loaded, student, planned.plan, config.export)  # int8 as the export smooths it
+        trained = finetune(loaded, planned.plan, student, config.finetune, job,
+                           int8_input_scales=scales)
         del student  # `trained` holds it until the export frees it
         export_config, found = config.export, None
     else:

@@ -82,6 +82,21 @@ def smoothed_for_int8(module: fx.GraphModule, batches: Iterable[dict[str, torch.
     return clone
 
 
+def input_scales(module: fx.GraphModule, batches: Iterable[dict[str, torch.Tensor]],
+                 alpha: float) -> dict[str, torch.Tensor]:
+    """Return the factors `smoothed_for_int8(module, batches, alpha)` divides each smoothed
+    MatMul's input by, keyed by the qualified name of the MatMul's weight in `module` (which is
+    left as it is): what quantization-aware fine-tuning simulates the smoothed int8 with."""
+    uses = _uses_by_input(module)
+    batches = list(batches)
+    if not uses or not batches:
+        return {}
+    ranges, _ = _input_ranges(module, uses.keys(), batches)
+    names = {id(m): name for name, m in module.named_modules()}
+    return {".".join(filter(None, (names[id(use.owner)], use.name))): _scale(ranges[source], alpha)
+            for source, readers in uses.items() for use in readers}
+
+
 def _uses_by_input(module: fx.GraphModule) -> dict[fx.Node, list[_Use]]:
     """Return, for each activation a smoothable MatMul reads, the MatMuls that read it.
 

@@ -28,7 +28,7 @@ from compressor.errors import ExportError, VerificationError
 from compressor.export import huggingface
 from compressor.export.onnx import export_onnx, move_onnx, onnx_bytes
 from compressor.export.quantize import quantize_int4, quantize_int8, verify_quantized
-from compressor.export.smoothing import smoothed_for_int8
+from compressor.export.smoothing import input_scales, smoothed_for_int8
 from compressor.export.verify import (
     NOISE_FLOPS,
     TorchOutputs,
@@ -265,6 +265,17 @@ def smoothing_batches(loaded: LoadedJob) -> list[dict[str, torch.Tensor]]:
     count = min(SMOOTHING_SAMPLES, len(loaded.train))
     return [loaded.train.take(torch.arange(start, min(start + SMOOTHING_BATCH, count)))
             for start in range(0, count, SMOOTHING_BATCH)]
+
+
+def int8_input_scales(loaded: LoadedJob, student: fx.GraphModule, plan: Plan,
+                      config: ExportConfig) -> dict[str, torch.Tensor] | None:
+    """Return the factors `config.int8_smoothing` will divide the compact form's MatMul inputs
+    by (by weight name, `smoothing.input_scales`), measured on `student` as it is now: what a
+    quantization-aware fine-tuning simulates int8 with. None when nothing is smoothed."""
+    if config.int8_smoothing is None:
+        return None
+    return input_scales(materialized(student, loaded.teacher, plan, "factorized"),
+                        smoothing_batches(loaded), config.int8_smoothing)
 
 
 def materialized(student: fx.GraphModule, teacher: fx.GraphModule, plan: Plan,

@@ -32,7 +32,8 @@ def finetune_on_device_(student: fx.GraphModule, plan: Plan, lesson: Distillatio
                          checkpoints)
     teacher_on_device, student_on_device = on_device(lesson.teacher, student, device)
     on_device_lesson = Distillation(teacher_on_device, lesson.kinds, lesson.train,
-                                    lesson.held_out.to(device), lesson.enough)
+                                    lesson.held_out.to(device), lesson.enough,
+                                    lesson.int8_input_scales)
     summary = finetune_(student_on_device, plan, on_device_lesson, config, control, device,
                         initial_score, checkpoints)
     copy_back_(student, lesson.teacher, student_on_device)

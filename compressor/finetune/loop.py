@@ -208,13 +208,16 @@ class FloorCheck:
 class Distillation:
     """What the student learns from: the original (`teacher`), each output's kind (hence its
     loss, `compressor.runtime.objectives`), the training split, and the held-out split with the
-    original's outputs on it; with `enough`, when it has learned enough (None: every step)."""
+    original's outputs on it; with `enough`, when it has learned enough (None: every step);
+    with `int8_input_scales`, the smoothing a quantization-aware run simulates int8 with
+    (`compressor.finetune.quantization_aware`)."""
 
     teacher: nn.Module
     kinds: list[str]
     train: Dataset
     held_out: HeldOut
     enough: FloorCheck | None = None
+    int8_input_scales: dict[str, torch.Tensor] | None = None
 
 
 def held_out_score(student: nn.Module, held_out: HeldOut, kinds: list[str],
@@ -423,7 +426,8 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
     """
     teacher, train, kinds, held_out = lesson.teacher, lesson.train, lesson.kinds, lesson.held_out
     if config.quantization_aware:  # θ trains through int8 as onnxruntime will compute it
-        student, params = quantization_aware(student, teacher, plan, config.train_biases)
+        student, params = quantization_aware(student, teacher, plan, config.train_biases,
+                                             lesson.int8_input_scales)
         initial_score = None  # the float student's score is not the simulated one's
     else:
         params = trainable_parameters(student, plan, config.train_biases)

@@ -17,6 +17,11 @@ through the rounding, as ModelOpt's and PyTorch's QAT do):
   again, and a MatMul reading the table itself as its weight (a tied head's Aᵀ) reuses that
   uint8 quantization.
 
+With the activation smoothing the export applies before int8 (`export.int8_smoothing`,
+`compressor.export.smoothing`), each smoothed MatMul runs as the smoothed model will: its input
+divided by the factors s measured once on the calibration samples, its weight's columns times s,
+then both quantized as above (in float the product is the same; on the int8 grid it is not).
+
 The compact modules' θ tensors share storage with the parametrized student's θ, so what this
 trains is what the student, and then the exported artifact, holds. The int8 artifact is still
 scored for real in onnxruntime afterwards: the simulation is how θ learns, not a verdict.
@@ -90,9 +95,12 @@ class Int8Simulation(TorchFunctionMode):
     parameters and buffers): only an op whose weight is one of them is quantized.
     """
 
-    def __init__(self, constants: Iterable[torch.Tensor]) -> None:
+    def __init__(self, constants: Iterable[torch.Tensor],
+                 smoothing: dict[int, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.constants = {id(t) for t in constants}
+        # By weight (id): the factors its MatMul's input is divided by, and its columns times.
+        self.smoothing = smoothing or {}
         # Outputs already on a uint8 grid (looked-up rows), held so that their ids stay theirs.
         self.on_grid: dict[int, torch.Tensor] = {}
         # Constant tables rows were gathered from: onnxruntime quantizes such an initializer
@@ -127,6 +135,10 @@ class Int8Simulation(TorchFunctionMode):
     def _linear(self, func, x, weight, *rest, **kwargs):  # noqa: ANN001
         if weight.dim() != 2 or not self._constant(weight):
             return func(x, weight, *rest, **kwargs)
+        scale = self.smoothing.get(id(weight))
+        if scale is not None:  # the smoothed model's Mul on the input, its scaled weight
+            scale = scale.to(weight.device)
+            x, weight = x * (1.0 / scale).to(x.dtype), weight * scale.to(weight.dtype)
         return func(self._input(x), fake_int8_symmetric(weight, axis=0), *rest, **kwargs)
 
     def _matmul(self, func, x, weight, *rest, **kwargs):  # noqa: ANN001
@@ -154,13 +166,22 @@ class Int8Simulation(TorchFunctionMode):
 
 
 class SimulatedInt8(nn.Module):
-    """A graph module run under `Int8Simulation` of its own parameters and buffers; it takes
+    """A graph module run under `Int8Simulation` of its own parameters and buffers, smoothed
+    by `input_scales` (by weight name: `compressor.export.smoothing.input_scales`); it takes
     its inputs as the graph does (`compressor.runtime.outputs.call`)."""
 
-    def __init__(self, module: fx.GraphModule) -> None:
+    def __init__(self, module: fx.GraphModule,
+                 input_scales: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.module = module
         self._in_spec = getattr(module, "_in_spec", None)
+        weights = dict(module.named_parameters(remove_duplicate=False))
+        unknown = set(input_scales or {}) - set(weights)
+        if unknown:
+            raise ValueError(f"smoothing factors for weights the module does not hold: "
+                             f"{sorted(unknown)[:3]}")
+        self._smoothing = {id(weights[name]): scale
+                           for name, scale in (input_scales or {}).items()}
 
     @property
     def graph(self) -> fx.Graph:
@@ -169,15 +190,17 @@ class SimulatedInt8(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         constants = [*self.module.parameters(), *self.module.buffers()]
-        with Int8Simulation(constants):
+        with Int8Simulation(constants, self._smoothing):
             return self.module(*args, **kwargs)
 
 
 def quantization_aware(student: fx.GraphModule, teacher: fx.GraphModule, plan: Plan,
-                       train_biases: bool) -> tuple[SimulatedInt8, list[nn.Parameter]]:
-    """Return the student's compact form under `Int8Simulation`, and its parameters to train:
-    the compact modules' θ (sharing storage with the student's), and their biases when
-    `train_biases`. Every other parameter is frozen."""
+                       train_biases: bool, input_scales: dict[str, torch.Tensor] | None = None,
+                       ) -> tuple[SimulatedInt8, list[nn.Parameter]]:
+    """Return the student's compact form under `Int8Simulation` (smoothed by `input_scales`,
+    by weight name in the compact form), and its parameters to train: the compact modules' θ
+    (sharing storage with the student's), and their biases when `train_biases`. Every other
+    parameter is frozen."""
     compact = factorize(student, teacher, plan)
     for param in compact.parameters():
         param.requires_grad_(False)
@@ -189,4 +212,4 @@ def quantization_aware(student: fx.GraphModule, teacher: fx.GraphModule, plan: P
             if key != "bias" or train_biases:
                 param.requires_grad_(True)
                 params.append(param)
-    return SimulatedInt8(compact), params
+    return SimulatedInt8(compact, input_scales), params

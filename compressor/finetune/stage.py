@@ -58,8 +58,10 @@ class TrainedJob:
 
 
 def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: FinetuneConfig,
-             job: JobContext, enough: FloorCheck | None = None) -> TrainedJob:
-    """Fine-tune `student` in place and score it; with `enough`, only until it keeps a floor."""
+             job: JobContext, enough: FloorCheck | None = None,
+             int8_input_scales: dict[str, torch.Tensor] | None = None) -> TrainedJob:
+    """Fine-tune `student` in place and score it; with `enough`, only until it keeps a floor;
+    with `int8_input_scales`, through int8 of the model smoothed by them (`Distillation`)."""
     with job.log.stage(FINETUNING):
         job.control.report(FINETUNING, 0.0)
         batch_size = job.costs.evaluation_batch(EVAL_BATCH)
@@ -67,7 +69,8 @@ def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: Fin
         top_k = TopKOutputs(config.logits_top_k, tuple(loaded.next_token), KL_TEMPERATURE)
         held_out = HeldOut.of(loaded.teacher, loaded.held_out, batch_size, top_k, job.scratch)
         initial, initial_score = fidelity(student, held_out, loaded.kinds, loaded.next_token)
-        lesson = Distillation(loaded.teacher, loaded.kinds, loaded.train, held_out, enough)
+        lesson = Distillation(loaded.teacher, loaded.kinds, loaded.train, held_out, enough,
+                              int8_input_scales)
         checkpoints = None if job.resume is None else FinetuneCheckpoints.for_run(
             job.resume, plan, config, job.log.info)
         if checkpoints is not None:
