@@ -67,6 +67,8 @@ _CPU_TOKENS_PER_STEP = 1024
 # Training plans on this share of the free memory; the rest is for the allocator's slack.
 _TRAINING_FREE_SHARE = 0.9
 _CPU = torch.device("cpu")
+# The held-out history's note where a lesson's floor was kept and fine-tuning ended.
+FLOOR_KEPT = "floor kept: fine-tuning ends here"
 
 
 @dataclass
@@ -461,6 +463,8 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
         best_state = resumed.restore_(params, optimizer, scheduler, generator, device)
         best, lr_scale, step = resumed.best, resumed.lr_scale, resumed.step
         summary.best_step, summary.history = resumed.best_step, resumed.history
+        summary.floor_kept_at = next((e["step"] for e in summary.history
+                                      if e.get("note") == FLOOR_KEPT), None)
         summary.resumed_at_step = step
         checkpoints.log(_resumed_message(resumed, config.steps))
         control.report("finetuning", step / config.steps, f"resumed at step {step}")
@@ -522,7 +526,7 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
                 if meter is not None and step < config.steps and lesson.enough.kept(
                         meter.result()):
                     summary.floor_kept_at = step
-                    entry["note"] = "floor kept: fine-tuning ends here"
+                    entry["note"] = FLOOR_KEPT
             elif current > best * (1 + _BACKOFF_MARGIN):
                 _restore(params, best_state)
                 optimizer.state.clear()

@@ -205,6 +205,7 @@ def test_the_learning_rates_cosine_ends_where_the_schedule_says():
 
 
 def test_a_lesson_with_a_floor_check_ends_at_the_first_best_evaluation_that_keeps_it(tmp_path):
+    from compressor.finetune.checkpoints import FinetuneCheckpoints
     from compressor.finetune.loop import FloorCheck
     from compressor.finetune.stage import fidelity
 
@@ -215,12 +216,13 @@ def test_a_lesson_with_a_floor_check_ends_at_the_first_best_evaluation_that_keep
     data = Dataset(example_inputs(MODEL_CLASSES["mlp"](), batch=16), False, "test")
     held_out = HeldOut.of(teacher, data, 64)
 
-    def trained(kept):
+    def trained(kept, checkpoints=None):
         student = shallow_copy(teacher)
         parametrize_(student, plan, {}, "sum")
         lesson = Distillation(teacher, ["regression"], data, held_out,
                               None if kept is None else FloorCheck(None, kept))
-        return student, finetune_(student, plan, lesson, config.finetune, JobControl(print))
+        return student, finetune_(student, plan, lesson, config.finetune, JobControl(print),
+                                  checkpoints=checkpoints)
 
     _, everything = trained(None)
     improving = [e["step"] for e in everything.history if e["held_out"] < everything.initial_score]
@@ -231,7 +233,10 @@ def test_a_lesson_with_a_floor_check_ends_at_the_first_best_evaluation_that_keep
         judged.append(figures[0].relative_l2)
         return len(judged) == 2
 
-    student, summary = trained(kept)
+    def kept_run():
+        return FinetuneCheckpoints(tmp_path / "run", "key", 1000, 600, print)
+
+    student, summary = trained(kept, kept_run())
     stop = summary.floor_kept_at
     assert stop is not None and stop < 40 and summary.steps_run == stop == summary.best_step
     assert summary.history[-1]["step"] == stop
@@ -239,3 +244,6 @@ def test_a_lesson_with_a_floor_check_ends_at_the_first_best_evaluation_that_keep
     # the θ kept is the one the floor was judged on
     assert fidelity(student, held_out, ["regression"])[0][0].relative_l2 == pytest.approx(
         judged[-1], rel=1e-6)
+    # a retry reuses the finished run, and says where it ended
+    _, retried = trained(kept, kept_run())
+    assert retried.resumed_at_step == stop and retried.floor_kept_at == stop
