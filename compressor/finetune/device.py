@@ -7,6 +7,7 @@ they share on the host; only θ and the student's own tensors come back (`copy_b
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import torch
 from torch import fx, nn
@@ -31,8 +32,18 @@ def finetune_on_device_(student: fx.GraphModule, plan: Plan, lesson: Distillatio
         return finetune_(student, plan, lesson, config, control, device, initial_score,
                          checkpoints)
     teacher_on_device, student_on_device = on_device(lesson.teacher, student, device)
+    enough = lesson.enough
+    if enough is not None and enough.shipped is not None:
+        shipped = enough.shipped
+
+        def shipped_as_trained() -> bool:
+            # the check reads `student`: θ as the copy on the device has it now
+            copy_back_(student, lesson.teacher, student_on_device)
+            return shipped()
+
+        enough = replace(enough, shipped=shipped_as_trained)
     on_device_lesson = Distillation(teacher_on_device, lesson.kinds, lesson.train,
-                                    lesson.held_out.to(device), lesson.enough,
+                                    lesson.held_out.to(device), enough,
                                     lesson.int8_input_scales)
     summary = finetune_(student_on_device, plan, on_device_lesson, config, control, device,
                         initial_score, checkpoints)

@@ -200,10 +200,13 @@ def _check_disk_for(spill: Path, needed: int, batch_size: int) -> None:
 class FloorCheck:
     """When fine-tuning has done enough: at a held-out evaluation that is the best so far, the
     student's fidelity there (`FidelityMeter`, `next_token` marking a language model's logits)
-    is what `kept` accepts (target mode: the floor, with the margin quantization will take)."""
+    is what `kept` accepts (target mode: the floor, with the margin quantization will take),
+    and then `shipped`, when given, says that what ships keeps it too (target mode: the real
+    quantized model, exported from θ as it is on the student the lesson was given)."""
 
     next_token: list[bool] | None
     kept: Callable[[list[OutputFidelity]], bool]
+    shipped: Callable[[], bool] | None = None
 
 
 @dataclass
@@ -523,8 +526,9 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
             if current < best:
                 best, summary.best_step = current, step
                 best_state = [p.detach().clone() for p in params]
-                if meter is not None and step < config.steps and lesson.enough.kept(
-                        meter.result()):
+                enough = lesson.enough
+                if meter is not None and step < config.steps and enough.kept(meter.result()) and (
+                        enough.shipped is None or enough.shipped()):
                     summary.floor_kept_at = step
                     entry["note"] = FLOOR_KEPT
             elif current > best * (1 + _BACKOFF_MARGIN):

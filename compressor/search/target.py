@@ -313,11 +313,10 @@ def _floor_check(candidate: Candidate, candidates: list[Candidate], target: Targ
 
     def kept(fidelity: list[OutputFidelity]) -> bool:
         by_output = fidelity_by_output(fidelity, loaded.output_names)
-        if not all(target.margin(figures) >= needed[name] for name, figures in by_output.items()):
-            return False
-        return shipped is None or target.met_by(shipped())
+        return all(target.margin(figures) >= needed[name] for name, figures in by_output.items())
 
-    return FloorCheck(loaded.next_token, kept)
+    return FloorCheck(loaded.next_token, kept,
+                      None if shipped is None else lambda: target.met_by(shipped()))
 
 
 def _cut_note(budget: TimeBudget) -> str:
