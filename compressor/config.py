@@ -106,8 +106,10 @@ OutputKindSetting = Literal["auto", "logits", "embedding", "regression"]
 class FinetuneConfig(_Strict):
     """Distillation fine-tuning of the compact parameters θ (optionally also the biases)."""
 
-    steps: int = Field(default=300, ge=0, le=1_000_000, description="optimizer steps; 0 skips. Target mode: the most a finalist "
-                                   "takes, ending once it keeps the floor")
+    steps: int = Field(
+        default=300, ge=0, le=1_000_000,
+        description="optimizer steps; 0 skips. Target mode: the most a finalist takes, ending "
+        "once it keeps the floor")
     lr: float | None = Field(
         default=None, gt=0, le=1.0,
         description="peak AdamW learning rate for every tensor; null: `relative_lr` instead")

@@ -59,18 +59,15 @@ def smoothed_for_int8(module: fx.GraphModule, batches: Iterable[dict[str, torch.
     """Return a copy of `module` with every quantizable MatMul input smoothed (see the module),
     its factors measured on `batches`; `module` is left as it was."""
     clone = shallow_copy(module)
-    uses = _uses_by_input(clone)
-    batches = list(batches)
-    if not uses or not batches:
+    factors = _factors(clone, batches, alpha)
+    if not factors:
         return clone
-    ranges, dtypes = _input_ranges(clone, uses.keys(), batches)
     order = {node: index for index, node in enumerate(clone.graph.nodes)}
-    for index, (source, readers) in enumerate(uses.items()):
-        scale = _scale(ranges[source], alpha)
+    for index, (source, (readers, scale, dtype)) in enumerate(factors.items()):
         for use in readers:
             use.scale_(scale)
         name = f"int8_smoothing_{index}"
-        clone.register_buffer(name, (1.0 / scale).to(dtypes[source]))
+        clone.register_buffer(name, (1.0 / scale).to(dtype))
         first = min(readers, key=lambda use: order[use.node]).node
         with clone.graph.inserting_before(first):
             divisor = clone.graph.get_attr(name)
@@ -87,14 +84,24 @@ def input_scales(module: fx.GraphModule, batches: Iterable[dict[str, torch.Tenso
     """Return the factors `smoothed_for_int8(module, batches, alpha)` divides each smoothed
     MatMul's input by, keyed by the qualified name of the MatMul's weight in `module` (which is
     left as it is): what quantization-aware fine-tuning simulates the smoothed int8 with."""
+    names = {id(m): name for name, m in module.named_modules()}
+    return {".".join(filter(None, (names[id(use.owner)], use.name))): scale
+            for readers, scale, _ in _factors(module, batches, alpha).values()
+            for use in readers}
+
+
+def _factors(module: fx.GraphModule, batches: Iterable[dict[str, torch.Tensor]], alpha: float,
+             ) -> dict[fx.Node, tuple[list[_Use], torch.Tensor, torch.dtype]]:
+    """Return, for each activation to smooth in `module`, the MatMuls that read it, the factors
+    s its channels are divided by (measured on `batches`), and its dtype; {} when there is
+    nothing to smooth or nothing to measure it on."""
     uses = _uses_by_input(module)
     batches = list(batches)
     if not uses or not batches:
         return {}
-    ranges, _ = _input_ranges(module, uses.keys(), batches)
-    names = {id(m): name for name, m in module.named_modules()}
-    return {".".join(filter(None, (names[id(use.owner)], use.name))): _scale(ranges[source], alpha)
-            for source, readers in uses.items() for use in readers}
+    ranges, dtypes = _input_ranges(module, uses.keys(), batches)
+    return {source: (readers, _scale(ranges[source], alpha), dtypes[source])
+            for source, readers in uses.items()}
 
 
 def _uses_by_input(module: fx.GraphModule) -> dict[fx.Node, list[_Use]]:
