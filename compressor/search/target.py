@@ -240,17 +240,19 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
         # steps; kept 0.9: 0.9923 against 0.9926) at 1.4× the time a step.
         through_int8 = candidate.quantize == "int8" and (
             candidate.unsmoothed or config.export.int8_smoothing is None)
+        shipped = None if candidate.quantize is None else _ShippedScore(scout, student,
+                                                                         candidate, job)
         trained = finetune(loaded, candidate.plan, student, config.finetune.model_copy(
             update={"quantization_aware": through_int8}), job,
-            enough=_floor_check(candidate, candidates, target, loaded, through_int8,
-                                None if candidate.quantize is None else
-                                _shipped(scout, student, candidate, job)))
+            enough=_floor_check(candidate, candidates, target, loaded, through_int8, shipped))
         del student
         if candidate.quantize is None:
             reached = fidelity_by_output(trained.final, loaded.output_names)
             if candidate.bytes_estimated:  # its real size, now that it may ship
                 candidate.bytes = scout.exported_bytes(trained.student, candidate.plan)
                 candidate.bytes_estimated = False
+        elif trained.summary.floor_kept_at is not None and shipped.last is not None:
+            reached = shipped.last  # what fine-tuning ended on: θ is the one scored then
         else:
             reached = scout.quantized_fidelity(trained.student, candidate.plan,
                                                candidate.quantize,
@@ -276,19 +278,26 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
                             + _cut_note(budget))
 
 
-def _shipped(scout: _Scout, student: fx.GraphModule, candidate: Candidate,
-             job: JobContext) -> Callable[[], dict[str, dict[str, Any]]]:
-    """Return what scores `candidate`'s real quantized model as `student`'s θ is when called
-    (fine-tuning trains that θ in place), logging each verdict."""
-    def scored() -> dict[str, dict[str, Any]]:
-        fidelity = scout.quantized_fidelity(student, candidate.plan, candidate.quantize,
-                                            smoothed=not candidate.unsmoothed)[0]
-        if not scout.target.met_by(fidelity):
-            job.log.info(f"target: {candidate.name} keeps the floor in training, not as its "
-                         f"real {candidate.quantize} model yet ({describe_fidelity(fidelity)}): "
-                         "fine-tuning goes on")
-        return fidelity
-    return scored
+class _ShippedScore:
+    """Score `candidate`'s real quantized model as `student`'s θ is when called (fine-tuning
+    trains that θ in place), logging each miss and keeping the last figures (`last`: those
+    fine-tuning ended on, when it ended at the floor)."""
+
+    def __init__(self, scout: _Scout, student: fx.GraphModule, candidate: Candidate,
+                 job: JobContext) -> None:
+        self.scout, self.student, self.candidate, self.job = scout, student, candidate, job
+        self.last: dict[str, dict[str, Any]] | None = None
+
+    def __call__(self) -> dict[str, dict[str, Any]]:
+        candidate = self.candidate
+        self.last = self.scout.quantized_fidelity(self.student, candidate.plan,
+                                                  candidate.quantize,
+                                                  smoothed=not candidate.unsmoothed)[0]
+        if not self.scout.target.met_by(self.last):
+            self.job.log.info(f"target: {candidate.name} keeps the floor in training, not as its "
+                              f"real {candidate.quantize} model yet "
+                              f"({describe_fidelity(self.last)}): fine-tuning goes on")
+        return self.last
 
 
 def _floor_check(candidate: Candidate, candidates: list[Candidate], target: TargetConfig,
