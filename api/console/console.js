@@ -684,7 +684,10 @@ function resultSummary(job) {
   const ratio = outcome.size_ratio;
   if (typeof ratio === "number") parts.push(ratio > 1 ? `${ratio.toFixed(2)}× smaller` : `${(1 / ratio).toFixed(2)}× larger`);
   const speed = outcome.speedup && outcome.speedup.ratio;
-  if (typeof speed === "number") parts.push(speed >= 1 ? `${speed.toFixed(2)}× faster` : `${(1 / speed).toFixed(2)}× slower`);
+  if (typeof speed === "number") {
+    parts.push(outcome.speedup.within_noise ? `as fast (${speed.toFixed(2)}×, within timing noise)`
+      : speed >= 1 ? `${speed.toFixed(2)}× faster` : `${(1 / speed).toFixed(2)}× slower`);
+  }
   const fidelity = report.fidelity || {};
   const score = judged(fidelity.artifact || fidelity.final);
   if (score) parts.push(`${score.figure.replace("_", " ")} ${sig(score.value, 4)}`);

@@ -6,6 +6,7 @@ import json
 import os
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -41,6 +42,59 @@ def onnx_latency_ms(path: Path, batch: dict[str, torch.Tensor], budget_s: float 
         if len(timings) >= 1000:
             break
     return statistics.median(timings)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One ONNX file's onnxruntime latency on one batch: the median and the quartiles (ms) of
+    its runs."""
+
+    median: float
+    quartiles: tuple[float, float]
+
+    def overlaps(self, other: Timing) -> bool:
+        """Whether the two files' middle halves of runs overlap: a difference between their
+        medians that is within what the runs of each move by (timing noise, not speed)."""
+        return (self.quartiles[0] <= other.quartiles[1]
+                and other.quartiles[0] <= self.quartiles[1])
+
+
+def onnx_latencies_ms(paths: dict[str, Path], batch: dict[str, torch.Tensor],
+                      budget_s: float = 1.0, min_runs: int = 5) -> dict[str, Timing]:
+    """Return each file's onnxruntime CPU latency on `batch`, by the same name as in `paths`.
+
+    The files are timed in turn, one run of each a round (each round starting with the next
+    file), so that whatever the machine does meanwhile (another process, the clock's boost)
+    weighs on all of them alike; timing one file after another for a second each made the
+    same two files 1.09× slower to 1.03× faster than each other from one run to the next.
+    Rounds go on for `budget_s` per file after one warm-up run each, and at least `min_runs`
+    rounds unless that passes twice the budget (a large model's run can take a minute).
+    """
+    names = list(paths)
+    sessions = {name: onnx_session(paths[name]) for name in names}
+    for session in sessions.values():
+        run_onnx(session, batch)  # warm-up
+    timings: dict[str, list[float]] = {name: [] for name in names}
+    budget = budget_s * len(names)
+    deadline = time.perf_counter() + budget
+    rounds = 0
+    while (rounds == 0 or time.perf_counter() < deadline
+           or (rounds < min_runs and time.perf_counter() < deadline + budget)):
+        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+            start = time.perf_counter()
+            run_onnx(sessions[name], batch)
+            timings[name].append((time.perf_counter() - start) * 1000)
+        rounds += 1
+        if rounds >= 1000:
+            break
+    return {name: _timing(runs) for name, runs in timings.items()}
+
+
+def _timing(runs: list[float]) -> Timing:
+    if len(runs) < 2:
+        return Timing(runs[0], (runs[0], runs[0]))
+    first, _, third = statistics.quantiles(runs, n=4, method="inclusive")
+    return Timing(statistics.median(runs), (first, third))
 
 
 def onnx_initializer_numel(path: Path) -> int:

@@ -137,13 +137,15 @@ def latency_figures(original_path: Path | None, held_out: Dataset, artifact_path
             f"batch_{b}_ms": f"one run would cost {b * costs.flops_per_sample / 1e12:.2g} TFLOP "
                              f"and {format_bytes(b * per_sample)} of activations"
             for b in left_out}
+    paths = {"original": original_path, "compressed": artifact_path, **(baselines or {})}
+    quartiles: dict[str, dict[str, list[float]]] = {name: {} for name in paths}
     for batch_size in kept:
         batch = held_out.take(torch.arange(batch_size) % len(held_out))
         key = f"batch_{batch_size}_ms"
-        latency["original"][key] = figures.onnx_latency_ms(original_path, batch, seconds)
-        latency["compressed"][key] = figures.onnx_latency_ms(artifact_path, batch, seconds)
-        for name, path in (baselines or {}).items():
-            latency.setdefault(name, {})[key] = figures.onnx_latency_ms(path, batch, seconds)
+        for name, timing in figures.onnx_latencies_ms(paths, batch, seconds).items():
+            latency.setdefault(name, {})[key] = timing.median
+            quartiles[name][key] = list(timing.quartiles)
+    latency["quartiles"] = quartiles
     return {"onnx_bytes": sizes, "latency": latency}
 
 
@@ -178,9 +180,12 @@ def outcome_of(measured: dict[str, Any], fidelity: dict[str, dict],
     key = max(latency["original"], key=lambda k: int(k.split("_")[1]), default=None)
     if key is not None:
         speedup = latency["original"][key] / max(1e-9, latency["compressed"][key])
-        outcome["speedup"] = {"batch": key, "ratio": speedup}
-        parts.append(f"{speedup:.2f}× faster" if speedup >= 1 else f"{1 / speedup:.2f}× slower")
-        if speedup < 1:
+        tie = _within_timing_noise(latency, key)
+        outcome["speedup"] = {"batch": key, "ratio": speedup, "within_noise": tie}
+        parts.append(f"as fast as the original ({speedup:.2f}×, within timing noise)" if tie
+                     else f"{speedup:.2f}× faster" if speedup >= 1
+                     else f"{1 / speedup:.2f}× slower")
+        if speedup < 1 and not tie:
             outcome["warnings"].append(
                 f"the artifact is slower than the original at {key.replace('_', ' ')} "
                 f"({latency['compressed'][key]:.3g} vs {latency['original'][key]:.3g} ms)")
@@ -196,6 +201,14 @@ def outcome_of(measured: dict[str, Any], fidelity: dict[str, dict],
                          f"{_floors_met(baseline['fidelity'], None)}")
     outcome["headline"] = headline
     return outcome
+
+
+def _within_timing_noise(latency: dict[str, Any], key: str) -> bool:
+    """Whether the artifact's and the original's runs at `key` overlap in their middle halves."""
+    original, compressed = (figures.Timing(latency[name][key],
+                                           tuple(latency["quartiles"][name][key]))
+                            for name in ("original", "compressed"))
+    return original.overlaps(compressed)
 
 
 def _floors_met(fidelity: dict[str, dict], floors: dict[str, float] | None) -> str:

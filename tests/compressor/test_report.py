@@ -1,4 +1,5 @@
-"""Report figures: each layer's errors, computed from input moments, match the direct ones."""
+"""Report figures: each layer's errors, computed from input moments, match the direct ones; latency
+timed in turn, and a speed difference within timing noise reported as one."""
 
 import copy
 
@@ -8,6 +9,8 @@ from compressor.config import CompressionConfig
 from compressor.finetune.layer_errors import layer_errors
 from compressor.plan.layers import find_layers, run_recording
 from compressor.plan.planning import plan_layers
+from compressor.report.figures import Timing, onnx_latencies_ms
+from compressor.report.stage import outcome_of
 from compressor.rewrite.parametrize import parametrize_
 from tests.support.tiny_models import MODEL_CLASSES, example_inputs, make_pt2
 
@@ -41,3 +44,51 @@ def test_layer_output_errors_equal_those_of_the_output_rows(tmp_path):
     assert set(errors) == set(direct) and any(p.layer.kind == "embedding" for p in plan.compressed)
     for name, error in direct.items():
         assert abs(errors[name]["relative_output_error"] - error) < 1e-9 * max(1.0, error)
+
+
+def _latency_measurement(original: list[float], compressed: list[float]) -> dict:
+    """What latency_figures measures, for an original and an artifact whose batch-32 runs'
+    medians and quartiles are given as [first quartile, median, third quartile]."""
+    return {"onnx_bytes": {"original": 1000, "artifact": 100},
+            "latency": {"original": {"batch_32_ms": original[1]},
+                        "compressed": {"batch_32_ms": compressed[1]},
+                        "quartiles": {"original": {"batch_32_ms": original[::2]},
+                                      "compressed": {"batch_32_ms": compressed[::2]}}}}
+
+
+def test_an_artifact_slower_within_timing_noise_is_called_as_fast_and_not_warned_of():
+    tie = outcome_of(_latency_measurement([0.43, 0.44, 0.46], [0.44, 0.46, 0.49]), {}, {}, None)
+    assert tie["speedup"]["within_noise"] is True
+    assert "as fast as the original" in tie["headline"] and "slower" not in tie["headline"]
+    assert not any("slower" in warning for warning in tie["warnings"])
+
+    slower = outcome_of(_latency_measurement([0.43, 0.44, 0.45], [0.47, 0.49, 0.51]), {}, {},
+                        None)
+    assert slower["speedup"]["within_noise"] is False
+    assert "1.11× slower" in slower["headline"]
+    assert any("slower than the original" in warning for warning in slower["warnings"])
+
+    faster = outcome_of(_latency_measurement([0.43, 0.44, 0.45], [0.20, 0.22, 0.23]), {}, {},
+                        None)
+    assert "2.00× faster" in faster["headline"] and not faster["warnings"]
+
+
+def test_files_timed_in_turn_each_get_a_median_within_their_quartiles(tmp_path):
+    from onnx import TensorProto, helper, save
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 256])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [256, 256], [0.5] * 256 * 256)])
+    path = tmp_path / "matmul.onnx"
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+    timings = onnx_latencies_ms({"a": path, "b": path}, {"x": torch.ones(64, 256)},
+                                budget_s=0.05)
+    assert set(timings) == {"a", "b"}
+    for timing in timings.values():
+        first, third = timing.quartiles
+        assert 0 < first <= timing.median <= third
+    assert Timing(1.0, (0.9, 1.1)).overlaps(Timing(1.2, (1.05, 1.3)))
+    assert not Timing(1.0, (0.9, 1.1)).overlaps(Timing(1.3, (1.15, 1.4)))
