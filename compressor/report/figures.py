@@ -44,6 +44,11 @@ def onnx_latency_ms(path: Path, batch: dict[str, torch.Tensor], budget_s: float 
     return statistics.median(timings)
 
 
+# onnx_latencies_ms: a file's block of runs a round, and the pause between two files' blocks.
+_BLOCK_S = 0.1
+_SWITCH_PAUSE_S = 0.01
+
+
 @dataclass(frozen=True)
 class Timing:
     """One ONNX file's onnxruntime latency on one batch: the median and the quartiles (ms) of
@@ -63,12 +68,15 @@ def onnx_latencies_ms(paths: dict[str, Path], batch: dict[str, torch.Tensor],
                       budget_s: float = 1.0, min_runs: int = 5) -> dict[str, Timing]:
     """Return each file's onnxruntime CPU latency on `batch`, by the same name as in `paths`.
 
-    The files are timed in turn, one run of each a round (each round starting with the next
-    file), so that whatever the machine does meanwhile (another process, the clock's boost)
-    weighs on all of them alike; timing one file after another for a second each made the
-    same two files 1.09× slower to 1.03× faster than each other from one run to the next.
+    The files are timed in turn, a block of runs of each a round (each round starting with the
+    next file), so that whatever the machine does meanwhile (another process, the clock's boost)
+    weighs on all of them alike: timing one file after another for a second each made the same
+    two files 1.09× slower to 1.03× faster than each other from one run to the next. A block
+    lasts `_BLOCK_S` (at least one run), and the timing pauses `_SWITCH_PAUSE_S` between blocks:
+    onnxruntime's threads spin-wait for more work after a run, and a file timed one run at a
+    time right after another measured the digits CNN's artifact 1.8× slower than alone.
     Rounds go on for `budget_s` per file after one warm-up run each, and at least `min_runs`
-    rounds unless that passes twice the budget (a large model's run can take a minute).
+    runs of each unless that passes twice the budget (a large model's run can take a minute).
     """
     names = list(paths)
     sessions = {name: onnx_session(paths[name]) for name in names}
@@ -78,15 +86,24 @@ def onnx_latencies_ms(paths: dict[str, Path], batch: dict[str, torch.Tensor],
     budget = budget_s * len(names)
     deadline = time.perf_counter() + budget
     rounds = 0
-    while (rounds == 0 or time.perf_counter() < deadline
-           or (rounds < min_runs and time.perf_counter() < deadline + budget)):
+
+    def more() -> bool:
+        now = time.perf_counter()
+        fewest = min(len(runs) for runs in timings.values())
+        return (fewest == 0 or now < deadline
+                or (fewest < min_runs and now < deadline + budget)) and fewest < 1000
+
+    while more():
         for name in names[rounds % len(names):] + names[:rounds % len(names)]:
-            start = time.perf_counter()
-            run_onnx(sessions[name], batch)
-            timings[name].append((time.perf_counter() - start) * 1000)
+            time.sleep(_SWITCH_PAUSE_S)
+            block_end = time.perf_counter() + _BLOCK_S
+            while True:
+                start = time.perf_counter()
+                run_onnx(sessions[name], batch)
+                timings[name].append((time.perf_counter() - start) * 1000)
+                if time.perf_counter() >= block_end:
+                    break
         rounds += 1
-        if rounds >= 1000:
-            break
     return {name: _timing(runs) for name, runs in timings.items()}
 
 
