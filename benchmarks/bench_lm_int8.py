@@ -54,7 +54,7 @@ def quantized(source: Path, target: Path, arguments: dict | None) -> Path:
 def run(model: str, ratio: float, steps: int, train_count: int, eval_count: int) -> dict:
     make_folder, work, _ = bench_lm.MODELS[model]
     folder = make_folder()
-    job = bench_lm.job_folder(work, ratio, steps)
+    job = bench_lm.JobSettings(steps).folder(work, ratio)
     original = work / "original.onnx"
     for needed in (original, job / "model.onnx"):
         if not needed.is_file():
