@@ -62,8 +62,8 @@ def onnx_output_names(raw_outputs: object) -> list[str]:
     return output_names(len(paths))
 
 
-# Output values converted to float64 at a time when fidelity is scored: a decoder's logits
-# (49,152 a position) are never copied whole, nor is a batch of them.
+# Output values scored at a time: a decoder's logits (262,144 a position) are never copied
+# whole, nor is a batch of them.
 _VALUES_PER_CHUNK = 1 << 21
 
 
@@ -98,8 +98,12 @@ class FidelityMeter:
     which outputs are a causal language model's next-token logits, (batch, sequence, vocabulary)
     over the batch's `input_ids`: those are also scored against the text itself, so `add` needs
     the batch. An output is seen as vectors along its last dimension (a sequence of logits: one
-    vector per position); cosine and top-1 agreement are averaged over those vectors. Sums run
-    in float64 over `_VALUES_PER_CHUNK` values at a time.
+    vector per position); cosine and top-1 agreement are averaged over those vectors.
+
+    Each vector's figures are computed in its own dtype (float32: sums over one vector are
+    accurate to about 1e-7 of their value) and summed over vectors in float64, `_VALUES_PER_CHUNK`
+    values at a time. Taking each chunk to float64 first made scoring Gemma-3's logits (262,144 a
+    position) 3× slower, most of a held-out evaluation's time, for figures reported to 4 digits.
     """
 
     def __init__(self, kinds: list[str], next_token: list[bool] | None = None) -> None:
@@ -132,11 +136,10 @@ class FidelityMeter:
                                   batch["attention_mask"])
 
     def _add_vectors(self, i: int, out: torch.Tensor, ref: torch.Tensor) -> None:
-        out, ref = out.double(), ref.double()
-        self._err[i] += float((out - ref).pow(2).sum())
-        self._ref[i] += float(ref.pow(2).sum())
-        self._cos[i] += float(torch.nn.functional.cosine_similarity(
-            out, ref, dim=1, eps=1e-12).sum())
+        self._err[i] += _sum_of_rows(torch.linalg.vector_norm(out - ref, dim=1).pow(2))
+        self._ref[i] += _sum_of_rows(torch.linalg.vector_norm(ref, dim=1).pow(2))
+        self._cos[i] += _sum_of_rows(torch.nn.functional.cosine_similarity(
+            out, ref, dim=1, eps=1e-12))
         self._vectors[i] += ref.shape[0]
         if self._logits[i]:
             self._agree[i] += int((out.argmax(-1) == ref.argmax(-1)).sum())
@@ -180,11 +183,11 @@ class _NextTokenSums:
         step = max(1, _VALUES_PER_CHUNK // width)
         for start in range(0, rows.shape[0], step):
             chunk, target = rows[start:start + step], targets[start:start + step, None]
-            log_p = flat_out[chunk].double().log_softmax(-1)
-            log_q = flat_ref[chunk].double().log_softmax(-1)
-            self.nll -= float(log_p.gather(1, target).sum())
-            self.reference_nll -= float(log_q.gather(1, target).sum())
-            self.kl += float((log_q.exp() * (log_q - log_p)).sum())
+            log_p = flat_out[chunk].log_softmax(-1)
+            log_q = flat_ref[chunk].log_softmax(-1)
+            self.nll -= _sum_of_rows(log_p.gather(1, target))
+            self.reference_nll -= _sum_of_rows(log_q.gather(1, target))
+            self.kl += _sum_of_rows((log_q.exp() * (log_q - log_p)).sum(1))
             self.agree += int((log_p.argmax(-1) == log_q.argmax(-1)).sum())
         self.tokens += int(rows.shape[0])
 
@@ -196,6 +199,11 @@ class _NextTokenSums:
                 "next_token_agreement": self.agree / self.tokens,
                 "kl_divergence": self.kl / self.tokens,
                 "next_tokens": self.tokens}
+
+
+def _sum_of_rows(per_row: torch.Tensor) -> float:
+    """Sum per-vector figures in float64."""
+    return float(per_row.double().sum())
 
 
 def fidelity_by_output(fidelity: list[OutputFidelity], names: list[str]) -> dict[str, dict]:
