@@ -1,20 +1,29 @@
-"""θ as initialized and corrected sequentially, kept for a retried job.
+"""θ as initialized and corrected sequentially, kept for a retried job, and for the target search.
 
 The sequential correction runs the original and the student over samples, layer by layer: on a
 large model it is minutes. The rewriting stage keeps θ once it is corrected, and a retry that
 finds it copies it into its freshly parametrized student instead of correcting again. A
 `compressor.runtime.resume` product: keyed by the job's inputs, the plan, the gradient
 reduction and the correction's samples; discarded (logged) unless everything checks.
+
+Within one job, the target search builds the student of one budget several times (scored in
+float, then with int8, with int4, exported for its size, then fine-tuned as a finalist):
+`CorrectedThetas` keeps each budget's corrected θ in the job's scratch folder for the job's
+length, so that each budget is corrected once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from compressor.plan.planning import Plan
@@ -70,3 +79,48 @@ class KeptInitialization:
                           self.resume.reserve_bytes)
         except OSError as exc:
             self.log(f"rewriting: θ not kept ({exc}); a retry corrects it again")
+
+
+class CorrectedThetas:
+    """θ as corrected for each plan a job has built a student of, kept in `folder` (the job's
+    scratch: removed when the job ends) and copied into the next student of the same plan
+    instead of correcting it again. A θ is not kept when writing it would leave less than
+    `reserve_bytes` free on the disk (the artifacts need it)."""
+
+    def __init__(self, folder: Path, reserve_bytes: int, log: Callable[[str], None]) -> None:
+        self.folder, self.reserve_bytes, self.log = Path(folder), reserve_bytes, log
+        self.reused = 0  # students whose correction was skipped
+
+    def _path(self, plan: Plan, settings: str) -> Path:
+        described = json.dumps(plan.to_dict(), sort_keys=True, default=str) + settings
+        return self.folder / f"{hashlib.sha256(described.encode()).hexdigest()[:24]}.safetensors"
+
+    def load_(self, plan: Plan, settings: str, params: list[nn.Parameter]) -> bool:
+        """Copy the θ kept for `plan` into `params`; return False when none is kept."""
+        path = self._path(plan, settings)
+        if not path.is_file():
+            return False
+        with safe_open(str(path), framework="pt") as kept, torch.no_grad():
+            for i, param in enumerate(params):
+                param.copy_(kept.get_tensor(f"theta.{i}"))
+        self.reused += 1
+        return True
+
+    def save(self, plan: Plan, settings: str, params: list[nn.Parameter]) -> None:
+        """Keep θ as it is now for `plan`, unless the disk cannot spare it (then it is
+        corrected again when asked for)."""
+        needed = sum(p.numel() * p.element_size() for p in params)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(self.folder).free - needed < self.reserve_bytes:
+            self.log("target: θ as corrected not kept for this budget (the disk is short); "
+                     "it is corrected again if the search needs it")
+            return
+        path = self._path(plan, settings)
+        partial = path.with_name(path.name + ".partial")
+        try:
+            save_file({f"theta.{i}": p.detach().contiguous() for i, p in enumerate(params)},
+                      str(partial))
+            os.replace(partial, path)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            self.log(f"target: θ as corrected not kept for this budget ({exc})")

@@ -64,6 +64,7 @@ from compressor.plan.allocation import allocate_by_sensitivity, sensitivities_of
 from compressor.plan.planning import LayerPlan, Plan
 from compressor.plan.stage import PlannedJob
 from compressor.report.figures import onnx_latency_ms
+from compressor.rewrite.kept import CorrectedThetas
 from compressor.rewrite.stage import build_student, rewrite
 from compressor.runtime.budget import TimeBudget
 from compressor.runtime.context import JobContext
@@ -195,7 +196,10 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
                 if plan.layers else "no layer of this model is targeted")
         held_out = HeldOut.of(loaded.teacher, loaded.held_out,
                               job.costs.evaluation_batch(EVAL_BATCH))
-        scout = _Scout(loaded, stats, held_out, config, target, workdir, job)
+        thetas = None if job.scratch is None else CorrectedThetas(
+            job.scratch / "search-thetas",
+            0 if job.resume is None else job.resume.reserve_bytes, job.log.info)
+        scout = _Scout(loaded, stats, held_out, config, target, workdir, job, thetas)
         dense, costs = _dense(plan), None
         if target.objective == "latency":
             plan, costs = _latency_costs(plan, stats, job)
@@ -231,7 +235,7 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
                 continue
             late = True
         planned = PlannedJob(candidate.plan, dict(stats))
-        student = rewrite(loaded, planned, config.finetune.grad_reduction, job)
+        student = rewrite(loaded, planned, config.finetune.grad_reduction, job, thetas)
         # An unsmoothed int8 candidate learns through the int8 arithmetic it will run in;
         # every other one in float (int4 too: nothing simulates MatMulNBits' 4-bit blocks, so
         # an int4 finalist is judged on its real int4 model after). A smoothed int8 one could
@@ -463,9 +467,10 @@ class _Scout:
 
     def __init__(self, loaded: LoadedJob, stats: dict, held_out: HeldOut,
                  config: CompressionConfig, target: TargetConfig, workdir: Path,
-                 job: JobContext) -> None:
+                 job: JobContext, thetas: CorrectedThetas | None = None) -> None:
         self.loaded, self.stats, self.held_out = loaded, stats, held_out
         self.config, self.target, self.workdir, self.job = config, target, workdir, job
+        self.thetas = thetas  # each budget's θ as corrected, for its next student
         self.other_parameters = count_parameters(loaded.teacher)
         budget = job.control.budget
         self.work_s = max(0.0, budget.left_s() - budget.reserve_s)  # inf: no budget
@@ -635,7 +640,7 @@ class _Scout:
 
     def _student(self, plan: Plan) -> fx.GraphModule:
         return build_student(self.loaded, PlannedJob(plan, dict(self.stats)),
-                             self.config.finetune.grad_reduction, self.job)
+                             self.config.finetune.grad_reduction, self.job, thetas=self.thetas)
 
     def _parameters(self, plan: Plan) -> int:
         return round(self.other_parameters - plan.targeted_numel + plan.kept_numel)

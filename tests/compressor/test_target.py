@@ -13,6 +13,8 @@ from compressor.config import CompressionConfig, TargetConfig
 from compressor.errors import ConfigError, TargetNotMetError
 from compressor.load.stage import load
 from compressor.plan.stage import calibrate_layers, plan
+from compressor.rewrite import stage as rewrite_stage
+from compressor.rewrite.kept import CorrectedThetas
 from compressor.runtime.context import JobContext
 from compressor.runtime.joblog import JobLog
 from compressor.runtime.outputs import describe_fidelity
@@ -446,3 +448,27 @@ def test_a_language_models_logits_are_judged_by_perplexity_over_the_originals():
                                                               "top1_agreement")}
     assert target.margin(classifier) == pytest.approx(0.6 - 0.99)
     assert describe_fidelity({"logits": classifier}) == "logits top-1 agreement 0.6000"
+
+
+def test_the_search_corrects_each_budget_once_and_scores_it_as_if_corrected_again(
+        mlp, tmp_path, monkeypatch):
+    corrected = []
+    correct = rewrite_stage.correct_sequentially_
+
+    def counting(student, teacher, plan, batches):
+        corrected.append(json.dumps(plan.to_dict(), sort_keys=True, default=str))
+        return correct(student, teacher, plan, batches)
+
+    monkeypatch.setattr(rewrite_stage, "correct_sequentially_", counting)
+    config = {**FAST, "target": {"relative_l2": 10.0}}
+    kept = compressor.compress(mlp, config, out_dir=tmp_path / "kept")
+    assert corrected and len(corrected) == len(set(corrected))
+    log = (tmp_path / "kept" / "job.log").read_text()
+    assert "θ as this job corrected it for the same plan before" in log
+
+    corrected.clear()  # the same job with nothing kept: students of one plan corrected again
+    monkeypatch.setattr(CorrectedThetas, "load_", lambda self, plan, settings, params: False)
+    again = compressor.compress(mlp, config, out_dir=tmp_path / "again")
+    assert len(corrected) > len(set(corrected))
+    assert again.report["target"]["candidates"] == kept.report["target"]["candidates"]
+    assert again.report["target"]["chosen"] == kept.report["target"]["chosen"]
