@@ -3,6 +3,8 @@ W = f(θ), θ initialized from the original's weights (and corrected sequentiall
 
 from __future__ import annotations
 
+import gc
+
 import torch
 from torch import fx
 
@@ -45,6 +47,10 @@ def build_student(loaded: LoadedJob, planned: PlannedJob, grad_reduction: GradRe
     corrected, and taken from an earlier try instead of corrected again
     (`compressor.rewrite.kept`). With `thetas`, θ is taken from there when this job has
     corrected the same plan before, and kept there once corrected."""
+    # A GraphModule sits in reference cycles: a student its caller dropped is freed only by the
+    # cycle collector, which may not run for a long time (the tiny MLP's target search had 3
+    # dropped students alive when it built the next; each of Gemma-3 270M's holds ~1 GB of θ).
+    gc.collect()
     plan, teacher = planned.plan, loaded.teacher
     student = shallow_copy(teacher)
 

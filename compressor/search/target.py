@@ -40,6 +40,7 @@ The search drives the stages (`plan`, `rewrite`, `finetune`); it does not live i
 from __future__ import annotations
 
 import contextlib
+import gc
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -669,6 +670,7 @@ class _Scout:
 
     def _quantized(self, fraction: float, plan: Plan, quantize: str,
                    smoothed: bool = True) -> Candidate:
+        # the student is built here and held by nothing else: freed once it is exported
         scored, size, latency = self.quantized_fidelity(self._student(plan), plan, quantize,
                                                         smoothed)
         return Candidate(fraction, quantize, self._parameters(plan), size, scored,
@@ -682,7 +684,9 @@ class _Scout:
         from a smoothed copy unless `smoothed` is False) and score it in onnxruntime; return
         its fidelity, its bytes and (objective latency, when it is within reach of the floor)
         its latency. The student is left as it was."""
-        with self._exported(student, plan, smoothed=smoothed and quantize == "int8") as exported:
+        exporting = self._exported(student, plan, smoothed=smoothed and quantize == "int8")
+        del student  # held by the export until it is written (see `_exported`)
+        with exporting as exported:
             quantized = exported.parent / quantize / ONNX_ARTIFACT
             quantized.parent.mkdir()
             QUANTIZERS[quantize](exported, quantized)
@@ -714,6 +718,10 @@ class _Scout:
         try:
             exported = scratch / ONNX_ARTIFACT
             export_onnx(module, sample, self.loaded.specs, exported, self.config.export.opset)
+            # The file holds it now: a student that nothing else holds (a budget's, scored) and
+            # the smoothed copy's scaled weights are freed before it is quantized and scored.
+            del module, student
+            gc.collect()  # GraphModules sit in reference cycles
             yield exported
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

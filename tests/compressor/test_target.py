@@ -1,6 +1,7 @@
 """Target mode: the smallest candidate that keeps the floor, or `target_not_met` with the best."""
 
 import json
+import weakref
 
 import onnx
 import pytest
@@ -19,6 +20,7 @@ from compressor.runtime.context import JobContext
 from compressor.runtime.joblog import JobLog
 from compressor.runtime.outputs import describe_fidelity
 from compressor.runtime.progress import JobControl
+from compressor.search import target as target_search
 from compressor.search.target import (
     INT4_TRIES,
     KEPT_FRACTIONS,
@@ -472,3 +474,20 @@ def test_the_search_corrects_each_budget_once_and_scores_it_as_if_corrected_agai
     assert len(corrected) > len(set(corrected))
     assert again.report["target"]["candidates"] == kept.report["target"]["candidates"]
     assert again.report["target"]["chosen"] == kept.report["target"]["chosen"]
+
+
+def test_the_search_frees_each_scored_student_before_building_the_next(mlp, tmp_path,
+                                                                       monkeypatch):
+    built, alive_at_each_build = [], []
+    build = target_search.build_student
+
+    def tracking(*args, **kwargs):
+        student = build(*args, **kwargs)  # collects the dropped ones first
+        alive_at_each_build.append(sum(ref() is not None for ref in built))
+        built.append(weakref.ref(student))
+        return student
+
+    monkeypatch.setattr(target_search, "build_student", tracking)
+    compressor.compress(mlp, {**FAST, "target": {"relative_l2": 10.0}}, out_dir=tmp_path)
+    assert len(built) > 3
+    assert max(alive_at_each_build) == 0  # a GraphModule's cycles do not keep one alive
