@@ -191,8 +191,12 @@ def outcome_of(measured: dict[str, Any], fidelity: dict[str, dict],
                 f"({latency['compressed'][key]:.3g} vs {latency['original'][key]:.3g} ms)")
     if found is not None:
         outcome["meets_target"] = True
-        parts.append(f"meets the target ({_floors_met(fidelity, found.target.floors())})")
-    headline = "the artifact is " + ", ".join(parts) if parts else "the artifact is verified"
+    met = ("" if found is None
+           else f"meets the target ({_floors_met(fidelity, found.target.floors())})")
+    if parts:
+        headline = "the artifact is " + ", ".join(parts) + (f", {met}" if met else "")
+    else:  # nothing measured against the original (export.latency_seconds 0)
+        headline = f"the artifact {met}" if met else "the artifact is verified"
     for quantize, key in _BASELINE_KEYS.items():
         baseline = baselines.get(key)
         if baseline is not None and baseline.get("onnx_bytes") and sizes["original"]:

@@ -2,10 +2,11 @@
 timed in turn, and a speed difference within timing noise reported as one."""
 
 import copy
+from types import SimpleNamespace
 
 import torch
 
-from compressor.config import CompressionConfig
+from compressor.config import CompressionConfig, TargetConfig
 from compressor.finetune.layer_errors import layer_errors
 from compressor.plan.layers import find_layers, run_recording
 from compressor.plan.planning import plan_layers
@@ -92,3 +93,15 @@ def test_files_timed_in_turn_each_get_a_median_within_their_quartiles(tmp_path):
         assert 0 < first <= timing.median <= third
     assert Timing(1.0, (0.9, 1.1)).overlaps(Timing(1.2, (1.05, 1.3)))
     assert not Timing(1.0, (0.9, 1.1)).overlaps(Timing(1.3, (1.15, 1.4)))
+
+
+def test_a_target_met_with_nothing_measured_against_the_original_reads_as_a_sentence():
+    measured = {"onnx_bytes": {"original": None, "artifact": 100},
+                "latency": {"original": {}, "compressed": {}}}
+    fidelity = {"logits": {"kind": "logits", "perplexity": 31.947,
+                           "original_perplexity": 31.931, "next_tokens": 1821}}
+    found = SimpleNamespace(target=TargetConfig())
+    outcome = outcome_of(measured, fidelity, {}, found)
+    assert outcome["headline"].startswith("the artifact meets the target (logits perplexity")
+    assert outcome["meets_target"]
+    assert outcome_of(measured, fidelity, {}, None)["headline"] == "the artifact is verified"
