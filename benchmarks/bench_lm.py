@@ -199,7 +199,7 @@ class JobSettings:
                 "export": {"form": "factorized", "latency_seconds": 0}}
 
 
-def label(ratio: float | None) -> str:
+def job_label(ratio: float | None) -> str:
     return "target mode" if ratio is None else f"ratio {ratio}"
 
 
@@ -253,7 +253,7 @@ def compressed(folder: Path, work: Path, train: Path, ratio: float | None,
                  "wall_s": time.perf_counter() - start}, indent=1))
             return {}
         wall = time.perf_counter() - start
-    found = {label(ratio): (model, wall)}
+    found = {job_label(ratio): (model, wall)}
     if ratio is None:
         return found
     for name, quantize in (("int8", quantize_int8), ("int4", quantize_int4)):
@@ -298,7 +298,7 @@ def run(model: str, ratios: list[float | None], settings: JobSettings, train_cou
                      "load_before": load_before, "candidates": {},
                      "tokens_per_step": settings.tokens_per_step or "auto",
                      "allocation": settings.allocation,
-                     "jobs": {label(ratio): job_figures(settings.folder(work, ratio))
+                     "jobs": {job_label(ratio): job_figures(settings.folder(work, ratio))
                               for ratio in ratios}}
     reference = None
     for label, (path, wall) in candidates.items():
