@@ -136,6 +136,7 @@ class FidelityMeter:
                                   batch["attention_mask"])
 
     def _add_vectors(self, i: int, out: torch.Tensor, ref: torch.Tensor) -> None:
+        out, ref = _computable(out), _computable(ref)
         self._err[i] += _sum_of_rows(torch.linalg.vector_norm(out - ref, dim=1).pow(2))
         self._ref[i] += _sum_of_rows(torch.linalg.vector_norm(ref, dim=1).pow(2))
         self._cos[i] += _sum_of_rows(torch.nn.functional.cosine_similarity(
@@ -183,8 +184,8 @@ class _NextTokenSums:
         step = max(1, _VALUES_PER_CHUNK // width)
         for start in range(0, rows.shape[0], step):
             chunk, target = rows[start:start + step], targets[start:start + step, None]
-            log_p = flat_out[chunk].log_softmax(-1)
-            log_q = flat_ref[chunk].log_softmax(-1)
+            log_p = _computable(flat_out[chunk]).log_softmax(-1)
+            log_q = _computable(flat_ref[chunk]).log_softmax(-1)
             self.nll -= _sum_of_rows(log_p.gather(1, target))
             self.reference_nll -= _sum_of_rows(log_q.gather(1, target))
             self.kl += _sum_of_rows((log_q.exp() * (log_q - log_p)).sum(1))
@@ -199,6 +200,14 @@ class _NextTokenSums:
                 "next_token_agreement": self.agree / self.tokens,
                 "kl_divergence": self.kl / self.tokens,
                 "next_tokens": self.tokens}
+
+
+def _computable(values: torch.Tensor) -> torch.Tensor:
+    """`values` in a dtype fidelity is computed in: float32 or float64 as they are, half
+    precision widened to float32, integers (an output of ids, a count) to float64."""
+    if values.dtype in (torch.float32, torch.float64):
+        return values
+    return values.float() if values.is_floating_point() else values.double()
 
 
 def _sum_of_rows(per_row: torch.Tensor) -> float:

@@ -100,6 +100,17 @@ def test_fidelity_reports_top1_for_logits_only():
     assert result[1].cosine == pytest.approx(1.0) and result[1].kind == "embedding"
 
 
+def test_fidelity_of_integer_and_half_precision_outputs_is_computed_wider():
+    ids = torch.tensor([[3, 1, 2], [0, 5, 4]])
+    half = torch.randn(4, 6).half()
+    meter = FidelityMeter(["ignored", "embedding"])
+    meter.add([ids, half], [ids + 1, half])
+    counts, vectors = meter.result()
+    expected = float(((ids + 1) - ids).double().norm() / (ids + 1).double().norm())
+    assert counts.relative_l2 == pytest.approx(expected, rel=1e-12)
+    assert vectors.cosine == pytest.approx(1.0, abs=1e-6) and vectors.relative_l2 == 0
+
+
 def test_top1_of_sequence_logits_counts_each_position_once():
     reference = torch.zeros(2, 3, 5)  # batch × sequence × vocabulary
     reference[..., 0] = 1.0  # token 0 everywhere
