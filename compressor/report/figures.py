@@ -26,22 +26,9 @@ def fidelity_dict(fidelity: list[OutputFidelity], names: list[str]) -> dict[str,
 
 def onnx_latency_ms(path: Path, batch: dict[str, torch.Tensor], budget_s: float = 1.0,
                     min_runs: int = 5) -> float:
-    """Return the median onnxruntime CPU latency (ms) of one run on `batch`.
-
-    Runs for `budget_s` after a warm-up, at least once, and at least `min_runs` times unless
-    that passes twice the budget (a large model's run can take a minute).
-    """
-    session = onnx_session(path)
-    run_onnx(session, batch)  # warm-up
-    timings, deadline = [], time.perf_counter() + budget_s
-    while (not timings or time.perf_counter() < deadline
-           or (len(timings) < min_runs and time.perf_counter() < deadline + budget_s)):
-        start = time.perf_counter()
-        run_onnx(session, batch)
-        timings.append((time.perf_counter() - start) * 1000)
-        if len(timings) >= 1000:
-            break
-    return statistics.median(timings)
+    """Return the median onnxruntime CPU latency (ms) of one run on `batch` (one file timed
+    as `onnx_latencies_ms` times several)."""
+    return onnx_latencies_ms({"model": path}, batch, budget_s, min_runs)["model"].median
 
 
 # onnx_latencies_ms: a file's block of runs a round, and the pause between two files' blocks.

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from compressor.runtime.resume import (
     ResumeFolder,
     UntrustedProduct,
     fitting,
+    free_disk_bytes,
     read_product,
     write_product,
 )
@@ -89,7 +89,6 @@ class CorrectedThetas:
 
     def __init__(self, folder: Path, reserve_bytes: int, log: Callable[[str], None]) -> None:
         self.folder, self.reserve_bytes, self.log = Path(folder), reserve_bytes, log
-        self.reused = 0  # students whose correction was skipped
 
     def _path(self, plan: Plan, settings: str) -> Path:
         described = json.dumps(plan.to_dict(), sort_keys=True, default=str) + settings
@@ -103,7 +102,6 @@ class CorrectedThetas:
         with safe_open(str(path), framework="pt") as kept, torch.no_grad():
             for i, param in enumerate(params):
                 param.copy_(kept.get_tensor(f"theta.{i}"))
-        self.reused += 1
         return True
 
     def save(self, plan: Plan, settings: str, params: list[nn.Parameter]) -> None:
@@ -111,7 +109,8 @@ class CorrectedThetas:
         corrected again when asked for)."""
         needed = sum(p.numel() * p.element_size() for p in params)
         self.folder.mkdir(parents=True, exist_ok=True)
-        if shutil.disk_usage(self.folder).free - needed < self.reserve_bytes:
+        free = free_disk_bytes(self.folder)
+        if free is not None and free - needed < self.reserve_bytes:
             self.log("target: θ as corrected not kept for this budget (the disk is short); "
                      "it is corrected again if the search needs it")
             return
