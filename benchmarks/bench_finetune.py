@@ -102,7 +102,7 @@ def run(size: str, device: torch.device, steps: int, batch_size: int, ratio: flo
     with torch.no_grad():
         reference = [run_outputs(teacher, {k: v.to(device) for k, v in b.items()})
                      for b in held_out.batches(eval_size)]
-    lesson = Distillation(teacher, ["logits"], train, HeldOut(held_out, eval_size, reference))
+    lesson = Distillation(teacher, ["logits"], train, HeldOut(held_out, eval_size, reference, reference))
     summary = finetune_(student, plan, lesson, config.finetune, control, device)
     peak_bytes = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                   else peak.peak_bytes())

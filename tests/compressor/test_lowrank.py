@@ -284,3 +284,20 @@ def test_a_tall_weight_is_decomposed_a_chunk_of_rows_at_a_time_as_a_whole_one_is
                                              upper=True).T
     torch.testing.assert_close(factors.energy, S.pow(2), rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(factors.product(rank).double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48)])
+def test_factors_are_made_on_the_weights_device_not_the_default_one(shape):
+    # A tall W's A, and a wide one's B once truncated, are made again from W a chunk of rows
+    # at a time: the scratch they are summed into must sit where W does (a GPU in
+    # benchmarks/bench_finetune), whatever the default device. Under the meta default device,
+    # a scratch tensor made without W's device cannot be mixed with W's CPU rows.
+    torch.manual_seed(3)
+    weight = torch.randn(*shape)
+    info = LayerInfo("layer", "linear", shape, False)
+    expected = LOWRANK.factorize(info, weight, None).truncated(8)
+    with torch.device("meta"):
+        kept = LOWRANK.factorize(info, weight, None).truncated(8)
+        A, B = kept.first(8), kept.second(8)
+    assert A.device.type == B.device.type == "cpu"
+    assert torch.equal(A, expected.first(8)) and torch.equal(B, expected.second(8))

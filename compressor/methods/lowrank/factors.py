@@ -66,7 +66,7 @@ class LowRankFactors:
         if self.A is not None:
             return self.A[:, :rank]
         rows = self.weight.shape[0]
-        A = torch.empty(rows, rank, dtype=torch.float32)
+        A = torch.empty(rows, rank, dtype=torch.float32, device=self.weight.device)
         to_a = self.weight_to_A[:, :rank]
         for start in range(0, rows, _ROWS_PER_CHUNK):
             A[start:start + _ROWS_PER_CHUNK] = (
@@ -80,7 +80,7 @@ class LowRankFactors:
             return self.B[:rank]
         singular = self.energy[:rank].sqrt().clamp(min=float(self.energy[0].sqrt()) * 1e-15
                                                    + 1e-300)
-        B = torch.zeros(rank, self.weight.shape[1], dtype=torch.float64)
+        B = torch.zeros(rank, self.weight.shape[1], dtype=torch.float64, device=self.weight.device)
         for start in range(0, self.weight.shape[0], _ROWS_PER_CHUNK):
             a = self.A[start:start + _ROWS_PER_CHUNK, :rank].double()
             B += a.T @ self.weight[start:start + _ROWS_PER_CHUNK].double()
@@ -179,7 +179,7 @@ def _tall_factors(weight: torch.Tensor, chol: torch.Tensor | None,
     eigendecomposition of MᵀM), with M made in float64 a chunk of `_ROWS_PER_CHUNK` rows at a
     time: A is not made (`LowRankFactors.first` makes it from W)."""
     rows, cols = weight.shape
-    gram = torch.zeros(cols, cols, dtype=torch.float64)
+    gram = torch.zeros(cols, cols, dtype=torch.float64, device=weight.device)
     for start in range(0, rows, _ROWS_PER_CHUNK):
         m = weight[start:start + _ROWS_PER_CHUNK].double()
         if chol is not None:
