@@ -195,7 +195,10 @@ class ExportConfig(_Strict):
         description="with quantize: the largest relative L2 difference accepted between the "
         "quantized model and the compressed PyTorch model, per output (int8 costs MiniLM 0.13, "
         "int4 0.23; target mode judges its quantized model by the target's floors instead)")
-    opset: int = Field(default=18, ge=18, le=23, description="ONNX opset version")
+    opset: int = Field(
+        default=20, ge=18, le=23,
+        description="ONNX opset version (from 20, GELU is one Gelu node, which onnxruntime "
+        "runs as one kernel: MiniLM's int8 7-9 % faster at batch 32 than at 18)")
     atol: float = Field(
         default=1e-4, gt=0,
         description="onnxruntime vs PyTorch: absolute tolerance, the floor of every output's "
