@@ -133,12 +133,15 @@ class HeldOut:
 
     @classmethod
     def of(cls, teacher: nn.Module, data: Dataset, batch_size: int,
-           top_k: TopKOutputs | None = None, spill: Path | None = None) -> HeldOut:
+           top_k: TopKOutputs | None = None, spill: Path | None = None,
+           for_training: bool = True) -> HeldOut:
         """Run the original on every held-out batch once.
 
-        With `spill` (a folder), outputs kept as their top k for training whose whole would
-        take more than `_HELD_OUT_MEMORY_BYTES` are written there a batch at a time instead of
-        held (the fidelity figures read them back one batch at a time).
+        With `spill` (a folder), outputs whose whole would take more than
+        `_HELD_OUT_MEMORY_BYTES` are written there a batch at a time instead of held, where
+        nothing reads them whole a step at a time: training keeps only their top k (`top_k`),
+        or they are only scored against (not `for_training`: target mode's search). The
+        fidelity figures read them back one batch at a time.
         """
         batches = list(data.batches(batch_size))
         reference: list[list[torch.Tensor]] | SpilledTensors = []
@@ -147,12 +150,14 @@ class HeldOut:
             for batch in batches:
                 outputs = run_outputs(teacher, batch)
                 compact = outputs if top_k is None else top_k.compact(outputs)
-                if spill is not None and not reference and _spilled(outputs, compact, batches):
+                if (spill is not None and not reference
+                        and _spilled(outputs, compact, batches, for_training)):
                     _check_disk_for(spill, target_bytes(outputs) * len(batches), batch_size)
                     reference = SpilledTensors(spill)
                 reference.append(outputs)
-                targets.append(compact)
-                del outputs
+                if top_k is not None:
+                    targets.append(compact)
+                del outputs, compact
         if top_k is None:
             targets = reference
         return cls(data, batch_size, reference, targets, top_k)
@@ -175,12 +180,15 @@ class HeldOut:
         return HeldOut(self.data, self.batch_size, reference, targets, self.top_k)
 
 
-def _spilled(outputs: list[torch.Tensor], targets: list[Target], batches: list) -> bool:
-    """Whether the original's held-out outputs go to disk, judged on the first batch's: training
-    needs only their top k (`targets` are smaller), and all `batches` of them would take more
-    than `_HELD_OUT_MEMORY_BYTES` held whole."""
+def _spilled(outputs: list[torch.Tensor], targets: list[Target], batches: list,
+             for_training: bool) -> bool:
+    """Whether the original's held-out outputs go to disk, judged on the first batch's: all
+    `batches` of them would take more than `_HELD_OUT_MEMORY_BYTES` held whole, and training
+    does not read them (not `for_training`) or needs only their top k (`targets` are
+    smaller)."""
     whole = target_bytes(outputs)
-    return target_bytes(targets) < whole and whole * len(batches) > _HELD_OUT_MEMORY_BYTES
+    return ((not for_training or target_bytes(targets) < whole)
+            and whole * len(batches) > _HELD_OUT_MEMORY_BYTES)
 
 
 def _check_disk_for(spill: Path, needed: int, batch_size: int) -> None:
@@ -237,9 +245,11 @@ def held_out_score(student: nn.Module, held_out: HeldOut, kinds: list[str],
     """
     total, rows = 0.0, 0
     batches = held_out.batches() if batches is None else batches
+    whole = held_out.targets is held_out.reference  # read once when on disk
     with torch.no_grad():
-        for batch, reference, targets in zip(batches, held_out.reference, held_out.targets,
-                                             strict=True):
+        for index, (batch, reference) in enumerate(zip(batches, held_out.reference,
+                                                       strict=True)):
+            targets = reference if whole else held_out.targets[index]
             outputs = run_outputs(student, batch)
             if meter is not None:
                 meter.add(outputs, reference, batch)

@@ -67,7 +67,7 @@ from compressor.plan.stage import PlannedJob
 from compressor.report.figures import onnx_latency_ms
 from compressor.rewrite.kept import CorrectedThetas
 from compressor.rewrite.stage import build_student, rewrite
-from compressor.runtime.budget import TimeBudget
+from compressor.runtime.budget import TimeBudget, finishing_reserve_after_s
 from compressor.runtime.context import JobContext
 from compressor.runtime.costs import count_parameters
 from compressor.runtime.layers import LayerStats
@@ -117,6 +117,7 @@ _FINE_TUNED_IN = {
     "int4": "in float: nothing simulates int4 (MatMulNBits' 4-bit blocks); scored on the real "
             "int4 model after",
 }
+_NOT_FINE_TUNED_LATE = "not: the search spent the time budget (shipped as initialized)"
 
 
 @dataclass
@@ -195,8 +196,11 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
                 "target mode chooses each layer's size from a decomposition that prices every "
                 f"size, which method {plan.layers[0].method.name!r} does not make"
                 if plan.layers else "no layer of this model is targeted")
+        # Only scored against: a language model's held-out logits (Gemma-3 270M's: 3.6 GB)
+        # wait on disk rather than in memory through the search and the finalists' training.
         held_out = HeldOut.of(loaded.teacher, loaded.held_out,
-                              job.costs.evaluation_batch(EVAL_BATCH))
+                              job.costs.evaluation_batch(EVAL_BATCH), spill=job.scratch,
+                              for_training=False)
         thetas = None if job.scratch is None else CorrectedThetas(
             job.scratch / "search-thetas",
             0 if job.resume is None else job.resume.reserve_bytes, job.log.info)
@@ -235,6 +239,8 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
                 budget.cut(f"target search: finalist {candidate.name} not tried")
                 continue
             late = True
+            budget.cut(f"fine-tuning skipped: the search spent the budget, and candidate "
+                       f"{candidate.name} ships as initialized")
         planned = PlannedJob(candidate.plan, dict(stats))
         student = rewrite(loaded, planned, config.finetune.grad_reduction, job, thetas)
         # An unsmoothed int8 candidate learns through the int8 arithmetic it will run in;
@@ -247,11 +253,18 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
             candidate.unsmoothed or config.export.int8_smoothing is None)
         shipped = None if candidate.quantize is None else _ShippedScore(scout, student,
                                                                          candidate, job)
-        trained = finetune(loaded, candidate.plan, student, config.finetune.model_copy(
-            update={"quantization_aware": through_int8}), job,
-            enough=_floor_check(candidate, candidates, target, loaded, through_int8, shipped))
+        # Late, no step is taken: the training set's targets (a teacher pass over it) and the
+        # int8 simulation are not set up, and θ stays the one scored as a candidate.
+        settings = ({"steps": 0, "quantization_aware": False} if late
+                    else {"quantization_aware": through_int8})
+        trained = finetune(loaded, candidate.plan, student,
+                           config.finetune.model_copy(update=settings), job,
+                           enough=_floor_check(candidate, candidates, target, loaded,
+                                               through_int8, shipped))
         del student
-        if candidate.quantize is None:
+        if late and candidate.quantize is not None:
+            reached = candidate.fidelity  # its real quantized model, scored as initialized
+        elif candidate.quantize is None:
             reached = fidelity_by_output(trained.final, loaded.output_names)
             if candidate.bytes_estimated:  # its real size, now that it may ship
                 candidate.bytes = scout.exported_bytes(trained.student, candidate.plan)
@@ -265,9 +278,9 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
         ok = target.met_by(reached)
         tries.append({"kept_fraction": candidate.kept_fraction, "quantize": candidate.quantize,
                       "unsmoothed": candidate.unsmoothed, "method": candidate.method,
-                      "fine_tuned": _FINE_TUNED_IN["int8" if through_int8 else
-                                                   "int4" if candidate.quantize == "int4"
-                                                   else "float"],
+                      "fine_tuned": _NOT_FINE_TUNED_LATE if late else _FINE_TUNED_IN[
+                          "int8" if through_int8 else "int4" if candidate.quantize == "int4"
+                          else "float"],
                       "steps_run": trained.summary.steps_run,
                       "floor_kept_at": trained.summary.floor_kept_at,
                       "bytes": candidate.bytes, "fidelity": reached, "meets_floor": ok})
@@ -698,6 +711,16 @@ class _Scout:
                 latency = self._latency_ms(quantized)
             return scored, onnx_bytes(quantized), latency
 
+    def _expect_finishing(self, export_s: float) -> None:
+        """Keep what a candidate's export (`export_s`) says the artifact's export, verification
+        and report need, when that is more than the reserve the model's size gave."""
+        budget = self.job.control.budget
+        needed = finishing_reserve_after_s(export_s, self.config.export.latency_seconds)
+        if budget.limited and budget.reserve_at_least(needed):
+            self.job.log.info(f"time budget: a candidate's export took {export_s:.0f} s; "
+                              f"{needed:.0f} s are now kept for the artifact's export, "
+                              "verification and the report")
+
     def exported_bytes(self, student: fx.GraphModule, plan: Plan) -> int:
         """Return the bytes of `student`'s compact form exported to ONNX."""
         with self._exported(student, plan) as exported:
@@ -717,7 +740,10 @@ class _Scout:
         scratch = Path(tempfile.mkdtemp(prefix=".target-", dir=self.workdir))
         try:
             exported = scratch / ONNX_ARTIFACT
+            budget = self.job.control.budget
+            started = budget.elapsed_s()
             export_onnx(module, sample, self.loaded.specs, exported, self.config.export.opset)
+            self._expect_finishing(budget.elapsed_s() - started)
             # The file holds it now: a student that nothing else holds (a budget's, scored) and
             # the smoothed copy's scaled weights are freed before it is quantized and scored.
             del module, student

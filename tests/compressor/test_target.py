@@ -12,6 +12,8 @@ import compressor
 from compressor.cli import main
 from compressor.config import CompressionConfig, TargetConfig
 from compressor.errors import ConfigError, TargetNotMetError
+from compressor.finetune import loop as loop_module
+from compressor.finetune.loop import HeldOut
 from compressor.load.stage import load
 from compressor.plan.stage import calibrate_layers, plan
 from compressor.rewrite import stage as rewrite_stage
@@ -413,9 +415,13 @@ def test_a_search_cut_by_the_budget_that_meets_no_floor_says_to_raise_max_minute
 def test_with_the_budget_spent_by_the_search_the_cheapest_candidate_meeting_the_floor_ships_untrained(
         easy, mlp, tmp_path, monkeypatch):
     # the first candidate scored takes the whole budget: it met the floor as initialized, and
-    # is handed back without a fine-tuning step
+    # is handed back without a fine-tuning step, nor the training set's targets that steps need
     first = easy.report["target"]["candidates"][0]["kept_fraction"]  # the smallest budget
     clock = _scoring_clock(monkeypatch, 130.0)
+    targets = []
+    real_targets = loop_module._teacher_targets
+    monkeypatch.setattr(loop_module, "_teacher_targets",
+                        lambda *args: targets.append(1) or real_targets(*args))
     config = {**FAST, "finetune": {"steps": 5, "loss": "regression"},
               "target": {"relative_l2": 10.0}, "max_minutes": 3}
     result = compressor.compress(mlp, config, out_dir=tmp_path / "out", progress=clock.tick)
@@ -424,8 +430,33 @@ def test_with_the_budget_spent_by_the_search_the_cheapest_candidate_meeting_the_
     assert search["chosen"]["kept_fraction"] == first
     assert result.report["finetune"]["steps_run"] == 0
     assert budget["cut"][0].startswith("target search stopped after 1 candidates")
-    assert budget["cut"][1:] == ["fine-tuning stopped at step 0 of 5"]
+    assert budget["cut"][1:] == [f"fine-tuning skipped: the search spent the budget, and "
+                                 f"candidate kept {first:g} ships as initialized"]
+    assert search["tries"][0]["fine_tuned"].startswith("not: the search spent the time budget")
+    assert not targets
     assert result.report["onnx_parity"]["passed"] and result.model_path.exists()
+
+
+def test_a_candidates_export_sets_what_is_kept_for_the_artifacts_export(mlp, tmp_path,
+                                                                         monkeypatch):
+    # each candidate's export takes 50 s on the job's clock: the reserve the model's size gave
+    # (about 60 s for a tiny model) grows to what the artifact's export, its verification and
+    # the report then need, 60 s + 2 × 50 s
+    clock = JobClock(monkeypatch, PLANNING, "no event moves this clock", 0.0)
+    real_export = target_search.export_onnx
+
+    def slow_export(*args):
+        clock.now += 50.0
+        return real_export(*args)
+
+    monkeypatch.setattr(target_search, "export_onnx", slow_export)
+    result = compressor.compress(mlp, {**FAST, "target": {"relative_l2": 10.0},
+                                       "max_minutes": 30},
+                                 out_dir=tmp_path / "out", progress=clock.tick)
+    assert result.report["budget"]["reserve_s"] == pytest.approx(160.0)
+    log = (tmp_path / "out" / "job.log").read_text()
+    assert ("a candidate's export took 50 s; 160 s are now kept for the artifact's export, "
+            "verification and the report") in log
 
 
 # A causal language model's next-token logits, as the fidelity meter scores them.
@@ -474,6 +505,29 @@ def test_the_search_corrects_each_budget_once_and_scores_it_as_if_corrected_agai
     assert len(corrected) > len(set(corrected))
     assert again.report["target"]["candidates"] == kept.report["target"]["candidates"]
     assert again.report["target"]["chosen"] == kept.report["target"]["chosen"]
+
+
+def test_the_searchs_held_out_outputs_wait_on_disk_and_score_the_same(easy, mlp, tmp_path,
+                                                                      monkeypatch):
+    # The search only scores against the original's held-out outputs: too large to hold (a
+    # language model's logits), they go to the job's scratch folder, and every candidate
+    # scores as it does with them in memory.
+    monkeypatch.setattr(loop_module, "_HELD_OUT_MEMORY_BYTES", 0)
+    made = []
+    real_of = HeldOut.of.__func__
+
+    def recording(cls, *args, **kwargs):
+        held_out = real_of(cls, *args, **kwargs)
+        made.append((kwargs.get("for_training", True), type(held_out.reference).__name__))
+        return held_out
+
+    monkeypatch.setattr(HeldOut, "of", classmethod(recording))
+    result = compressor.compress(mlp, {**FAST, "target": {"relative_l2": 10.0}},
+                                 out_dir=tmp_path / "out")
+    assert made[0] == (False, "SpilledTensors")  # the search's
+    assert all(kind == "list" for training, kind in made if training)  # no top k: kept whole
+    assert result.report["target"]["candidates"] == easy.report["target"]["candidates"]
+    assert result.report["target"]["chosen"] == easy.report["target"]["chosen"]
 
 
 def test_the_search_frees_each_scored_student_before_building_the_next(mlp, tmp_path,

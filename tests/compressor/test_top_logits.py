@@ -229,6 +229,10 @@ def test_held_out_logits_too_large_to_hold_go_to_disk_and_score_the_same(
     # targets kept whole (no top k) stay in memory: spilling them would save nothing
     whole = HeldOut.of(teacher, data, 4, None, spill=tmp_path)
     assert isinstance(whole.reference, list) and whole.targets is whole.reference
+    # ... unless nothing trains on them (target mode's search only scores against them)
+    scored = HeldOut.of(teacher, data, 4, None, spill=tmp_path, for_training=False)
+    assert isinstance(scored.reference, SpilledTensors) and scored.targets is scored.reference
+    assert fidelity(student, scored, kinds) == fidelity(student, whole, kinds)
 
 
 def test_held_out_logits_the_disk_cannot_take_are_refused_before_any_is_written(
