@@ -5,7 +5,10 @@ own goes to its job.log instead of the user's terminal: Python warnings (torch's
 FutureWarnings, the ONNX exporter's UserWarnings), the records of the torch, ONNX, transformers
 and Hugging Face Hub loggers, and transformers' progress bars (left out). The routing follows
 the job's thread (a context variable), so jobs running side by side in one service process
-each keep their own lines, and outside a job everything is shown as before.
+each keep their own lines, and outside a job everything is shown as before. Each distinct
+line a library writes is logged the first time only (the exporter repeats the same few on
+every export: more than half of a MiniLM target-mode job's log was 3 such lines); how often
+each came again is logged when the log closes.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class JobLog:
         self._memory = PeakMemory()
         self.failed_stage: str | None = None  # the stage an exception left, if any
         self._started = time.monotonic()
+        self._library_repeats: dict[str, int] = {}  # a library's line: the times it came again
         self._file = (io.StringIO() if path is None
                       else open(path, "w", encoding="utf-8"))  # noqa: SIM115 (closed in close())
 
@@ -58,6 +62,15 @@ class JobLog:
             return
         self._file.write(f"[{time.monotonic() - self._started:8.2f}s] {message}\n")
         self._file.flush()
+
+    def library(self, message: str) -> None:
+        """Add a line a library wrote on its own (a warning, a log record) the first time it
+        comes; count it when it comes again (`close` says how often)."""
+        if message in self._library_repeats:
+            self._library_repeats[message] += 1
+            return
+        self._library_repeats[message] = 0
+        self.info(message)
 
     def traceback(self, exc: BaseException, error_id: str) -> None:
         """Add the full traceback of `exc` to the log, marked with `error_id`."""
@@ -101,8 +114,17 @@ class JobLog:
             _current_log.reset(token)
 
     def close(self) -> None:
-        """Finish the file (safe to call twice)."""
+        """Say which library lines came again and how often, then finish the file (safe to
+        call twice)."""
+        for message, times in self._library_repeats.items():
+            if times:
+                self.info(f"came {times} more times, not logged again: {_shortened(message)}")
+        self._library_repeats.clear()
         self._file.close()
+
+
+def _shortened(message: str, most: int = 120) -> str:
+    return message if len(message) <= most else message[:most - 1] + "…"
 
 
 def route_library_output() -> None:
@@ -157,7 +179,7 @@ class _JobLogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         log = _current_log.get()
         if log is not None:
-            log.info(f"{record.name} {record.levelname.lower()}: {record.getMessage()}")
+            log.library(f"{record.name} {record.levelname.lower()}: {record.getMessage()}")
 
 
 def _warning_router(show: Callable[..., None]) -> Callable[..., None]:
@@ -169,7 +191,7 @@ def _warning_router(show: Callable[..., None]) -> Callable[..., None]:
         if log is None or file is not None:
             show(message, category, filename, lineno, file, line)
             return
-        log.info(f"{category.__name__}: {message} ({filename}:{lineno})")
+        log.library(f"{category.__name__}: {message} ({filename}:{lineno})")
 
     show_in_job_log._routes_to_job_log = True  # type: ignore[attr-defined]
     return show_in_job_log

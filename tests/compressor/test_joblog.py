@@ -75,3 +75,30 @@ def test_a_librarys_debug_and_info_records_stay_out_of_the_job_log(tmp_path):
     text = (tmp_path / "job.log").read_text()
     assert "a torch warning" in text
     assert "structured trace" not in text and "an info record" not in text
+
+
+def test_a_librarys_line_is_logged_once_and_its_repeats_counted(tmp_path):
+    import warnings
+
+    log = JobLog(tmp_path / "job.log")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with log.capture_library_output():
+            for _ in range(3):  # as the exporter warns on every export
+                warnings.warn("The axis name: batch will not be used", UserWarning,
+                              stacklevel=1)
+                logging.getLogger("onnxscript.optimizer").warning("Evaluation failed")
+            logging.getLogger("onnxscript.optimizer").warning("another record")
+            log.info("the job's own line")
+            log.info("the job's own line")  # the job's own lines are all kept
+    log.close()
+    lines = [line.split("] ", 1)[1] for line in (tmp_path / "job.log").read_text().splitlines()]
+    assert sum("The axis name: batch will not be used" in line for line in lines) == 2
+    assert lines.count("onnxscript.optimizer warning: Evaluation failed") == 1
+    assert lines.count("onnxscript.optimizer warning: another record") == 1
+    assert lines.count("the job's own line") == 2
+    assert "came 2 more times, not logged again: onnxscript.optimizer warning: Evaluation failed" \
+        in lines
+    assert any(line.startswith("came 2 more times, not logged again: UserWarning: The axis "
+                               "name: batch will not be used") for line in lines)
+    assert not any(line.startswith("came 0") for line in lines)
