@@ -262,8 +262,10 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
                            enough=_floor_check(candidate, candidates, target, loaded,
                                                through_int8, shipped))
         del student
-        if late and candidate.quantize is not None:
-            reached = candidate.fidelity  # its real quantized model, scored as initialized
+        if candidate.quantize is not None and (late or trained.summary.best_step == 0):
+            # θ as scored among the candidates (not trained, or no step did better and the
+            # initialization's was restored exactly): its real quantized model's figures then
+            reached = candidate.fidelity
         elif candidate.quantize is None:
             reached = fidelity_by_output(trained.final, loaded.output_names)
             if candidate.bytes_estimated:  # its real size, now that it may ship
@@ -292,6 +294,9 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
                 **({"int8_smoothing": None} if candidate.unsmoothed else {})})
             return SearchResult(planned, trained, export, candidate, candidates, tries, target)
         kept.keep_miss(tries[-1])
+        # the missed finalist's student and fine-tuning split go before the next is built
+        # (they stayed alive through its rewriting and fine-tuning)
+        del trained, shipped
     raise TargetNotMetError(_not_met(candidates, target, fine_tuned=True, tries=tries)
                             + _cut_note(budget))
 
