@@ -250,8 +250,9 @@ class TargetConfig(_Strict):
         "dense)")
     latency_batch: int = Field(
         default=32, ge=1, le=4096,
-        description="objective latency: the batch size latency is measured at (batch 1 when "
-        "one run at this batch would cost too much compute or memory)")
+        description="the batch size candidates' latency is measured at: objective latency's, "
+        "and objective size's between candidates within 2 % of the smallest's bytes (batch 1 "
+        "when one run at this batch would cost too much compute or memory)")
     top1_agreement: float = Field(
         default=0.99, ge=0, le=1,
         description="logits (a language model's next-token logits are judged by "

@@ -765,9 +765,12 @@ function resultCards(report) {
       hbars(layers.map((l) => ({ label: l.name,
         detail: l.method === "dense" || l.size === null || l.size === undefined || !l.size_field ? l.method : `${l.method} ${l.size_field} ${l.size}`,
         values: [l.weights_before ? l.weights_after / l.weights_before : null] })), (v) => sig(v, 3))));
-    cards.push(el("div", { class: "card", id: "plot-errors" }, el("h2", {}, "Output error per layer"),
-      el("p", { class: "muted" }, "Relative error of each layer's output against the original's, on held-out inputs."),
-      hbars(layers.map((l) => ({ label: l.name, values: [l.relative_output_error] })), (v) => sig(v, 3))));
+    // not measured for a model shipped as initialized when the time budget was spent
+    if (layers.some((l) => typeof l.relative_output_error === "number")) {
+      cards.push(el("div", { class: "card", id: "plot-errors" }, el("h2", {}, "Output error per layer"),
+        el("p", { class: "muted" }, "Relative error of each layer's output against the original's, on held-out inputs."),
+        hbars(layers.map((l) => ({ label: l.name, values: [l.relative_output_error] })), (v) => sig(v, 3))));
+    }
   }
   const fidelity = report.fidelity || {};
   if (fidelity.initialization && fidelity.final) {

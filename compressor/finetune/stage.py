@@ -100,6 +100,23 @@ def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: Fin
     return TrainedJob(student, held_out, summary, initial, final, errors)
 
 
+def as_initialized(loaded: LoadedJob, student: fx.GraphModule, held_out: HeldOut,
+                   job: JobContext, why: str,
+                   scored: tuple[list[OutputFidelity], float] | None = None) -> TrainedJob:
+    """Return `student` as a trained job that took no step (`why`: e.g. the time budget is
+    spent), scored against `held_out` as its caller holds it (no pass of the original: no top
+    k is made for training), or, given `scored` (its fidelity and held-out score, measured
+    already on the same held-out split), not scored again. Its layers' errors are not
+    measured: what fine-tuning would report on is not worth a pass of both models here."""
+    with job.log.stage(FINETUNING):
+        job.control.report(FINETUNING, 0.0, why)
+        job.log.info(why)
+        initial, score = scored if scored is not None else fidelity(
+            student, held_out, loaded.kinds, loaded.next_token)
+        summary = FinetuneSummary(0, "cpu", score, score, 0, skipped=why)
+    return TrainedJob(student, held_out, summary, initial, initial, {})
+
+
 def fidelity(student: fx.GraphModule, held_out: HeldOut, kinds: list[str],
              next_token: list[bool] | None = None) -> tuple[list[OutputFidelity], float]:
     """Return per-output fidelity of `student` against the original's held-out outputs (and,

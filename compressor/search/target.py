@@ -20,6 +20,8 @@ blocks). A finalist's fine-tuning ends at the first held-out evaluation that kee
 takes. Each is checked again after fine-tuning (a quantized one on its real quantized
 model), and the first that meets the floor is the one handed on to export. When none does,
 the job fails with `target_not_met`, giving the best fidelity reached and at what size.
+Candidates that meet the floor within `SIZE_TIE` of each other's bytes are as small as each
+other: when the finalists come to them, they are timed, and the fastest is tried first.
 
 With objective `latency` the order is by onnxruntime latency at the target's batch size
 instead of bytes: every candidate that meets the floor or is within reach of it is exported
@@ -57,7 +59,13 @@ from compressor.export.onnx import export_onnx, onnx_bytes
 from compressor.export.smoothing import smoothed_for_int8
 from compressor.export.stage import QUANTIZERS, materialized, onnx_fidelity, smoothing_batches
 from compressor.finetune.loop import FloorCheck, HeldOut
-from compressor.finetune.stage import EVAL_BATCH, TrainedJob, fidelity, finetune
+from compressor.finetune.stage import (
+    EVAL_BATCH,
+    TrainedJob,
+    as_initialized,
+    fidelity,
+    finetune,
+)
 from compressor.load.stage import LoadedJob
 from compressor.methods import configured
 from compressor.methods.share_values import ShareValuesOptions
@@ -105,6 +113,12 @@ REACH_RELATIVE_L2 = 0.5
 REACH_PERPLEXITY_RATIO = 0.1
 # Candidates within reach tried at most before the smallest that meets the floor.
 REACH_TRIES = 2
+# Objective size: candidates that meet the floor with at most this share more bytes than the
+# smallest that does are as small as it; the fastest of them (onnxruntime latency at the
+# target's batch size) is tried first. Gemma-3 270M: 256 shared values a layer, 268.8 MB, ran
+# 3.2x slower than the original at 1 x 128 tokens; int8 of the original, 269.6 MB (0.3 % more),
+# as fast as it.
+SIZE_TIE = 0.02
 # With a time budget, scoring candidates stops when less than this share of the work time the
 # search started with is left: the rest is for its finalists (rewriting, fine-tuning).
 FINALISTS_SHARE = 0.5
@@ -138,6 +152,8 @@ class Candidate:
     # original's int8 both ways, the smoothing's Mul nodes costing time
     unsmoothed: bool = False
     method: str = "lowrank"  # or "share_values": the shared-values candidate
+    # its held-out score (`held_out_score`) where it was scored in PyTorch (float), else None
+    held_out_score: float | None = None
     plan: Plan | None = field(default=None, repr=False)
 
     @property
@@ -222,13 +238,13 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
             ("no candidate was scored" if scout.cut else "no candidate smaller than the "
              "original could be planned for this model; set `ratio` to compress it to a size "
              "you choose") + _cut_note(budget))
-    finalists = _finalists(candidates, target)
-    if not finalists:
+    near, meeting = _finalists(candidates, target)
+    if not near and not meeting:
         raise TargetNotMetError(_not_met(candidates, target, fine_tuned=False)
                                 + _cut_note(budget))
     tries: list[dict[str, Any]] = []
     late = False  # a finalist was tried with the budget spent: no other will be
-    for candidate in finalists:
+    for candidate in _in_order(near, meeting, scout):
         if (missed := kept.missed_before(candidate)) is not None:
             tries.append(missed)
             job.log.info(f"target: candidate {candidate.name} missed the floor after "
@@ -249,18 +265,26 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
         # learn through its smoothed int8 (`int8_input_scales`), but on all-MiniLM-L6-v2 that
         # reached no more than float did (kept 0.8: cosine 0.9878 against 0.9883 after 300
         # steps; kept 0.9: 0.9923 against 0.9926) at 1.4× the time a step.
-        through_int8 = candidate.quantize == "int8" and (
+        through_int8 = not late and candidate.quantize == "int8" and (
             candidate.unsmoothed or config.export.int8_smoothing is None)
-        shipped = None if candidate.quantize is None else _ShippedScore(scout, student,
-                                                                         candidate, job)
-        # Late, no step is taken: the training set's targets (a teacher pass over it) and the
-        # int8 simulation are not set up, and θ stays the one scored as a candidate.
-        settings = ({"steps": 0, "quantization_aware": False} if late
-                    else {"quantization_aware": through_int8})
-        trained = finetune(loaded, candidate.plan, student,
-                           config.finetune.model_copy(update=settings), job,
-                           enough=_floor_check(candidate, candidates, target, loaded,
-                                               through_int8, shipped))
+        shipped = None
+        if late:
+            # No step is taken: nothing is set up for training (the original's top k on the
+            # held-out split, the training split's targets, the int8 simulation), and θ is the
+            # one scored as a candidate, on the search's held-out outputs (Gemma-3 270M: 158 s
+            # of passes over its held-out windows for a finalist shipped as initialized).
+            trained = as_initialized(loaded, student, held_out, job,
+                                     f"fine-tuning skipped: the search spent the time budget; "
+                                     f"candidate {candidate.name} ships as initialized",
+                                     _scored_as_initialized(candidate, candidates, loaded))
+        else:
+            if candidate.quantize is not None:
+                shipped = _ShippedScore(scout, student, candidate, job)
+            trained = finetune(loaded, candidate.plan, student,
+                               config.finetune.model_copy(
+                                   update={"quantization_aware": through_int8}), job,
+                               enough=_floor_check(candidate, candidates, target, loaded,
+                                                   through_int8, shipped))
         del student
         if candidate.quantize is not None and (late or trained.summary.best_step == 0):
             # θ as scored among the candidates (not trained, or no step did better and the
@@ -299,6 +323,21 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
         del trained, shipped
     raise TargetNotMetError(_not_met(candidates, target, fine_tuned=True, tries=tries)
                             + _cut_note(budget))
+
+
+def _scored_as_initialized(candidate: Candidate, candidates: list[Candidate],
+                           loaded: LoadedJob) -> tuple[list[OutputFidelity], float] | None:
+    """Return the fidelity and held-out score of `candidate`'s student as initialized, as the
+    search scored it in PyTorch: its own (float), or its float twin's (the same budget's plan,
+    unquantized: the same student); None when neither was scored so."""
+    twins = [c for c in [candidate, *candidates]
+             if c.quantize is None and c.method == candidate.method
+             and c.kept_fraction == candidate.kept_fraction and c.held_out_score is not None]
+    if not twins:
+        return None
+    figures = twins[0].fidelity
+    return ([OutputFidelity(**figures[name]) for name in loaded.output_names],
+            twins[0].held_out_score)
 
 
 class _ShippedScore:
@@ -359,10 +398,11 @@ def _cut_note(budget: TimeBudget) -> str:
             f"{'; '.join(budget.cuts)}): raise max_minutes to let it go further")
 
 
-def _finalists(candidates: list[Candidate], target: TargetConfig) -> list[Candidate]:
-    """Return the candidates to fine-tune, in order: those within fine-tuning's reach that
-    cost less (by the objective: smaller, or faster) than the cheapest meeting the floor
-    (cheapest first, at most `REACH_TRIES`), then those meeting it, cheapest first."""
+def _finalists(candidates: list[Candidate], target: TargetConfig,
+               ) -> tuple[list[Candidate], list[Candidate]]:
+    """Return the candidates to fine-tune: those within fine-tuning's reach that cost less (by
+    the objective: smaller, or faster) than the cheapest meeting the floor (cheapest first, at
+    most `REACH_TRIES`), and those meeting it, cheapest first (`_in_order` tries them)."""
     def cost(candidate: Candidate) -> float:
         return candidate.cost(target.objective)
 
@@ -371,7 +411,17 @@ def _finalists(candidates: list[Candidate], target: TargetConfig) -> list[Candid
     # the original quantized (kept fraction 1) has no θ: fine-tuning cannot bring it nearer
     near = sorted((c for c in candidates if not c.meets_floor and cost(c) < cheapest
                    and c.kept_fraction < 1.0 and within_reach(c.fidelity, target)), key=cost)
-    return near[:REACH_TRIES] + meeting
+    return near[:REACH_TRIES], meeting
+
+
+def _in_order(near: list[Candidate], meeting: list[Candidate], scout: _Scout,
+              ) -> Iterator[Candidate]:
+    """Yield the finalists in the order they are tried: `near`, then `meeting`, those as
+    small as the smallest of them (objective size: `SIZE_TIE`) fastest first. They are timed
+    only when the finalists come to them: not when a smaller one within reach keeps the floor."""
+    yield from near
+    yield from (scout.fastest_first(meeting) if scout.target.objective == "size"
+                else meeting)
 
 
 def within_reach(fidelity: dict[str, dict[str, Any]], target: TargetConfig) -> bool:
@@ -664,27 +714,29 @@ class _Scout:
     def _parameters(self, plan: Plan) -> int:
         return round(self.other_parameters - plan.targeted_numel + plan.kept_numel)
 
-    def _scored(self, student: fx.GraphModule) -> dict[str, dict[str, Any]]:
-        """Return `student`'s fidelity to the original on the held-out split, in PyTorch."""
-        return fidelity_by_output(fidelity(student, self.held_out, self.loaded.kinds,
-                                           self.loaded.next_token)[0],
-                                  self.loaded.output_names)
+    def _scored(self, student: fx.GraphModule) -> tuple[dict[str, dict[str, Any]], float]:
+        """Return `student`'s fidelity to the original on the held-out split, in PyTorch, and
+        its held-out score."""
+        figures, score = fidelity(student, self.held_out, self.loaded.kinds,
+                                  self.loaded.next_token)
+        return fidelity_by_output(figures, self.loaded.output_names), score
 
     def _float(self, fraction: float, plan: Plan) -> Candidate:
-        scored = self._scored(self._student(plan))
+        scored, score = self._scored(self._student(plan))
         parameters = self._parameters(plan)
         return Candidate(fraction, None, parameters, 4 * parameters, scored,
-                         self.target.met_by(scored), bytes_estimated=True, plan=plan)
+                         self.target.met_by(scored), bytes_estimated=True,
+                         held_out_score=score, plan=plan)
 
     def _shared(self, plan: Plan) -> Candidate:
         """Score the shared-values candidate in float; its bytes are measured (one-byte
         indices: 4 bytes a number would count them four times)."""
         student = self._student(plan)
-        scored = self._scored(student)
+        scored, score = self._scored(student)
         size = self.exported_bytes(student, plan)
         return Candidate(plan.kept_numel / max(1, plan.targeted_numel), None,
                          self._parameters(plan), size, scored, self.target.met_by(scored),
-                         method="share_values", plan=plan)
+                         method="share_values", held_out_score=score, plan=plan)
 
     def _quantized(self, fraction: float, plan: Plan, quantize: str,
                    smoothed: bool = True) -> Candidate:
@@ -702,12 +754,9 @@ class _Scout:
         from a smoothed copy unless `smoothed` is False) and score it in onnxruntime; return
         its fidelity, its bytes and (objective latency, when it is within reach of the floor)
         its latency. The student is left as it was."""
-        exporting = self._exported(student, plan, smoothed=smoothed and quantize == "int8")
+        shipping = self._shipped(student, plan, quantize, smoothed)
         del student  # held by the export until it is written (see `_exported`)
-        with exporting as exported:
-            quantized = exported.parent / quantize / ONNX_ARTIFACT
-            quantized.parent.mkdir()
-            QUANTIZERS[quantize](exported, quantized)
+        with shipping as quantized:
             scored = fidelity_by_output(onnx_fidelity(quantized, self.held_out, self.loaded.kinds,
                                                   self.loaded.next_token),
                                     self.loaded.output_names)
@@ -715,6 +764,48 @@ class _Scout:
             if self.target.objective == "latency" and within_reach(scored, self.target):
                 latency = self._latency_ms(quantized)
             return scored, onnx_bytes(quantized), latency
+
+    @contextlib.contextmanager
+    def _shipped(self, student: fx.GraphModule, plan: Plan, quantize: str | None,
+                 smoothed: bool = True) -> Iterator[Path]:
+        """Export `student`'s compact form as it would ship: quantized (`quantize`; int8 from
+        a smoothed copy unless `smoothed` is False) or not, into a scratch folder removed
+        after."""
+        exporting = self._exported(student, plan, smoothed=smoothed and quantize == "int8")
+        del student  # held by the export until it is written (see `_exported`)
+        with exporting as exported:
+            if quantize is None:
+                yield exported
+                return
+            quantized = exported.parent / quantize / ONNX_ARTIFACT
+            quantized.parent.mkdir()
+            QUANTIZERS[quantize](exported, quantized)
+            yield quantized
+
+    def fastest_first(self, meeting: list[Candidate]) -> list[Candidate]:
+        """Return `meeting` (smallest first) with those within `SIZE_TIE` of the smallest's
+        bytes put fastest first, each timed as it would ship (`_latency_ms`); as it is when
+        fewer than two are that close, or when the time budget is spent (then the smallest
+        goes first, and the cut is recorded)."""
+        tied = [c for c in meeting if c.bytes <= (1 + SIZE_TIE) * meeting[0].bytes]
+        if len(tied) < 2:
+            return meeting
+        budget = self.job.control.budget
+        if not budget.affords(0):
+            budget.cut(f"{len(tied)} finalists within {SIZE_TIE:.0%} in size not timed: the "
+                       "smallest was tried first")
+            return meeting
+        for candidate in tied:
+            if candidate.latency_ms is None:
+                with self._shipped(self._student(candidate.plan), candidate.plan,
+                                   candidate.quantize, not candidate.unsmoothed) as path:
+                    candidate.latency_ms = self._latency_ms(path)
+        ordered = sorted(tied, key=lambda c: c.latency_ms)
+        self.job.log.info(
+            f"target: {len(tied)} candidates meet the floor within {SIZE_TIE:.0%} of the "
+            f"smallest's bytes; the fastest is tried first: "
+            + ", ".join(f"{c.name} ({c.bytes:,} bytes, {c.latency_ms:.3g} ms)" for c in ordered))
+        return ordered + meeting[len(tied):]
 
     def _expect_finishing(self, export_s: float) -> None:
         """Keep what a candidate's export (`export_s`) says the artifact's export, verification

@@ -13,6 +13,7 @@ from compressor.cli import main
 from compressor.config import CompressionConfig, TargetConfig
 from compressor.errors import ConfigError, TargetNotMetError
 from compressor.finetune import loop as loop_module
+from compressor.finetune import stage as finetune_stage
 from compressor.finetune.loop import HeldOut
 from compressor.load.stage import load
 from compressor.plan.stage import calibrate_layers, plan
@@ -207,6 +208,47 @@ def test_shared_values_are_a_candidate_and_win_when_only_they_keep_the_floor(eas
     assert {entry["method"] for entry in result.report["plan"]["layers"]} == {"share_values"}
     assert {entry["size"] for entry in result.report["plan"]["layers"]} == {SHARED_VALUES}
     assert result.report["onnx_bytes"]["artifact"] == chosen["bytes"]  # what was measured ships
+
+
+@pytest.mark.parametrize("tie", [None, 0.1])
+def test_candidates_as_small_as_the_smallest_are_timed_and_the_fastest_ships(
+        easy, mlp, tmp_path, monkeypatch, tie):
+    # int8 of the original and the shared values both keep this floor, the shared values a few
+    # per cent larger: as small as each other within a `SIZE_TIE` of 0.1, not within 0.02
+    candidates = easy.report["target"]["candidates"]
+    [int8] = [c for c in candidates if (c["kept_fraction"], c["quantize"]) == (1.0, "int8")]
+    [shared] = [c for c in candidates if c["method"] == "share_values"]
+    assert 1.02 < shared["bytes"] / int8["bytes"] < 1.1
+    floor = 1.25 * max(_relative_l2(int8), _relative_l2(shared))
+    assert all(_relative_l2(c) > 2 * floor for c in candidates
+               if c["bytes"] < int8["bytes"])  # nothing smaller keeps it, or is within reach
+    if tie is not None:
+        monkeypatch.setattr(target_search, "SIZE_TIE", tie)
+    timed = []
+
+    def latency_ms(self, path):  # the shared values run faster than int8 here
+        ops = {node.op_type for node in onnx.load(path, load_external_data=False).graph.node}
+        timed.append(path)
+        return 2.0 if "MatMulInteger" in ops else 1.0
+
+    monkeypatch.setattr(_Scout, "_latency_ms", latency_ms)
+    result = compressor.compress(mlp, {**FAST, "target": {"relative_l2": floor}},
+                                 out_dir=tmp_path / "out")
+    search = result.report["target"]
+    chosen = search["chosen"]
+    log = (tmp_path / "out" / "job.log").read_text()
+    if tie is None:  # 2 %: the smallest ships, and nothing is timed
+        assert (chosen["kept_fraction"], chosen["quantize"]) == (1.0, "int8")
+        assert not timed and all(c["latency_ms"] is None for c in search["candidates"])
+        return
+    assert chosen["method"] == "share_values" and chosen["latency_ms"] == 1.0
+    assert [t["method"] for t in search["tries"]] == ["share_values"]  # tried first, and kept
+    assert len(timed) == 2 and {c["latency_ms"] for c in search["candidates"]
+                                if c["meets_floor"]} == {1.0, 2.0}
+    assert ("target: 2 candidates meet the floor within 10% of the smallest's bytes; the "
+            f"fastest is tried first: shared values ({SHARED_VALUES} a layer) "
+            f"({chosen['bytes']:,} bytes, 1 ms), kept 1 int8 ({int8['bytes']:,} bytes, 2 ms)"
+            ) in log
 
 
 def test_int4_candidates_are_scored_on_their_real_int4_models_and_reported(easy):
@@ -422,6 +464,13 @@ def test_with_the_budget_spent_by_the_search_the_cheapest_candidate_meeting_the_
     real_targets = loop_module._teacher_targets
     monkeypatch.setattr(loop_module, "_teacher_targets",
                         lambda *args: targets.append(1) or real_targets(*args))
+    # ... nor a pass of the original or of the student: it was scored in the search
+    held_outs, scorings, errors = [], [], []
+    real_held_out = HeldOut.of.__func__
+    monkeypatch.setattr(HeldOut, "of", classmethod(
+        lambda cls, *args, **kwargs: held_outs.append(1) or real_held_out(cls, *args, **kwargs)))
+    monkeypatch.setattr(finetune_stage, "fidelity", lambda *args: scorings.append(1))
+    monkeypatch.setattr(finetune_stage, "layer_errors", lambda *args: errors.append(1))
     config = {**FAST, "finetune": {"steps": 5, "loss": "regression"},
               "target": {"relative_l2": 10.0}, "max_minutes": 3}
     result = compressor.compress(mlp, config, out_dir=tmp_path / "out", progress=clock.tick)
@@ -434,6 +483,14 @@ def test_with_the_budget_spent_by_the_search_the_cheapest_candidate_meeting_the_
                                  f"candidate kept {first:g} ships as initialized"]
     assert search["tries"][0]["fine_tuned"].startswith("not: the search spent the time budget")
     assert not targets
+    assert len(held_outs) == 1 and not scorings and not errors  # the search's held-out only
+    fidelity = result.report["fidelity"]
+    assert (fidelity["initialization"]["output_0"]["relative_l2"]
+            == fidelity["final"]["output_0"]["relative_l2"]
+            == search["candidates"][0]["fidelity"]["output_0"]["relative_l2"])
+    assert result.report["finetune"]["skipped"] == (
+        f"fine-tuning skipped: the search spent the time budget; candidate kept {first:g} "
+        "ships as initialized")
     assert result.report["onnx_parity"]["passed"] and result.model_path.exists()
 
 
