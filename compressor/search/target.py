@@ -20,8 +20,9 @@ blocks). A finalist's fine-tuning ends at the first held-out evaluation that kee
 takes. Each is checked again after fine-tuning (a quantized one on its real quantized
 model), and the first that meets the floor is the one handed on to export. When none does,
 the job fails with `target_not_met`, giving the best fidelity reached and at what size.
-Candidates that meet the floor within `SIZE_TIE` of each other's bytes are as small as each
-other: when the finalists come to them, they are timed, and the fastest is tried first.
+Candidates that meet the floor within `SIZE_TIE` of the smallest one's bytes are as small as
+it: each candidate that meets the floor is timed as it is scored, and of those the fastest is
+tried first.
 
 With objective `latency` the order is by onnxruntime latency at the target's batch size
 instead of bytes: every candidate that meets the floor or is within reach of it is exported
@@ -417,8 +418,8 @@ def _finalists(candidates: list[Candidate], target: TargetConfig,
 def _in_order(near: list[Candidate], meeting: list[Candidate], scout: _Scout,
               ) -> Iterator[Candidate]:
     """Yield the finalists in the order they are tried: `near`, then `meeting`, those as
-    small as the smallest of them (objective size: `SIZE_TIE`) fastest first. They are timed
-    only when the finalists come to them: not when a smaller one within reach keeps the floor."""
+    small as the smallest of them (objective size: `SIZE_TIE`) fastest first; one of those not
+    timed as it was scored is timed only when the finalists come to it."""
     yield from near
     yield from (scout.fastest_first(meeting) if scout.target.objective == "size"
                 else meeting)
@@ -571,8 +572,11 @@ class _Scout:
         passing = [c for c in candidates if c.meets_floor]
         if passing:  # the float finalist's real size, to weigh against the quantized ones
             smallest = min(passing, key=lambda c: c.kept_fraction)
-            smallest.bytes = self.exported_bytes(self._student(smallest.plan), smallest.plan)
+            smallest.bytes, latency = self._measured(
+                self._student(smallest.plan), smallest.plan,
+                timed=self.target.objective == "size")  # it meets the floor: `_timed`
             smallest.bytes_estimated = False
+            smallest.latency_ms = smallest.latency_ms if latency is None else latency
             overhead = smallest.bytes - 4 * smallest.parameters  # the graph, names, ...
             for other in candidates:
                 if other.bytes_estimated:
@@ -733,10 +737,11 @@ class _Scout:
         indices: 4 bytes a number would count them four times)."""
         student = self._student(plan)
         scored, score = self._scored(student)
-        size = self.exported_bytes(student, plan)
+        size, latency = self._measured(student, plan, self._timed(scored))
         return Candidate(plan.kept_numel / max(1, plan.targeted_numel), None,
                          self._parameters(plan), size, scored, self.target.met_by(scored),
-                         method="share_values", held_out_score=score, plan=plan)
+                         latency_ms=latency, method="share_values", held_out_score=score,
+                         plan=plan)
 
     def _quantized(self, fraction: float, plan: Plan, quantize: str,
                    smoothed: bool = True) -> Candidate:
@@ -760,10 +765,17 @@ class _Scout:
             scored = fidelity_by_output(onnx_fidelity(quantized, self.held_out, self.loaded.kinds,
                                                   self.loaded.next_token),
                                     self.loaded.output_names)
-            latency = None
-            if self.target.objective == "latency" and within_reach(scored, self.target):
-                latency = self._latency_ms(quantized)
+            latency = self._latency_ms(quantized) if self._timed(scored) else None
             return scored, onnx_bytes(quantized), latency
+
+    def _timed(self, scored: dict[str, dict[str, Any]]) -> bool:
+        """Whether a candidate that scored `scored` is timed while its file is at hand: by
+        objective latency when it is within reach of the floor (it may be picked for its
+        speed), by objective size when it meets the floor (it may tie with another on size:
+        `fastest_first`)."""
+        if self.target.objective == "latency":
+            return within_reach(scored, self.target)
+        return self.target.met_by(scored)
 
     @contextlib.contextmanager
     def _shipped(self, student: fx.GraphModule, plan: Plan, quantize: str | None,
@@ -790,16 +802,18 @@ class _Scout:
         tied = [c for c in meeting if c.bytes <= (1 + SIZE_TIE) * meeting[0].bytes]
         if len(tied) < 2:
             return meeting
+        # each was timed as it was scored (`_timed`), but for a float one whose bytes were
+        # estimated, or one an earlier try scored without timing it: those are exported again
+        untimed = [c for c in tied if c.latency_ms is None]
         budget = self.job.control.budget
-        if not budget.affords(0):
-            budget.cut(f"{len(tied)} finalists within {SIZE_TIE:.0%} in size not timed: the "
-                       "smallest was tried first")
+        if untimed and not budget.affords(0):
+            budget.cut(f"{len(untimed)} finalists within {SIZE_TIE:.0%} of the smallest's bytes "
+                       "not timed: the smallest was tried first")
             return meeting
-        for candidate in tied:
-            if candidate.latency_ms is None:
-                with self._shipped(self._student(candidate.plan), candidate.plan,
-                                   candidate.quantize, not candidate.unsmoothed) as path:
-                    candidate.latency_ms = self._latency_ms(path)
+        for candidate in untimed:
+            with self._shipped(self._student(candidate.plan), candidate.plan,
+                               candidate.quantize, not candidate.unsmoothed) as path:
+                candidate.latency_ms = self._latency_ms(path)
         ordered = sorted(tied, key=lambda c: c.latency_ms)
         self.job.log.info(
             f"target: {len(tied)} candidates meet the floor within {SIZE_TIE:.0%} of the "
@@ -819,8 +833,14 @@ class _Scout:
 
     def exported_bytes(self, student: fx.GraphModule, plan: Plan) -> int:
         """Return the bytes of `student`'s compact form exported to ONNX."""
+        return self._measured(student, plan, timed=False)[0]
+
+    def _measured(self, student: fx.GraphModule, plan: Plan, timed: bool,
+                  ) -> tuple[int, float | None]:
+        """Return the bytes of `student`'s compact form exported to ONNX, and, when `timed`,
+        its latency (`_latency_ms`), else None."""
         with self._exported(student, plan) as exported:
-            return onnx_bytes(exported)
+            return onnx_bytes(exported), self._latency_ms(exported) if timed else None
 
     @contextlib.contextmanager
     def _exported(self, student: fx.GraphModule, plan: Plan,
