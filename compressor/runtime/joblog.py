@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from compressor.runtime.memory import PeakMemory, format_bytes
+from compressor.runtime.memory import PeakMemory, current_rss_bytes, format_bytes
 
 _logger = logging.getLogger("compressor")
 # The loggers whose records are the libraries' own noise, with every logger under them.
@@ -101,6 +101,12 @@ class JobLog:
             self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + elapsed
             self.stage_peak_rss_bytes[name] = max(self.stage_peak_rss_bytes.get(name, 0), peak)
             self.info(f"stage {name}: {elapsed:.2f}s, peak memory {format_bytes(peak)}")
+
+    def memory_now(self) -> str:
+        """Return the process's memory now, for a line within a stage: resident now, and the
+        stage's peak so far."""
+        return (f"resident {format_bytes(current_rss_bytes())}, peak of the stage so far "
+                f"{format_bytes(self._memory.peak_bytes())}")
 
     @contextlib.contextmanager
     def capture_library_output(self) -> Iterator[None]:

@@ -728,9 +728,9 @@ class _Scout:
     def _float(self, fraction: float, plan: Plan) -> Candidate:
         scored, score = self._scored(self._student(plan))
         parameters = self._parameters(plan)
-        return Candidate(fraction, None, parameters, 4 * parameters, scored,
-                         self.target.met_by(scored), bytes_estimated=True,
-                         held_out_score=score, plan=plan)
+        return self._logged(Candidate(fraction, None, parameters, 4 * parameters, scored,
+                                      self.target.met_by(scored), bytes_estimated=True,
+                                      held_out_score=score, plan=plan))
 
     def _shared(self, plan: Plan) -> Candidate:
         """Score the shared-values candidate in float; its bytes are measured (one-byte
@@ -738,27 +738,36 @@ class _Scout:
         student = self._student(plan)
         scored, score = self._scored(student)
         size, latency = self._measured(student, plan, self._timed(scored))
-        return Candidate(plan.kept_numel / max(1, plan.targeted_numel), None,
-                         self._parameters(plan), size, scored, self.target.met_by(scored),
-                         latency_ms=latency, method="share_values", held_out_score=score,
-                         plan=plan)
+        return self._logged(Candidate(plan.kept_numel / max(1, plan.targeted_numel), None,
+                                      self._parameters(plan), size, scored,
+                                      self.target.met_by(scored), latency_ms=latency,
+                                      method="share_values", held_out_score=score, plan=plan))
 
     def _quantized(self, fraction: float, plan: Plan, quantize: str,
                    smoothed: bool = True) -> Candidate:
         # the student is built here and held by nothing else: freed once it is exported
         scored, size, latency = self.quantized_fidelity(self._student(plan), plan, quantize,
                                                         smoothed)
-        return Candidate(fraction, quantize, self._parameters(plan), size, scored,
-                         self.target.met_by(scored), latency_ms=latency,
-                         unsmoothed=quantize == "int8" and not smoothed, plan=plan)
+        return self._logged(Candidate(fraction, quantize, self._parameters(plan), size, scored,
+                                      self.target.met_by(scored), latency_ms=latency,
+                                      unsmoothed=quantize == "int8" and not smoothed,
+                                      plan=plan))
+
+    def _logged(self, candidate: Candidate) -> Candidate:
+        """Log that `candidate` was scored, with the memory the search holds then (what each
+        kind of candidate costs it: a language model's search peaked at 10.5 GiB, 10x its
+        weights, unexplained by stage peaks alone), and return it."""
+        self.job.log.info(f"target: scored {candidate.name}: "
+                          f"{describe_fidelity(candidate.fidelity)}; {self.job.log.memory_now()}")
+        return candidate
 
     def quantized_fidelity(self, student: fx.GraphModule, plan: Plan, quantize: str,
                            smoothed: bool = True,
                            ) -> tuple[dict[str, dict[str, Any]], int, float | None]:
         """Export `student`'s compact form, quantize it (`quantize`: "int8" or "int4"; int8
         from a smoothed copy unless `smoothed` is False) and score it in onnxruntime; return
-        its fidelity, its bytes and (objective latency, when it is within reach of the floor)
-        its latency. The student is left as it was."""
+        its fidelity, its bytes and, when `_timed`, its latency (else None). The student is
+        left as it was."""
         shipping = self._shipped(student, plan, quantize, smoothed)
         del student  # held by the export until it is written (see `_exported`)
         with shipping as quantized:

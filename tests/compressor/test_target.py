@@ -73,6 +73,13 @@ def test_an_easy_target_hands_back_the_smallest_candidate(easy):
     assert not any("not smaller" in warning for warning in easy.report["warnings"])
 
 
+def test_each_candidate_scored_is_logged_with_the_memory_held_then(easy):
+    log = easy.log_path.read_text()
+    scored = [line for line in log.splitlines() if "] target: scored " in line]
+    assert len(scored) == len(easy.report["target"]["candidates"])
+    assert all(", peak of the stage so far " in line and "resident " in line for line in scored)
+
+
 def test_the_latency_objective_times_every_candidate_in_reach_and_hands_back_the_fastest(
     mlp, tmp_path
 ):
