@@ -223,7 +223,9 @@ class Distillation:
     loss, `compressor.runtime.objectives`), the training split, and the held-out split with the
     original's outputs on it; with `enough`, when it has learned enough (None: every step);
     with `int8_input_scales`, the smoothing a quantization-aware run simulates int8 with
-    (`compressor.finetune.quantization_aware`)."""
+    (`compressor.finetune.quantization_aware`); `scoring_s`, the seconds a held-out scoring
+    pass took before fine-tuning (0: not measured), which a time budget keeps for the one
+    taken where it stops fine-tuning, and for the scoring of the best θ after."""
 
     teacher: nn.Module
     kinds: list[str]
@@ -231,6 +233,7 @@ class Distillation:
     held_out: HeldOut
     enough: FloorCheck | None = None
     int8_input_scales: dict[str, torch.Tensor] | None = None
+    scoring_s: float = 0.0
 
 
 def held_out_score(student: nn.Module, held_out: HeldOut, kinds: list[str],
@@ -447,8 +450,13 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
     else:
         params = trainable_parameters(student, plan, config.train_biases)
     eval_batches = [_to(b, device) for b in held_out.batches()]
-    best = (held_out_score(student, held_out, kinds, batches=eval_batches)
-            if initial_score is None else initial_score)
+    budget = control.budget
+    scoring_s, scoring_started = lesson.scoring_s, budget.elapsed_s()
+    if initial_score is None:
+        best = held_out_score(student, held_out, kinds, batches=eval_batches)
+        scoring_s = budget.elapsed_s() - scoring_started
+    else:
+        best = initial_score
     summary = FinetuneSummary(config.steps, str(device), best, best, 0,
                               quantization_aware=config.quantization_aware)
     summary.samples_per_step, summary.tokens_per_step = samples_per_step(config, train, device)
@@ -487,15 +495,20 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
                 f"fine-tuning step {step} of {config.steps}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     started, first = time.monotonic(), step + 1
-    budget, budget_started = control.budget, control.budget.elapsed_s()
+    budget_started = budget.elapsed_s()
     for step in range(first, config.steps + 1 if resumed is None or not resumed.finished
                       else first):
         pace = (budget.elapsed_s() - budget_started) / max(1, step - first)
+        # after the first step, a step is taken only with time for it and for the two held-out
+        # passes a stop for the budget is followed by: θ where it stopped scored, then the best
+        # θ's figures (`finetune.stage`; Gemma-3 270M: ~30 s each)
+        last_pass = 2 * scoring_s if step > first else 0.0
         if budget.limited and step > first:  # the cosine ends where the budget will stop
-            affordable = int(max(0.0, budget.left_s() - budget.reserve_s) / max(pace, 1e-9))
+            affordable = int(max(0.0, budget.left_s() - budget.reserve_s - last_pass)
+                             / max(pace, 1e-9))
             summary.schedule_steps = min(config.steps, step - 1 + affordable)
-        if not budget.affords(pace):  # the first step: only while anything is left
-            summary.cut_by_budget = _cut(step - 1, config.steps, pace, budget)
+        if not budget.affords(pace + last_pass):  # the first step: while anything is left
+            summary.cut_by_budget = _cut(step - 1, config.steps, pace, budget, last_pass)
             step -= 1  # the last step taken
             scored = bool(summary.history) and summary.history[-1]["step"] == step
             if step >= first and not scored:  # θ where it stopped may be the best
@@ -531,7 +544,9 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
         if step % config.eval_every == 0 or step == config.steps:
             meter = None if lesson.enough is None else FidelityMeter(
                 kinds, lesson.enough.next_token)
+            scoring_started = budget.elapsed_s()
             current = held_out_score(student, held_out, kinds, meter, batches=eval_batches)
+            scoring_s = budget.elapsed_s() - scoring_started
             entry = {"step": step, "loss": loss_value, "held_out": current}
             if current < best:
                 best, summary.best_step = current, step
@@ -580,10 +595,13 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
     return summary
 
 
-def _cut(last: int, steps: int, pace: float, budget) -> str:
-    """Record in `budget` that fine-tuning stopped after step `last` of `steps`; return why."""
+def _cut(last: int, steps: int, pace: float, budget, scoring_s: float = 0.0) -> str:
+    """Record in `budget` that fine-tuning stopped after step `last` of `steps`; return why
+    (`scoring_s`: the seconds kept for the held-out passes after it)."""
     budget.cut(f"fine-tuning stopped at step {last} of {steps}")
     pace_text = f"a step takes {pace:.2g} s, " if last > 0 else ""
+    if scoring_s > 0:
+        pace_text += f"the held-out passes after it {scoring_s:.2g} s, "
     return (f"fine-tuning stopped at step {last} of {steps} to fit the time budget "
             f"({budget.describe()}; {pace_text}{budget.reserve_s:.0f} s are kept for export, "
             "verification and the report); raise max_minutes for all the steps")

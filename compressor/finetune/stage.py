@@ -68,9 +68,11 @@ def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: Fin
         job.log.info(f"{job.costs.describe()}; held-out batches of {batch_size}")
         top_k = TopKOutputs(config.logits_top_k, tuple(loaded.next_token), KL_TEMPERATURE)
         held_out = HeldOut.of(loaded.teacher, loaded.held_out, batch_size, top_k, job.scratch)
+        scoring_started = job.control.budget.elapsed_s()
         initial, initial_score = fidelity(student, held_out, loaded.kinds, loaded.next_token)
         lesson = Distillation(loaded.teacher, loaded.kinds, loaded.train, held_out, enough,
-                              int8_input_scales)
+                              int8_input_scales,
+                              scoring_s=job.control.budget.elapsed_s() - scoring_started)
         checkpoints = None if job.resume is None else FinetuneCheckpoints.for_run(
             job.resume, plan, config, job.log.info)
         if checkpoints is not None:

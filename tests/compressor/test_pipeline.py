@@ -11,6 +11,8 @@ import torch
 
 import compressor
 from compressor.errors import CancelledError, JobTimeoutError, ModelFormatError, VerificationError
+from compressor.finetune import loop as finetune_loop
+from compressor.finetune import stage as finetune_stage
 from compressor.report.figures import sha256_of
 from compressor.vocabulary import JOB_STAGES
 from tests.support.clock import JobClock
@@ -244,6 +246,33 @@ def test_a_budget_that_runs_out_mid_fine_tuning_stops_it_and_the_artifact_is_sti
     assert report["onnx_parity"]["passed"]
     assert report["artifacts"]["model.onnx"]["sha256"] == sha256_of(result.model_path)
     assert stopped in (tmp_path / "job.log").read_text()
+
+
+def test_fine_tuning_stopped_by_the_budget_keeps_time_to_score_where_it_stopped(
+    programs, tmp_path, clock, monkeypatch
+):
+    # A held-out scoring pass costs 30 s here: the initial one (which fine-tuning measures),
+    # the one that scores θ where the budget stops it (no evaluation before: `eval_every` is
+    # beyond the steps), and the best θ's figures after. The last still ends before what
+    # export, verification and the report are kept (which take no time on this clock).
+    def costly(real):
+        def scoring(*args, **kwargs):
+            clock.now += 30.0
+            return real(*args, **kwargs)
+        return scoring
+
+    monkeypatch.setattr(finetune_stage, "held_out_score",
+                        costly(finetune_stage.held_out_score))
+    monkeypatch.setattr(finetune_loop, "held_out_score", costly(finetune_loop.held_out_score))
+    result = compressor.compress(programs["mlp"], fast(finetune={"steps": 50, "eval_every": 100},
+                                                       max_minutes=3),
+                                 out_dir=tmp_path, progress=clock.tick)
+    budget, finetune = result.report["budget"], result.report["finetune"]
+    assert 0 < finetune["steps_run"] < 50
+    assert finetune["history"][-1] == {"step": finetune["steps_run"], "note": "budget",
+                                       "held_out": finetune["history"][-1]["held_out"]}
+    assert budget["elapsed_s"] <= 3 * 60 - budget["reserve_s"]
+    assert "the held-out passes after it 60 s" in finetune["cut_by_budget"]
 
 
 def test_without_a_budget_nothing_is_cut(programs, tmp_path, clock):
