@@ -331,7 +331,7 @@ def _scored_as_initialized(candidate: Candidate, candidates: list[Candidate],
     """Return the fidelity and held-out score of `candidate`'s student as initialized, as the
     search scored it in PyTorch: its own (float), or its float twin's (the same budget's plan,
     unquantized: the same student); None when neither was scored so."""
-    twins = [c for c in [candidate, *candidates]
+    twins = [c for c in candidates  # `candidate` among them
              if c.quantize is None and c.method == candidate.method
              and c.kept_fraction == candidate.kept_fraction and c.held_out_score is not None]
     if not twins:
@@ -572,11 +572,9 @@ class _Scout:
         passing = [c for c in candidates if c.meets_floor]
         if passing:  # the float finalist's real size, to weigh against the quantized ones
             smallest = min(passing, key=lambda c: c.kept_fraction)
-            smallest.bytes, latency = self._measured(
-                self._student(smallest.plan), smallest.plan,
-                timed=self.target.objective == "size")  # it meets the floor: `_timed`
+            smallest.bytes, smallest.latency_ms = self._measured(
+                self._student(smallest.plan), smallest.plan, self._timed(smallest.fidelity))
             smallest.bytes_estimated = False
-            smallest.latency_ms = smallest.latency_ms if latency is None else latency
             overhead = smallest.bytes - 4 * smallest.parameters  # the graph, names, ...
             for other in candidates:
                 if other.bytes_estimated:
@@ -689,7 +687,7 @@ class _Scout:
 
     def _time_floats(self, candidates: list[Candidate]) -> None:
         """Export and time each float candidate the objective may pick: those that meet the
-        floor or are within reach of it (the quantized ones were timed as they were scored)."""
+        floor or are within reach of it, but those timed as they were scored (`_timed`)."""
         timed = [c for c in candidates if c.quantize is None and c.latency_ms is None
                  and (c.meets_floor or within_reach(c.fidelity, self.target))]
         for index, candidate in enumerate(timed):
@@ -698,9 +696,9 @@ class _Scout:
                 break
             self.job.control.report(PLANNING, 0.96 + 0.04 * index / len(timed),
                                     f"timing the candidate keeping {candidate.kept_fraction:g}")
-            with self._exported(self._student(candidate.plan), candidate.plan) as exported:
-                candidate.latency_ms = self._latency_ms(exported)
-                candidate.bytes, candidate.bytes_estimated = onnx_bytes(exported), False
+            candidate.bytes, candidate.latency_ms = self._measured(
+                self._student(candidate.plan), candidate.plan, timed=True)
+            candidate.bytes_estimated = False
 
     def _latency_ms(self, path: Path) -> float:
         """Return onnxruntime's latency (ms) of the model at `path` at the target's batch size
