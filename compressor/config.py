@@ -38,6 +38,14 @@ from compressor.vocabulary import describe_validation_error
 CONFIG_VERSION = 2
 # The kept fraction of a job that sizes itself without giving `ratio` (see `with_mode_chosen`).
 RATIO_WITHOUT_TARGET = 0.5
+DEFAULT_TIMEOUT_S = 3600
+MAX_TIMEOUT_S = 7 * 24 * 3600
+# A job that gives no `max_minutes` budgets this share of its `timeout_s`: one that would run
+# past the timeout (a 135M-parameter language model's default job on 2 cores: the search, then
+# 300 fine-tuning steps of tens of seconds) stops its search and fine-tuning in time and hands
+# back a verified model, where it failed with `timeout` and nothing to show; the rest of the
+# timeout covers what the budget's estimates miss (Gemma-3 270M's 45-minute job: 94 s over).
+BUDGET_SHARE_OF_TIMEOUT = 0.75
 
 
 class _Strict(BaseModel):
@@ -329,24 +337,27 @@ class CompressionConfig(_Strict):
     export: ExportConfig = Field(default_factory=ExportConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     timeout_s: float = Field(
-        default=3600, gt=0, le=7 * 24 * 3600,
+        default=DEFAULT_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S,
         description="the job fails with code `timeout` past this; when only `max_minutes` is "
         "given, twice the budget (at least 3600)")
     max_minutes: float | None = Field(
         default=None, gt=0, lt=7 * 24 * 60, examples=[None, 20],
+        json_schema_extra={"default_text": "¾ of `timeout_s`"},
         description="a time budget: the job ends within about this many minutes with the best "
         "verified model it can make in them. Calibration takes fewer samples, target mode's "
         "search scores fewer candidates and fine-tunes fewer finalists, fine-tuning stops "
         "before its last step, each keeping time for export, verification and the report; "
-        "report.json's `budget` lists what was cut. Must end before `timeout_s`. null (the "
-        "default): no budget, nothing is cut, the same config gives the same model on any "
-        "machine")
+        "report.json's `budget` lists what was cut. Must end before `timeout_s`. When not "
+        "given: three quarters of `timeout_s` (45 with the default timeout), so a job that "
+        "would run past its timeout hands back what it made in time instead of failing; a job "
+        "that fits in it is not cut. null: no budget, nothing is ever cut, the same config "
+        "gives the same model on any machine (and a job too long for `timeout_s` fails)")
 
     @model_validator(mode="before")
     @classmethod
     def _read_version_1_and_choose_mode(cls, data: Any) -> Any:
         upgraded = upgrade_version_1(data)
-        return with_timeout_for_budget(with_mode_chosen(upgraded,
+        return with_budget_and_timeout(with_mode_chosen(upgraded,
                                                         was_version_1=upgraded is not data))
 
     @model_validator(mode="after")
@@ -418,16 +429,27 @@ def with_mode_chosen(data: Any, *, was_version_1: bool = False) -> Any:
     return data
 
 
-def with_timeout_for_budget(data: Any) -> Any:
-    """Return a config (plain data) that gives `max_minutes` but no `timeout_s` with
-    `timeout_s` twice the budget (at least its default, 3600; at most its maximum), so a
-    budget past an hour does not need a timeout too; anything else unchanged."""
-    if not isinstance(data, dict) or "timeout_s" in data:
+def with_budget_and_timeout(data: Any) -> Any:
+    """Return a config (plain data) with both `max_minutes` and `timeout_s` settled: a budget
+    not given (absent, not null) is `BUDGET_SHARE_OF_TIMEOUT` of the timeout (given or
+    default); a timeout not given beside a budget is twice the budget (at least the default,
+    at most its maximum), so a budget past an hour does not need a timeout too. Invalid values
+    are left for validation to name."""
+    if not isinstance(data, dict):
         return data
-    budget = data.get("max_minutes")
-    if not isinstance(budget, int | float) or isinstance(budget, bool) or budget <= 0:
-        return data  # none, or invalid: validation names it
-    return {**data, "timeout_s": min(7 * 24 * 3600, max(3600, 2 * 60 * budget))}
+    if "max_minutes" not in data:
+        timeout = data.get("timeout_s", DEFAULT_TIMEOUT_S)
+        if not _positive_number(timeout) or timeout > MAX_TIMEOUT_S:
+            return data
+        return {**data, "max_minutes": BUDGET_SHARE_OF_TIMEOUT * timeout / 60}
+    budget = data["max_minutes"]
+    if "timeout_s" in data or not _positive_number(budget):
+        return data  # both given, or no budget (null), or an invalid one
+    return {**data, "timeout_s": min(MAX_TIMEOUT_S, max(DEFAULT_TIMEOUT_S, 2 * 60 * budget))}
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
 def _sizes_the_job(data: dict[str, Any]) -> bool:

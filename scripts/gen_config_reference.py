@@ -225,6 +225,9 @@ def _annotation_name(annotation: Any) -> str:
 
 
 def _default(info: FieldInfo, dotted: str) -> str:
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    if "default_text" in extra:  # a default the config derives from other fields
+        return str(extra["default_text"])
     if info.default_factory is not None:
         value = info.default_factory()  # type: ignore[call-arg]
         if _is_method_options(type(value)):

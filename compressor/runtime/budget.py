@@ -10,7 +10,8 @@ records what it cut (`TimeBudget.cut`), which the report lists under `budget`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 # What export, verification and the report are estimated to need: a fixed part (a small model's
@@ -83,6 +84,16 @@ class TimeBudget:
             return False
         self.reserve_s = seconds
         return True
+
+    @contextmanager
+    def keeping(self, seconds: float) -> Iterator[None]:
+        """Keep `seconds` more aside while the block runs, for what may follow it (target mode:
+        a finalist shipped untrained should the one in training miss its floor)."""
+        self.reserve_s += seconds
+        try:
+            yield
+        finally:
+            self.reserve_s -= seconds
 
     def cut(self, what: str) -> None:
         """Record that a stage did less than it would have, to fit (what the report lists)."""

@@ -245,7 +245,10 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
                                 + _cut_note(budget))
     tries: list[dict[str, Any]] = []
     late = False  # a finalist was tried with the budget spent: no other will be
+    untried = list(meeting)  # those that ship untrained should the budget run out
     for candidate in _in_order(near, meeting, scout):
+        if candidate in untried:
+            untried.remove(candidate)
         if (missed := kept.missed_before(candidate)) is not None:
             tries.append(missed)
             job.log.info(f"target: candidate {candidate.name} missed the floor after "
@@ -281,11 +284,12 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
         else:
             if candidate.quantize is not None:
                 shipped = _ShippedScore(scout, student, candidate, job)
-            trained = finetune(loaded, candidate.plan, student,
-                               config.finetune.model_copy(
-                                   update={"quantization_aware": through_int8}), job,
-                               enough=_floor_check(candidate, candidates, target, loaded,
-                                                   through_int8, shipped))
+            with budget.keeping(scout.fallback_s(candidate, untried, candidates)):
+                trained = finetune(loaded, candidate.plan, student,
+                                   config.finetune.model_copy(
+                                       update={"quantization_aware": through_int8}), job,
+                                   enough=_floor_check(candidate, candidates, target, loaded,
+                                                       through_int8, shipped))
         del student
         if candidate.quantize is not None and (late or trained.summary.best_step == 0):
             # θ as scored among the candidates (not trained, or no step did better and the
@@ -545,6 +549,11 @@ class _Scout:
         budget = job.control.budget
         self.work_s = max(0.0, budget.left_s() - budget.reserve_s)  # inf: no budget
         self.cut = False  # whether the time budget stopped the scoring
+        # what each plan's student took to build (by `id` of the plan), and the longest a
+        # student took to score in PyTorch: what a finalist shipped untrained costs
+        # (`fallback_s`)
+        self.built_s: dict[int, float] = {}
+        self.scoring_s = 0.0
 
     def _affords(self, candidates: list[Candidate], what: str) -> bool:
         """Whether the time budget leaves room to score `what` (`FINALISTS_SHARE` of the work
@@ -710,8 +719,35 @@ class _Scout:
         return onnx_latency_ms(path, batch, CANDIDATE_LATENCY_SECONDS)
 
     def _student(self, plan: Plan) -> fx.GraphModule:
-        return build_student(self.loaded, PlannedJob(plan, dict(self.stats)),
-                             self.config.finetune.grad_reduction, self.job, thetas=self.thetas)
+        budget = self.job.control.budget
+        started = budget.elapsed_s()
+        student = build_student(self.loaded, PlannedJob(plan, dict(self.stats)),
+                                self.config.finetune.grad_reduction, self.job,
+                                thetas=self.thetas)
+        self.built_s[id(plan)] = budget.elapsed_s() - started
+        return student
+
+    def fallback_s(self, training: Candidate, untried: list[Candidate],
+                   candidates: list[Candidate]) -> float:
+        """Return the seconds to keep aside while `training` is fine-tuned under a time
+        budget: what shipping one of `untried` (finalists that met the floor as initialized)
+        untrained would take, should `training` miss the floor once the budget is spent: its
+        student built, and scored in PyTorch unless the search already scored it or its float
+        twin (`_scored_as_initialized`). Its build in the search is the estimate (a rebuild
+        reuses the corrected θ: no longer), or the longest build for one an earlier try scored.
+        On Gemma-3 270M that was 35 s the budget did not keep (int8 of the original: 1.3 s
+        built, 30.5 s scored). 0 without a budget or untried."""
+        budget = self.job.control.budget
+        if not budget.limited or not untried:
+            return 0.0
+        longest = max(self.built_s.values(), default=0.0)
+        seconds = max(self.built_s.get(id(c.plan), longest)
+                      + (0.0 if _scored_as_initialized(c, candidates, self.loaded)
+                         else self.scoring_s) for c in untried)
+        self.job.log.info(f"target: {seconds:.0f} s kept while {training.name} is fine-tuned, "
+                          f"to ship {untried[0].name} untrained should it miss the floor with "
+                          "the budget spent")
+        return seconds
 
     def _parameters(self, plan: Plan) -> int:
         return round(self.other_parameters - plan.targeted_numel + plan.kept_numel)
@@ -719,8 +755,11 @@ class _Scout:
     def _scored(self, student: fx.GraphModule) -> tuple[dict[str, dict[str, Any]], float]:
         """Return `student`'s fidelity to the original on the held-out split, in PyTorch, and
         its held-out score."""
+        budget = self.job.control.budget
+        started = budget.elapsed_s()
         figures, score = fidelity(student, self.held_out, self.loaded.kinds,
                                   self.loaded.next_token)
+        self.scoring_s = max(self.scoring_s, budget.elapsed_s() - started)
         return fidelity_by_output(figures, self.loaded.output_names), score
 
     def _float(self, fraction: float, plan: Plan) -> Candidate:

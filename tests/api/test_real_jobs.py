@@ -52,7 +52,8 @@ def test_a_torch_save_file_fails_the_job_with_the_cores_message(
 
 
 def test_a_job_past_its_timeout_fails_with_code_timeout(client, mlp_pt2) -> None:
-    job_id = submit(client, mlp_pt2, '{"ratio": 0.5, "timeout_s": 0.5, "finetune": {"steps": 1000000}}')
+    job_id = submit(client, mlp_pt2, '{"ratio": 0.5, "timeout_s": 0.5, "max_minutes": null, '
+                   '"finetune": {"steps": 1000000}}')
     job = wait_for_job(client, job_id, timeout=120)
     assert job["status"] == "failed"
     assert job["error"]["code"] == "timeout"

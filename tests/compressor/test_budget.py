@@ -26,6 +26,18 @@ def test_without_a_budget_everything_is_affordable_and_nothing_is_cut():
                                 "cut": []}
 
 
+def test_time_kept_for_a_block_is_given_back_after_it_even_when_it_fails():
+    clock = Clock()
+    budget = TimeBudget(2, clock)
+    budget.reserve_s = 30
+    with budget.keeping(45):
+        assert budget.reserve_s == 75 and budget.affords(45) and not budget.affords(46)
+    assert budget.reserve_s == 30
+    with pytest.raises(RuntimeError), budget.keeping(10):
+        raise RuntimeError("a finalist's fine-tuning failed")
+    assert budget.reserve_s == 30
+
+
 def test_a_budget_keeps_its_reserve_for_what_follows():
     clock = Clock()
     budget = TimeBudget(2, clock)

@@ -354,8 +354,16 @@ def test_a_method_without_a_name_is_refused_saying_so():
 
 # -- the time budget -----------------------------------------------------------------------------
 
-def test_no_time_budget_by_default():
-    assert CompressionConfig.parse({}).max_minutes is None
+@pytest.mark.parametrize(("given", "max_minutes", "timeout_s"), [
+    ({}, 45, 3600),  # three quarters of the default timeout
+    ({"timeout_s": 7200}, 90, 7200),  # ... or of the timeout given
+    ({"max_minutes": None}, None, 3600),  # null: no budget at all
+])
+def test_a_job_budgets_three_quarters_of_its_timeout_unless_told_otherwise(given, max_minutes,
+                                                                          timeout_s):
+    config = CompressionConfig.parse(given)
+    assert (config.max_minutes, config.timeout_s) == (max_minutes, timeout_s)
+    assert CompressionConfig.parse(config.to_dict()) == config  # what the workers read
 
 
 @pytest.mark.parametrize(("given", "timeout_s"), [

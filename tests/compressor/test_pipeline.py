@@ -141,7 +141,8 @@ def test_cancelling_stops_during_fine_tuning_and_leaves_no_artifact(programs, tm
 
 def test_timeout_fails_with_code_timeout(programs, tmp_path):
     with pytest.raises(JobTimeoutError) as raised:
-        compressor.compress(programs["mlp"], fast(timeout_s=0.001), out_dir=tmp_path)
+        compressor.compress(programs["mlp"], fast(timeout_s=0.001, max_minutes=None),
+                            out_dir=tmp_path)
     assert raised.value.code == "timeout" and "timeout_s" in raised.value.message
 
 
@@ -275,13 +276,30 @@ def test_fine_tuning_stopped_by_the_budget_keeps_time_to_score_where_it_stopped(
     assert "the held-out passes after it 60 s" in finetune["cut_by_budget"]
 
 
-def test_without_a_budget_nothing_is_cut(programs, tmp_path, clock):
-    result = compressor.compress(programs["mlp"], fast(finetune={"steps": 12, "eval_every": 6}),
+@pytest.mark.parametrize("max_minutes", [None, "default"])
+def test_without_a_budget_or_within_the_default_one_nothing_is_cut(programs, tmp_path, clock,
+                                                                   max_minutes):
+    given = {} if max_minutes == "default" else {"max_minutes": max_minutes}
+    result = compressor.compress(programs["mlp"], fast(finetune={"steps": 12, "eval_every": 6},
+                                                       **given),
                                  out_dir=tmp_path, progress=clock.tick)
     assert result.report["finetune"]["steps_run"] == 12
     assert result.report["finetune"]["schedule_steps"] == 12
     assert result.report["finetune"]["cut_by_budget"] is None
-    assert result.report["budget"]["max_minutes"] is None and result.report["budget"]["cut"] == []
+    assert result.report["budget"]["max_minutes"] == (None if max_minutes is None else 45)
+    assert result.report["budget"]["cut"] == []
+
+
+def test_a_job_too_long_for_its_timeout_stops_in_time_by_default_instead_of_failing(
+        programs, tmp_path, clock):
+    # 3,000 steps of 10 s (the test moves the clock) do not fit in the 3,600 s timeout; the
+    # default budget, 45 minutes, stops fine-tuning in time and the job hands back a model
+    result = compressor.compress(programs["mlp"], fast(finetune={"steps": 3000, "eval_every": 500}),
+                                 out_dir=tmp_path, progress=clock.tick)
+    finetune, budget = result.report["finetune"], result.report["budget"]
+    assert budget["max_minutes"] == 45 and budget["elapsed_s"] < 45 * 60
+    assert 0 < finetune["steps_run"] < 3000 and finetune["cut_by_budget"] is not None
+    assert (tmp_path / "model.onnx").exists()
 
 
 def test_a_budget_too_small_for_anything_still_ends_with_a_verified_artifact(programs, tmp_path):

@@ -150,7 +150,9 @@ def test_settings_that_cannot_change_the_result_do_not_stop_a_resume(
     shutil.copytree(stopped, tmp_path, dirs_exist_ok=True)
     config = json.loads(json.dumps(CONFIG))
     config["finetune"].update(checkpoint_every=3, checkpoint_minutes=30)
-    config["timeout_s"] = 600
+    # a longer timeout, with the budget the first run had (three quarters of the default
+    # timeout: a budget follows the timeout only when not given, and a budget is an input)
+    config.update(timeout_s=7200, max_minutes=45)
     result = compressor.compress(program, config, out_dir=tmp_path)
     assert "resumed after step 4 of 8" in result.log_path.read_text()
     assert sha256_of(result.model_path) == uninterrupted

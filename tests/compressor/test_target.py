@@ -511,6 +511,38 @@ def test_with_the_budget_spent_by_the_search_the_cheapest_candidate_meeting_the_
     assert result.report["onnx_parity"]["passed"] and result.model_path.exists()
 
 
+def test_a_finalist_in_training_keeps_time_to_ship_one_that_met_the_floor_untrained(tmp_path):
+    # what shipping each untried candidate untrained takes: its student built as in the
+    # search, and scored in PyTorch unless the search scored it (or its float twin) there
+    from types import SimpleNamespace
+
+    from compressor.runtime.budget import TimeBudget
+
+    def candidate(fraction, quantize, score=None):
+        return Candidate(fraction, quantize, 10, 40, {}, True, held_out_score=score,
+                         plan=SimpleNamespace(fraction=fraction))
+
+    scout = object.__new__(_Scout)
+    budget = TimeBudget(45, lambda: 0.0)
+    scout.job = SimpleNamespace(control=SimpleNamespace(budget=budget), log=JobLog(None))
+    scout.loaded = SimpleNamespace(output_names=[])
+    training = candidate(0.8, "int8")
+    original_int8 = candidate(1.0, "int8")  # no float twin of the original is scored
+    floats = candidate(0.9, None, score=0.1)  # scored in PyTorch in the search
+    scout.built_s = {id(original_int8.plan): 2.0, id(floats.plan): 7.0}
+    scout.scoring_s = 30.0
+    everything = [training, original_int8, floats]
+    assert scout.fallback_s(training, [original_int8], everything) == 32.0
+    assert scout.fallback_s(training, [floats], everything) == 7.0
+    assert scout.fallback_s(training, [floats, original_int8], everything) == 32.0
+    # one an earlier try scored: the longest build the search made stands in for its own
+    retried = candidate(0.95, "int8")
+    assert scout.fallback_s(training, [retried], everything + [retried]) == 37.0
+    assert scout.fallback_s(training, [], everything) == 0.0  # nothing to fall back on
+    budget.max_minutes = None  # no budget: nothing is kept
+    assert scout.fallback_s(training, [original_int8], everything) == 0.0
+
+
 def test_a_candidates_export_sets_what_is_kept_for_the_artifacts_export(mlp, tmp_path,
                                                                          monkeypatch):
     # each candidate's export takes 50 s on the job's clock: the reserve the model's size gave
