@@ -254,8 +254,9 @@ class TargetConfig(_Strict):
         description="size: the smallest artifact (bytes of its ONNX file) that meets every "
         "floor; latency: the fastest (onnxruntime CPU latency at `latency_batch`, measured on "
         "each candidate that meets the floors or is within fine-tuning's reach of them; its "
-        "candidates are cut by multiply-adds, not stored numbers, and embedding tables stay "
-        "dense)")
+        "candidates are cut by multiply-adds, not stored numbers, embedding tables stay "
+        "dense, and each compressed Linear is exported factorized only where onnxruntime was "
+        "measured to run that faster than its dense weight)")
     latency_batch: int = Field(
         default=32, ge=1, le=4096,
         description="the batch size candidates' latency is measured at: objective latency's, "

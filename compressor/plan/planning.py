@@ -46,6 +46,10 @@ class Plan:
     budget: float
     layer_ratio: float
     allocation: str = "uniform"  # how the global budget was spread: uniform or sensitivity
+    # compressed layers the compact form exports as their dense W (W = f(θ) made once): where
+    # onnxruntime was measured faster on it (objective latency, `compressor.search.layer_forms`).
+    # Not part of `to_dict`: it changes no θ, only the export.
+    dense_exports: frozenset[str] = frozenset()
 
     @property
     def compressed(self) -> tuple[LayerPlan, ...]:

@@ -7,6 +7,8 @@ a Gather over a codebook, ...), which holds θ only. Both share the student's te
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import fx, nn
 
@@ -17,7 +19,7 @@ from compressor.plan.layers import (
     tied_embedding_call,
     weight_target,
 )
-from compressor.plan.planning import Plan
+from compressor.plan.planning import LayerPlan, Plan
 from compressor.rewrite.parametrize import parametrization_of, theta_of
 from compressor.runtime.graph import shallow_copy
 
@@ -91,16 +93,22 @@ def materialize(student: nn.Module, base: fx.GraphModule, plan: Plan,
     sit beside all of θ (the student cannot run afterwards).
     """
     dense = _with_student_state(student, base)
-    aliases = _aliases(base)
+    _set_weights_(dense, student, plan.compressed, _aliases(base), consume)
+    return dense
+
+
+def _set_weights_(module: nn.Module, student: nn.Module, entries: Iterable[LayerPlan],
+                  aliases: dict[str, tuple[str, ...]], consume: bool = False) -> None:
+    """Give `module` each entry's W = f(θ) as the student computes it, under every name the
+    weight goes by (a tied table's too); with `consume`, free each layer's θ once its W exists."""
     with torch.no_grad():
-        for entry in plan.compressed:
+        for entry in entries:
             weight = student.get_submodule(entry.layer.name).weight.detach()
             name = f"{entry.layer.name}.weight"
-            for alias in aliases.get(name, (name,)):  # a tied table: every name it goes by
-                _set_tensor(dense, alias, weight)
+            for alias in aliases.get(name, (name,)):
+                _set_tensor(module, alias, weight)
             if consume:
                 release_theta_(student, entry.layer.name)
-    return dense
 
 
 def _aliases(module: nn.Module) -> dict[str, tuple[str, ...]]:
@@ -113,9 +121,14 @@ def _aliases(module: nn.Module) -> dict[str, tuple[str, ...]]:
 
 
 def factorize(student: nn.Module, base: fx.GraphModule, plan: Plan) -> fx.GraphModule:
-    """Return the student with its compressed layers in compact form (θ only, no dense W)."""
+    """Return the student with its compressed layers in compact form (θ only, no dense W), but
+    those the plan exports dense (`Plan.dense_exports`: measured faster so), whose W is made
+    once as `materialize` makes it."""
     compact = {}
+    dense = [entry for entry in plan.compressed if entry.layer.name in plan.dense_exports]
     for entry in plan.compressed:
+        if entry.layer.name in plan.dense_exports:
+            continue
         owner = student.get_submodule(entry.layer.name)
         bias = getattr(owner, "bias", None)
         theta = tuple(t.detach() for t in theta_of(student, entry.layer.name))
@@ -123,6 +136,7 @@ def factorize(student: nn.Module, base: fx.GraphModule, plan: Plan) -> fx.GraphM
             entry.layer, parametrization_of(student, entry.layer.name), theta,
             None if bias is None else bias.detach())
     clone = _with_student_state(student, base)
+    _set_weights_(clone, student, dense, _aliases(base))
     replace_layers_(clone, compact)
     return clone
 

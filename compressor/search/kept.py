@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from compressor.plan.planning import Plan
@@ -61,8 +62,8 @@ class KeptSearch:
         if kept is None:
             return None
         try:
-            candidates = [make(**entry, plan=self._shared if entry.get("method") == "share_values"
-                               else self._plans[entry["kept_fraction"]])
+            candidates = [make(**{k: v for k, v in entry.items() if k != "dense_exports"},
+                               plan=self._plan_of(entry))
                           for entry in kept]
         except (KeyError, TypeError) as exc:
             self.job.log.info(f"target: the kept candidates discarded: they do not fit this "
@@ -73,6 +74,12 @@ class KeptSearch:
                           "scored (none is scored again)")
         self.job.reused(f"the search's {len(candidates)} scored candidates")
         return candidates
+
+    def _plan_of(self, entry: dict[str, Any]) -> Plan:
+        """Return the plan of a kept candidate, with the layers it was exported dense."""
+        plan = (self._shared if entry.get("method") == "share_values"
+                else self._plans[entry["kept_fraction"]])
+        return replace(plan, dense_exports=frozenset(entry.get("dense_exports", ())))
 
     def save_candidates(self, candidates: list[Candidate]) -> None:
         """Keep every candidate's figures."""

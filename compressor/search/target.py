@@ -88,6 +88,7 @@ from compressor.runtime.outputs import (
     judged_figure,
 )
 from compressor.search.kept import KeptSearch
+from compressor.search.layer_forms import LayerForms, layer_rows
 from compressor.vocabulary import ONNX_ARTIFACT, PLANNING
 
 # The kept fractions of the targeted weights the search tries (`_Scout._walk_floats`: largest
@@ -175,6 +176,8 @@ class Candidate:
         """Return the candidate as plain data for the report."""
         data = asdict(self)
         data.pop("plan")
+        if self.plan is not None and self.plan.dense_exports:
+            data["dense_exports"] = sorted(self.plan.dense_exports)
         return data
 
 
@@ -554,6 +557,7 @@ class _Scout:
         # (`fallback_s`)
         self.built_s: dict[int, float] = {}
         self.scoring_s = 0.0
+        self.forms: LayerForms | None = None  # objective latency: each layer's form, measured
 
     def _affords(self, candidates: list[Candidate], what: str) -> bool:
         """Whether the time budget leaves room to score `what` (`FINALISTS_SHARE` of the work
@@ -712,11 +716,15 @@ class _Scout:
     def _latency_ms(self, path: Path) -> float:
         """Return onnxruntime's latency (ms) of the model at `path` at the target's batch size
         (batch 1 when one run at it costs too much), on held-out samples."""
+        return onnx_latency_ms(path, self._latency_batch(), CANDIDATE_LATENCY_SECONDS)
+
+    def _latency_batch(self) -> dict[str, torch.Tensor]:
+        """Return the held-out samples a candidate is timed on: the target's latency batch
+        (one sample when a run at it costs too much)."""
         kept, _ = self.job.costs.latency_batches((self.target.latency_batch,))
         size = kept[0] if kept else 1
         held_out = self.loaded.held_out
-        batch = held_out.take(torch.arange(size) % len(held_out))
-        return onnx_latency_ms(path, batch, CANDIDATE_LATENCY_SECONDS)
+        return held_out.take(torch.arange(size) % len(held_out))
 
     def _student(self, plan: Plan) -> fx.GraphModule:
         budget = self.job.control.budget
@@ -750,7 +758,28 @@ class _Scout:
         return seconds
 
     def _parameters(self, plan: Plan) -> int:
-        return round(self.other_parameters - plan.targeted_numel + plan.kept_numel)
+        """Return the parameters of `plan`'s exported model (a layer exported dense: its W)."""
+        dense = sum(p.layer.numel - p.compact_numel for p in plan.compressed
+                    if p.layer.name in plan.dense_exports)
+        return round(self.other_parameters - plan.targeted_numel + plan.kept_numel + dense)
+
+    def exported(self, plan: Plan, quantize: str | None) -> Plan:
+        """Return `plan` as its candidate is exported: with objective latency, each compressed
+        matmul layer factorized only where onnxruntime runs that faster than its dense weight
+        (`LayerForms`, measured once per shape on the latency batch's rows); else as it is."""
+        if self.target.objective != "latency" or not plan.compressed:
+            return plan
+        if self.forms is None:
+            self.forms = LayerForms(layer_rows(self.loaded.teacher,
+                                               [p.layer for p in plan.layers],
+                                               self._latency_batch()))
+        measured = self.forms.measured(plan, quantize)
+        if measured.dense_exports:
+            self.job.log.info(
+                f"target: {len(measured.dense_exports)} of {len(plan.compressed)} compressed "
+                f"layers exported dense{f' with {quantize}' if quantize else ''}: onnxruntime "
+                "runs them no faster factorized at their ranks")
+        return measured
 
     def _scored(self, student: fx.GraphModule) -> tuple[dict[str, dict[str, Any]], float]:
         """Return `student`'s fidelity to the original on the held-out split, in PyTorch, and
@@ -763,6 +792,7 @@ class _Scout:
         return fidelity_by_output(figures, self.loaded.output_names), score
 
     def _float(self, fraction: float, plan: Plan) -> Candidate:
+        plan = self.exported(plan, None)
         scored, score = self._scored(self._student(plan))
         parameters = self._parameters(plan)
         return self._logged(Candidate(fraction, None, parameters, 4 * parameters, scored,
@@ -783,6 +813,7 @@ class _Scout:
     def _quantized(self, fraction: float, plan: Plan, quantize: str,
                    smoothed: bool = True) -> Candidate:
         # the student is built here and held by nothing else: freed once it is exported
+        plan = self.exported(plan, quantize)
         scored, size, latency = self.quantized_fidelity(self._student(plan), plan, quantize,
                                                         smoothed)
         return self._logged(Candidate(fraction, quantize, self._parameters(plan), size, scored,

@@ -57,6 +57,29 @@ def test_materialized_and_factorized_forms_equal_the_parametrized_model(tmp_path
     assert not any(f"{p.layer.name}.weight" in factorized_names for p in plan.compressed)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "text"])
+def test_a_layer_the_plan_exports_dense_gets_its_w_in_the_compact_form(tmp_path, kind):
+    # objective latency exports a layer dense where that was measured faster: W = f(θ) made
+    # once, in the original's graph, beside the other layers' compact modules
+    from dataclasses import replace
+
+    _, teacher, student, plan = rewritten(kind, tmp_path, ratio=0.3, min_layer_params=0)
+    first, *rest = [p.layer.name for p in plan.compressed]
+    assert rest
+    mixed = factorize(student, teacher, replace(plan, dense_exports=frozenset({first})))
+    inputs = example_inputs(MODEL_CLASSES[kind](), batch=3)
+    with torch.no_grad():
+        for got, want in zip(run_outputs(mixed, inputs), run_outputs(student, inputs),
+                             strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed.get_parameter(f"{first}.weight"),
+                                   student.get_submodule(first).weight)
+    names = {n for n, _ in mixed.named_parameters()}
+    assert not any(f"{name}.weight" in names for name in rest)
+    compact = {n for n, _ in mixed.named_children() if n.startswith("compact__")}
+    assert compact == {"compact__" + name.replace(".", "__") for name in rest}
+
+
 def test_only_theta_is_trainable_after_the_rewrite(tmp_path):
     _, _, student, plan = rewritten("mlp", tmp_path, min_layer_params=0)
     trainable = {n for n, p in student.named_parameters() if p.requires_grad}

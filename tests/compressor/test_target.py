@@ -23,6 +23,7 @@ from compressor.runtime.context import JobContext
 from compressor.runtime.joblog import JobLog
 from compressor.runtime.outputs import describe_fidelity
 from compressor.runtime.progress import JobControl
+from compressor.search import layer_forms
 from compressor.search import target as target_search
 from compressor.search.target import (
     INT4_TRIES,
@@ -90,6 +91,25 @@ def test_the_latency_objective_times_every_candidate_in_reach_and_hands_back_the
     # every candidate meets this floor: each was exported and timed, its real bytes measured
     assert all(c["latency_ms"] > 0 and not c["bytes_estimated"] for c in search["candidates"])
     assert search["chosen"]["latency_ms"] == min(c["latency_ms"] for c in search["candidates"])
+
+
+def test_the_latency_objective_exports_dense_each_layer_measured_no_faster_factorized(
+        mlp, tmp_path, monkeypatch):
+    # onnxruntime as the test says it runs: a dense weight always faster than two factors
+    monkeypatch.setattr(layer_forms, "_timed_ms", lambda path, batch: float(sum(
+        len(w.dims) == 2 for w in onnx.load(path).graph.initializer)))
+    target = {"relative_l2": 10.0, "objective": "latency", "latency_batch": 8}
+    result = compressor.compress(mlp, {**FAST, "target": target}, out_dir=tmp_path / "out")
+    compressed = [c for c in result.report["target"]["candidates"]
+                  if c["method"] == "lowrank" and c["kept_fraction"] < 1.0]
+    assert compressed and all(c["dense_exports"] for c in compressed if c["quantize"] != "int4")
+    # a float candidate exported with every layer dense has the original's shapes and bytes
+    original = result.report["parameters"]["before"]
+    floats = [c for c in compressed if c["quantize"] is None]
+    assert floats and all(c["parameters"] == original and not c["bytes_estimated"]
+                          for c in floats)
+    assert "exported dense: onnxruntime runs them no faster factorized" in (
+        tmp_path / "out" / "job.log").read_text()
 
 
 def _muls(path) -> int:
