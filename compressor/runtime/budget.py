@@ -54,8 +54,18 @@ class TimeBudget:
         self.max_minutes = max_minutes
         self._clock = clock
         self._started = clock()
-        self.reserve_s = 0.0
+        self.finishing_s = 0.0  # kept for export, verification and the report
+        self._kept_s = 0.0  # kept for a while on top (`keeping`)
         self.cuts: list[str] = []
+
+    @property
+    def reserve_s(self) -> float:
+        """The seconds kept for what follows: the finishing reserve and what `keeping` adds."""
+        return self.finishing_s + self._kept_s
+
+    @reserve_s.setter
+    def reserve_s(self, seconds: float) -> None:
+        self.finishing_s = seconds
 
     @property
     def limited(self) -> bool:
@@ -78,22 +88,23 @@ class TimeBudget:
         return self.left_s() - self.reserve_s >= seconds
 
     def reserve_at_least(self, seconds: float) -> bool:
-        """Keep at least `seconds` for what follows (never less than before); return whether
-        the reserve grew."""
-        if seconds <= self.reserve_s:
+        """Keep at least `seconds` for export, verification and the report (never less than
+        before); return whether that reserve grew. What `keeping` adds stays on top."""
+        if seconds <= self.finishing_s:
             return False
-        self.reserve_s = seconds
+        self.finishing_s = seconds
         return True
 
     @contextmanager
     def keeping(self, seconds: float) -> Iterator[None]:
         """Keep `seconds` more aside while the block runs, for what may follow it (target mode:
-        a finalist shipped untrained should the one in training miss its floor)."""
-        self.reserve_s += seconds
+        a finalist shipped untrained should the one in training miss its floor). The finishing
+        reserve may grow meanwhile (`reserve_at_least`): this stays on top of it."""
+        self._kept_s += seconds
         try:
             yield
         finally:
-            self.reserve_s -= seconds
+            self._kept_s -= seconds
 
     def cut(self, what: str) -> None:
         """Record that a stage did less than it would have, to fit (what the report lists)."""

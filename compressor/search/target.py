@@ -250,8 +250,7 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
     late = False  # a finalist was tried with the budget spent: no other will be
     untried = list(meeting)  # those that ship untrained should the budget run out
     for candidate in _in_order(near, meeting, scout):
-        if candidate in untried:
-            untried.remove(candidate)
+        untried = [c for c in untried if c is not candidate]
         if (missed := kept.missed_before(candidate)) is not None:
             tries.append(missed)
             job.log.info(f"target: candidate {candidate.name} missed the floor after "

@@ -36,6 +36,11 @@ def test_time_kept_for_a_block_is_given_back_after_it_even_when_it_fails():
     with pytest.raises(RuntimeError), budget.keeping(10):
         raise RuntimeError("a finalist's fine-tuning failed")
     assert budget.reserve_s == 30
+    # the finishing reserve growing meanwhile (a candidate's export measured) keeps both
+    with budget.keeping(45):
+        assert budget.reserve_at_least(60) and budget.reserve_s == 105
+        assert not budget.reserve_at_least(50)
+    assert budget.reserve_s == 60
 
 
 def test_a_budget_keeps_its_reserve_for_what_follows():
