@@ -8,8 +8,9 @@ factorized form is slower (two kernels and an intermediate; with int8, the inter
 quantized again). For each distinct (rows, in, out) of a plan's compressed matmul layers
 (Linear, GPT-2's Conv1D), onnxruntime times the dense MatMul and the two factors' MatMuls at
 `PROBE_SHARES` of the break-even rank in·out / (in + out), on random weights and inputs,
-quantized as the candidate will be (int8: the product's `quantize_int8`). The factorized
-timings are close to a line in the rank, so the line through them gives the rank below which
+quantized as the candidate will be (int8: the product's `quantize_int8`), the four models
+timed in turn (`onnx_latencies_ms`: what the machine does meanwhile weighs on all alike). The
+factorized timings are close to a line in the rank, so the line through them gives the rank below which
 the factorized form is faster. A layer at or above it is exported dense (`Plan.dense_exports`:
 W = A @ B made once), as the original's graph runs it. Convolutions, tables
 and int4 candidates keep their compact form: they are not measured here.
@@ -31,22 +32,24 @@ from torch import fx
 from compressor.export.quantize import quantize_int8
 from compressor.plan.layers import run_recording
 from compressor.plan.planning import Plan
-from compressor.report.figures import onnx_latency_ms
+from compressor.report.figures import onnx_latencies_ms
 from compressor.runtime.layers import ADDMM, LINEAR, LayerInfo
 
 # Ranks timed for the line, as shares of the rank whose factors hold as many numbers as W.
 PROBE_SHARES = (0.25, 0.5, 1.0)
-# onnxruntime's timing of one probe model (seconds of runs).
+# onnxruntime's timing of each probe model (seconds of runs).
 PROBE_SECONDS = 0.2
 MATMUL_KINDS = frozenset({LINEAR.name, ADDMM.name})
 
 # (rows, in, out, quantize) -> the rank below which the factorized form is faster
 Shape = tuple[int, int, int, str | None]
-Timer = Callable[[Path, dict[str, torch.Tensor]], float]
+# times the models (by name) in turn on the batch: each one's median ms, by the same name
+Timer = Callable[[dict[str, Path], dict[str, torch.Tensor]], dict[str, float]]
 
 
-def _timed_ms(path: Path, batch: dict[str, torch.Tensor]) -> float:
-    return onnx_latency_ms(path, batch, PROBE_SECONDS)
+def _timed_ms(paths: dict[str, Path], batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    timings = onnx_latencies_ms(paths, batch, PROBE_SECONDS)
+    return {name: timing.median for name, timing in timings.items()}
 
 
 class LayerForms:
@@ -84,26 +87,31 @@ class LayerForms:
         generator = torch.Generator().manual_seed(0)
         batch = {"x": torch.randn(rows, in_features, generator=generator)}
         with tempfile.TemporaryDirectory(prefix="layer-forms-") as folder:
-            dense_ms = self._time(Path(folder), "dense", [(in_features, out_features)], batch,
-                                  quantize, generator)
-            factorized_ms = [self._time(Path(folder), f"rank{rank}",
-                                        [(in_features, rank), (rank, out_features)], batch,
-                                        quantize, generator) for rank in ranks]
+            paths = {"dense": self._written(Path(folder), "dense", [(in_features, out_features)],
+                                            quantize, generator)}
+            for rank in ranks:
+                paths[f"rank{rank}"] = self._written(
+                    Path(folder), f"rank{rank}", [(in_features, rank), (rank, out_features)],
+                    quantize, generator)
+            timed = self.timer(paths, batch)
+        dense_ms = timed["dense"]
+        factorized_ms = [timed[f"rank{rank}"] for rank in ranks]
         slope, intercept = np.polyfit(ranks, factorized_ms, 1) if len(ranks) > 1 else (0.0, 0.0)
         if slope <= 0:  # no measurable cost per rank: faster wherever it is at the smallest
             return float("inf") if min(factorized_ms) < dense_ms else 0.0
         return (dense_ms - intercept) / slope
 
-    def _time(self, folder: Path, name: str, shapes: list[tuple[int, int]],
-              batch: dict[str, torch.Tensor], quantize: str | None,
-              generator: torch.Generator) -> float:
+    @staticmethod
+    def _written(folder: Path, name: str, shapes: list[tuple[int, int]], quantize: str | None,
+                 generator: torch.Generator) -> Path:
+        """Write the probe model of `shapes` (quantized as `quantize` says) to `folder`."""
         path = folder / f"{name}.onnx"
         onnx.save(_matmuls(shapes, generator), path)
         if quantize == "int8":
             quantized = folder / f"{name}-int8.onnx"
             quantize_int8(path, quantized)
             path = quantized
-        return self.timer(path, batch)
+        return path
 
 
 def _matmuls(shapes: list[tuple[int, int]], generator: torch.Generator) -> onnx.ModelProto:

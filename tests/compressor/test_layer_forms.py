@@ -15,13 +15,19 @@ from tests.support.tiny_models import MODEL_CLASSES, example_inputs, make_pt2
 
 class Timer:
     """onnxruntime as the test says it runs: the dense weight in `dense_ms`, the two factors
-    in 1 ms plus 0.1 ms a rank; every probe model it is asked to time is recorded."""
+    in 1 ms plus 0.1 ms a rank; every probe model it is asked to time is recorded, and how many
+    were timed together (in turn)."""
 
     def __init__(self, dense_ms: float) -> None:
         self.dense_ms = dense_ms
         self.timed: list[tuple[int, ...]] = []
+        self.together: list[int] = []
 
-    def __call__(self, path, batch) -> float:
+    def __call__(self, paths, batch) -> dict[str, float]:
+        self.together.append(len(paths))
+        return {name: self._ms(path, batch) for name, path in paths.items()}
+
+    def _ms(self, path, batch) -> float:
         weights = [tuple(w.dims) for w in onnx.load(path).graph.initializer if len(w.dims) == 2]
         self.timed.append((batch["x"].shape[0], *weights[0], len(weights)))
         return self.dense_ms if len(weights) == 1 else 1.0 + 0.1 * weights[0][1]
@@ -52,8 +58,8 @@ def test_a_layer_is_exported_dense_at_or_above_its_measured_break_even_rank(text
     assert forms.break_even == {(rows["mlp_in"], 32, 128, None): pytest.approx(20.0),
                                 (rows["mlp_out"], 128, 32, None): pytest.approx(20.0),
                                 (rows["query"], 32, 32, None): pytest.approx(20.0)}
-    # each shape timed once, dense and at three ranks, on its layer's rows
-    assert len(timer.timed) == 3 * 4
+    # each shape timed once, dense and at three ranks in turn, on its layer's rows
+    assert len(timer.timed) == 3 * 4 and timer.together == [4, 4, 4]
     assert (rows["mlp_in"], 32, 128, 1) in timer.timed  # the dense weight of mlp_in
     forms.measured(plan, None)
     assert len(timer.timed) == 12  # measured once for every plan
@@ -70,9 +76,10 @@ def test_int8_candidates_are_timed_as_int8_models(text_plan):
     plan, rows = text_plan
     ops = []
 
-    def timer(path, batch):
-        ops.append({node.op_type for node in onnx.load(path).graph.node})
-        return 1.0
+    def timer(paths, batch):
+        ops.extend({node.op_type for node in onnx.load(path).graph.node}
+                   for path in paths.values())
+        return dict.fromkeys(paths, 1.0)
 
     LayerForms(rows, timer).measured(plan, "int8")
     assert ops and all("MatMul" not in found for found in ops)  # quantized, every one

@@ -1,6 +1,7 @@
 """Target mode: the smallest candidate that keeps the floor, or `target_not_met` with the best."""
 
 import json
+import shutil
 import weakref
 
 import onnx
@@ -96,8 +97,9 @@ def test_the_latency_objective_times_every_candidate_in_reach_and_hands_back_the
 def test_the_latency_objective_exports_dense_each_layer_measured_no_faster_factorized(
         mlp, tmp_path, monkeypatch):
     # onnxruntime as the test says it runs: a dense weight always faster than two factors
-    monkeypatch.setattr(layer_forms, "_timed_ms", lambda path, batch: float(sum(
-        len(w.dims) == 2 for w in onnx.load(path).graph.initializer)))
+    monkeypatch.setattr(layer_forms, "_timed_ms", lambda paths, batch: {
+        name: float(sum(len(w.dims) == 2 for w in onnx.load(path).graph.initializer))
+        for name, path in paths.items()})
     target = {"relative_l2": 10.0, "objective": "latency", "latency_batch": 8}
     result = compressor.compress(mlp, {**FAST, "target": target}, out_dir=tmp_path / "out")
     compressed = [c for c in result.report["target"]["candidates"]
@@ -117,15 +119,27 @@ def _muls(path) -> int:
                for node in onnx.load(path, load_external_data=False).graph.node)
 
 
+def _ops(path) -> set[str]:
+    return {node.op_type for node in onnx.load(path, load_external_data=False).graph.node}
+
+
+def _timed_as(latency_ms, calls=None):
+    """Return `_Scout._latencies_ms` as onnxruntime runs each file by the test's word
+    (`latency_ms(path)`), recording how many files each timing had in `calls`."""
+    def latencies_ms(self, paths, seconds):
+        if calls is not None:
+            calls.append(len(paths))
+        return {name: latency_ms(path) for name, path in paths.items()}
+
+    return latencies_ms
+
+
 def test_the_latency_objective_scores_int8_of_the_original_unsmoothed_and_ships_it_when_fastest(
     mlp, tmp_path, monkeypatch
 ):
     # timed as its Mul nodes: int8 from a smoothed copy has a Mul more per smoothed input
-    def latency_ms(self, path):
-        ops = {node.op_type for node in onnx.load(path, load_external_data=False).graph.node}
-        return float(_muls(path)) if "MatMulInteger" in ops else 100.0
-
-    monkeypatch.setattr(_Scout, "_latency_ms", latency_ms)
+    monkeypatch.setattr(_Scout, "_latencies_ms", _timed_as(
+        lambda path: float(_muls(path)) if "MatMulInteger" in _ops(path) else 100.0))
     target = {"relative_l2": 10.0, "objective": "latency", "latency_batch": 8}
     result = compressor.compress(mlp, {**FAST, "target": target}, out_dir=tmp_path / "out")
     candidates = result.report["target"]["candidates"]
@@ -257,22 +271,18 @@ def test_candidates_as_small_as_the_smallest_are_timed_and_the_fastest_ships(
                if c["bytes"] < int8["bytes"])  # nothing smaller keeps it, or is within reach
     if tie is not None:
         monkeypatch.setattr(target_search, "SIZE_TIE", tie)
-    timed = []
-
-    def latency_ms(self, path):  # the shared values run faster than int8 here
-        ops = {node.op_type for node in onnx.load(path, load_external_data=False).graph.node}
-        timed.append(path)
-        return 2.0 if "MatMulInteger" in ops else 1.0
-
-    monkeypatch.setattr(_Scout, "_latency_ms", latency_ms)
+    timed = []  # the shared values run faster than int8 here
+    monkeypatch.setattr(_Scout, "_latencies_ms", _timed_as(
+        lambda path: 2.0 if "MatMulInteger" in _ops(path) else 1.0, timed))
     result = compressor.compress(mlp, {**FAST, "target": {"relative_l2": floor}},
                                  out_dir=tmp_path / "out")
     search = result.report["target"]
     chosen = search["chosen"]
     log = (tmp_path / "out" / "job.log").read_text()
-    # both timed as they were scored, and only they: nothing else meets the floor
-    assert len(timed) == 2 and {c["latency_ms"] for c in search["candidates"]
-                                if c["meets_floor"]} == {1.0, 2.0}
+    # both timed as they were scored, and only they: nothing else meets the floor; then, when
+    # as small as each other, timed again in turn, both files open together
+    assert timed == [1, 1] + ([] if tie is None else [2])
+    assert {c["latency_ms"] for c in search["candidates"] if c["meets_floor"]} == {1.0, 2.0}
     if tie is None:  # 2 %: the smallest ships, slower as it is
         assert (chosen["kept_fraction"], chosen["quantize"], chosen["latency_ms"]) == (
             1.0, "int8", 2.0)
@@ -281,7 +291,7 @@ def test_candidates_as_small_as_the_smallest_are_timed_and_the_fastest_ships(
     assert chosen["method"] == "share_values" and chosen["latency_ms"] == 1.0
     assert [t["method"] for t in search["tries"]] == ["share_values"]  # tried first, and kept
     assert ("target: 2 candidates meet the floor within 10% of the smallest's bytes; the "
-            f"fastest is tried first: shared values ({SHARED_VALUES} a layer) "
+            f"fastest is tried first (timed in turn): shared values ({SHARED_VALUES} a layer) "
             f"({chosen['bytes']:,} bytes, 1 ms), kept 1 int8 ({int8['bytes']:,} bytes, 2 ms)"
             ) in log
 
@@ -561,6 +571,83 @@ def test_a_finalist_in_training_keeps_time_to_ship_one_that_met_the_floor_untrai
     assert scout.fallback_s(training, [], everything) == 0.0  # nothing to fall back on
     budget.max_minutes = None  # no budget: nothing is kept
     assert scout.fallback_s(training, [original_int8], everything) == 0.0
+
+
+def _bare_scout(tmp_path, objective="latency"):
+    """A scout with only what ordering the finalists reads: a job (log, unlimited budget)."""
+    from types import SimpleNamespace
+
+    from compressor.runtime.budget import TimeBudget
+
+    scout = object.__new__(_Scout)
+    scout.job = SimpleNamespace(control=SimpleNamespace(budget=TimeBudget(None, lambda: 0.0)),
+                                log=JobLog(None), scratch=tmp_path)
+    scout.workdir, scout.kept_files = tmp_path, None
+    scout.target = SimpleNamespace(objective=objective)
+    return scout
+
+
+def _timed_candidate(name, latency_ms, tmp_path, meets_floor=True):
+    path = tmp_path / name / "model.onnx"
+    path.parent.mkdir()
+    path.write_text(name)
+    return Candidate(0.9, "int8", 10, 40, {}, meets_floor, latency_ms=latency_ms,
+                     shipped_file=path)
+
+
+def test_the_latency_objective_orders_its_finalists_by_timings_in_turn(tmp_path, monkeypatch):
+    # onnxruntime by the test's word: each file's own time, the machine twice as slow in every
+    # other timing (what the walk's one-after-another timings could not tell from speed)
+    own = {"fastest": 10.0, "close": 9.5, "near": 10.5, "far": 30.0}
+    calls = []
+
+    def latencies_ms(self, paths, seconds):
+        calls.append(sorted(path.read_text() for path in paths.values()))
+        slow = 2.0 if len(calls) % 2 == 0 else 1.0
+        return {name: slow * own[path.read_text()] for name, path in paths.items()}
+
+    monkeypatch.setattr(_Scout, "_latencies_ms", latencies_ms)
+    scout = _bare_scout(tmp_path)
+    fastest, close, far = (_timed_candidate(name, ms, tmp_path)
+                           for name, ms in (("fastest", 10.0), ("close", 10.5), ("far", 20.0)))
+    near = _timed_candidate("near", 9.0, tmp_path, meets_floor=False)
+    tried_near, meeting = scout.fastest_in_turn([near], [fastest, close, far])
+    # the near one and the one within LATENCY_TIE, each timed in turn with the fastest; the
+    # far one is not timed again
+    assert calls == [["fastest", "near"], ["close", "fastest"]]
+    assert meeting == [close, fastest, far] and tried_near == []  # no faster in turn: not tried
+    assert (close.latency_ms, fastest.latency_ms, near.latency_ms) == (9.5, 10.0, 10.5)
+    assert far.latency_ms == 20.0
+    assert "; kept 0.9 int8 is not fine-tuned: no faster than kept 0.9 int8" in (
+        scout.job.log._file.getvalue())
+
+
+def test_the_size_objective_times_the_candidates_as_small_as_the_smallest_in_turn(tmp_path,
+                                                                                  monkeypatch):
+    monkeypatch.setattr(_Scout, "_latencies_ms", _timed_as(
+        lambda path: {"smallest": 3.0, "tied": 2.0, "larger": 1.0}[path.read_text()]))
+    scout = _bare_scout(tmp_path, "size")
+    smallest, tied, larger = (_timed_candidate(name, 1.0, tmp_path)
+                              for name in ("smallest", "tied", "larger"))
+    tie = target_search.SIZE_TIE
+    tied.bytes, larger.bytes = 40 * (1 + tie), 40 * (1 + 2 * tie)
+    assert scout.fastest_first([smallest, tied, larger]) == [tied, smallest, larger]
+    assert (smallest.latency_ms, tied.latency_ms, larger.latency_ms) == (3.0, 2.0, 1.0)
+
+
+def test_a_file_timed_in_the_walk_is_kept_until_the_finalists_are_ordered(tmp_path):
+    scout = _bare_scout(tmp_path)
+    scratch = tmp_path / "export"
+    scratch.mkdir()
+    (scratch / "model.onnx").write_text("graph")
+    (scratch / "model.onnx.data").write_text("weights")
+    kept = scout.keep(scratch / "model.onnx")
+    shutil.rmtree(scratch)  # the walk's scratch folder goes after the candidate is scored
+    assert kept.read_text() == "graph" and kept.with_name("model.onnx.data").read_text() == (
+        "weights")
+    scout.drop_kept_files()
+    assert not kept.exists() and scout.kept_files is None
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_candidates_export_sets_what_is_kept_for_the_artifacts_export(mlp, tmp_path,
