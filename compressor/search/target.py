@@ -145,6 +145,7 @@ _FINE_TUNED_IN = {
             "int4 model after",
 }
 _NOT_FINE_TUNED_LATE = "not: the search spent the time budget (shipped as initialized)"
+_NOTHING_TO_TRAIN = "not: it compresses no layer, so it has no θ to train"
 
 
 @dataclass
@@ -289,16 +290,19 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
         # steps; kept 0.9: 0.9923 against 0.9926) at 1.4× the time a step.
         through_int8 = not late and candidate.quantize == "int8" and (
             candidate.unsmoothed or config.export.int8_smoothing is None)
+        untrainable = not candidate.plan.compressed  # the original, quantized: no θ
         shipped = None
-        if late:
+        if late or untrainable:
             # No step is taken: nothing is set up for training (the original's top k on the
             # held-out split, the training split's targets, the int8 simulation), and θ is the
             # one scored as a candidate, on the search's held-out outputs (Gemma-3 270M: 158 s
             # of passes over its held-out windows for a finalist shipped as initialized).
-            trained = as_initialized(loaded, student, held_out, job,
-                                     f"fine-tuning skipped: the search spent the time budget; "
-                                     f"candidate {candidate.name} ships as initialized",
-                                     _scored_as_initialized(candidate, candidates, loaded))
+            trained = as_initialized(
+                loaded, student, held_out, job,
+                f"fine-tuning skipped: the search spent the time budget; candidate "
+                f"{candidate.name} ships as initialized" if late else
+                f"fine-tuning skipped: candidate {candidate.name} compresses no layer, so it "
+                "has nothing to train", _scored_as_initialized(candidate, candidates, loaded))
         else:
             if candidate.quantize is not None:
                 shipped = _ShippedScore(scout, student, candidate, job)
@@ -327,7 +331,8 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
         ok = target.met_by(reached)
         tries.append({"kept_fraction": candidate.kept_fraction, "quantize": candidate.quantize,
                       "unsmoothed": candidate.unsmoothed, "method": candidate.method,
-                      "fine_tuned": _NOT_FINE_TUNED_LATE if late else _FINE_TUNED_IN[
+                      "fine_tuned": _NOT_FINE_TUNED_LATE if late else _NOTHING_TO_TRAIN
+                      if untrainable else _FINE_TUNED_IN[
                           "int8" if through_int8 else "int4" if candidate.quantize == "int4"
                           else "float"],
                       "steps_run": trained.summary.steps_run,

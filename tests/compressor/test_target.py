@@ -234,11 +234,19 @@ def test_int8_of_the_original_is_a_candidate_and_wins_when_nothing_smaller_keeps
     smaller = [c for c in easy.report["target"]["candidates"] if c["bytes"] < dense[0]["bytes"]]
     floor = min(_relative_l2(c) for c in smaller) / 2  # none of them keeps it
     assert _relative_l2(dense[0]) <= floor  # int8 loses far less than any rank cut here
-    result = compressor.compress(mlp, {**FAST, "target": {"relative_l2": floor}},
+    steps = {**FAST["finetune"], "steps": 20}  # the original's weights: no θ to take them
+    result = compressor.compress(mlp, {**FAST, "finetune": steps,
+                                       "target": {"relative_l2": floor}},
                                  out_dir=tmp_path / "out")
     chosen = result.report["target"]["chosen"]
     assert (chosen["kept_fraction"], chosen["quantize"]) == (1.0, "int8")
     assert all(entry["method"] == "dense" for entry in result.report["plan"]["layers"])
+    [tried] = result.report["target"]["tries"]
+    assert tried["fine_tuned"] == "not: it compresses no layer, so it has no θ to train"
+    assert tried["steps_run"] == 0
+    assert result.report["finetune"]["skipped"] == (
+        "fine-tuning skipped: candidate kept 1 int8 compresses no layer, so it has nothing to "
+        "train")
 
 
 def test_shared_values_are_a_candidate_and_win_when_only_they_keep_the_floor(easy, mlp, tmp_path):
@@ -310,14 +318,17 @@ def test_int4_candidates_are_scored_on_their_real_int4_models_and_reported(easy)
         assert candidate["bytes"] < int8[candidate["kept_fraction"]]["bytes"]
 
 
-def test_an_int4_finalist_is_fine_tuned_in_float_and_ships_as_the_real_int4_model(easy):
+def test_an_int4_finalist_ships_as_the_real_int4_model(easy):
     import onnx
 
     search = easy.report["target"]
     chosen = search["chosen"]
     assert chosen["quantize"] == "int4"  # 4-bit weights are the smallest form every one meets
     assert search["export"] == {"form": "factorized", "quantize": "int4"}
-    assert search["tries"][-1]["fine_tuned"].startswith("in float: nothing simulates int4")
+    # the original's, here: no θ, so nothing is fine-tuned (one with θ trains in float)
+    assert chosen["kept_fraction"] == 1.0
+    assert search["tries"][-1]["fine_tuned"] == (
+        "not: it compresses no layer, so it has no θ to train")
     ops = {node.op_type for node in onnx.load(str(easy.model_path)).graph.node}
     assert "MatMulNBits" in ops
     assert easy.report["onnx_bytes"]["artifact"] == chosen["bytes"]
