@@ -162,9 +162,10 @@ def _baseline_figures(baseline: Baseline, latency: dict[str, Any],
 def outcome_of(measured: dict[str, Any], fidelity: dict[str, dict],
                baselines: dict[str, dict], found: SearchResult | None) -> dict[str, Any]:
     """Return how the artifact compares with the original (and the `baselines`, by report
-    key: `baseline`, `baseline_int4`): a headline a
-    user reads first, the ratios behind it, and warnings for an artifact that is not smaller
-    or not faster than the original."""
+    key: `baseline`, `baseline_int4`): a headline a user reads first (each baseline's size,
+    speed and fidelity beside the artifact's), the ratios behind it, and warnings for an
+    artifact that is not smaller or not faster than the original, or, in target mode, that a
+    baseline keeping the floors beats on the objective."""
     sizes, latency = measured["onnx_bytes"], measured["latency"]
     outcome: dict[str, Any] = {"warnings": []}
     parts = []
@@ -182,12 +183,10 @@ def outcome_of(measured: dict[str, Any], fidelity: dict[str, dict],
         speedup = latency["original"][key] / max(1e-9, latency["compressed"][key])
         tie = _within_timing_noise(latency, key)
         outcome["speedup"] = {"batch": key, "ratio": speedup, "within_noise": tie}
-        parts.append(f"as fast as the original ({speedup:.2f}×, within timing noise)" if tie
-                     else f"{speedup:.2f}× faster" if speedup >= 1
-                     else f"{1 / speedup:.2f}× slower")
+        parts.append(_speed(speedup, tie))
         if speedup < 1 and not tie:
             outcome["warnings"].append(
-                f"the artifact is slower than the original at {key.replace('_', ' ')} "
+                f"the artifact is slower than the original at {_batch(key)} "
                 f"({latency['compressed'][key]:.3g} vs {latency['original'][key]:.3g} ms)")
     if found is not None:
         outcome["meets_target"] = True
@@ -197,22 +196,61 @@ def outcome_of(measured: dict[str, Any], fidelity: dict[str, dict],
         headline = "the artifact is " + ", ".join(parts) + (f", {met}" if met else "")
     else:  # nothing measured against the original (export.latency_seconds 0)
         headline = f"the artifact {met}" if met else "the artifact is verified"
-    for quantize, key in _BASELINE_KEYS.items():
-        baseline = baselines.get(key)
-        if baseline is not None and baseline.get("onnx_bytes") and sizes["original"]:
-            headline += (f"; onnxruntime {quantize} of the original: "
-                         f"{sizes['original'] / baseline['onnx_bytes']:.2f}× smaller, "
-                         f"{_floors_met(baseline['fidelity'], None)}")
+    for quantize, name in _BASELINE_KEYS.items():
+        baseline = baselines.get(name)
+        if baseline is None or not baseline.get("onnx_bytes") or not sizes["original"]:
+            continue
+        speed = "" if key is None or key not in latency.get(name, {}) else _speed(
+            latency["original"][key] / max(1e-9, latency[name][key]),
+            _within_timing_noise(latency, key, name)) + ", "
+        headline += (f"; onnxruntime {quantize} of the original: "
+                     f"{sizes['original'] / baseline['onnx_bytes']:.2f}× smaller, {speed}"
+                     f"{_floors_met(baseline['fidelity'], None)}")
+        if found is not None and found.target.met_by(baseline["fidelity"]):
+            beaten = _beaten_by(found.target.objective, quantize, name, baseline, sizes,
+                                latency, key)
+            if beaten:
+                outcome["warnings"].append(beaten)
     outcome["headline"] = headline
     return outcome
 
 
-def _within_timing_noise(latency: dict[str, Any], key: str) -> bool:
-    """Whether the artifact's and the original's runs at `key` overlap in their middle halves."""
-    original, compressed = (figures.Timing(latency[name][key],
-                                           tuple(latency["quartiles"][name][key]))
-                            for name in ("original", "compressed"))
-    return original.overlaps(compressed)
+def _batch(key: str) -> str:
+    """Return a latency key (`batch_32_ms`) in words (`batch 32`)."""
+    return key.removesuffix("_ms").replace("_", " ")
+
+
+def _speed(speedup: float, within_noise: bool) -> str:
+    """Return how fast a model runs against the original, in words."""
+    if within_noise:
+        return f"as fast as the original ({speedup:.2f}×, within timing noise)"
+    return f"{speedup:.2f}× faster" if speedup >= 1 else f"{1 / speedup:.2f}× slower"
+
+
+def _beaten_by(objective: str, quantize: str, name: str, baseline: dict[str, Any],
+               sizes: dict[str, int], latency: dict[str, Any], key: str | None) -> str | None:
+    """Return a warning when the baseline under `name` (which keeps the target's floors) beats
+    the artifact on the target's `objective`: smaller, or faster beyond timing noise; else None."""
+    what = f"onnxruntime {quantize} of the original also keeps the target's floors and is"
+    if objective == "size" and baseline["onnx_bytes"] < sizes["artifact"]:
+        return (f"{what} smaller than the artifact ({baseline['onnx_bytes']:,} against "
+                f"{sizes['artifact']:,} bytes)")
+    if (objective == "latency" and key is not None and key in latency.get(name, {})
+            and latency[name][key] < latency["compressed"][key]
+            and not _within_timing_noise(latency, key, name, "compressed")):
+        return (f"{what} faster than the artifact at {_batch(key)} "
+                f"({latency[name][key]:.3g} against {latency['compressed'][key]:.3g} ms, "
+                "beyond timing noise)")
+    return None
+
+
+def _within_timing_noise(latency: dict[str, Any], key: str, name: str = "compressed",
+                         against: str = "original") -> bool:
+    """Whether the runs of `name` (the artifact, or a baseline) and of `against` at `key`
+    overlap in their middle halves."""
+    first, second = (figures.Timing(latency[n][key], tuple(latency["quartiles"][n][key]))
+                     for n in (name, against))
+    return first.overlaps(second)
 
 
 def _floors_met(fidelity: dict[str, dict], floors: dict[str, float] | None) -> str:

@@ -105,3 +105,43 @@ def test_a_target_met_with_nothing_measured_against_the_original_reads_as_a_sent
     assert outcome["headline"].startswith("the artifact meets the target (logits perplexity")
     assert outcome["meets_target"]
     assert outcome_of(measured, fidelity, {}, None)["headline"] == "the artifact is verified"
+
+
+def _with_int8_baseline(measured: dict, runs: list[float], size: int, cosine: float) -> tuple:
+    """`measured` with onnxruntime int8 of the original timed beside it (batch-32 runs as
+    [first quartile, median, third quartile]) at `size` bytes and `cosine`; and its figures."""
+    measured["latency"]["baseline"] = {"batch_32_ms": runs[1]}
+    measured["latency"]["quartiles"]["baseline"] = {"batch_32_ms": runs[::2]}
+    baseline = {"onnx_bytes": size, "latency": measured["latency"]["baseline"],
+                "fidelity": {"output_0": {"kind": "embedding", "cosine": cosine}}}
+    return measured, {"baseline": baseline}
+
+
+def test_the_headline_gives_the_baselines_speed_and_warns_when_one_beats_the_objective():
+    artifact = {"output_0": {"kind": "embedding", "cosine": 0.9913}}
+    measured, baselines = _with_int8_baseline(
+        _latency_measurement([0.43, 0.44, 0.45], [0.20, 0.22, 0.23]), [0.15, 0.16, 0.17],
+        size=115, cosine=0.9925)
+    by_size = SimpleNamespace(target=TargetConfig(cosine=0.99))
+    outcome = outcome_of(measured, artifact, baselines, by_size)
+    assert outcome["headline"].endswith(
+        "; onnxruntime int8 of the original: 8.70× smaller, 2.75× faster, "
+        "output_0 cosine 0.9925")
+    assert not outcome["warnings"]  # the artifact is smaller: it wins on the objective
+
+    by_latency = SimpleNamespace(target=TargetConfig(cosine=0.99, objective="latency"))
+    [warning] = outcome_of(measured, artifact, baselines, by_latency)["warnings"]
+    assert warning == ("onnxruntime int8 of the original also keeps the target's floors and is "
+                       "faster than the artifact at batch 32 (0.16 against 0.22 ms, beyond "
+                       "timing noise)")
+    # within timing noise, or under the floor, it beats nothing
+    measured, baselines = _with_int8_baseline(
+        _latency_measurement([0.43, 0.44, 0.45], [0.20, 0.22, 0.23]), [0.19, 0.21, 0.225],
+        size=90, cosine=0.9925)
+    assert not outcome_of(measured, artifact, baselines, by_latency)["warnings"]
+    [warning] = outcome_of(measured, artifact, baselines, by_size)["warnings"]
+    assert warning == ("onnxruntime int8 of the original also keeps the target's floors and is "
+                       "smaller than the artifact (90 against 100 bytes)")
+    baselines["baseline"]["fidelity"]["output_0"]["cosine"] = 0.98
+    assert not outcome_of(measured, artifact, baselines, by_size)["warnings"]
+    assert not outcome_of(measured, artifact, baselines, None)["warnings"]  # no target
