@@ -558,6 +558,12 @@ def shared_values_plan(plan: Plan) -> Plan:
                    layer_ratio=1.0)
 
 
+def _all_dense(plan: Plan) -> bool:
+    """Whether every layer `plan` compresses is exported dense (`Plan.dense_exports`)."""
+    return bool(plan.compressed) and all(p.layer.name in plan.dense_exports
+                                         for p in plan.compressed)
+
+
 def _dense(plan: Plan) -> Plan:
     """Return `plan` with every layer left dense (the original's weights as they are)."""
     layers = tuple(replace(p, size=None, compact_numel=float(p.layer.numel),
@@ -629,6 +635,12 @@ class _Scout:
             self._report(candidates, plans, f"scoring the candidate keeping {fraction:g} "
                                             "with int8")
             candidate = self._quantized(fraction, plan, "int8")
+            if candidate is None:
+                # int8 of the original with low-rank weights: as large, as fast, less faithful
+                self.job.log.info(f"target: the candidate keeping {fraction:g} with int8 is not "
+                                  "scored: every compressed layer is exported dense with int8, "
+                                  "so it is int8 of the original with low-rank weights")
+                continue
             candidates.append(candidate)
             if candidate.meets_floor:
                 break
@@ -866,9 +878,14 @@ class _Scout:
                                       shipped_file=kept))
 
     def _quantized(self, fraction: float, plan: Plan, quantize: str,
-                   smoothed: bool = True) -> Candidate:
-        # the student is built here and held by nothing else: freed once it is exported
+                   smoothed: bool = True) -> Candidate | None:
+        """Score `plan` with `quantize` stacked; None (not scored) when the latency objective
+        exports every layer it compresses dense: that is the original quantized with low-rank
+        weights, as large and as fast as the original quantized, and less faithful."""
         plan = self.exported(plan, quantize)
+        if _all_dense(plan):
+            return None
+        # the student is built here and held by nothing else: freed once it is exported
         scored, size, latency, kept = self.quantized_fidelity(self._student(plan), plan,
                                                               quantize, smoothed, keep=True)
         return self._logged(Candidate(fraction, quantize, self._parameters(plan), size, scored,

@@ -105,6 +105,11 @@ def test_the_latency_objective_exports_dense_each_layer_measured_no_faster_facto
     compressed = [c for c in result.report["target"]["candidates"]
                   if c["method"] == "lowrank" and c["kept_fraction"] < 1.0]
     assert compressed and all(c["dense_exports"] for c in compressed if c["quantize"] != "int4")
+    # with int8 too every layer is dense: int8 of the original with low-rank weights (as large
+    # and as fast as int8 of the original, less faithful) is not scored
+    assert not any(c["quantize"] == "int8" for c in compressed)
+    assert ("with int8 is not scored: every compressed layer is exported dense with int8"
+            in (tmp_path / "out" / "job.log").read_text())
     # a float candidate exported with every layer dense has the original's shapes and bytes
     original = result.report["parameters"]["before"]
     floats = [c for c in compressed if c["quantize"] is None]
