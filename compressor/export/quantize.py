@@ -89,7 +89,11 @@ def quantize_int4(source: Path, target: Path, *, onnxruntime_defaults: bool = Fa
                         op_types_to_quantize=("MatMul", "Gather"),
                         nodes_to_exclude=_shared_tables(model.model))
                 del model
-                quantizer.process()
+                # an all-zero block (an embedding table's padding row) has scale 0: the
+                # quantizer's np.where picks its zero point, but numpy warns of the division
+                # it evaluated anyway ("invalid value encountered in divide"), in the job log
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    quantizer.process()
             if not _count_ops(quantizer.model.model.graph, {"MatMulNBits", "GatherBlockQuantized"}):
                 raise ExportError(
                     "int4 quantizes the constant weights of MatMul (Linear layers, the compact "

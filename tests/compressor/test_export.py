@@ -8,8 +8,8 @@ passes an export within `atol + rtol·|torch|` and raises `VerificationError` na
 once one value is past it (in any batch), on a NaN, or on a shape mismatch; `differences` counts
 a NaN (in either array, in any chunk) as out of tolerance; `quantize_int8` writes a smaller
 model that runs and stays within `verify_quantized`'s tolerance; `quantize_int4` turns every
-Linear into MatMulNBits (smaller than int8, within the same tolerance), says what to use instead
-on a model without MatMul weights; an export or quantization that fails leaves nothing behind;
+Linear into MatMulNBits (smaller than int8, within the same tolerance), keeps a table's all-zero
+row zero without numpy's warnings, says what to use instead on a model without MatMul weights; an export or quantization that fails leaves nothing behind;
 a model past protobuf's limit keeps its weights in `<name>.data`, and `move_onnx` /
 `remove_onnx` / `onnx_bytes` treat the two files as one (int8 and int4 keep theirs beside them).
 """
@@ -285,6 +285,31 @@ def wide(tmp_path_factory):
 
 def _op_types(path: Path) -> list[str]:
     return [node.op_type for node in onnx.load(str(path)).graph.node]
+
+
+def test_int4_of_a_table_with_an_all_zero_row_is_exact_there_and_warns_of_nothing(tmp_path):
+    # an embedding table's padding row is all zeros: its blocks' scale is 0, which the
+    # quantizer handles, but numpy warned of the division it evaluated anyway (in the job log)
+    import warnings
+
+    from onnx import TensorProto, helper
+
+    table = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+    table[0] = 0.0  # the padding row
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["y"])], "lookup",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 64])],
+        [onnx.numpy_helper.from_array(table, "table")])
+    source, target = tmp_path / "model.onnx", tmp_path / "int4.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        quantize_int4(source, target)
+    assert _op_types(target) == ["GatherBlockQuantized"]
+    (got,) = run_onnx(onnx_session(target), {"ids": torch.tensor([0, 3])})
+    assert np.array_equal(got[0], np.zeros(64, np.float32))  # the padding row stays zero
+    assert np.abs(got[1] - table[3]).max() < 0.5
 
 
 def test_int4_turns_every_linear_into_matmulnbits_smaller_than_int8(wide, tmp_path):
