@@ -557,6 +557,32 @@ def test_with_the_budget_spent_by_the_search_the_cheapest_candidate_meeting_the_
     assert result.report["onnx_parity"]["passed"] and result.model_path.exists()
 
 
+def test_a_finalist_the_budget_left_cannot_set_up_for_fine_tuning_ships_untrained(
+        easy, mlp, tmp_path, monkeypatch):
+    # 3 minutes, 60 s kept for export, verification and the report; the first candidate's
+    # scoring in PyTorch takes 100 s of the 120: 10 s are left, less than the held-out pass that
+    # fine-tuning starts with. It met the floor: it ships as scored, without a step (without
+    # the rule it trained its 5 steps, past the budget by that pass on a real clock).
+    first = easy.report["target"]["candidates"][0]["kept_fraction"]
+    clock = _scoring_clock(monkeypatch, 10.0)
+    real_fidelity = target_search.fidelity
+
+    def slow_fidelity(*args):
+        clock.now += 100.0
+        return real_fidelity(*args)
+
+    monkeypatch.setattr(target_search, "fidelity", slow_fidelity)
+    config = {**FAST, "finetune": {"steps": 5, "loss": "regression"},
+              "target": {"relative_l2": 10.0}, "max_minutes": 3}
+    result = compressor.compress(mlp, config, out_dir=tmp_path / "out", progress=clock.tick)
+    search, budget = result.report["target"], result.report["budget"]
+    assert [c["kept_fraction"] for c in search["candidates"]] == [first]
+    assert result.report["finetune"]["steps_run"] == 0
+    assert budget["cut"][-1] == (f"fine-tuning skipped: the search spent the budget, and "
+                                 f"candidate kept {first:g} ships as initialized")
+    assert result.report["onnx_parity"]["passed"] and result.model_path.exists()
+
+
 def test_a_finalist_in_training_keeps_time_to_ship_one_that_met_the_floor_untrained(tmp_path):
     # what shipping each untried candidate untrained takes: its student built as in the
     # search, and scored in PyTorch unless the search scored it (or its float twin) there
