@@ -594,9 +594,8 @@ def test_a_finalist_in_training_keeps_time_to_ship_one_that_met_the_floor_untrai
         return Candidate(fraction, quantize, 10, 40, {}, True, held_out_score=score,
                          plan=SimpleNamespace(fraction=fraction))
 
-    scout = object.__new__(_Scout)
     budget = TimeBudget(45, lambda: 0.0)
-    scout.job = SimpleNamespace(control=SimpleNamespace(budget=budget), log=JobLog(None))
+    scout = _bare_scout(tmp_path, budget=budget)
     scout.loaded = SimpleNamespace(output_names=[])
     training = candidate(0.8, "int8")
     original_int8 = candidate(1.0, "int8")  # no float twin of the original is scored
@@ -615,15 +614,17 @@ def test_a_finalist_in_training_keeps_time_to_ship_one_that_met_the_floor_untrai
     assert scout.fallback_s(training, [original_int8], everything) == 0.0
 
 
-def _bare_scout(tmp_path, objective="latency"):
-    """A scout with only what ordering the finalists reads: a job (log, unlimited budget)."""
+def _bare_scout(tmp_path, objective="latency", budget=None):
+    """A scout with only what ordering the finalists reads: a job (log, `budget`: none by
+    default)."""
     from types import SimpleNamespace
 
     from compressor.runtime.budget import TimeBudget
 
     scout = object.__new__(_Scout)
-    scout.job = SimpleNamespace(control=SimpleNamespace(budget=TimeBudget(None, lambda: 0.0)),
-                                log=JobLog(None), scratch=tmp_path)
+    budget = budget or TimeBudget(None, lambda: 0.0)
+    scout.job = SimpleNamespace(control=SimpleNamespace(budget=budget), log=JobLog(None),
+                                scratch=tmp_path)
     scout.workdir, scout.kept_files = tmp_path, None
     scout.target = SimpleNamespace(objective=objective)
     return scout
