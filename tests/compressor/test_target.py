@@ -215,16 +215,16 @@ def test_a_floor_only_the_largest_budget_meets_picks_it(easy, mlp, tmp_path):
                                  out_dir=tmp_path / "out")
     search = result.report["target"]
     met = [c for c in search["candidates"] if c["meets_floor"]]
-    floats = [c["kept_fraction"] for c in search["candidates"]
+    scored = [c for c in search["candidates"]
               if c["quantize"] is None and c["method"] == "lowrank"]
+    floats = [c["kept_fraction"] for c in scored]
     assert [c["kept_fraction"] for c in met
             if c["quantize"] is None and c["method"] == "lowrank"] == [largest["kept_fraction"]]
     # largest first, down to the first budget beyond fine-tuning's reach: smaller ones only lose
     assert floats == fractions[:len(floats)] and len(floats) >= 2
-    assert not within_reach(search["candidates"][len(floats) - 1]["fidelity"],
-                            TargetConfig(relative_l2=floor))
+    assert not within_reach(scored[-1]["fidelity"], TargetConfig(relative_l2=floor))
     assert all(within_reach(c["fidelity"], TargetConfig(relative_l2=floor))
-               for c in search["candidates"][:len(floats) - 1])
+               for c in scored[:-1])
     chosen = search["chosen"]
     assert chosen["kept_fraction"] >= largest["kept_fraction"] and _relative_l2(chosen) <= floor
     assert chosen["bytes"] == min(c["bytes"] for c in met)  # int8 of it, or of the original,
@@ -482,20 +482,22 @@ def _scoring_clock(monkeypatch, seconds):
 def test_a_budget_that_runs_out_while_scoring_hands_back_the_best_candidate_scored(
         easy, mlp, tmp_path, monkeypatch):
     # 3 minutes, about 60 s kept for export, verification and the report: the scoring stops
-    # when less than half of the other 120 s is left, after 6 candidates of 10 s.
+    # when less than half of the other 120 s is left, after int8 of the original (scored first,
+    # in no time on this clock) and 6 candidates of 10 s.
     clock = _scoring_clock(monkeypatch, 10.0)
     result = compressor.compress(mlp, {**FAST, "target": {"relative_l2": 10.0},
                                        "max_minutes": 3},
                                  out_dir=tmp_path / "out", progress=clock.tick)
     search, budget = result.report["target"], result.report["budget"]
     everything = easy.report["target"]["candidates"]
-    assert len(search["candidates"]) == 6 < len(everything)
+    assert len(search["candidates"]) == 7 < len(everything)
+    assert (everything[0]["kept_fraction"], everything[0]["quantize"]) == (1.0, "int8")
     # the same walk, cut short (the same figures, but for what latency measured)
     assert (unmeasured(search)["candidates"]
-            == unmeasured(easy.report["target"])["candidates"][:6])
-    following = everything[6]  # the walk's next: a larger budget, or a quantized one
+            == unmeasured(easy.report["target"])["candidates"][:7])
+    following = everything[7]  # the walk's next: a larger budget, or a quantized one
     quantized = f" with {following['quantize']}" if following["quantize"] else ""
-    assert budget["cut"] == [f"target search stopped after 6 candidates, before the candidate "
+    assert budget["cut"] == [f"target search stopped after 7 candidates, before the candidate "
                              f"keeping {following['kept_fraction']:g}{quantized}"]
     assert search["chosen"]["bytes"] == min(c["bytes"] for c in search["candidates"])
     assert result.report["onnx_parity"]["passed"] and result.model_path.exists()
@@ -517,11 +519,42 @@ def test_a_search_cut_by_the_budget_that_meets_no_floor_says_to_raise_max_minute
     assert not (tmp_path / "out" / "model.onnx").exists()
 
 
+def _without_the_original_quantized(monkeypatch):
+    """On the tiny MLP, int8 of the original is smaller than every budget that keeps a floor:
+    without it, a compressed candidate is the cheapest."""
+    monkeypatch.setattr(target_search._Scout, "_original_quantized", lambda *args: None)
+
+
+def test_a_budget_spent_before_any_budget_is_scored_ships_int8_of_the_original(
+        easy, mlp, tmp_path, monkeypatch):
+    # int8 of the original, scored first, takes the whole budget: it keeps the floor, and is
+    # handed back, with nothing set up for training (it has no θ)
+    clock = JobClock(monkeypatch, PLANNING, "scoring the original with int8", 130.0)
+    targets = []
+    real_targets = loop_module._teacher_targets
+    monkeypatch.setattr(loop_module, "_teacher_targets",
+                        lambda *args: targets.append(1) or real_targets(*args))
+    config = {**FAST, "finetune": {"steps": 5, "loss": "regression"},
+              "target": {"relative_l2": 10.0}, "max_minutes": 3}
+    result = compressor.compress(mlp, config, out_dir=tmp_path / "out", progress=clock.tick)
+    search, budget = result.report["target"], result.report["budget"]
+    assert [(c["kept_fraction"], c["quantize"]) for c in search["candidates"]] == [(1.0, "int8")]
+    assert (search["chosen"]["kept_fraction"], search["chosen"]["quantize"]) == (1.0, "int8")
+    assert budget["cut"] == [f"target search stopped after 1 candidates, before the candidate "
+                             f"keeping {easy.report['target']['candidates'][1]['kept_fraction']:g}"]
+    assert search["tries"][0]["fine_tuned"] == "not: it compresses no layer, so it has no θ to train"
+    assert result.report["finetune"]["steps_run"] == 0 and not targets
+    assert search["export"]["quantize"] == "int8"
+    assert result.report["onnx_parity"]["passed"] and result.model_path.exists()
+
+
 def test_with_the_budget_spent_by_the_search_the_cheapest_candidate_meeting_the_floor_ships_untrained(
         easy, mlp, tmp_path, monkeypatch):
     # the first candidate scored takes the whole budget: it met the floor as initialized, and
     # is handed back without a fine-tuning step, nor the training set's targets that steps need
-    first = easy.report["target"]["candidates"][0]["kept_fraction"]  # the smallest budget
+    _without_the_original_quantized(monkeypatch)
+    first = next(c["kept_fraction"] for c in easy.report["target"]["candidates"]
+                 if c["quantize"] is None)  # the first budget the walk scores
     clock = _scoring_clock(monkeypatch, 130.0)
     targets = []
     real_targets = loop_module._teacher_targets
@@ -563,7 +596,9 @@ def test_a_finalist_the_budget_left_cannot_set_up_for_fine_tuning_ships_untraine
     # scoring in PyTorch takes 100 s of the 120: 10 s are left, less than the held-out pass that
     # fine-tuning starts with. It met the floor: it ships as scored, without a step (without
     # the rule it trained its 5 steps, past the budget by that pass on a real clock).
-    first = easy.report["target"]["candidates"][0]["kept_fraction"]
+    _without_the_original_quantized(monkeypatch)
+    first = next(c["kept_fraction"] for c in easy.report["target"]["candidates"]
+                 if c["quantize"] is None)
     clock = _scoring_clock(monkeypatch, 10.0)
     real_fidelity = target_search.fidelity
 
