@@ -26,7 +26,7 @@ from compressor.runtime.context import JobContext
 from compressor.runtime.resume import KeptRecord
 
 if TYPE_CHECKING:
-    from compressor.search.target import Candidate
+    from compressor.search.candidates import Candidate
 
 # The products a finalist's fine-tuning keeps (`compressor.finetune.checkpoints`,
 # `compressor.rewrite.kept`): dropped once it missed.

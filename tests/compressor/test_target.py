@@ -25,18 +25,17 @@ from compressor.runtime.joblog import JobLog
 from compressor.runtime.outputs import describe_fidelity
 from compressor.runtime.progress import JobControl
 from compressor.search import layer_forms
-from compressor.search import target as target_search
-from compressor.search.target import (
-    INT4_TRIES,
+from compressor.search import scout as scout_module
+from compressor.search.candidates import (
     KEPT_FRACTIONS,
     SHARED_VALUES,
     Candidate,
-    _budget_plans,
-    _floor_check,
-    _latency_costs,
-    _Scout,
+    budget_plans,
+    latency_costs,
     within_reach,
 )
+from compressor.search.scout import INT4_TRIES, Scout
+from compressor.search.target import _floor_check
 from compressor.vocabulary import PLANNING
 from tests.support.clock import JobClock
 from tests.support.search import unmeasured
@@ -129,7 +128,7 @@ def _ops(path) -> set[str]:
 
 
 def _timed_as(latency_ms, calls=None):
-    """Return `_Scout._latencies_ms` as onnxruntime runs each file by the test's word
+    """Return `Scout._latencies_ms` as onnxruntime runs each file by the test's word
     (`latency_ms(path)`), recording how many files each timing had in `calls`."""
     def latencies_ms(self, paths, seconds):
         if calls is not None:
@@ -143,7 +142,7 @@ def test_the_latency_objective_scores_int8_of_the_original_unsmoothed_and_ships_
     mlp, tmp_path, monkeypatch
 ):
     # timed as its Mul nodes: int8 from a smoothed copy has a Mul more per smoothed input
-    monkeypatch.setattr(_Scout, "_latencies_ms", _timed_as(
+    monkeypatch.setattr(Scout, "_latencies_ms", _timed_as(
         lambda path: float(_muls(path)) if "MatMulInteger" in _ops(path) else 100.0))
     target = {"relative_l2": 10.0, "objective": "latency", "latency_batch": 8}
     result = compressor.compress(mlp, {**FAST, "target": target}, out_dir=tmp_path / "out")
@@ -170,13 +169,13 @@ def test_the_latency_objective_cuts_by_multiply_adds_and_leaves_embedding_tables
     tables = {p.layer.name for p in calibrated.plan.layers if p.layer.kind == "embedding"}
     assert tables and all(p.adjustable for p in calibrated.plan.layers
                           if p.layer.name in tables)  # the size objective would cut them
-    plan, costs = _latency_costs(calibrated.plan, calibrated.stats, job)
+    plan, costs = latency_costs(calibrated.plan, calibrated.stats, job)
     assert set(costs) == {p.layer.name for p in plan.layers if p.adjustable}
     assert not tables & set(costs)
     assert costs == {name: float(calibrated.stats[name].rows) for name in costs}
     assert all(cost > 0 for cost in costs.values())
     prepared = {name: s.prepared for name, s in calibrated.stats.items() if s.prepared}
-    budgets = _budget_plans(plan, prepared, dict.fromkeys(prepared, 1.0), costs)
+    budgets = budget_plans(plan, prepared, dict.fromkeys(prepared, 1.0), costs)
     assert budgets
     total = sum(costs[p.layer.name] * p.layer.numel for p in plan.layers if p.adjustable)
     for fraction, budgeted in budgets:
@@ -283,9 +282,9 @@ def test_candidates_as_small_as_the_smallest_are_timed_and_the_fastest_ships(
     assert all(_relative_l2(c) > 2 * floor for c in candidates
                if c["bytes"] < int8["bytes"])  # nothing smaller keeps it, or is within reach
     if tie is not None:
-        monkeypatch.setattr(target_search, "SIZE_TIE", tie)
+        monkeypatch.setattr(scout_module, "SIZE_TIE", tie)
     timed = []  # the shared values run faster than int8 here
-    monkeypatch.setattr(_Scout, "_latencies_ms", _timed_as(
+    monkeypatch.setattr(Scout, "_latencies_ms", _timed_as(
         lambda path: 2.0 if "MatMulInteger" in _ops(path) else 1.0, timed))
     result = compressor.compress(mlp, {**FAST, "target": {"relative_l2": floor}},
                                  out_dir=tmp_path / "out")
@@ -522,7 +521,7 @@ def test_a_search_cut_by_the_budget_that_meets_no_floor_says_to_raise_max_minute
 def _without_the_original_quantized(monkeypatch):
     """On the tiny MLP, int8 of the original is smaller than every budget that keeps a floor:
     without it, a compressed candidate is the cheapest."""
-    monkeypatch.setattr(target_search._Scout, "_original_quantized", lambda *args: None)
+    monkeypatch.setattr(Scout, "_original_quantized", lambda *args: None)
 
 
 def test_a_budget_spent_before_any_budget_is_scored_ships_int8_of_the_original(
@@ -600,13 +599,13 @@ def test_a_finalist_the_budget_left_cannot_set_up_for_fine_tuning_ships_untraine
     first = next(c["kept_fraction"] for c in easy.report["target"]["candidates"]
                  if c["quantize"] is None)
     clock = _scoring_clock(monkeypatch, 10.0)
-    real_fidelity = target_search.fidelity
+    real_fidelity = scout_module.fidelity
 
     def slow_fidelity(*args):
         clock.now += 100.0
         return real_fidelity(*args)
 
-    monkeypatch.setattr(target_search, "fidelity", slow_fidelity)
+    monkeypatch.setattr(scout_module, "fidelity", slow_fidelity)
     config = {**FAST, "finetune": {"steps": 5, "loss": "regression"},
               "target": {"relative_l2": 10.0}, "max_minutes": 3}
     result = compressor.compress(mlp, config, out_dir=tmp_path / "out", progress=clock.tick)
@@ -656,7 +655,7 @@ def _bare_scout(tmp_path, objective="latency", budget=None):
 
     from compressor.runtime.budget import TimeBudget
 
-    scout = object.__new__(_Scout)
+    scout = object.__new__(Scout)
     budget = budget or TimeBudget(None, lambda: 0.0)
     scout.job = SimpleNamespace(control=SimpleNamespace(budget=budget), log=JobLog(None),
                                 scratch=tmp_path)
@@ -684,7 +683,7 @@ def test_the_latency_objective_orders_its_finalists_by_timings_in_turn(tmp_path,
         slow = 2.0 if len(calls) % 2 == 0 else 1.0
         return {name: slow * own[path.read_text()] for name, path in paths.items()}
 
-    monkeypatch.setattr(_Scout, "_latencies_ms", latencies_ms)
+    monkeypatch.setattr(Scout, "_latencies_ms", latencies_ms)
     scout = _bare_scout(tmp_path)
     fastest, close, far = (_timed_candidate(name, ms, tmp_path)
                            for name, ms in (("fastest", 10.0), ("close", 10.5), ("far", 20.0)))
@@ -702,12 +701,12 @@ def test_the_latency_objective_orders_its_finalists_by_timings_in_turn(tmp_path,
 
 def test_the_size_objective_times_the_candidates_as_small_as_the_smallest_in_turn(tmp_path,
                                                                                   monkeypatch):
-    monkeypatch.setattr(_Scout, "_latencies_ms", _timed_as(
+    monkeypatch.setattr(Scout, "_latencies_ms", _timed_as(
         lambda path: {"smallest": 3.0, "tied": 2.0, "larger": 1.0}[path.read_text()]))
     scout = _bare_scout(tmp_path, "size")
     smallest, tied, larger = (_timed_candidate(name, 1.0, tmp_path)
                               for name in ("smallest", "tied", "larger"))
-    tie = target_search.SIZE_TIE
+    tie = scout_module.SIZE_TIE
     tied.bytes, larger.bytes = 40 * (1 + tie), 40 * (1 + 2 * tie)
     assert scout.fastest_first([smallest, tied, larger]) == [tied, smallest, larger]
     assert (smallest.latency_ms, tied.latency_ms, larger.latency_ms) == (3.0, 2.0, 1.0)
@@ -734,13 +733,13 @@ def test_a_candidates_export_sets_what_is_kept_for_the_artifacts_export(mlp, tmp
     # (about 60 s for a tiny model) grows to what the artifact's export, its verification and
     # the report then need, 60 s + 5 × 50 s
     clock = JobClock(monkeypatch, PLANNING, "no event moves this clock", 0.0)
-    real_export = target_search.export_onnx
+    real_export = scout_module.export_onnx
 
     def slow_export(*args):
         clock.now += 50.0
         return real_export(*args)
 
-    monkeypatch.setattr(target_search, "export_onnx", slow_export)
+    monkeypatch.setattr(scout_module, "export_onnx", slow_export)
     result = compressor.compress(mlp, {**FAST, "target": {"relative_l2": 10.0},
                                        "max_minutes": 30},
                                  out_dir=tmp_path / "out", progress=clock.tick)
@@ -804,13 +803,13 @@ def test_a_quantized_finalist_no_step_improved_is_not_quantized_and_scored_again
     # (Gemma-3 270M: 145 s to export, quantize and score it again for the same figures).
     assert easy.report["target"]["chosen"]["quantize"] is not None
     scored = []
-    real = target_search._Scout.quantized_fidelity
+    real = Scout.quantized_fidelity
 
     def counting(self, *args, **kwargs):
         scored.append(1)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(target_search._Scout, "quantized_fidelity", counting)
+    monkeypatch.setattr(Scout, "quantized_fidelity", counting)
     result = compressor.compress(mlp, {**FAST, "target": {"relative_l2": 10.0}},
                                  out_dir=tmp_path / "out")
     search = result.report["target"]
@@ -844,7 +843,7 @@ def test_the_searchs_held_out_outputs_wait_on_disk_and_score_the_same(easy, mlp,
 def test_the_search_frees_each_scored_student_before_building_the_next(mlp, tmp_path,
                                                                        monkeypatch):
     built, alive_at_each_build = [], []
-    build = target_search.build_student
+    build = scout_module.build_student
 
     def tracking(*args, **kwargs):
         student = build(*args, **kwargs)  # collects the dropped ones first
@@ -852,7 +851,7 @@ def test_the_search_frees_each_scored_student_before_building_the_next(mlp, tmp_
         built.append(weakref.ref(student))
         return student
 
-    monkeypatch.setattr(target_search, "build_student", tracking)
+    monkeypatch.setattr(scout_module, "build_student", tracking)
     compressor.compress(mlp, {**FAST, "target": {"relative_l2": 10.0}}, out_dir=tmp_path)
     assert len(built) > 3
     assert max(alive_at_each_build) == 0  # a GraphModule's cycles do not keep one alive
