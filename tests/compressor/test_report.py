@@ -141,7 +141,11 @@ def test_the_headline_gives_the_baselines_speed_and_warns_when_one_beats_the_obj
     assert not outcome_of(measured, artifact, baselines, by_latency)["warnings"]
     [warning] = outcome_of(measured, artifact, baselines, by_size)["warnings"]
     assert warning == ("onnxruntime int8 of the original also keeps the target's floors and is "
-                       "smaller than the artifact (90 against 100 bytes)")
+                       "smaller than the artifact by more than 2% (90 against 100 bytes)")
+    # as small as the artifact within the search's 2 %: no warning either
+    baselines["baseline"]["onnx_bytes"] = 99
+    assert not outcome_of(measured, artifact, baselines, by_size)["warnings"]
+    baselines["baseline"]["onnx_bytes"] = 90
     baselines["baseline"]["fidelity"]["output_0"]["cosine"] = 0.98
     assert not outcome_of(measured, artifact, baselines, by_size)["warnings"]
     assert not outcome_of(measured, artifact, baselines, None)["warnings"]  # no target
