@@ -103,11 +103,11 @@ def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportCo
         sample = loaded.held_out.take(torch.arange(min(2, len(loaded.held_out))))
         original = None
         if config.latency_seconds > 0:
-            job.control.report(EXPORTING, 0.0, "exporting the original (latency baseline)")
+            _step(job, EXPORTING, 0.0, "exporting the original (latency baseline)")
             original = staging / "original" / ONNX_ARTIFACT
             original.parent.mkdir()
             export_onnx(teacher, sample, loaded.specs, original, config.opset)
-        job.control.report(EXPORTING, 0.5, f"exporting the {config.form} form")
+        _step(job, EXPORTING, 0.5, f"exporting the {config.form} form")
         # The dense form takes each layer's θ as its W is made: the student is spent after.
         artifact_module = materialized(student, teacher, plan, config.form)
         # the compact form's few tensors shared with the original, copied below
@@ -118,7 +118,7 @@ def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportCo
         loaded.teacher = trained.student = None
         hf_folder = None
         if loaded.checkpoint is not None and config.form == "dense":
-            job.control.report(EXPORTING, 0.6, "writing the Hugging Face folder")
+            _step(job, EXPORTING, 0.6, "writing the Hugging Face folder")
             hf_folder = staging / "huggingface"
             huggingface.write_checkpoint(loaded.checkpoint.checkpoint, artifact_module, hf_folder)
         # Nothing reads the original's weights any more (a checkpoint's transformers model holds
@@ -132,13 +132,14 @@ def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportCo
         gc.collect()
         model = staging / ONNX_ARTIFACT
         export_onnx(artifact_module, sample, loaded.specs, model, config.opset)
+        _step(job, EXPORTING, 0.7, "the artifact's outputs on the held-out split, in PyTorch")
         reference = torch_outputs(artifact_module, loaded.held_out,
                                   batch_size=trained.held_out.batch_size,
                                   noise_flops=NOISE_FLOPS if config.noise_multiple else 0,
                                   spill=staging / "torch_outputs")
         source = model  # what int8 quantizes: the artifact, or its smoothed copy
         if config.quantize == "int8" and config.int8_smoothing is not None:
-            job.control.report(EXPORTING, 0.8, "smoothing the activations for int8")
+            _step(job, EXPORTING, 0.8, "smoothing the activations for int8")
             source = staging / "smoothed" / ONNX_ARTIFACT
             source.parent.mkdir()
             export_onnx(smoothed_for_int8(artifact_module, smoothing_batches(loaded),
@@ -149,12 +150,20 @@ def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportCo
         gc.collect()
         quantized = None
         if config.quantize is not None:
-            job.control.report(EXPORTING, 0.9, f"quantizing to {config.quantize}")
+            _step(job, EXPORTING, 0.9, f"quantizing to {config.quantize}")
             quantized = staging / config.quantize / ONNX_ARTIFACT
             quantized.parent.mkdir()
             QUANTIZERS[config.quantize](source, quantized)
     return ExportedJob(model, original, quantized, hf_folder, staging / HF_ARTIFACT, reference,
                        sizes)
+
+
+def _step(job: JobContext, stage: str, fraction: float, message: str) -> None:
+    """Report `message` as `stage`'s progress, and log it: the log's timestamps then say what
+    each step took (a BERT-base's export, verification and report took 213 s where 117 were
+    kept for them)."""
+    job.control.report(stage, fraction, message)
+    job.log.info(f"{stage}: {message}")
 
 
 @dataclass
@@ -197,11 +206,11 @@ def verify(exported: ExportedJob, trained: TrainedJob, loaded: LoadedJob, config
     the outputs it compared (`exported.torch_reference`, `trained.held_out`).
     """
     with job.log.stage(VERIFYING):
-        job.control.report(VERIFYING, 0.0, "comparing onnxruntime with PyTorch")
+        _step(job, VERIFYING, 0.0, "comparing onnxruntime with PyTorch")
         parity: dict[str, Any] = verify_onnx(exported.model, exported.torch_reference,
                                              config.atol, config.rtol, config.noise_multiple)
         if exported.huggingface is not None:
-            job.control.report(VERIFYING, 0.3, "checking the Hugging Face folder")
+            _step(job, VERIFYING, 0.3, "checking the Hugging Face folder")
             parity["huggingface"] = huggingface.check_checkpoint(
                 exported.huggingface, exported.model, loaded.held_out, exported.huggingface_zip,
                 config.atol, config.rtol,
@@ -209,7 +218,7 @@ def verify(exported: ExportedJob, trained: TrainedJob, loaded: LoadedJob, config
         job.log.info(f"onnxruntime parity: {parity['max_abs_diff']}")
         artifact_fidelity = None
         if exported.quantized is not None:
-            job.control.report(VERIFYING, 0.5, f"checking the {config.quantize} model")
+            _step(job, VERIFYING, 0.5, f"checking the {config.quantize} model")
             parity["quantized"] = verify_quantized(
                 exported.quantized, exported.torch_reference,
                 None if target is not None else config.quantized_tolerance, config.quantize)
@@ -217,7 +226,7 @@ def verify(exported: ExportedJob, trained: TrainedJob, loaded: LoadedJob, config
                          f"{parity['quantized']['relative_l2']}")
             move_onnx(exported.quantized, exported.model)
         if exported.quantized is not None or any(loaded.next_token):
-            job.control.report(VERIFYING, 0.6, "scoring the artifact on the held-out split")
+            _step(job, VERIFYING, 0.6, "scoring the artifact on the held-out split")
             artifact_fidelity = onnx_fidelity(exported.model, trained.held_out, loaded.kinds,
                                               loaded.next_token)
             if target is not None:
@@ -225,7 +234,7 @@ def verify(exported: ExportedJob, trained: TrainedJob, loaded: LoadedJob, config
         baselines = {}
         if exported.original is not None:
             for index, quantize in enumerate(QUANTIZERS):
-                job.control.report(VERIFYING, 0.8 + 0.1 * index,
+                _step(job, VERIFYING, 0.8 + 0.1 * index,
                                    f"scoring onnxruntime {quantize} of the original")
                 baselines[quantize] = quantized_baseline(exported.original, quantize,
                                                          trained.held_out, loaded.kinds,

@@ -729,24 +729,31 @@ def test_a_file_timed_in_the_walk_is_kept_until_the_finalists_are_ordered(tmp_pa
 
 def test_a_candidates_export_sets_what_is_kept_for_the_artifacts_export(mlp, tmp_path,
                                                                          monkeypatch):
-    # each candidate's export takes 50 s on the job's clock: the reserve the model's size gave
-    # (about 60 s for a tiny model) grows to what the artifact's export, its verification and
-    # the report then need, 60 s + 5 × 50 s
+    # each candidate's export takes 50 s on the job's clock, and an int8 one's held-out pass in
+    # onnxruntime 20 s (an int4 one's 100 s): the reserve the model's size gave (about 60 s for
+    # a tiny model) grows to what the artifact's export, its verification and the report then
+    # need, 60 s + 4 × 50 s + 5 × 20 s
     clock = JobClock(monkeypatch, PLANNING, "no event moves this clock", 0.0)
-    real_export = scout_module.export_onnx
+    real_export, real_fidelity = scout_module.export_onnx, scout_module.onnx_fidelity
 
     def slow_export(*args):
         clock.now += 50.0
         return real_export(*args)
 
+    def slow_pass(path, *args):
+        clock.now += 20.0 if "int8" in path.parts else 100.0
+        return real_fidelity(path, *args)
+
     monkeypatch.setattr(scout_module, "export_onnx", slow_export)
+    monkeypatch.setattr(scout_module, "onnx_fidelity", slow_pass)
     result = compressor.compress(mlp, {**FAST, "target": {"relative_l2": 10.0},
                                        "max_minutes": 30},
                                  out_dir=tmp_path / "out", progress=clock.tick)
-    assert result.report["budget"]["reserve_s"] == pytest.approx(310.0)
+    assert result.report["budget"]["reserve_s"] == pytest.approx(360.0)
     log = (tmp_path / "out" / "job.log").read_text()
-    assert ("a candidate's export took 50 s; 310 s are now kept for the artifact's export, "
-            "verification and the report") in log
+    assert ("a candidate's export took 50 s, an int8 candidate's held-out pass in onnxruntime "
+            "20 s; 360 s are now kept for the artifact's export, verification and the "
+            "report") in log
 
 
 # A causal language model's next-token logits, as the fidelity meter scores them.
