@@ -552,10 +552,11 @@ class Scout:
         needed = finishing_reserve_after_s(self.export_s, self.onnx_pass_s,
                                            self.config.export.latency_seconds)
         if budget.limited and budget.reserve_at_least(needed):
-            self.job.log.info(f"time budget: a candidate's export took {self.export_s:.0f} s, "
-                              "an int8 candidate's held-out pass in onnxruntime "
-                              f"{self.onnx_pass_s:.0f} s; {needed:.0f} s are now kept for the "
-                              "artifact's export, verification and the report")
+            passed = (f", an int8 candidate's held-out pass in onnxruntime "
+                      f"{self.onnx_pass_s:.0f} s" if self.onnx_pass_s else "")
+            self.job.log.info(f"time budget: a candidate's export took {self.export_s:.0f} s"
+                              f"{passed}; {needed:.0f} s are now kept for the artifact's export, "
+                              "verification and the report")
 
     def exported_bytes(self, student: fx.GraphModule, plan: Plan) -> int:
         """Return the bytes of `student`'s compact form exported to ONNX."""
