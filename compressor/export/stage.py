@@ -235,7 +235,7 @@ def verify(exported: ExportedJob, trained: TrainedJob, loaded: LoadedJob, config
         if exported.original is not None:
             for index, quantize in enumerate(QUANTIZERS):
                 _step(job, VERIFYING, 0.8 + 0.1 * index,
-                                   f"scoring onnxruntime {quantize} of the original")
+                      f"scoring onnxruntime {quantize} of the original")
                 baselines[quantize] = quantized_baseline(exported.original, quantize,
                                                          trained.held_out, loaded.kinds,
                                                          loaded.next_token)

@@ -181,7 +181,7 @@ def outcome_of(measured: dict[str, Any], fidelity: dict[str, dict],
                 "use a `target` (or export.form 'factorized', export.quantize 'int8')")
     key = max(latency["original"], key=lambda k: int(k.split("_")[1]), default=None)
     if key is not None:
-        speedup = latency["original"][key] / max(1e-9, latency["compressed"][key])
+        speedup = _speedup(latency, key)
         tie = _within_timing_noise(latency, key)
         outcome["speedup"] = {"batch": key, "ratio": speedup, "within_noise": tie}
         parts.append(_speed(speedup, tie))
@@ -202,8 +202,7 @@ def outcome_of(measured: dict[str, Any], fidelity: dict[str, dict],
         if baseline is None or not baseline.get("onnx_bytes") or not sizes["original"]:
             continue
         speed = "" if key is None or key not in latency.get(name, {}) else _speed(
-            latency["original"][key] / max(1e-9, latency[name][key]),
-            _within_timing_noise(latency, key, name)) + ", "
+            _speedup(latency, key, name), _within_timing_noise(latency, key, name)) + ", "
         headline += (f"; onnxruntime {quantize} of the original: "
                      f"{sizes['original'] / baseline['onnx_bytes']:.2f}× smaller, {speed}"
                      f"{_floors_met(baseline['fidelity'], None)}")
@@ -219,6 +218,12 @@ def outcome_of(measured: dict[str, Any], fidelity: dict[str, dict],
 def _batch(key: str) -> str:
     """Return a latency key (`batch_32_ms`) in words (`batch 32`)."""
     return key.removesuffix("_ms").replace("_", " ")
+
+
+def _speedup(latency: dict[str, Any], key: str, name: str = "compressed") -> float:
+    """Return how many times faster than the original `name` (the artifact, or a baseline)
+    runs at `key`."""
+    return latency["original"][key] / max(1e-9, latency[name][key])
 
 
 def _speed(speedup: float, within_noise: bool) -> str:
