@@ -98,6 +98,12 @@ class Scout:
         # the longest a candidate's export took, and an int8 candidate's held-out pass in
         # onnxruntime: what the artifact's export, verification and report are estimated from
         self.export_s = self.onnx_pass_s = 0.0
+        # the longest a float candidate and an int8 candidate took, from the report that it
+        # was being scored to its figures (None: none scored yet): what the float walk keeps
+        # room for (`_leaves_room_for_int8`)
+        self.float_s: float | None = None
+        self.int8_s: float | None = None
+        self._scoring_started = 0.0
 
     def _affords(self, candidates: list[Candidate], what: str) -> bool:
         """Whether the time budget leaves room to score `what` (`FINALISTS_SHARE` of the work
@@ -117,9 +123,10 @@ class Scout:
     def walk(self, plans: list[tuple[float, Plan]], dense: Plan, shared: Plan,
              ) -> list[Candidate]:
         """Score int8 of the original first; then the budgets in float, largest first, down to
-        the first beyond fine-tuning's reach of the floor (`_walk_floats`); then int8 from the
-        smallest float candidate within reach upward (int8 only loses fidelity), until one
-        meets it or the tries run out; then int4 the same way (`_walk_int4`); then int4 of the
+        the first beyond fine-tuning's reach of the floor (`_walk_floats`; under a time
+        budget, early enough to score an int8 candidate: `_leaves_room_for_int8`); then int8
+        from the smallest float candidate within reach upward (int8 only loses fidelity), until
+        one meets it or the tries run out; then int4 the same way (`_walk_int4`); then int4 of the
         original; then `shared`, the shared-values candidate.
 
         int8 of the original is the bar every compressed candidate has to clear, and the
@@ -164,6 +171,7 @@ class Scout:
         if (self.target.objective == "latency" and self.config.export.int8_smoothing is not None
                 and self._affords(candidates, "the original with int8, unsmoothed")):
             # the fastest int8 of all may be the one without the smoothing's Mul nodes
+            self._report(candidates, plans, "scoring the original with int8, unsmoothed")
             candidates.append(self._quantized(1.0, dense, "int8", smoothed=False))
         if shared.compressed and self._affords(candidates, "the shared-values candidate"):
             self._report(candidates, plans, "scoring the shared-values candidate")
@@ -201,6 +209,9 @@ class Scout:
         for index, (fraction, plan) in enumerate(reversed(plans)):
             if not self._affords(candidates, f"the candidate keeping {fraction:g}"):
                 break
+            if not self._leaves_room_for_int8(candidates, fraction):
+                break
+            self._scoring_started = self.job.control.budget.elapsed_s()
             self.job.control.report(PLANNING, index / (2 * len(plans)),
                                     f"scoring the candidate keeping {fraction:g}")
             candidates.append(self._float(fraction, plan))
@@ -211,6 +222,33 @@ class Scout:
                                       f"candidate keeping {fraction:g} is beyond fine-tuning's "
                                       "reach of the floor, and they only lose more")
                 break
+
+    def _leaves_room_for_int8(self, candidates: list[Candidate], fraction: float) -> bool:
+        """Whether the time budget affords the float candidate keeping `fraction` and then an
+        int8 candidate, once int8 of the original was scored and a float candidate is within
+        reach of the floor; the first time it does not, the float walk's cut is recorded, so
+        that int8 of the smallest budget within reach is scored instead.
+
+        With int8 of the original scored, a smaller float budget matters as the base of an int8
+        candidate: one 4x smaller than the float candidates that keep a floor. Under
+        `"max_minutes": 20`, a random-weight BERT-base's walk scored float budgets down to 0.85
+        (90 s each) and stopped there, so its int8 candidates, which come after the float walk,
+        were never scored, and it shipped int8 of the original."""
+        if self.int8_s is None or self.float_s is None or not any(
+                c.quantize is None and within_reach(c.fidelity, self.target) for c in candidates):
+            return True
+        longest_build = max(self.built_s.values(), default=0.0)
+        needed = self.float_s + self.int8_s + longest_build
+        if self.job.control.budget.affords(FINALISTS_SHARE * self.work_s + needed):
+            return True
+        smallest = min(c.kept_fraction for c in candidates if c.quantize is None)
+        self.job.control.budget.cut(f"target search's float budgets stopped at {smallest:g}, "
+                                    f"before {fraction:g}, to leave time for int8 candidates")
+        self.job.log.info(f"target: the float budgets stop at {smallest:g}, before "
+                          f"{fraction:g}: scoring it and then an int8 candidate (about "
+                          f"{needed:.0f} s) would eat into the time kept for the finalists "
+                          f"({self.job.control.budget.describe()})")
+        return False
 
     def _walk_int4(self, candidates: list[Candidate], plans: list[tuple[float, Plan]]) -> None:
         """Score int4 candidates from the first budget int8 was scored at upward, appending
@@ -252,6 +290,7 @@ class Scout:
 
     def _report(self, candidates: list[Candidate], plans: list, message: str) -> None:
         """Report the planning stage's progress while quantized candidates are scored."""
+        self._scoring_started = self.job.control.budget.elapsed_s()
         self.job.control.report(PLANNING, min(0.95, 0.5 + 0.5 * len(candidates)
                                               / (3 * max(1, len(plans)))), message)
 
@@ -413,6 +452,11 @@ class Scout:
         weights, unexplained by stage peaks alone), and return it."""
         self.job.log.info(f"target: scored {candidate.name}: "
                           f"{describe_fidelity(candidate.fidelity)}; {self.job.log.memory_now()}")
+        took = self.job.control.budget.elapsed_s() - self._scoring_started
+        if candidate.quantize is None and candidate.method == "lowrank":
+            self.float_s = max(self.float_s or 0.0, took)
+        elif candidate.quantize == "int8":
+            self.int8_s = max(self.int8_s or 0.0, took)
         return candidate
 
     def quantized_fidelity(self, student: fx.GraphModule, plan: Plan, quantize: str,

@@ -502,6 +502,28 @@ def test_a_budget_that_runs_out_while_scoring_hands_back_the_best_candidate_scor
     assert result.report["onnx_parity"]["passed"] and result.model_path.exists()
 
 
+def test_a_tight_budget_stops_the_float_budgets_early_to_score_int8_of_the_smallest(
+        easy, mlp, tmp_path, monkeypatch):
+    # 3 minutes, 60 s kept to finish, half of the other 120 s for the finalists: candidates
+    # of 14 s each. Walked until the budget says no, 5 float budgets would take the search's
+    # 60 s and leave none for an int8 candidate; the walk stops a budget earlier instead, and
+    # int8 of its smallest budget is scored, and ships
+    clock = _scoring_clock(monkeypatch, 14.0)
+    result = compressor.compress(mlp, {**FAST, "target": {"relative_l2": 10.0},
+                                       "max_minutes": 3},
+                                 out_dir=tmp_path / "out", progress=clock.tick)
+    search, budget = result.report["target"], result.report["budget"]
+    floats = [c["kept_fraction"] for c in easy.report["target"]["candidates"]
+              if c["quantize"] is None and c["method"] == "lowrank"]
+    assert [(c["kept_fraction"], c["quantize"]) for c in search["candidates"]] == [
+        (1.0, "int8"), *[(f, None) for f in floats[:4]], (floats[3], "int8")]
+    assert budget["cut"][0] == (f"target search's float budgets stopped at {floats[3]:g}, "
+                                f"before {floats[4]:g}, to leave time for int8 candidates")
+    assert (search["chosen"]["kept_fraction"], search["chosen"]["quantize"]) == (floats[3], "int8")
+    assert search["chosen"]["bytes"] < search["candidates"][0]["bytes"]  # int8 of the original
+    assert result.report["onnx_parity"]["passed"] and result.model_path.exists()
+
+
 def test_a_search_cut_by_the_budget_that_meets_no_floor_says_to_raise_max_minutes(
         mlp, tmp_path, monkeypatch):
     # no budget is within reach of this floor: the largest is scored, then the original
