@@ -236,7 +236,7 @@ class Distillation:
     scoring_s: float = 0.0
 
 
-def held_out_score(student: nn.Module, held_out: HeldOut, kinds: list[str],
+def held_out_score(student: nn.Module | None, held_out: HeldOut, kinds: list[str],
                    meter: FidelityMeter | None = None,
                    batches: list[dict[str, torch.Tensor]] | None = None) -> float:
     """Return the distillation loss of `student` on the held-out batches (sample-weighted).
@@ -244,7 +244,8 @@ def held_out_score(student: nn.Module, held_out: HeldOut, kinds: list[str],
     The same objective training minimizes: scoring with another one (say, relative L2 of the
     logits while training also fits their softmax) can reject every improvement. `meter`, when
     given, is fed the same outputs and batches (fidelity from the same pass). `batches` may give
-    the held-out batches already on the student's device.
+    the held-out batches already on the student's device. `student` None scores the original
+    itself: its outputs are the held-out reference, read rather than computed again.
     """
     total, rows = 0.0, 0
     batches = held_out.batches() if batches is None else batches
@@ -253,7 +254,7 @@ def held_out_score(student: nn.Module, held_out: HeldOut, kinds: list[str],
         for index, (batch, reference) in enumerate(zip(batches, held_out.reference,
                                                        strict=True)):
             targets = reference if whole else held_out.targets[index]
-            outputs = run_outputs(student, batch)
+            outputs = reference if student is None else run_outputs(student, batch)
             if meter is not None:
                 meter.add(outputs, reference, batch)
             count = reference[0].shape[0]

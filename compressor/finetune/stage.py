@@ -119,11 +119,13 @@ def as_initialized(loaded: LoadedJob, student: fx.GraphModule, held_out: HeldOut
     return TrainedJob(student, held_out, summary, initial, initial, {})
 
 
-def fidelity(student: fx.GraphModule, held_out: HeldOut, kinds: list[str],
+def fidelity(student: fx.GraphModule | None, held_out: HeldOut, kinds: list[str],
              next_token: list[bool] | None = None) -> tuple[list[OutputFidelity], float]:
     """Return per-output fidelity of `student` against the original's held-out outputs (and,
     for the outputs `next_token` marks, against the held-out text: `FidelityMeter`), and its
-    held-out score (`held_out_score`, which feeds the fidelity meter from the same pass)."""
+    held-out score (`held_out_score`, which feeds the fidelity meter from the same pass).
+    `student` None is the original itself (a student that compresses no layer): its outputs
+    are the held-out ones, read, not computed again."""
     meter = FidelityMeter(kinds, next_token)
     score = held_out_score(student, held_out, kinds, meter)
     return meter.result(), score

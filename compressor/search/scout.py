@@ -364,8 +364,9 @@ class Scout:
         budget: what shipping one of `untried` (finalists that met the floor as initialized)
         untrained would take, should `training` miss the floor once the budget is spent: its
         student built, and scored in PyTorch unless the search already scored it or its float
-        twin (`scored_as_initialized`). Its build in the search is the estimate (a rebuild
-        reuses the corrected θ: no longer), or the longest build for one an earlier try scored.
+        twin (`scored_as_initialized`), or it is the original (its figures are read). Its build
+        in the search is the estimate (a rebuild reuses the corrected θ: no longer), or the
+        longest build for one an earlier try scored.
         On Gemma-3 270M that was 35 s the budget did not keep (int8 of the original: 1.3 s
         built, 30.5 s scored). 0 without a budget or untried."""
         budget = self.job.control.budget
@@ -373,7 +374,8 @@ class Scout:
             return 0.0
         longest = max(self.built_s.values(), default=0.0)
         return max(self.built_s.get(id(c.plan), longest)
-                   + (0.0 if scored_as_initialized(c, candidates, self.loaded)
+                   + (0.0 if not c.plan.compressed  # the original: its figures are read
+                      or scored_as_initialized(c, candidates, self.loaded)
                       else self.scoring_s) for c in untried)
 
     def _parameters(self, plan: Plan) -> int:

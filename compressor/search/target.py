@@ -64,6 +64,7 @@ from compressor.finetune.stage import (
     EVAL_BATCH,
     TrainedJob,
     as_initialized,
+    fidelity,
     finetune,
 )
 from compressor.load.stage import LoadedJob
@@ -83,6 +84,7 @@ from compressor.search.candidates import (
     budget_plans,
     dense_plan,
     latency_costs,
+    quantization_loss_beyond_floor,
     scored_as_initialized,
     shared_values_plan,
     within_reach,
@@ -165,7 +167,7 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
             ("no candidate was scored" if scout.cut else "no candidate smaller than the "
              "original could be planned for this model; set `ratio` to compress it to a size "
              "you choose") + _cut_note(budget))
-    near, meeting = _finalists(candidates, target)
+    near, meeting = _finalists(candidates, target, config.export, job)
     if not near and not meeting:
         scout.drop_kept_files()
         raise TargetNotMetError(_not_met(candidates, target, fine_tuned=False)
@@ -202,21 +204,24 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
         # learn through its smoothed int8 (`int8_input_scales`), but on all-MiniLM-L6-v2 that
         # reached no more than float did (kept 0.8: cosine 0.9878 against 0.9883 after 300
         # steps; kept 0.9: 0.9923 against 0.9926) at 1.4× the time a step.
-        through_int8 = not late and candidate.quantize == "int8" and (
-            candidate.unsmoothed or config.export.int8_smoothing is None)
+        through_int8 = (not late and candidate.quantize is not None
+                        and not _trained_in_float(candidate, config.export))
         shipped = None
         if late or untrainable:
             # No step is taken: nothing is set up for training (the original's top k on the
             # held-out split, the training split's targets, the int8 simulation), and θ is the
             # one scored as a candidate, on the search's held-out outputs (Gemma-3 270M: 158 s
-            # of passes over its held-out windows for a finalist shipped as initialized).
+            # of passes over its held-out windows for a finalist shipped as initialized). A
+            # student that compresses no layer is the original: its float figures are read off
+            # the original's held-out outputs (a random-weight BERT-base: a pass of 53-63 s).
+            scored = (fidelity(None, held_out, loaded.kinds, loaded.next_token) if untrainable
+                      else scored_as_initialized(candidate, candidates, loaded))
             trained = as_initialized(
                 loaded, student, held_out, job,
                 f"fine-tuning skipped: candidate {candidate.name} compresses no layer, so it "
                 "has nothing to train" if untrainable else
                 f"fine-tuning skipped: the search spent the time budget; candidate "
-                f"{candidate.name} ships as initialized",
-                scored_as_initialized(candidate, candidates, loaded))
+                f"{candidate.name} ships as initialized", scored)
         else:
             if candidate.quantize is not None:
                 shipped = _ShippedScore(scout, student, candidate, job)
@@ -329,11 +334,13 @@ def _cut_note(budget: TimeBudget) -> str:
             f"{'; '.join(budget.cuts)}): raise max_minutes to let it go further")
 
 
-def _finalists(candidates: list[Candidate], target: TargetConfig,
-               ) -> tuple[list[Candidate], list[Candidate]]:
+def _finalists(candidates: list[Candidate], target: TargetConfig, export: ExportConfig,
+               job: JobContext) -> tuple[list[Candidate], list[Candidate]]:
     """Return the candidates to fine-tune: those within fine-tuning's reach that cost less (by
     the objective: smaller, or faster) than the cheapest meeting the floor (cheapest first, at
-    most `REACH_TRIES`), and those meeting it, cheapest first (`_in_order` tries them)."""
+    most `REACH_TRIES`), and those meeting it, cheapest first (`_in_order` tries them). A
+    quantized one fine-tuned in float is not within reach when its quantization alone costs
+    more than the floor leaves (`quantization_loss_beyond_floor`; logged)."""
     def cost(candidate: Candidate) -> float:
         return candidate.cost(target.objective)
 
@@ -342,7 +349,24 @@ def _finalists(candidates: list[Candidate], target: TargetConfig,
     # the original quantized (kept fraction 1) has no θ: fine-tuning cannot bring it nearer
     near = sorted((c for c in candidates if not c.meets_floor and cost(c) < cheapest
                    and c.kept_fraction < 1.0 and within_reach(c.fidelity, target)), key=cost)
-    return near[:REACH_TRIES], meeting
+    reachable = []
+    for candidate in near:
+        beyond = (quantization_loss_beyond_floor(candidate, candidates, target)
+                  if _trained_in_float(candidate, export) else None)
+        if beyond is None:
+            reachable.append(candidate)
+        else:
+            job.log.info(f"target: {candidate.name} is not fine-tuned: {beyond}")
+    return reachable[:REACH_TRIES], meeting
+
+
+def _trained_in_float(candidate: Candidate, export: ExportConfig) -> bool:
+    """Whether a quantized finalist learns in float: int4 (nothing simulates MatMulNBits'
+    4-bit blocks) and smoothed int8; unsmoothed int8 learns through its int8 arithmetic."""
+    if candidate.quantize == "int4":
+        return True
+    return (candidate.quantize == "int8" and not candidate.unsmoothed
+            and export.int8_smoothing is not None)
 
 
 def _in_order(near: list[Candidate], meeting: list[Candidate], scout: Scout,

@@ -1,6 +1,7 @@
 """Fine-tuning pieces: learning rates, the device, and the copy the CUDA path trains."""
 
 import copy
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -137,6 +138,27 @@ def test_the_fidelity_pass_scores_the_student_as_fine_tuning_does(tmp_path):
     split = HeldOut.of(teacher, held_out, 4)
     _, score = fidelity(student, split, kinds)
     assert score == pytest.approx(held_out_score(student, split, kinds), rel=1e-6)
+
+
+def test_the_originals_own_figures_are_read_off_its_held_out_outputs_as_a_pass_gives_them(
+        tmp_path):
+    # a student that compresses no layer (target mode's int8 of the original) is the original:
+    # scoring it needs no pass, its outputs are the held-out reference
+    from compressor.finetune.stage import fidelity
+    from compressor.load.data import Dataset
+
+    teacher = torch.export.load(str(make_pt2("text", tmp_path / "text.pt2"))).module()
+    held_out = Dataset(example_inputs(MODEL_CLASSES["text"](), batch=10, seed=4), False, "test")
+    kinds = ["logits", "embedding"]
+    split = HeldOut.of(teacher, held_out, 4)
+    read, read_score = fidelity(None, split, kinds)
+    run, run_score = fidelity(teacher, split, kinds)
+    assert read_score == pytest.approx(0.0, abs=1e-7)
+    assert run_score == pytest.approx(0.0, abs=1e-7)
+    for read_figures, run_figures in zip(read, run, strict=True):  # a pass runs in float32
+        assert asdict(read_figures) == pytest.approx(asdict(run_figures), abs=1e-6)
+    assert [(f.cosine, f.relative_l2, f.top1_agreement) for f in read] == [
+        (pytest.approx(1.0), 0.0, 1.0), (pytest.approx(1.0), 0.0, None)]
 
 
 @pytest.mark.parametrize("free_thetas", [4.3, 4.6])

@@ -555,10 +555,17 @@ def test_a_budget_spent_before_any_budget_is_scored_ships_int8_of_the_original(
     real_targets = loop_module._teacher_targets
     monkeypatch.setattr(loop_module, "_teacher_targets",
                         lambda *args: targets.append(1) or real_targets(*args))
+    scored = []  # the students scored in PyTorch
+    real_score = finetune_stage.held_out_score
+    monkeypatch.setattr(finetune_stage, "held_out_score",
+                        lambda student, *args: scored.append(student) or real_score(student, *args))
     config = {**FAST, "finetune": {"steps": 5, "loss": "regression"},
               "target": {"relative_l2": 10.0}, "max_minutes": 3}
     result = compressor.compress(mlp, config, out_dir=tmp_path / "out", progress=clock.tick)
     search, budget = result.report["target"], result.report["budget"]
+    # its float figures are the original's own, read off its held-out outputs: no pass of it
+    assert scored == [None]
+    assert result.report["fidelity"]["final"]["output_0"]["relative_l2"] == 0.0
     assert [(c["kept_fraction"], c["quantize"]) for c in search["candidates"]] == [(1.0, "int8")]
     assert (search["chosen"]["kept_fraction"], search["chosen"]["quantize"]) == (1.0, "int8")
     assert budget["cut"] == [f"target search stopped after 1 candidates, before the candidate "
@@ -641,33 +648,37 @@ def test_a_finalist_the_budget_left_cannot_set_up_for_fine_tuning_ships_untraine
 
 def test_a_finalist_in_training_keeps_time_to_ship_one_that_met_the_floor_untrained(tmp_path):
     # what shipping each untried candidate untrained takes: its student built as in the
-    # search, and scored in PyTorch unless the search scored it (or its float twin) there
+    # search, and scored in PyTorch unless the search scored it (or its float twin) there, or
+    # it is the original (its figures are read off the held-out outputs)
     from types import SimpleNamespace
 
     from compressor.runtime.budget import TimeBudget
 
     def candidate(fraction, quantize, score=None):
         return Candidate(fraction, quantize, 10, 40, {}, True, held_out_score=score,
-                         plan=SimpleNamespace(fraction=fraction))
+                         plan=SimpleNamespace(fraction=fraction,
+                                              compressed=["layer"] if fraction < 1 else []))
 
     budget = TimeBudget(45, lambda: 0.0)
     scout = _bare_scout(tmp_path, budget=budget)
     scout.loaded = SimpleNamespace(output_names=[])
     training = candidate(0.8, "int8")
-    original_int8 = candidate(1.0, "int8")  # no float twin of the original is scored
+    original_int8 = candidate(1.0, "int8")  # the original: nothing to score in PyTorch
+    unscored = candidate(0.7, "int8")  # its float twin was not scored
     floats = candidate(0.9, None, score=0.1)  # scored in PyTorch in the search
-    scout.built_s = {id(original_int8.plan): 2.0, id(floats.plan): 7.0}
+    scout.built_s = {id(original_int8.plan): 2.0, id(floats.plan): 7.0, id(unscored.plan): 3.0}
     scout.scoring_s = 30.0
-    everything = [training, original_int8, floats]
-    assert scout.fallback_s(training, [original_int8], everything) == 32.0
+    everything = [training, original_int8, unscored, floats]
+    assert scout.fallback_s(training, [original_int8], everything) == 2.0
+    assert scout.fallback_s(training, [unscored], everything) == 33.0
     assert scout.fallback_s(training, [floats], everything) == 7.0
-    assert scout.fallback_s(training, [floats, original_int8], everything) == 32.0
+    assert scout.fallback_s(training, [floats, unscored], everything) == 33.0
     # one an earlier try scored: the longest build the search made stands in for its own
     retried = candidate(0.95, "int8")
     assert scout.fallback_s(training, [retried], everything + [retried]) == 37.0
     assert scout.fallback_s(training, [], everything) == 0.0  # nothing to fall back on
     budget.max_minutes = None  # no budget: nothing is kept
-    assert scout.fallback_s(training, [original_int8], everything) == 0.0
+    assert scout.fallback_s(training, [unscored], everything) == 0.0
 
 
 def _bare_scout(tmp_path, objective="latency", budget=None):
@@ -800,6 +811,70 @@ def test_a_language_models_logits_are_judged_by_perplexity_over_the_originals():
                                                               "top1_agreement")}
     assert target.margin(classifier) == pytest.approx(0.6 - 0.99)
     assert describe_fidelity({"logits": classifier}) == "logits top-1 agreement 0.6000"
+
+
+def _scored(fraction, quantize, figures):
+    """A candidate as scored: a quantized one a quarter of its float twin's bytes."""
+    return Candidate(fraction, quantize, 10, 40 if quantize is None else 10, {"out": figures},
+                     False)
+
+
+@pytest.mark.parametrize("figure, float_value, quantized, beyond", [
+    ("cosine", 0.9974, 0.9811, True),  # a random-weight BERT-base's kept 0.85 + int4
+    ("cosine", 0.9800, 0.9790, False),  # the float model is what misses: fine-tuning's to win
+    ("relative_l2", 0.01, 0.08, True),  # floor 0.05: quantizing alone adds 0.07
+    ("relative_l2", 0.06, 0.07, False),
+])
+def test_a_quantized_finalist_trained_in_float_is_not_tried_when_quantizing_alone_misses(
+        figure, float_value, quantized, beyond):
+    from compressor.search.candidates import quantization_loss_beyond_floor
+
+    kind = {"cosine": "embedding", "relative_l2": "regression"}[figure]
+    target = TargetConfig()
+    twin = _scored(0.85, None, {"kind": kind, figure: float_value})
+    candidate = _scored(0.85, "int4", {"kind": kind, figure: quantized})
+    said = quantization_loss_beyond_floor(candidate, [twin, candidate], target)
+    assert (said is not None) == beyond
+    if beyond:
+        assert said.startswith("int4 cost its out ") and "beyond the floor" in said
+    # no float twin scored (another budget's): nothing to judge by
+    assert quantization_loss_beyond_floor(candidate, [candidate], target) is None
+
+
+def test_the_finalists_leave_out_only_those_fine_tuned_in_float_that_quantizing_puts_beyond():
+    from types import SimpleNamespace
+
+    from compressor.config import ExportConfig
+    from compressor.search.target import _finalists
+
+    logged = []
+    job = SimpleNamespace(log=SimpleNamespace(info=logged.append))
+    figures = {"kind": "embedding", "cosine": 0.9811}
+    twin = _scored(0.85, None, {"kind": "embedding", "cosine": 0.9974})
+    twin.meets_floor = True
+    int4 = _scored(0.85, "int4", figures)
+    smoothed = _scored(0.85, "int8", figures)
+    unsmoothed = _scored(0.85, "int8", figures)  # learns through int8: may take it back
+    unsmoothed.unsmoothed = True
+    near, meeting = _finalists([twin, int4, smoothed, unsmoothed], TargetConfig(),
+                               ExportConfig(), job)
+    assert near == [unsmoothed] and meeting == [twin]
+    assert len(logged) == 2 and logged[0].startswith("target: kept 0.85 int4 is not fine-tuned: ")
+    # without smoothing every int8 finalist learns through int8
+    near, _ = _finalists([twin, smoothed], TargetConfig(), ExportConfig(int8_smoothing=None), job)
+    assert near == [smoothed]
+
+
+def test_a_language_models_quantization_is_judged_by_its_perplexity_factor():
+    from compressor.search.candidates import quantization_loss_beyond_floor
+
+    target = TargetConfig()  # perplexity at most 1.05 × the original's
+    twin = _scored(0.8, None, {**LM_LOGITS, "perplexity": 48.0})  # 1.2 × (fine-tuning's to win)
+    close = _scored(0.8, "int8", {**LM_LOGITS, "perplexity": 49.0})  # int8: × 1.02
+    far = _scored(0.8, "int8", {**LM_LOGITS, "perplexity": 52.8})  # int8: × 1.1
+    assert quantization_loss_beyond_floor(close, [twin, close], target) is None
+    assert "1.1000, beyond the floor 1.05" in quantization_loss_beyond_floor(far, [twin, far],
+                                                                             target)
 
 
 def test_the_search_corrects_each_budget_once_and_scores_it_as_if_corrected_again(
