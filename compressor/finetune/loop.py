@@ -210,11 +210,15 @@ class FloorCheck:
     student's fidelity there (`FidelityMeter`, `next_token` marking a language model's logits)
     is what `kept` accepts (target mode: the floor, with the margin quantization will take),
     and then `shipped`, when given, says that what ships keeps it too (target mode: the real
-    quantized model, exported from θ as it is on the student the lesson was given)."""
+    quantized model, exported from θ as it is on the student the lesson was given); or, with
+    `kept_as_initialized`, at the first evaluation when no step improved on θ as initialized."""
 
     next_token: list[bool] | None
     kept: Callable[[list[OutputFidelity]], bool]
     shipped: Callable[[], bool] | None = None
+    # θ as initialized keeps the floor already (target mode: a finalist that met it as
+    # scored): fine-tuning ends at its first evaluation, with whichever θ scored best there
+    kept_as_initialized: bool = False
 
 
 @dataclass
@@ -557,6 +561,13 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
                         enough.shipped is None or enough.shipped()):
                     summary.floor_kept_at = step
                     entry["note"] = FLOOR_KEPT
+            elif (lesson.enough is not None and lesson.enough.kept_as_initialized
+                  and summary.best_step == 0 and step < config.steps):
+                # no step improved on θ as initialized, which keeps the floor: more steps are
+                # not needed to ship it (a random-weight BERT-base's finalist trained 50 steps
+                # of 5 s under a 20-minute budget, its held-out loss never below step 0's)
+                summary.floor_kept_at = step
+                entry["note"] = FLOOR_KEPT
             elif current > best * (1 + _BACKOFF_MARGIN):
                 _restore(params, best_state)
                 optimizer.state.clear()

@@ -84,7 +84,8 @@ def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: Fin
                 job.log.info(why)
         if summary.floor_kept_at is not None:
             job.log.info(f"fine-tuning ended at step {summary.floor_kept_at} of {config.steps}: "
-                         "the held-out fidelity keeps the floor")
+                         + ("the held-out fidelity keeps the floor" if summary.best_step else
+                            "no step improved on θ as initialized, which keeps the floor"))
         how = f", {summary.samples_per_step} samples a step" + (
             "" if summary.tokens_per_step is None else f" ({summary.tokens_per_step} tokens)")
         how += ", blocks checkpointed" if summary.activation_checkpointing else ""

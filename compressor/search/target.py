@@ -307,8 +307,9 @@ def _floor_check(candidate: Candidate, candidates: list[Candidate], target: Targ
     trains in float and ships quantized (`simulated`: it trains through the int8 it ships in,
     no margin), and then, for a quantized one, what `shipped` scores (its real quantized model
     as θ is now) keeps it too: the margin is an estimate (the tiny digits CNN's int4 finalist
-    kept the floor in float at step 25 by its margin, and its int4 model did not). None (every
-    step) when that margin was not measured."""
+    kept the floor in float at step 25 by its margin, and its int4 model did not). A candidate
+    that met the floor as scored ends at its first evaluation anyway, with θ as initialized
+    when no step improved on it. None (every step) when that margin was not measured."""
     needed = dict.fromkeys(candidate.fidelity, 0.0)
     if candidate.quantize is not None and not simulated:
         floats = [c for c in candidates if c.quantize is None and c.method == candidate.method
@@ -323,7 +324,8 @@ def _floor_check(candidate: Candidate, candidates: list[Candidate], target: Targ
         return all(target.margin(figures) >= needed[name] for name, figures in by_output.items())
 
     return FloorCheck(loaded.next_token, kept,
-                      None if shipped is None else lambda: target.met_by(shipped()))
+                      None if shipped is None else lambda: target.met_by(shipped()),
+                      kept_as_initialized=candidate.meets_floor)
 
 
 def _cut_note(budget: TimeBudget) -> str:

@@ -351,12 +351,31 @@ def test_a_finalists_fine_tuning_ends_at_the_first_evaluation_that_keeps_the_flo
     result = compressor.compress(mlp, config, out_dir=tmp_path / "out")
     tried = result.report["target"]["tries"][-1]
     assert tried["method"] == "share_values" and tried["meets_floor"]
-    # it kept the floor as initialized: the first evaluation that improves on that ends it
-    stop = tried["floor_kept_at"]
-    assert stop is not None and stop % 5 == 0 and stop < 40 and tried["steps_run"] == stop
-    assert result.report["finetune"]["steps_run"] == stop
-    assert f"fine-tuning ended at step {stop} of 40: the held-out fidelity keeps the floor" in (
+    # it kept the floor as initialized: the first evaluation ends it, with the better θ
+    assert tried["floor_kept_at"] == tried["steps_run"] == 5
+    assert result.report["finetune"]["steps_run"] == 5
+    why = ("the held-out fidelity keeps the floor" if result.report["finetune"]["best_step"]
+           else "no step improved on θ as initialized, which keeps the floor")
+    assert f"fine-tuning ended at step 5 of 40: {why}" in (
         tmp_path / "out" / "job.log").read_text()
+
+
+def test_a_finalist_that_kept_the_floor_as_initialized_ends_at_the_first_evaluation_anyway(
+        mlp, tmp_path, monkeypatch):
+    # steps far too long make θ worse: no evaluation improves on θ as initialized, which
+    # already keeps the floor, so fine-tuning ends at the first one and ships it as it was
+    _without_the_original_quantized(monkeypatch)  # a compressed candidate is the smallest
+    config = {**FAST, "finetune": {"steps": 40, "eval_every": 5, "loss": "regression",
+                                   "lr": 1.0},
+              "target": {"relative_l2": 10.0}}
+    result = compressor.compress(mlp, config, out_dir=tmp_path / "out")
+    tried = result.report["target"]["tries"][-1]
+    chosen = result.report["target"]["chosen"]
+    assert tried["meets_floor"] and tried["floor_kept_at"] == tried["steps_run"] == 5
+    assert result.report["finetune"]["best_step"] == 0
+    assert tried["fidelity"] == chosen["fidelity"]  # θ as initialized, as it was scored
+    assert ("fine-tuning ended at step 5 of 40: no step improved on θ as initialized, which "
+            "keeps the floor") in (tmp_path / "out" / "job.log").read_text()
 
 
 def test_a_finalist_trained_in_float_keeps_the_floor_by_what_its_quantization_took(tmp_path):
