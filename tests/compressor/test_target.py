@@ -497,16 +497,22 @@ def _scoring_clock(monkeypatch, seconds):
     return JobClock(monkeypatch, PLANNING, "scoring the candidate", seconds)
 
 
+def _three_minute_search(mlp, tmp_path, monkeypatch, seconds):
+    """Run an easy target on the MLP with `"max_minutes": 3`, each candidate scored costing
+    `seconds` (`_scoring_clock`); return its result, its search and its budget."""
+    clock = _scoring_clock(monkeypatch, seconds)
+    result = compressor.compress(mlp, {**FAST, "target": {"relative_l2": 10.0},
+                                       "max_minutes": 3},
+                                 out_dir=tmp_path / "out", progress=clock.tick)
+    return result, result.report["target"], result.report["budget"]
+
+
 def test_a_budget_that_runs_out_while_scoring_hands_back_the_best_candidate_scored(
         easy, mlp, tmp_path, monkeypatch):
     # 3 minutes, about 60 s kept for export, verification and the report: the scoring stops
     # when less than half of the other 120 s is left, after int8 of the original (scored first,
     # in no time on this clock) and 6 candidates of 10 s.
-    clock = _scoring_clock(monkeypatch, 10.0)
-    result = compressor.compress(mlp, {**FAST, "target": {"relative_l2": 10.0},
-                                       "max_minutes": 3},
-                                 out_dir=tmp_path / "out", progress=clock.tick)
-    search, budget = result.report["target"], result.report["budget"]
+    result, search, budget = _three_minute_search(mlp, tmp_path, monkeypatch, 10.0)
     everything = easy.report["target"]["candidates"]
     assert len(search["candidates"]) == 7 < len(everything)
     assert (everything[0]["kept_fraction"], everything[0]["quantize"]) == (1.0, "int8")
@@ -527,11 +533,7 @@ def test_a_tight_budget_stops_the_float_budgets_early_to_score_int8_of_the_small
     # of 14 s each. Walked until the budget says no, 5 float budgets would take the search's
     # 60 s and leave none for an int8 candidate; the walk stops a budget earlier instead, and
     # int8 of its smallest budget is scored, and ships
-    clock = _scoring_clock(monkeypatch, 14.0)
-    result = compressor.compress(mlp, {**FAST, "target": {"relative_l2": 10.0},
-                                       "max_minutes": 3},
-                                 out_dir=tmp_path / "out", progress=clock.tick)
-    search, budget = result.report["target"], result.report["budget"]
+    result, search, budget = _three_minute_search(mlp, tmp_path, monkeypatch, 14.0)
     floats = [c["kept_fraction"] for c in easy.report["target"]["candidates"]
               if c["quantize"] is None and c["method"] == "lowrank"]
     assert [(c["kept_fraction"], c["quantize"]) for c in search["candidates"]] == [
