@@ -109,6 +109,13 @@ def within_reach(fidelity: dict[str, dict[str, Any]], target: TargetConfig) -> b
     return True
 
 
+def float_twins(candidate: Candidate, candidates: list[Candidate]) -> list[Candidate]:
+    """Return the candidates that are `candidate` in float: the same method and budget,
+    unquantized (`candidate` itself when it is float), in the order they were scored."""
+    return [c for c in candidates if c.quantize is None and c.method == candidate.method
+            and c.kept_fraction == candidate.kept_fraction]
+
+
 def quantization_loss_beyond_floor(candidate: Candidate, candidates: list[Candidate],
                                    target: TargetConfig) -> str | None:
     """Say why fine-tuning in float cannot bring quantized `candidate` to the floor, or None
@@ -120,8 +127,7 @@ def quantization_loss_beyond_floor(candidate: Candidate, candidates: list[Candid
     not). A random-weight BERT-base's kept 0.85 + int4 (cosine 0.9811, float 0.9974; floor
     0.99) spent 50 steps and 328 s of a 20-minute budget on a held-out loss no step lowered.
     None too when no float twin was scored."""
-    twins = [c for c in candidates if c.quantize is None and c.method == candidate.method
-             and c.kept_fraction == candidate.kept_fraction]
+    twins = float_twins(candidate, candidates)
     if candidate.quantize is None or not twins:
         return None
     for name, figures in candidate.fidelity.items():
@@ -149,9 +155,7 @@ def scored_as_initialized(candidate: Candidate, candidates: list[Candidate],
     """Return the fidelity and held-out score of `candidate`'s student as initialized, as the
     search scored it in PyTorch: its own (float), or its float twin's (the same budget's plan,
     unquantized: the same student); None when neither was scored so."""
-    twins = [c for c in candidates  # `candidate` among them
-             if c.quantize is None and c.method == candidate.method
-             and c.kept_fraction == candidate.kept_fraction and c.held_out_score is not None]
+    twins = [c for c in float_twins(candidate, candidates) if c.held_out_score is not None]
     if not twins:
         return None
     figures = twins[0].fidelity

@@ -83,6 +83,7 @@ from compressor.search.candidates import (
     Candidate,
     budget_plans,
     dense_plan,
+    float_twins,
     latency_costs,
     quantization_loss_beyond_floor,
     scored_as_initialized,
@@ -312,8 +313,7 @@ def _floor_check(candidate: Candidate, candidates: list[Candidate], target: Targ
     when no step improved on it. None (every step) when that margin was not measured."""
     needed = dict.fromkeys(candidate.fidelity, 0.0)
     if candidate.quantize is not None and not simulated:
-        floats = [c for c in candidates if c.quantize is None and c.method == candidate.method
-                  and c.kept_fraction == candidate.kept_fraction]
+        floats = float_twins(candidate, candidates)
         if not floats:
             return None
         needed = {name: max(0.0, target.margin(floats[0].fidelity[name]) - target.margin(figures))
