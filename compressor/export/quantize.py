@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.errors import ExportError, VerificationError
-from compressor.export.onnx import data_file, logs_quiet, writing_onnx
+from compressor.errors import ExportError, ResourceError, VerificationError
+from compressor.export.onnx import data_file, logs_quiet, onnx_bytes, writing_onnx
 from compressor.export.verify import TorchOutputs, float64_chunks, paired_outputs
+from compressor.runtime.memory import quantizing_peak_bytes, shortfall
 
 # int4 weights are quantized in blocks of this many consecutive inputs (rows of a MatMul's
 # weight, entries of a table's row), each block with its own scale and zero point. 32 rather
@@ -22,10 +23,12 @@ from compressor.export.verify import TorchOutputs, float64_chunks, paired_output
 INT4_BLOCK_SIZE = 32
 
 
-def quantize_int8(source: Path, target: Path, *, onnxruntime_defaults: bool = False) -> None:
+def quantize_int8(source: Path, target: Path, *, onnxruntime_defaults: bool = False,
+                  largest_weight_bytes: int | None = None) -> None:
     """Write `source` with int8 weights (onnxruntime dynamic quantization, per channel) to
     `target`, atomically. MatMul and Gather weights become int8 (and every other op onnxruntime
-    quantizes dynamically); activations are quantized on the fly at run time.
+    quantizes dynamically); activations are quantized on the fly at run time. Raises
+    `ResourceError` first when the machine lacks the memory it needs (`ensure_room`).
 
     Unless `onnxruntime_defaults` (what a user would run: `quantize_dynamic` as it comes, the
     baseline), two things differ from onnxruntime's defaults, both measured:
@@ -43,6 +46,7 @@ def quantize_int8(source: Path, target: Path, *, onnxruntime_defaults: bool = Fa
 
     op_types = (None if onnxruntime_defaults
                 else sorted(op for op in IntegerOpsRegistry if op != "Conv"))
+    ensure_room("int8", source, largest_weight_bytes)
 
     try:
         # logs_quiet: its advice to pre-process is for static quantization
@@ -55,7 +59,8 @@ def quantize_int8(source: Path, target: Path, *, onnxruntime_defaults: bool = Fa
                           "export.quantize, or try export.form='dense'") from exc
 
 
-def quantize_int4(source: Path, target: Path, *, onnxruntime_defaults: bool = False) -> None:
+def quantize_int4(source: Path, target: Path, *, onnxruntime_defaults: bool = False,
+                  largest_weight_bytes: int | None = None) -> None:
     """Write `source` with 4-bit weights (onnxruntime's weight-only `MatMulNBitsQuantizer`) to
     `target`, atomically. Every MatMul with a constant 2-D weight becomes MatMulNBits (weights
     in blocks of `INT4_BLOCK_SIZE` inputs, asymmetric: a scale and zero point per block);
@@ -69,12 +74,14 @@ def quantize_int4(source: Path, target: Path, *, onnxruntime_defaults: bool = Fa
     as well. Convolutions stay float: there is no 4-bit convolution.
 
     Raises `ExportError` when the quantizer fails, or when the graph has no weight it can
-    quantize (a convolution-only model).
+    quantize (a convolution-only model); `ResourceError` first when the machine lacks the
+    memory it needs (`ensure_room`).
     """
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     from onnxruntime.quantization.onnx_model import ONNXModel
 
+    ensure_room("int4", source, largest_weight_bytes)
     try:
         # logs_quiet: it warns that it raises the opset for int4 tables
         with writing_onnx(target) as tmp:
@@ -107,6 +114,20 @@ def quantize_int4(source: Path, target: Path, *, onnxruntime_defaults: bool = Fa
     except Exception as exc:  # onnxruntime's quantizer raises many types
         raise ExportError(f"int4 quantization of the ONNX model failed: {exc}. Try "
                           "export.quantize 'int8', or export without export.quantize") from exc
+
+
+def ensure_room(quantize: str, source: Path, largest_weight_bytes: int | None) -> None:
+    """Raise `ResourceError` when the machine lacks the memory onnxruntime's `quantize` needs
+    for the float model at `source` (`memory.quantizing_peak_bytes`; its largest weight taken
+    as large as the whole model when `largest_weight_bytes` is None): it holds the model
+    several times over, and running out halfway would have the kernel kill the job."""
+    model_bytes = onnx_bytes(source)
+    largest = model_bytes if largest_weight_bytes is None else largest_weight_bytes
+    reason = shortfall(quantizing_peak_bytes(quantize, model_bytes, largest),
+                       f"{quantize} quantization of the {model_bytes / 1e6:,.1f} MB ONNX model")
+    if reason is not None:
+        raise ResourceError(f"{reason}: export without export.quantize, or run the job on a "
+                            "machine with more memory")
 
 
 def _shared_tables(model) -> list[str]:

@@ -24,7 +24,7 @@ import torch
 from torch import fx
 
 from compressor.config import ExportConfig, TargetConfig
-from compressor.errors import ExportError, VerificationError
+from compressor.errors import ExportError, ResourceError, VerificationError
 from compressor.export import huggingface
 from compressor.export.onnx import export_onnx, move_onnx, onnx_bytes
 from compressor.export.quantize import quantize_int4, quantize_int8, verify_quantized
@@ -153,7 +153,8 @@ def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportCo
             _step(job, EXPORTING, 0.9, f"quantizing to {config.quantize}")
             quantized = staging / config.quantize / ONNX_ARTIFACT
             quantized.parent.mkdir()
-            QUANTIZERS[config.quantize](source, quantized)
+            QUANTIZERS[config.quantize](source, quantized,
+                                        largest_weight_bytes=job.costs.largest_weight_bytes)
     return ExportedJob(model, original, quantized, hf_folder, staging / HF_ARTIFACT, reference,
                        sizes)
 
@@ -238,7 +239,8 @@ def verify(exported: ExportedJob, trained: TrainedJob, loaded: LoadedJob, config
                       f"scoring onnxruntime {quantize} of the original")
                 baselines[quantize] = quantized_baseline(exported.original, quantize,
                                                          trained.held_out, loaded.kinds,
-                                                         loaded.next_token)
+                                                         loaded.next_token,
+                                                         job.costs.largest_weight_bytes)
         exported.torch_reference = trained.held_out = None  # onnxruntime's latency sessions
         gc.collect()  # get their memory
     return VerifiedJob(parity, artifact_fidelity, baselines)
@@ -254,15 +256,18 @@ def _check_floors(fidelity: list[OutputFidelity], names: list[str], target: Targ
 
 
 def quantized_baseline(original: Path, quantize: str, held_out: HeldOut, kinds: list[str],
-                       next_token: list[bool] | None = None) -> Baseline:
+                       next_token: list[bool] | None = None,
+                       largest_weight_bytes: int | None = None) -> Baseline:
     """Quantize the original's export with onnxruntime's defaults (`quantize`: "int8" dynamic,
     "int4" weight-only: what a user would do instead of compressing) and score it against the
-    original on the held-out split."""
+    original on the held-out split; a baseline the quantizer fails on, or lacks the memory
+    for, is reported with why."""
     model = original.parent / quantize / ONNX_ARTIFACT
     model.parent.mkdir()
     try:
-        QUANTIZERS[quantize](original, model, onnxruntime_defaults=True)
-    except ExportError as exc:
+        QUANTIZERS[quantize](original, model, onnxruntime_defaults=True,
+                             largest_weight_bytes=largest_weight_bytes)
+    except (ExportError, ResourceError) as exc:
         return Baseline(quantize, None, None, None, exc.message)
     return Baseline(quantize, model, onnx_bytes(model),
                     onnx_fidelity(model, held_out, kinds, next_token))

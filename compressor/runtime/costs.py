@@ -18,7 +18,7 @@ from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from compressor.runtime.graph import live_bytes
-from compressor.runtime.memory import tensor_bytes
+from compressor.runtime.memory import largest_tensor_bytes, tensor_bytes
 from compressor.runtime.outputs import call
 
 # Forward-pass FLOPs that calibration (statistics of every layer's inputs) may spend.
@@ -54,6 +54,7 @@ class SampleCosts:
     activation_bytes_per_sample: int
     model_bytes: int
     output_bytes_per_sample: int = 0
+    largest_weight_bytes: int = 0  # the model's largest tensor (what a quantizer copies most)
 
     @classmethod
     def measure(cls, module: fx.GraphModule, sample: dict[str, torch.Tensor]) -> SampleCosts:
@@ -61,7 +62,8 @@ class SampleCosts:
         counter = FlopCounterMode(display=False)
         with torch.no_grad(), counter:
             live, outputs = live_bytes(module, sample)
-        return cls(int(counter.get_total_flops()), live, tensor_bytes(module), outputs)
+        return cls(int(counter.get_total_flops()), live, tensor_bytes(module), outputs,
+                   largest_tensor_bytes(module))
 
     def _affordable(self, wanted: int, flops: int | None, models: int = 1,
                     activation_bytes: int | None = None) -> int:

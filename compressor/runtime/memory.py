@@ -9,6 +9,9 @@
 - `model_memory_estimate`: the peak a job on a model of a given size is expected to reach, and
   `loaded_weight_bytes`: that size, read from the upload without loading it.
 - `tensor_bytes`: the bytes a loaded module's tensors hold, each counted once.
+- `quantizing_peak_bytes`, `clustering_peak_bytes` and `shortfall`: what onnxruntime's
+  quantizers and `share_values`' k-means add to the peak, and whether the machine has it: a
+  step that does not fit is left out, or refused, rather than have the kernel kill the job.
 """
 
 from __future__ import annotations
@@ -41,6 +44,17 @@ _CGROUP_FILES = (
 # (11 % or more); a model whose estimate the machine cannot hold is refused up front.
 BASE_PEAK_BYTES = 3 * 1024**3
 PEAK_PER_MODEL_BYTE = 2.0
+# What onnxruntime's quantizers add to the process's peak RSS, measured one process each on
+# Gemma-3 270M's 1.07 GB export (its largest weight the 671 MB tied table) and all-MiniLM-L6-v2's
+# 90 MB (a 47 MB table): int8 (`quantize_dynamic`) 4.9 GiB and 401 MiB, the model loaded and
+# reloaded shape-inferred with its int8 tensors beside (3.5x the model) and the largest weight's
+# float temporaries (2.5x it); int4 (MatMulNBits) 2.5 GiB and 172 MiB (2.5x the model).
+_QUANTIZING_PER_MODEL_BYTE = {"int8": 3.5, "int4": 2.5}
+_QUANTIZING_PER_LARGEST_BYTE = {"int8": 2.5, "int4": 0.0}
+# `share_values`' 1-D k-means over a weight: 7.9x its bytes at its peak (a 42M-value weight).
+_CLUSTERING_PER_BYTE = 8.0
+# Share of the available memory a step plans on; the rest is the allocator's slack.
+USABLE_SHARE = 0.9
 # Safetensors dtypes a checkpoint is loaded from at twice their size (as float32).
 _HALF_DTYPES = frozenset({"F16", "BF16"})
 _SAFETENSORS_HEADER_LIMIT = 100 * 1024**2
@@ -150,6 +164,31 @@ def model_memory_estimate(model_bytes: int) -> int:
     return int(BASE_PEAK_BYTES + PEAK_PER_MODEL_BYTE * model_bytes)
 
 
+def quantizing_peak_bytes(quantize: str, model_bytes: int, largest_weight_bytes: int) -> int:
+    """Return about what onnxruntime's `quantize` ("int8" or "int4") adds to the peak RSS
+    quantizing a float32 ONNX model of `model_bytes` whose largest weight has
+    `largest_weight_bytes`."""
+    return int(_QUANTIZING_PER_MODEL_BYTE[quantize] * model_bytes
+               + _QUANTIZING_PER_LARGEST_BYTE[quantize] * largest_weight_bytes)
+
+
+def clustering_peak_bytes(largest_weight_bytes: int) -> int:
+    """Return about what `share_values`' k-means adds to the peak RSS over a model whose
+    largest clustered weight has `largest_weight_bytes` (one weight is clustered at a time)."""
+    return int(_CLUSTERING_PER_BYTE * largest_weight_bytes)
+
+
+def shortfall(needed_bytes: int, what: str) -> str | None:
+    """Return why `what`, which needs about `needed_bytes` more memory, does not fit in what
+    the machine has available (`USABLE_SHARE` of it), or None when it fits or the machine
+    does not say."""
+    available = available_memory_bytes()
+    if available is None or needed_bytes <= USABLE_SHARE * available:
+        return None
+    return (f"{what} needs about {format_bytes(needed_bytes)} more memory, and "
+            f"{format_bytes(available)} is available")
+
+
 def loaded_weight_bytes(model: Path) -> int:
     """Return about the bytes `model`'s weights take once loaded, without loading it: its
     files' sizes, plus the size again of every float16 and bfloat16 tensor its safetensors
@@ -204,3 +243,9 @@ def tensor_bytes(module: nn.Module) -> int:
     """Return the bytes of `module`'s parameters and buffers (each tensor counted once)."""
     tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def largest_tensor_bytes(module: nn.Module) -> int:
+    """Return the bytes of `module`'s largest parameter or buffer (0 when it has none)."""
+    return max((t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers())),
+               default=0)

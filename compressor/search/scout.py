@@ -6,6 +6,9 @@ reach of the floor, then int8 and int4 stacked on the budgets within reach, int4
 and the shared-values candidate. A float candidate is scored in PyTorch, a quantized one on its
 real quantized ONNX model. Timings that decide between finalists are taken in turn
 (`Scout.in_turn`): one file timed after another moved by more than what separated them.
+A quantized or shared-values candidate the machine lacks the memory to score (onnxruntime's
+quantizers and the k-means hold a model several times over: `compressor.runtime.memory`) is
+left out, saying why (`Scout._fits`), rather than have the kernel kill the job.
 No candidate is fine-tuned here: `compressor.search.target` does that to the finalists.
 """
 
@@ -24,7 +27,7 @@ import torch
 from torch import fx
 
 from compressor.config import CompressionConfig, TargetConfig
-from compressor.errors import ExportError
+from compressor.errors import ExportError, ResourceError
 from compressor.export.onnx import export_onnx, onnx_bytes, onnx_files
 from compressor.export.smoothing import smoothed_for_int8
 from compressor.export.stage import QUANTIZERS, materialized, onnx_fidelity, smoothing_batches
@@ -41,6 +44,7 @@ from compressor.rewrite.stage import build_student
 from compressor.runtime.budget import finishing_reserve_after_s
 from compressor.runtime.context import JobContext
 from compressor.runtime.costs import count_parameters
+from compressor.runtime.memory import clustering_peak_bytes, quantizing_peak_bytes, shortfall
 from compressor.runtime.outputs import (
     describe_fidelity,
     fidelity_by_output,
@@ -104,6 +108,9 @@ class Scout:
         self.float_s: float | None = None
         self.int8_s: float | None = None
         self._scoring_started = 0.0
+        # the candidates left out because the machine lacks the memory to score them, and why
+        # (`_fits`)
+        self.not_scored: list[str] = []
 
     def _affords(self, candidates: list[Candidate], what: str) -> bool:
         """Whether the time budget leaves room to score `what` (`FINALISTS_SHARE` of the work
@@ -152,16 +159,13 @@ class Scout:
                  if c.quantize is None and within_reach(c.fidelity, self.target)]
         in_reach = [(f, p) for f, p in plans if reach and f >= min(reach)]
         for fraction, plan in in_reach[:INT8_TRIES]:
-            if not self._affords(candidates, f"the candidate keeping {fraction:g} with int8"):
+            if (not self._affords(candidates, f"the candidate keeping {fraction:g} with int8")
+                    or not self._fits_quantizing("int8", plan, fraction)):
                 break
             self._report(candidates, plans, f"scoring the candidate keeping {fraction:g} "
                                             "with int8")
             candidate = self._quantized(fraction, plan, "int8")
             if candidate is None:
-                # int8 of the original with low-rank weights: as large, as fast, less faithful
-                self.job.log.info(f"target: the candidate keeping {fraction:g} with int8 is not "
-                                  "scored: every compressed layer is exported dense with int8, "
-                                  "so it is int8 of the original with low-rank weights")
                 continue
             candidates.append(candidate)
             if candidate.meets_floor:
@@ -169,11 +173,14 @@ class Scout:
         self._walk_int4(candidates, in_reach)
         self._original_quantized(candidates, plans, dense, "int4")
         if (self.target.objective == "latency" and self.config.export.int8_smoothing is not None
-                and self._affords(candidates, "the original with int8, unsmoothed")):
+                and self._affords(candidates, "the original with int8, unsmoothed")
+                and self._fits_quantizing("int8", dense)):
             # the fastest int8 of all may be the one without the smoothing's Mul nodes
             self._report(candidates, plans, "scoring the original with int8, unsmoothed")
-            candidates.append(self._quantized(1.0, dense, "int8", smoothed=False))
-        if shared.compressed and self._affords(candidates, "the shared-values candidate"):
+            self._append(candidates, self._quantized(1.0, dense, "int8", smoothed=False))
+        if (shared.compressed and self._affords(candidates, "the shared-values candidate")
+                and self._fits("the shared-values candidate", clustering_peak_bytes(
+                    max(4 * p.layer.numel for p in shared.compressed)))):
             self._report(candidates, plans, "scoring the shared-values candidate")
             candidates.append(self._shared(shared))
         if self.target.objective == "latency":
@@ -191,11 +198,12 @@ class Scout:
         budget affords it: when it keeps the floor and no candidate is smaller, it is the
         honest answer. int4 is an option, not a requirement: on a model it does not apply to
         (no MatMul weight), it is only logged."""
-        if not self._affords(candidates, f"the original with {quantize}"):
+        if (not self._affords(candidates, f"the original with {quantize}")
+                or not self._fits_quantizing(quantize, dense)):
             return
         self._report(candidates, plans, f"scoring the original with {quantize}")
         try:
-            candidates.append(self._quantized(1.0, dense, quantize))
+            self._append(candidates, self._quantized(1.0, dense, quantize))
         except ExportError as exc:
             if quantize != "int4":
                 raise
@@ -270,7 +278,8 @@ class Scout:
             if scored is not None and not (scored.meets_floor
                                            or within_reach(scored.fidelity, self.target)):
                 continue
-            if not self._affords(candidates, f"the candidate keeping {fraction:g} with int4"):
+            if (not self._affords(candidates, f"the candidate keeping {fraction:g} with int4")
+                    or not self._fits_quantizing("int4", plan, fraction)):
                 break
             tried += 1
             self._report(candidates, plans, f"scoring the candidate keeping {fraction:g} "
@@ -280,6 +289,8 @@ class Scout:
             except ExportError as exc:  # e.g. no MatMul weight in the compact form either
                 self.job.log.info(f"target: no int4 candidates scored: {exc.message}")
                 return
+            if candidate is None:
+                continue
             candidates.append(candidate)
             objective = self.target.objective
             cheapest = min((c.cost(objective) for c in candidates if c.meets_floor),
@@ -434,19 +445,56 @@ class Scout:
 
     def _quantized(self, fraction: float, plan: Plan, quantize: str,
                    smoothed: bool = True) -> Candidate | None:
-        """Score `plan` with `quantize` stacked; None (not scored) when the latency objective
-        exports every layer it compresses dense: that is the original quantized with low-rank
-        weights, as large and as fast as the original quantized, and less faithful."""
+        """Score `plan` with `quantize` stacked; None (not scored, and logged) when the latency
+        objective exports every layer it compresses dense (that is the original quantized with
+        low-rank weights, as large and as fast as the original quantized, and less faithful), or
+        when the quantizer finds the machine short of memory for it (`_not_scored`)."""
         plan = self.exported(plan, quantize)
         if all_dense(plan):
+            # int8 of the original with low-rank weights: as large, as fast, less faithful
+            self.job.log.info(f"target: the candidate keeping {fraction:g} with {quantize} is "
+                              f"not scored: every compressed layer is exported dense with "
+                              f"{quantize}, so it is {quantize} of the original with low-rank "
+                              "weights")
             return None
-        # the student is built here and held by nothing else: freed once it is exported
-        scored, size, latency, kept = self.quantized_fidelity(self._student(plan), plan,
-                                                              quantize, smoothed, keep=True)
+        try:
+            # the student is built here and held by nothing else: freed once it is exported
+            scored, size, latency, kept = self.quantized_fidelity(self._student(plan), plan,
+                                                                  quantize, smoothed, keep=True)
+        except ResourceError as exc:  # its real export is larger than `_fits_quantizing` said
+            self._not_scored(_quantized_name(fraction, quantize), exc.message)
+            return None
         return self._logged(Candidate(fraction, quantize, self._parameters(plan), size, scored,
                                       self.target.met_by(scored), latency_ms=latency,
                                       unsmoothed=quantize == "int8" and not smoothed,
                                       plan=plan, shipped_file=kept))
+
+    @staticmethod
+    def _append(candidates: list[Candidate], candidate: Candidate | None) -> None:
+        if candidate is not None:
+            candidates.append(candidate)
+
+    def _fits_quantizing(self, quantize: str, plan: Plan, fraction: float = 1.0) -> bool:
+        """Whether the machine has the memory onnxruntime's `quantize` needs for the candidate
+        keeping `fraction` (`plan`; its float export has 4 bytes a parameter); see `_fits`."""
+        return self._fits(_quantized_name(fraction, quantize), quantizing_peak_bytes(
+            quantize, 4 * self._parameters(plan), self.job.costs.largest_weight_bytes))
+
+    def _fits(self, what: str, needed_bytes: int) -> bool:
+        """Whether the machine has the `needed_bytes` of memory that scoring `what` adds to the
+        job's; when it does not, `what` is left out (`_not_scored`). onnxruntime's int8
+        quantizer alone adds 4.6x a model's bytes (Gemma-3 270M: 4.9 GiB over what the search
+        held): on a model of a few GB, scoring it would have the kernel kill the job."""
+        reason = shortfall(needed_bytes, f"scoring {what}")
+        if reason is None:
+            return True
+        self._not_scored(what, reason)
+        return False
+
+    def _not_scored(self, what: str, reason: str) -> None:
+        """Leave out `what` because of `reason` (memory), and say so."""
+        self.not_scored.append(f"{what}: {reason}")
+        self.job.log.info(f"target: {what} is not scored: {reason}")
 
     def _logged(self, candidate: Candidate) -> Candidate:
         """Log that `candidate` was scored, with the memory the search holds then (what each
@@ -507,7 +555,8 @@ class Scout:
                 return
             quantized = exported.parent / quantize / ONNX_ARTIFACT
             quantized.parent.mkdir()
-            QUANTIZERS[quantize](exported, quantized)
+            QUANTIZERS[quantize](exported, quantized,
+                                 largest_weight_bytes=self.job.costs.largest_weight_bytes)
             yield quantized
 
     def fastest_first(self, meeting: list[Candidate]) -> list[Candidate]:
@@ -643,3 +692,8 @@ class Scout:
             yield exported
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _quantized_name(fraction: float, quantize: str) -> str:
+    return (f"the original with {quantize}" if fraction == 1.0
+            else f"the candidate keeping {fraction:g} with {quantize}")

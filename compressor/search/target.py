@@ -51,7 +51,7 @@ as initialized: `compressor.search.scout`; fine-tuning the finalists and choosin
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -118,13 +118,16 @@ class SearchResult:
     candidates: list[Candidate]
     tries: list[dict[str, Any]]  # each fine-tuned finalist and its fidelity after
     target: TargetConfig
+    # candidates left out because the machine lacked the memory to score them, and why
+    not_scored: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """Return the search as plain data for the report."""
         return {"objective": self.target.objective, "floors": self.target.floors(),
                 "export": {"form": self.export.form, "quantize": self.export.quantize},
                 "chosen": self.chosen.summary(),
-                "candidates": [c.summary() for c in self.candidates], "tries": self.tries}
+                "candidates": [c.summary() for c in self.candidates], "tries": self.tries,
+                "not_scored": self.not_scored}
 
 
 def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
@@ -160,19 +163,20 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
         candidates = kept.candidates(Candidate)
         if candidates is None:
             candidates = scout.walk(plans, dense, shared)
-            if not scout.cut:  # a search the budget cut is not what a retry should reuse
+            # a search the budget or the memory cut is not what a retry should reuse
+            if not scout.cut and not scout.not_scored:
                 kept.save_candidates(candidates)
     budget = job.control.budget
     if not candidates:
         raise TargetNotMetError(
             ("no candidate was scored" if scout.cut else "no candidate smaller than the "
              "original could be planned for this model; set `ratio` to compress it to a size "
-             "you choose") + _cut_note(budget))
+             "you choose") + _cut_note(budget) + _memory_note(scout))
     near, meeting = _finalists(candidates, target, config.export, job)
     if not near and not meeting:
         scout.drop_kept_files()
         raise TargetNotMetError(_not_met(candidates, target, fine_tuned=False)
-                                + _cut_note(budget))
+                                + _cut_note(budget) + _memory_note(scout))
     tries: list[dict[str, Any]] = []
     late = False  # a finalist was tried with the budget spent: no other will be
     untried = list(meeting)  # those that ship untrained should the budget run out
@@ -268,13 +272,14 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
             export = config.export.model_copy(update={
                 "form": "factorized", "quantize": candidate.quantize,
                 **({"int8_smoothing": None} if candidate.unsmoothed else {})})
-            return SearchResult(planned, trained, export, candidate, candidates, tries, target)
+            return SearchResult(planned, trained, export, candidate, candidates, tries, target,
+                                scout.not_scored)
         kept.keep_miss(tries[-1])
         # the missed finalist's student and fine-tuning split go before the next is built
         # (they stayed alive through its rewriting and fine-tuning)
         del trained, shipped
     raise TargetNotMetError(_not_met(candidates, target, fine_tuned=True, tries=tries)
-                            + _cut_note(budget))
+                            + _cut_note(budget) + _memory_note(scout))
 
 
 class _ShippedScore:
@@ -334,6 +339,15 @@ def _cut_note(budget: TimeBudget) -> str:
         return ""
     return (f". The time budget cut the search ({budget.describe()}: "
             f"{'; '.join(budget.cuts)}): raise max_minutes to let it go further")
+
+
+def _memory_note(scout: Scout) -> str:
+    """Return which candidates the machine lacked the memory to score, for a `target_not_met`
+    message ('' when none)."""
+    if not scout.not_scored:
+        return ""
+    return (f". Not scored for lack of memory: {'; '.join(scout.not_scored)}: run the job on a "
+            "machine with more memory to let the search weigh them")
 
 
 def _finalists(candidates: list[Candidate], target: TargetConfig, export: ExportConfig,

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 from torch.export import Dim
 
-from compressor.errors import ExportError, VerificationError
+from compressor.errors import ExportError, ResourceError, VerificationError
 from compressor.export.onnx import (
     dynamic_shapes,
     export_onnx,
@@ -45,7 +45,9 @@ from compressor.export.verify import (
     verify_onnx,
 )
 from compressor.load.data import Dataset, InputSpec, input_specs
+from compressor.runtime import memory
 from compressor.runtime.graph import shallow_copy
+from compressor.runtime.memory import format_bytes, quantizing_peak_bytes
 from compressor.runtime.outputs import call, run_outputs
 from tests.support.corpus_programs import ManyOutputs
 from tests.support.tiny_models import MODEL_CLASSES, example_inputs, make_pt2
@@ -249,6 +251,27 @@ def test_a_failed_quantization_leaves_nothing(tmp_path):
     with pytest.raises(ExportError, match="int8 quantization"):
         quantize_int8(broken, tmp_path / "int8.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.onnx"]
+
+
+@pytest.mark.parametrize("quantize", [quantize_int8, quantize_int4])
+def test_a_quantization_the_machine_lacks_the_memory_for_is_refused_before_it_starts(
+        exported, quantize, tmp_path, monkeypatch):
+    model = exported["mlp"]
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1024)
+    with pytest.raises(ResourceError) as raised:
+        quantize(model.path, tmp_path / "quantized.onnx", largest_weight_bytes=4096)
+    bits = "int8" if quantize is quantize_int8 else "int4"
+    model_bytes = onnx_bytes(model.path)
+    needed = quantizing_peak_bytes(bits, model_bytes, 4096)
+    assert raised.value.message == (
+        f"{bits} quantization of the {model_bytes / 1e6:,.1f} MB ONNX model needs about "
+        f"{format_bytes(needed)} more memory, and 1.0 KiB is available: export without "
+        "export.quantize, or run the job on a machine with more memory")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: int(needed / 0.9) + 1)
+    quantize(model.path, tmp_path / "quantized.onnx", largest_weight_bytes=4096)  # fits
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: None)  # the machine is silent
+    quantize(model.path, tmp_path / "again.onnx")
 
 
 # -- int4 ----------------------------------------------------------------------------------------

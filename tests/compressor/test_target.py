@@ -20,6 +20,7 @@ from compressor.load.stage import load
 from compressor.plan.stage import calibrate_layers, plan
 from compressor.rewrite import stage as rewrite_stage
 from compressor.rewrite.kept import CorrectedThetas
+from compressor.runtime import memory
 from compressor.runtime.context import JobContext
 from compressor.runtime.joblog import JobLog
 from compressor.runtime.outputs import describe_fidelity
@@ -251,6 +252,39 @@ def test_int8_of_the_original_is_a_candidate_and_wins_when_nothing_smaller_keeps
     assert result.report["finetune"]["skipped"] == (
         "fine-tuning skipped: candidate kept 1 int8 compresses no layer, so it has nothing to "
         "train")
+
+
+def test_candidates_the_machine_lacks_the_memory_to_score_are_left_out_saying_why(
+        mlp, tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1024)  # what shortfall reads
+    timed = {"latency_seconds": 0.01}  # the original is exported: the baselines are tried
+    result = compressor.compress(mlp, {**FAST, "export": timed,
+                                       "target": {"relative_l2": 10.0}},
+                                 out_dir=tmp_path / "out")
+    target = result.report["target"]
+    assert {(c["quantize"], c["method"]) for c in target["candidates"]} == {(None, "lowrank")}
+    assert target["chosen"]["quantize"] is None
+    kinds = [entry.split(": ")[0] for entry in target["not_scored"]]
+    assert kinds[0] == "the original with int8"  # the first the walk scores
+    assert "the original with int4" in kinds and kinds[-1] == "the shared-values candidate"
+    assert any(kind.startswith("the candidate keeping ") for kind in kinds)
+    assert all("more memory, and 1.0 KiB is available" in entry for entry in target["not_scored"])
+    log = (tmp_path / "out" / "job.log").read_text()
+    assert "target: the original with int8 is not scored: scoring the original with int8 needs" in log
+    # the report's baselines say why they are missing rather than failing the job
+    assert result.report["baseline"]["error"].startswith("int8 quantization of the ")
+    assert result.report["baseline_int4"]["error"].endswith(
+        "export without export.quantize, or run the job on a machine with more memory")
+
+
+def test_a_floor_missed_with_candidates_left_out_for_memory_says_so(mlp, tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1024)
+    with pytest.raises(TargetNotMetError) as raised:
+        compressor.compress(mlp, {**FAST, "target": {"relative_l2": 1e-9}},
+                            out_dir=tmp_path / "out")
+    assert ". Not scored for lack of memory: the original with int8: " in raised.value.message
+    assert raised.value.message.endswith(
+        ": run the job on a machine with more memory to let the search weigh them")
 
 
 def test_shared_values_are_a_candidate_and_win_when_only_they_keep_the_floor(easy, mlp, tmp_path):
