@@ -702,11 +702,14 @@ function outcomeCard(report) {
   // what the job's time budget (max_minutes) cut to fit
   const budget = report.budget || {};
   const cuts = budget.cut || [];
-  if (!outcome.headline && !warnings.length && !cuts.length) return null;
+  // the target search's candidates the machine lacked the memory to score
+  const notScored = (report.target || {}).not_scored || [];
+  if (!outcome.headline && !warnings.length && !cuts.length && !notScored.length) return null;
   return el("div", { class: "card", id: "outcome" }, el("h2", {}, "Outcome"),
     outcome.headline ? el("p", { id: "outcome-headline" }, outcome.headline) : null,
     warnings.map((w) => errorBox(`Warning: ${w}`, { class: "warning" })),
-    cuts.length ? el("p", { class: "muted", id: "budget-cut" }, `Cut to fit max_minutes ${budget.max_minutes}: ${cuts.join("; ")}.`) : null);
+    cuts.length ? el("p", { class: "muted", id: "budget-cut" }, `Cut to fit max_minutes ${budget.max_minutes}: ${cuts.join("; ")}.`) : null,
+    notScored.length ? el("p", { class: "muted", id: "not-scored" }, `Not scored for lack of memory: ${notScored.join("; ")}.`) : null);
 }
 
 // A target-mode candidate's color in the frontier plot, by what it stacks on its compact form.

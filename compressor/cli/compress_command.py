@@ -112,8 +112,8 @@ def _checked_config(console, config: dict):
 
 
 def _headline(report: dict) -> str:
-    """Return the outcome's headline, then each warning and what the time budget cut, as rich
-    markup."""
+    """Return the outcome's headline, then each warning, what the time budget cut and which
+    candidates the machine lacked the memory to score, as rich markup."""
     from rich.markup import escape
 
     lines = [f"[bold]{escape(report['outcome']['headline'])}[/]"]
@@ -122,6 +122,9 @@ def _headline(report: dict) -> str:
     if budget.get("cut"):
         lines.append(f"[yellow]cut to fit max_minutes {budget['max_minutes']:g}[/]: "
                      + escape("; ".join(budget["cut"])))
+    not_scored = (report.get("target") or {}).get("not_scored")
+    if not_scored:
+        lines.append("[yellow]not scored for lack of memory[/]: " + escape("; ".join(not_scored)))
     return "\n".join(lines)
 
 

@@ -369,6 +369,21 @@ def test_a_real_models_page_reads_cleanly_at_any_width(
     context.close()
 
 
+def test_a_jobs_page_says_which_candidates_the_machine_lacked_the_memory_to_score(
+    browser, server: ServerProcess
+) -> None:
+    from playwright.sync_api import expect
+
+    job = finished_hf_job("2" * 32)
+    missing = ("the original with int8: scoring the original with int8 needs about 5.1 GiB "
+               "more memory, and 3.0 GiB is available")
+    job["report"]["target"] = {"not_scored": [missing]}
+    page = open_faked_job(browser, server, job)
+    expect(page.locator("#not-scored")).to_have_text(
+        f"Not scored for lack of memory: {missing}.")
+    page.context.close()
+
+
 def test_a_language_models_page_shows_perplexity_on_a_scale_of_its_own(
     browser, server: ServerProcess
 ) -> None:

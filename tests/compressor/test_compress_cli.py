@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from compressor.cli import main
+from compressor.cli.compress_command import _headline
 from tests.support.tiny_models import make_pt2
 
 
@@ -68,6 +69,18 @@ def test_the_summary_says_what_the_time_budget_cut(program, tmp_path):
     assert result.exit_code == 0, result.output
     assert re.search(r"cut to fit max_minutes 0\.5: .*fine-tuning stopped at step 0 of 3",
                      " ".join(result.output.split()))
+
+
+def test_the_summary_says_which_candidates_the_machine_lacked_the_memory_to_score():
+    report = {"outcome": {"headline": "the artifact is 2.00× smaller"},
+              "target": {"not_scored": ["the original with int8: needs about 5.1 GiB",
+                                        "the shared-values candidate: needs about 8.0 GiB"]}}
+    assert _headline(report).splitlines() == [
+        "[bold]the artifact is 2.00× smaller[/]",
+        "[yellow]not scored for lack of memory[/]: the original with int8: needs about 5.1 GiB; "
+        "the shared-values candidate: needs about 8.0 GiB"]
+    assert _headline({**report, "target": {"not_scored": []}}).splitlines() == [
+        "[bold]the artifact is 2.00× smaller[/]"]
 
 
 @pytest.mark.parametrize(
