@@ -44,6 +44,11 @@ class Timing:
     median: float
     quartiles: tuple[float, float]
 
+    def scaled(self, factor: float) -> Timing:
+        """Return this timing with its median and quartiles multiplied by `factor`."""
+        return Timing(self.median * factor,
+                      (self.quartiles[0] * factor, self.quartiles[1] * factor))
+
     def overlaps(self, other: Timing) -> bool:
         """Whether the two files' middle halves of runs overlap: a difference between their
         medians that is within what the runs of each move by (timing noise, not speed)."""
@@ -92,6 +97,25 @@ def onnx_latencies_ms(paths: dict[str, Path], batch: dict[str, torch.Tensor],
                     break
         rounds += 1
     return {name: _timing(runs) for name, runs in timings.items()}
+
+
+def onnx_latencies_in_pairs(bar: str, paths: dict[str, Path], batch: dict[str, torch.Tensor],
+                            budget_s: float = 1.0) -> dict[str, Timing]:
+    """Return each file's latency as `onnx_latencies_ms` times them, but with two sessions open
+    at a time rather than all: each of the others timed in turn with `bar` (its name in
+    `paths`), in the order of `paths`, and its timing scaled by `bar`'s median in the first pair
+    over `bar`'s median in its own, so that what the machine did between one pair and the next
+    weighs out; `bar`'s timing is its first pair's. An onnxruntime session holds about twice
+    its file's bytes: four of a 270M-parameter LM's files held 4.7 GiB at once."""
+    others = [name for name in paths if name != bar]
+    if not others:
+        return onnx_latencies_ms(paths, batch, budget_s)
+    timings: dict[str, Timing] = {}
+    for name in others:
+        pair = onnx_latencies_ms({bar: paths[bar], name: paths[name]}, batch, budget_s)
+        timings.setdefault(bar, pair[bar])
+        timings[name] = pair[name].scaled(timings[bar].median / pair[bar].median)
+    return timings
 
 
 def _timing(runs: list[float]) -> Timing:

@@ -2,17 +2,22 @@
 timed in turn, and a speed difference within timing noise reported as one."""
 
 import copy
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 from compressor.config import CompressionConfig, TargetConfig
 from compressor.finetune.layer_errors import layer_errors
+from compressor.load.data import Dataset
 from compressor.plan.layers import find_layers, run_recording
 from compressor.plan.planning import plan_layers
+from compressor.report import figures
 from compressor.report.figures import Timing, onnx_latencies_ms
-from compressor.report.stage import outcome_of
+from compressor.report.stage import latency_figures, outcome_of
 from compressor.rewrite.parametrize import parametrize_
+from compressor.runtime import memory
+from compressor.runtime.costs import SampleCosts
 from tests.support.tiny_models import MODEL_CLASSES, example_inputs, make_pt2
 
 
@@ -93,6 +98,62 @@ def test_files_timed_in_turn_each_get_a_median_within_their_quartiles(tmp_path):
         assert 0 < first <= timing.median <= third
     assert Timing(1.0, (0.9, 1.1)).overlaps(Timing(1.2, (1.05, 1.3)))
     assert not Timing(1.0, (0.9, 1.1)).overlaps(Timing(1.3, (1.15, 1.4)))
+
+
+def test_files_timed_in_pairs_are_scaled_by_the_bar_in_their_own_pair(monkeypatch):
+    # the bar read 10 ms in its first pair and 20 in the second (the machine got busier): the
+    # second file's 30 ms then count as 15
+    pairs = iter([{"bar": Timing(10.0, (9.0, 11.0)), "a": Timing(12.0, (11.0, 13.0))},
+                  {"bar": Timing(20.0, (18.0, 22.0)), "b": Timing(30.0, (28.0, 32.0))}])
+    opened = []
+
+    def timed(paths, batch, budget_s=1.0):
+        opened.append(list(paths))
+        return next(pairs)
+
+    monkeypatch.setattr(figures, "onnx_latencies_ms", timed)
+    timings = figures.onnx_latencies_in_pairs(
+        "bar", {"a": Path("a"), "bar": Path("bar"), "b": Path("b")}, {})
+    assert opened == [["bar", "a"], ["bar", "b"]]  # two sessions open at a time, never three
+    assert timings == {"bar": Timing(10.0, (9.0, 11.0)), "a": Timing(12.0, (11.0, 13.0)),
+                       "b": Timing(15.0, (14.0, 16.0))}
+
+
+def test_the_report_times_files_in_pairs_when_their_sessions_do_not_fit_at_once(
+        tmp_path, monkeypatch):
+    from onnx import TensorProto, helper, save
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8])])
+    paths = {}
+    for name in ("original", "artifact", "int8"):
+        paths[name] = tmp_path / f"{name}.onnx"
+        save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+             str(paths[name]))
+    held_out = Dataset({"x": torch.ones(4, 8)}, False, "test")
+    costs = SampleCosts(flops_per_sample=8, activation_bytes_per_sample=32, model_bytes=0)
+
+    def measured():
+        return latency_figures(paths["original"], held_out, paths["artifact"], 0.02, costs,
+                               {"baseline": paths["int8"]})
+
+    opened = []
+    timing = figures.onnx_latencies_ms
+    monkeypatch.setattr(figures, "onnx_latencies_ms",
+                        lambda p, *args: opened.append(len(p)) or timing(p, *args))
+    together = measured()["latency"]
+    assert together["timed"] == "in turn, every file's session open at once"
+    assert set(opened) == {3}
+    opened.clear()
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 16)  # bytes
+    paired = measured()["latency"]
+    assert paired["timed"].startswith("in pairs, each file in turn with the artifact")
+    assert set(opened) == {2}
+    for latency in (together, paired):
+        assert set(latency["quartiles"]) == {"original", "compressed", "baseline"}
+        assert all(latency[name]["batch_1_ms"] > 0 for name in latency["quartiles"])
 
 
 def test_a_target_met_with_nothing_measured_against_the_original_reads_as_a_sentence():
