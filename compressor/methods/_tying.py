@@ -193,16 +193,18 @@ def kmeans_values(values: torch.Tensor, count: int, *,
     `count` distinct values each has its own cluster.
     """
     # Sorted in the weight's own dtype (same order as float64, cheaper); `order` maps back.
-    # Memory: every array here is as long as the weight, 8 bytes a number, so none is made that
-    # is not needed, and none twice (Gemma-3 270M's tied 262,144 x 640 table made the search
-    # peak at 10.5 GiB: 15x the table's bytes, where this keeps about 8x).
+    # Memory: every array here is as long as the weight, so none is made that is not needed,
+    # none twice, and none wider than it must be (Gemma-3 270M's tied 262,144 x 640 table made
+    # a search peak at 10.5 GiB: 15x the table's bytes; then 8x; this keeps 5x): the order in
+    # int32, the squared error from one sum of squares rather than a second prefix sum.
     ordered, order = values.detach().reshape(-1).sort()
+    order = _narrowest_index(order)
     ordered = ordered.to(torch.float64)
     if int((ordered[1:] != ordered[:-1]).sum()) < count:  # at most `count` distinct values
         _, runs = torch.unique_consecutive(ordered, return_counts=True)
         return _label_runs(runs, order, values.shape)
     prefix = _prefix_sums(ordered)
-    prefix_sq = _prefix_sums(ordered, squared=True)
+    squares = float(torch.dot(ordered, ordered))  # the squared error is this less Σ sums·centers
     n = torch.tensor([ordered.numel()], device=ordered.device)
     centers = torch.linspace(float(ordered[0]), float(ordered[-1]), count,
                              dtype=torch.float64, device=ordered.device)
@@ -213,37 +215,56 @@ def kmeans_values(values: torch.Tensor, count: int, *,
         sizes = ends - starts
         sums = prefix[ends] - prefix[starts]
         centers = torch.where(sizes > 0, sums / sizes.clamp(min=1), centers)
-        error = (prefix_sq[ends] - prefix_sq[starts]) - sums * centers  # per-cluster SSE
         empty = (sizes == 0).nonzero().flatten()
         if empty.numel():
+            error = _cluster_errors(ordered, starts, ends, centers)
             _split_largest(centers, empty, error, starts, ends, prefix)
             centers = centers.sort().values
-        elif float(error.sum()) >= (1 - _VALUE_TOLERANCE) * last_error:
+            last_error = float(error.sum())
+            continue
+        error_sum = squares - float((sums * centers).sum())  # Σ over clusters of Σx² − n·mean²
+        if error_sum >= (1 - _VALUE_TOLERANCE) * last_error:
             break
-        last_error = float(error.sum())
+        last_error = error_sum
     cuts = torch.searchsorted(ordered, (centers[:-1] + centers[1:]) / 2)
-    del ordered, prefix, prefix_sq  # the labels below take as much again
+    del ordered, prefix  # the labels below take as much again
     return _label_runs(torch.cat([cuts, n]).diff(prepend=n.new_zeros(1)), order, values.shape)
 
 
-def _prefix_sums(ordered: torch.Tensor, squared: bool = False) -> torch.Tensor:
-    """Return [0, cumulative sums of `ordered` (or of its squares)], made in one array."""
+def _narrowest_index(order: torch.Tensor) -> torch.Tensor:
+    """Return `order` (int64 positions) as int32 when every position fits in it."""
+    return order.to(torch.int32) if order.numel() <= torch.iinfo(torch.int32).max else order
+
+
+def _cluster_errors(ordered: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
+                    centers: torch.Tensor) -> torch.Tensor:
+    """Return each cluster's squared error about its center (clusters are runs of `ordered`),
+    one cluster at a time: only when a cluster is empty, to choose which to split."""
+    errors = torch.zeros_like(centers)
+    for j, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+        if end > start:
+            deviation = ordered[start:end] - centers[j]
+            errors[j] = torch.dot(deviation, deviation)
+    return errors
+
+
+def _prefix_sums(ordered: torch.Tensor) -> torch.Tensor:
+    """Return [0, cumulative sums of `ordered`], made in one array."""
     prefix = ordered.new_empty(ordered.numel() + 1)
     prefix[0] = 0
-    body = prefix[1:]
-    body.copy_(ordered)
-    if squared:
-        body.square_()
-    body.cumsum_(0)
+    prefix[1:].copy_(ordered).cumsum_(0)
     return prefix
 
 
 def _label_runs(sizes: torch.Tensor, order: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     # Run j of the sorted values (sizes[j] of them) is cluster j; `order` puts labels back.
-    labels = torch.repeat_interleave(torch.arange(sizes.numel(), device=sizes.device), sizes)
+    # Made in int32 (`sizes` has at most 65,536 runs), returned in int64.
+    labels = torch.repeat_interleave(
+        torch.arange(sizes.numel(), device=sizes.device, dtype=torch.int32), sizes)
     idx = torch.empty_like(labels)
     idx[order] = labels
-    return idx.reshape(shape)
+    del labels
+    return idx.to(torch.int64).reshape(shape)
 
 
 def _split_largest(centers: torch.Tensor, empty: torch.Tensor, error: torch.Tensor,
