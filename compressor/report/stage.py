@@ -36,12 +36,12 @@ from compressor.vocabulary import (
 
 # The batch sizes latency is measured at.
 LATENCY_BATCHES = (1, 32)
-# Where each baseline (onnxruntime's quantization of the original) goes in the report, and its
-# latency in `latency`.
 # What an onnxruntime CPU session holds, per byte of its ONNX file, at its peak as it loads
 # (Gemma-3 270M: 2.3 GiB for its 1.07 GB export, 0.45 GiB for the 270 MB int8 one; four of its
 # files held 4.7 GiB at once), with a margin.
 SESSION_PEAK_PER_FILE_BYTE = 2.5
+# Where each baseline (onnxruntime's quantization of the original) goes in the report, and its
+# latency in `latency`.
 _BASELINE_KEYS = {"int8": "baseline", "int4": "baseline_int4"}
 _BASELINE_WHAT = {
     "int8": "onnxruntime dynamic int8 quantization of the original (quantize_dynamic, per "
