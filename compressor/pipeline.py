@@ -146,7 +146,8 @@ def _run(model: Path, config: CompressionConfig, out_dir: Path, data: Path | Non
         planned, trained, export_config = found.planned, found.trained, found.export
     del calibrated
     with staging_folder(out_dir) as staging:
-        exported = export_(loaded, planned.plan, trained, export_config, staging, job)
+        exported = export_(loaded, planned.plan, trained, export_config, staging, job,
+                           None if found is None else found.scored_file)
         verified = verify(exported, trained, loaded, export_config, job, config.target)
         return report(config, loaded, planned.plan, trained, exported, verified, found,
                       out_dir, job)

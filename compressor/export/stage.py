@@ -26,7 +26,7 @@ from torch import fx
 from compressor.config import ExportConfig, TargetConfig
 from compressor.errors import ExportError, ResourceError, VerificationError
 from compressor.export import huggingface
-from compressor.export.onnx import export_onnx, move_onnx, onnx_bytes
+from compressor.export.onnx import export_onnx, move_onnx, onnx_bytes, onnx_files
 from compressor.export.quantize import quantize_int4, quantize_int8, verify_quantized
 from compressor.export.smoothing import input_scales, smoothed_for_int8
 from compressor.export.verify import (
@@ -89,8 +89,10 @@ def staging_folder(out_dir: Path, name: str = ".staging") -> Iterator[Path]:
 
 
 def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportConfig,
-            staging: Path, job: JobContext) -> ExportedJob:
-    """Export the original and the trained student into `staging`.
+            staging: Path, job: JobContext, scored_file: Path | None = None) -> ExportedJob:
+    """Export the original and the trained student into `staging`. `scored_file`: the
+    student's quantized form (`config.quantize`) as target mode's search made and scored it,
+    its θ unchanged since: moved in as the quantized form rather than made again.
 
     Consumes the models: the student's θ goes into the dense weights as they are made, and
     the original, the student and a checkpoint's transformers model are dropped
@@ -138,7 +140,8 @@ def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportCo
                                   noise_flops=NOISE_FLOPS if config.noise_multiple else 0,
                                   spill=staging / "torch_outputs")
         source = model  # what int8 quantizes: the artifact, or its smoothed copy
-        if config.quantize == "int8" and config.int8_smoothing is not None:
+        if (config.quantize == "int8" and config.int8_smoothing is not None
+                and scored_file is None):
             _step(job, EXPORTING, 0.8, "smoothing the activations for int8")
             source = staging / "smoothed" / ONNX_ARTIFACT
             source.parent.mkdir()
@@ -150,11 +153,20 @@ def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportCo
         gc.collect()
         quantized = None
         if config.quantize is not None:
-            _step(job, EXPORTING, 0.9, f"quantizing to {config.quantize}")
             quantized = staging / config.quantize / ONNX_ARTIFACT
             quantized.parent.mkdir()
-            QUANTIZERS[config.quantize](source, quantized,
-                                        largest_weight_bytes=job.costs.largest_weight_bytes)
+            if scored_file is not None:
+                _step(job, EXPORTING, 0.9, f"the {config.quantize} model as the search scored "
+                                           "it (θ unchanged since)")
+                try:
+                    move_onnx(scored_file, quantized)
+                except OSError:  # on another file system
+                    for path in onnx_files(scored_file):
+                        shutil.copy2(path, quantized.parent / path.name)
+            else:
+                _step(job, EXPORTING, 0.9, f"quantizing to {config.quantize}")
+                QUANTIZERS[config.quantize](source, quantized,
+                                            largest_weight_bytes=job.costs.largest_weight_bytes)
     return ExportedJob(model, original, quantized, hf_folder, staging / HF_ARTIFACT, reference,
                        sizes)
 

@@ -346,9 +346,16 @@ class Scout:
                 shutil.copy2(source, folder / source.name)
         return folder / path.name
 
-    def drop_kept_files(self) -> None:
-        """Remove the files kept as timed: the finalists are ordered."""
-        if self.kept_files is not None:
+    def drop_kept_files(self, keeping: list[Candidate] | tuple = ()) -> None:
+        """Remove the files kept as timed, but those of `keeping` (candidates that may ship as
+        they were scored: their file is then the artifact's, `SearchResult.scored_file`)."""
+        if self.kept_files is None:
+            return
+        kept = {c.shipped_file.parent for c in keeping if c.shipped_file is not None}
+        for folder in self.kept_files.iterdir():
+            if folder not in kept:
+                shutil.rmtree(folder, ignore_errors=True)
+        if not kept:
             shutil.rmtree(self.kept_files, ignore_errors=True)
             self.kept_files = None
 

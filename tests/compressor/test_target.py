@@ -254,6 +254,25 @@ def test_int8_of_the_original_is_a_candidate_and_wins_when_nothing_smaller_keeps
         "train")
 
 
+def test_a_finalist_shipped_as_scored_ships_the_file_the_search_scored(easy, mlp, tmp_path):
+    candidates = easy.report["target"]["candidates"]
+    [dense] = [c for c in candidates if c["kept_fraction"] == 1.0 and c["quantize"] == "int8"]
+    floor = min(_relative_l2(c) for c in candidates if c["bytes"] < dense["bytes"]) / 2
+    result = compressor.compress(mlp, {**FAST, "target": {"relative_l2": floor}},
+                                 out_dir=tmp_path / "out")
+    chosen = result.report["target"]["chosen"]
+    assert (chosen["kept_fraction"], chosen["quantize"]) == (1.0, "int8")  # no θ to train
+    log = (tmp_path / "out" / "job.log").read_text()
+    assert "exporting: the int8 model as the search scored it (θ unchanged since)" in log
+    assert "exporting: quantizing to int8" not in log  # not made a second time
+    assert "exporting: smoothing the activations for int8" not in log
+    assert result.report["onnx_bytes"]["artifact"] == chosen["bytes"]
+    assert result.report["fidelity"]["artifact"]["output_0"]["relative_l2"] == pytest.approx(
+        _relative_l2(chosen), rel=1e-6)  # the file scored is the file verified and shipped
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "job.log", "model.onnx", "report.json"]  # nothing of the search's files left
+
+
 def test_candidates_the_machine_lacks_the_memory_to_score_are_left_out_saying_why(
         mlp, tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1024)  # what shortfall reads
