@@ -190,13 +190,14 @@ def onnx_bytes(path: Path) -> int:
 
 def move_onnx(source: Path, target: Path) -> None:
     """Move the ONNX model at `source` (with its data file) to `target`; both keep the same
-    file name, so the model still finds its data. The data file moves first."""
+    file name, so the model still finds its data. The data file moves first. A rename on one
+    file system; a copy, then the source removed, across two."""
     if source.name != target.name:
         raise ValueError(f"an ONNX model with external data keeps its name: {source} -> {target}")
     data_file(target).unlink(missing_ok=True)
     if data_file(source).is_file():
-        os.replace(data_file(source), data_file(target))
-    os.replace(source, target)
+        shutil.move(data_file(source), data_file(target))
+    shutil.move(source, target)
 
 
 def remove_onnx(path: Path) -> None:

@@ -26,7 +26,7 @@ from torch import fx
 from compressor.config import ExportConfig, TargetConfig
 from compressor.errors import ExportError, ResourceError, VerificationError
 from compressor.export import huggingface
-from compressor.export.onnx import export_onnx, move_onnx, onnx_bytes, onnx_files
+from compressor.export.onnx import export_onnx, move_onnx, onnx_bytes
 from compressor.export.quantize import quantize_int4, quantize_int8, verify_quantized
 from compressor.export.smoothing import input_scales, smoothed_for_int8
 from compressor.export.verify import (
@@ -158,11 +158,7 @@ def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportCo
             if scored_file is not None:
                 _step(job, EXPORTING, 0.9, f"the {config.quantize} model as the search scored "
                                            "it (θ unchanged since)")
-                try:
-                    move_onnx(scored_file, quantized)
-                except OSError:  # on another file system
-                    for path in onnx_files(scored_file):
-                        shutil.copy2(path, quantized.parent / path.name)
+                move_onnx(scored_file, quantized)
             else:
                 _step(job, EXPORTING, 0.9, f"quantizing to {config.quantize}")
                 QUANTIZERS[config.quantize](source, quantized,
