@@ -144,10 +144,11 @@ def latency_figures(original_path: Path | None, held_out: Dataset, artifact_path
             for b in left_out}
     paths = {"original": original_path, "compressed": artifact_path, **(baselines or {})}
     together = _sessions_fit(paths)
-    latency["timed"] = together or (
-        "in pairs, each file in turn with the artifact (its timing scaled by the artifact's "
-        "in its pair over the artifact's in the first): the machine lacks the memory to "
-        "open every file's onnxruntime session at once")
+    latency["timed"] = ("in turn, every file's session open at once" if together else
+                        "in pairs, each file in turn with the artifact (its timing scaled by "
+                        "the artifact's in its pair over the artifact's in the first): the "
+                        "machine lacks the memory to open every file's onnxruntime session "
+                        "at once")
     quartiles: dict[str, dict[str, list[float]]] = {name: {} for name in paths}
     for batch_size in kept:
         batch = held_out.take(torch.arange(batch_size) % len(held_out))
@@ -161,13 +162,11 @@ def latency_figures(original_path: Path | None, held_out: Dataset, artifact_path
     return {"onnx_bytes": sizes, "latency": latency}
 
 
-def _sessions_fit(paths: dict[str, Path]) -> str | None:
-    """Return how the files at `paths` are timed when the machine has the memory to open an
-    onnxruntime session of each at once (`SESSION_PEAK_PER_FILE_BYTE`), else None."""
+def _sessions_fit(paths: dict[str, Path]) -> bool:
+    """Whether the machine has the memory to open an onnxruntime session of every file at
+    `paths` at once (`SESSION_PEAK_PER_FILE_BYTE`)."""
     needed = int(SESSION_PEAK_PER_FILE_BYTE * sum(onnx_bytes(path) for path in paths.values()))
-    if shortfall(needed, "timing every file at once") is not None:
-        return None
-    return "in turn, every file's session open at once"
+    return shortfall(needed, "timing every file at once") is None
 
 
 def _baseline_figures(baseline: Baseline, latency: dict[str, Any],
