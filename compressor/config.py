@@ -197,7 +197,8 @@ class ExportConfig(_Strict):
         default=0.5, ge=0, le=1,
         description="with quantize 'int8': move the activations' outlier channels into the weights "
         "before int8 (each MatMul input channel divided by (max|x| / the median channel's)^α, "
-        "the weight's column multiplied by it); null: quantize as is")
+        "the weight's column multiplied by it) on each input where that cuts its MatMuls' "
+        "simulated int8 error to 0.7 of itself or less; null: quantize as is")
     quantized_tolerance: float = Field(
         default=0.3, gt=0, le=1,
         description="with quantize: the largest relative L2 difference accepted between the "

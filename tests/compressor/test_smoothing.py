@@ -62,16 +62,33 @@ def test_the_smoothed_model_computes_the_same_and_loses_less_to_int8(tmp_path):
     assert errors["smoothed"] < 0.8 * errors["plain"]
 
 
-def test_one_division_per_input_and_shared_weights_left_alone():
+def test_one_division_per_input_worth_it_and_shared_weights_left_alone():
     module, batch = _module_and_batch()
     smoothed = smoothed_for_int8(module, [batch], alpha=0.5)
     divisions = [n for n in smoothed.graph.nodes if n.op == "get_attr"
                  and n.target.startswith("int8_smoothing_")]
-    # first and second share one division of x; out reads its own input; shared is read twice
-    assert len(divisions) == 2
-    for name in ("shared",):
+    # first and second share one division of x (its int8 error cut to 0.28 of itself); out's
+    # input has no outlier channel (smoothing would leave 0.80 of its error: not worth a Mul);
+    # shared is read twice
+    assert len(divisions) == 1
+    for name in ("out", "shared"):
         assert smoothed.get_submodule(name).weight is module.get_submodule(name).weight
-    for name in ("first", "second", "out"):
+    for name in ("first", "second"):
         assert smoothed.get_submodule(name).weight is not module.get_submodule(name).weight
     scale = 1 / getattr(smoothed, divisions[0].target)
     assert scale[0] > 5 * scale[1:].max()  # the outlier channel is divided the most (~√100)
+
+
+def test_an_input_is_smoothed_only_where_that_cuts_its_int8_error_enough(monkeypatch):
+    from compressor.export import smoothing
+
+    module, batch = _module_and_batch()
+    uses = smoothing._uses_by_input(module)
+    ranges, _ = smoothing._input_ranges(module, uses, [batch])
+    scales = {source: smoothing._scale(ranges[source], 0.5) for source in uses}
+    errors = smoothing._int8_errors(module, uses, scales, [batch])
+    cut = {source.name: smoothed / plain for source, (plain, smoothed) in errors.items()}
+    assert cut["mul"] < 0.3 < 0.75 < cut["add"] < 1  # x with its outlier; out's input
+    monkeypatch.setattr(smoothing, "WORTH_SMOOTHING", 0.9)  # out's input now worth it too
+    smoothed = smoothed_for_int8(module, [batch], alpha=0.5)
+    assert smoothed.get_submodule("out").weight is not module.get_submodule("out").weight
