@@ -15,12 +15,13 @@ Each division is a Mul node over the whole activation, which onnxruntime runs as
 own: a compressed MiniLM's 26 took 9.5 ms of its 135 ms batch of 32. So an input is smoothed
 only where that cuts its MatMuls' int8 error (simulated as onnxruntime computes it, on
 calibration samples) to at most `WORTH_SMOOTHING` of the unsmoothed error. On MiniLM's 25
-inputs that leaves out 9: the attention outputs' (their error cut only to 0.72-0.86 of itself)
-and the last three blocks' GELU outputs' (0.72-0.81), whose smoothing, left out one input at a
-time, had cost the int8 model's cosine 0.0000-0.0002 each; the 9 include three of the six
+inputs that leaves out 9: the attention outputs' (their error cut only to 0.73-0.89 of itself)
+and the last three blocks' GELU outputs' (0.71-0.88), whose smoothing, left out one input at a
+time, had bought the int8 model's cosine 0.0000-0.0001 each; the 9 include three of the six
 1,536-wide inputs, whose Muls cost the most. It keeps Q/K/V's and the feed-forward blocks'
-first inputs (0.35-0.67) and the first three GELU outputs (0.50-0.52). On Gemma-3 270M it
-leaves out 3 of 72 (0.74-0.77).
+first inputs (0.35-0.67: 0.0000-0.0005 each) and the first three GELU outputs (0.50-0.53:
+0.0006-0.0014; `benchmarks.bench_smoothing --leave-one-out`). On Gemma-3 270M it leaves out
+3 of 72 (0.74-0.77).
 
 The smoothed copy of a model divides each such input once (a Mul node on the activation, shared
 by every MatMul that reads it) and holds the scaled weights as new tensors; everything else is
