@@ -63,8 +63,7 @@ def _smoothed(module, calibration, keep):
 
     if keep is None:
         smoothed = smoothing.smoothed_for_int8(module, calibration, 0.5)
-        return smoothed, sum(node.op == "get_attr" and node.target.startswith("int8_smoothing_")
-                             for node in smoothed.graph.nodes)
+        return smoothed, smoothing.divided_inputs(smoothed)
     everything = smoothing._uses_by_input
 
     def chosen(graph_module):

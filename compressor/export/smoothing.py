@@ -98,6 +98,12 @@ def smoothed_for_int8(module: fx.GraphModule, batches: Iterable[dict[str, torch.
     return clone
 
 
+def divided_inputs(module: fx.GraphModule) -> int:
+    """Return how many activations `module` (made by `smoothed_for_int8`) divides."""
+    return sum(node.op == "get_attr" and node.target.startswith("int8_smoothing_")
+               for node in module.graph.nodes)
+
+
 def input_scales(module: fx.GraphModule, batches: Iterable[dict[str, torch.Tensor]],
                  alpha: float) -> dict[str, torch.Tensor]:
     """Return the factors `smoothed_for_int8(module, batches, alpha)` divides each smoothed

@@ -28,7 +28,12 @@ from compressor.errors import ExportError, ResourceError, VerificationError
 from compressor.export import huggingface
 from compressor.export.onnx import export_onnx, move_onnx, onnx_bytes
 from compressor.export.quantize import quantize_int4, quantize_int8, verify_quantized
-from compressor.export.smoothing import input_scales, smoothed_for_int8
+from compressor.export.smoothing import (
+    WORTH_SMOOTHING,
+    divided_inputs,
+    input_scales,
+    smoothed_for_int8,
+)
 from compressor.export.verify import (
     NOISE_FLOPS,
     TorchOutputs,
@@ -145,9 +150,13 @@ def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportCo
             _step(job, EXPORTING, 0.8, "smoothing the activations for int8")
             source = staging / "smoothed" / ONNX_ARTIFACT
             source.parent.mkdir()
-            export_onnx(smoothed_for_int8(artifact_module, smoothing_batches(loaded),
-                                          config.int8_smoothing),
-                        sample, loaded.specs, source, config.opset)
+            smoothed = smoothed_for_int8(artifact_module, smoothing_batches(loaded),
+                                         config.int8_smoothing)
+            job.log.info(f"int8 smoothing: {divided_inputs(smoothed)} MatMul inputs divided, "
+                         f"those whose int8 error smoothing cuts to {WORTH_SMOOTHING:g} of "
+                         "itself or less")
+            export_onnx(smoothed, sample, loaded.specs, source, config.opset)
+            del smoothed
         # onnxruntime, then the reloaded Hugging Face folder, get the memory these held
         del artifact_module
         gc.collect()

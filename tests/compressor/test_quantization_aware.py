@@ -1,5 +1,7 @@
 """Quantization-aware distillation: θ trains through onnxruntime's int8, simulated exactly."""
 
+import re
+
 import pytest
 import torch
 
@@ -164,6 +166,10 @@ def test_a_ratio_job_fine_tunes_through_int8_when_asked(tmp_path, smoothing):
     assert finetune["quantization_aware"] is True
     assert finetune["best_score"] <= finetune["initial_score"]
     assert (tmp_path / "out" / "model.onnx").is_file()
+    log = (tmp_path / "out" / "job.log").read_text()
+    said = re.findall(r"int8 smoothing: (\d+) MatMul inputs divided, those whose int8 error "
+                      r"smoothing cuts to 0.7 of itself or less\n", log)
+    assert len(said) == (0 if smoothing is None else 1)
 
 
 @pytest.mark.parametrize("config, message", [
