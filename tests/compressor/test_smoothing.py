@@ -92,3 +92,19 @@ def test_an_input_is_smoothed_only_where_that_cuts_its_int8_error_enough(monkeyp
     monkeypatch.setattr(smoothing, "WORTH_SMOOTHING", 0.9)  # out's input now worth it too
     smoothed = smoothed_for_int8(module, [batch], alpha=0.5)
     assert smoothed.get_submodule("out").weight is not module.get_submodule("out").weight
+
+
+def test_measuring_stops_at_the_last_input_smoothed(monkeypatch):
+    # what follows the last smoothable input (here `out` and the shared layer; in a language
+    # model the vocabulary-wide head) is never computed while measuring
+    from compressor.runtime.graph import GraphStepper
+
+    module, batch = _module_and_batch()
+    stepped = []
+    step = GraphStepper.step
+    monkeypatch.setattr(GraphStepper, "step",
+                        lambda self, node: (stepped.append(node.name), step(self, node))[1])
+    smoothed_for_int8(module, [batch, batch], alpha=0.5)
+    names = [node.name for node in module.graph.nodes]
+    last_input = names.index("add")  # out's input, the last activation a smoothable layer reads
+    assert "add" in stepped and not set(stepped) & set(names[last_input + 1:])
