@@ -29,7 +29,7 @@ from torch import fx
 from compressor.config import CompressionConfig, TargetConfig
 from compressor.errors import ExportError, ResourceError
 from compressor.export.onnx import export_onnx, onnx_bytes, onnx_files
-from compressor.export.smoothing import smoothed_for_int8
+from compressor.export.smoothing import divided_inputs, smoothed_for_int8
 from compressor.export.stage import QUANTIZERS, materialized, onnx_fidelity, smoothing_batches
 from compressor.finetune.loop import HeldOut
 from compressor.finetune.stage import (
@@ -107,6 +107,11 @@ class Scout:
         # room for (`_leaves_room_for_int8`)
         self.float_s: float | None = None
         self.int8_s: float | None = None
+        # how many MatMul inputs int8 smoothing divided in the last smoothed export, and in the
+        # original's (None: not exported smoothed yet): none, and the original's unsmoothed
+        # int8 would be the same file
+        self.divided: int | None = None
+        self.original_divided: int | None = None
         self._scoring_started = 0.0
         # the candidates left out because the machine lacks the memory to score them, and why
         # (`_fits`)
@@ -172,7 +177,11 @@ class Scout:
                 break
         self._walk_int4(candidates, in_reach)
         self._original_quantized(candidates, plans, dense, "int4")
-        if (self.target.objective == "latency" and self.config.export.int8_smoothing is not None
+        if self.target.objective == "latency" and self.original_divided == 0:
+            self.job.log.info("target: int8 of the original is not scored unsmoothed too: "
+                              "smoothing divided none of its inputs, so it is the same model")
+        elif (self.target.objective == "latency"
+                and self.config.export.int8_smoothing is not None
                 and self._affords(candidates, "the original with int8, unsmoothed")
                 and self._fits_quantizing("int8", dense)):
             # the fastest int8 of all may be the one without the smoothing's Mul nodes
@@ -471,6 +480,8 @@ class Scout:
         except ResourceError as exc:  # its real export is larger than `_fits_quantizing` said
             self._not_scored(_quantized_name(fraction, quantize), exc.message)
             return None
+        if fraction == 1.0 and quantize == "int8" and smoothed:
+            self.original_divided = self.divided
         return self._logged(Candidate(fraction, quantize, self._parameters(plan), size, scored,
                                       self.target.met_by(scored), latency_ms=latency,
                                       unsmoothed=quantize == "int8" and not smoothed,
@@ -682,6 +693,7 @@ class Scout:
         alpha = self.config.export.int8_smoothing
         if smoothed and alpha is not None:
             module = smoothed_for_int8(module, smoothing_batches(self.loaded), alpha)
+            self.divided = divided_inputs(module)
         held_out = self.loaded.held_out
         sample = held_out.take(torch.arange(min(2, len(held_out))))
         scratch = Path(tempfile.mkdtemp(prefix=".target-", dir=self.workdir))

@@ -176,6 +176,21 @@ def test_the_latency_objective_scores_int8_of_the_original_unsmoothed_and_ships_
     assert _muls(result.model_path) == chosen["latency_ms"]  # what ships is the one timed
 
 
+def test_int8_of_the_original_is_not_scored_unsmoothed_when_smoothing_divides_nothing(
+    mlp, tmp_path, monkeypatch
+):
+    # the MLP's inputs have no outlier channel: its smoothed int8 is its int8, not scored twice
+    monkeypatch.setattr(Scout, "_latencies_ms", _timed_as(lambda path: 1.0))
+    target = {"relative_l2": 10.0, "objective": "latency", "latency_batch": 8}
+    result = compressor.compress(mlp, {**FAST, "target": target}, out_dir=tmp_path / "out")
+    candidates = result.report["target"]["candidates"]
+    originals = [c for c in candidates if (c["kept_fraction"], c["quantize"]) == (1.0, "int8")]
+    assert [c["unsmoothed"] for c in originals] == [False]
+    log = (tmp_path / "out" / "job.log").read_text()
+    assert ("target: int8 of the original is not scored unsmoothed too: smoothing divided none "
+            "of its inputs, so it is the same model") in log
+
+
 def test_the_latency_objective_cuts_by_multiply_adds_and_leaves_embedding_tables_dense(tmp_path):
     # A lookup does no multiply-adds: factorizing a table only adds some. Every other layer's
     # numbers are priced by the rows it multiplies on the calibration samples.
