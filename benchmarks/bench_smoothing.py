@@ -59,21 +59,23 @@ VARIANTS: list[tuple[str, Callable | None]] = [
 
 
 def _smoothed(module, calibration, keep):
+    """Return `module` smoothed for int8 on the inputs `keep` chooses (None: the product's
+    choice), and how many it divides."""
     from compressor.export import smoothing
 
     if keep is None:
         smoothed = smoothing.smoothed_for_int8(module, calibration, 0.5)
-        return smoothed, smoothing.divided_inputs(smoothed)
-    everything = smoothing._uses_by_input
+    else:
+        everything = smoothing._uses_by_input
 
-    def chosen(graph_module):
-        return {source: readers for source, readers in everything(graph_module).items()
-                if keep(source, readers)}
+        def chosen(graph_module):
+            return {source: readers for source, readers in everything(graph_module).items()
+                    if keep(source, readers)}
 
-    with (mock.patch.object(smoothing, "_uses_by_input", chosen),
-          mock.patch.object(smoothing, "WORTH_SMOOTHING", float("inf"))):
-        smoothed = smoothing.smoothed_for_int8(module, calibration, 0.5)
-    return smoothed, len(chosen(smoothed))
+        with (mock.patch.object(smoothing, "_uses_by_input", chosen),
+              mock.patch.object(smoothing, "WORTH_SMOOTHING", float("inf"))):
+            smoothed = smoothing.smoothed_for_int8(module, calibration, 0.5)
+    return smoothed, smoothing.divided_inputs(smoothed)
 
 
 class MiniLM:

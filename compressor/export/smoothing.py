@@ -230,9 +230,9 @@ def _int8_errors(module: fx.GraphModule, uses: dict[fx.Node, list[_Use]],
             stepper = GraphStepper(module, batch)
             for node in _up_to_last(stepper, uses):
                 if node in uses and rows[node] < _ERROR_ROWS:
-                    value = stepper.value(node)
-                    x = value.detach().float().reshape(-1, value.shape[-1])[
-                        :_ERROR_ROWS - rows[node]]
+                    value = stepper.value(node).detach()
+                    # the rows measured, and only they, in float32
+                    x = value.reshape(-1, value.shape[-1])[:_ERROR_ROWS - rows[node]].float()
                     rows[node] += x.shape[0]
                     for use in uses[node]:
                         squared[node] += _squared_int8_errors(x, use.weight.detach().float(),

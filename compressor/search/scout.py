@@ -177,16 +177,8 @@ class Scout:
                 break
         self._walk_int4(candidates, in_reach)
         self._original_quantized(candidates, plans, dense, "int4")
-        if self.target.objective == "latency" and self.original_divided == 0:
-            self.job.log.info("target: int8 of the original is not scored unsmoothed too: "
-                              "smoothing divided none of its inputs, so it is the same model")
-        elif (self.target.objective == "latency"
-                and self.config.export.int8_smoothing is not None
-                and self._affords(candidates, "the original with int8, unsmoothed")
-                and self._fits_quantizing("int8", dense)):
-            # the fastest int8 of all may be the one without the smoothing's Mul nodes
-            self._report(candidates, plans, "scoring the original with int8, unsmoothed")
-            self._append(candidates, self._quantized(1.0, dense, "int8", smoothed=False))
+        if self.target.objective == "latency" and self.config.export.int8_smoothing is not None:
+            self._original_unsmoothed(candidates, plans, dense)
         if (shared.compressed and self._affords(candidates, "the shared-values candidate")
                 and self._fits("the shared-values candidate", clustering_peak_bytes(
                     max(4 * p.layer.numel for p in shared.compressed)))):
@@ -217,6 +209,22 @@ class Scout:
             if quantize != "int4":
                 raise
             self.job.log.info(f"target: int4 of the original not scored: {exc.message}")
+
+    def _original_unsmoothed(self, candidates: list[Candidate], plans: list, dense: Plan,
+                             ) -> None:
+        """Objective latency: score int8 of the original unsmoothed too, appending it to
+        `candidates`, if the time budget and the memory afford it: the fastest int8 of all may
+        be the one without the smoothing's Mul nodes. Not when smoothing divided none of the
+        original's inputs: it is then the same model (logged)."""
+        if self.original_divided == 0:
+            self.job.log.info("target: int8 of the original is not scored unsmoothed too: "
+                              "smoothing divided none of its inputs, so it is the same model")
+            return
+        if (not self._affords(candidates, "the original with int8, unsmoothed")
+                or not self._fits_quantizing("int8", dense)):
+            return
+        self._report(candidates, plans, "scoring the original with int8, unsmoothed")
+        self._append(candidates, self._quantized(1.0, dense, "int8", smoothed=False))
 
     def _walk_floats(self, candidates: list[Candidate], plans: list[tuple[float, Plan]]) -> None:
         """Score the budgets in float, largest first, appending them to `candidates`, down to
@@ -473,6 +481,7 @@ class Scout:
                               f"{quantize}, so it is {quantize} of the original with low-rank "
                               "weights")
             return None
+        self.divided = None  # set by this candidate's smoothed export, if it has one
         try:
             # the student is built here and held by nothing else: freed once it is exported
             scored, size, latency, kept = self.quantized_fidelity(self._student(plan), plan,
