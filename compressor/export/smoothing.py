@@ -67,6 +67,10 @@ class _Use:
     def weight(self) -> torch.Tensor:
         return getattr(self.owner, self.name)
 
+    def qualified_name(self, module_names: dict[int, str]) -> str:
+        """Return the weight's name in the module whose `_module_names` are `module_names`."""
+        return ".".join(filter(None, (module_names[id(self.owner)], self.name)))
+
     def scale_(self, scale: torch.Tensor) -> None:
         """Replace the weight (out, in) by one with column j multiplied by scale[j]."""
         scaled = (self.weight.detach() * scale.to(self.weight.dtype)).contiguous()
@@ -74,11 +78,14 @@ class _Use:
 
 
 def smoothed_for_int8(module: fx.GraphModule, batches: Iterable[dict[str, torch.Tensor]],
-                      alpha: float) -> fx.GraphModule:
+                      alpha: float, scales: dict[str, torch.Tensor] | None = None,
+                      ) -> fx.GraphModule:
     """Return a copy of `module` with every quantizable MatMul input smoothed (see the module),
-    its factors measured on `batches`; `module` is left as it was."""
+    its factors measured on `batches`; `module` is left as it was. Given `scales` (by weight
+    name, as `input_scales` returns them: what a quantization-aware fine-tuning simulated), the
+    inputs they name are divided by them, and no other, whatever `module` now measures."""
     clone = shallow_copy(module)
-    factors = _factors(clone, batches, alpha)
+    factors = _factors(clone, batches, alpha) if scales is None else _given(clone, scales)
     if not factors:
         return clone
     order = {node: index for index, node in enumerate(clone.graph.nodes)}
@@ -109,10 +116,27 @@ def input_scales(module: fx.GraphModule, batches: Iterable[dict[str, torch.Tenso
     """Return the factors `smoothed_for_int8(module, batches, alpha)` divides each smoothed
     MatMul's input by, keyed by the qualified name of the MatMul's weight in `module` (which is
     left as it is): what quantization-aware fine-tuning simulates the smoothed int8 with."""
-    names = {id(m): name for name, m in module.named_modules()}
-    return {".".join(filter(None, (names[id(use.owner)], use.name))): scale
+    names = _module_names(module)
+    return {use.qualified_name(names): scale
             for readers, scale, _ in _factors(module, batches, alpha).values()
             for use in readers}
+
+
+def _module_names(module: nn.Module) -> dict[int, str]:
+    return {id(m): name for name, m in module.named_modules()}
+
+
+def _given(module: fx.GraphModule, scales: dict[str, torch.Tensor],
+           ) -> dict[fx.Node, tuple[list[_Use], torch.Tensor, torch.dtype]]:
+    """Return `_factors`' answer for the inputs whose MatMuls' weights `scales` names (an input
+    is divided once, by the factors of the first of its MatMuls)."""
+    names = _module_names(module)
+    factors = {}
+    for source, readers in _uses_by_input(module).items():
+        given = [scales.get(use.qualified_name(names)) for use in readers]
+        if all(scale is not None for scale in given):
+            factors[source] = (readers, given[0], readers[0].weight.dtype)
+    return factors
 
 
 def _factors(module: fx.GraphModule, batches: Iterable[dict[str, torch.Tensor]], alpha: float,

@@ -150,11 +150,14 @@ def export_(loaded: LoadedJob, plan: Plan, trained: TrainedJob, config: ExportCo
             _step(job, EXPORTING, 0.8, "smoothing the activations for int8")
             source = staging / "smoothed" / ONNX_ARTIFACT
             source.parent.mkdir()
+            simulated = trained.int8_input_scales
             smoothed = smoothed_for_int8(artifact_module, smoothing_batches(loaded),
-                                         config.int8_smoothing)
+                                         config.int8_smoothing, simulated)
             job.log.info(f"int8 smoothing: {divided_inputs(smoothed)} MatMul inputs divided, "
-                         f"those whose int8 error smoothing cuts to {WORTH_SMOOTHING:g} of "
-                         "itself or less")
+                         + ("by the factors quantization-aware fine-tuning simulated"
+                            if simulated is not None else
+                            f"those whose int8 error smoothing cuts to {WORTH_SMOOTHING:g} of "
+                            "itself or less"))
             export_onnx(smoothed, sample, loaded.specs, source, config.opset)
             del smoothed
         # onnxruntime, then the reloaded Hugging Face folder, get the memory these held

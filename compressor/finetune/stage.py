@@ -55,6 +55,9 @@ class TrainedJob:
     initial: list[OutputFidelity]  # fidelity of the student as initialized
     final: list[OutputFidelity]  # ... and as trained
     layer_errors: dict[str, dict[str, float]]
+    # the factors a quantization-aware run simulated the smoothed int8 with (by weight name),
+    # which the export then smooths by: the int8 model shipped is the one θ learned through
+    int8_input_scales: dict[str, torch.Tensor] | None = None
 
 
 def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: FinetuneConfig,
@@ -100,7 +103,7 @@ def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: Fin
         samples = min(len(loaded.held_out), job.costs.layer_error_samples(LAYER_ERROR_SAMPLES))
         errors = layer_errors(loaded.teacher, student, plan,
                               loaded.held_out.take(torch.arange(samples)))
-    return TrainedJob(student, held_out, summary, initial, final, errors)
+    return TrainedJob(student, held_out, summary, initial, final, errors, int8_input_scales)
 
 
 def as_initialized(loaded: LoadedJob, student: fx.GraphModule, held_out: HeldOut,

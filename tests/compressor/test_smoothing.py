@@ -108,3 +108,26 @@ def test_measuring_stops_at_the_last_input_smoothed(monkeypatch):
     names = [node.name for node in module.graph.nodes]
     last_input = names.index("add")  # out's input, the last activation a smoothable layer reads
     assert "add" in stepped and not set(stepped) & set(names[last_input + 1:])
+
+
+def test_given_factors_are_divided_by_whatever_the_model_now_measures(monkeypatch):
+    # a quantization-aware run simulates int8 smoothed by factors measured before it trains;
+    # the export then divides by those, not by factors measured on the trained model (which
+    # could also smooth other inputs: a different int8 arithmetic from the one θ learned)
+    from compressor.export import smoothing
+
+    module, batch = _module_and_batch()
+    scales = smoothing.input_scales(module, [batch], alpha=0.5)
+    assert set(scales) == {"first.weight", "second.weight"}
+    moved = {"x": batch["x"] * torch.linspace(0.5, 3.0, 16)}  # ranges measured anew differ
+    monkeypatch.setattr(smoothing, "WORTH_SMOOTHING", float("inf"))  # would smooth `out` too
+    smoothed = smoothed_for_int8(module, [moved], alpha=0.5, scales=scales)
+    divisions = [n.target for n in smoothed.graph.nodes
+                 if n.op == "get_attr" and n.target.startswith("int8_smoothing_")]
+    assert len(divisions) == 1
+    assert torch.equal(1 / getattr(smoothed, divisions[0]), scales["first.weight"])
+    assert smoothed.get_submodule("out").weight is module.get_submodule("out").weight
+    assert torch.equal(smoothed.get_submodule("first").weight,
+                       module.get_submodule("first").weight * scales["first.weight"])
+    measured = smoothed_for_int8(module, [moved], alpha=0.5)
+    assert smoothing.divided_inputs(measured) == 2
