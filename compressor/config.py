@@ -145,6 +145,15 @@ class FinetuneConfig(_Strict):
         "sample so it does not run again at every step; auto: 64 when the vocabulary has more "
         "than 1,024 tokens; null: the whole vocabulary (KL + MSE), the original run every step "
         "when its outputs on the training split take more than 512 MiB")
+    distill: Literal["outputs", "blocks"] = Field(
+        default="outputs",
+        description="what a step's loss compares: outputs, the model's outputs with the "
+        "original's (a language model's next-token distribution); blocks, each repeated block "
+        "(layers.0, layers.1, ...) run on the original's input to it against the original "
+        "block's output, so a step forms no logits (a language model's head is most of a "
+        "step's work) and only the layers inside blocks learn; the held-out score that keeps "
+        "the best θ is the outputs' either way. A model without repeated blocks, and a "
+        "quantization-aware run, distill on the outputs")
     weight_decay: float = Field(default=0.0, ge=0, le=1.0, description="AdamW weight decay")
     warmup_steps: int = Field(default=10, ge=0, description="linear warm-up, then cosine decay")
     eval_every: int = Field(default=25, ge=1, description="steps between held-out evaluations")

@@ -5,7 +5,9 @@ with bf16 autocast when there is one, and with the model's blocks under activati
 when a step's activations would not fit (`compressor.finetune.activation_checkpointing`). The
 loss is backpropagated a chunk of rows at a time then, and whenever an output is larger than
 a chunk (a language model's logits), so its softmaxes over the vocabulary and their gradients
-are never all held at once. The held-out split is scored every `eval_every` steps and
+are never all held at once. With `finetune.distill: blocks`, a step compares each repeated
+block's outputs with the original's instead (`compressor.finetune.blockwise`): no logits are
+formed. The held-out split is scored every `eval_every` steps and
 the best θ seen, the initialization included, is what the model keeps: fine-tuning never hands
 back a model worse than the one it started from. A lesson with a `FloorCheck` (target mode)
 ends at the first evaluation whose held-out fidelity keeps the floor: the steps left would buy
@@ -30,6 +32,7 @@ from compressor.finetune.activation_checkpointing import (
     saved_activation_bytes,
     wanted,
 )
+from compressor.finetune.blockwise import BlockwiseLoss
 from compressor.finetune.checkpoints import FinetuneCheckpoints, TrainingState
 from compressor.finetune.quantization_aware import quantization_aware
 from compressor.load.data import Dataset
@@ -112,6 +115,10 @@ class FinetuneSummary:
     # The evaluation step at which the held-out fidelity kept the floor and fine-tuning ended
     # (`Distillation.enough`), or None.
     floor_kept_at: int | None = None
+    # How many repeated blocks each step distilled block-wise (`finetune.distill: blocks`;
+    # 0: the model's outputs), and why the outputs were distilled when blocks were asked for.
+    blocks_distilled: int = 0
+    distill_note: str | None = None
     # The step the learning rate's cosine ends at: `steps`, or, under a time budget, the last
     # step the budget affords at the pace so far (updated every step), so a run the budget
     # cuts still ends at a small learning rate.
@@ -468,10 +475,12 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
     summary.logits_top_k = kept_k(held_out.targets[0]) if held_out.targets else None
     if config.steps == 0 or not params:
         return summary
-    with torch.no_grad():
-        cached = _teacher_targets(teacher, train, device, held_out)
-    summary.teacher_outputs_cached = cached is not None
-    forward = training_forward(student, train, config, device, params, summary)
+    blockwise = _blockwise(student, teacher, config, summary)
+    if blockwise is None:
+        with torch.no_grad():
+            cached = _teacher_targets(teacher, train, device, held_out)
+        summary.teacher_outputs_cached = cached is not None
+        forward = training_forward(student, train, config, device, params, summary)
     summary.skipped = unaffordable(summary, params, free_memory_bytes(device))
     if summary.skipped is not None:
         return summary
@@ -526,20 +535,24 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
         index = torch.randint(0, len(train), (summary.samples_per_step,), generator=generator)
         batch = _to(train.take(index), device)
         optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            if cached is None:
-                with torch.no_grad():
-                    targets = held_out.compact(run_outputs(teacher, batch))
-            else:
-                targets = [t[index.to(t.device)] for t in cached]
-            outputs = forward(batch)
-            chunked = summary.activation_checkpointing or larger_than_a_chunk(outputs)
-            loss = None if chunked else distillation_loss(outputs, targets, kinds)
-        if loss is None:  # saving memory: the loss's softmaxes too, a chunk of rows at a time
-            loss = distillation_backward(outputs, targets, kinds)
+        if blockwise is not None:
+            with autocast:
+                loss = blockwise(batch)  # each block's loss backpropagated as it is computed
         else:
-            loss.backward()
-        del outputs, targets
+            with autocast:
+                if cached is None:
+                    with torch.no_grad():
+                        targets = held_out.compact(run_outputs(teacher, batch))
+                else:
+                    targets = [t[index.to(t.device)] for t in cached]
+                outputs = forward(batch)
+                chunked = summary.activation_checkpointing or larger_than_a_chunk(outputs)
+                loss = None if chunked else distillation_loss(outputs, targets, kinds)
+            if loss is None:  # saving memory: the loss's softmaxes too, a chunk of rows at a time
+                loss = distillation_backward(outputs, targets, kinds)
+            else:
+                loss.backward()
+            del outputs, targets
         optimizer.step()
         scheduler.step()
         loss_value = float(loss.detach())
@@ -605,6 +618,26 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
     _restore(params, best_state)
     summary.best_score, summary.steps_run = best, step
     return summary
+
+
+def _blockwise(student: nn.Module, teacher: nn.Module, config: FinetuneConfig,
+               summary: FinetuneSummary) -> BlockwiseLoss | None:
+    """Return the block-wise loss a step minimizes (`finetune.distill: blocks`), or None: the
+    outputs' (asked for, or, recorded in `summary.distill_note`, the only one that applies)."""
+    if config.distill != "blocks":
+        return None
+    if config.quantization_aware:
+        summary.distill_note = ("finetune.distill 'blocks': θ trains through int8 here, which "
+                                "is simulated on the whole model; distilled on its outputs")
+        return None
+    loss = (BlockwiseLoss(student, teacher) if isinstance(student, fx.GraphModule)
+            and isinstance(teacher, fx.GraphModule) else None)
+    if loss is None or not loss.segments:
+        summary.distill_note = ("finetune.distill 'blocks': the model has no repeated blocks "
+                                "(layers.0, layers.1, ...); distilled on its outputs")
+        return None
+    summary.blocks_distilled = loss.blocks
+    return loss
 
 
 def _cut(last: int, steps: int, pace: float, budget, scoring_s: float = 0.0) -> str:

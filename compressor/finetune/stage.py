@@ -82,7 +82,7 @@ def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: Fin
             checkpoints.on_resume = job.reused
         summary = finetune_on_device_(student, plan, lesson, config, job.control, initial_score,
                                       checkpoints)
-        for why in (summary.skipped, summary.cut_by_budget):
+        for why in (summary.distill_note, summary.skipped, summary.cut_by_budget):
             if why is not None:
                 job.log.info(why)
         if summary.floor_kept_at is not None:
@@ -92,7 +92,10 @@ def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: Fin
         how = f", {summary.samples_per_step} samples a step" + (
             "" if summary.tokens_per_step is None else f" ({summary.tokens_per_step} tokens)")
         how += ", blocks checkpointed" if summary.activation_checkpointing else ""
-        if summary.logits_top_k is not None:
+        if summary.blocks_distilled:
+            how += (f", each of its {summary.blocks_distilled} blocks distilled on the "
+                    "original's (block-wise)")
+        elif summary.logits_top_k is not None:
             how += f", next-token logits distilled on the original's top {summary.logits_top_k}"
         job.log.info(f"fine-tuning on {summary.device}{how}: held-out loss "
                      f"{summary.initial_score:.4f} -> {summary.best_score:.4f} "
