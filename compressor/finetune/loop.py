@@ -67,6 +67,11 @@ _OUTPUT_COPIES = 4
 # `finetune.tokens_per_step: "auto"` on the CPU: a step of a 135M language model on this many
 # tokens takes seconds there, so a few hundred steps fit in an hour.
 _CPU_TOKENS_PER_STEP = 1024
+# `finetune.relative_lr: "auto"`: each θ tensor's peak learning rate over its RMS, and that of a
+# causal language model's (at 0.005, Gemma-3 270M's held-out loss went from 0.131 to 0.272 in
+# 25 steps of 256 tokens; at a sixteenth of it, 0.131 to 0.091).
+RELATIVE_LR = 0.005
+LANGUAGE_MODEL_RELATIVE_LR = 0.0003
 # Training plans on this share of the free memory; the rest is for the allocator's slack.
 _TRAINING_FREE_SHARE = 0.9
 _CPU = torch.device("cpu")
@@ -119,6 +124,9 @@ class FinetuneSummary:
     # 0: the model's outputs), and why the outputs were distilled when blocks were asked for.
     blocks_distilled: int = 0
     distill_note: str | None = None
+    # Each θ tensor's peak learning rate over its RMS (`finetune.relative_lr`), or None when
+    # `finetune.lr` set one rate for all.
+    relative_lr: float | None = None
     # The step the learning rate's cosine ends at: `steps`, or, under a time budget, the last
     # step the budget affords at the pace so far (updated every step), so a run the budget
     # cuts still ends at a small learning rate.
@@ -245,6 +253,9 @@ class Distillation:
     enough: FloorCheck | None = None
     int8_input_scales: dict[str, torch.Tensor] | None = None
     scoring_s: float = 0.0
+    # Whether an output is a causal language model's next-token logits (the learning rate
+    # `finetune.relative_lr: auto` picks).
+    language_model: bool = False
 
 
 def held_out_score(student: nn.Module | None, held_out: HeldOut, kinds: list[str],
@@ -289,7 +300,16 @@ def _schedule(config: FinetuneConfig, summary: FinetuneSummary):
     return factor
 
 
-def parameter_groups(params: list[nn.Parameter], config: FinetuneConfig) -> list[dict]:
+def relative_lr(config: FinetuneConfig, language_model: bool) -> float:
+    """Return the peak learning rate over a θ tensor's RMS that `config.relative_lr` gives
+    (auto: `RELATIVE_LR`, or `LANGUAGE_MODEL_RELATIVE_LR` for a causal language model)."""
+    if config.relative_lr != "auto":
+        return float(config.relative_lr)
+    return LANGUAGE_MODEL_RELATIVE_LR if language_model else RELATIVE_LR
+
+
+def parameter_groups(params: list[nn.Parameter], config: FinetuneConfig,
+                     language_model: bool = False) -> list[dict]:
     """Return AdamW parameter groups: one learning rate for all (`lr` set), or by default a
     learning rate per tensor proportional to its scale (`relative_lr` × RMS of its values).
 
@@ -299,10 +319,10 @@ def parameter_groups(params: list[nn.Parameter], config: FinetuneConfig) -> list
     """
     if config.lr is not None:
         return [{"params": params, "lr": config.lr}]
-    groups = []
+    relative, groups = relative_lr(config, language_model), []
     for param in params:
         rms = float(param.detach().float().pow(2).mean().sqrt()) if param.numel() else 0.0
-        groups.append({"params": [param], "lr": config.relative_lr * max(rms, 1e-6)})
+        groups.append({"params": [param], "lr": relative * max(rms, 1e-6)})
     return groups
 
 
@@ -485,8 +505,10 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
     if summary.skipped is not None:
         return summary
     best_state = [p.detach().clone() for p in params]
-    optimizer = torch.optim.AdamW(parameter_groups(params, config),
+    optimizer = torch.optim.AdamW(parameter_groups(params, config, lesson.language_model),
                                   weight_decay=config.weight_decay)
+    if config.lr is None:
+        summary.relative_lr = relative_lr(config, lesson.language_model)
     lr_scale = 1.0
     summary.schedule_steps = config.steps
     schedule = _schedule(config, summary)

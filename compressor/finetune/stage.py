@@ -75,7 +75,8 @@ def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: Fin
         initial, initial_score = fidelity(student, held_out, loaded.kinds, loaded.next_token)
         lesson = Distillation(loaded.teacher, loaded.kinds, loaded.train, held_out, enough,
                               int8_input_scales,
-                              scoring_s=job.control.budget.elapsed_s() - scoring_started)
+                              scoring_s=job.control.budget.elapsed_s() - scoring_started,
+                              language_model=any(loaded.next_token))
         checkpoints = None if job.resume is None else FinetuneCheckpoints.for_run(
             job.resume, plan, config, job.log.info)
         if checkpoints is not None:
@@ -89,6 +90,8 @@ def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: Fin
             job.log.info(f"fine-tuning ended at step {summary.floor_kept_at} of {config.steps}: "
                          + ("the held-out fidelity keeps the floor" if summary.best_step else
                             "no step improved on θ as initialized, which keeps the floor"))
+        rate = ("" if summary.relative_lr is None
+                else f", peak learning rate {summary.relative_lr:g} × each tensor's RMS")
         how = f", {summary.samples_per_step} samples a step" + (
             "" if summary.tokens_per_step is None else f" ({summary.tokens_per_step} tokens)")
         how += ", blocks checkpointed" if summary.activation_checkpointing else ""
@@ -97,7 +100,7 @@ def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: Fin
                     "original's (block-wise)")
         elif summary.logits_top_k is not None:
             how += f", next-token logits distilled on the original's top {summary.logits_top_k}"
-        job.log.info(f"fine-tuning on {summary.device}{how}: held-out loss "
+        job.log.info(f"fine-tuning on {summary.device}{how}{rate}: held-out loss "
                      f"{summary.initial_score:.4f} -> {summary.best_score:.4f} "
                      f"(best step {summary.best_step})")
         # Best step 0: θ is the initialization's, restored exactly, and so are its outputs.

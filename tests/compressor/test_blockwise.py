@@ -78,7 +78,9 @@ def test_a_job_distilled_block_wise_trains_its_blocks_and_says_so(tmp_path):
     assert not finetune["teacher_outputs_cached"]  # the original's logits are never needed
     assert finetune["best_score"] <= finetune["initial_score"]
     log = (tmp_path / "out" / "job.log").read_text()
-    assert "each of its 2 blocks distilled on the original's (block-wise)" in log
+    assert "each of its 2 blocks distilled on the original's (block-wise), peak learning rate " \
+           "0.0003 × each tensor's RMS" in log  # a causal language model's rate
+    assert finetune["relative_lr"] == 0.0003
 
 
 def test_a_model_without_blocks_is_distilled_on_its_outputs_saying_why(tmp_path):
@@ -87,6 +89,7 @@ def test_a_model_without_blocks_is_distilled_on_its_outputs_saying_why(tmp_path)
               "finetune": {"steps": 3, "eval_every": 3, "distill": "blocks"}}
     result = compressor.compress(pt2, config, out_dir=tmp_path / "out")
     assert result.report["finetune"]["blocks_distilled"] == 0
+    assert result.report["finetune"]["relative_lr"] == 0.005
     log = (tmp_path / "out" / "job.log").read_text()
     assert "the model has no repeated blocks (layers.0, layers.1, ...); distilled on its " \
            "outputs" in log

@@ -121,6 +121,12 @@ def test_default_learning_rates_follow_each_tensors_scale():
     assert [g["lr"] for g in groups] == pytest.approx([0.005 * 0.02, 0.005 * 2.0])
     fixed = parameter_groups([small, large], CompressionConfig.parse({"finetune": {"lr": 1e-3}}).finetune)
     assert len(fixed) == 1 and fixed[0]["lr"] == 1e-3
+    # a causal language model's default is lower; a rate given is the rate taken
+    language = parameter_groups([small, large], CompressionConfig().finetune, language_model=True)
+    assert [g["lr"] for g in language] == pytest.approx([0.0003 * 0.02, 0.0003 * 2.0])
+    given = CompressionConfig.parse({"finetune": {"relative_lr": 0.01}}).finetune
+    assert [g["lr"] for g in parameter_groups([small], given, language_model=True)] == (
+        pytest.approx([0.01 * 0.02]))
 
 
 def test_the_fidelity_pass_scores_the_student_as_fine_tuning_does(tmp_path):
