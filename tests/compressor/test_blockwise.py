@@ -3,15 +3,9 @@
 import torch
 
 import compressor
-from compressor.config import CompressionConfig
 from compressor.finetune.blockwise import BlockwiseLoss
-from compressor.load.stage import load
-from compressor.plan.stage import calibrate_layers, plan
 from compressor.rewrite.parametrize import theta_of
-from compressor.rewrite.stage import build_student
-from compressor.runtime.context import JobContext
-from compressor.runtime.joblog import JobLog
-from compressor.runtime.progress import JobControl
+from tests.support.students import tiny_student
 from tests.support.tiny_checkpoints import save_checkpoint, write_text
 from tests.support.tiny_models import make_pt2
 
@@ -21,14 +15,7 @@ UNIFORM = {"ratio": 0.5, "min_layer_params": 0, "allocation": "uniform",
 
 
 def _llama_student(tmp_path):
-    folder = save_checkpoint("llama", tmp_path / "llama")
-    config = CompressionConfig.parse(UNIFORM)
-    log = JobLog(tmp_path / "job.log")
-    control = JobControl(None, None, 3600)
-    loaded = load(folder, None, config, tmp_path, control, log)
-    job = JobContext(loaded.costs, control, log)
-    planned = plan(loaded, calibrate_layers(loaded, config, job), config, job)
-    return loaded, planned.plan, build_student(loaded, planned, "sum", job)
+    return tiny_student("llama", tmp_path, UNIFORM)
 
 
 def _thetas(student, plan_):

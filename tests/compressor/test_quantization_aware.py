@@ -17,16 +17,10 @@ from compressor.finetune.quantization_aware import (
     fake_uint8_asymmetric,
     quantization_aware,
 )
-from compressor.load.stage import load
-from compressor.plan.stage import calibrate_layers, plan
 from compressor.rewrite.forms import factorize
 from compressor.rewrite.parametrize import theta_of
-from compressor.rewrite.stage import build_student
-from compressor.runtime.context import JobContext
-from compressor.runtime.joblog import JobLog
 from compressor.runtime.outputs import run_outputs
-from compressor.runtime.progress import JobControl
-from tests.support.tiny_checkpoints import save_checkpoint
+from tests.support.students import tiny_student
 from tests.support.tiny_models import make_pt2
 
 FACTORIZED = {"ratio": 0.5, "min_layer_params": 0, "export": {"form": "factorized"}}
@@ -37,18 +31,9 @@ def _student(kind, tmp_path):
     """A tiny model's original and its student at ratio 0.5, lowrank, as initialized (every
     layer of a Hugging Face checkpoint compressed alike)."""
     if kind in CHECKPOINTS:
-        pt2 = save_checkpoint(kind, tmp_path / kind)
-        config = CompressionConfig.parse({**FACTORIZED, "allocation": "uniform",
-                                          "data": {"max_length": 16}})
-    else:
-        pt2 = make_pt2(kind, tmp_path / f"{kind}.pt2")
-        config = CompressionConfig.parse(FACTORIZED)
-    log = JobLog(tmp_path / "job.log")
-    control = JobControl(None, None, 3600)
-    loaded = load(pt2, None, config, tmp_path, control, log)
-    job = JobContext(loaded.costs, control, log)
-    planned = plan(loaded, calibrate_layers(loaded, config, job), config, job)
-    return loaded, planned.plan, build_student(loaded, planned, "sum", job)
+        return tiny_student(kind, tmp_path, {**FACTORIZED, "allocation": "uniform",
+                                              "data": {"max_length": 16}})
+    return tiny_student(kind, tmp_path, FACTORIZED)
 
 
 def _relative_l2(actual, expected):
