@@ -32,7 +32,7 @@ unsmoothed model onnxruntime was verified against, and the int8 one is still che
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -217,7 +217,7 @@ def _input_ranges(module: fx.GraphModule, sources: Iterable[fx.Node],
     with torch.no_grad():
         for batch in batches:
             stepper = GraphStepper(module, batch)
-            for node in _up_to_last(stepper, wanted):
+            for node in stepper.steps_through(wanted):
                 if node in wanted:
                     dtypes[node] = stepper.value(node).dtype
                     value = stepper.value(node).detach().float()
@@ -226,19 +226,6 @@ def _input_ranges(module: fx.GraphModule, sources: Iterable[fx.Node],
                                                                                  most)
             stepper.clear()
     return ranges, dtypes
-
-
-def _up_to_last(stepper: GraphStepper, wanted: Iterable[fx.Node]) -> Iterator[fx.Node]:
-    """Step `stepper`'s graph node by node, yielding each node once computed, and stop after
-    the last of `wanted`: what follows (a language model's vocabulary-wide head, most of
-    Gemma-3 270M's forward pass) is never computed."""
-    remaining = set(wanted)
-    for node in stepper.nodes():
-        if not remaining:
-            return
-        stepper.step(node)
-        remaining.discard(node)
-        yield node
 
 
 def _int8_errors(module: fx.GraphModule, uses: dict[fx.Node, list[_Use]],
@@ -252,7 +239,7 @@ def _int8_errors(module: fx.GraphModule, uses: dict[fx.Node, list[_Use]],
     with torch.no_grad():
         for batch in batches:
             stepper = GraphStepper(module, batch)
-            for node in _up_to_last(stepper, uses):
+            for node in stepper.steps_through(uses):
                 if node in uses and rows[node] < _ERROR_ROWS:
                     value = stepper.value(node).detach()
                     # the rows measured, and only they, in float32

@@ -45,6 +45,7 @@ class BlockwiseLoss:
         self._original = {node: originals[node.name] for node in boundary}
         self._last = originals[self.segments[-1].nodes[-1].name] if self.segments else None
         self._student_freed = last_uses(student.graph)
+        self._teacher_freed = last_uses(teacher.graph)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Backpropagate every block's loss on `batch`; return their sum, detached."""
@@ -63,13 +64,10 @@ class BlockwiseLoss:
         """Run the original up to the end of its last block; return the values at the blocks'
         boundaries, by the student's node."""
         wanted = set(self._original.values())
-        stepper = GraphStepper(self.teacher, batch, keep=wanted,
-                               freed=last_uses(self.teacher.graph))
+        stepper = GraphStepper(self.teacher, batch, keep=wanted, freed=self._teacher_freed)
         with torch.no_grad():
-            for node in stepper.nodes():
-                stepper.step(node)
-                if node is self._last:
-                    break
+            for _ in stepper.steps_through([self._last]):
+                pass
         found = {mine: stepper.value(theirs) for mine, theirs in self._original.items()}
         stepper.clear()
         return found

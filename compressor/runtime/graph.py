@@ -87,6 +87,18 @@ class GraphStepper:
                 return
             yield node
 
+    def steps_through(self, wanted: Iterable[fx.Node]) -> Iterator[fx.Node]:
+        """Step the graph node by node, yielding each node once computed, and stop after the
+        last of `wanted`: what follows (a language model's vocabulary-wide head, most of its
+        forward pass) is never computed."""
+        remaining = set(wanted)
+        for node in self.nodes():
+            if not remaining:
+                return
+            self.step(node)
+            remaining.discard(node)
+            yield node
+
     def value(self, node: fx.Node) -> object:
         """Return the value of a node computed (or given) so far."""
         return self.env[node]
