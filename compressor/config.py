@@ -157,7 +157,8 @@ class FinetuneConfig(_Strict):
         "the best θ is the outputs' either way. A model without repeated blocks, and a "
         "quantization-aware run, distill on the outputs")
     weight_decay: float = Field(default=0.0, ge=0, le=1.0, description="AdamW weight decay")
-    warmup_steps: int = Field(default=10, ge=0, description="linear warm-up, then cosine decay")
+    warmup_steps: int = Field(default=10, ge=0, description="linear warm-up, then cosine "
+                              "decay; the warm-up again after a held-out roll-back")
     eval_every: int = Field(default=25, ge=1, description="steps between held-out evaluations")
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="auto: CUDA (bf16 autocast) when present, else the CPU")

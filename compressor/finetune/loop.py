@@ -291,13 +291,35 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 def _schedule(config: FinetuneConfig, summary: FinetuneSummary):
     """Return the learning rate's factor at each step: a linear warm-up, then a cosine that
-    ends at `summary.schedule_steps` (`finetune.steps`, or where a time budget will stop)."""
+    ends at `summary.schedule_steps` (`finetune.steps`, or where a time budget will stop); and
+    after a roll-back (the last in `summary.history`), the warm-up again from there: AdamW's
+    moments are cleared then, and its first steps would move every number by the full rate, as
+    a run's first steps would without the warm-up."""
+    warmup = config.warmup_steps
+
     def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / (config.warmup_steps + 1)
-        span = max(1, summary.schedule_steps - config.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - config.warmup_steps) / span)))
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        span = max(1, summary.schedule_steps - warmup)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+        since = _rolled_back_at(summary.history)
+        if since is None or not since <= step < since + warmup:
+            return cosine
+        return cosine * (step - since + 1) / (warmup + 1)
     return factor
+
+
+def _rolled_back_at(history: list[dict]) -> int | None:
+    """Return the step of the last roll-back in a held-out `history`, or None."""
+    return next((entry["step"] for entry in reversed(history) if "backoff" in entry), None)
+
+
+def _rate_now(optimizer: torch.optim.Optimizer, scheduler, rate: Callable[[int], float]) -> None:
+    """Set each group's learning rate for the coming step to `rate` at the scheduler's count
+    (`LambdaLR` sets it at its next step only: a roll-back's halving and warm-up would wait a
+    step, the first with AdamW's moments cleared)."""
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base * rate(scheduler.last_epoch)
 
 
 def relative_lr(config: FinetuneConfig, language_model: bool) -> float:
@@ -461,7 +483,8 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
 
     The student, the teacher and the held-out reference outputs are on `device`. When a
     held-out evaluation comes out clearly worse than the best so far (the learning rate is too
-    high for this model), θ goes back to the best state and the learning rate is halved.
+    high for this model), θ goes back to the best state, the learning rate is halved and warms
+    up again.
     `initial_score` may give the student's held-out score as it is (`held_out_score`),
     computed elsewhere.
 
@@ -512,7 +535,10 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
     lr_scale = 1.0
     summary.schedule_steps = config.steps
     schedule = _schedule(config, summary)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_scale * schedule(s))
+
+    def rate(scheduled: int) -> float:
+        return lr_scale * schedule(scheduled)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     generator = torch.Generator().manual_seed(config.seed)
     resumed = None if checkpoints is None else checkpoints.load(params)
     step = 0  # the last step taken
@@ -609,6 +635,8 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
                 lr_scale /= 2
                 entry["backoff"] = f"rolled back to step {summary.best_step}, lr × {lr_scale:g}"
             summary.history.append(entry)
+            if "backoff" in entry:  # halved, and warming up again, from the next step on
+                _rate_now(optimizer, scheduler, rate)
         kept_now = checkpoints is not None and step < config.steps and checkpoints.due(step)
         if kept_now:
             checkpoints.save(TrainingState.capture(

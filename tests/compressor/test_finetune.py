@@ -1,6 +1,7 @@
 """Fine-tuning pieces: learning rates, the device, and the copy the CUDA path trains."""
 
 import copy
+import math
 from dataclasses import asdict
 
 import pytest
@@ -230,6 +231,49 @@ def test_the_learning_rates_cosine_ends_where_the_schedule_says():
     assert factor(55) == pytest.approx(0.5) and factor(100) == pytest.approx(0.0, abs=1e-12)
     summary.schedule_steps = 40  # a time budget will stop the run at step 40
     assert factor(25) == pytest.approx(0.5) and factor(40) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_learning_rate_warms_up_again_after_a_roll_back():
+    from compressor.finetune.loop import FinetuneSummary, _schedule
+
+    config = CompressionConfig.parse({"finetune": {"steps": 100, "warmup_steps": 10}}).finetune
+    summary = FinetuneSummary(100, "cpu", 0.0, 0.0, 0, schedule_steps=100)
+    factor = _schedule(config, summary)
+    before = [factor(step) for step in range(101)]
+    summary.history += [{"step": 25, "held_out": 1.0},
+                        {"step": 50, "held_out": 2.0, "backoff": "rolled back to step 25"}]
+    after = [factor(step) for step in range(101)]
+    assert after[:50] == before[:50] and after[60:] == before[60:]
+    # the step after the roll-back starts the warm-up again, as step 1 did
+    assert after[50] == pytest.approx(before[50] / 11)
+    assert after[59] == pytest.approx(before[59] * 10 / 11)
+
+
+def test_the_step_after_a_roll_back_runs_at_the_halved_rate_warming_up(tmp_path, monkeypatch):
+    teacher = torch.export.load(str(make_pt2("mlp", tmp_path / "mlp.pt2"))).module()
+    student = shallow_copy(teacher)
+    config = CompressionConfig.parse({"ratio": 0.3, "finetune": {
+        "steps": 8, "lr": 1.0, "warmup_steps": 2, "eval_every": 4, "batch_size": 8,
+        "loss": "regression"}})
+    plan = plan_layers(*find_layers(teacher), config)
+    parametrize_(student, plan, {}, "sum")
+    data = Dataset(example_inputs(MODEL_CLASSES["mlp"](), batch=16), False, "test")
+    rates = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    lesson = Distillation(teacher, ["regression"], data, HeldOut.of(teacher, data, 64))
+    summary = finetune_(student, plan, lesson, config.finetune, JobControl(print))
+    assert "backoff" in summary.history[0]  # an lr of 1.0 wrecks θ by step 4
+    cosine = [0.5 * (1 + math.cos(math.pi * (s - 2) / 6)) for s in range(8)]
+    assert rates[:4] == pytest.approx([1 / 3, 2 / 3, cosine[2], cosine[3]])
+    # step 5, the first after the roll-back: half the rate, a third of it (warm-up step 1 of 3)
+    assert rates[4] == pytest.approx(0.5 * cosine[4] / 3)
+    assert rates[5] == pytest.approx(0.5 * cosine[5] * 2 / 3)
 
 
 def test_a_lesson_with_a_floor_check_ends_at_the_first_best_evaluation_that_keeps_it(tmp_path):
