@@ -56,8 +56,12 @@ def test_the_smoothed_model_computes_the_same_and_loses_less_to_int8(tmp_path):
         quantize_int8(tmp_path / f"{name}.onnx", tmp_path / f"{name}-int8.onnx")
         int8 = torch.from_numpy(run_onnx(onnx_session(tmp_path / f"{name}-int8.onnx"), batch)[0])
         errors[name] = _relative_l2(int8, reference)
-        with torch.no_grad():  # the int8 simulation stays exact on the smoothed graph
-            assert _relative_l2(run_outputs(SimulatedInt8(model), batch)[0], int8) < 1e-5
+        with torch.no_grad():  # the int8 simulation computes what onnxruntime does, smoothed too
+            simulated = run_outputs(SimulatedInt8(model), batch)[0]
+        # To 1e-7 on AVX2 without VNNI; with AVX-512 VNNI and AMX, onnxruntime puts a few of
+        # the smoothed model's values on the neighbouring int8 level (8 of its 2,560 outputs
+        # differ, 6e-4 relative L2): well within a twentieth of what int8 itself costs.
+        assert _relative_l2(simulated, int8) < 0.05 * errors[name]
     # 0.032 against 0.045 with 7-bit weights (0.025 against 0.046 with 8-bit ones)
     assert errors["smoothed"] < 0.8 * errors["plain"]
 
