@@ -299,22 +299,23 @@ def split(texts: list[str], train_count: int, eval_count: int) -> tuple[list[str
     paragraphs: 623 hold 499 different ones)."""
     scored = texts[DEFAULT_TRAIN:DEFAULT_TRAIN + eval_count]
     unseen = dict.fromkeys(texts[:DEFAULT_TRAIN] + texts[DEFAULT_TRAIN + eval_count:])
-    rest = [text for text in unseen if text not in set(scored)]
+    scored_once = set(scored)
+    rest = [text for text in unseen if text not in scored_once]
     if train_count > len(rest):
         raise SystemExit(f"--train {train_count}: only {len(rest)} paragraphs are left "
                          f"beside the {eval_count} scored")
     return rest[:train_count], scored
 
 
-def run(model: str, ratios: list[float | None], settings: JobSettings, train_count: int,
-        eval_count: int, rescore: bool) -> dict:
+def run(model: str, ratios: list[float | None], settings: JobSettings, eval_count: int,
+        rescore: bool) -> dict:
     from onnxruntime.quantization import quantize_dynamic
 
     make_folder, work, stem = MODELS[model]
     work.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     folder = make_folder()
-    job_texts, scored = split(paragraphs(), train_count, eval_count)
+    job_texts, scored = split(paragraphs(), settings.paragraphs, eval_count)
     train = work / "train.txt"
     train.write_text("\n".join(job_texts) + "\n")
     windows = eval_windows(folder, work, scored)
@@ -393,7 +394,7 @@ def main() -> None:
                            args.max_minutes if args.target else None, args.quantize,
                            args.distill, args.relative_lr, args.train, args.holdout_fraction)
     ratios = [None] if args.target else [float(r) for r in args.ratios.split(",")]
-    run(args.model, ratios, settings, args.train, args.eval, args.rescore)
+    run(args.model, ratios, settings, args.eval, args.rescore)
 
 
 if __name__ == "__main__":
