@@ -199,17 +199,18 @@ def quantization_aware(student: fx.GraphModule, teacher: fx.GraphModule, plan: P
                        ) -> tuple[SimulatedInt8, list[nn.Parameter]]:
     """Return the student's compact form under `Int8Simulation` (smoothed by `input_scales`,
     by weight name in the compact form), and its parameters to train: the compact modules' θ
-    (sharing storage with the student's), and their biases when `train_biases`. Every other
-    parameter is frozen."""
+    (sharing storage with the student's), and their biases when `train_biases`, each once (a
+    tied table's rows and its head are two modules reading one θ). Every other parameter is
+    frozen."""
     compact = factorize(student, teacher, plan)
     for param in compact.parameters():
         param.requires_grad_(False)
-    params = []
+    params: dict[int, nn.Parameter] = {}
     for name, module in compact.named_children():
         if not name.startswith(COMPACT_PREFIX):
             continue
         for key, param in module.named_parameters():
             if key != "bias" or train_biases:
                 param.requires_grad_(True)
-                params.append(param)
-    return SimulatedInt8(compact, input_scales), params
+                params.setdefault(id(param), param)
+    return SimulatedInt8(compact, input_scales), list(params.values())

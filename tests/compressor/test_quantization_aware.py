@@ -6,11 +6,12 @@ import pytest
 import torch
 
 import compressor
-from compressor.config import CompressionConfig
+from compressor.config import CompressionConfig, FinetuneConfig
 from compressor.errors import ConfigError
 from compressor.export.onnx import export_onnx
 from compressor.export.quantize import quantize_int8
 from compressor.export.verify import onnx_session, run_onnx
+from compressor.finetune.loop import parameter_groups
 from compressor.finetune.quantization_aware import (
     SimulatedInt8,
     fake_int8_symmetric,
@@ -137,6 +138,26 @@ def test_the_compact_form_trains_the_students_own_theta(tmp_path):
     for name, thetas in before.items():
         for was, now in zip(thetas, theta_of(student, name), strict=True):
             assert torch.allclose(now.detach(), was + 1.0)  # same storage, not a copy
+
+
+def test_a_tied_table_is_trained_once_through_both_its_uses(tmp_path):
+    # GPT-2's table is read by the input's rows and by the head: two compact modules, one θ,
+    # which AdamW must be given once (it refuses a parameter in two groups), and which trains.
+    loaded, plan_, student = _student("gpt2", tmp_path)
+    tied = [e.layer.name for e in plan_.compressed if e.layer.tied_embedding]
+    assert tied
+    simulated, params = quantization_aware(student, loaded.teacher, plan_, train_biases=False)
+    assert len({id(p) for p in params}) == len(params)
+    stored = {t.data_ptr() for entry in plan_.compressed
+              for t in theta_of(student, entry.layer.name)}
+    assert {p.data_ptr() for p in params} == stored
+    optimizer = torch.optim.AdamW(parameter_groups(params, FinetuneConfig()))
+    table = [p for p in params if p.data_ptr() in
+             {t.data_ptr() for t in theta_of(student, tied[0])}]
+    batch = loaded.train.take(torch.arange(4))
+    run_outputs(simulated, batch)[0].square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in table)
+    optimizer.step()
 
 
 @pytest.mark.parametrize("smoothing", [None, 0.5])
