@@ -73,16 +73,26 @@ def fake_int8_symmetric(weight: torch.Tensor, axis: int | None) -> torch.Tensor:
     return _straight_through(weight, rounded)
 
 
-def fake_uint8_asymmetric(value: torch.Tensor) -> torch.Tensor:
-    """`value` on onnxruntime's uint8 grid for the whole tensor (DynamicQuantizeLinear, and
-    an activation-typed initializer): range [min(x, 0), max(x, 0)] in 255 steps, zero point
-    rounded."""
+def uint8_grid(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the scale and zero point of onnxruntime's uint8 grid for the whole of `value`
+    (DynamicQuantizeLinear, and an activation-typed initializer): range [min(x, 0), max(x, 0)]
+    in 255 steps, zero point rounded."""
     with torch.no_grad():
         low = torch.clamp(value.detach().amin(), max=0).float()
         high = torch.clamp(value.detach().amax(), min=0).float()
         scale = (high - low) / _UINT8_MAX
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         zero_point = torch.clamp(torch.round(-low / scale), 0, _UINT8_MAX)
+    return scale, zero_point
+
+
+def fake_uint8_asymmetric(value: torch.Tensor,
+                          grid: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """`value` on onnxruntime's uint8 grid for the whole tensor (`uint8_grid`), or on `grid`,
+    that of the tensor it was taken from (rows gathered from a table: rounding is elementwise,
+    so the rows of the rounded table are the rounded rows, without rounding the whole table)."""
+    scale, zero_point = uint8_grid(value) if grid is None else grid
+    with torch.no_grad():
         steps = torch.clamp(torch.round(value / scale) + zero_point, 0, _UINT8_MAX)
         rounded = ((steps - zero_point) * scale).to(value.dtype)
     return _straight_through(value, rounded)
@@ -121,7 +131,7 @@ class Int8Simulation(TorchFunctionMode):
             return self._embedding(func, args[1], args[0], args[2:], kwargs, weight_first=False)
         if func in _INDEX_SELECT and self._constant(args[0]):  # a tied table's rows
             self.tables.add(id(args[0]))
-            out = func(fake_uint8_asymmetric(args[0]), *args[1:], **kwargs)
+            out = fake_uint8_asymmetric(func(*args, **kwargs), uint8_grid(args[0]))
             self.on_grid[id(out)] = out
             return out
         return func(*args, **kwargs)
@@ -154,14 +164,13 @@ class Int8Simulation(TorchFunctionMode):
         return func(bias, self._input(x), fake_int8_symmetric(weight, axis=-1), *rest, **kwargs)
 
     def _embedding(self, func, weight, ids, rest, kwargs, weight_first: bool):  # noqa: ANN001
-        quantized = self._constant(weight)
-        if quantized:
-            self.tables.add(id(weight))
-            weight = fake_uint8_asymmetric(weight)
         out = func(weight, ids, *rest, **kwargs) if weight_first else func(
             ids, weight, *rest, **kwargs)
-        if quantized:
-            self.on_grid[id(out)] = out
+        if not self._constant(weight):
+            return out
+        self.tables.add(id(weight))  # the rows on the table's grid: the table is not rounded
+        out = fake_uint8_asymmetric(out, uint8_grid(weight))
+        self.on_grid[id(out)] = out
         return out
 
 

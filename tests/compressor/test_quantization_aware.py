@@ -13,6 +13,7 @@ from compressor.export.quantize import quantize_int8
 from compressor.export.verify import onnx_session, run_onnx
 from compressor.finetune.loop import parameter_groups
 from compressor.finetune.quantization_aware import (
+    Int8Simulation,
     SimulatedInt8,
     fake_int8_symmetric,
     fake_uint8_asymmetric,
@@ -124,6 +125,22 @@ def test_fake_quantization_rounds_to_the_grid_and_passes_gradients_straight_thro
     step = 2.0 / 255
     assert torch.allclose(on_grid, torch.round(activation / step) * step)
     assert fake_uint8_asymmetric(torch.zeros(3)).eq(0).all()
+
+
+def test_rows_looked_up_are_rounded_on_their_tables_grid_as_the_rounded_tables_rows():
+    # The simulation rounds only the rows an embedding gathers, on the whole table's grid:
+    # the same values and gradients as gathering from the rounded table, without rounding it.
+    table = torch.randn(50, 8, generator=torch.Generator().manual_seed(0)) * 3
+    ids = torch.tensor([[3, 7, 7, 49], [0, 1, 2, 3]])
+    whole, rows = table.clone().requires_grad_(True), table.clone().requires_grad_(True)
+    expected = torch.nn.functional.embedding(ids, fake_uint8_asymmetric(whole))
+    with Int8Simulation([rows]):
+        actual = torch.nn.functional.embedding(ids, rows)
+    assert torch.equal(actual, expected)
+    weights = torch.arange(actual.numel(), dtype=actual.dtype).reshape(actual.shape)
+    (expected * weights).sum().backward()
+    (actual * weights).sum().backward()
+    assert torch.equal(rows.grad, whole.grad)
 
 
 def test_the_compact_form_trains_the_students_own_theta(tmp_path):
