@@ -113,9 +113,10 @@ class Int8Simulation(TorchFunctionMode):
         self.smoothing = smoothing or {}
         # Outputs already on a uint8 grid (looked-up rows), held so that their ids stay theirs.
         self.on_grid: dict[int, torch.Tensor] = {}
-        # Constant tables rows were gathered from: onnxruntime quantizes such an initializer
-        # once, uint8 per tensor, and a MatMul reading it as is (a tied head's Aᵀ) reuses that.
-        self.tables: set[int] = set()
+        # Constant tables rows were gathered from, by id, with their uint8 grid: onnxruntime
+        # quantizes such an initializer once, uint8 per tensor, and a MatMul reading it as is
+        # (a tied head's Aᵀ) reuses that.
+        self.tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -130,10 +131,7 @@ class Int8Simulation(TorchFunctionMode):
         if func in _EMBEDDING_FUNCTIONAL:
             return self._embedding(func, args[1], args[0], args[2:], kwargs, weight_first=False)
         if func in _INDEX_SELECT and self._constant(args[0]):  # a tied table's rows
-            self.tables.add(id(args[0]))
-            out = fake_uint8_asymmetric(func(*args, **kwargs), uint8_grid(args[0]))
-            self.on_grid[id(out)] = out
-            return out
+            return self._rows(args[0], func(*args, **kwargs))
         return func(*args, **kwargs)
 
     def _constant(self, tensor: Any) -> bool:
@@ -154,8 +152,9 @@ class Int8Simulation(TorchFunctionMode):
     def _matmul(self, func, x, weight, *rest, **kwargs):  # noqa: ANN001
         if not self._constant(weight) or weight.dim() != 2:
             return func(x, weight, *rest, **kwargs)
-        if id(weight) in self.tables:
-            return func(self._input(x), fake_uint8_asymmetric(weight), *rest, **kwargs)
+        grid = self.tables.get(id(weight))
+        if grid is not None:
+            return func(self._input(x), fake_uint8_asymmetric(weight, grid), *rest, **kwargs)
         return func(self._input(x), fake_int8_symmetric(weight, axis=-1), *rest, **kwargs)
 
     def _addmm(self, func, bias, x, weight, *rest, **kwargs):  # noqa: ANN001
@@ -166,10 +165,15 @@ class Int8Simulation(TorchFunctionMode):
     def _embedding(self, func, weight, ids, rest, kwargs, weight_first: bool):  # noqa: ANN001
         out = func(weight, ids, *rest, **kwargs) if weight_first else func(
             ids, weight, *rest, **kwargs)
-        if not self._constant(weight):
-            return out
-        self.tables.add(id(weight))  # the rows on the table's grid: the table is not rounded
-        out = fake_uint8_asymmetric(out, uint8_grid(weight))
+        return self._rows(weight, out) if self._constant(weight) else out
+
+    def _rows(self, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Return `rows` looked up from the constant `table` on the table's uint8 grid (the
+        table itself is not rounded), and remember both."""
+        grid = self.tables.get(id(table))
+        if grid is None:  # measured once a forward pass: the table does not change within one
+            grid = self.tables[id(table)] = uint8_grid(table)
+        out = fake_uint8_asymmetric(rows, grid)
         self.on_grid[id(out)] = out
         return out
 
