@@ -538,12 +538,14 @@ class Scout:
 
     def quantized_fidelity(self, student: fx.GraphModule, plan: Plan, quantize: str,
                            smoothed: bool = True, keep: bool = False,
+                           scales: dict[str, torch.Tensor] | None = None,
                            ) -> tuple[dict[str, dict[str, Any]], int, float | None, Path | None]:
         """Export `student`'s compact form, quantize it (`quantize`: "int8" or "int4"; int8
-        from a smoothed copy unless `smoothed` is False) and score it in onnxruntime; return
+        from a smoothed copy unless `smoothed` is False, divided by `scales` when given: those
+        a quantization-aware fine-tuning learned through) and score it in onnxruntime; return
         its fidelity, its bytes and, when `_timed`, its latency (else None) and, with `keep`,
         where its file is kept (`keep`; else None). The student is left as it was."""
-        shipping = self._shipped(student, plan, quantize, smoothed)
+        shipping = self._shipped(student, plan, quantize, smoothed, scales)
         del student  # held by the export until it is written (see `_exported`)
         with shipping as quantized:
             budget = self.job.control.budget
@@ -570,11 +572,13 @@ class Scout:
 
     @contextlib.contextmanager
     def _shipped(self, student: fx.GraphModule, plan: Plan, quantize: str | None,
-                 smoothed: bool = True) -> Iterator[Path]:
+                 smoothed: bool = True, scales: dict[str, torch.Tensor] | None = None,
+                 ) -> Iterator[Path]:
         """Export `student`'s compact form as it would ship: quantized (`quantize`; int8 from
-        a smoothed copy unless `smoothed` is False) or not, into a scratch folder removed
-        after."""
-        exporting = self._exported(student, plan, smoothed=smoothed and quantize == "int8")
+        a copy smoothed, by `scales` when given, unless `smoothed` is False) or not, into a
+        scratch folder removed after."""
+        exporting = self._exported(student, plan, smoothed=smoothed and quantize == "int8",
+                                   scales=scales)
         del student  # held by the export until it is written (see `_exported`)
         with exporting as exported:
             if quantize is None:
@@ -694,14 +698,15 @@ class Scout:
             return onnx_bytes(exported), self._latency_ms(exported), self.keep(exported)
 
     @contextlib.contextmanager
-    def _exported(self, student: fx.GraphModule, plan: Plan,
-                  smoothed: bool = False) -> Iterator[Path]:
+    def _exported(self, student: fx.GraphModule, plan: Plan, smoothed: bool = False,
+                  scales: dict[str, torch.Tensor] | None = None) -> Iterator[Path]:
         """Export `student`'s compact form (`smoothed`: as int8 will quantize it, see
-        `export.int8_smoothing`) into a scratch folder, removed after."""
+        `export.int8_smoothing`; by `scales` when given, else by factors measured now) into a
+        scratch folder, removed after."""
         module = materialized(student, self.loaded.teacher, plan, "factorized")
         alpha = self.config.export.int8_smoothing
         if smoothed and alpha is not None:
-            module = smoothed_for_int8(module, smoothing_batches(self.loaded), alpha)
+            module = smoothed_for_int8(module, smoothing_batches(self.loaded), alpha, scales)
             self.divided = divided_inputs(module)
         held_out = self.loaded.held_out
         sample = held_out.take(torch.arange(min(2, len(held_out))))

@@ -15,8 +15,9 @@ quantized ONNX model for the others. Fine-tuning then goes to the finalists, sma
 candidates that miss the floor by little as initialized (within fine-tuning's reach, `REACH`)
 and are smaller than the smallest that meets it, then those that meet it. An int8 finalist
 trains through int8 arithmetic, simulated (`compressor.finetune.quantization_aware`), when it
-is quantized unsmoothed; an int4 one trains in float (nothing simulates MatMulNBits' 4-bit
-blocks). A finalist's fine-tuning ends at the first held-out evaluation that keeps the floor
+is quantized unsmoothed, or when what its smoothed int8 costs is beyond float fine-tuning's
+reach of the floor (`_through_int8`); an int4 one trains in float (nothing simulates
+MatMulNBits' 4-bit blocks), and is not tried when its int4 alone is beyond the floor. A finalist's fine-tuning ends at the first held-out evaluation that keeps the floor
 (in float, by the margin its quantization took as initialized): `finetune.steps` is the most it
 takes. Each is checked again after fine-tuning (a quantized one on its real quantized
 model), and the first that meets the floor is the one handed on to export. When none does,
@@ -55,10 +56,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import fx
 
 from compressor.config import CompressionConfig, ExportConfig, TargetConfig
 from compressor.errors import ConfigError, TargetNotMetError
+from compressor.export.stage import int8_input_scales
 from compressor.finetune.loop import FloorCheck, HeldOut
 from compressor.finetune.stage import (
     EVAL_BATCH,
@@ -208,15 +211,8 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
                        f"{candidate.name} ships as initialized")
         planned = PlannedJob(candidate.plan, dict(stats))
         student = rewrite(loaded, planned, config.finetune.grad_reduction, job, thetas)
-        # An unsmoothed int8 candidate learns through the int8 arithmetic it will run in;
-        # every other one in float (int4 too: nothing simulates MatMulNBits' 4-bit blocks, so
-        # an int4 finalist is judged on its real int4 model after). A smoothed int8 one could
-        # learn through its smoothed int8 (`int8_input_scales`), but on all-MiniLM-L6-v2 that
-        # reached no more than float did (kept 0.8: cosine 0.9878 against 0.9883 after 300
-        # steps; kept 0.9: 0.9923 against 0.9926) at 1.4× the time a step.
-        through_int8 = (not late and candidate.quantize is not None
-                        and not _trained_in_float(candidate, config.export))
-        shipped = None
+        through_int8 = not late and _through_int8(candidate, candidates, target, config.export)
+        shipped = scales = None
         if late or untrainable:
             # No step is taken: nothing is set up for training (the original's top k on the
             # held-out split, the training split's targets, the int8 simulation), and θ is the
@@ -233,8 +229,11 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
                 f"fine-tuning skipped: the search spent the time budget; candidate "
                 f"{candidate.name} ships as initialized", scored)
         else:
+            if through_int8 and _smoothed(candidate, config.export):
+                # the factors the export will smooth by, measured on θ as initialized
+                scales = int8_input_scales(loaded, student, candidate.plan, config.export)
             if candidate.quantize is not None:
-                shipped = _ShippedScore(scout, student, candidate, job)
+                shipped = _ShippedScore(scout, student, candidate, job, scales)
             if fallback_s:
                 job.log.info(f"target: {fallback_s:.0f} s kept while {candidate.name} is "
                              f"fine-tuned, to ship {untried[0].name} untrained should it miss "
@@ -244,7 +243,8 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
                                    config.finetune.model_copy(
                                        update={"quantization_aware": through_int8}), job,
                                    enough=_floor_check(candidate, candidates, target, loaded,
-                                                       through_int8, shipped))
+                                                       through_int8, shipped),
+                                   int8_input_scales=scales)
         del student
         as_scored = candidate.quantize is not None and (late or trained.summary.best_step == 0)
         if as_scored:
@@ -261,7 +261,8 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
         else:
             reached = scout.quantized_fidelity(trained.student, candidate.plan,
                                                candidate.quantize,
-                                               smoothed=not candidate.unsmoothed)[0]
+                                               smoothed=not candidate.unsmoothed,
+                                               scales=scales)[0]
         ok = target.met_by(reached)
         tries.append({"kept_fraction": candidate.kept_fraction, "quantize": candidate.quantize,
                       "unsmoothed": candidate.unsmoothed, "method": candidate.method,
@@ -294,19 +295,22 @@ def search(loaded: LoadedJob, calibrated: PlannedJob, config: CompressionConfig,
 
 class _ShippedScore:
     """Score `candidate`'s real quantized model as `student`'s θ is when called (fine-tuning
-    trains that θ in place), logging each miss and keeping the last figures (`last`: those
-    fine-tuning ended on, when it ended at the floor)."""
+    trains that θ in place; its int8 smoothed by `scales` when given: those it learns
+    through), logging each miss and keeping the last figures (`last`: those fine-tuning ended
+    on, when it ended at the floor)."""
 
     def __init__(self, scout: Scout, student: fx.GraphModule, candidate: Candidate,
-                 job: JobContext) -> None:
+                 job: JobContext, scales: dict[str, torch.Tensor] | None = None) -> None:
         self.scout, self.student, self.candidate, self.job = scout, student, candidate, job
+        self.scales = scales
         self.last: dict[str, dict[str, Any]] | None = None
 
     def __call__(self) -> dict[str, dict[str, Any]]:
         candidate = self.candidate
         self.last = self.scout.quantized_fidelity(self.student, candidate.plan,
                                                   candidate.quantize,
-                                                  smoothed=not candidate.unsmoothed)[0]
+                                                  smoothed=not candidate.unsmoothed,
+                                                  scales=self.scales)[0]
         if not self.scout.target.met_by(self.last):
             self.job.log.info(f"target: {candidate.name} keeps the floor in training, not as its "
                               f"real {candidate.quantize} model yet "
@@ -364,9 +368,10 @@ def _finalists(candidates: list[Candidate], target: TargetConfig, export: Export
                job: JobContext) -> tuple[list[Candidate], list[Candidate]]:
     """Return the candidates to fine-tune: those within fine-tuning's reach that cost less (by
     the objective: smaller, or faster) than the cheapest meeting the floor (cheapest first, at
-    most `REACH_TRIES`), and those meeting it, cheapest first (`_in_order` tries them). A
-    quantized one fine-tuned in float is not within reach when its quantization alone costs
-    more than the floor leaves (`quantization_loss_beyond_floor`; logged)."""
+    most `REACH_TRIES`), and those meeting it, cheapest first (`_in_order` tries them). An int4
+    one is not within reach when its quantization alone costs more than the floor leaves
+    (`quantization_loss_beyond_floor`; logged): it can only learn in float. A smoothed int8 one
+    then learns through its int8 instead (`_through_int8`; logged)."""
     def cost(candidate: Candidate) -> float:
         return candidate.cost(target.objective)
 
@@ -377,22 +382,42 @@ def _finalists(candidates: list[Candidate], target: TargetConfig, export: Export
                    and c.kept_fraction < 1.0 and within_reach(c.fidelity, target)), key=cost)
     reachable = []
     for candidate in near:
-        beyond = (quantization_loss_beyond_floor(candidate, candidates, target)
-                  if _trained_in_float(candidate, export) else None)
+        beyond = quantization_loss_beyond_floor(candidate, candidates, target)
         if beyond is None:
             reachable.append(candidate)
+        elif candidate.quantize == "int8":
+            reachable.append(candidate)
+            if _smoothed(candidate, export):
+                job.log.info(f"target: {candidate.name} learns through its smoothed int8, not in "
+                             f"float: {beyond}")
         else:
             job.log.info(f"target: {candidate.name} is not fine-tuned: {beyond}")
     return reachable[:REACH_TRIES], meeting
 
 
-def _trained_in_float(candidate: Candidate, export: ExportConfig) -> bool:
-    """Whether a quantized finalist learns in float: int4 (nothing simulates MatMulNBits'
-    4-bit blocks) and smoothed int8; unsmoothed int8 learns through its int8 arithmetic."""
-    if candidate.quantize == "int4":
-        return True
-    return (candidate.quantize == "int8" and not candidate.unsmoothed
-            and export.int8_smoothing is not None)
+def _through_int8(candidate: Candidate, candidates: list[Candidate], target: TargetConfig,
+                  export: ExportConfig) -> bool:
+    """Whether a finalist learns through the int8 arithmetic it ships in, simulated
+    (`compressor.finetune.quantization_aware`), rather than in float.
+
+    Unsmoothed int8 does. int4 does not: nothing simulates MatMulNBits' 4-bit blocks, so an
+    int4 finalist is judged on its real int4 model after. Smoothed int8 (`int8_smoothing`,
+    simulated with the factors measured on θ as initialized, which the export then smooths by)
+    does only where what int8 cost it puts it beyond the floor for float fine-tuning
+    (`quantization_loss_beyond_floor`): on all-MiniLM-L6-v2, where int8 costs ~0.003 cosine,
+    learning through it reached no more than float did (kept 0.8: cosine 0.9878 against 0.9883
+    after 300 steps; kept 0.9: 0.9923 against 0.9926) at 1.4× the time a step; on Gemma-3 270M
+    at ratio 0.8, where int8 costs a factor 1.19 of perplexity, it reached 1.21× the original's
+    perplexity after 300 steps where float then int8 reached 1.41×."""
+    if candidate.quantize != "int8":
+        return False
+    return (not _smoothed(candidate, export)
+            or quantization_loss_beyond_floor(candidate, candidates, target) is not None)
+
+
+def _smoothed(candidate: Candidate, export: ExportConfig) -> bool:
+    """Whether an int8 candidate's int8 is quantized from a smoothed copy."""
+    return not candidate.unsmoothed and export.int8_smoothing is not None
 
 
 def _in_order(near: list[Candidate], meeting: list[Candidate], scout: Scout,

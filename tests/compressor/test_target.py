@@ -654,6 +654,47 @@ def _without_the_original_quantized(monkeypatch):
     monkeypatch.setattr(Scout, "_original_quantized", lambda *args: None)
 
 
+def test_an_int8_finalist_beyond_floats_reach_learns_through_its_smoothed_int8(
+        mlp, tmp_path, monkeypatch):
+    from compressor.search import target as target_module
+
+    _without_the_original_quantized(monkeypatch)
+    _smoothing_everywhere(monkeypatch)
+    monkeypatch.setattr(Scout, "_walk_int4", lambda *args: None)  # int8 is the smallest form
+    # what int8 cost each candidate leaves float fine-tuning no way to the floor
+    monkeypatch.setattr(target_module, "quantization_loss_beyond_floor",
+                        lambda candidate, *args: "beyond" if candidate.quantize else None)
+    trained_with, smoothed_with = [], []
+    real_finetune, real_smoothed = target_module.finetune, scout_module.smoothed_for_int8
+
+    def finetune(loaded, plan, student, config, job, **kwargs):
+        trained_with.append((config.quantization_aware, kwargs["int8_input_scales"]))
+        return real_finetune(loaded, plan, student, config, job, **kwargs)
+
+    def smoothed_for_int8(module, batches, alpha, scales=None):
+        smoothed_with.append(scales)
+        return real_smoothed(module, batches, alpha, scales)
+
+    monkeypatch.setattr(target_module, "finetune", finetune)
+    monkeypatch.setattr(scout_module, "smoothed_for_int8", smoothed_for_int8)
+    config = {**FAST, "finetune": {**FAST["finetune"], "steps": 4, "eval_every": 2},
+              "target": {"relative_l2": 10.0}}
+    result = compressor.compress(mlp, config, out_dir=tmp_path / "out")
+    chosen, tried = result.report["target"]["chosen"], result.report["target"]["tries"][-1]
+    assert chosen["quantize"] == "int8" and chosen["kept_fraction"] < 1.0
+    assert tried["fine_tuned"] == "through int8 arithmetic, simulated (quantization-aware)"
+    assert result.report["finetune"]["quantization_aware"] is True
+    # the smoothing factors it learned through, measured on θ as initialized ...
+    [(aware, scales)] = trained_with
+    assert aware and scales and all(s.dim() == 1 for s in scales.values())
+    # ... are those its real int8 model is smoothed by when judged after fine-tuning
+    assert smoothed_with[-1] is scales
+    # ... and the artifact's (θ trained: not the file the search scored)
+    assert result.report["finetune"]["best_step"] > 0
+    assert ("MatMul inputs divided, by the factors quantization-aware fine-tuning simulated"
+            in (tmp_path / "out" / "job.log").read_text())
+
+
 def test_a_budget_spent_before_any_budget_is_scored_ships_int8_of_the_original(
         easy, mlp, tmp_path, monkeypatch):
     # int8 of the original, scored first, takes the whole budget: it keeps the floor, and is
@@ -949,11 +990,11 @@ def test_a_quantized_finalist_trained_in_float_is_not_tried_when_quantizing_alon
     assert quantization_loss_beyond_floor(candidate, [candidate], target) is None
 
 
-def test_the_finalists_leave_out_only_those_fine_tuned_in_float_that_quantizing_puts_beyond():
+def test_the_finalists_leave_out_int4_that_quantizing_puts_beyond_and_train_int8_through_it():
     from types import SimpleNamespace
 
     from compressor.config import ExportConfig
-    from compressor.search.target import _finalists
+    from compressor.search.target import _finalists, _through_int8
 
     logged = []
     job = SimpleNamespace(log=SimpleNamespace(info=logged.append))
@@ -961,16 +1002,27 @@ def test_the_finalists_leave_out_only_those_fine_tuned_in_float_that_quantizing_
     twin = _scored(0.85, None, {"kind": "embedding", "cosine": 0.9974})
     twin.meets_floor = True
     int4 = _scored(0.85, "int4", figures)
-    smoothed = _scored(0.85, "int8", figures)
-    unsmoothed = _scored(0.85, "int8", figures)  # learns through int8: may take it back
+    smoothed = _scored(0.85, "int8", figures)  # int8 took 0.016: float steps cannot take it back
+    unsmoothed = _scored(0.85, "int8", figures)
     unsmoothed.unsmoothed = True
-    near, meeting = _finalists([twin, int4, smoothed, unsmoothed], TargetConfig(),
-                               ExportConfig(), job)
-    assert near == [unsmoothed] and meeting == [twin]
+    scored = [twin, int4, smoothed, unsmoothed]
+    near, meeting = _finalists(scored, TargetConfig(), ExportConfig(), job)
+    assert near == [smoothed, unsmoothed] and meeting == [twin]
     assert len(logged) == 2 and logged[0].startswith("target: kept 0.85 int4 is not fine-tuned: ")
+    assert logged[1].startswith("target: kept 0.85 int8 learns through its smoothed int8, not in "
+                                "float: int8 cost its out cosine 0.9974 -> 0.9811")
+    # what each learns through: int8 beyond the floor in float and unsmoothed int8 through it
+    export = ExportConfig()
+    assert [_through_int8(c, scored, TargetConfig(), export) for c in scored] == [
+        False, False, True, True]
+    # a smoothed int8 whose int8 cost leaves the floor within float's reach learns in float
+    near_float = _scored(0.85, "int8", {"kind": "embedding", "cosine": 0.9960})
+    assert not _through_int8(near_float, [twin, near_float], TargetConfig(), export)
+    # no float twin scored: nothing says float cannot reach it
+    assert not _through_int8(smoothed, [smoothed], TargetConfig(), export)
     # without smoothing every int8 finalist learns through int8
-    near, _ = _finalists([twin, smoothed], TargetConfig(), ExportConfig(int8_smoothing=None), job)
-    assert near == [smoothed]
+    assert _through_int8(near_float, [twin, near_float], TargetConfig(),
+                         ExportConfig(int8_smoothing=None))
 
 
 def test_a_language_models_quantization_is_judged_by_its_perplexity_factor():
