@@ -179,8 +179,9 @@ class FinetuneConfig(_Strict):
         description="fine-tune through onnxruntime's int8 arithmetic, simulated (weights and "
         "activations fake-quantized, gradients straight through), so θ learns to keep the "
         "fidelity int8 costs, smoothed as export.int8_smoothing will smooth it; needs "
-        "export.quantize 'int8' and export.form 'factorized'. Target mode does this for its int8 "
-        "candidates itself")
+        "export.quantize 'int8' and export.form 'factorized'. Target mode decides it for each int8 "
+        "finalist itself: through int8 when unsmoothed, or when what int8 costs it is beyond "
+        "float fine-tuning's reach of the floor; in float otherwise")
     seed: int = Field(default=0, ge=0, description="seeds data splits, sampling and batches")
     checkpoint_every: int = Field(
         default=100, ge=0,
