@@ -15,7 +15,17 @@ through the rounding, as ModelOpt's and PyTorch's QAT do):
 - Gather from a constant table (an embedding, a tied table's rows): the table uint8 per
   tensor; the rows looked up stay on that grid, so a MatMul that reads them is not quantized
   again, and a MatMul reading the table itself as its weight (a tied head's Aᵀ) reuses that
-  uint8 quantization.
+  uint8 quantization. A Linear reading the table (a dense tied head) does too when the table
+  is larger than 8,192 numbers, and then its input stays float (`UNFOLDED_SHARED_TRANSPOSE`;
+  Gemma-3 270M's head: a per-tensor uint8 table, where the simulation had per-column 7-bit
+  weights and a uint8 input).
+
+Exact to float rounding on small models, the simulation cannot be exact on a model whose int8
+is chaotic: Gemma-3 270M's int8 logits move by 0.15 relative L2 (as far as from the float
+model's) when its embedding table is scaled by 1 + 2⁻²² (an ulp's change can flip a uint8
+rounding by one step of a range in the hundreds, and the flips compound over 18 layers), so
+PyTorch's and onnxruntime's float ops alone set the simulated and the real int8 model apart
+by as much; the two are alike in distribution, not bit for bit.
 
 With the activation smoothing the export applies before int8 (`export.int8_smoothing`,
 `compressor.export.smoothing`), each smoothed MatMul runs as the smoothed model will: its input
@@ -41,6 +51,12 @@ from compressor.plan.planning import Plan
 from compressor.rewrite.forms import COMPACT_PREFIX, factorize
 
 _INT8_MAX = 64.0  # symmetric 7-bit weights: [-64, 64] (`quantize_int8`: reduce_range)
+# A Linear's weight is exported as Transpose(W) before its MatMul, and onnxscript's constant
+# folding (`compressor.export.onnx.optimize_onnx`) makes that a transposed initializer (int8
+# per column, the MatMul quantized like any other) unless W holds more than this many numbers
+# and something else reads it too (a tied table its rows are gathered from): then onnxruntime's
+# quantizer transposes the table's uint8 and dequantizes it for a float MatMul.
+UNFOLDED_SHARED_TRANSPOSE = 8192
 _UINT8_MAX = 255.0  # asymmetric uint8 activations and tables: [0, 255]
 
 _LINEAR = (torch.ops.aten.linear.default, F.linear)
@@ -143,6 +159,11 @@ class Int8Simulation(TorchFunctionMode):
     def _linear(self, func, x, weight, *rest, **kwargs):  # noqa: ANN001
         if weight.dim() != 2 or not self._constant(weight):
             return func(x, weight, *rest, **kwargs)
+        grid = self.tables.get(id(weight))
+        if grid is not None and weight.numel() > UNFOLDED_SHARED_TRANSPOSE:
+            # a tied head reading the table rows were gathered from: its transpose stays a
+            # node, over the table's uint8, and the MatMul runs in float on that
+            return func(x, fake_uint8_asymmetric(weight, grid), *rest, **kwargs)
         scale = self.smoothing.get(id(weight))
         if scale is not None:  # the smoothed model's Mul on the input, its scaled weight
             scale = scale.to(weight.device)

@@ -82,6 +82,55 @@ def test_the_simulation_computes_what_onnxruntime_int8_computes(kind, tmp_path):
             assert _relative_l2(as_simulated, real) < 1e-5
 
 
+class _TiedLM(torch.nn.Module):
+    """Token ids in, next-token logits out; the head reads the embedding table (tied)."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, 32)
+        self.mix = torch.nn.Linear(32, 32)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(input_ids)
+        hidden = hidden + torch.tanh(self.mix(hidden))
+        return torch.nn.functional.linear(hidden, self.embed.weight)
+
+
+@pytest.mark.parametrize("vocab", [200, 300])  # 6,400 and 9,600 table numbers
+def test_the_simulation_of_a_dense_tied_head_computes_what_onnxruntime_int8_computes(
+        vocab, tmp_path):
+    # The head's Transpose(table) is folded into an int8 weight of its own when the table
+    # holds at most 8,192 numbers; past that, the Transpose stays a node over the table's
+    # uint8 and the head runs in float on it (Gemma-3 270M's 262,144 x 640 table): the
+    # simulation follows both.
+    from compressor.config import CompressionConfig
+    from compressor.finetune.quantization_aware import UNFOLDED_SHARED_TRANSPOSE
+    from compressor.load.stage import load
+    from compressor.runtime.joblog import JobLog
+    from compressor.runtime.progress import JobControl
+    from tests.support.tiny_models import export_pt2
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, vocab, (16, 8))
+    pt2 = export_pt2(_TiedLM(vocab), {"input_ids": ids[:4]}, tmp_path / "tied.pt2")
+    loaded = load(pt2, None, CompressionConfig.parse({}), tmp_path,
+                  JobControl(None, None, 3600), JobLog(tmp_path / "job.log"))
+    batch = {"input_ids": ids}
+    export_onnx(loaded.teacher, batch, loaded.specs, tmp_path / "float.onnx", 18)
+    quantize_int8(tmp_path / "float.onnx", tmp_path / "int8.onnx")
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    float_head = any(node.op_type == "MatMul" for node in graph.node)
+    assert float_head == (vocab * 32 > UNFOLDED_SHARED_TRANSPOSE)
+    [real] = [torch.from_numpy(a) for a in run_onnx(onnx_session(tmp_path / "int8.onnx"), batch)]
+    with torch.no_grad():
+        [simulated] = run_outputs(SimulatedInt8(loaded.teacher), batch)
+        [as_float] = run_outputs(loaded.teacher, batch)
+    assert _relative_l2(as_float, real) > 1e-3
+    assert _relative_l2(simulated, real) < 1e-5
+
+
 @pytest.mark.parametrize("kind", ["mlp", "text"])
 def test_the_simulation_smoothed_computes_what_onnxruntime_int8_of_the_smoothed_model_computes(
         kind, tmp_path, monkeypatch):
