@@ -16,7 +16,7 @@ through the rounding, as ModelOpt's and PyTorch's QAT do):
   tensor; the rows looked up stay on that grid, so a MatMul that reads them is not quantized
   again, and a MatMul reading the table itself as its weight (a tied head's Aᵀ) reuses that
   uint8 quantization. A Linear reading the table (a dense tied head) does too when the table
-  is larger than 8,192 numbers, and then its input stays float (`UNFOLDED_SHARED_TRANSPOSE`;
+  is larger than the exporter's constant-folding limit (8,192 numbers), and then its input stays float (`UNFOLDED_SHARED_TRANSPOSE`;
   Gemma-3 270M's head: a per-tensor uint8 table, where the simulation had per-column 7-bit
   weights and a uint8 input).
 
@@ -43,6 +43,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from onnxscript.optimizer import constant_folding
 from torch import fx, nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
@@ -52,11 +53,12 @@ from compressor.rewrite.forms import COMPACT_PREFIX, factorize
 
 _INT8_MAX = 64.0  # symmetric 7-bit weights: [-64, 64] (`quantize_int8`: reduce_range)
 # A Linear's weight is exported as Transpose(W) before its MatMul, and onnxscript's constant
-# folding (`compressor.export.onnx.optimize_onnx`) makes that a transposed initializer (int8
-# per column, the MatMul quantized like any other) unless W holds more than this many numbers
-# and something else reads it too (a tied table its rows are gathered from): then onnxruntime's
-# quantizer transposes the table's uint8 and dequantizes it for a float MatMul.
-UNFOLDED_SHARED_TRANSPOSE = 8192
+# folding (`compressor.export.onnx.optimize_onnx`, with onnxscript's default input limit) makes
+# that a transposed initializer (int8 per column, the MatMul quantized like any other) unless W
+# holds more than this many numbers and something else reads it too (a tied table its rows are
+# gathered from): then onnxruntime's quantizer transposes the table's uint8 and dequantizes it
+# for a float MatMul.
+UNFOLDED_SHARED_TRANSPOSE = constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT
 _UINT8_MAX = 255.0  # asymmetric uint8 activations and tables: [0, 255]
 
 _LINEAR = (torch.ops.aten.linear.default, F.linear)
