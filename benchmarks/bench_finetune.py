@@ -109,7 +109,10 @@ def run(size: str, device: torch.device, steps: int, batch_size: int, ratio: flo
     # A skipped fine-tuning (its memory is not free) or a single step gives no step time.
     gaps = [b - a for a, b in zip(times[:-1], times[1:], strict=True)]
     step_s = statistics.median(gaps) if gaps and summary.skipped is None else None
-    step_flops = 3 * student_flops + (0 if summary.teacher_outputs_cached else teacher_flops)
+    # with its outputs kept, the original runs on a sample when a step first draws it
+    teacher_share = (summary.teacher_samples / max(1, batch * summary.steps_run)
+                     if summary.teacher_outputs_cached else 1.0)
+    step_flops = 3 * student_flops + teacher_share * teacher_flops
     name, device_peak = _device_peak(device)
     return {
         "label": None, "size": size, "device": name, "steps": steps, "batch_size": batch,

@@ -35,6 +35,7 @@ from compressor.finetune.activation_checkpointing import (
 from compressor.finetune.blockwise import BlockwiseLoss
 from compressor.finetune.checkpoints import FinetuneCheckpoints, TrainingState
 from compressor.finetune.quantization_aware import quantization_aware
+from compressor.finetune.teacher_targets import TeacherTargets, first_drawn, sampled_indices
 from compressor.load.data import Dataset
 from compressor.plan.planning import Plan
 from compressor.rewrite.parametrize import trainable_parameters
@@ -49,7 +50,7 @@ from compressor.runtime.outputs import FidelityMeter, OutputFidelity, run_output
 from compressor.runtime.progress import JobControl
 from compressor.runtime.resume import free_disk_bytes
 from compressor.runtime.spill import SpilledTensors
-from compressor.runtime.top_logits import TopKOutputs, concat, kept_k, target_bytes
+from compressor.runtime.top_logits import TopKOutputs, kept_k, target_bytes
 
 # An evaluation this much worse than the best so far rolls θ back to the best and halves the lr.
 _BACKOFF_MARGIN = 0.05
@@ -97,8 +98,10 @@ class FinetuneSummary:
     # and the blocks' inputs, estimated as 2 / blocks of a plain step's), plus 4 × its outputs
     # (the student's, the original's, their gradient, the loss's softmaxes); None: not measured.
     step_bytes: int | None = None
-    # Whether the original's outputs on the training split were computed once (small enough).
+    # Whether the original's outputs on the training split were kept (small enough), each
+    # sample's made once, when a step first drew it; and on how many samples they were made.
     teacher_outputs_cached: bool = False
+    teacher_samples: int = 0
     # Why no step ran although some were asked for (the memory they need is not free), or None.
     skipped: str | None = None
     # Whether θ trained through onnxruntime's int8 arithmetic, simulated (the losses and
@@ -349,20 +352,18 @@ def parameter_groups(params: list[nn.Parameter], config: FinetuneConfig,
 
 
 def _teacher_targets(teacher: nn.Module, train: Dataset, device: torch.device,
-                     held_out: HeldOut) -> list[Target] | None:
-    """Return the training targets (`held_out.compact` of the original's outputs) on every
-    training sample when they fit in memory, else None.
-
-    Fine-tuning then runs the original once per sample instead of once per step. The original
-    runs on as many samples at a time as fit in the cache's size whole (one at least).
-    """
-    probe = run_outputs(teacher, _to(train.take(torch.arange(1)), device))
-    if target_bytes(held_out.compact(probe)) * len(train) > _TEACHER_CACHE_BYTES:
+                     held_out: HeldOut, first: torch.Tensor) -> TeacherTargets | None:
+    """Return the training targets (`held_out.compact` of the original's outputs), each
+    sample's made when a step first draws it (`first`: `first_drawn`), when they fit in
+    memory for every training sample, else None (the original then runs at every step).
+    The original runs on as many samples at a time as fit in the cache's size whole."""
+    outputs = run_outputs(teacher, _to(train.take(torch.arange(1)), device))
+    probe = held_out.compact(outputs)
+    if target_bytes(probe) * len(train) > _TEACHER_CACHE_BYTES:
         return None
-    batch = max(1, min(64, _TEACHER_CACHE_BYTES // max(1, _nbytes(probe))))
-    chunks = [held_out.compact(run_outputs(teacher, _to(b, device)))
-              for b in train.batches(batch)]
-    return [concat(parts) for parts in zip(*chunks, strict=True)]
+    return TeacherTargets(lambda index: held_out.compact(run_outputs(
+        teacher, _to(train.take(index), device))), first, probe,
+        chunk=max(1, min(64, _TEACHER_CACHE_BYTES // max(1, _nbytes(outputs)))))
 
 
 def samples_per_step(config: FinetuneConfig, train: Dataset,
@@ -518,10 +519,12 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
     summary.logits_top_k = kept_k(held_out.targets[0]) if held_out.targets else None
     if config.steps == 0 or not params:
         return summary
-    blockwise = _blockwise(student, teacher, config, summary)
+    blockwise, cached = _blockwise(student, teacher, config, summary), None
     if blockwise is None:
         with torch.no_grad():
-            cached = _teacher_targets(teacher, train, device, held_out)
+            cached = _teacher_targets(teacher, train, device, held_out, first_drawn(
+                len(train), sampled_indices(len(train), config.steps,
+                                            summary.samples_per_step, config.seed)))
         summary.teacher_outputs_cached = cached is not None
         forward = training_forward(student, train, config, device, params, summary)
     summary.skipped = unaffordable(summary, params, free_memory_bytes(device))
@@ -587,12 +590,13 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
             with autocast:
                 loss = blockwise(batch)  # each block's loss backpropagated as it is computed
         else:
+            if cached is not None:  # in float32, as they are kept
+                with torch.no_grad():
+                    targets = cached.take(index)
             with autocast:
                 if cached is None:
                     with torch.no_grad():
                         targets = held_out.compact(run_outputs(teacher, batch))
-                else:
-                    targets = [t[index.to(t.device)] for t in cached]
                 outputs = forward(batch)
                 chunked = summary.activation_checkpointing or larger_than_a_chunk(outputs)
                 loss = None if chunked else distillation_loss(outputs, targets, kinds)
@@ -667,6 +671,7 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
             optimizer=optimizer, sampler=generator, device=device))
     _restore(params, best_state)
     summary.best_score, summary.steps_run = best, step
+    summary.teacher_samples = 0 if cached is None else cached.made
     return summary
 
 

@@ -100,6 +100,9 @@ def finetune(loaded: LoadedJob, plan: Plan, student: fx.GraphModule, config: Fin
                     "original's (block-wise)")
         elif summary.logits_top_k is not None:
             how += f", next-token logits distilled on the original's top {summary.logits_top_k}"
+        if summary.teacher_outputs_cached:
+            how += (f", the original run once on each of the {summary.teacher_samples} of "
+                    f"{len(loaded.train)} training samples the steps drew")
         job.log.info(f"fine-tuning on {summary.device}{how}{rate}: held-out loss "
                      f"{summary.initial_score:.4f} -> {summary.best_score:.4f} "
                      f"(best step {summary.best_step})")
