@@ -202,7 +202,8 @@ class ExportConfig(_Strict):
     quantize: Literal["int8", "int4"] | None = Field(
         default=None,
         description="int8: quantize the exported weights to int8 (onnxruntime dynamic "
-        "quantization, per channel; activations int8 at run time); int4: weight-only 4-bit "
+        "quantization, per channel; activations int8 at run time; an embedding table only its "
+        "lookup reads in 4-bit blocks of 32, which costs a lookup no time); int4: weight-only 4-bit "
         "(onnxruntime MatMulNBits, blocks of 32 inputs; MatMul weights and embedding tables, "
         "activations stay float: a smaller file, not faster arithmetic; convolutions stay "
         "float). On either form")

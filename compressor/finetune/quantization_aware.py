@@ -12,10 +12,15 @@ through the rounding, as ModelOpt's and PyTorch's QAT do):
   see `quantize_int8`), its input uint8 per tensor, range from the tensor itself
   (DynamicQuantizeLinear).
 - Conv stays float: the product's int8 leaves convolutions alone (`quantize_int8`).
-- Gather from a constant table (an embedding, a tied table's rows): the table uint8 per
-  tensor; the rows looked up stay on that grid, so a MatMul that reads them is not quantized
-  again, and a MatMul reading the table itself as its weight (a tied head's Aᵀ) reuses that
-  uint8 quantization. A Linear reading the table (a dense tied head) does too when the table
+- Gather from a constant table only that lookup reads (an embedding): the table in 4 bits,
+  blocks of `INT4_BLOCK_SIZE` entries of a row with a scale and zero point each
+  (GatherBlockQuantized, see `quantize_int8`); the rows come out float, and a MatMul reading
+  them quantizes them as any input. (A table one module looks up twice under one name is
+  simulated so too, where the export keeps it uint8: no model here does that.)
+- Gather from a constant table something else reads too (a tied table's rows, a table with
+  two names): the table uint8 per tensor; the rows looked up stay on that grid, so a MatMul
+  that reads them is not quantized again, and a MatMul reading the table itself as its weight
+  (a tied head's Aᵀ) reuses that uint8 quantization. A Linear reading the table (a dense tied head) does too when the table
   is larger than the exporter's constant-folding limit (8,192 numbers), and then its input stays float (`UNFOLDED_SHARED_TRANSPOSE`;
   Gemma-3 270M's head: a per-tensor uint8 table, where the simulation had per-column 7-bit
   weights and a uint8 input).
@@ -40,6 +45,7 @@ scored for real in onnxruntime afterwards: the simulation is how θ learns, not 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -48,6 +54,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from compressor.export.quantize import INT4_BLOCK_SIZE
 from compressor.plan.planning import Plan
 from compressor.rewrite.forms import COMPACT_PREFIX, factorize
 
@@ -60,6 +67,7 @@ _INT8_MAX = 64.0  # symmetric 7-bit weights: [-64, 64] (`quantize_int8`: reduce_
 # for a float MatMul.
 UNFOLDED_SHARED_TRANSPOSE = constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT
 _UINT8_MAX = 255.0  # asymmetric uint8 activations and tables: [0, 255]
+_UINT4_MAX = 15.0  # asymmetric 4-bit blocks of a lookup table: [0, 15]
 
 _LINEAR = (torch.ops.aten.linear.default, F.linear)
 _EMBEDDING_ATEN = (torch.ops.aten.embedding.default,)  # (weight, ids, ...)
@@ -116,17 +124,41 @@ def fake_uint8_asymmetric(value: torch.Tensor,
     return _straight_through(value, rounded)
 
 
+def fake_uint4_blocks(rows: torch.Tensor, block: int = INT4_BLOCK_SIZE) -> torch.Tensor:
+    """`rows` (..., n) on the grid of a 4-bit lookup table (`MatMulNBitsQuantizer`'s
+    asymmetric blocks along a row): each `block` consecutive entries of a row get the scale
+    (max(x, 0) − min(x, 0)) / 15 and a rounded zero point (an all-zero block: 0). A row's
+    rounding depends on that row only, so rows looked up and then rounded are the rounded
+    table's rows."""
+    length = rows.shape[-1]
+    with torch.no_grad():
+        # zeros in the last block's padding change no range: each block's includes 0
+        padded = F.pad(rows.detach().float(), (0, (-length) % block))
+        blocks = padded.reshape(*padded.shape[:-1], -1, block)
+        low = blocks.amin(-1, keepdim=True).clamp(max=0)
+        high = blocks.amax(-1, keepdim=True).clamp(min=0)
+        scale = (high - low) / _UINT4_MAX
+        empty = scale == 0
+        zero_point = torch.where(empty, 8.0, -low / scale).round().clamp(0, _UINT4_MAX)
+        steps = torch.where(empty, 8.0, blocks / scale + zero_point).round().clamp(0, _UINT4_MAX)
+        rounded = ((steps - zero_point) * scale).reshape(padded.shape)[..., :length]
+    return _straight_through(rows, rounded.to(rows.dtype))
+
+
 class Int8Simulation(TorchFunctionMode):
     """Run the ops onnxruntime's dynamic int8 quantizes as it will run them (see the module).
 
     `constants` are the tensors that are initializers in the exported graph (the module's
-    parameters and buffers): only an op whose weight is one of them is quantized.
+    parameters and buffers): only an op whose weight is one of them is quantized. `shared`:
+    those of them int8 keeps as a uint8 table for every reader (`_read_beyond_lookups`).
     """
 
     def __init__(self, constants: Iterable[torch.Tensor],
-                 smoothing: dict[int, torch.Tensor] | None = None) -> None:
+                 smoothing: dict[int, torch.Tensor] | None = None,
+                 shared: Iterable[torch.Tensor] = ()) -> None:
         super().__init__()
         self.constants = {id(t) for t in constants}
+        self.shared = {id(t) for t in shared}
         # By weight (id): the factors its MatMul's input is divided by, and its columns times.
         self.smoothing = smoothing or {}
         # Outputs already on a uint8 grid (looked-up rows), held so that their ids stay theirs.
@@ -149,7 +181,7 @@ class Int8Simulation(TorchFunctionMode):
         if func in _EMBEDDING_FUNCTIONAL:
             return self._embedding(func, args[1], args[0], args[2:], kwargs, weight_first=False)
         if func in _INDEX_SELECT and self._constant(args[0]):  # a tied table's rows
-            return self._rows(args[0], func(*args, **kwargs))
+            return self._rows(args[0], func(*args, **kwargs), shared=True)
         return func(*args, **kwargs)
 
     def _constant(self, tensor: Any) -> bool:
@@ -190,9 +222,13 @@ class Int8Simulation(TorchFunctionMode):
             ids, weight, *rest, **kwargs)
         return self._rows(weight, out) if self._constant(weight) else out
 
-    def _rows(self, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Return `rows` looked up from the constant `table` on the table's uint8 grid (the
-        table itself is not rounded), and remember both."""
+    def _rows(self, table: torch.Tensor, rows: torch.Tensor, shared: bool = False) -> torch.Tensor:
+        """Return `rows` looked up from the constant `table` (`shared`: a tied table's, as
+        `self.shared` are) on the table's grid: its 4-bit blocks when only the lookup reads
+        it, else its uint8 grid, remembering both (the table itself is not
+        rounded)."""
+        if not shared and id(table) not in self.shared:
+            return fake_uint4_blocks(rows)
         grid = self.tables.get(id(table))
         if grid is None:  # measured once a forward pass: the table does not change within one
             grid = self.tables[id(table)] = uint8_grid(table)
@@ -218,6 +254,7 @@ class SimulatedInt8(nn.Module):
                              f"{sorted(unknown)[:3]}")
         self._smoothing = {id(weights[name]): scale
                            for name, scale in (input_scales or {}).items()}
+        self._shared = _read_beyond_lookups(module)
 
     @property
     def graph(self) -> fx.Graph:
@@ -226,8 +263,51 @@ class SimulatedInt8(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         constants = [*self.module.parameters(), *self.module.buffers()]
-        with Int8Simulation(constants, self._smoothing):
+        with Int8Simulation(constants, self._smoothing, self._shared):
             return self.module(*args, **kwargs)
+
+
+def _read_beyond_lookups(module: nn.Module) -> list[torch.Tensor]:
+    """Return the parameters and buffers of `module` that int8 keeps as a uint8 table for
+    every reader (a tied table): those that go by more than one name (a tied LM head's table;
+    a tied table's θ, read by its rows' module and its head's), and those the graph both looks
+    rows up in and reads otherwise, unless that other reader is a Linear whose transposed
+    weight the export folds into a copy of its own (a table of at most
+    `UNFOLDED_SHARED_TRANSPOSE` numbers)."""
+    names: dict[int, tuple[torch.Tensor, int]] = {}
+    for _, tensor in [*module.named_parameters(remove_duplicate=False),
+                      *module.named_buffers(remove_duplicate=False)]:
+        names[id(tensor)] = (tensor, names.get(id(tensor), (tensor, 0))[1] + 1)
+    shared = [tensor for tensor, count in names.values() if count > 1]
+    if not isinstance(module, fx.GraphModule):
+        return shared
+    for node in module.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        tensor = attrgetter(node.target)(module)
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
+            continue
+        looked_up = [_looks_up(user, node) for user in node.users]
+        folded = tensor.numel() <= UNFOLDED_SHARED_TRANSPOSE
+        if any(looked_up) and any(
+                not lookup and not (folded and _reads_as_linear_weight(user, node))
+                for user, lookup in zip(node.users, looked_up, strict=True)):
+            shared.append(tensor)
+    return shared
+
+
+def _looks_up(user: fx.Node, table: fx.Node) -> bool:
+    """Whether graph node `user` looks rows up in `table` (an embedding)."""
+    if user.op != "call_function":
+        return False
+    if user.target in _EMBEDDING_ATEN:
+        return user.args[0] is table
+    return user.target in _EMBEDDING_FUNCTIONAL and len(user.args) > 1 and user.args[1] is table
+
+
+def _reads_as_linear_weight(user: fx.Node, weight: fx.Node) -> bool:
+    return (user.op == "call_function" and user.target in _LINEAR and len(user.args) > 1
+            and user.args[1] is weight)
 
 
 def quantization_aware(student: fx.GraphModule, teacher: fx.GraphModule, plan: Plan,
