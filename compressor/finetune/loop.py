@@ -35,7 +35,7 @@ from compressor.finetune.activation_checkpointing import (
 from compressor.finetune.blockwise import BlockwiseLoss
 from compressor.finetune.checkpoints import FinetuneCheckpoints, TrainingState
 from compressor.finetune.quantization_aware import quantization_aware
-from compressor.finetune.teacher_targets import TeacherTargets, first_drawn, sampled_indices
+from compressor.finetune.teacher_targets import TeacherTargets, sampled_indices
 from compressor.load.data import Dataset
 from compressor.plan.planning import Plan
 from compressor.rewrite.parametrize import trainable_parameters
@@ -352,17 +352,17 @@ def parameter_groups(params: list[nn.Parameter], config: FinetuneConfig,
 
 
 def _teacher_targets(teacher: nn.Module, train: Dataset, device: torch.device,
-                     held_out: HeldOut, first: torch.Tensor) -> TeacherTargets | None:
+                     held_out: HeldOut) -> TeacherTargets | None:
     """Return the training targets (`held_out.compact` of the original's outputs), each
-    sample's made when a step first draws it (`first`: `first_drawn`), when they fit in
-    memory for every training sample, else None (the original then runs at every step).
+    sample's made when a step first draws it, when they fit in memory for every training
+    sample, else None (the original then runs at every step).
     The original runs on as many samples at a time as fit in the cache's size whole."""
     outputs = run_outputs(teacher, _to(train.take(torch.arange(1)), device))
     probe = held_out.compact(outputs)
     if target_bytes(probe) * len(train) > _TEACHER_CACHE_BYTES:
         return None
     return TeacherTargets(lambda index: held_out.compact(run_outputs(
-        teacher, _to(train.take(index), device))), first, probe,
+        teacher, _to(train.take(index), device))), len(train), probe,
         chunk=max(1, min(64, _TEACHER_CACHE_BYTES // max(1, _nbytes(outputs)))))
 
 
@@ -522,9 +522,7 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
     blockwise, cached = _blockwise(student, teacher, config, summary), None
     if blockwise is None:
         with torch.no_grad():
-            cached = _teacher_targets(teacher, train, device, held_out, first_drawn(
-                len(train), sampled_indices(len(train), config.steps,
-                                            summary.samples_per_step, config.seed)))
+            cached = _teacher_targets(teacher, train, device, held_out)
         summary.teacher_outputs_cached = cached is not None
         forward = training_forward(student, train, config, device, params, summary)
     summary.skipped = unaffordable(summary, params, free_memory_bytes(device))
@@ -552,6 +550,9 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
         summary.floor_kept_at = next((e["step"] for e in summary.history
                                       if e.get("note") == FLOOR_KEPT), None)
         summary.resumed_at_step = step
+        if cached is not None:  # what the steps before drew: made in the batches they were
+            cached.drawn_before(sampled_indices(len(train), step, summary.samples_per_step,
+                                                config.seed))
         checkpoints.log(_resumed_message(resumed, config.steps))
         control.report("finetuning", step / config.steps, f"resumed at step {step}")
         if checkpoints.on_resume is not None:

@@ -7,11 +7,11 @@ that takes hundreds: a target-mode finalist that the time budget left 8 steps of
 Gemma-3 270M waited minutes for the original's top 64 on all 505 of its training windows, and
 read 64. So a sample's targets are made when a step first draws it.
 
-Which samples each step draws is known before the first (the batch sampler is seeded), and the
-samples a step draws for the first time are run together, as one batch: a sample's targets are
-always made in the same batch, whatever ran before, so that a run resumed from a checkpoint
-(its kept targets gone) makes the very numbers the uninterrupted run made, batch for batch. A
-long run still runs the original once per sample, in batches of a step's size.
+The samples a step draws for the first time are run together, as one batch, so a sample's
+targets are always made in the same batch: a run resumed from a checkpoint (its kept targets
+gone) makes the samples the steps before it drew in the batches those steps made them in (the
+seeded sampler draws them again), and the very numbers the uninterrupted run made. A long run
+still runs the original once per sample, in batches of a step's size.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ _NEVER = torch.iinfo(torch.int64).max
 
 
 def sampled_indices(samples: int, steps: int, per_step: int, seed: int) -> torch.Tensor:
-    """Return the samples each of `steps` steps draws, (steps, per_step): what fine-tuning's
-    sampler, seeded with `seed`, draws one step at a time from a split of `samples`."""
+    """Return the samples each of the first `steps` steps draws, (steps, per_step): what
+    fine-tuning's sampler, seeded with `seed`, draws one step at a time from a split of
+    `samples`."""
     generator = torch.Generator().manual_seed(seed)
     if steps == 0:
         return torch.zeros(0, per_step, dtype=torch.int64)
@@ -46,16 +47,25 @@ def first_drawn(samples: int, draws: torch.Tensor) -> torch.Tensor:
 
 
 class TeacherTargets:
-    """The training targets of a split of `len(first)` samples, made on demand by `run` (the
-    original's targets on the samples at an index) for the samples drawn first at a step
-    together (`first`: `first_drawn`), `chunk` samples a run at most, and kept. `probe`: one
-    sample's targets, to size them by."""
+    """The training targets of a split of `samples` samples, made on demand by `run` (the
+    original's targets on the samples at an index), `chunk` samples a run at most, and kept:
+    each step's (`take`) samples not drawn before together. `probe`: one sample's targets, to
+    size them by."""
 
-    def __init__(self, run: Callable[[torch.Tensor], list[Target]], first: torch.Tensor,
+    def __init__(self, run: Callable[[torch.Tensor], list[Target]], samples: int,
                  probe: list[Target], chunk: int):
-        self._run, self._first, self._chunk = run, first, chunk
-        self._kept = [_empty(target, len(first)) for target in probe]
-        self._made = torch.zeros(len(first), dtype=torch.bool)
+        self._run, self._chunk = run, chunk
+        self._kept = [_empty(target, samples) for target in probe]
+        self._made = torch.zeros(samples, dtype=torch.bool)
+        self._first = torch.full((samples,), _NEVER, dtype=torch.int64)
+        self._steps = 0
+
+    def drawn_before(self, draws: torch.Tensor) -> None:
+        """Say what the steps a resumed run took before drew, (steps, per_step)
+        (`sampled_indices`): a sample they drew is made in the batch its first step made it in
+        when a step draws it again."""
+        self._first = first_drawn(len(self._first), draws)
+        self._steps = draws.shape[0]
 
     @property
     def made(self) -> int:
@@ -63,14 +73,17 @@ class TeacherTargets:
         return int(self._made.sum())
 
     def take(self, index: torch.Tensor) -> list[Target]:
-        """Return the targets of the samples at `index`, making those not made yet."""
+        """Return the targets of the samples a step draws (`index`), making those not made
+        yet: those an earlier step drew with that step's, the others together."""
         missing = index[~self._made[index]].unique()
-        for step in self._first[missing].unique().tolist():
-            if step == _NEVER:  # drawn off the schedule: made alone, so as the same again
-                for sample in missing[self._first[missing] == _NEVER].tolist():
-                    self._keep(torch.tensor([sample]))
-            else:  # every sample first drawn at that step, in the split's order
-                self._keep((self._first == step).nonzero().flatten())
+        earlier = self._first[missing]
+        for step in earlier[earlier != _NEVER].unique().tolist():
+            self._keep((self._first == step).nonzero().flatten())
+        new = missing[earlier == _NEVER]
+        if len(new):
+            self._first[new] = self._steps
+            self._keep(new)
+        self._steps += 1
         return [_rows(kept, index) for kept in self._kept]
 
     def _keep(self, samples: torch.Tensor) -> None:

@@ -25,24 +25,25 @@ def _batch_dependent(runs: list[list[int]]):
     return run
 
 
-def test_the_samples_a_step_first_draws_are_made_together_once_and_the_same_in_any_order():
+def test_the_samples_a_step_first_draws_are_made_together_once_and_the_same_after_a_resume():
     draws = torch.tensor([[3, 1, 3], [1, 4, 0], [5, 2, 4]])
-    first = first_drawn(7, draws)
-    assert first.tolist()[:6] == [1, 0, 2, 0, 1, 2] and first[6] > 2  # sample 6: never drawn
+    assert first_drawn(7, draws).tolist()[:6] == [1, 0, 2, 0, 1, 2]
+    probe = [torch.zeros(1, 3, dtype=torch.float64)]
     runs: list[list[int]] = []
-    targets = TeacherTargets(_batch_dependent(runs), first, [torch.zeros(1, 3, dtype=torch.float64)], chunk=64)
+    targets = TeacherTargets(_batch_dependent(runs), 7, probe, chunk=64)
     in_order = [targets.take(step)[0] for step in draws]
     assert runs == [[1, 3], [0, 4], [2, 5]]  # each step's new samples, once, together
     assert targets.made == 6
-    # a run resumed at the third step has no kept targets: it makes the same batches again
+    # a run resumed after the second step has no kept targets: told what the steps before it
+    # drew, it makes sample 4 in the batch the second step made it in, then the step's new ones
     resumed_runs: list[list[int]] = []
-    resumed = TeacherTargets(_batch_dependent(resumed_runs), first, [torch.zeros(1, 3, dtype=torch.float64)], 64)
+    resumed = TeacherTargets(_batch_dependent(resumed_runs), 7, probe, chunk=64)
+    resumed.drawn_before(draws[:2])
     assert torch.equal(resumed.take(draws[2])[0], in_order[2])
-    assert resumed_runs == [[0, 4], [2, 5]]  # sample 4's batch as first made, then the step's
-    # a sample off the schedule is made alone; a long batch in chunks
-    assert targets.take(torch.tensor([6]))[0].tolist() == [[12.0] * 3]
+    assert resumed_runs == [[0, 4], [2, 5]]
+    # a batch larger than the chunk runs a chunk at a time
     chunked: list[list[int]] = []
-    TeacherTargets(_batch_dependent(chunked), first, [torch.zeros(1, 3, dtype=torch.float64)], chunk=1).take(draws[0])
+    TeacherTargets(_batch_dependent(chunked), 7, probe, chunk=1).take(draws[0])
     assert chunked == [[1], [3]]
 
 

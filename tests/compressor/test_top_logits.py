@@ -111,16 +111,14 @@ def test_the_original_is_kept_on_the_training_split_when_its_top_k_fit(monkeypat
     held_out = HeldOut.of(teacher, train, 8, TopKOutputs(16, (True,), KL_TEMPERATURE))
     whole = 8 * 300 * 4  # bytes of one sample's logits
     monkeypatch.setattr(loop, "_TEACHER_CACHE_BYTES", len(train) * whole // 2)
-    first = torch.arange(40) // 4  # ten steps draw four new samples each
-    cached = loop._teacher_targets(teacher, train, torch.device("cpu"), held_out, first)
+    cached = loop._teacher_targets(teacher, train, torch.device("cpu"), held_out)
     kept = cached.take(torch.arange(40))[0]
     assert isinstance(kept, TopLogits) and kept.indices.shape == (40, 8, 16)
     with torch.no_grad():
         expected = TopLogits.of(teacher(train.inputs["input"]), 16, KL_TEMPERATURE)
     torch.testing.assert_close(kept.log_probs, expected.log_probs)
     whole_outputs = HeldOut.of(teacher, train, 8)  # no top k: too large to keep
-    assert loop._teacher_targets(teacher, train, torch.device("cpu"), whole_outputs,
-                                 first) is None
+    assert loop._teacher_targets(teacher, train, torch.device("cpu"), whole_outputs) is None
 
 
 @pytest.mark.parametrize(("setting", "next_token", "classes", "k"), [
