@@ -76,12 +76,9 @@ def _lookup_tables(path: Path) -> list[str]:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
+    readers = _initializer_readers(model)
     tables = {t.name for t in model.graph.initializer
               if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2}
-    readers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
     return [node.name for node in model.graph.node if node.op_type == "Gather" and node.name
             and node.input[0] in tables and len(readers[node.input[0]]) == 1]
 
@@ -180,17 +177,21 @@ def _shared_tables(model) -> list[str]:
     a weight one way for MatMulNBits and another for GatherBlockQuantized and would give both
     the one it made last (an invalid model onnxruntime refuses to load), so such a weight stays
     float, stored once."""
-    initializers = {tensor.name for tensor in model.graph.initializer}
-    readers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            if name in initializers:
-                readers.setdefault(name, []).append(node)
     excluded = []
-    for nodes in readers.values():
+    for nodes in _initializer_readers(model).values():
         if len(nodes) > 1 and any(node.op_type == "Gather" for node in nodes):
             excluded += [node.name for node in nodes]
     return excluded
+
+
+def _initializer_readers(model) -> dict[str, list]:
+    """Return, for each initializer of `model`'s graph, the nodes that read it."""
+    readers: dict[str, list] = {tensor.name: [] for tensor in model.graph.initializer}
+    for node in model.graph.node:
+        for name in node.input:
+            if name in readers:
+                readers[name].append(node)
+    return readers
 
 
 def _count_ops(graph, op_types: set[str]) -> int:
