@@ -35,7 +35,7 @@ from compressor.finetune.activation_checkpointing import (
 from compressor.finetune.blockwise import BlockwiseLoss
 from compressor.finetune.checkpoints import FinetuneCheckpoints, TrainingState
 from compressor.finetune.quantization_aware import quantization_aware
-from compressor.finetune.teacher_targets import TeacherTargets, sampled_indices
+from compressor.finetune.teacher_targets import TeacherTargets, next_draw, sampled_indices
 from compressor.load.data import Dataset
 from compressor.plan.planning import Plan
 from compressor.rewrite.parametrize import trainable_parameters
@@ -584,7 +584,7 @@ def finetune_(student: nn.Module, plan: Plan, lesson: Distillation, config: Fine
                     best, summary.best_step = current, step
                     best_state = [p.detach().clone() for p in params]
             break
-        index = torch.randint(0, len(train), (summary.samples_per_step,), generator=generator)
+        index = next_draw(generator, len(train), summary.samples_per_step)
         batch = _to(train.take(index), device)
         optimizer.zero_grad(set_to_none=True)
         if blockwise is not None:

@@ -20,10 +20,11 @@ through the rounding, as ModelOpt's and PyTorch's QAT do):
 - Gather from a constant table something else reads too (a tied table's rows, a table with
   two names): the table uint8 per tensor; the rows looked up stay on that grid, so a MatMul
   that reads them is not quantized again, and a MatMul reading the table itself as its weight
-  (a tied head's Aᵀ) reuses that uint8 quantization. A Linear reading the table (a dense tied head) does too when the table
-  is larger than the exporter's constant-folding limit (8,192 numbers), and then its input stays float (`UNFOLDED_SHARED_TRANSPOSE`;
-  Gemma-3 270M's head: a per-tensor uint8 table, where the simulation had per-column 7-bit
-  weights and a uint8 input).
+  (a tied head's Aᵀ) reuses that uint8 quantization. A Linear reading the table (a dense tied
+  head) does too when the table is larger than the exporter's constant-folding limit (8,192
+  numbers), and then its input stays float (`UNFOLDED_SHARED_TRANSPOSE`; Gemma-3 270M's head:
+  a per-tensor uint8 table, where the simulation had per-column 7-bit weights and a uint8
+  input).
 
 Exact to float rounding on small models, the simulation cannot be exact on a model whose int8
 is chaotic: Gemma-3 270M's int8 logits move by 0.15 relative L2 (as far as from the float
@@ -44,6 +45,7 @@ scored for real in onnxruntime afterwards: the simulation is how θ learns, not 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from operator import attrgetter
 from typing import Any
@@ -274,11 +276,10 @@ def _read_beyond_lookups(module: nn.Module) -> list[torch.Tensor]:
     rows up in and reads otherwise, unless that other reader is a Linear whose transposed
     weight the export folds into a copy of its own (a table of at most
     `UNFOLDED_SHARED_TRANSPOSE` numbers)."""
-    names: dict[int, tuple[torch.Tensor, int]] = {}
-    for _, tensor in [*module.named_parameters(remove_duplicate=False),
-                      *module.named_buffers(remove_duplicate=False)]:
-        names[id(tensor)] = (tensor, names.get(id(tensor), (tensor, 0))[1] + 1)
-    shared = [tensor for tensor, count in names.values() if count > 1]
+    tensors = [tensor for _, tensor in [*module.named_parameters(remove_duplicate=False),
+                                        *module.named_buffers(remove_duplicate=False)]]
+    names = Counter(id(tensor) for tensor in tensors)
+    shared = list({id(t): t for t in tensors if names[id(t)] > 1}.values())
     if not isinstance(module, fx.GraphModule):
         return shared
     for node in module.graph.nodes:

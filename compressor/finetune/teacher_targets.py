@@ -34,8 +34,12 @@ def sampled_indices(samples: int, steps: int, per_step: int, seed: int) -> torch
     generator = torch.Generator().manual_seed(seed)
     if steps == 0:
         return torch.zeros(0, per_step, dtype=torch.int64)
-    return torch.stack([torch.randint(0, samples, (per_step,), generator=generator)
-                        for _ in range(steps)])
+    return torch.stack([next_draw(generator, samples, per_step) for _ in range(steps)])
+
+
+def next_draw(generator: torch.Generator, samples: int, per_step: int) -> torch.Tensor:
+    """Return the samples fine-tuning's next step draws from a split of `samples`."""
+    return torch.randint(0, samples, (per_step,), generator=generator)
 
 
 def first_drawn(samples: int, draws: torch.Tensor) -> torch.Tensor:
