@@ -32,6 +32,7 @@ from compressor.methods import (
     options_types,
     unknown_method_message,
 )
+from compressor.runtime.budget import LATENCY_LONGEST_MULTIPLE, LATENCY_MIN_RUNS
 from compressor.runtime.outputs import judged_figure
 from compressor.vocabulary import describe_validation_error
 
@@ -239,8 +240,10 @@ class ExportConfig(_Strict):
         "not a bug); 0: atol and rtol alone")
     latency_seconds: float = Field(
         default=1.0, ge=0, le=60,
-        description="onnxruntime time spent on each latency figure of the report; 0 skips the "
-        "baseline (the original model's ONNX export, size and latency)",
+        description="onnxruntime time spent on each latency figure of the report, at least: a "
+        f"figure's runs go on until each file has {LATENCY_MIN_RUNS}, unless that takes "
+        f"{LATENCY_LONGEST_MULTIPLE} times as long; 0 "
+        "skips the baseline (the original model's ONNX export, size and latency)",
     )
 
 

@@ -43,11 +43,12 @@ class Timing:
 
     median: float
     quartiles: tuple[float, float]
+    runs: int = 1
 
     def scaled(self, factor: float) -> Timing:
         """Return this timing with its median and quartiles multiplied by `factor`."""
         return Timing(self.median * factor,
-                      (self.quartiles[0] * factor, self.quartiles[1] * factor))
+                      (self.quartiles[0] * factor, self.quartiles[1] * factor), self.runs)
 
     def overlaps(self, other: Timing) -> bool:
         """Whether the two files' middle halves of runs overlap: a difference between their
@@ -57,7 +58,8 @@ class Timing:
 
 
 def onnx_latencies_ms(paths: dict[str, Path], batch: dict[str, torch.Tensor],
-                      budget_s: float = 1.0, min_runs: int = 5) -> dict[str, Timing]:
+                      budget_s: float = 1.0, min_runs: int = 5,
+                      longest_s: float | None = None) -> dict[str, Timing]:
     """Return each file's onnxruntime CPU latency on `batch`, by the same name as in `paths`.
 
     The files are timed in turn, a block of runs of each a round (each round starting with the
@@ -67,23 +69,25 @@ def onnx_latencies_ms(paths: dict[str, Path], batch: dict[str, torch.Tensor],
     lasts `_BLOCK_S` (at least one run), and the timing pauses `_SWITCH_PAUSE_S` between blocks:
     onnxruntime's threads spin-wait for more work after a run, and a file timed one run at a
     time right after another measured the digits CNN's artifact 1.8× slower than alone.
-    Rounds go on for `budget_s` per file after one warm-up run each, and at least `min_runs`
-    runs of each unless that passes twice the budget (a large model's run can take a minute).
+    Rounds go on for `budget_s` per file after one warm-up run each, and until each file has
+    `min_runs` runs unless that passes `longest_s` per file (twice `budget_s` when None: a
+    large model's run can take a minute).
     """
     names = list(paths)
     sessions = {name: onnx_session(paths[name]) for name in names}
     for session in sessions.values():
         run_onnx(session, batch)  # warm-up
     timings: dict[str, list[float]] = {name: [] for name in names}
-    budget = budget_s * len(names)
-    deadline = time.perf_counter() + budget
+    started = time.perf_counter()
+    deadline = started + budget_s * len(names)
+    cutoff = started + (2 * budget_s if longest_s is None else longest_s) * len(names)
     rounds = 0
 
     def more() -> bool:
         now = time.perf_counter()
         fewest = min(len(runs) for runs in timings.values())
         return (fewest == 0 or now < deadline
-                or (fewest < min_runs and now < deadline + budget)) and fewest < 1000
+                or (fewest < min_runs and now < cutoff)) and fewest < 1000
 
     while more():
         for name in names[rounds % len(names):] + names[:rounds % len(names)]:
@@ -100,7 +104,8 @@ def onnx_latencies_ms(paths: dict[str, Path], batch: dict[str, torch.Tensor],
 
 
 def onnx_latencies_in_pairs(bar: str, paths: dict[str, Path], batch: dict[str, torch.Tensor],
-                            budget_s: float = 1.0) -> dict[str, Timing]:
+                            budget_s: float = 1.0, min_runs: int = 5,
+                            longest_s: float | None = None) -> dict[str, Timing]:
     """Return each file's latency as `onnx_latencies_ms` times them, but with two sessions open
     at a time rather than all: each of the others timed in turn with `bar` (its name in
     `paths`), in the order of `paths`, and its timing scaled by `bar`'s median in the first pair
@@ -109,10 +114,11 @@ def onnx_latencies_in_pairs(bar: str, paths: dict[str, Path], batch: dict[str, t
     its file's bytes: four of a 270M-parameter LM's files held 4.7 GiB at once."""
     others = [name for name in paths if name != bar]
     if not others:
-        return onnx_latencies_ms(paths, batch, budget_s)
+        return onnx_latencies_ms(paths, batch, budget_s, min_runs, longest_s)
     timings: dict[str, Timing] = {}
     for name in others:
-        pair = onnx_latencies_ms({bar: paths[bar], name: paths[name]}, batch, budget_s)
+        pair = onnx_latencies_ms({bar: paths[bar], name: paths[name]}, batch, budget_s,
+                                 min_runs, longest_s)
         timings.setdefault(bar, pair[bar])
         timings[name] = pair[name].scaled(timings[bar].median / pair[bar].median)
     return timings
@@ -122,7 +128,7 @@ def _timing(runs: list[float]) -> Timing:
     if len(runs) < 2:
         return Timing(runs[0], (runs[0], runs[0]))
     first, _, third = statistics.quantiles(runs, n=4, method="inclusive")
-    return Timing(statistics.median(runs), (first, third))
+    return Timing(statistics.median(runs), (first, third), len(runs))
 
 
 def onnx_initializer_numel(path: Path) -> int:

@@ -18,6 +18,7 @@ from compressor.load.data import Dataset
 from compressor.load.stage import LoadedJob
 from compressor.plan.planning import Plan
 from compressor.report import figures
+from compressor.runtime.budget import LATENCY_LONGEST_MULTIPLE, LATENCY_MIN_RUNS
 from compressor.runtime.context import JobContext
 from compressor.runtime.costs import SampleCosts
 from compressor.runtime.joblog import JobLog
@@ -128,7 +129,8 @@ def latency_figures(original_path: Path | None, held_out: Dataset, artifact_path
     `original_path`, None when latency is not measured) and after, `seconds` per figure, and
     the `baselines`' (quantizations of the original, by report key) when there are any. Batch sizes
     whose one run would pass `compressor.runtime.costs.LATENCY_FLOPS` are left out, and listed
-    as such."""
+    as such. A figure's runs go on past `seconds` until each file has `LATENCY_MIN_RUNS`,
+    unless that takes `LATENCY_LONGEST_MULTIPLE` × `seconds`."""
     latency: dict[str, Any] = {"original": {}, "compressed": {}, "seconds_per_figure": seconds,
                                "runtime": "onnxruntime CPUExecutionProvider, median"}
     sizes: dict[str, int | None] = {"original": None, "artifact": onnx_bytes(artifact_path)}
@@ -150,15 +152,21 @@ def latency_figures(original_path: Path | None, held_out: Dataset, artifact_path
                         "machine lacks the memory to open every file's onnxruntime session "
                         "at once")
     quartiles: dict[str, dict[str, list[float]]] = {name: {} for name in paths}
+    runs: dict[str, dict[str, int]] = {name: {} for name in paths}
+    longest = LATENCY_LONGEST_MULTIPLE * seconds
     for batch_size in kept:
         batch = held_out.take(torch.arange(batch_size) % len(held_out))
         key = f"batch_{batch_size}_ms"
-        timed = (figures.onnx_latencies_ms(paths, batch, seconds) if together
-                 else figures.onnx_latencies_in_pairs("compressed", paths, batch, seconds))
+        timed = (figures.onnx_latencies_ms(paths, batch, seconds, LATENCY_MIN_RUNS, longest)
+                 if together else
+                 figures.onnx_latencies_in_pairs("compressed", paths, batch, seconds,
+                                                 LATENCY_MIN_RUNS, longest))
         for name, timing in timed.items():
             latency.setdefault(name, {})[key] = timing.median
             quartiles[name][key] = list(timing.quartiles)
+            runs[name][key] = timing.runs
     latency["quartiles"] = quartiles
+    latency["runs"] = runs
     return {"onnx_bytes": sizes, "latency": latency}
 
 

@@ -17,6 +17,7 @@ from compressor.report.figures import Timing, onnx_latencies_ms
 from compressor.report.stage import latency_figures, outcome_of
 from compressor.rewrite.parametrize import parametrize_
 from compressor.runtime import memory
+from compressor.runtime.budget import LATENCY_MIN_RUNS
 from compressor.runtime.costs import SampleCosts
 from tests.support.tiny_models import MODEL_CLASSES, example_inputs, make_pt2
 
@@ -96,6 +97,10 @@ def test_files_timed_in_turn_each_get_a_median_within_their_quartiles(tmp_path):
     for timing in timings.values():
         first, third = timing.quartiles
         assert 0 < first <= timing.median <= third
+    # a budget too short for more than a run or two still gives each file `min_runs` runs
+    timings = onnx_latencies_ms({"a": path, "b": path}, {"x": torch.ones(64, 256)},
+                                budget_s=1e-4, min_runs=25, longest_s=60)
+    assert min(timing.runs for timing in timings.values()) >= 25
     assert Timing(1.0, (0.9, 1.1)).overlaps(Timing(1.2, (1.05, 1.3)))
     assert not Timing(1.0, (0.9, 1.1)).overlaps(Timing(1.3, (1.15, 1.4)))
 
@@ -107,7 +112,7 @@ def test_files_timed_in_pairs_are_scaled_by_the_bar_in_their_own_pair(monkeypatc
                   {"bar": Timing(20.0, (18.0, 22.0)), "b": Timing(30.0, (28.0, 32.0))}])
     opened = []
 
-    def timed(paths, batch, budget_s=1.0):
+    def timed(paths, batch, *timing):
         opened.append(list(paths))
         return next(pairs)
 
@@ -154,6 +159,8 @@ def test_the_report_times_files_in_pairs_when_their_sessions_do_not_fit_at_once(
     for latency in (together, paired):
         assert set(latency["quartiles"]) == {"original", "compressed", "baseline"}
         assert all(latency[name]["batch_1_ms"] > 0 for name in latency["quartiles"])
+        assert all(latency["runs"][name]["batch_1_ms"] >= LATENCY_MIN_RUNS
+                   for name in latency["quartiles"])
 
 
 def test_a_target_met_with_nothing_measured_against_the_original_reads_as_a_sentence():
