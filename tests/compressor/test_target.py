@@ -399,7 +399,7 @@ def test_int4_candidates_are_scored_on_their_real_int4_models_and_reported(easy)
     candidates = easy.report["target"]["candidates"]
     int8 = {c["kept_fraction"]: c for c in candidates if c["quantize"] == "int8"}
     int4 = [c for c in candidates if c["quantize"] == "int4"]
-    assert [c["kept_fraction"] for c in int4][-1] == 1.0  # int4 of the original too
+    assert [c["kept_fraction"] for c in int4][0] == 1.0  # int4 of the original, first
     assert any(c["kept_fraction"] < 1.0 for c in int4)  # stacked on a budget
     assert len(int4) <= INT4_TRIES + 1
     for candidate in int4:
@@ -608,8 +608,10 @@ def test_a_budget_that_runs_out_while_scoring_hands_back_the_best_candidate_scor
             == unmeasured(easy.report["target"])["candidates"][:7])
     following = everything[7]  # the walk's next: a larger budget, or a quantized one
     quantized = f" with {following['quantize']}" if following["quantize"] else ""
-    assert budget["cut"] == [f"target search stopped after 7 candidates, before the candidate "
-                             f"keeping {following['kept_fraction']:g}{quantized}"]
+    what = ("the original" if following["kept_fraction"] == 1.0
+            else f"the candidate keeping {following['kept_fraction']:g}")
+    assert budget["cut"] == [f"target search stopped after 7 candidates, before {what}"
+                             f"{quantized}"]
     assert search["chosen"]["bytes"] == min(c["bytes"] for c in search["candidates"])
     assert result.report["onnx_parity"]["passed"] and result.model_path.exists()
 
@@ -1130,3 +1132,22 @@ def test_the_search_frees_each_scored_student_before_building_the_next(mlp, tmp_
     compressor.compress(mlp, {**FAST, "target": {"relative_l2": 10.0}}, out_dir=tmp_path)
     assert len(built) > 3
     assert max(alive_at_each_build) == 0  # a GraphModule's cycles do not keep one alive
+
+
+@pytest.mark.parametrize("original_l2, walked", [(0.10, False), (0.07, True)])
+def test_int4_is_stacked_on_no_budget_when_int4_of_the_original_is_beyond_reach(
+        original_l2, walked):
+    from types import SimpleNamespace
+
+    logged, afforded = [], []
+    scout = SimpleNamespace(
+        target=TargetConfig(relative_l2=0.05),  # within reach: at most 1.5 × the floor, 0.075
+        job=SimpleNamespace(log=SimpleNamespace(info=logged.append)),
+        _affords=lambda candidates, what: afforded.append(what) and False)
+    original = _scored(1.0, "int4", {"kind": "regression", "relative_l2": original_l2})
+    int8 = _scored(0.8, "int8", {"kind": "regression", "relative_l2": 0.06})
+    Scout._walk_int4(scout, [int8, original], [(0.8, None)])
+    assert afforded == (["the candidate keeping 0.8 with int4"] if walked else [])
+    assert (logged == ["target: int4 is stacked on no budget: int4 of the original is beyond "
+                       "fine-tuning's reach of the floor, and a smaller budget only loses more"]
+            ) is not walked
